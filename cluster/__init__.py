@@ -1,0 +1,1 @@
+"""raywatch cluster: the CLI, local cluster lifecycle, job submission, cluster configs."""

@@ -1,0 +1,6 @@
+"""raywatch detect: telemetry loaders, synthetic fleet, features + FeatureSpec, detectors, metrics, drift."""
+
+from detect.data import TelemetryError, load_benchmark, load_series, load_telemetry
+from detect.features import FeatureSpec, StreamingFeatures
+
+__all__ = ["FeatureSpec", "StreamingFeatures", "TelemetryError", "load_benchmark", "load_series", "load_telemetry"]

@@ -1,0 +1,97 @@
+"""The one small interface every raywatch detector shares: fit / score / explain / save / load.
+
+Inputs are one entity's time-ordered telemetry as a (rows, metrics) float array. `score` returns one
+anomaly score per row (higher = more anomalous); `explain` returns each metric's contribution per
+row (the root-cause ranking). A fitted detector holds `threshold_`, chosen on training data only.
+Saved state is JSON plus `.npz` arrays: loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from detect.metrics import operational_threshold
+
+
+class NotFittedError(RuntimeError):
+    """A detector was used before `fit`."""
+
+
+class Detector(ABC):
+    """Base class; subclasses set `name`, implement `_fit`, `score`, `explain`, `_state`, `_restore`."""
+
+    name: ClassVar[str]
+    #: training-score quantile used as the operational threshold
+    threshold_quantile: float = 0.99
+
+    def fit(self, X: np.ndarray) -> Detector:
+        X = self._check(X, fitting=True)
+        self.n_metrics_ = X.shape[1]
+        self._fit(X)
+        self.threshold_ = self._calibrate(X)
+        return self
+
+    def _calibrate(self, X: np.ndarray) -> float:
+        """Operational threshold from training scores (subclasses with a validation split override)."""
+        return operational_threshold(self.score(X), self.threshold_quantile)
+
+    @abstractmethod
+    def _fit(self, X: np.ndarray) -> None: ...
+
+    @abstractmethod
+    def score(self, X: np.ndarray) -> np.ndarray: ...
+
+    @abstractmethod
+    def explain(self, X: np.ndarray) -> np.ndarray: ...
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """1 where the score reaches the operational threshold."""
+        return (self.score(X) >= self.threshold_).astype(np.int8)
+
+    def _check(self, X: np.ndarray, fitting: bool = False) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or len(X) == 0:
+            raise ValueError(f"{self.name}: expected a non-empty (rows, metrics) array, got shape {X.shape}")
+        if not np.isfinite(X).all():
+            raise ValueError(f"{self.name}: input holds NaN or inf")
+        if not fitting:
+            if not hasattr(self, "n_metrics_"):
+                raise NotFittedError(f"{self.name}: call fit() first")
+            if X.shape[1] != self.n_metrics_:
+                raise ValueError(f"{self.name}: trained on {self.n_metrics_} metrics, got {X.shape[1]}")
+        return X
+
+    # persistence: params.json + arrays.npz
+    @abstractmethod
+    def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]: ...
+
+    @abstractmethod
+    def _restore(self, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> None: ...
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        params, arrays = self._state()
+        meta = {"detector": self.name, "n_metrics": self.n_metrics_, "threshold": self.threshold_, "params": params}
+        (path / "detector.json").write_text(json.dumps(meta, indent=2))
+        np.savez(path / "arrays.npz", **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Detector:
+        path = Path(path)
+        meta = json.loads((path / "detector.json").read_text())
+        if meta["detector"] != cls.name:
+            raise ValueError(f"{path}: holds a {meta['detector']!r} detector, not {cls.name!r}")
+        with np.load(path / "arrays.npz", allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        obj = cls.__new__(cls)
+        obj.n_metrics_ = int(meta["n_metrics"])
+        obj.threshold_ = float(meta["threshold"])
+        obj._restore(meta["params"], arrays)
+        return obj

@@ -1,0 +1,252 @@
+"""The one feature pipeline: telemetry -> model inputs, described by a JSON-serialisable FeatureSpec.
+
+Training (batch path) and serving (streaming path, one sample per entity at a time) both go through
+`_window_features`, so the two paths give bit-identical features.
+
+Warm-up rule: before an entity has `spec.history` samples, its history is padded by repeating its
+first sample, so every row (the first one included) gets features and a window.
+NaN/inf rule: inf is rejected; in the streaming path a NaN is replaced by the entity's last value
+(a NaN in an entity's first sample is rejected). The batch path expects frames already checked by
+`detect.data.validate_values` and rejects any non-finite value.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from detect.data import TelemetryError
+
+_CHUNK = 4096  # rows per batch-path chunk, bounds memory at chunk * history * metrics floats
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which metrics, and which window statistics, a model is trained on."""
+
+    metrics: tuple[str, ...]
+    window: int = 30  # W: rows in each sequence-model window
+    lags: tuple[int, ...] = (1, 5)
+    rolling: tuple[int, ...] = (10, 30)  # rolling mean/std/min/max over these lengths
+    diffs: tuple[int, ...] = (1,)  # x[t] - x[t-d]
+    rates: tuple[int, ...] = (5,)  # (x[t] - x[t-k]) / k, change per step
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "metrics", tuple(self.metrics))
+        for name in ("lags", "rolling", "diffs", "rates"):
+            values = tuple(int(v) for v in getattr(self, name))
+            if any(v < 1 for v in values):
+                raise ValueError(f"FeatureSpec.{name}: every entry must be >= 1, got {values}")
+            object.__setattr__(self, name, values)
+        if not self.metrics:
+            raise ValueError("FeatureSpec.metrics: at least one metric is required")
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError("FeatureSpec.metrics: metric names must be unique")
+        if self.window < 1:
+            raise ValueError(f"FeatureSpec.window must be >= 1, got {self.window}")
+
+    @property
+    def n_metrics(self) -> int:
+        return len(self.metrics)
+
+    @property
+    def history(self) -> int:
+        """Rows of history needed to compute the newest row's features and window."""
+        reach = [self.window, *self.rolling, *(k + 1 for k in (*self.lags, *self.diffs, *self.rates))]
+        return max(reach)
+
+    def feature_names(self) -> list[str]:
+        names = list(self.metrics)
+        for k in self.lags:
+            names += [f"{m}__lag{k}" for m in self.metrics]
+        for w in self.rolling:
+            for stat in ("mean", "std", "min", "max"):
+                names += [f"{m}__{stat}{w}" for m in self.metrics]
+        for d in self.diffs:
+            names += [f"{m}__diff{d}" for m in self.metrics]
+        for k in self.rates:
+            names += [f"{m}__rate{k}" for m in self.metrics]
+        return names
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names())
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> FeatureSpec:
+        data = json.loads(text)
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"FeatureSpec JSON has unknown fields {sorted(unknown)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> FeatureSpec:
+        return cls.from_json(Path(path).read_text())
+
+    def check_metrics(self, names: Sequence[str], source: str = "input") -> None:
+        """Refuse input whose metric names differ from the trained ones, naming the difference."""
+        names = list(names)
+        if names == list(self.metrics):
+            return
+        missing = [m for m in self.metrics if m not in names]
+        extra = [m for m in names if m not in self.metrics]
+        if missing or extra:
+            raise TelemetryError(
+                f"{source}: metrics differ from the model's FeatureSpec: missing {missing}, unexpected {extra}"
+            )
+        raise TelemetryError(
+            f"{source}: metrics are in a different order than the model's FeatureSpec {list(self.metrics)}"
+        )
+
+
+def _window_features(win: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    """Features of the newest row of each history window. win: (n, history, M) float64, C-contiguous."""
+    h = win.shape[1]
+    last = win[:, h - 1, :]
+    parts = [last]
+    parts += [win[:, h - 1 - k, :] for k in spec.lags]
+    for w in spec.rolling:
+        tail = win[:, h - w :, :]
+        parts += [tail.mean(axis=1), tail.std(axis=1), tail.min(axis=1), tail.max(axis=1)]
+    parts += [last - win[:, h - 1 - d, :] for d in spec.diffs]
+    parts += [(last - win[:, h - 1 - k, :]) / k for k in spec.rates]
+    return np.concatenate(parts, axis=1)
+
+
+def _padded(values: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    if values.ndim != 2 or values.shape[1] != spec.n_metrics:
+        raise TelemetryError(f"expected an array of shape (rows, {spec.n_metrics}), got {values.shape}")
+    if len(values) == 0:
+        raise TelemetryError("empty telemetry: at least one row is required")
+    if not np.isfinite(values).all():
+        row, col = np.argwhere(~np.isfinite(values))[0]
+        raise TelemetryError(f"metric {spec.metrics[col]!r} row {row}: non-finite value {values[row, col]}")
+    pad = np.repeat(values[:1], spec.history - 1, axis=0)
+    return np.concatenate([pad, values]).astype(np.float64)
+
+
+def entity_features(values: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    """Batch path for one entity's time-ordered (T, M) array -> (T, n_features) float64."""
+    padded = _padded(np.asarray(values, dtype=np.float64), spec)
+    view = np.lib.stride_tricks.sliding_window_view(padded, spec.history, axis=0)
+    out = np.empty((len(values), spec.n_features), dtype=np.float64)
+    for start in range(0, len(values), _CHUNK):
+        chunk = np.ascontiguousarray(view[start : start + _CHUNK].transpose(0, 2, 1))
+        out[start : start + len(chunk)] = _window_features(chunk, spec)
+    return out
+
+
+def entity_windows(values: np.ndarray, spec: FeatureSpec, dtype=np.float32) -> np.ndarray:
+    """Batch path for sequence models: (T, M) -> (T, W, M), row t = the W rows ending at t."""
+    padded = _padded(np.asarray(values, dtype=np.float64), spec)
+    view = np.lib.stride_tricks.sliding_window_view(padded, spec.window, axis=0)  # (T+h-W, M, W)
+    offset = spec.history - spec.window
+    return np.ascontiguousarray(view[offset:].transpose(0, 2, 1), dtype=dtype)
+
+
+def frame_features(frame: pd.DataFrame, spec: FeatureSpec, entity_col: str | None = "entity") -> np.ndarray:
+    """Batch path over a frame that may hold many entities (each in time order); rows keep their order."""
+    missing = [m for m in spec.metrics if m not in frame.columns]
+    if missing:
+        raise TelemetryError(f"frame: missing metric column(s) {missing} required by the FeatureSpec")
+    values = frame[list(spec.metrics)].to_numpy(dtype=np.float64)
+    if entity_col is None or entity_col not in frame.columns:
+        return entity_features(values, spec)
+    out = np.empty((len(frame), spec.n_features), dtype=np.float64)
+    for _, idx in frame.groupby(entity_col, sort=False).indices.items():
+        out[idx] = entity_features(values[idx], spec)
+    return out
+
+
+class StreamingFeatures:
+    """Streaming path: one new sample per entity at a time, as serving sees it.
+
+    Keeps the last `spec.history` samples of every entity (bounded by `max_entities`, oldest
+    entity evicted first) and returns the same features the batch path computes for that row.
+    """
+
+    def __init__(self, spec: FeatureSpec, max_entities: int = 100_000) -> None:
+        self.spec = spec
+        self.max_entities = max_entities
+        self._history: dict[str, deque[np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self._history)
+
+    def _as_row(self, entity: str, sample: Mapping[str, float] | Sequence[float] | np.ndarray) -> np.ndarray:
+        spec = self.spec
+        if isinstance(sample, Mapping):
+            if set(sample) != set(spec.metrics):  # a mapping's order does not matter, its names do
+                spec.check_metrics(list(sample), f"entity {entity!r}")
+            row = np.array([sample[m] for m in spec.metrics], dtype=np.float64)
+        else:
+            row = np.asarray(sample, dtype=np.float64).reshape(-1)
+            if row.shape[0] != spec.n_metrics:
+                raise TelemetryError(f"entity {entity!r}: expected {spec.n_metrics} metric values, got {row.shape[0]}")
+        if np.isinf(row).any():
+            raise TelemetryError(
+                f"entity {entity!r}: metric {spec.metrics[int(np.flatnonzero(np.isinf(row))[0])]!r} is infinite"
+            )
+        nan = np.isnan(row)
+        if nan.any():
+            hist = self._history.get(entity)
+            if not hist:
+                raise TelemetryError(
+                    f"entity {entity!r}: metric {spec.metrics[int(np.flatnonzero(nan)[0])]!r} is NaN in the first sample"
+                )
+            row = np.where(nan, hist[-1], row)
+        return row
+
+    def push(self, entity: str, sample: Mapping[str, float] | Sequence[float] | np.ndarray) -> np.ndarray:
+        """Append one sample; return this entity's history window, shape (history, M)."""
+        row = self._as_row(entity, sample)
+        hist = self._history.get(entity)
+        if hist is None:
+            if len(self._history) >= self.max_entities:
+                self._history.pop(next(iter(self._history)))
+            hist = deque([row] * (self.spec.history - 1), maxlen=self.spec.history)
+            self._history[entity] = hist
+        hist.append(row)
+        return np.asarray(hist, dtype=np.float64)
+
+    def update(self, entity: str, sample: Mapping[str, float] | Sequence[float] | np.ndarray) -> np.ndarray:
+        """Append one sample; return its feature vector (n_features,)."""
+        history = self.push(entity, sample)
+        return _window_features(np.ascontiguousarray(history[None]), self.spec)[0]
+
+    def window(self, entity: str, dtype=np.float32) -> np.ndarray:
+        """The entity's last W samples, shape (W, M), for the sequence models."""
+        hist = self._history.get(entity)
+        if hist is None:
+            raise KeyError(f"no history for entity {entity!r}")
+        return np.asarray(list(hist)[-self.spec.window :], dtype=dtype)
+
+
+def spec_for(metrics: Sequence[str], **overrides) -> FeatureSpec:
+    """A FeatureSpec with the defaults for these metrics; `overrides` replace any field."""
+    return FeatureSpec(metrics=tuple(metrics), **overrides)
+
+
+__all__ = [
+    "FeatureSpec",
+    "StreamingFeatures",
+    "entity_features",
+    "entity_windows",
+    "frame_features",
+    "spec_for",
+]

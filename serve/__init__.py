@@ -1,0 +1,1 @@
+"""raywatch serve: the Ray Serve application (deployments, router, schemas, auth, config)."""

@@ -1,0 +1,1 @@
+"""raywatch train: Ray Train entry points, compression, MLflow registration, the retraining pipeline."""

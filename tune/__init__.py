@@ -1,0 +1,1 @@
+"""raywatch tune: Ray Tune search spaces and tuner entry points."""
