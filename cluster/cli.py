@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -52,6 +53,134 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_sets(pairs: list[str] | None) -> dict[str, object]:
+    """`--set key=value` overrides; values parsed as JSON when they can be (numbers, lists)."""
+    out: dict[str, object] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from train.pipeline import train_model
+
+    overrides = _parse_sets(args.set)
+    if args.epochs:
+        overrides["epochs"] = args.epochs
+    use_gpu = {"auto": None, "yes": True, "no": False}[args.gpu]
+    print(f"training {args.model} on Ray Train ({args.num_workers} worker(s), GPU: {args.gpu})", file=sys.stderr)
+    result = train_model(
+        args.model,
+        args.data,
+        args.entities.split(",") if args.entities else None,
+        overrides,
+        num_workers=args.num_workers,
+        use_gpu=use_gpu,
+        use_tuned=not args.no_tuned,
+        register=not args.no_register,
+        progress=lambda m: print(m, file=sys.stderr, flush=True),
+    )
+    print(f"config: {result['config_source']}")
+    for key, value in result["summary"].items():
+        print(f"  mean {key}: {value:.3f}")
+    if result["version"]:
+        promoted = " and promoted to champion (first version)" if result.get("promoted") else ""
+        print(f"registered {result['model']} version {result['version']}{promoted} (MLflow run {result['run_id']})")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from train.registry import promote
+
+    out = promote(args.model, args.version)
+    print(f"{out['model']}: champion = version {out['champion']} (previous = {out['previous']})")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from train.registry import rollback
+
+    out = rollback(args.model)
+    print(f"{out['model']}: rolled back, champion = version {out['champion']} (previous = {out['previous']})")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from train.registry import MODEL_NAMES, tracking_uri, versions
+
+    print(f"MLflow: {tracking_uri()}")
+    for model in MODEL_NAMES:
+        rows = versions(model)
+        print(
+            f"{MODEL_NAMES[model]}: "
+            + (
+                ", ".join(f"v{r['version']}" + (f" [{','.join(r['aliases'])}]" if r["aliases"] else "") for r in rows)
+                or "no versions"
+            )
+        )
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from tune.search import tune_model
+
+    result = tune_model(
+        args.model,
+        args.data,
+        args.entities.split(",") if args.entities else None,
+        num_samples=args.num_samples,
+        max_epochs=args.max_epochs,
+        scheduler=args.scheduler,
+        progress=lambda m: print(m, file=sys.stderr, flush=True),
+    )
+    print(
+        f"best {args.model} config ({result['metric']} = {result['best_score']:.4f}): {json.dumps(result['best_config'])}"
+    )
+    print(
+        f"recorded in {result['path']} (used by `raywatch train --model {args.model}`) and MLflow run {result['run_id']}"
+    )
+    print(f"trials: {result['trials']}, trial-epochs: {result['trial_epochs']}")
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from train.compress import StudentConfig, compress_model
+
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    unknown = set(variants) - {"int8", "fp16", "student"}
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; choose from int8, fp16, student")
+    cfg = StudentConfig(temperature=args.temperature)
+    if not 2 <= args.temperature <= 4:
+        print(f"note: temperature {args.temperature} is outside the usual 2..4", file=sys.stderr)
+    result = compress_model(
+        args.model,
+        args.version,
+        args.data,
+        variants,
+        cfg,
+        num_workers=args.num_workers,
+        progress=lambda m: print(m, file=sys.stderr, flush=True),
+    )
+    print(f"{args.model} version {result['source_version']}:")
+    for variant, figures in result["summary"].items():
+        ret = figures.get("retention")
+        print(
+            f"  {variant:8s} size {figures['size_bytes']:>9,d} B  f1 {figures['f1']:.3f}  pr_auc {figures['pr_auc']:.3f}"
+            + (f"  retention f1 {ret['f1']:.1%} pr_auc {ret['pr_auc']:.1%}" if ret else "")
+        )
+    for variant, decision in result["decisions"].items():
+        outcome = f"registered as version {decision['version']}" if decision["version"] else "not registered"
+        print(f"  {variant}: {decision['reason']} -> {outcome}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raywatch", description="Incident detection for server telemetry on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -65,6 +194,48 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--entities", help="comma-separated entities (dataset/entity or entity); default all")
     ev.add_argument("--out", default="evaluation.json", help="JSON report path; the markdown table goes beside it")
     ev.set_defaults(func=cmd_evaluate)
+
+    tr = sub.add_parser("train", help="train a detector per entity on Ray Train, log to MLflow, register a version")
+    tr.add_argument("--model", required=True, choices=["autoencoder", "lstm", "ensemble"])
+    tr.add_argument("--data", help="benchmark directory; default $RAYWATCH_DATA or ../shared/data")
+    tr.add_argument("--entities", help="comma-separated entities; default all")
+    tr.add_argument("--epochs", type=int, help="epochs (autoencoder, lstm)")
+    tr.add_argument("--num-workers", type=int, default=1, help="Ray Train workers")
+    tr.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto", help="auto: GPU when the cluster has one")
+    tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    tr.add_argument("--no-tuned", action="store_true", help="ignore the best config recorded by `raywatch tune`")
+    tr.add_argument("--no-register", action="store_true", help="track in MLflow but register no version")
+    tr.set_defaults(func=cmd_train)
+
+    tu = sub.add_parser("tune", help="Ray Tune search (ASHA + Optuna); records the best config for `train`")
+    tu.add_argument("--model", required=True, choices=["autoencoder", "lstm", "ensemble"])
+    tu.add_argument("--data")
+    tu.add_argument("--entities", help="entities whose training series the search uses; default asd/omi-1")
+    tu.add_argument("--num-samples", type=int, default=8)
+    tu.add_argument("--max-epochs", type=int, default=8)
+    tu.add_argument("--scheduler", choices=["asha", "none"], default="asha")
+    tu.set_defaults(func=cmd_tune)
+
+    co = sub.add_parser("compress", help="ONNX export, INT8 quantization, distillation; register variants that pass")
+    co.add_argument("--model", required=True, choices=["autoencoder", "lstm", "ensemble"])
+    co.add_argument("--version", default="champion", help="version number or alias to compress")
+    co.add_argument("--data", help="benchmark directory for the accuracy gates")
+    co.add_argument("--variants", default="int8,student", help="comma-separated: int8, fp16 (GPU only), student")
+    co.add_argument("--temperature", type=float, default=3.0, help="distillation temperature (2 to 4)")
+    co.add_argument("--num-workers", type=int, default=1, help="Ray Train workers for the students")
+    co.set_defaults(func=cmd_compress)
+
+    pr = sub.add_parser("promote", help="set the champion alias (the old champion becomes `previous`)")
+    pr.add_argument("model", help="autoencoder, lstm, ensemble (or raywatch-<model>)")
+    pr.add_argument("version")
+    pr.set_defaults(func=cmd_promote)
+
+    rb = sub.add_parser("rollback", help="restore the previous champion")
+    rb.add_argument("model")
+    rb.set_defaults(func=cmd_rollback)
+
+    md = sub.add_parser("models", help="list registered versions and aliases")
+    md.set_defaults(func=cmd_models)
 
     gen = sub.add_parser("generate", help="write a synthetic fleet with labelled incidents to CSV or Parquet")
     gen.add_argument("--machines", type=int, default=4)
@@ -83,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (TelemetryError, ValueError, FileNotFoundError) as exc:
+    except (TelemetryError, ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"raywatch {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

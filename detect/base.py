@@ -40,8 +40,9 @@ class Detector(ABC):
         """Operational threshold from training scores (subclasses with a validation split override)."""
         return operational_threshold(self.score(X), self.threshold_quantile)
 
-    @abstractmethod
-    def _fit(self, X: np.ndarray) -> None: ...
+    def _fit(self, X: np.ndarray) -> None:
+        """Learn from X; detectors that override `fit` itself need not implement it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _fit or override fit")
 
     @abstractmethod
     def score(self, X: np.ndarray) -> np.ndarray: ...

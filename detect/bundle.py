@@ -1,0 +1,148 @@
+"""A model version's self-contained artifact set: one fitted detector per entity plus a manifest.
+
+Layout of a bundle directory:
+
+    manifest.json                 kind, entities (metrics, threshold, folder), evaluation, checksums
+    entities/<dataset>__<entity>/ detector.json + arrays.npz (the detector's own save format)
+    onnx/<dataset>__<entity>/     <graph>.onnx: what serving runs (FP32, INT8 or a distilled student)
+    reference/<...>.npz           reference sample of training inputs, for the drift monitors
+
+Every file's SHA-256 is recorded in the manifest at save time and checked at load time; files other
+than JSON, NPZ and ONNX are refused, so loading a bundle never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detect.base import Detector
+
+ALLOWED_SUFFIXES = {".json", ".npz", ".onnx"}
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be trusted or used: bad checksum, unexpected file, unknown kind."""
+
+
+def detector_classes() -> dict[str, type[Detector]]:
+    from detect.ensemble import EnsembleDetector
+    from detect.peers import PEERS
+    from detect.sequence import SEQUENCE_DETECTORS
+
+    return {**PEERS, **SEQUENCE_DETECTORS, "ensemble": EnsembleDetector}
+
+
+def entity_folder(entity: str) -> str:
+    return entity.replace("/", "__")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass
+class ModelBundle:
+    kind: str
+    detectors: dict[str, Detector]
+    metrics: dict[str, list[str]]
+    references: dict[str, np.ndarray] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    graphs: dict[str, dict[str, bytes]] = field(default_factory=dict)  # entity -> graph name -> ONNX
+
+    @property
+    def variant(self) -> str:
+        return self.info.get("variant", "fp32")
+
+    def detector_for(self, entity: str) -> Detector:
+        try:
+            return self.detectors[entity]
+        except KeyError:
+            raise KeyError(
+                f"model {self.kind!r} has no detector for entity {entity!r}; known: {sorted(self.detectors)}"
+            ) from None
+
+    def save(self, path: str | Path) -> Path:
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        entities = {}
+        for entity, det in self.detectors.items():
+            folder = f"entities/{entity_folder(entity)}"
+            det.save(root / folder)
+            entities[entity] = {"folder": folder, "metrics": self.metrics[entity], "threshold": det.threshold_}
+            for name, graph in self.graphs.get(entity, {}).items():
+                target = root / "onnx" / entity_folder(entity) / f"{name}.onnx"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(graph)
+                entities[entity].setdefault("graphs", {})[name] = str(target.relative_to(root))
+            if entity in self.references:
+                ref = root / "reference" / f"{entity_folder(entity)}.npz"
+                ref.parent.mkdir(exist_ok=True)
+                np.savez(ref, reference=self.references[entity])
+                entities[entity]["reference"] = str(ref.relative_to(root))
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "manifest.json")
+        manifest = {
+            "format": 1,
+            "kind": self.kind,
+            "entities": entities,
+            "evaluation": self.evaluation,
+            "info": self.info,
+            "checksums": {str(p.relative_to(root)): sha256(p) for p in files},
+        }
+        (root / "manifest.json").write_text(json.dumps(manifest, indent=2, default=float))
+        return root
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelBundle:
+        root = Path(path)
+        manifest_path = root / "manifest.json"
+        if not manifest_path.exists():
+            raise BundleError(f"{root}: not a raywatch bundle (no manifest.json)")
+        manifest = json.loads(manifest_path.read_text())
+        verify(root, manifest)
+        classes = detector_classes()
+        if manifest["kind"] not in classes:
+            raise BundleError(f"{root}: unknown detector kind {manifest['kind']!r}")
+        det_cls = classes[manifest["kind"]]
+        detectors, metrics, references, graphs = {}, {}, {}, {}
+        for entity, entry in manifest["entities"].items():
+            detectors[entity] = det_cls.load(root / entry["folder"])
+            metrics[entity] = entry["metrics"]
+            if entry.get("graphs"):
+                graphs[entity] = {name: (root / rel).read_bytes() for name, rel in entry["graphs"].items()}
+            if "reference" in entry:
+                with np.load(root / entry["reference"], allow_pickle=False) as npz:
+                    references[entity] = npz["reference"]
+        return cls(
+            manifest["kind"],
+            detectors,
+            metrics,
+            references,
+            manifest.get("evaluation", {}),
+            manifest.get("info", {}),
+            graphs,
+        )
+
+
+def verify(root: Path, manifest: dict[str, Any]) -> None:
+    """Refuse files that are not JSON/NPZ/ONNX, files not in the manifest, and checksum mismatches."""
+    recorded = manifest.get("checksums", {})
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or p.name == "manifest.json":
+            continue
+        rel = str(p.relative_to(root))
+        if p.suffix not in ALLOWED_SUFFIXES:
+            raise BundleError(f"{root}: refusing {rel}: only JSON, NPZ and ONNX artifacts are loaded")
+        if rel not in recorded:
+            raise BundleError(f"{root}: refusing {rel}: not listed in the manifest")
+        if sha256(p) != recorded[rel]:
+            raise BundleError(f"{root}: checksum mismatch for {rel}: the artifact was modified after registration")
+    missing = [rel for rel in recorded if not (root / rel).is_file()]
+    if missing:
+        raise BundleError(f"{root}: artifacts listed in the manifest are missing: {missing}")

@@ -1,0 +1,315 @@
+"""Ensemble incident predictor: RandomForest + XGBoost + LightGBM + a logistic baseline, soft vote.
+
+Input rows are flat feature vectors from the FeatureSpec (lags, rolling stats, differences, rates of
+change). Target: an incident is under way or starts within the next `horizon` rows. The vote weights
+are fitted on a validation tail of the training data (time order, never shuffled), as is the
+operational threshold. On the synthetic fleet it also learns the incident kind (root-cause class).
+
+Saved state never needs unpickling: XGBoost as its JSON model, LightGBM as its text model, the
+forest as an ONNX graph (skl2onnx), the logistic model and scaler as arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from scipy.optimize import minimize
+from scipy.special import softmax
+
+from detect.base import Detector
+from detect.features import FeatureSpec, entity_features
+from detect.metrics import best_f1
+
+log = logging.getLogger(__name__)
+
+MEMBERS = ("rf", "xgb", "lgbm", "logistic")
+
+
+def incident_target(labels: np.ndarray, horizon: int) -> np.ndarray:
+    """1 where an incident is under way at t or starts within t+1..t+horizon."""
+    y = np.asarray(labels).astype(np.int8)
+    padded = np.concatenate([y, np.zeros(horizon, dtype=np.int8)])
+    window = np.lib.stride_tricks.sliding_window_view(padded, horizon + 1)
+    return window.max(axis=1).astype(np.int8)
+
+
+@dataclass
+class EnsembleConfig:
+    horizon: int = 10
+    val_fraction: float = 0.3
+    rf_trees: int = 200
+    rf_max_depth: int = 12
+    xgb_rounds: int = 200
+    xgb_max_depth: int = 6
+    xgb_eta: float = 0.1
+    lgbm_rounds: int = 200
+    lgbm_leaves: int = 31
+    lgbm_lr: float = 0.05
+    logistic_c: float = 1.0
+    lags: tuple[int, ...] = (1, 5)
+    rolling: tuple[int, ...] = (10, 30)
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EnsembleConfig:
+        return cls(
+            **{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in cls.__dataclass_fields__}
+        )
+
+
+def xgb_params(cfg: EnsembleConfig, pos_weight: float) -> dict[str, Any]:
+    return {
+        "objective": "binary:logistic",
+        "eval_metric": "aucpr",
+        "max_depth": cfg.xgb_max_depth,
+        "eta": cfg.xgb_eta,
+        "scale_pos_weight": pos_weight,
+        "seed": cfg.seed,
+        "nthread": 2,
+        "tree_method": "hist",
+    }
+
+
+def lgbm_params(cfg: EnsembleConfig, pos_weight: float) -> dict[str, Any]:
+    return {
+        "objective": "binary",
+        "num_leaves": cfg.lgbm_leaves,
+        "learning_rate": cfg.lgbm_lr,
+        "verbose": -1,
+        "scale_pos_weight": pos_weight,
+        "seed": cfg.seed,
+        "num_threads": 2,
+    }
+
+
+class EnsembleDetector(Detector):
+    """Supervised: `fit(X, labels)` with X one entity's (rows, metrics) telemetry in time order."""
+
+    name = "ensemble"
+    supervised = True
+
+    def __init__(self, config: EnsembleConfig | dict[str, Any] | None = None, **overrides: Any) -> None:
+        cfg = config if isinstance(config, EnsembleConfig) else EnsembleConfig.from_dict(config or {})
+        self.config = EnsembleConfig.from_dict({**asdict(cfg), **overrides})
+
+    # -- training ----------------------------------------------------------------------------------
+    def prepare(self, X: np.ndarray, labels: np.ndarray, metrics: list[str] | None = None):
+        """Features and lead target, split in time order into (fit, validation) parts."""
+        X = self._check(X, fitting=True)
+        labels = np.asarray(labels)
+        if labels.shape != (len(X),):
+            raise ValueError(f"ensemble: labels must have one value per row ({len(X)}), got shape {labels.shape}")
+        self.n_metrics_ = X.shape[1]
+        names = tuple(metrics) if metrics else tuple(f"m{i:02d}" for i in range(X.shape[1]))
+        self.spec_ = FeatureSpec(metrics=names, lags=self.config.lags, rolling=self.config.rolling)
+        features = entity_features(X, self.spec_).astype(np.float32)
+        target = incident_target(labels, self.config.horizon)
+        if target.sum() == 0:
+            raise ValueError("ensemble: the training labels hold no incident; nothing to learn")
+        cut = int(len(X) * (1 - self.config.val_fraction))
+        if target[cut:].sum() == 0 or target[:cut].sum() == 0:
+            # incidents only on one side of the split: fall back to an interleaved block split
+            blocks = (np.arange(len(X)) // max(len(X) // 10, 1)) % 3 == 2
+            return features, target, ~blocks, blocks
+        idx = np.arange(len(X))
+        return features, target, idx < cut, idx >= cut
+
+    def fit(
+        self,
+        X: np.ndarray,
+        labels: np.ndarray,
+        metrics: list[str] | None = None,
+        kinds: np.ndarray | None = None,
+        train_boosters: Callable[[np.ndarray, np.ndarray], dict[str, Any]] | None = None,
+    ) -> EnsembleDetector:
+        """Fit every member on the fit part, the vote weights and threshold on the validation part.
+
+        `train_boosters(features, target)` may train the "xgb" / "lgbm" members elsewhere (Ray Train's
+        trainers, train/boosters.py); by default they train in-process.
+        """
+        features, target, fit_mask, val_mask = self.prepare(X, labels, metrics)
+        boosters = train_boosters(features[fit_mask], target[fit_mask]) if train_boosters else {}
+        self.fit_members(features[fit_mask], target[fit_mask], boosters)
+        self.fit_vote(features[val_mask], target[val_mask])
+        if kinds is not None:
+            self.fit_kinds(features, np.asarray(kinds), target)
+        return self
+
+    def pos_weight(self, target: np.ndarray) -> float:
+        return float((len(target) - target.sum()) / max(target.sum(), 1))
+
+    def fit_members(self, F: np.ndarray, y: np.ndarray, boosters: dict[str, Any]) -> None:
+        import lightgbm as lgb
+        import xgboost as xgb
+        from sklearn.ensemble import RandomForestClassifier
+
+        cfg, w = self.config, self.pos_weight(y)
+        self.mean_, self.std_ = F.mean(axis=0), np.maximum(F.std(axis=0), 1e-6)
+        self.xgb_ = boosters.get("xgb") or xgb.train(xgb_params(cfg, w), xgb.DMatrix(F, label=y), cfg.xgb_rounds)
+        self.lgbm_ = boosters.get("lgbm") or lgb.train(lgbm_params(cfg, w), lgb.Dataset(F, label=y), cfg.lgbm_rounds)
+        self.rf_ = RandomForestClassifier(
+            n_estimators=cfg.rf_trees,
+            max_depth=cfg.rf_max_depth,
+            n_jobs=2,
+            class_weight="balanced_subsample",
+            random_state=cfg.seed,
+        ).fit(F, y)
+        self.logistic_ = self._fit_logistic((F - self.mean_) / self.std_, y)
+        self.rf_onnx_ = None
+        self.importance_ = self._metric_importance()
+
+    def _fit_logistic(self, Z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        from sklearn.linear_model import LogisticRegression
+
+        lr = LogisticRegression(C=self.config.logistic_c, class_weight="balanced", max_iter=500).fit(Z, y)
+        return np.concatenate([lr.coef_[0], lr.intercept_]).astype(np.float64)
+
+    def fit_vote(self, F: np.ndarray, y: np.ndarray) -> None:
+        """Non-negative weights summing to 1 that minimise validation log-loss; threshold = best val F1."""
+        P = np.clip(self.member_matrix(F), 1e-6, 1 - 1e-6)
+
+        def loss(theta: np.ndarray) -> float:
+            p = np.clip(P @ softmax(theta), 1e-6, 1 - 1e-6)
+            return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+        res = minimize(loss, np.zeros(len(MEMBERS)), method="Nelder-Mead", options={"maxiter": 400})
+        self.weights_ = softmax(res.x)
+        val_scores = P @ self.weights_
+        f1, thr = best_f1(y, val_scores)
+        self.threshold_ = thr if np.isfinite(thr) else 0.5
+        self.validation_ = {"f1": f1, "log_loss": float(res.fun), "rows": int(len(y)), "positives": int(y.sum())}
+
+    def fit_kinds(self, features: np.ndarray, kinds: np.ndarray, target: np.ndarray) -> None:
+        """Incident kind (root-cause class) of rows inside incidents: LightGBM multiclass."""
+        import lightgbm as lgb
+
+        mask = (kinds != "") & (kinds != None)  # noqa: E711 - object arrays may hold None
+        self.kind_names_ = sorted(set(kinds[mask].tolist()))
+        if len(self.kind_names_) < 2:
+            self.kind_model_ = None
+            return
+        codes = np.array([self.kind_names_.index(k) for k in kinds[mask]])
+        params = {
+            "objective": "multiclass",
+            "num_class": len(self.kind_names_),
+            "verbose": -1,
+            "num_threads": 2,
+            "seed": self.config.seed,
+            "learning_rate": 0.1,
+            "num_leaves": 15,
+        }
+        self.kind_model_ = lgb.train(params, lgb.Dataset(features[mask], label=codes), 100)
+
+    # -- scoring -------------------------------------------------------------------------------------
+    def member_matrix(self, F: np.ndarray) -> np.ndarray:
+        """(rows, 4) incident probability of rf, xgb, lgbm, logistic."""
+        import xgboost as xgb
+
+        F = np.asarray(F, dtype=np.float32)
+        rf = self._rf_proba(F)
+        xg = self.xgb_.predict(xgb.DMatrix(F))
+        lg = self.lgbm_.predict(F)
+        z = (F - self.mean_) / self.std_
+        logit = z @ self.logistic_[:-1] + self.logistic_[-1]
+        lo = 1 / (1 + np.exp(-np.clip(logit, -50, 50)))
+        return np.column_stack([rf, xg, lg, lo]).astype(np.float64)
+
+    def _rf_proba(self, F: np.ndarray) -> np.ndarray:
+        if getattr(self, "rf_", None) is not None:
+            return self.rf_.predict_proba(F)[:, 1]
+        import onnxruntime as ort
+
+        if getattr(self, "_rf_session", None) is None:
+            self._rf_session = ort.InferenceSession(self.rf_onnx_, providers=["CPUExecutionProvider"])
+        out = self._rf_session.run(None, {self._rf_session.get_inputs()[0].name: F})
+        probs = out[1]
+        return np.asarray([p[1] for p in probs]) if isinstance(probs, list) else np.asarray(probs)[:, 1]
+
+    def features(self, X: np.ndarray) -> np.ndarray:
+        return entity_features(self._check(X), self.spec_).astype(np.float32)
+
+    def member_scores(self, X: np.ndarray) -> dict[str, np.ndarray]:
+        P = self.member_matrix(self.features(X))
+        return {name: P[:, i] for i, name in enumerate(MEMBERS)}
+
+    def score(self, X: np.ndarray) -> np.ndarray:
+        """Incident probability per row (weighted soft vote)."""
+        return self.member_matrix(self.features(X)) @ self.weights_
+
+    def _metric_importance(self) -> np.ndarray:
+        """Share of the boosters' gain that each feature carries."""
+        gain = np.zeros(self.spec_.n_features)
+        for key, value in self.xgb_.get_score(importance_type="gain").items():
+            gain[int(key[1:])] += value
+        lg = self.lgbm_.feature_importance(importance_type="gain")
+        gain = gain / max(gain.sum(), 1e-12) + lg / max(lg.sum(), 1e-12)
+        return gain
+
+    def explain(self, X: np.ndarray) -> np.ndarray:
+        """Per-metric contribution: importance x |standardised value| summed over each metric's features."""
+        F = self.features(X)
+        z = np.abs((F - self.mean_) / self.std_) * self.importance_
+        M = self.spec_.n_metrics
+        return z.reshape(len(F), -1, M).sum(axis=1)  # feature blocks are laid out metric-major per block
+
+    def predict_kind(self, X: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """Most likely incident kind per row and the class probabilities (rows, kinds)."""
+        if getattr(self, "kind_model_", None) is None:
+            raise ValueError("ensemble: no incident-kind model (train with kinds, e.g. on the synthetic fleet)")
+        proba = self.kind_model_.predict(self.features(X))
+        return [self.kind_names_[i] for i in proba.argmax(axis=1)], proba
+
+    # -- persistence ---------------------------------------------------------------------------------
+    def export_rf_onnx(self) -> bytes:
+        from skl2onnx import to_onnx
+
+        if self.rf_onnx_ is None:
+            onnx_model = to_onnx(
+                self.rf_,
+                np.zeros((1, self.spec_.n_features), dtype=np.float32),
+                options={id(self.rf_): {"zipmap": False}},
+                target_opset=17,
+            )
+            self.rf_onnx_ = onnx_model.SerializeToString()
+        return self.rf_onnx_
+
+    def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        params = {
+            "config": asdict(self.config),
+            "spec": self.spec_.to_json(),
+            "weights": self.weights_.tolist(),
+            "validation": self.validation_,
+            "xgb": self.xgb_.save_raw("json").decode(),
+            "lgbm": self.lgbm_.model_to_string(),
+            "kind_names": getattr(self, "kind_names_", []),
+            "kind_model": self.kind_model_.model_to_string() if getattr(self, "kind_model_", None) else None,
+        }
+        arrays = {
+            "mean": self.mean_,
+            "std": self.std_,
+            "logistic": self.logistic_,
+            "importance": self.importance_,
+            "rf_onnx": np.frombuffer(self.export_rf_onnx(), dtype=np.uint8),
+        }
+        return params, arrays
+
+    def _restore(self, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        import lightgbm as lgb
+        import xgboost as xgb
+
+        self.config = EnsembleConfig.from_dict(params["config"])
+        self.spec_ = FeatureSpec.from_json(params["spec"])
+        self.weights_ = np.asarray(params["weights"])
+        self.validation_ = params["validation"]
+        self.xgb_ = xgb.Booster()
+        self.xgb_.load_model(bytearray(params["xgb"].encode()))
+        self.lgbm_ = lgb.Booster(model_str=params["lgbm"])
+        self.kind_names_ = params["kind_names"]
+        self.kind_model_ = lgb.Booster(model_str=params["kind_model"]) if params["kind_model"] else None
+        self.mean_, self.std_, self.logistic_ = arrays["mean"], arrays["std"], arrays["logistic"]
+        self.importance_ = arrays["importance"]
+        self.rf_, self.rf_onnx_, self._rf_session = None, arrays["rf_onnx"].tobytes(), None

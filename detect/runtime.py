@@ -1,0 +1,104 @@
+"""ONNX Runtime scorers: what serving and the compression gates run. No torch, no pickles.
+
+Graph contracts (built by train/compress.py):
+
+- sequence graph `scorer`: input `windows` (N, W, M) float32 in telemetry units -> `errors` (N, M),
+  each metric's squared error normalised by its validation mean error (the teacher's and the
+  student's graphs share this contract). LSTM graphs add `forecast` (N, M): the row after each window.
+- ensemble graphs `rf`, `xgb`, `lgbm`, `logistic`: input `features` (N, F) float32 -> incident
+  probability per member; the soft vote is a weighted sum here. A distilled student is one graph
+  `student`: features -> `probability` (N, 1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from detect.features import FeatureSpec, entity_features, entity_windows
+
+
+def session(graph: bytes, threads: int = 1) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(graph, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def smooth_causal(values: np.ndarray, k: int) -> np.ndarray:
+    """Causal mean over the last k rows along axis 0 (fewer at the start)."""
+    if k <= 1:
+        return values
+    csum = np.cumsum(np.concatenate([np.zeros((1, *values.shape[1:])), values]), axis=0)
+    idx = np.arange(len(values))
+    lo = np.maximum(0, idx - k + 1)
+    count = (idx + 1 - lo).reshape(-1, *([1] * (values.ndim - 1)))
+    return (csum[idx + 1] - csum[lo]) / count
+
+
+class SequenceRuntime:
+    """Autoencoder / LSTM scoring through one ONNX graph."""
+
+    def __init__(self, graph: bytes, spec: FeatureSpec, smooth: int, threshold: float, threads: int = 1) -> None:
+        self.session = session(graph, threads)
+        self.spec, self.smooth, self.threshold = spec, smooth, threshold
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def errors(self, windows: np.ndarray) -> np.ndarray:
+        """(N, W, M) windows -> (N, M) normalised per-metric errors."""
+        return self.session.run(["errors"], {"windows": np.ascontiguousarray(windows, dtype=np.float32)})[0]
+
+    def forecast_next(self, windows: np.ndarray) -> np.ndarray:
+        if "forecast" not in self.outputs:
+            raise ValueError("this graph has no forecast output (only the LSTM forecasts)")
+        return self.session.run(["forecast"], {"windows": np.ascontiguousarray(windows, dtype=np.float32)})[0]
+
+    def explain_series(self, X: np.ndarray, batch: int = 4096) -> np.ndarray:
+        """Smoothed per-metric errors for every row of one entity's series (T, M)."""
+        windows = entity_windows(np.asarray(X, dtype=np.float64), self.spec)
+        errs = np.concatenate([self.errors(windows[i : i + batch]) for i in range(0, len(windows), batch)])
+        return smooth_causal(errs.astype(np.float64), self.smooth)
+
+    def score_series(self, X: np.ndarray) -> np.ndarray:
+        return self.explain_series(X).sum(axis=1)
+
+
+class EnsembleRuntime:
+    """The ensemble's four member graphs and the weighted soft vote (or one distilled student graph)."""
+
+    def __init__(
+        self,
+        graphs: dict[str, bytes],
+        spec: FeatureSpec,
+        weights: dict[str, float] | None,
+        threshold: float,
+        threads: int = 1,
+    ) -> None:
+        self.spec, self.threshold = spec, threshold
+        self.sessions = {name: session(g, threads) for name, g in graphs.items()}
+        self.weights = weights or {}
+        if "student" not in self.sessions and set(self.weights) != set(self.sessions):
+            raise ValueError(f"vote weights {sorted(self.weights)} do not match graphs {sorted(self.sessions)}")
+
+    def member_probabilities(self, features: np.ndarray) -> dict[str, np.ndarray]:
+        F = np.ascontiguousarray(features, dtype=np.float32)
+        out = {}
+        for name, sess in self.sessions.items():
+            result = sess.run(None, {sess.get_inputs()[0].name: F})
+            probs = result[-1] if name in ("rf", "xgb", "lgbm") else result[0]
+            probs = np.asarray(probs)
+            out[name] = probs[:, 1] if probs.ndim == 2 and probs.shape[1] == 2 else probs.reshape(-1)
+        return out
+
+    def probability(self, features: np.ndarray) -> np.ndarray:
+        members = self.member_probabilities(features)
+        if "student" in members:
+            return members["student"].astype(np.float64)
+        return sum(self.weights[name] * members[name].astype(np.float64) for name in self.weights)
+
+    def score_series(self, X: np.ndarray) -> np.ndarray:
+        return self.probability(entity_features(np.asarray(X, dtype=np.float64), self.spec))

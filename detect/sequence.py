@@ -1,0 +1,289 @@
+"""Sequence detectors: a windowed autoencoder and an LSTM forecaster (PyTorch).
+
+Both read (W x metrics) windows built by `detect.features.entity_windows` from z-scored telemetry.
+Anomaly score of row t = mean over the last `smooth` rows of sum_m err[t, m] / val_err[m]: the
+squared reconstruction (autoencoder) or forecast (LSTM) error of each metric, normalised by that
+metric's mean error on the validation tail of the training series. `explain` returns the same
+normalised per-metric errors: their ranking is the root-cause answer.
+
+One training loop (`train_epochs`) serves the in-process fit and Ray Train's TorchTrainer
+(train/torch_train.py). Saved state is JSON + npz (weights as arrays): loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from detect.base import Detector
+from detect.features import FeatureSpec, entity_windows
+from detect.metrics import operational_threshold
+from detect.runtime import smooth_causal
+
+log = logging.getLogger(__name__)
+
+CLIP = 10.0  # z-scores are clipped here: a metric constant in training must not blow up the loss
+
+
+@dataclass
+class SequenceConfig:
+    """Hyperparameters shared by both sequence detectors (Ray Tune searches these)."""
+
+    window: int = 16
+    hidden: int = 128
+    latent: int = 16  # autoencoder bottleneck
+    layers: int = 1  # LSTM layers
+    lr: float = 1e-3
+    batch_size: int = 256
+    epochs: int = 10
+    val_fraction: float = 0.2
+    smooth: int = 5
+    threshold_quantile: float = 0.99
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SequenceConfig:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class WindowAutoencoder(nn.Module):
+    """MLP autoencoder over a flattened (W x M) window."""
+
+    def __init__(self, n_metrics: int, window: int, hidden: int = 128, latent: int = 16) -> None:
+        super().__init__()
+        d = n_metrics * window
+        self.window, self.n_metrics = window, n_metrics
+        self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, latent))
+        self.decoder = nn.Sequential(nn.Linear(latent, hidden), nn.ReLU(), nn.Linear(hidden, d))
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(windows)).view(-1, self.window, self.n_metrics)
+
+
+class LSTMForecaster(nn.Module):
+    """Reads rows 0..W-2 of a window and forecasts row W-1."""
+
+    def __init__(self, n_metrics: int, hidden: int = 64, layers: int = 1) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(n_metrics, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, n_metrics)
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(windows[:, :-1])
+        return self.head(out[:, -1])
+
+
+def build_network(kind: str, n_metrics: int, cfg: SequenceConfig) -> nn.Module:
+    if kind == "autoencoder":
+        return WindowAutoencoder(n_metrics, cfg.window, cfg.hidden, cfg.latent)
+    if kind == "lstm":
+        return LSTMForecaster(n_metrics, cfg.hidden, cfg.layers)
+    raise ValueError(f"unknown sequence model {kind!r}")
+
+
+def per_metric_error(kind: str, model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """Squared error of each window's last row, per metric: (n, M)."""
+    if kind == "autoencoder":
+        return (model(windows)[:, -1] - windows[:, -1]) ** 2
+    return (model(windows) - windows[:, -1]) ** 2
+
+
+def training_loss(kind: str, model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """The autoencoder learns to reconstruct the whole window; the LSTM to forecast the last row."""
+    if kind == "autoencoder":
+        return ((model(windows) - windows) ** 2).mean()
+    return per_metric_error(kind, model, windows).mean()
+
+
+@torch.no_grad()
+def batched_error(kind: str, model: nn.Module, windows: torch.Tensor, batch: int = 4096) -> np.ndarray:
+    model.eval()
+    parts = [per_metric_error(kind, model, windows[i : i + batch]).float().cpu() for i in range(0, len(windows), batch)]
+    return torch.cat(parts).numpy().astype(np.float64)
+
+
+EpochCallback = Callable[[int, dict[str, float], nn.Module, torch.optim.Optimizer], None]
+
+
+def train_epochs(
+    kind: str,
+    model: nn.Module,
+    train_windows: torch.Tensor,
+    val_windows: torch.Tensor,
+    cfg: SequenceConfig,
+    start_epoch: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
+    on_epoch: EpochCallback | None = None,
+    device: torch.device | None = None,
+    amp: bool = False,
+) -> list[dict[str, float]]:
+    """The training loop both paths share. Reports train/val loss per epoch through `on_epoch`.
+
+    val_loss is the scoring error (last row of each validation window), comparable across configs.
+
+    `amp` turns on bfloat16 autocast (mixed precision) on GPU; on CPU it stays float32.
+    """
+    device = device or torch.device("cpu")
+    optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed + start_epoch)  # a resumed or stepped run reshuffles
+    history = []
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        perm = torch.randperm(len(train_windows), generator=gen)
+        total, seen = 0.0, 0
+        for i in range(0, len(perm), cfg.batch_size):
+            batch = train_windows[perm[i : i + cfg.batch_size]].to(device, non_blocking=True)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+                loss = training_loss(kind, model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(batch)
+            seen += len(batch)
+        val_loss = float(batched_error(kind, model, val_windows.to(device)).mean()) if len(val_windows) else math.nan
+        metrics = {
+            "epoch": epoch,
+            "train_loss": total / max(seen, 1),
+            "val_loss": val_loss,
+            "rows_per_s": seen / (time.perf_counter() - t0),
+        }
+        history.append(metrics)
+        log.info("epoch done", extra={"model": kind, **metrics})
+        if on_epoch:
+            on_epoch(epoch, metrics, model, optimizer)
+    return history
+
+
+@dataclass
+class Scaler:
+    """Per-metric z-scoring with a floor on the std, fitted on training data."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, X: np.ndarray, floor: float = 1e-3) -> Scaler:
+        return cls(X.mean(axis=0), np.maximum(X.std(axis=0), floor))
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        return np.clip((X - self.mean) / self.std, -CLIP, CLIP)
+
+
+class SequenceDetector(Detector):
+    """Shared fit / score / explain / save / load of the autoencoder and the LSTM."""
+
+    kind: str
+
+    def __init__(self, config: SequenceConfig | dict[str, Any] | None = None, **overrides: Any) -> None:
+        cfg = config if isinstance(config, SequenceConfig) else SequenceConfig.from_dict(config or {})
+        self.config = SequenceConfig.from_dict({**asdict(cfg), **overrides})
+        self.threshold_quantile = self.config.threshold_quantile
+
+    # -- data preparation shared with Ray Train --------------------------------------------------
+    def prepare(self, X: np.ndarray, metrics: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fit the scaler and spec on X; return (train, validation) windows, split in time order."""
+        X = self._check(X, fitting=True)
+        self.n_metrics_ = X.shape[1]
+        self.scaler_ = Scaler.fit(X)
+        names = tuple(metrics) if metrics else tuple(f"m{i:02d}" for i in range(X.shape[1]))
+        # only `window` matters to the sequence models; the other fields keep history == window
+        self.spec_ = FeatureSpec(
+            metrics=names, window=self.config.window, lags=(1,), rolling=(self.config.window,), diffs=(1,), rates=(1,)
+        )
+        windows = torch.from_numpy(entity_windows(self.scaler_.transform(X), self.spec_))
+        n_val = int(len(windows) * self.config.val_fraction)
+        return windows[: len(windows) - n_val], windows[len(windows) - n_val :]
+
+    def new_network(self) -> nn.Module:
+        torch.manual_seed(self.config.seed)
+        return build_network(self.kind, self.n_metrics_, self.config)
+
+    def finish(self, network: nn.Module, val_windows: torch.Tensor, history: list[dict[str, float]]) -> Detector:
+        """Adopt trained weights; calibrate error normalisation and threshold on validation windows."""
+        self.network_ = network.cpu().eval()
+        self.history_ = history
+        val_err = batched_error(self.kind, self.network_, val_windows)
+        self.error_scale_ = np.maximum(val_err.mean(axis=0), 1e-2)
+        self.threshold_ = operational_threshold(self._score_from_error(val_err), self.threshold_quantile)
+        return self
+
+    # -- Detector interface --------------------------------------------------------------------------
+    def fit(self, X: np.ndarray, metrics: list[str] | None = None) -> Detector:
+        train_w, val_w = self.prepare(X, metrics)
+        network = self.new_network()
+        history = train_epochs(self.kind, network, train_w, val_w, self.config)
+        return self.finish(network, val_w, history)
+
+    def _windows(self, X: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(entity_windows(self.scaler_.transform(self._check(X)), self.spec_))
+
+    def _normalised_error(self, X: np.ndarray) -> np.ndarray:
+        return batched_error(self.kind, self.network_, self._windows(X)) / self.error_scale_
+
+    def _score_from_error(self, err: np.ndarray) -> np.ndarray:
+        return smooth_causal(err.sum(axis=1), self.config.smooth)
+
+    def score(self, X: np.ndarray) -> np.ndarray:
+        return smooth_causal(self._normalised_error(X), self.config.smooth).sum(axis=1)
+
+    def explain(self, X: np.ndarray) -> np.ndarray:
+        return smooth_causal(self._normalised_error(X), self.config.smooth)
+
+    def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        arrays = {f"w.{k}": v.detach().cpu().numpy() for k, v in self.network_.state_dict().items()}
+        arrays.update(scaler_mean=self.scaler_.mean, scaler_std=self.scaler_.std, error_scale=self.error_scale_)
+        return {"config": asdict(self.config), "spec": self.spec_.to_json(), "history": self.history_}, arrays
+
+    def _restore(self, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self.config = SequenceConfig.from_dict(params["config"])
+        self.threshold_quantile = self.config.threshold_quantile
+        self.spec_ = FeatureSpec.from_json(params["spec"])
+        self.history_ = params.get("history", [])
+        self.scaler_ = Scaler(arrays["scaler_mean"], arrays["scaler_std"])
+        self.error_scale_ = arrays["error_scale"]
+        network = build_network(self.kind, self.n_metrics_, self.config)
+        network.load_state_dict({k[2:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("w.")})
+        self.network_ = network.eval()
+
+
+class AutoencoderDetector(SequenceDetector):
+    name = "autoencoder"
+    kind = "autoencoder"
+
+
+class LSTMDetector(SequenceDetector):
+    name = "lstm"
+    kind = "lstm"
+
+    def __init__(self, config: SequenceConfig | dict[str, Any] | None = None, **overrides: Any) -> None:
+        # a smaller, shorter-trained default than the autoencoder's: an LSTM epoch costs more on CPU
+        base = {"hidden": 64, "epochs": 5}
+        given = asdict(config) if isinstance(config, SequenceConfig) else dict(config or {})
+        super().__init__({**base, **given}, **overrides)
+
+    @torch.no_grad()
+    def forecast(self, X: np.ndarray, horizon: int = 5) -> np.ndarray:
+        """Forecast the next `horizon` rows after the end of X (in the input's units): (horizon, M)."""
+        if horizon < 1:
+            raise ValueError("horizon must be >= 1")
+        window = self._windows(X)[-1:].clone()  # (1, W, M), z-scored
+        out = []
+        for _ in range(horizon):
+            nxt = self.network_(torch.cat([window[:, 1:], window[:, -1:]], dim=1))  # forecast of the row after
+            out.append(nxt[0].numpy())
+            window = torch.cat([window[:, 1:], nxt[:, None, :]], dim=1)
+        return np.asarray(out) * self.scaler_.std + self.scaler_.mean
+
+
+SEQUENCE_DETECTORS: dict[str, type[SequenceDetector]] = {"autoencoder": AutoencoderDetector, "lstm": LSTMDetector}

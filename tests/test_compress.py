@@ -1,0 +1,157 @@
+"""Compression: ONNX Runtime matches the frameworks, INT8 shrinks, students learn, gates decide."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from detect.bundle import ModelBundle
+from detect.data import load_series
+from detect.ensemble import MEMBERS, EnsembleDetector
+from detect.features import entity_features, entity_windows
+from detect.sequence import CLIP, AutoencoderDetector, LSTMDetector
+from train import compress as C
+
+
+@pytest.fixture(scope="module")
+def omi2(data_dir):
+    return load_series("asd", "omi-2", data_dir)
+
+
+@pytest.fixture(scope="module")
+def sequence_models(omi2):
+    X = omi2.train[omi2.metrics].to_numpy()[:5000]
+    return {cls.name: cls(epochs=2).fit(X, omi2.metrics) for cls in (AutoencoderDetector, LSTMDetector)}
+
+
+@pytest.fixture(scope="module")
+def ensemble(data_dir):
+    s = load_series("asd", "omi-1", data_dir)
+    test = s.test[s.metrics].to_numpy()
+    det = EnsembleDetector(rf_trees=40, xgb_rounds=40, lgbm_rounds=40).fit(test[:2160], s.labels[:2160], s.metrics)
+    return det, test
+
+
+def test_sequence_onnx_matches_torch_on_1000_rows(sequence_models, omi2):
+    windows = entity_windows(omi2.test[omi2.metrics].to_numpy()[:1000], sequence_models["lstm"].spec_)
+    assert len(windows) == 1000
+    for name, det in sequence_models.items():
+        windows = entity_windows(omi2.test[omi2.metrics].to_numpy()[:1000], det.spec_)
+        runtime = C.runtime_for(det, C.export_graphs(det))
+        errors, network_out = runtime.session.run(None, {"windows": windows})
+        z = torch.clamp(
+            (torch.from_numpy(windows) - torch.tensor(det.scaler_.mean, dtype=torch.float32))
+            / torch.tensor(det.scaler_.std, dtype=torch.float32),
+            -CLIP,
+            CLIP,
+        )
+        with torch.no_grad():
+            if name == "autoencoder":
+                expected = det.network_(z)[:, -1].numpy()  # reconstruction of the newest row
+            else:
+                shifted = torch.cat([z[:, 1:], z[:, -1:]], dim=1)
+                expected = (
+                    det.network_(shifted) * torch.tensor(det.scaler_.std, dtype=torch.float32)
+                    + torch.tensor(det.scaler_.mean, dtype=torch.float32)
+                ).numpy()
+        assert np.abs(network_out - expected).max() <= 1e-4, name
+        # the normalised errors reach the thousands: compare them relative to their scale
+        framework = det._normalised_error(omi2.test[omi2.metrics].to_numpy()[:1000])
+        assert np.abs(errors - framework).max() <= 1e-4 * max(1.0, np.abs(framework).max()), name
+        np.testing.assert_allclose(
+            runtime.score_series(omi2.test[omi2.metrics].to_numpy()[:1000]),
+            det.score(omi2.test[omi2.metrics].to_numpy()[:1000]),
+            rtol=1e-4,
+        )
+
+
+def test_lstm_onnx_forecast_matches_detector(sequence_models, omi2):
+    det = sequence_models["lstm"]
+    X = omi2.test[omi2.metrics].to_numpy()[:300]
+    runtime = C.runtime_for(det, C.export_graphs(det))
+    window = entity_windows(X, det.spec_)[-1:]
+    np.testing.assert_allclose(runtime.forecast_next(window)[0], det.forecast(X, 1)[0], atol=1e-4)
+
+
+def test_ensemble_onnx_matches_framework_on_1000_rows(ensemble):
+    det, test = ensemble
+    features = entity_features(test[:1000], det.spec_).astype(np.float32)
+    runtime = C.runtime_for(det, C.export_graphs(det))
+    members = runtime.member_probabilities(features)
+    expected = det.member_matrix(features)
+    for i, name in enumerate(MEMBERS):
+        assert np.abs(members[name] - expected[:, i]).max() <= 1e-4, name
+    assert np.abs(runtime.probability(features) - expected @ det.weights_).max() <= 1e-4
+
+
+def test_int8_is_smaller_and_keeps_quality(sequence_models, omi2):
+    for name, det in sequence_models.items():
+        fp32 = C.export_graphs(det)
+        int8 = {k: C.quantize_int8(v) for k, v in fp32.items()}
+        assert len(fp32["scorer"]) / len(int8["scorer"]) >= 3.0, name  # default sizes, 19 metrics
+        q32, q8 = C.quality(det, fp32, omi2), C.quality(det, int8, omi2)
+        ok, retention, reason = C.gate("int8", q32, q8)
+        assert retention["pr_auc"] > 0.9, (name, reason)
+
+
+def test_gate_decisions():
+    assert C.gate("int8", {"f1": 0.5, "pr_auc": 0.4}, {"f1": 0.49, "pr_auc": 0.39})[0]
+    ok, retention, reason = C.gate("int8", {"f1": 0.5, "pr_auc": 0.4}, {"f1": 0.45, "pr_auc": 0.4})
+    assert not ok and retention["f1"] == pytest.approx(0.9) and "below the 95% gate" in reason
+    assert C.gate("student", {"f1": 0.5, "pr_auc": 0.4}, {"f1": 0.46, "pr_auc": 0.37})[0]
+
+
+def test_tempered_probability_graph():
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["raw"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 1])],
+        [helper.make_tensor_value_info("raw", TensorProto.FLOAT, [None, 1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    tempered = C.tempered_probability_graph(model.SerializeToString(), 3.0)
+    from detect.runtime import session
+
+    out = session(tempered).run(None, {"x": np.array([[0.0], [1.0]], dtype=np.float32)})[0]
+    np.testing.assert_allclose(out.ravel(), 1 / (1 + np.exp(-3.0 * np.array([0.0, 1.0]))), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_compress_registers_passing_variants_and_logs_failures(
+    omi2, sequence_models, data_dir, ray_cluster, mlflow_store, monkeypatch
+):
+    import mlflow
+
+    from train import registry
+
+    det = sequence_models["autoencoder"]
+    bundle = ModelBundle(
+        "autoencoder",
+        {omi2.name: det},
+        {omi2.name: omi2.metrics},
+        graphs={omi2.name: C.export_graphs(det)},
+        info={"variant": "fp32"},
+    )
+    registry.setup()
+    with mlflow.start_run() as run:
+        registry.register_bundle(bundle, run.info.run_id)
+    registry.promote("autoencoder", "1")
+    monkeypatch.setitem(C.GATES, "student", 5.0)  # an impossible gate: the student must be refused
+    result = C.compress_model(
+        "autoencoder", data_dir=data_dir, variants=("int8", "student"), student=C.StudentConfig(epochs=3)
+    )
+    assert result["decisions"]["int8"]["passed"] and result["decisions"]["int8"]["version"] == "2"
+    assert not result["decisions"]["student"]["passed"] and result["decisions"]["student"]["version"] is None
+    versions = registry.versions("autoencoder")
+    assert [v["tags"].get("variant") for v in versions] == ["fp32", "int8"]
+    int8_bundle, _ = registry.load_bundle("autoencoder", "2")
+    assert int8_bundle.variant == "int8" and len(int8_bundle.graphs[omi2.name]["scorer"]) < len(
+        bundle.graphs[omi2.name]["scorer"]
+    )
+    runs = mlflow.search_runs(experiment_names=["raywatch"], filter_string="tags.`raywatch.kind` = 'compress'")
+    assert "below the 500% gate" in runs["tags.gate.student"].iloc[0]
+    student_pr = result["summary"]["student"]["pr_auc"]
+    assert student_pr > 5 * omi2.labels.mean()  # the student learned something, though the gate refused it

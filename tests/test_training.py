@@ -1,0 +1,116 @@
+"""The detectors learn, on a real local Ray: Ray Train for the sequence models and the boosters."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import threading
+import time
+from functools import partial
+
+import numpy as np
+import pytest
+
+from detect.data import load_series
+from detect.ensemble import EnsembleDetector, incident_target
+from detect.metrics import pr_auc
+from detect.sequence import AutoencoderDetector, LSTMDetector
+from detect.synthetic import generate_fleet
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def omi2(data_dir):
+    return load_series("asd", "omi-2", data_dir)
+
+
+@pytest.mark.parametrize("cls", [AutoencoderDetector, LSTMDetector])
+def test_sequence_detector_learns_on_ray_train(cls, omi2, ray_cluster, tmp_path):
+    from train.torch_train import fit_with_ray_train
+
+    det = fit_with_ray_train(
+        cls(epochs=4, hidden=32),
+        omi2.train[omi2.metrics].to_numpy()[:4000],
+        omi2.metrics,
+        num_workers=1,
+        storage_path=tmp_path,
+    )
+    losses = [h["train_loss"] for h in det.history_]
+    assert len(losses) == 4 and losses[-1] < losses[0] * 0.8, losses
+    assert det.used_gpu_ is False  # this cluster has no GPU: the same code ran on CPU
+    scores = det.score(omi2.test[omi2.metrics].to_numpy())
+    constant = omi2.labels.mean()  # a constant scorer's PR-AUC is the anomaly ratio
+    assert pr_auc(omi2.labels, scores) > 5 * constant
+    explained = det.explain(omi2.test[omi2.metrics].to_numpy()[:50])
+    assert explained.shape == (50, len(omi2.metrics)) and np.allclose(explained.sum(axis=1), scores[:50])
+
+
+def test_lstm_forecasts_h_steps_ahead(omi2):
+    det = LSTMDetector(epochs=2, hidden=16).fit(omi2.train[omi2.metrics].to_numpy()[:3000])
+    future = det.forecast(omi2.test[omi2.metrics].to_numpy()[:200], horizon=5)
+    assert future.shape == (5, len(omi2.metrics)) and np.isfinite(future).all()
+    with pytest.raises(ValueError, match="horizon"):
+        det.forecast(omi2.test[omi2.metrics].to_numpy()[:200], horizon=0)
+
+
+def test_ensemble_with_ray_boosters_learns_incidents_and_their_kind(ray_cluster, tmp_path):
+    from train.boosters import train_boosters_with_ray
+
+    fleet = generate_fleet(n_machines=1, n_steps=12000, incidents_per_machine=30, incident_length=(30, 60), seed=3)
+    frame = fleet.frame
+    X, y, kinds = frame[fleet.metrics].to_numpy(), frame.label.to_numpy(), frame.incident_kind.to_numpy()
+    cut = 8000  # time-ordered split: learn from the first two thirds
+    boost = partial(train_boosters_with_ray, num_workers=2, storage_path=tmp_path, run_name="test")
+    det = EnsembleDetector(rf_trees=50, xgb_rounds=60, lgbm_rounds=60, horizon=5)
+    det.fit(X[:cut], y[:cut], fleet.metrics, kinds=kinds[:cut], train_boosters=lambda F, t: boost(F, t, det.config))
+    scores = det.score(X)[cut:]
+    lead = incident_target(y, 5)[cut:]
+    assert pr_auc(lead, scores) > max(0.6, 3 * lead.mean())  # a constant scorer's PR-AUC is lead.mean()
+    assert set(det.member_scores(X[:10])) == {"rf", "xgb", "lgbm", "logistic"}
+    assert np.isclose(det.weights_.sum(), 1) and (det.weights_ >= 0).all()
+    inside = kinds[cut:] != ""
+    predicted, _ = det.predict_kind(X)
+    accuracy = np.mean(np.asarray(predicted)[cut:][inside] == kinds[cut:][inside])
+    assert accuracy > 0.6  # six kinds: chance is about 0.17
+
+
+def test_killed_ray_train_worker_resumes_from_checkpoint(data_dir, ray_cluster, tmp_path):
+    from ray.util.state import list_actors
+
+    from train.torch_train import fit_with_ray_train
+
+    series = load_series("asd", "omi-1", data_dir)
+    killed: list[int] = []
+
+    def kill_one_worker_after_first_checkpoints() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline and len(glob.glob(f"{tmp_path}/kill-test/checkpoint_*")) < 2:
+            time.sleep(0.2)
+        time.sleep(2.5)  # let the controller register the checkpoint
+        workers = list_actors(
+            address=ray_cluster.get_runtime_context().gcs_address,
+            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+            detail=True,
+        )
+        if workers:
+            os.kill(workers[-1].pid, signal.SIGKILL)
+            killed.append(workers[-1].pid)
+
+    threading.Thread(target=kill_one_worker_after_first_checkpoints, daemon=True).start()
+    det = fit_with_ray_train(
+        AutoencoderDetector(epochs=10, hidden=256, batch_size=64),
+        series.train[series.metrics].to_numpy(),
+        series.metrics,
+        num_workers=2,
+        storage_path=tmp_path,
+        run_name="kill-test",
+        max_failures=2,
+    )
+    assert killed, "no worker was killed: training finished before the first checkpoints"
+    epochs = [int(h["epoch"]) for h in det.history_]
+    assert epochs == list(range(10))  # every epoch done exactly once in the final history
+    resumed = max(h["resumed_from"] for h in det.history_)
+    assert resumed >= 0, "the run never resumed from a checkpoint"
+    assert det.history_[-1]["train_loss"] < det.history_[0]["train_loss"]

@@ -1,0 +1,255 @@
+"""Training pipeline: train a detector for every entity on Ray Train, track it in MLflow, register it.
+
+Runnable as a Ray job: `ray job submit --working-dir . -- python -m train.pipeline --model lstm`.
+
+Sequence detectors learn from each entity's unlabelled train series. The ensemble is supervised: it
+learns from the first half of each labelled test series and is evaluated on the second half, in
+time order. The evaluation figures logged with a version use test labels only for reporting;
+thresholds come from training data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detect import metrics as M
+from detect.bundle import ModelBundle, entity_folder
+from detect.data import Series, load_benchmark
+from detect.ensemble import EnsembleConfig, EnsembleDetector, incident_target
+from detect.sequence import SEQUENCE_DETECTORS
+
+log = logging.getLogger(__name__)
+
+MODELS = ("autoencoder", "lstm", "ensemble")
+REFERENCE_ROWS = 512  # rows of training input kept with a version for the drift monitors
+BEST_CONFIG_DIR = Path(".raywatch") / "best_config"
+
+
+def best_config_path(model: str) -> Path:
+    return Path(os.environ.get("RAYWATCH_HOME", ".")) / BEST_CONFIG_DIR / f"{model}.json"
+
+
+def resolve_config(
+    model: str, overrides: dict[str, Any] | None = None, use_tuned: bool = True
+) -> tuple[dict[str, Any], str]:
+    """Defaults < best config recorded by `raywatch tune` < explicit overrides. Returns (config, source)."""
+    config: dict[str, Any] = {}
+    source = "defaults"
+    path = best_config_path(model)
+    if use_tuned and path.exists():
+        config.update(json.loads(path.read_text())["config"])
+        source = f"tuned ({path})"
+    config.update(overrides or {})
+    return config, source
+
+
+# Ray Train's controller polls workers for reports at this interval (2 s by default), which bounds a
+# small job to one epoch per poll; applies to clusters that this process starts.
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+def init_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault(TRAIN_POLL_ENV, "0.2")
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
+
+
+def _eval_unsupervised(series: Series, det: Any) -> dict[str, Any]:
+    test = series.test[series.metrics].to_numpy()
+    scores = det.score(test)
+    half = len(test) // 2
+    second = series.labels[half:]
+    return {
+        "f1": M.best_f1(series.labels, scores)[0],
+        "pr_auc": M.pr_auc(series.labels, scores),
+        "f1_operational": M.f1_at(series.labels, scores, det.threshold_),
+        "pr_auc_second_half": M.pr_auc(second, scores[half:]) if second.any() else None,
+    }
+
+
+def _eval_ensemble(series: Series, det: EnsembleDetector) -> dict[str, Any]:
+    test = series.test[series.metrics].to_numpy()
+    half = len(test) // 2
+    scores = det.score(test)[half:]  # features need history, so score the whole series
+    y = series.labels[half:]
+    lead = incident_target(series.labels, det.config.horizon)[half:]
+    if not y.any():
+        return {"pr_auc_second_half": None, "f1": None, "pr_auc_lead": None, "note": "no incident in the second half"}
+    return {
+        "pr_auc_second_half": M.pr_auc(y, scores),
+        "f1": M.best_f1(y, scores)[0],
+        "f1_operational": M.f1_at(y, scores, det.threshold_),
+        "pr_auc_lead": M.pr_auc(lead, scores),
+    }
+
+
+def train_model(
+    model: str,
+    data_dir: str | Path | None = None,
+    entities: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    num_workers: int = 1,
+    use_gpu: bool | None = None,
+    use_tuned: bool = True,
+    register: bool = True,
+    promote_first: bool = True,
+    progress: Callable[[str], None] = lambda message: log.info(message),
+    tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Train `model` for every entity on Ray Train, log everything to MLflow, register a version."""
+    import mlflow
+
+    from train import registry
+    from train.boosters import train_boosters_with_ray
+    from train.compress import export_graphs
+    from train.torch_train import fit_with_ray_train
+
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose from {list(MODELS)}")
+    config, source = resolve_config(model, overrides, use_tuned)
+    series_list = load_benchmark(data_dir, entities)
+    init_ray()
+    registry.setup()
+    detectors, metrics_by_entity, references, evaluation, graphs = {}, {}, {}, {}, {}
+    with mlflow.start_run(run_name=f"train-{model}") as run:
+        run_id = run.info.run_id
+        mlflow.set_tags({"raywatch.model": model, "raywatch.config_source": source, **(tags or {})})
+        mlflow.log_params(
+            {
+                "model": model,
+                "entities": ",".join(s.name for s in series_list),
+                "num_workers": num_workers,
+                **{f"config.{k}": v for k, v in config.items()},
+            }
+        )
+        for i, series in enumerate(series_list, 1):
+            key = series.name
+            t0 = time.perf_counter()
+            run_name = f"{model}-{entity_folder(key)}-{run_id[:8]}"
+            if model == "ensemble":
+                det = EnsembleDetector(EnsembleConfig.from_dict(config))
+                test = series.test[series.metrics].to_numpy()
+                half = len(test) // 2
+                boost = partial(train_boosters_with_ray, cfg=det.config, num_workers=num_workers, run_name=run_name)
+                det.fit(test[:half], series.labels[:half], series.metrics, train_boosters=boost)
+                references[key] = test[:half][-REFERENCE_ROWS:]
+                evaluation[key] = _eval_ensemble(series, det)
+                mlflow.log_metrics(
+                    {f"{key}/val_f1": det.validation_["f1"], f"{key}/val_log_loss": det.validation_["log_loss"]}
+                )
+                mlflow.log_dict(
+                    {"weights": dict(zip(("rf", "xgb", "lgbm", "logistic"), det.weights_.tolist()))},
+                    f"vote_weights/{entity_folder(key)}.json",
+                )
+            else:
+                det = SEQUENCE_DETECTORS[model](config)
+                train = series.train[series.metrics].to_numpy()
+                fit_with_ray_train(
+                    det, train, series.metrics, num_workers=num_workers, use_gpu=use_gpu, run_name=run_name
+                )
+                for h in det.history_:
+                    mlflow.log_metrics(
+                        {
+                            f"{key}/train_loss": h["train_loss"],
+                            f"{key}/val_loss": h["val_loss"],
+                            f"{key}/rows_per_s": h["rows_per_s"],
+                        },
+                        step=int(h["epoch"]),
+                    )
+                references[key] = train[-REFERENCE_ROWS:]
+                evaluation[key] = _eval_unsupervised(series, det)
+                evaluation[key]["used_gpu"] = det.used_gpu_
+            evaluation[key]["fit_seconds"] = round(time.perf_counter() - t0, 1)
+            mlflow.log_metrics(
+                {f"{key}/{k}": v for k, v in evaluation[key].items() if isinstance(v, (int, float)) and v is not None}
+            )
+            detectors[key], metrics_by_entity[key] = det, series.metrics
+            graphs[key] = export_graphs(det)  # serving runs ONNX: every detector leaves training as ONNX
+            progress(
+                f"[{i}/{len(series_list)}] {key}: "
+                + ", ".join(f"{k}={v:.3f}" for k, v in evaluation[key].items() if isinstance(v, float))
+            )
+        summary = _summary(evaluation)
+        mlflow.log_metrics({f"mean/{k}": v for k, v in summary.items()})
+        mlflow.log_dict(evaluation, "evaluation.json")
+        bundle = ModelBundle(
+            model,
+            detectors,
+            metrics_by_entity,
+            references,
+            evaluation,
+            info={
+                "run_id": run_id,
+                "config": config,
+                "config_source": source,
+                "trained_at": time.time(),
+                "variant": "fp32",
+            },
+            graphs=graphs,
+        )
+        with tempfile.TemporaryDirectory() as folder:  # FeatureSpec, scaler, threshold per entity, browsable
+            bundle.save(folder)
+            mlflow.log_artifacts(folder, "model")
+        version = registry.register_bundle(bundle, run_id, tags) if register else None
+    result = {
+        "model": model,
+        "run_id": run_id,
+        "version": version,
+        "summary": summary,
+        "evaluation": evaluation,
+        "config_source": source,
+    }
+    if version and promote_first and registry.alias_version(model, registry.CHAMPION) is None:
+        registry.promote(model, version)
+        result["promoted"] = True
+    return result
+
+
+def _summary(evaluation: dict[str, dict[str, Any]]) -> dict[str, float]:
+    keys = {k for e in evaluation.values() for k, v in e.items() if isinstance(v, float)}
+    out = {}
+    for k in sorted(keys):
+        vals = [e[k] for e in evaluation.values() if isinstance(e.get(k), float)]
+        if vals:
+            out[k] = float(np.mean(vals))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=MODELS, required=True)
+    parser.add_argument("--data")
+    parser.add_argument("--entities")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--num-workers", type=int, default=1)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    overrides = {"epochs": args.epochs} if args.epochs else {}
+    result = train_model(
+        args.model,
+        args.data,
+        args.entities.split(",") if args.entities else None,
+        overrides,
+        num_workers=args.num_workers,
+        progress=print,
+    )
+    print(json.dumps({k: result[k] for k in ("model", "version", "run_id", "summary")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

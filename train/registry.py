@@ -1,0 +1,148 @@
+"""MLflow tracking and the model registry: runs, registered versions, aliases champion / previous.
+
+Default tracking store: a SQLite file `mlflow.db` in the working directory, artifacts in
+`./mlartifacts`. `MLFLOW_TRACKING_URI` points it elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from detect.bundle import ModelBundle
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "raywatch"
+MODEL_NAMES = {"ensemble": "raywatch-ensemble", "lstm": "raywatch-lstm", "autoencoder": "raywatch-autoencoder"}
+CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot be done: unknown model or version, no previous champion."""
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def setup(experiment: str = EXPERIMENT) -> MlflowClient:
+    """Point MLflow at the configured store and make sure the experiment exists."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        artifacts = None
+        if uri.startswith("sqlite:///"):
+            artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+        mlflow.create_experiment(experiment, artifact_location=artifacts)
+    mlflow.set_experiment(experiment)
+    return MlflowClient(uri)
+
+
+def model_name(model: str) -> str:
+    if model in MODEL_NAMES.values():
+        return model
+    if model not in MODEL_NAMES:
+        raise RegistryError(f"unknown model {model!r}; choose from {sorted(MODEL_NAMES)}")
+    return MODEL_NAMES[model]
+
+
+def register_bundle(bundle: ModelBundle, run_id: str, tags: dict[str, str] | None = None) -> str:
+    """Log the bundle as the run's artifacts under `bundle/` and register a new model version."""
+    client = setup()
+    name = model_name(bundle.kind)
+    with tempfile.TemporaryDirectory() as folder:
+        bundle.save(folder)
+        client.log_artifacts(run_id, folder, artifact_path="bundle")
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description=f"raywatch {bundle.kind} detector bundles")
+    source = f"{client.get_run(run_id).info.artifact_uri}/bundle"
+    version = client.create_model_version(name, source=source, run_id=run_id, tags={"variant": "fp32", **(tags or {})})
+    log.info("registered model version", extra={"model": name, "version": version.version})
+    return str(version.version)
+
+
+def alias_version(model: str, alias: str) -> str | None:
+    client = setup()
+    try:
+        return str(client.get_model_version_by_alias(model_name(model), alias).version)
+    except MlflowException:
+        return None
+
+
+def _check_version(client: MlflowClient, name: str, version: str) -> None:
+    try:
+        client.get_model_version(name, str(version))
+    except MlflowException:
+        raise RegistryError(f"{name} has no version {version}") from None
+
+
+def promote(model: str, version: str | int) -> dict[str, Any]:
+    """Make `version` the champion; the champion it replaces is kept as `previous`."""
+    client, name = setup(), model_name(model)
+    _check_version(client, name, str(version))
+    current = alias_version(model, CHAMPION)
+    if current == str(version):
+        return {"model": name, "champion": current, "previous": alias_version(model, PREVIOUS), "changed": False}
+    if current is not None:
+        client.set_registered_model_alias(name, PREVIOUS, current)
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    log.info("promoted", extra={"model": name, "champion": str(version), "previous": current})
+    return {"model": name, "champion": str(version), "previous": current, "changed": True}
+
+
+def rollback(model: str) -> dict[str, Any]:
+    """Restore the previous champion; the rolled-back version becomes `previous` (rollback twice = undo)."""
+    client, name = setup(), model_name(model)
+    previous, current = alias_version(model, PREVIOUS), alias_version(model, CHAMPION)
+    if previous is None:
+        raise RegistryError(f"{name} has no previous champion to roll back to")
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    if current is not None:
+        client.set_registered_model_alias(name, PREVIOUS, current)
+    log.info("rolled back", extra={"model": name, "champion": previous, "previous": current})
+    return {"model": name, "champion": previous, "previous": current}
+
+
+def load_bundle(model: str, ref: str = CHAMPION, dst: str | Path | None = None) -> tuple[ModelBundle, str]:
+    """Download and load the bundle of a version number or an alias; returns (bundle, version)."""
+    client, name = setup(), model_name(model)
+    try:
+        mv = client.get_model_version(name, ref) if ref.isdigit() else client.get_model_version_by_alias(name, ref)
+    except MlflowException:
+        raise RegistryError(f"{name} has no version or alias {ref!r}") from None
+    dst = Path(dst or tempfile.mkdtemp(prefix="raywatch-bundle-"))
+    path = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst))
+    return ModelBundle.load(path), str(mv.version)
+
+
+def versions(model: str) -> list[dict[str, Any]]:
+    client, name = setup(), model_name(model)
+    try:
+        found = client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return []
+    # search results carry no aliases: read them from the registered model
+    aliases: dict[str, list[str]] = {}
+    for alias, version in client.get_registered_model(name).aliases.items():
+        aliases.setdefault(str(version), []).append(alias)
+    out = []
+    for mv in sorted(found, key=lambda v: int(v.version)):
+        out.append(
+            {
+                "version": mv.version,
+                "aliases": sorted(aliases.get(str(mv.version), [])),
+                "tags": dict(mv.tags),
+                "run_id": mv.run_id,
+            }
+        )
+    return out

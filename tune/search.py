@@ -1,0 +1,252 @@
+"""Ray Tune search for the detectors: Optuna proposes configs, ASHA stops poor trials early.
+
+The objective never sees test labels: the sequence models minimise the validation error on the
+tail of each entity's training series; the ensemble minimises validation log-loss on the training
+half of the labelled series. The best config is written to `.raywatch/best_config/<model>.json`
+(which `raywatch train` picks up) and every trial is logged to MLflow as a nested run.
+Runnable as a Ray job: `ray job submit --working-dir . -- python -m tune.search --model autoencoder`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detect.data import load_benchmark
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENTITIES = ["asd/omi-1"]
+
+
+def search_space(model: str) -> dict[str, Any]:
+    from ray import tune
+
+    if model in ("autoencoder", "lstm"):
+        space = {
+            "window": tune.choice([8, 16, 32]),
+            "hidden": tune.choice([32, 64, 128, 256]),
+            "lr": tune.loguniform(1e-4, 3e-3),
+            "batch_size": tune.choice([128, 256, 512]),
+        }
+        if model == "autoencoder":
+            space["latent"] = tune.choice([8, 16, 32])
+        return space
+    if model == "ensemble":
+        return {
+            "xgb_max_depth": tune.choice([3, 4, 6, 8]),
+            "xgb_eta": tune.loguniform(0.02, 0.3),
+            "lgbm_leaves": tune.choice([15, 31, 63]),
+            "lgbm_lr": tune.loguniform(0.01, 0.2),
+            "rf_max_depth": tune.choice([6, 10, 14]),
+            "logistic_c": tune.loguniform(0.01, 10.0),
+        }
+    raise ValueError(f"unknown model {model!r}; choose autoencoder, lstm or ensemble")
+
+
+def _sequence_trainable(config: dict[str, Any], model: str, data: list[np.ndarray]) -> None:
+    """One trial: train on every entity's series, report the mean validation error each epoch."""
+    import torch
+    from ray import tune
+
+    from detect.sequence import SEQUENCE_DETECTORS, train_epochs
+
+    torch.set_num_threads(1)
+    prepared = []
+    for X in data:
+        det = SEQUENCE_DETECTORS[model](config)
+        train_w, val_w = det.prepare(X)
+        prepared.append((det, det.new_network(), train_w, val_w))
+    optimizers = [torch.optim.Adam(net.parameters(), lr=det.config.lr) for det, net, _, _ in prepared]
+    for epoch in range(config["epochs"]):
+        losses = []
+        for (det, net, train_w, val_w), opt in zip(prepared, optimizers):
+            step_cfg = det.config
+            step_cfg.epochs = epoch + 1
+            losses.append(
+                train_epochs(det.kind, net, train_w, val_w, step_cfg, start_epoch=epoch, optimizer=opt)[-1]["val_loss"]
+            )
+        tune.report({"val_loss": float(np.mean(losses)), "epoch": epoch})
+
+
+def _ensemble_trainable(config: dict[str, Any], data: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    from ray import tune
+
+    from detect.ensemble import EnsembleDetector
+
+    losses = []
+    for X, y in data:
+        det = EnsembleDetector(config, rf_trees=100).fit(X, y)
+        losses.append(det.validation_["log_loss"])
+    tune.report({"val_loss": float(np.mean(losses)), "epoch": 0})
+
+
+def tune_model(
+    model: str,
+    data_dir: str | Path | None = None,
+    entities: list[str] | None = None,
+    num_samples: int = 8,
+    max_epochs: int = 8,
+    scheduler: str = "asha",
+    max_concurrent: int = 2,
+    seed: int = 0,
+    record: bool = True,
+    progress: Callable[[str], None] = lambda m: log.info(m),
+) -> dict[str, Any]:
+    """Run the search; returns best config, score, trial count and trial-epochs."""
+    import mlflow
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from train import registry
+    from train.pipeline import best_config_path, init_ray
+
+    space = search_space(model)
+    series = load_benchmark(data_dir, entities or DEFAULT_ENTITIES)
+    if model == "ensemble":
+        data = []
+        for s in series:
+            test = s.test[s.metrics].to_numpy()
+            half = len(test) // 2
+            data.append((test[:half], s.labels[:half]))  # the training half only
+        trainable = tune.with_parameters(_ensemble_trainable, data=data)
+        max_epochs = 1
+    else:
+        data = [s.train[s.metrics].to_numpy() for s in series]
+        trainable = tune.with_parameters(_sequence_trainable, model=model, data=data)
+    init_ray()
+    sched = (
+        ASHAScheduler(
+            time_attr="training_iteration", max_t=max_epochs, grace_period=max(1, max_epochs // 4), reduction_factor=2
+        )
+        if scheduler == "asha"
+        else FIFOScheduler()
+    )
+    storage = str((Path.cwd() / "runs" / "ray_tune").resolve())
+    name = f"tune-{model}-{int(time.time())}"
+    progress(
+        f"tuning {model}: {num_samples} trials, up to {max_epochs} epochs, scheduler={scheduler}, "
+        f"entities={[s.name for s in series]}"
+    )
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": 1}),
+        param_space={**space, "epochs": max_epochs},
+        tune_config=tune.TuneConfig(
+            metric="val_loss",
+            mode="min",
+            scheduler=sched,
+            search_alg=OptunaSearch(seed=seed),
+            num_samples=num_samples,
+            max_concurrent_trials=max_concurrent,
+        ),
+        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0),
+    )
+    t0 = time.perf_counter()
+    grid = tuner.fit()
+    seconds = time.perf_counter() - t0
+    if grid.num_errors:
+        errors = [str(r.error) for r in grid if r.error][:2]
+        if grid.num_errors == len(grid):
+            raise RuntimeError(f"every Tune trial failed: {errors}")
+        log.warning("some trials failed", extra={"errors": errors})
+    best = grid.get_best_result(metric="val_loss", mode="min", scope="all")
+    trials = [r for r in grid if r.metrics]
+    trial_epochs = int(sum(r.metrics.get("training_iteration", 0) for r in trials))
+    best_config = {k: v for k, v in best.config.items() if k in space}
+    if model != "ensemble":
+        best_config["epochs"] = (
+            int(best.metrics_dataframe["val_loss"].idxmin()) + 1 if best.metrics_dataframe is not None else max_epochs
+        )
+    best_score = (
+        float(best.metrics_dataframe["val_loss"].min())
+        if best.metrics_dataframe is not None
+        else float(best.metrics["val_loss"])
+    )
+
+    registry.setup()
+    with mlflow.start_run(run_name=name) as parent:
+        mlflow.set_tags({"raywatch.model": model, "raywatch.kind": "tune", "scheduler": scheduler})
+        mlflow.log_params(
+            {
+                "model": model,
+                "num_samples": num_samples,
+                "max_epochs": max_epochs,
+                "scheduler": scheduler,
+                "entities": ",".join(s.name for s in series),
+            }
+        )
+        for r in trials:
+            with mlflow.start_run(run_name=f"trial-{r.metrics.get('trial_id', '')}", nested=True):
+                mlflow.log_params({k: v for k, v in r.config.items() if k in space})
+                if r.metrics_dataframe is not None:
+                    for row in r.metrics_dataframe.itertuples():
+                        mlflow.log_metric("val_loss", float(row.val_loss), step=int(row.training_iteration))
+                mlflow.set_tag("best", str(r.path == best.path))
+        mlflow.log_params({f"best.{k}": v for k, v in best_config.items()})
+        mlflow.log_metrics({"best_val_loss": best_score, "trial_epochs": trial_epochs, "seconds": seconds})
+        mlflow.log_dict(best_config, "best_config.json")
+        run_id = parent.info.run_id
+    path = best_config_path(model)
+    if record:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            json.dumps(
+                {
+                    "config": best_config,
+                    "val_loss": best_score,
+                    "mlflow_run_id": run_id,
+                    "scheduler": scheduler,
+                    "num_samples": num_samples,
+                },
+                indent=2,
+            )
+        )
+    return {
+        "model": model,
+        "best_config": best_config,
+        "best_score": best_score,
+        "metric": "val_loss",
+        "trials": len(trials),
+        "trial_epochs": trial_epochs,
+        "seconds": seconds,
+        "run_id": run_id,
+        "path": str(path),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tune.search", description="Ray Tune search for a raywatch detector"
+    )
+    parser.add_argument("--model", choices=["autoencoder", "lstm", "ensemble"], required=True)
+    parser.add_argument("--data")
+    parser.add_argument("--entities")
+    parser.add_argument("--num-samples", type=int, default=8)
+    parser.add_argument("--max-epochs", type=int, default=8)
+    parser.add_argument("--scheduler", choices=["asha", "none"], default="asha")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    result = tune_model(
+        args.model,
+        args.data,
+        args.entities.split(",") if args.entities else None,
+        args.num_samples,
+        args.max_epochs,
+        args.scheduler,
+        progress=print,
+    )
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
