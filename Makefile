@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?= $(firstword $(wildcard ../shared/data shared/data))
 
-.PHONY: install demo test lint evaluate clean
+.PHONY: install demo test lint clean bench-compression
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,10 +17,14 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/raywatch evaluate --data $(DATA) --detectors pca,iforest,ecod --out runs/demo/evaluation.json
+	$(BIN)/raywatch evaluate --data $(DATA) --detectors pca,iforest,ecod,autoencoder,lstm,ensemble --out runs/demo/evaluation.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# trains the three detectors into runs/bench (its own MLflow store) when missing, then compresses them
+bench-compression: $(STAMP)
+	RAYWATCH_DATA=$(abspath $(DATA)) $(BIN)/python benchmarks/compression.py --workdir runs/bench
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

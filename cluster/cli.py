@@ -181,6 +181,44 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+HIGH_THROUGHPUT_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+}
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    if args.mode == "high-throughput":
+        # read at import time by Ray Serve and inherited by the controller and replicas: set before ray.init
+        for key, value in HIGH_THROUGHPUT_ENV.items():
+            os.environ.setdefault(key, value)
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    attached = bool(os.environ.get("RAY_ADDRESS"))
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app({"reload_interval_s": 1.0}), name="raywatch", route_prefix="/")
+    base = f"http://{args.host}:{args.port}"
+    print(f"raywatch API: {base}/v1/score   docs: {base}/docs   mode: {args.mode}")
+    if attached or args.detach:
+        print("deployed on the running cluster; `serve shutdown` removes it")
+        return 0
+    print("serving on a local Ray started by this command; Ctrl-C stops it")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raywatch", description="Incident detection for server telemetry on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -224,6 +262,20 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--temperature", type=float, default=3.0, help="distillation temperature (2 to 4)")
     co.add_argument("--num-workers", type=int, default=1, help="Ray Train workers for the students")
     co.set_defaults(func=cmd_compress)
+
+    sv = sub.add_parser(
+        "serve", help="deploy the Serve app (serve/config.yaml's app) on the current or a local cluster"
+    )
+    sv.add_argument(
+        "--mode",
+        choices=["high-throughput", "default"],
+        default="high-throughput",
+        help="high-throughput: Ray 2.60's HAProxy ingress and gRPC between replicas",
+    )
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--detach", action="store_true", help="return after deploying (with RAY_ADDRESS it always does)")
+    sv.set_defaults(func=cmd_serve)
 
     pr = sub.add_parser("promote", help="set the champion alias (the old champion becomes `previous`)")
     pr.add_argument("model", help="autoencoder, lstm, ensemble (or raywatch-<model>)")

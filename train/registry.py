@@ -35,6 +35,7 @@ def tracking_uri() -> str:
 
 def setup(experiment: str = EXPERIMENT) -> MlflowClient:
     """Point MLflow at the configured store and make sure the experiment exists."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
@@ -146,3 +147,10 @@ def versions(model: str) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def set_alias(model: str, alias: str, version: str | int) -> None:
+    """Point an alias (e.g. `challenger`) at an existing version."""
+    client, name = setup(), model_name(model)
+    _check_version(client, name, str(version))
+    client.set_registered_model_alias(name, alias, str(version))

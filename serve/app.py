@@ -1,0 +1,499 @@
+"""The raywatch HTTP API: a FastAPI ingress deployment composed with the three detector deployments.
+
+    serve run serve/config.yaml            # or: raywatch serve
+    POST /v1/score  /v1/forecast  /v1/feedback      GET /v1/models  /healthz  /readyz  /docs
+    POST /v1/admin/promote  /rollback  /traffic  /baseline   (Authorization: Bearer <admin key>)
+
+The ingress keeps each entity's recent raw samples, so clients may send one sample at a time and
+still get windowed scores (the streaming path: windows and features are computed from that history
+with the same code as in training). Routing per detector: A/B split by a stable hash of the entity,
+shadow copies to the challenger off the response path, a circuit breaker with a fallback baseline
+(robust z-score against the entity's recent history) when a model fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import OrderedDict, deque
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve import schemas as S
+from serve.auth import KEYS_FILE_ENV, AuthError, check_admin
+from serve.router import CircuitBreaker, TrafficPolicy
+from serve.state import ServingStore
+
+log = logging.getLogger("raywatch.serve")
+
+HISTORY_ROWS = 256  # raw samples kept per entity
+MAX_ENTITIES = 100_000
+FALLBACK_THRESHOLD = 3.0  # mean robust z-score above which the baseline flags a row
+META_TTL_S = 2.0
+
+api = FastAPI(title="raywatch", version="1.0", description="Incident detection for server telemetry on Ray.")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, field: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.field, self.message = status, field, message
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if part == "body":
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "body"
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [
+        {
+            "field": "body" if e.get("type") == "json_invalid" else _loc(tuple(e.get("loc", ()))),
+            "message": e.get("msg", "invalid"),
+        }
+        for e in exc.errors()
+    ]
+    first = errors[0] if errors else {"field": "body", "message": "invalid request"}
+    return JSONResponse(
+        status_code=422, content={"detail": f"{first['field']}: {first['message']}", "errors": errors[:20]}
+    )
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(status_code=exc.status, content={"detail": f"{exc.field}: {exc.message}", "field": exc.field})
+
+
+@api.exception_handler(AuthError)
+async def _auth_error(request: Request, exc: AuthError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse(status_code=exc.status, content={"detail": exc.message}, headers=headers)
+
+
+@api.middleware("http")
+async def _limit_body(request: Request, call_next):
+    """Reject bodies over the limit before reading them (413)."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            return JSONResponse(status_code=400, content={"detail": "content-length: not a number"})
+        if int(length) > S.MAX_BODY_BYTES:
+            return JSONResponse(
+                status_code=413, content={"detail": f"body: {length} bytes is over the {S.MAX_BODY_BYTES}-byte limit"}
+            )
+    elif request.method in ("POST", "PUT", "PATCH"):
+        received = 0
+        chunks = []
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > S.MAX_BODY_BYTES:
+                return JSONResponse(
+                    status_code=413, content={"detail": f"body: over the {S.MAX_BODY_BYTES}-byte limit"}
+                )
+            chunks.append(chunk)
+        request._body = b"".join(chunks)
+    return await call_next(request)
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.25},
+    max_ongoing_requests=256,
+    graceful_shutdown_timeout_s=5,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 1},
+)
+@serve.ingress(api)
+class RaywatchAPI:
+    """Ingress. One replica: the per-entity history lives here (see README, "Serving")."""
+
+    def __init__(
+        self,
+        ensemble: DeploymentHandle,
+        lstm: DeploymentHandle,
+        autoencoder: DeploymentHandle,
+        tracking_uri: str | None = None,
+        state_dir: str | None = None,
+        admin_keys_file: str | None = None,
+        breaker_cooldown_s: float = 10.0,
+    ) -> None:
+        if tracking_uri:
+            os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+        if state_dir:
+            os.environ["RAYWATCH_STATE_DIR"] = state_dir
+        if admin_keys_file:  # a path, never the keys: deployment arguments are visible in the dashboard
+            os.environ[KEYS_FILE_ENV] = admin_keys_file
+        from ray.util import metrics
+
+        self.handles = {"ensemble": ensemble, "lstm": lstm, "autoencoder": autoencoder}
+        self.history: OrderedDict[str, deque] = OrderedDict()
+        self.traffic = {name: TrafficPolicy() for name in S.DETECTORS}
+        self.breakers = {name: CircuitBreaker(cooldown_s=breaker_cooldown_s) for name in S.DETECTORS}
+        self.shadow_stats = {name: {"rows": 0, "disagreements": 0} for name in S.DETECTORS}
+        self.meta: dict[str, dict[str, Any]] = {}
+        self.meta_at: dict[str, float] = {}
+        self.store = ServingStore()
+        self.background: set[asyncio.Task] = set()
+        self.m_requests = metrics.Counter(
+            "raywatch_requests_total", description="HTTP requests", tag_keys=("route", "status")
+        )
+        self.m_latency = metrics.Histogram(
+            "raywatch_request_latency_ms",
+            description="request latency",
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000],
+            tag_keys=("route",),
+        )
+        self.m_rows = metrics.Counter(
+            "raywatch_scored_rows_total", description="rows scored", tag_keys=("detector", "path")
+        )
+        self.m_anomalies = metrics.Counter(
+            "raywatch_anomalies_total", description="rows flagged", tag_keys=("detector",)
+        )
+        self.m_fallbacks = metrics.Counter(
+            "raywatch_fallbacks_total", description="rows served by the baseline", tag_keys=("detector",)
+        )
+        self.m_shadow = metrics.Counter(
+            "raywatch_shadow_disagreements_total",
+            description="shadow rows whose is_anomaly differs from the champion's",
+            tag_keys=("detector",),
+        )
+        self.m_shadow_rows = metrics.Counter(
+            "raywatch_shadow_rows_total", description="rows scored in shadow", tag_keys=("detector",)
+        )
+
+    # -- model metadata ----------------------------------------------------------------------------------
+    async def _info(self, name: str, force: bool = False) -> dict[str, Any]:
+        now = time.monotonic()
+        if force or name not in self.meta or now - self.meta_at.get(name, 0) > META_TTL_S:
+            try:
+                self.meta[name] = await self.handles[name].info.remote()
+                self.meta_at[name] = now
+            except Exception as exc:  # a dead deployment: keep the last known metadata
+                log.warning("info failed", extra={"detector": name, "error": str(exc)})
+                self.meta.setdefault(name, {"slots": {}, "load_error": str(exc)})
+        return self.meta[name]
+
+    async def _entity_metrics(self, detectors: list[str]) -> dict[str, list[str]]:
+        known: dict[str, list[str]] = {}
+        for name in detectors:
+            champion = (await self._info(name))["slots"].get("champion")
+            for entity, meta in (champion or {}).get("entities", {}).items():
+                known.setdefault(entity, meta["metrics"])
+        return known
+
+    # -- history -----------------------------------------------------------------------------------------
+    def _history(self, entity: str) -> deque:
+        hist = self.history.get(entity)
+        if hist is None:
+            if len(self.history) >= MAX_ENTITIES:
+                self.history.popitem(last=False)
+            hist = self.history[entity] = deque(maxlen=HISTORY_ROWS)
+        else:
+            self.history.move_to_end(entity)
+        return hist
+
+    # -- scoring -------------------------------------------------------------------------------------------
+    def _fallback(self, rows: np.ndarray, n_new: int, metrics: list[str]) -> list[dict[str, Any]]:
+        """Baseline: mean robust z-score of each new row against the entity's recent history."""
+        ref = rows[:-n_new] if len(rows) > n_new + 1 else rows
+        median = np.median(ref, axis=0)
+        q75, q25 = np.percentile(ref, [75, 25], axis=0)
+        scale = np.where(q75 - q25 > 1e-9, q75 - q25, np.maximum(ref.std(axis=0), 1e-3))
+        out = []
+        for row in rows[-n_new:]:
+            z = np.abs(row - median) / scale
+            score = float(z.mean())
+            top = np.argsort(-z)[:3]
+            out.append(
+                {
+                    "anomaly_score": score,
+                    "threshold": FALLBACK_THRESHOLD,
+                    "is_anomaly": score >= FALLBACK_THRESHOLD,
+                    "incident_probability": None,
+                    "top_metrics": [{"metric": metrics[j], "contribution": float(z[j])} for j in top],
+                }
+            )
+        return out
+
+    async def _score_entity(
+        self, name: str, entity: str, rows: np.ndarray, n_new: int, metrics: list[str]
+    ) -> tuple[str, dict, list]:
+        info = await self._info(name)
+        has_challenger = "challenger" in info["slots"]
+        policy, breaker = self.traffic[name], self.breakers[name]
+        path = policy.path_for(entity, has_challenger)
+        slot_meta = info["slots"].get(path) or info["slots"].get("champion") or {}
+        context = slot_meta.get("entities", {}).get(entity, {}).get("context_rows", 64)
+        item = {"entity": entity, "path": path, "rows": rows[-(n_new + context) :].tolist(), "n_new": n_new}
+        if breaker.allow():
+            try:
+                result = await self.handles[name].score.remote(item)
+            except Exception as exc:
+                result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            breaker.record(result.get("ok", False))
+            if result.get("ok"):
+                if policy.shadow and has_challenger and path == "champion":
+                    self._spawn(self._shadow(name, {**item, "path": "challenger"}, result["rows"]))
+                self.m_rows.inc(n_new, tags={"detector": name, "path": path})
+                return path, result["model"], result["rows"]
+            log.warning("model call failed", extra={"detector": name, "entity": entity, "error": result.get("error")})
+        self.m_fallbacks.inc(n_new, tags={"detector": name})
+        ref = {"name": f"raywatch-{name}", "version": None, "variant": "baseline"}
+        return "fallback", ref, self._fallback(rows, n_new, metrics)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def _shadow(self, name: str, item: dict[str, Any], champion_rows: list[dict[str, Any]]) -> None:
+        """Score a copy with the challenger; compare and count, never return it."""
+        try:
+            result = await self.handles[name].score.remote(item)
+        except Exception as exc:
+            log.warning("shadow call failed", extra={"detector": name, "error": str(exc)})
+            return
+        if not result.get("ok"):
+            return
+        disagree = sum(a["is_anomaly"] != b["is_anomaly"] for a, b in zip(result["rows"], champion_rows))
+        self.shadow_stats[name]["rows"] += len(champion_rows)
+        self.shadow_stats[name]["disagreements"] += disagree
+        self.m_shadow_rows.inc(len(champion_rows), tags={"detector": name})
+        if disagree:
+            self.m_shadow.inc(disagree, tags={"detector": name})
+        log.info(
+            "shadow",
+            extra={"detector": name, "entity": item["entity"], "rows": len(champion_rows), "disagree": disagree},
+        )
+
+    def _observe(self, route: str, status: int, started: float) -> None:
+        self.m_requests.inc(tags={"route": route, "status": str(status)})
+        self.m_latency.observe((time.perf_counter() - started) * 1000, tags={"route": route})
+
+    @api.post("/v1/score", response_model=S.ScoreResponse)
+    async def score(self, request: S.ScoreRequest) -> dict[str, Any]:
+        started = time.perf_counter()
+        detectors = list(dict.fromkeys(request.detectors or S.DETECTORS))
+        known = await self._entity_metrics(detectors)
+        if not known:
+            raise ApiError(503, "detectors", f"no model is loaded for {detectors}; train and register one first")
+        by_entity: dict[str, list[int]] = {}
+        for i, row in enumerate(request.rows):
+            metrics = known.get(row.entity)
+            if metrics is None:
+                raise ApiError(
+                    422, f"rows[{i}].entity", f"unknown entity {row.entity!r}; served entities: {sorted(known)[:20]}"
+                )
+            if set(row.metrics) != set(metrics):
+                missing = [m for m in metrics if m not in row.metrics]
+                extra = sorted(set(row.metrics) - set(metrics))
+                raise ApiError(
+                    422,
+                    f"rows[{i}].metrics",
+                    f"metrics differ from the model's: missing {missing[:10]}, unexpected {extra[:10]}",
+                )
+            by_entity.setdefault(row.entity, []).append(i)
+        results: list[dict[str, Any] | None] = [None] * len(request.rows)
+        jobs = []
+        for entity, idx in by_entity.items():
+            metrics = known[entity]
+            new = np.array([[request.rows[i].metrics[m] for m in metrics] for i in idx], dtype=np.float64)
+            hist = self._history(entity)
+            rows = np.concatenate([np.asarray(hist, dtype=np.float64).reshape(-1, len(metrics)), new]) if hist else new
+            hist.extend(new)
+            for name in detectors:
+                jobs.append((entity, idx, name, self._score_entity(name, entity, rows, len(idx), metrics)))
+        outputs = await asyncio.gather(*(job[3] for job in jobs))
+        for (entity, idx, name, _), (path, model, rows_out) in zip(jobs, outputs):
+            for k, i in enumerate(idx):
+                row = results[i] or {"entity": entity, "timestamp": request.rows[i].timestamp, "detectors": {}}
+                row["detectors"][name] = {**rows_out[k], "model": model, "path": path}
+                results[i] = row
+        for row in results:
+            flags = [d["is_anomaly"] for d in row["detectors"].values()]
+            row["is_anomaly"] = any(flags)
+            probs = [
+                d["incident_probability"]
+                for d in row["detectors"].values()
+                if d.get("incident_probability") is not None
+            ]
+            row["incident_probability"] = probs[0] if probs else None
+            for name, d in row["detectors"].items():
+                if d["is_anomaly"]:
+                    self.m_anomalies.inc(tags={"detector": name})
+        self._observe("/v1/score", 200, started)
+        return {"results": results}
+
+    @api.post("/v1/forecast")
+    async def forecast(self, request: S.ForecastRequest) -> dict[str, Any]:
+        known = await self._entity_metrics(["lstm"])
+        metrics = known.get(request.entity)
+        if metrics is None:
+            raise ApiError(422, "entity", f"unknown entity {request.entity!r} for the LSTM forecaster")
+        hist = self._history(request.entity)
+        for i, row in enumerate(request.rows):
+            if row.entity != request.entity:
+                raise ApiError(422, f"rows[{i}].entity", f"must be {request.entity!r}, the entity forecast")
+            if set(row.metrics) != set(metrics):
+                raise ApiError(422, f"rows[{i}].metrics", "metrics differ from the model's")
+            hist.append(np.array([row.metrics[m] for m in metrics], dtype=np.float64))
+        if not hist:
+            raise ApiError(422, "rows", f"no history for entity {request.entity!r}: send recent samples in rows")
+        try:
+            out = await self.handles["lstm"].forecast.remote(request.entity, np.asarray(hist).tolist(), request.horizon)
+        except Exception as exc:
+            raise ApiError(503, "lstm", f"forecaster unavailable: {exc}") from exc
+        return {
+            "entity": request.entity,
+            "horizon": request.horizon,
+            "model": out["model"],
+            "forecast": [dict(zip(out["metrics"], step)) for step in out["steps"]],
+        }
+
+    @api.post("/v1/feedback", status_code=201)
+    async def feedback(self, request: S.FeedbackRequest) -> dict[str, Any]:
+        feedback_id = await asyncio.to_thread(
+            self.store.add_feedback, request.entity, request.timestamp, request.label, request.detector
+        )
+        return {"id": feedback_id, "stored": True}
+
+    @api.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        out = {}
+        for name in S.DETECTORS:
+            info = await self._info(name, force=True)
+            out[name] = {
+                "slots": {
+                    alias: {k: v for k, v in slot.items() if k != "entities"} | {"entities": sorted(slot["entities"])}
+                    for alias, slot in info.get("slots", {}).items()
+                },
+                "traffic": {
+                    "challenger_percent": self.traffic[name].challenger_percent,
+                    "shadow": self.traffic[name].shadow,
+                    "shadow_rows": self.shadow_stats[name]["rows"],
+                    "shadow_disagreements": self.shadow_stats[name]["disagreements"],
+                },
+                "circuit": self.breakers[name].state,
+                "load_error": info.get("load_error"),
+            }
+        return {"models": out}
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        ready = {name: "champion" in (await self._info(name, force=True)).get("slots", {}) for name in S.DETECTORS}
+        status = 200 if any(ready.values()) else 503
+        return JSONResponse(status_code=status, content={"ready": status == 200, "detectors": ready})
+
+    # -- admin -----------------------------------------------------------------------------------------------
+    async def _registry_call(self, fn, *args):
+        from train.registry import RegistryError
+
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except RegistryError as exc:
+            raise ApiError(404, "version", str(exc)) from exc
+        except Exception as exc:  # the registry itself is unreachable
+            raise ApiError(503, "registry", f"model registry unavailable: {type(exc).__name__}: {exc}") from exc
+
+    async def _reload(self, name: str) -> dict[str, Any]:
+        versions = await self.handles[name].reload.remote()
+        await self._info(name, force=True)
+        return versions
+
+    @api.post("/v1/admin/promote")
+    async def promote(
+        self, request: S.PromoteRequest, authorization: str | None = Header(default=None)
+    ) -> dict[str, Any]:
+        check_admin(authorization)
+        from train import registry
+
+        out = await self._registry_call(registry.promote, request.model, request.version)
+        return {**out, "serving": await self._reload(request.model)}
+
+    @api.post("/v1/admin/rollback")
+    async def rollback(
+        self, request: S.RollbackRequest, authorization: str | None = Header(default=None)
+    ) -> dict[str, Any]:
+        check_admin(authorization)
+        from train import registry
+
+        out = await self._registry_call(registry.rollback, request.model)
+        return {**out, "serving": await self._reload(request.model)}
+
+    @api.post("/v1/admin/traffic")
+    async def traffic(
+        self, request: S.TrafficRequest, authorization: str | None = Header(default=None)
+    ) -> dict[str, Any]:
+        check_admin(authorization)
+        from train import registry
+
+        if request.challenger_version is not None:
+            await self._registry_call(
+                registry.set_alias, request.model, registry.CHALLENGER, request.challenger_version
+            )
+        serving = await self._reload(request.model)
+        if (request.challenger_percent > 0 or request.shadow) and serving.get("challenger") is None:
+            raise ApiError(409, "challenger_version", f"{request.model} has no challenger: set challenger_version")
+        self.traffic[request.model] = TrafficPolicy(request.challenger_percent, request.shadow)
+        return {
+            "model": request.model,
+            "challenger_percent": request.challenger_percent,
+            "shadow": request.shadow,
+            "serving": serving,
+        }
+
+    @api.post("/v1/admin/baseline")
+    async def baseline(
+        self, request: S.BaselineRequest, authorization: str | None = Header(default=None)
+    ) -> dict[str, Any]:
+        """Make the entity's recent served samples the drift reference for this model."""
+        check_admin(authorization)
+        hist = self.history.get(request.entity)
+        if not hist or len(hist) < 10:
+            raise ApiError(409, "entity", f"need at least 10 recent samples of {request.entity!r} to set a baseline")
+        reference_id = await asyncio.to_thread(
+            self.store.set_reference, request.model, request.entity, np.asarray(hist).tolist()
+        )
+        return {"model": request.model, "entity": request.entity, "rows": len(hist), "reference_id": reference_id}
+
+
+def build_app(args: dict[str, Any] | None = None) -> Any:
+    """Application builder for `serve run serve.app:build_app` and serve/config.yaml."""
+    from serve.detectors import DEPLOYMENTS
+
+    args = dict(args or {})
+    tracking_uri = args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+    if not tracking_uri:
+        from train.registry import tracking_uri as default_uri
+
+        tracking_uri = default_uri()
+    state_dir = args.get("state_dir") or os.environ.get("RAYWATCH_STATE_DIR") or os.path.join(os.getcwd(), ".raywatch")
+    reload_s = float(args.get("reload_interval_s", 1.0))
+    handles = {
+        name: dep.bind(tracking_uri=tracking_uri, reload_interval_s=reload_s) for name, dep in DEPLOYMENTS.items()
+    }
+    keys_file = args.get("admin_keys_file") or os.environ.get(KEYS_FILE_ENV)
+    return RaywatchAPI.bind(
+        handles["ensemble"],
+        handles["lstm"],
+        handles["autoencoder"],
+        tracking_uri=tracking_uri,
+        state_dir=state_dir,
+        admin_keys_file=keys_file,
+        breaker_cooldown_s=float(args.get("breaker_cooldown_s", 10.0)),
+    )

@@ -1,0 +1,277 @@
+"""Detector deployments: EnsembleDetector, LSTMDetector, AutoencoderDetector.
+
+Each replica holds ONNX Runtime scorers for the model versions that the MLflow aliases `champion`
+and (when set) `challenger` point to, one per entity. A watcher thread polls the aliases and loads a
+new version beside the old one before swapping the reference, so in-flight requests finish on the
+version they started with. Single requests are grouped by `@serve.batch` into one ONNX Runtime call
+per entity model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from detect.ensemble import EnsembleDetector
+from detect.features import entity_features, entity_windows
+from detect.runtime import EnsembleRuntime, smooth_causal
+
+log = logging.getLogger("raywatch.serve")
+
+TOP_METRICS = 3
+
+
+@dataclass
+class EntityModel:
+    """One entity's detector inside a loaded version."""
+
+    metrics: list[str]
+    runtime: Any
+    detector: Any
+    threshold: float
+    context_rows: int  # rows of history needed before a new row to score it exactly as in batch
+
+    def score_rows(self, rows: np.ndarray, n_new: int) -> list[dict[str, Any]]:
+        """Score the last `n_new` of `rows` (older rows are context). Returns one dict per new row."""
+        if isinstance(self.runtime, EnsembleRuntime):
+            features = entity_features(rows, self.runtime.spec)[-n_new:]
+            probability = self.runtime.probability(features)
+            contributions = self._ensemble_contributions(features)
+            scores = probability
+        else:
+            smooth = self.runtime.smooth
+            windows = entity_windows(rows, self.runtime.spec)
+            start = max(0, len(windows) - n_new - smooth + 1)
+            errors = self.runtime.errors(windows[start:]).astype(np.float64)
+            contributions = smooth_causal(errors, smooth)[-n_new:]
+            scores = contributions.sum(axis=1)
+            probability = None
+        out = []
+        for i in range(n_new):
+            top = np.argsort(-contributions[i])[:TOP_METRICS]
+            out.append(
+                {
+                    "anomaly_score": float(scores[i]),
+                    "threshold": float(self.threshold),
+                    "is_anomaly": bool(scores[i] >= self.threshold),
+                    "incident_probability": float(probability[i]) if probability is not None else None,
+                    "top_metrics": [
+                        {"metric": self.metrics[j], "contribution": float(contributions[i, j])} for j in top
+                    ],
+                }
+            )
+        return out
+
+    def _ensemble_contributions(self, features: np.ndarray) -> np.ndarray:
+        det: EnsembleDetector = self.detector
+        z = np.abs((features - det.mean_) / det.std_) * det.importance_
+        return z.reshape(len(features), -1, len(self.metrics)).sum(axis=1)
+
+    def forecast(self, rows: np.ndarray, horizon: int) -> np.ndarray:
+        window = entity_windows(rows, self.runtime.spec)[-1:]
+        steps = []
+        for _ in range(horizon):
+            nxt = self.runtime.forecast_next(window)[0]
+            steps.append(nxt)
+            window = np.concatenate([window[:, 1:], nxt[None, None, :].astype(np.float32)], axis=1)
+        return np.asarray(steps)
+
+
+@dataclass
+class ModelSlot:
+    """One loaded model version."""
+
+    name: str
+    version: str
+    variant: str
+    entities: dict[str, EntityModel]
+
+    @property
+    def ref(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "variant": self.variant}
+
+
+def load_slot(kind: str, alias: str) -> ModelSlot | None:
+    from train import registry
+    from train.compress import export_graphs, runtime_for
+
+    version = registry.alias_version(kind, alias)
+    if version is None:
+        return None
+    bundle, version = registry.load_bundle(kind, version)
+    entities = {}
+    for entity, det in bundle.detectors.items():
+        graphs = bundle.graphs.get(entity) or export_graphs(det)
+        runtime = runtime_for(det, graphs)
+        if isinstance(runtime, EnsembleRuntime):
+            context = det.spec_.history - 1
+        else:
+            context = det.config.window + det.config.smooth - 2
+        entities[entity] = EntityModel(bundle.metrics[entity], runtime, det, det.threshold_, context)
+    return ModelSlot(registry.model_name(kind), version, bundle.variant, entities)
+
+
+class DetectorServer:
+    """The body of the three detector deployments."""
+
+    kind: str = ""
+
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        reload_interval_s: float = 1.0,
+        max_batch_size: int = 64,
+        batch_wait_timeout_s: float = 0.005,
+    ) -> None:
+        if tracking_uri:
+            os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+        from ray.util import metrics
+
+        self.batch_sizes = metrics.Histogram(
+            "raywatch_batch_size",
+            description="rows per model call",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256, 1024],
+            tag_keys=("detector",),
+        )
+        self.version_gauge = metrics.Gauge(
+            "raywatch_model_version", description="served model version", tag_keys=("detector", "alias")
+        )
+        self.slots: dict[str, ModelSlot | None] = {"champion": None, "challenger": None}
+        self.fault = False
+        self.load_error: str | None = None
+        self._reload()
+        self.score_batch.set_max_batch_size(max_batch_size)
+        self.score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, args=(reload_interval_s,), daemon=True)
+        self._watcher.start()
+
+    # -- model versions ------------------------------------------------------------------------------
+    def _reload(self) -> dict[str, str | None]:
+        """Load what the aliases point to now; swap in new versions only once fully loaded."""
+        from train import registry
+
+        for alias in ("champion", "challenger"):
+            try:
+                wanted = registry.alias_version(self.kind, alias)
+                current = self.slots[alias]
+                if wanted is None:
+                    self.slots[alias] = None
+                elif current is None or current.version != wanted:
+                    self.slots[alias] = load_slot(self.kind, alias)  # one reference swap: no request sees half a model
+                    log.info("loaded", extra={"detector": self.kind, "alias": alias, "version": wanted})
+                self.load_error = None
+            except Exception as exc:  # registry unreachable: keep serving what is loaded
+                self.load_error = f"{type(exc).__name__}: {exc}"
+                log.warning("reload failed", extra={"detector": self.kind, "error": self.load_error})
+        for alias, slot in self.slots.items():
+            self.version_gauge.set(float(slot.version) if slot else 0.0, tags={"detector": self.kind, "alias": alias})
+        return self.versions()
+
+    def _watch(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self._reload()
+
+    def reload(self) -> dict[str, str | None]:
+        return self._reload()
+
+    def versions(self) -> dict[str, str | None]:
+        return {alias: (slot.version if slot else None) for alias, slot in self.slots.items()}
+
+    def info(self) -> dict[str, Any]:
+        slots = {}
+        for alias, slot in self.slots.items():
+            if slot:
+                slots[alias] = {
+                    **slot.ref,
+                    "entities": {
+                        e: {"metrics": m.metrics, "context_rows": m.context_rows, "threshold": m.threshold}
+                        for e, m in slot.entities.items()
+                    },
+                }
+        return {"detector": self.kind, "slots": slots, "load_error": self.load_error, "fault": self.fault}
+
+    def set_fault(self, on: bool) -> bool:
+        """Fault injection for resilience tests: every model call fails while on."""
+        self.fault = bool(on)
+        return self.fault
+
+    # -- scoring ---------------------------------------------------------------------------------------
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def score_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        self.batch_sizes.observe(len(items), tags={"detector": self.kind})
+        out = []
+        for item in items:
+            try:
+                if self.fault:
+                    raise RuntimeError("injected model failure")
+                slot = self.slots[item["path"]] or self.slots["champion"]
+                if slot is None:
+                    raise RuntimeError(
+                        f"no {self.kind} model is loaded ({self.load_error or 'no champion registered'})"
+                    )
+                model = slot.entities.get(item["entity"])
+                if model is None:
+                    raise KeyError(f"{slot.name} v{slot.version} has no model for entity {item['entity']!r}")
+                rows = np.asarray(item["rows"], dtype=np.float64)
+                out.append({"ok": True, "model": slot.ref, "rows": model.score_rows(rows, int(item["n_new"]))})
+            except Exception as exc:  # reported per item: one bad item must not fail its batch-mates
+                out.append({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        return out
+
+    async def score(self, item: dict[str, Any]) -> dict[str, Any]:
+        return await self.score_batch(item)
+
+    async def forecast(self, entity: str, rows: list[list[float]], horizon: int) -> dict[str, Any]:
+        slot = self.slots["champion"]
+        if slot is None or entity not in slot.entities:
+            raise KeyError(f"no forecasting model for entity {entity!r}")
+        model = slot.entities[entity]
+        steps = model.forecast(np.asarray(rows, dtype=np.float64), horizon)
+        return {"model": slot.ref, "metrics": model.metrics, "steps": steps.tolist()}
+
+    def __del__(self) -> None:
+        if hasattr(self, "_stop"):
+            self._stop.set()
+
+
+def _autoscaling() -> dict[str, Any]:
+    return {
+        "min_replicas": 1,
+        "initial_replicas": 1,
+        "max_replicas": int(os.environ.get("RAYWATCH_MAX_REPLICAS", 2)),
+        "target_ongoing_requests": 8,
+        "upscale_delay_s": 5,
+        "downscale_delay_s": 30,
+    }
+
+
+_DEPLOYMENT = dict(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64, graceful_shutdown_timeout_s=5)
+
+
+@serve.deployment(autoscaling_config=_autoscaling(), **_DEPLOYMENT)
+class EnsembleDetectorDeployment(DetectorServer):
+    kind = "ensemble"
+
+
+@serve.deployment(autoscaling_config=_autoscaling(), **_DEPLOYMENT)
+class LSTMDetectorDeployment(DetectorServer):
+    kind = "lstm"
+
+
+@serve.deployment(autoscaling_config=_autoscaling(), **_DEPLOYMENT)
+class AutoencoderDetectorDeployment(DetectorServer):
+    kind = "autoencoder"
+
+
+DEPLOYMENTS = {
+    "ensemble": EnsembleDetectorDeployment.options(name="EnsembleDetector"),
+    "lstm": LSTMDetectorDeployment.options(name="LSTMDetector"),
+    "autoencoder": AutoencoderDetectorDeployment.options(name="AutoencoderDetector"),
+}

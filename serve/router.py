@@ -1,0 +1,82 @@
+"""Routing decisions: A/B split by a stable hash of the entity, and a circuit breaker per model.
+
+Plain Python, no Ray: the ingress deployment holds one `TrafficPolicy` and one `CircuitBreaker` per
+detector.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+
+def bucket(entity: str) -> float:
+    """A stable position in [0, 100) for an entity id: the same entity always lands in the same bucket."""
+    digest = hashlib.sha256(entity.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 * 100
+
+
+@dataclass
+class TrafficPolicy:
+    challenger_percent: float = 0.0
+    shadow: bool = False
+
+    def path_for(self, entity: str, has_challenger: bool) -> str:
+        if has_challenger and bucket(entity) < self.challenger_percent:
+            return "challenger"
+        return "champion"
+
+
+@dataclass
+class CircuitBreaker:
+    """Opens on more than `error_rate` errors among the calls of the last `window_s` seconds (with at
+    least `min_calls` calls) or on `consecutive` failures in a row; after `cooldown_s` it lets one
+    probe through (half-open): success closes it, failure opens it again."""
+
+    error_rate: float = 0.10
+    window_s: float = 60.0
+    consecutive: int = 5
+    cooldown_s: float = 10.0
+    min_calls: int = 20
+    clock: callable = time.monotonic
+    state: str = "closed"
+    opened_at: float = 0.0
+    failures_in_row: int = 0
+    calls: deque = field(default_factory=deque)  # (time, ok)
+    probe_in_flight: bool = False
+
+    def _trim(self, now: float) -> None:
+        while self.calls and now - self.calls[0][0] > self.window_s:
+            self.calls.popleft()
+
+    def allow(self) -> bool:
+        """May a call go to the model now? (False: use the fallback.)"""
+        now = self.clock()
+        if self.state == "open":
+            if now - self.opened_at >= self.cooldown_s and not self.probe_in_flight:
+                self.state, self.probe_in_flight = "half_open", True
+                return True
+            return False
+        if self.state == "half_open":
+            return False  # one probe at a time
+        return True
+
+    def record(self, ok: bool) -> None:
+        now = self.clock()
+        if self.state == "half_open":
+            self.probe_in_flight = False
+            if ok:
+                self.state, self.failures_in_row = "closed", 0
+                self.calls.clear()
+            else:
+                self.state, self.opened_at = "open", now
+            return
+        self.calls.append((now, ok))
+        self._trim(now)
+        self.failures_in_row = 0 if ok else self.failures_in_row + 1
+        errors = sum(1 for _, good in self.calls if not good)
+        too_many = len(self.calls) >= self.min_calls and errors / len(self.calls) > self.error_rate
+        if self.failures_in_row >= self.consecutive or too_many:
+            self.state, self.opened_at = "open", now

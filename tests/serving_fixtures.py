@@ -1,0 +1,41 @@
+"""Small registered models for the serving tests: one entity (asd/omi-2), trained in-process."""
+
+from __future__ import annotations
+
+import mlflow
+
+from detect.bundle import ModelBundle
+from detect.data import Series
+from detect.ensemble import EnsembleDetector
+from detect.sequence import AutoencoderDetector, LSTMDetector
+from train import registry
+from train.compress import export_graphs
+
+
+def register_small_models(series: Series, versions: int = 1) -> None:
+    """Register `versions` versions of each detector for one entity; the first becomes champion."""
+    train = series.train[series.metrics].to_numpy()[:3000]
+    test = series.test[series.metrics].to_numpy()
+    half = len(test) // 2
+    registry.setup()
+    for v in range(versions):
+        for kind in ("autoencoder", "lstm", "ensemble"):
+            if kind == "ensemble":
+                det = EnsembleDetector(rf_trees=20, xgb_rounds=20, lgbm_rounds=20, seed=v).fit(
+                    test[:half], series.labels[:half], series.metrics
+                )
+            else:
+                cls = AutoencoderDetector if kind == "autoencoder" else LSTMDetector
+                det = cls(epochs=1, hidden=16, seed=v).fit(train, series.metrics)
+            bundle = ModelBundle(
+                kind,
+                {series.name: det},
+                {series.name: series.metrics},
+                {series.name: train[-100:]},
+                graphs={series.name: export_graphs(det)},
+                info={"variant": "fp32"},
+            )
+            with mlflow.start_run(run_name=f"test-{kind}-{v}") as run:
+                version = registry.register_bundle(bundle, run.info.run_id)
+            if v == 0:
+                registry.promote(kind, version)

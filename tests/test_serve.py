@@ -1,0 +1,283 @@
+"""The Ray Serve app on a real local Ray, reached over real HTTP."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from detect.data import load_series
+from serve.router import CircuitBreaker, TrafficPolicy, bucket
+
+pytestmark = pytest.mark.slow
+
+PORT = 8123
+KEYS = ("key-one-0123456789", "key-two-9876543210")
+
+
+@pytest.fixture(scope="module")
+def served(data_dir, ray_cluster, tmp_path_factory):
+    """Three detectors registered in a fresh MLflow store (two versions each), served on 127.0.0.1:8123."""
+    import os
+
+    from ray import serve
+    from serving_fixtures import register_small_models
+
+    workdir = tmp_path_factory.mktemp("serve")
+    old = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI",)}
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
+    keys_file = workdir / "admin_keys"
+    keys_file.write_text("\n".join(KEYS) + "\n")
+    series = load_series("asd", "omi-2", data_dir)
+    register_small_models(series, versions=2)
+    from serve.app import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    app = build_app(
+        {
+            "state_dir": str(workdir / "state"),
+            "reload_interval_s": 0.5,
+            "admin_keys_file": str(keys_file),
+            "breaker_cooldown_s": 1.0,
+        }
+    )
+    serve.run(app, name="raywatch", route_prefix="/")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=30)
+    yield client, series
+    client.close()
+    serve.delete("raywatch")
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def row(series, i: int = 0, **override) -> dict:
+    values = dict(zip(series.metrics, series.test[series.metrics].iloc[i].tolist()))
+    return {"entity": series.name, "timestamp": float(i), "metrics": {**values, **override}}
+
+
+def test_scores_with_all_three_detectors(served):
+    client, series = served
+    response = client.post("/v1/score", json={"rows": [row(series, i) for i in range(40)]})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert len(results) == 40
+    last = results[-1]
+    assert set(last["detectors"]) == {"ensemble", "lstm", "autoencoder"}
+    for d in last["detectors"].values():
+        assert d["path"] == "champion" and d["model"]["version"] == "1" and d["model"]["variant"] == "fp32"
+        assert len(d["top_metrics"]) == 3 and d["top_metrics"][0]["metric"] in series.metrics
+        assert np.isfinite(d["anomaly_score"])
+    assert 0 <= last["incident_probability"] <= 1
+    # one sample at a time gives windowed scores from the kept history
+    single = client.post("/v1/score", json={"rows": [row(series, 40)], "detectors": ["autoencoder"]})
+    assert single.status_code == 200 and list(single.json()["results"][0]["detectors"]) == ["autoencoder"]
+    forecast = client.post("/v1/forecast", json={"entity": series.name, "horizon": 4})
+    assert forecast.status_code == 200 and len(forecast.json()["forecast"]) == 4
+    assert set(forecast.json()["forecast"][0]) == set(series.metrics)
+    assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+    assert client.get("/docs").status_code == 200 and "/v1/score" in client.get("/openapi.json").json()["paths"]
+
+
+def test_bad_inputs_get_4xx_naming_the_field(served):
+    client, series = served
+    good = row(series)
+    big = {"rows": [good] * 10}
+    cases = [
+        ({"rows": []}, 422, "rows"),
+        ({}, 422, "rows"),
+        ({"rows": [good], "detectors": ["magic"]}, 422, "detectors[0]"),
+        ({"rows": [{**good, "entity": ""}]}, 422, "rows[0].entity"),
+        ({"rows": [{**good, "entity": "bad entity!"}]}, 422, "rows[0].entity"),
+        ({"rows": [{**good, "entity": "asd/nope"}]}, 422, "rows[0].entity"),
+        ({"rows": [{**good, "metrics": {}}]}, 422, "rows[0].metrics"),
+        ({"rows": [{**good, "metrics": {"m00": 1.0}}]}, 422, "rows[0].metrics"),
+        ({"rows": [{**good, "metrics": {**good["metrics"], "extra": 1.0}}]}, 422, "rows[0].metrics"),
+        ({"rows": [{**good, "metrics": {**good["metrics"], "m03": "high"}}]}, 422, "rows[0].metrics.m03"),
+        ({"rows": [{**good, "metrics": {**good["metrics"], "m03": None}}]}, 422, "rows[0].metrics.m03"),
+        ({"rows": [good, {**good, "colour": "red"}]}, 422, "rows[1].colour"),
+        ({"rows": "everything"}, 422, "rows"),
+        ({"rows": [good] * 6000}, 422, "rows"),
+    ]
+    checked = 0
+    for body, status, field in cases:
+        response = client.post("/v1/score", json=body)
+        assert response.status_code == status, (body if len(str(body)) < 300 else field, response.text)
+        assert field in response.json()["detail"], (field, response.json())
+        checked += 1
+    raw = [
+        (b'{"rows": [', "application/json", 422, "body"),  # malformed JSON
+        (b"not json at all", "application/json", 422, "body"),
+    ]
+    for body, ctype, status, field in raw:
+        response = client.post("/v1/score", content=body, headers={"content-type": ctype})
+        assert response.status_code == status and field in response.json()["detail"], response.text
+        checked += 1
+    nan = client.post(
+        "/v1/score",
+        content=b'{"rows": [{"entity": "asd/omi-2", "metrics": {"m00": NaN}}]}',
+        headers={"content-type": "application/json"},
+    )
+    assert nan.status_code == 422 and "rows[0].metrics.m00" in nan.json()["detail"]
+    inf = client.post(
+        "/v1/score",
+        content=b'{"rows": [{"entity": "asd/omi-2", "metrics": {"m00": Infinity}}]}',
+        headers={"content-type": "application/json"},
+    )
+    assert inf.status_code == 422 and "rows[0].metrics.m00" in inf.json()["detail"]
+    huge = client.post("/v1/score", content=b"x" * (5 * 1024 * 1024), headers={"content-type": "application/json"})
+    assert huge.status_code == 413 and "body" in huge.json()["detail"]
+    horizon = client.post("/v1/forecast", json={"entity": series.name, "horizon": 0})
+    assert horizon.status_code == 422 and "horizon" in horizon.json()["detail"]
+    label = client.post("/v1/feedback", json={"entity": series.name, "timestamp": 1, "label": 7})
+    assert label.status_code == 422 and "label" in label.json()["detail"]
+    checked += 5
+    assert checked >= 15
+    assert client.post("/v1/score", json=big).status_code == 200  # the service is still up
+
+
+def test_admin_auth_two_keys(served):
+    client, _ = served
+    body = {"model": "autoencoder", "challenger_percent": 0, "shadow": False}
+    assert client.post("/v1/admin/traffic", json=body).status_code == 401
+    assert client.post("/v1/admin/traffic", json=body, headers={"Authorization": "Bearer nope"}).status_code == 403
+    assert client.post("/v1/admin/traffic", json=body, headers={"Authorization": "Basic abc"}).status_code == 401
+    for key in KEYS:
+        assert (
+            client.post("/v1/admin/traffic", json=body, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        )
+    missing = client.post(
+        "/v1/admin/promote", json={"model": "lstm", "version": "99"}, headers={"Authorization": f"Bearer {KEYS[0]}"}
+    )
+    assert missing.status_code == 404 and "no version 99" in missing.json()["detail"]
+
+
+def test_ab_split_by_stable_entity_hash():
+    policy = TrafficPolicy(challenger_percent=30)
+    ids = [f"host-{i:05d}.example" for i in range(2000)]
+    share = np.mean([policy.path_for(e, has_challenger=True) == "challenger" for e in ids])
+    assert abs(share - 0.30) <= 0.05
+    assert all(policy.path_for(e, True) == policy.path_for(e, True) for e in ids[:100])  # stable
+    assert all(policy.path_for(e, has_challenger=False) == "champion" for e in ids[:100])
+    assert 0 <= bucket("x") < 100
+
+
+def test_ab_and_shadow_over_http(served):
+    client, series = served
+    admin = {"Authorization": f"Bearer {KEYS[0]}"}
+    rows = [row(series, i) for i in range(100, 140)]
+    first = client.post("/v1/score", json={"rows": rows}).json()
+    baseline = client.post("/v1/score", json={"rows": rows}).json()  # context = the same 40 rows from now on
+    assert (
+        client.post(
+            "/v1/admin/traffic",
+            json={"model": "lstm", "challenger_version": "2", "shadow": True, "challenger_percent": 0},
+            headers=admin,
+        ).status_code
+        == 200
+    )
+    shadowed = client.post("/v1/score", json={"rows": rows}).json()
+    assert shadowed == baseline  # the challenger's outputs are never returned
+    assert first != baseline  # (the comparison above can fail: history changes scores)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        stats = client.get("/v1/models").json()["models"]["lstm"]["traffic"]
+        if stats["shadow_rows"] >= 40:
+            break
+        time.sleep(0.2)
+    assert stats["shadow_rows"] >= 40  # the challenger did score a copy
+    bucket_share = 100.0 if bucket(series.name) < 100 else 0.0
+    client.post("/v1/admin/traffic", json={"model": "lstm", "challenger_percent": bucket_share}, headers=admin)
+    routed = client.post("/v1/score", json={"rows": rows[:1]}).json()["results"][0]["detectors"]["lstm"]
+    assert routed["path"] == "challenger" and routed["model"]["version"] == "2"
+    client.post("/v1/admin/traffic", json={"model": "lstm", "challenger_percent": 0}, headers=admin)
+    routed = client.post("/v1/score", json={"rows": rows[:1]}).json()["results"][0]["detectors"]["lstm"]
+    assert routed["path"] == "champion" and routed["model"]["version"] == "1"
+
+
+def test_injected_failure_opens_circuit_and_fallback_answers(served):
+    from ray import serve
+
+    client, series = served
+    handle = serve.get_deployment_handle("AutoencoderDetector", app_name="raywatch")
+    handle.set_fault.remote(True).result()
+    try:
+        paths = []
+        for i in range(8):
+            response = client.post("/v1/score", json={"rows": [row(series, 200 + i)], "detectors": ["autoencoder"]})
+            assert response.status_code == 200
+            paths.append(response.json()["results"][0]["detectors"]["autoencoder"]["path"])
+        assert set(paths) == {"fallback"}
+        assert client.get("/v1/models").json()["models"]["autoencoder"]["circuit"] == "open"
+    finally:
+        handle.set_fault.remote(False).result()
+    time.sleep(1.2)  # cooldown: the next call is a half-open probe
+    recovered = client.post("/v1/score", json={"rows": [row(series, 210)], "detectors": ["autoencoder"]}).json()
+    assert recovered["results"][0]["detectors"]["autoencoder"]["path"] == "champion"
+    assert client.get("/v1/models").json()["models"]["autoencoder"]["circuit"] == "closed"
+
+
+def test_promote_switches_version_without_failed_requests(served):
+    client, series = served
+    statuses, versions = [], []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=30) as c:
+            i = 300
+            while not stop.is_set():
+                r = c.post("/v1/score", json={"rows": [row(series, i)], "detectors": ["autoencoder"]})
+                statuses.append(r.status_code)
+                if r.status_code == 200:
+                    d = r.json()["results"][0]["detectors"]["autoencoder"]
+                    versions.append((d["path"], d["model"]["version"]))
+                i += 1
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    time.sleep(1.0)
+    response = client.post(
+        "/v1/admin/promote",
+        json={"model": "autoencoder", "version": "2"},
+        headers={"Authorization": f"Bearer {KEYS[1]}"},
+    )
+    assert response.status_code == 200 and response.json()["serving"]["champion"] == "2"
+    time.sleep(1.5)
+    stop.set()
+    worker.join()
+    assert statuses and set(statuses) == {200}, statuses
+    assert versions[0] == ("champion", "1") and versions[-1] == ("champion", "2")
+    assert all(path == "champion" for path, _ in versions)  # never fell back during the switch
+    rollback = client.post(
+        "/v1/admin/rollback", json={"model": "autoencoder"}, headers={"Authorization": f"Bearer {KEYS[0]}"}
+    )
+    assert rollback.status_code == 200 and rollback.json()["serving"]["champion"] == "1"
+
+
+def test_feedback_is_persisted(served, tmp_path):
+    client, series = served
+    response = client.post("/v1/feedback", json={"entity": series.name, "timestamp": 12.0, "label": 1})
+    assert response.status_code == 201 and response.json()["stored"]
+
+
+def test_circuit_breaker_rules():
+    now = [0.0]
+    breaker = CircuitBreaker(cooldown_s=5, clock=lambda: now[0])
+    for _ in range(4):
+        breaker.record(False)
+    assert breaker.allow()  # 4 in a row: still closed
+    breaker.record(False)
+    assert not breaker.allow() and breaker.state == "open"
+    now[0] = 6
+    assert breaker.allow() and breaker.state == "half_open" and not breaker.allow()
+    breaker.record(True)
+    assert breaker.state == "closed"
+    rate = CircuitBreaker(clock=lambda: now[0])
+    for i in range(40):
+        rate.record(i % 8 != 0)  # 12.5% errors, never 5 in a row
+    assert rate.state == "open"
