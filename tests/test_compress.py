@@ -105,18 +105,21 @@ def test_gate_decisions():
 def test_tempered_probability_graph():
     from onnx import TensorProto, helper
 
+    from detect.runtime import session
+
+    # a stand-in classifier graph whose probabilities output is its input
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["raw"])],
+        [helper.make_node("Identity", ["x"], ["probabilities"])],
         "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 1])],
-        [helper.make_tensor_value_info("raw", TensorProto.FLOAT, [None, 1])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 2])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     tempered = C.tempered_probability_graph(model.SerializeToString(), 3.0)
-    from detect.runtime import session
-
-    out = session(tempered).run(None, {"x": np.array([[0.0], [1.0]], dtype=np.float32)})[0]
-    np.testing.assert_allclose(out.ravel(), 1 / (1 + np.exp(-3.0 * np.array([0.0, 1.0]))), rtol=1e-6)
+    p_t = np.array([0.5, 0.6, 0.9], dtype=np.float32)
+    out = session(tempered).run(None, {"x": np.column_stack([1 - p_t, p_t])})[0]
+    expected = 1 / (1 + np.exp(-3.0 * np.log(p_t / (1 - p_t))))
+    np.testing.assert_allclose(out.ravel(), expected, rtol=1e-5)
 
 
 @pytest.mark.slow
