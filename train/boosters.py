@@ -100,6 +100,37 @@ def _lgbm_loop(config: dict[str, Any]) -> None:
     )
 
 
+def _fit(
+    trainer_cls: Any,
+    loop: Any,
+    data_ref: Any,
+    params: dict[str, Any],
+    rounds: int,
+    num_workers: int,
+    storage_path: str | Path | None,
+    name: str | None,
+) -> bytes:
+    """Run one booster trainer; returns the finished booster as saved in its final checkpoint."""
+    from ray.train import RunConfig, ScalingConfig
+
+    storage = str(Path(storage_path or Path.cwd() / "runs" / "ray_train").resolve())
+    result = trainer_cls(
+        loop,
+        train_loop_config={"data_ref": data_ref, "params": params, "rounds": rounds},
+        scaling_config=ScalingConfig(num_workers=num_workers),
+        run_config=RunConfig(name=name, storage_path=storage),
+    ).fit()
+    kind = "xgb" if loop is _xgb_loop else "lgbm"
+    with result.checkpoint.as_directory() as folder:
+        return Path(folder, _MODEL_FILE[kind]).read_bytes()
+
+
+def _put(features: np.ndarray, target: np.ndarray) -> Any:
+    if not ray.is_initialized():
+        ray.init()
+    return ray.put((np.ascontiguousarray(features, dtype=np.float32), np.asarray(target, dtype=np.float32)))
+
+
 def train_boosters_with_ray(
     features: np.ndarray,
     target: np.ndarray,
@@ -111,42 +142,34 @@ def train_boosters_with_ray(
     """{"xgb": xgboost.Booster, "lgbm": lightgbm.Booster}, trained through Ray Train."""
     import lightgbm as lgb
     import xgboost as xgb
-    from ray.train import RunConfig, ScalingConfig
     from ray.train.lightgbm import LightGBMTrainer
     from ray.train.xgboost import XGBoostTrainer
 
-    if not ray.is_initialized():
-        ray.init()
     pos_weight = float((len(target) - target.sum()) / max(target.sum(), 1))
-    data_ref = ray.put((np.ascontiguousarray(features, dtype=np.float32), target.astype(np.float32)))
-    storage = str(Path(storage_path or Path.cwd() / "runs" / "ray_train").resolve())
-    scaling = ScalingConfig(num_workers=num_workers)
-    xgb_result = XGBoostTrainer(
+    data_ref = _put(features, target)
+    xgb_file = _fit(
+        XGBoostTrainer,
         _xgb_loop,
-        train_loop_config={
-            "data_ref": data_ref,
-            "params": {**xgb_params(cfg, pos_weight), "nthread": 1},
-            "rounds": cfg.xgb_rounds,
-        },
-        scaling_config=scaling,
-        run_config=RunConfig(name=f"{run_name}-xgb", storage_path=storage),
-    ).fit()
-    lgbm_result = LightGBMTrainer(
+        data_ref,
+        {**xgb_params(cfg, pos_weight), "nthread": 1},
+        cfg.xgb_rounds,
+        num_workers,
+        storage_path,
+        f"{run_name}-xgb",
+    )
+    lgbm_file = _fit(
+        LightGBMTrainer,
         _lgbm_loop,
-        train_loop_config={
-            "data_ref": data_ref,
-            "params": {**lgbm_params(cfg, pos_weight), "num_threads": 1},
-            "rounds": cfg.lgbm_rounds,
-        },
-        scaling_config=scaling,
-        run_config=RunConfig(name=f"{run_name}-lgbm", storage_path=storage),
-    ).fit()
-    with xgb_result.checkpoint.as_directory() as folder:
-        xgb_booster = xgb.Booster()
-        xgb_booster.load_model(bytearray(Path(folder, _MODEL_FILE["xgb"]).read_bytes()))
-    with lgbm_result.checkpoint.as_directory() as folder:
-        lgbm_booster = lgb.Booster(model_str=Path(folder, _MODEL_FILE["lgbm"]).read_text())
-    return {"xgb": xgb_booster, "lgbm": lgbm_booster}
+        data_ref,
+        {**lgbm_params(cfg, pos_weight), "num_threads": 1},
+        cfg.lgbm_rounds,
+        num_workers,
+        storage_path,
+        f"{run_name}-lgbm",
+    )
+    xgb_booster = xgb.Booster()
+    xgb_booster.load_model(bytearray(xgb_file))
+    return {"xgb": xgb_booster, "lgbm": lgb.Booster(model_str=lgbm_file.decode())}
 
 
 def train_lgbm_with_ray(
@@ -160,19 +183,16 @@ def train_lgbm_with_ray(
 ) -> Any:
     """One LightGBM model trained through Ray Train's `LightGBMTrainer` (used for distilled students)."""
     import lightgbm as lgb
-    from ray.train import RunConfig, ScalingConfig
     from ray.train.lightgbm import LightGBMTrainer
 
-    if not ray.is_initialized():
-        ray.init()
-    data_ref = ray.put((np.ascontiguousarray(features, dtype=np.float32), np.asarray(target, dtype=np.float32)))
-    result = LightGBMTrainer(
+    model_file = _fit(
+        LightGBMTrainer,
         _lgbm_loop,
-        train_loop_config={"data_ref": data_ref, "params": {**params, "num_threads": 1}, "rounds": rounds},
-        scaling_config=ScalingConfig(num_workers=num_workers),
-        run_config=RunConfig(
-            name=run_name, storage_path=str(Path(storage_path or Path.cwd() / "runs" / "ray_train").resolve())
-        ),
-    ).fit()
-    with result.checkpoint.as_directory() as folder:
-        return lgb.Booster(model_str=Path(folder, _MODEL_FILE["lgbm"]).read_text())
+        _put(features, target),
+        {**params, "num_threads": 1},
+        rounds,
+        num_workers,
+        storage_path,
+        run_name,
+    )
+    return lgb.Booster(model_str=model_file.decode())

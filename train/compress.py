@@ -344,6 +344,12 @@ def tempered_probability_graph(graph: bytes, temperature: float) -> bytes:
 
     model = onnx.load_from_string(graph)
     probs = model.graph.output[-1].name
+    # the appended nodes need opset >= 13 in the default domain (converters may declare less)
+    default = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    if default:
+        default[0].version = max(default[0].version, 13)
+    else:
+        model.opset_import.append(helper.make_opsetid("", 13))
     consts = {"t_temp": float(temperature), "t_eps": 1e-6, "t_one": 1.0}
     for name, value in consts.items():
         model.graph.initializer.append(helper.make_tensor(name, TensorProto.FLOAT, [], [value]))
