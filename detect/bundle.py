@@ -5,7 +5,8 @@ Layout of a bundle directory:
     manifest.json                 kind, entities (metrics, threshold, folder), evaluation, checksums
     entities/<dataset>__<entity>/ detector.json + arrays.npz (the detector's own save format)
     onnx/<dataset>__<entity>/     <graph>.onnx: what serving runs (FP32, INT8 or a distilled student)
-    reference/<...>.npz           reference sample of training inputs, for the drift monitors
+    reference/<...>.npz           reference sample of training inputs (and the model's scores on them),
+                                  for the drift monitors
 
 Every file's SHA-256 is recorded in the manifest at save time and checked at load time; files other
 than JSON, NPZ and ONNX are refused, so loading a bundle never unpickles anything.
@@ -55,6 +56,8 @@ class ModelBundle:
     evaluation: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     graphs: dict[str, dict[str, bytes]] = field(default_factory=dict)  # entity -> graph name -> ONNX
+    # the model's anomaly scores on (the rows around) its reference sample: prediction-drift reference
+    reference_scores: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def variant(self) -> str:
@@ -84,7 +87,8 @@ class ModelBundle:
             if entity in self.references:
                 ref = root / "reference" / f"{entity_folder(entity)}.npz"
                 ref.parent.mkdir(exist_ok=True)
-                np.savez(ref, reference=self.references[entity])
+                extra = {"scores": self.reference_scores[entity]} if entity in self.reference_scores else {}
+                np.savez(ref, reference=self.references[entity], **extra)
                 entities[entity]["reference"] = str(ref.relative_to(root))
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "manifest.json")
         manifest = {
@@ -110,7 +114,7 @@ class ModelBundle:
         if manifest["kind"] not in classes:
             raise BundleError(f"{root}: unknown detector kind {manifest['kind']!r}")
         det_cls = classes[manifest["kind"]]
-        detectors, metrics, references, graphs = {}, {}, {}, {}
+        detectors, metrics, references, graphs, reference_scores = {}, {}, {}, {}, {}
         for entity, entry in manifest["entities"].items():
             detectors[entity] = det_cls.load(root / entry["folder"])
             metrics[entity] = entry["metrics"]
@@ -119,6 +123,8 @@ class ModelBundle:
             if "reference" in entry:
                 with np.load(root / entry["reference"], allow_pickle=False) as npz:
                     references[entity] = npz["reference"]
+                    if "scores" in npz.files:
+                        reference_scores[entity] = npz["scores"]
         return cls(
             manifest["kind"],
             detectors,
@@ -127,6 +133,7 @@ class ModelBundle:
             manifest.get("evaluation", {}),
             manifest.get("info", {}),
             graphs,
+            reference_scores,
         )
 
 

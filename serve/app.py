@@ -1,14 +1,16 @@
 """The raywatch HTTP API: a FastAPI ingress deployment composed with the three detector deployments.
 
     serve run serve/config.yaml            # or: raywatch serve
-    POST /v1/score  /v1/forecast  /v1/feedback      GET /v1/models  /healthz  /readyz  /docs
+    POST /v1/score  /v1/forecast  /v1/feedback      GET /v1/models  /v1/drift  /healthz  /readyz  /docs
     POST /v1/admin/promote  /rollback  /traffic  /baseline   (Authorization: Bearer <admin key>)
 
 The ingress keeps each entity's recent raw samples, so clients may send one sample at a time and
 still get windowed scores (the streaming path: windows and features are computed from that history
 with the same code as in training). Routing per detector: A/B split by a stable hash of the entity,
 shadow copies to the challenger off the response path, a circuit breaker with a fallback baseline
-(robust z-score against the entity's recent history) when a model fails.
+(robust z-score against the entity's recent history) when a model fails. What is served goes to
+the drift monitors (`detect.monitor`, one Ray actor per model) through a bounded queue drained off
+the response path; rows dropped when it is full are counted (`raywatch_monitor_dropped_total`).
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from detect.drift import DriftEventStore
+from detect.state import ServingStore
+from detect.state import state_dir as current_state_dir
 from serve import schemas as S
 from serve.auth import KEYS_FILE_ENV, AuthError, check_admin
 from serve.router import CircuitBreaker, TrafficPolicy
-from serve.state import ServingStore
 
 log = logging.getLogger("raywatch.serve")
 
@@ -38,6 +42,8 @@ HISTORY_ROWS = 256  # raw samples kept per entity
 MAX_ENTITIES = 100_000
 FALLBACK_THRESHOLD = 3.0  # mean robust z-score above which the baseline flags a row
 META_TTL_S = 2.0
+MONITOR_QUEUE_ROWS = int(os.environ.get("RAYWATCH_MONITOR_QUEUE", 20_000))  # served rows waiting for the monitors
+MONITOR_BATCH_ROWS = 2_000  # rows per call to a monitor
 
 api = FastAPI(title="raywatch", version="1.0", description="Incident detection for server telemetry on Ray.")
 
@@ -127,6 +133,7 @@ class RaywatchAPI:
         state_dir: str | None = None,
         admin_keys_file: str | None = None,
         breaker_cooldown_s: float = 10.0,
+        monitor: dict[str, Any] | None = None,
     ) -> None:
         if tracking_uri:
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
@@ -144,7 +151,14 @@ class RaywatchAPI:
         self.meta: dict[str, dict[str, Any]] = {}
         self.meta_at: dict[str, float] = {}
         self.store = ServingStore()
+        self.drift_events = DriftEventStore(current_state_dir() / "drift.db")
         self.background: set[asyncio.Task] = set()
+        monitor = dict(monitor or {})
+        self.monitor_enabled = bool(monitor.pop("enabled", True))
+        self.monitor_config = monitor.get("config") or {}
+        self.monitor_queue: asyncio.Queue | None = None  # created on first use, in the replica's event loop
+        self.monitors: dict[str, Any] = {}
+        self.monitor_dropped = 0
         self.m_requests = metrics.Counter(
             "raywatch_requests_total", description="HTTP requests", tag_keys=("route", "status")
         )
@@ -170,6 +184,16 @@ class RaywatchAPI:
         )
         self.m_shadow_rows = metrics.Counter(
             "raywatch_shadow_rows_total", description="rows scored in shadow", tag_keys=("detector",)
+        )
+        self.m_monitor_rows = metrics.Counter(
+            "raywatch_monitor_rows_total",
+            description="served rows handed to the drift monitors",
+            tag_keys=("detector",),
+        )
+        self.m_monitor_dropped = metrics.Counter(
+            "raywatch_monitor_dropped_total",
+            description="served rows not handed to the drift monitors (queue full or monitor unavailable)",
+            tag_keys=("detector", "reason"),
         )
 
     # -- model metadata ----------------------------------------------------------------------------------
@@ -277,6 +301,77 @@ class RaywatchAPI:
             extra={"detector": name, "entity": item["entity"], "rows": len(champion_rows), "disagree": disagree},
         )
 
+    # -- drift monitors -----------------------------------------------------------------------------------
+    def _to_monitor(
+        self, name: str, entity: str, timestamps: list, values: np.ndarray, path: str, rows_out: list[dict]
+    ) -> None:
+        """Queue what was served for the model's drift monitor; never waits, counts what does not fit."""
+        if not self.monitor_enabled:
+            return
+        if self.monitor_queue is None:
+            self.monitor_queue = asyncio.Queue(maxsize=MONITOR_QUEUE_ROWS)
+            self._spawn(self._feed_monitors())
+        champion = path == "champion"  # challenger or fallback scores say nothing about the champion's
+        for ts, row, out in zip(timestamps, values.tolist(), rows_out):
+            item = {
+                "entity": entity,
+                "timestamp": ts,
+                "values": row,
+                "score": out["anomaly_score"] if champion else None,
+                "is_anomaly": out["is_anomaly"] if champion else None,
+                "path": path,
+            }
+            try:
+                self.monitor_queue.put_nowait((name, item))
+            except asyncio.QueueFull:
+                self.monitor_dropped += 1
+                self.m_monitor_dropped.inc(tags={"detector": name, "reason": "queue_full"})
+
+    async def _feed_monitors(self) -> None:
+        """Drain the queue in batches to the monitor actors (created on first use, detached, restartable)."""
+        from detect import monitor as monitors
+
+        queue = self.monitor_queue
+        while True:
+            batches: dict[str, list[dict[str, Any]]] = {}
+            name, item = await queue.get()
+            batches.setdefault(name, []).append(item)
+            while not queue.empty() and sum(map(len, batches.values())) < MONITOR_BATCH_ROWS:
+                name, item = queue.get_nowait()
+                batches.setdefault(name, []).append(item)
+            for name, items in batches.items():
+                try:
+                    if name not in self.monitors:
+                        self.monitors[name] = await asyncio.to_thread(
+                            monitors.get_or_create, name, self.monitor_config, str(current_state_dir())
+                        )
+                    await self.monitors[name].observe.remote(items)
+                    self.m_monitor_rows.inc(len(items), tags={"detector": name})
+                except Exception as exc:  # the monitor is down for good: count the loss, keep serving
+                    self.monitors.pop(name, None)
+                    self.monitor_dropped += len(items)
+                    self.m_monitor_dropped.inc(len(items), tags={"detector": name, "reason": "monitor_error"})
+                    log.warning("monitor call failed", extra={"detector": name, "error": str(exc)})
+
+    @api.get("/v1/drift")
+    async def drift(
+        self, model: S.DetectorName | None = None, entity: str | None = None, only_drift: bool = False, limit: int = 100
+    ) -> dict[str, Any]:
+        if not 1 <= limit <= 1000:
+            raise ApiError(422, "limit", "must be between 1 and 1000")
+        events = await asyncio.to_thread(
+            self.drift_events.events, model=model, entity=entity, only_drift=only_drift, limit=limit
+        )
+        retraining = {}
+        for name in [model] if model else S.DETECTORS:
+            retraining[name] = {
+                "last_job": self.drift_events.get_state(f"{name}/job"),
+                "last_skip": self.drift_events.get_state(f"{name}/last_skip"),
+                "decisions": await asyncio.to_thread(self.store.decisions, name, 5),
+            }
+        queue = {"pending": self.monitor_queue.qsize() if self.monitor_queue else 0, "dropped": self.monitor_dropped}
+        return {"events": events, "retraining": retraining, "monitor_queue": queue}
+
     def _observe(self, route: str, status: int, started: float) -> None:
         self.m_requests.inc(tags={"route": route, "status": str(status)})
         self.m_latency.observe((time.perf_counter() - started) * 1000, tags={"route": route})
@@ -306,16 +401,19 @@ class RaywatchAPI:
             by_entity.setdefault(row.entity, []).append(i)
         results: list[dict[str, Any] | None] = [None] * len(request.rows)
         jobs = []
+        raw: dict[str, np.ndarray] = {}
         for entity, idx in by_entity.items():
             metrics = known[entity]
             new = np.array([[request.rows[i].metrics[m] for m in metrics] for i in idx], dtype=np.float64)
             hist = self._history(entity)
             rows = np.concatenate([np.asarray(hist, dtype=np.float64).reshape(-1, len(metrics)), new]) if hist else new
             hist.extend(new)
+            raw[entity] = new
             for name in detectors:
                 jobs.append((entity, idx, name, self._score_entity(name, entity, rows, len(idx), metrics)))
         outputs = await asyncio.gather(*(job[3] for job in jobs))
         for (entity, idx, name, _), (path, model, rows_out) in zip(jobs, outputs):
+            self._to_monitor(name, entity, [request.rows[i].timestamp for i in idx], raw[entity], path, rows_out)
             for k, i in enumerate(idx):
                 row = results[i] or {"entity": entity, "timestamp": request.rows[i].timestamp, "detectors": {}}
                 row["detectors"][name] = {**rows_out[k], "model": model, "path": path}
@@ -386,6 +484,7 @@ class RaywatchAPI:
                 },
                 "circuit": self.breakers[name].state,
                 "load_error": info.get("load_error"),
+                "retraining": (await asyncio.to_thread(self.store.decisions, name, 1) or [None])[0],
             }
         return {"models": out}
 
@@ -469,6 +568,12 @@ class RaywatchAPI:
         reference_id = await asyncio.to_thread(
             self.store.set_reference, request.model, request.entity, np.asarray(hist).tolist()
         )
+        monitor = self.monitors.get(request.model)
+        if monitor is not None:
+            try:
+                await monitor.reset_reference.remote(request.entity)
+            except Exception as exc:
+                log.warning("monitor reference reset failed", extra={"detector": request.model, "error": str(exc)})
         return {"model": request.model, "entity": request.entity, "rows": len(hist), "reference_id": reference_id}
 
 
@@ -496,4 +601,5 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
         state_dir=state_dir,
         admin_keys_file=keys_file,
         breaker_cooldown_s=float(args.get("breaker_cooldown_s", 10.0)),
+        monitor=args.get("monitor"),
     )

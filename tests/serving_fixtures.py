@@ -10,16 +10,19 @@ from detect.ensemble import EnsembleDetector
 from detect.sequence import AutoencoderDetector, LSTMDetector
 from train import registry
 from train.compress import export_graphs
+from train.pipeline import drift_reference
 
 
-def register_small_models(series: Series, versions: int = 1) -> None:
+def register_small_models(
+    series: Series, versions: int = 1, kinds: tuple[str, ...] = ("autoencoder", "lstm", "ensemble")
+) -> None:
     """Register `versions` versions of each detector for one entity; the first becomes champion."""
     train = series.train[series.metrics].to_numpy()[:3000]
     test = series.test[series.metrics].to_numpy()
     half = len(test) // 2
     registry.setup()
     for v in range(versions):
-        for kind in ("autoencoder", "lstm", "ensemble"):
+        for kind in kinds:
             if kind == "ensemble":
                 det = EnsembleDetector(rf_trees=20, xgb_rounds=20, lgbm_rounds=20, seed=v).fit(
                     test[:half], series.labels[:half], series.metrics
@@ -27,13 +30,15 @@ def register_small_models(series: Series, versions: int = 1) -> None:
             else:
                 cls = AutoencoderDetector if kind == "autoencoder" else LSTMDetector
                 det = cls(epochs=1, hidden=16, seed=v).fit(train, series.metrics)
+            reference, reference_scores = drift_reference(det, test[:half] if kind == "ensemble" else train)
             bundle = ModelBundle(
                 kind,
                 {series.name: det},
                 {series.name: series.metrics},
-                {series.name: train[-100:]},
+                {series.name: reference},
                 graphs={series.name: export_graphs(det)},
                 info={"variant": "fp32"},
+                reference_scores={series.name: reference_scores},
             )
             with mlflow.start_run(run_name=f"test-{kind}-{v}") as run:
                 version = registry.register_bundle(bundle, run.info.run_id)

@@ -49,6 +49,9 @@ def served(data_dir, ray_cluster, tmp_path_factory):
     yield client, series
     client.close()
     serve.delete("raywatch")
+    from detect import monitor
+
+    monitor.stop_all()  # detached actors outlive the app
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)

@@ -213,9 +213,11 @@ class SequenceStudent(nn.Module):
 
     def predict(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the student's estimate of the newest row, the newest row), both z-scored."""
-        z = torch.clamp((windows - self.mean) / self.std, -CLIP, CLIP)
-        w = z.shape[1]
-        seen = z[:, w - 1 - self.rows : w - 1] if self.forecasting else z[:, w - self.rows :]
+        # slice before normalising: z-scoring the whole window would cost more than the MLP itself
+        w = windows.shape[1]
+        first = w - 1 - self.rows if self.forecasting else w - self.rows
+        z = torch.clamp((windows[:, first:] - self.mean) / self.std, -CLIP, CLIP)
+        seen = z[:, : self.rows]
         return self.net(seen), z[:, -1]
 
     def forward(self, windows: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,15 @@ def init_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
 
 
+def drift_reference(det: Any, rows: np.ndarray, n: int = REFERENCE_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """The reference a version keeps for its drift monitors: `n` rows evenly spaced over the series it
+    learned from (every time of day, the whole period) and the model's own scores on those rows."""
+    from detect.drift import evenly_spaced
+
+    idx = evenly_spaced(len(rows), min(n, len(rows)))
+    return rows[idx], np.asarray(det.score(rows), dtype=np.float64)[idx]
+
+
 def _eval_unsupervised(series: Series, det: Any) -> dict[str, Any]:
     test = series.test[series.metrics].to_numpy()
     scores = det.score(test)
@@ -125,6 +134,7 @@ def train_model(
     init_ray()
     registry.setup()
     detectors, metrics_by_entity, references, evaluation, graphs = {}, {}, {}, {}, {}
+    reference_scores: dict[str, np.ndarray] = {}
     with mlflow.start_run(run_name=f"train-{model}") as run:
         run_id = run.info.run_id
         mlflow.set_tags({"raywatch.model": model, "raywatch.config_source": source, **(tags or {})})
@@ -146,7 +156,7 @@ def train_model(
                 half = len(test) // 2
                 boost = partial(train_boosters_with_ray, cfg=det.config, num_workers=num_workers, run_name=run_name)
                 det.fit(test[:half], series.labels[:half], series.metrics, train_boosters=boost)
-                references[key] = test[:half][-REFERENCE_ROWS:]
+                references[key], reference_scores[key] = drift_reference(det, test[:half])
                 evaluation[key] = _eval_ensemble(series, det)
                 mlflow.log_metrics(
                     {f"{key}/val_f1": det.validation_["f1"], f"{key}/val_log_loss": det.validation_["log_loss"]}
@@ -170,7 +180,7 @@ def train_model(
                         },
                         step=int(h["epoch"]),
                     )
-                references[key] = train[-REFERENCE_ROWS:]
+                references[key], reference_scores[key] = drift_reference(det, train)
                 evaluation[key] = _eval_unsupervised(series, det)
                 evaluation[key]["used_gpu"] = det.used_gpu_
             evaluation[key]["fit_seconds"] = round(time.perf_counter() - t0, 1)
@@ -200,6 +210,7 @@ def train_model(
                 "variant": "fp32",
             },
             graphs=graphs,
+            reference_scores=reference_scores,
         )
         with tempfile.TemporaryDirectory() as folder:  # FeatureSpec, scaler, threshold per entity, browsable
             bundle.save(folder)
@@ -236,17 +247,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--entities")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--num-workers", type=int, default=1)
+    retrain = parser.add_argument_group("retraining on recent served data (train/retrain.py)")
+    retrain.add_argument("--retrain", action="store_true", help="train a challenger on recent data; promote if better")
+    retrain.add_argument("--margin", type=float, default=0.02, help="relative improvement needed to promote")
+    retrain.add_argument("--recent-rows", type=int, default=5000, help="newest served rows per entity to use")
+    retrain.add_argument("--cpus-per-worker", type=float, help="CPUs per Ray Train worker (fractional allowed)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    entities = args.entities.split(",") if args.entities else None
+    if args.retrain:
+        from train.retrain import job_id_from_env, retrain
+
+        decision = retrain(
+            args.model,
+            entities,
+            margin=args.margin,
+            recent_rows=args.recent_rows,
+            epochs=args.epochs,
+            cpus_per_worker=args.cpus_per_worker,
+            job_id=job_id_from_env(),
+            progress=print,
+        )
+        print(json.dumps({k: v for k, v in decision.items() if k != "entities"}, indent=2, default=str))
+        return 0
     overrides = {"epochs": args.epochs} if args.epochs else {}
-    result = train_model(
-        args.model,
-        args.data,
-        args.entities.split(",") if args.entities else None,
-        overrides,
-        num_workers=args.num_workers,
-        progress=print,
-    )
+    result = train_model(args.model, args.data, entities, overrides, num_workers=args.num_workers, progress=print)
     print(json.dumps({k: result[k] for k in ("model", "version", "run_id", "summary")}, indent=2))
     return 0
 

@@ -99,6 +99,7 @@ def fit_with_ray_train(
     storage_path: str | Path | None = None,
     run_name: str | None = None,
     max_failures: int = 2,
+    cpus_per_worker: float | None = None,
 ) -> SequenceDetector:
     """Fit a sequence detector through `TorchTrainer`; returns the fitted detector.
 
@@ -116,7 +117,12 @@ def fit_with_ray_train(
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={"kind": detector.kind, "model_config": detector.config.__dict__, "data_ref": data_ref},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            # fractional CPUs let a retraining job fit beside the Serve replicas on a small cluster
+            resources_per_worker={"CPU": cpus_per_worker} if cpus_per_worker else None,
+        ),
         run_config=RunConfig(
             name=run_name,
             storage_path=str(storage),

@@ -1,0 +1,329 @@
+"""Drift-detection benchmark: false-drift rate on held-out no-drift windows and detection of injected
+1-sigma mean shifts, for the KS, MMD and prediction-KS tests of detect/drift.py.
+
+Per entity: the reference is `reference_sample` (512 rows evenly spaced) of the first part of the
+series; no-drift windows are the later, disjoint part cut into non-overlapping test windows of
+`config.span` rows (one day). Drift episodes start at a random row of that later part; on 10% of the
+metrics (at least 1, chosen among metrics that vary in the reference) the mean moves by 1 x the
+metric's std in the reference (`inject_drift`, kind mean_shift). Window 1 is the window in which the
+drift starts (partly drifted), window 2 the next one; delay = the first flagged window (up to 4).
+The "anomaly score" for prediction drift is a stand-in needing no trained model: the mean absolute
+z-score of a row against the reference's mean and std.
+
+    python benchmarks/drift.py [--out benchmarks/results] [--data DIR]
+
+writes <out>/drift.json (rows: dataset, detector, windows, false_drift_rate, detection_rate_2_windows,
+mean_delay_windows, seconds_per_test, ...) and <out>/drift.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from detect.drift import DriftConfig, EntityDriftDetectors, reference_sample  # noqa: E402
+from detect.synthetic import METRICS, generate_fleet, inject_drift  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REFERENCE_ROWS = 512  # what a model version stores per entity
+MAX_WINDOWS = 4  # windows after the drift start that an episode is followed for
+SHIFT_SHARE = 0.10
+SYNTHETIC = dict(n_machines=16, days=30, reference_days=7, episodes=4, seed=11)
+REAL = dict(episodes=15, seed=12)
+PERIOD_ROWS = {"synthetic": 1440, "smd": 1440, "asd": 288}  # one day: 1-minute and 5-minute samples
+
+
+@dataclass
+class Case:
+    dataset: str
+    entity: str
+    values: np.ndarray  # time-ordered rows x metrics
+    names: list[str]
+    reference_end: int  # rows before this are the reference period; the rest is held out
+
+
+def machine() -> str:
+    return f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def synthetic_cases(n_machines: int, days: int, reference_days: int, seed: int, **_: object) -> list[Case]:
+    # disk_usage is left out: the generator gives it a monotone fill trend, i.e. real drift by construction
+    metrics = [m for m in METRICS if m != "disk_usage"]
+    steps = PERIOD_ROWS["synthetic"]
+    fleet = generate_fleet(n_machines=n_machines, n_steps=days * steps, metrics=metrics, incidents=False, seed=seed)
+    return [
+        Case("synthetic", entity, group[metrics].to_numpy(np.float64), metrics, reference_days * steps)
+        for entity, group in fleet.frame.groupby("entity", sort=True)
+    ]
+
+
+def real_cases(dataset: str, data_dir: str | None) -> list[Case]:
+    from detect.data import list_entities, load_series
+
+    cases = []
+    for ds, entity in list_entities(data_dir):
+        if ds != dataset:
+            continue
+        series = load_series(ds, entity, data_dir)
+        train = series.train[series.metrics].to_numpy(np.float64)  # test has anomalies: train only
+        cases.append(Case(dataset, entity, train, series.metrics, len(train) // 2))
+    return cases
+
+
+def zscore_scorer(reference: np.ndarray):
+    mean, std = reference.mean(axis=0), reference.std(axis=0)
+    scale = np.where(std > 1e-12, std, 1.0)
+    return lambda rows: np.abs((rows - mean) / scale).mean(axis=1)
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.flags: dict[str, list[bool]] = defaultdict(list)
+        self.delays: dict[str, list[int | None]] = defaultdict(list)
+        self.seconds: dict[str, list[float]] = defaultdict(list)
+
+
+def run_tests(det: EntityDriftDetectors, rows: np.ndarray, score, tally: Tally, want: set[str]) -> dict[str, bool]:
+    out = {}
+    if want & {"ks", "mmd"}:
+        t0 = time.perf_counter()
+        results = det.test_inputs(rows)
+        per = (time.perf_counter() - t0) / len(results)  # ks and mmd run in one call; split evenly
+        for r in results:
+            out[r.detector] = r.is_drift
+        if len(results) == 2:  # time them apart: KS alone is cheap, so charge the rest to MMD
+            t1 = time.perf_counter()
+            det.ks_.predict(det.select(rows))
+            ks_s = time.perf_counter() - t1
+            tally.seconds["ks"].append(ks_s)
+            tally.seconds["mmd"].append(max(per * 2 - ks_s, 0.0))
+        else:
+            tally.seconds["ks"].append(per)
+    if "prediction_ks" in want:
+        t0 = time.perf_counter()
+        r = det.test_scores(score(rows))
+        tally.seconds["prediction_ks"].append(time.perf_counter() - t0)
+        out["prediction_ks"] = r.is_drift
+    return {k: v for k, v in out.items() if k in want}
+
+
+def shifted_copy(case: Case, ref: np.ndarray, cols: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows [0, stop) with a 1-sigma (reference std) mean shift on `cols` from row `start` on."""
+    frame = pd.DataFrame(case.values[:stop], columns=case.names)
+    for j in cols:
+        name = case.names[j]
+        sigma_ref = ref[:, j].std()
+        pre_std = case.values[:start, j].std()  # inject_drift scales by the pre-drift std
+        frame = inject_drift(frame, "mean_shift", [name], start, magnitude=sigma_ref / pre_std, entity_col=None)
+    return frame.to_numpy(np.float64)
+
+
+def run_case(case: Case, cfg: DriftConfig, tally: Tally, episodes: int, rng: np.random.Generator, detectors) -> None:
+    span = cfg.span
+    ref = reference_sample(case.values[: case.reference_end], REFERENCE_ROWS)
+    score = zscore_scorer(ref)
+    det = EntityDriftDetectors("bench", case.entity, ref, case.names, reference_scores=score(ref), config=cfg)
+    for start in range(case.reference_end, len(case.values) - span + 1, span):
+        for name, flag in run_tests(det, case.values[start : start + span], score, tally, set(detectors)).items():
+            tally.flags[name].append(flag)
+    varying = np.flatnonzero(ref.std(axis=0) > 1e-12)
+    k = max(1, math.ceil(SHIFT_SHARE * len(case.names)))
+    last_w0 = len(case.values) - MAX_WINDOWS * span
+    for _ in range(episodes if last_w0 >= case.reference_end else 0):
+        w0 = int(rng.integers(case.reference_end, last_w0 + 1))
+        start = w0 + int(rng.integers(0, span))
+        cols = rng.choice(varying, size=min(k, len(varying)), replace=False)
+        values = shifted_copy(case, ref, cols, start, w0 + MAX_WINDOWS * span)
+        pending = set(detectors)
+        delay: dict[str, int | None] = dict.fromkeys(detectors)
+        for w in range(1, MAX_WINDOWS + 1):
+            rows = values[w0 + (w - 1) * span : w0 + w * span]
+            for name, flag in run_tests(det, rows, score, Tally(), pending).items():
+                if flag:
+                    delay[name] = w
+                    pending.discard(name)
+            if not pending:
+                break
+        for name, d in delay.items():
+            tally.delays[name].append(d)
+
+
+def summarise(dataset: str, cfg: DriftConfig, tally: Tally, note: str = "") -> list[dict]:
+    rows = []
+    for name in ("ks", "mmd", "prediction_ks"):
+        if name not in tally.flags:
+            continue
+        flags, delays = tally.flags[name], tally.delays.get(name, [])
+        detected = [d for d in delays if d is not None]
+        rows.append(
+            {
+                "dataset": dataset,
+                "detector": name,
+                "windows": len(flags),
+                "false_drifts": int(sum(flags)),
+                "false_drift_rate": round(float(np.mean(flags)), 4) if flags else None,
+                "episodes": len(delays),
+                "detection_rate_2_windows": round(sum(d <= 2 for d in detected) / len(delays), 4) if delays else None,
+                "detection_rate_4_windows": round(len(detected) / len(delays), 4) if delays else None,
+                "mean_delay_windows": round(float(np.mean(detected)), 3) if detected else None,
+                "seconds_per_test": round(float(np.mean(tally.seconds[name])), 4),
+                "window_rows": cfg.window,
+                "thin": cfg.thin,
+                "span_rows": cfg.span,
+                "p_value": cfg.p_value,
+                "note": note,
+            }
+        )
+    return rows
+
+
+def bench(
+    dataset: str, cases: list[Case], cfg: DriftConfig, episodes: int, seed: int, detectors, note=""
+) -> list[dict]:
+    tally, rng = Tally(), np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    for i, case in enumerate(cases, 1):
+        run_case(case, cfg, tally, episodes, rng, detectors)
+        flags = {k: f"{sum(v)}/{len(v)}" for k, v in tally.flags.items()}
+        print(f"[{dataset}] {i}/{len(cases)} {case.entity}: false drifts so far {flags}", file=sys.stderr, flush=True)
+    rows = summarise(dataset, cfg, tally, note)
+    print(f"[{dataset}] done in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+    return rows
+
+
+def naive_cases(cases: list[Case]) -> list[Case]:
+    """The same series, but the reference is the last 512 consecutive rows of the reference period."""
+    return [
+        Case(
+            c.dataset,
+            c.entity,
+            np.concatenate([c.values[c.reference_end - REFERENCE_ROWS : c.reference_end], c.values[c.reference_end :]]),
+            c.names,
+            REFERENCE_ROWS,
+        )
+        for c in cases
+    ]
+
+
+def alternate_day_cases(cases: list[Case], span: int) -> list[Case]:
+    """Whole days, reference from the even ones, no-drift windows from the odd ones: no trend between
+    reference and held-out periods, only day-to-day variation."""
+    out = []
+    for c in cases:
+        days = [c.values[i * span : (i + 1) * span] for i in range(len(c.values) // span)]
+        reference, held_out = np.concatenate(days[0::2]), np.concatenate(days[1::2])
+        out.append(Case(c.dataset, c.entity, np.concatenate([reference, held_out]), c.names, len(reference)))
+    return out
+
+
+def write(rows: list[dict], out: Path, seconds: float, cpu_seconds: float, command: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "drift.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+    def fmt(v, pct=False):
+        if v is None:
+            return "–"
+        return f"{100 * v:.1f}%" if pct else str(v)
+
+    lines = [
+        f"Drift detection, measured on {machine()} ({time.strftime('%Y-%m-%d')}): {seconds:.0f}s wall, "
+        f"{cpu_seconds:.0f}s CPU (torch 1 thread). Wall time well above CPU time means the cores were shared "
+        "with other jobs, and seconds_per_test are then upper bounds.",
+        f"Command: `{command}`",
+        "",
+        "Targets: false-drift rate <= 1% per test type on held-out no-drift windows; a 1-sigma mean shift on 10% "
+        "of the metrics detected within 2 windows.",
+        "",
+        "| dataset | detector | windows | false drifts | false_drift_rate | episodes | detection_rate_2_windows "
+        "| mean_delay_windows | seconds_per_test | window (thin x rows = span) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['dataset']} | {r['detector']} | {r['windows']} | {r['false_drifts']} | "
+            f"{fmt(r['false_drift_rate'], True)} | {r['episodes'] or '–'} | {fmt(r['detection_rate_2_windows'], True)} | "
+            f"{fmt(r['mean_delay_windows'])} | {r['seconds_per_test']} | {r['thin']} x {r['window_rows']} = {r['span_rows']} |"
+        )
+    lines += [
+        "",
+        "How it is measured (benchmarks/drift.py, fixed seeds):",
+        "",
+        "- Reference: 512 rows evenly spaced across the reference period (synthetic: the first 7 of 30 days; "
+        "smd/asd: the first half of `train`). No-drift windows: non-overlapping one-day windows of the later, "
+        "disjoint part (smd/asd: the second half of `train`, never `test`, which holds anomalies).",
+        "- Each window is one day of consecutive rows thinned to about 240 (`DriftConfig.for_period`); "
+        "p = 0.005 per test, Bonferroni across features for KS, 200 permutations for MMD on reference-standardised "
+        "features (reference subsample: 300 rows).",
+        "- Drift: +1 x the metric's reference std (`inject_drift`, mean_shift) on 10% of the metrics (synthetic 1 of 9, "
+        "smd 4 of 38, asd 2 of 19), chosen among metrics that vary in the reference, from a random row. Window 1 is the "
+        "window in which the drift starts (partly drifted), window 2 the next; delay = first flagged window, followed "
+        "for up to 4 windows (mean over detected episodes).",
+        "- prediction_ks: the anomaly score is a stand-in, the mean absolute z-score of a row against the reference, "
+        "so no trained model is needed; its JS divergence is reported per test but not tabulated here.",
+        "- Synthetic fleet: `generate_fleet(incidents=False)`, 16 machines x 30 days of 1-minute samples, without "
+        "`disk_usage` (its built-in fill trend is drift by construction).",
+        "- `naive` rows: the same synthetic held-out data tested the way a monitor would without these choices: "
+        "240 consecutive rows per window, reference = the last 512 consecutive rows before them.",
+        "- `alternate days` rows: reference from the even days of `train`, no-drift windows = the odd days, so "
+        "there is no trend between reference and held-out data, only day-to-day variation.",
+        "- smd/asd are reported as measured, not tuned, and they do NOT meet the 1% target: the KS distances of "
+        "held-out days reach 0.3-1.0 on a few metrics (trending metrics, level changes, metrics constant in one "
+        "half), and even alternate days of `train` differ by more than the tests allow for independent rows. "
+        "Their detection rates mean little while every window is flagged anyway.",
+        "",
+    ]
+    (out / "drift.md").write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(RESULTS), help="directory for drift.json and drift.md")
+    parser.add_argument("--data", default=None, help="telemetry directory (default: the shipped sets)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    import torch
+
+    torch.set_num_threads(1)
+    t0, c0 = time.perf_counter(), time.process_time()
+    rows = []
+    all_tests = ("ks", "mmd", "prediction_ks")
+    synth = synthetic_cases(**SYNTHETIC)
+    cfg = DriftConfig.for_period(PERIOD_ROWS["synthetic"])
+    rows += bench("synthetic", synth, cfg, SYNTHETIC["episodes"], SYNTHETIC["seed"], all_tests)
+    naive = DriftConfig(window=240, thin=1, use_mmd=False)
+    rows += bench("synthetic naive", naive_cases(synth), naive, 0, SYNTHETIC["seed"], ("ks", "prediction_ks"))
+    for dataset in ("smd", "asd"):
+        cfg = DriftConfig.for_period(PERIOD_ROWS[dataset])
+        cases = real_cases(dataset, args.data)
+        rows += bench(dataset, cases, cfg, REAL["episodes"], REAL["seed"], all_tests)
+        alternate = alternate_day_cases(cases, cfg.span)
+        rows += bench(f"{dataset} alternate days", alternate, cfg, 0, REAL["seed"], all_tests)
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    command = "python benchmarks/drift.py" + (f" --out {args.out}" if args.out != str(RESULTS) else "")
+    write(rows, Path(args.out), seconds, cpu_seconds, command)
+    for r in rows:
+        print(
+            f"{r['dataset']:16s} {r['detector']:14s} false {r['false_drifts']}/{r['windows']} "
+            f"det2 {r['detection_rate_2_windows']} delay {r['mean_delay_windows']} {r['seconds_per_test']}s"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

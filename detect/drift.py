@@ -1,0 +1,632 @@
+"""Drift statistics for the drift monitors: per-entity alibi-detect tests on served inputs and anomaly
+scores, concept drift from feedback labels, and a durable SQLite log of drift events and monitor state.
+
+Telemetry is autocorrelated and seasonal, and a two-sample test assumes independent rows from one
+distribution on each side. Tested naively (200 consecutive rows against a reference), a window that
+sees only the afternoon peak differs from a reference that holds the whole day, and 200 neighbouring
+rows carry far less information than 200 independent ones: the test "finds" drift in most windows.
+The choices that keep false drift rare (measured in benchmarks/drift.py):
+
+- The reference must span the seasonal cycle and the training period: `reference_sample` takes rows
+  evenly spaced across the whole training series (not its last rows), and the MMD subsample of it is
+  evenly spaced too, so every time of day is represented.
+- A test window spans one seasonal period and is thinned: the monitor hands in `config.span`
+  (= window x thin) consecutive served rows and every `thin`-th is kept (default 240 rows kept of
+  1,440, one day of 1-minute samples; `DriftConfig.for_period` sets it for other sampling rates).
+  Covering the whole period makes the window's marginal distribution comparable with the reference's;
+  thinning removes most short-range autocorrelation and keeps each test cheap. The price is latency:
+  one test per period, so "within 2 windows" means within two days at the default.
+- Bonferroni correction across features (or BH FDR) for the per-feature KS tests, and a per-test
+  level of 0.005 rather than 0.05: a monitor tests every window forever, and at 0.05 one window in 20
+  would raise a false alarm even on independent data. MMD uses 200 permutations so that its smallest
+  attainable p-value (0) occurs with probability 1/201 under no drift.
+- MMD runs on features standardised with the reference's mean and std (constant metrics get scale 1),
+  so no metric dominates the kernel by its units; the RBF bandwidth is the median heuristic on the
+  reference.
+
+What this does not fix: slow trends and level changes inside the training data itself (a disk that
+fills, a service that was re-deployed) are real distribution change, and the tests report them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DetectorName = Literal["ks", "mmd", "prediction_ks", "concept"]
+DETECTORS: tuple[str, ...] = ("ks", "mmd", "prediction_ks", "concept")
+STATE_ENV = "RAYWATCH_STATE_DIR"
+
+
+@dataclass
+class DriftConfig:
+    """Parameters of every drift test of one monitor; `span` served rows make one test window."""
+
+    window: int = 240  # rows per input/score test, after thinning
+    thin: int = 6  # keep every thin-th served row: one test spans window x thin rows (one day at 1 minute)
+    p_value: float = 0.005  # per-test level (KS: family-wise after the correction)
+    correction: Literal["bonferroni", "fdr"] = "bonferroni"
+    use_mmd: bool = True
+    mmd_permutations: int = 200
+    mmd_max_reference: int = 300
+    mmd_attribution_sigma: float = 0.5  # MMD names features whose mean moved at least this many reference stds
+    score_bins: int = 20  # shared histogram bins for the Jensen-Shannon divergence of scores
+    min_rows: int = 50  # fewest rows a reference or a (thinned) window may have
+    concept_margin: float = 0.05  # precision/recall drop (absolute) that counts as concept drift
+    min_labels: int = 50  # fewest labelled rows for a concept-drift test
+    seed: int = 0  # seeds the MMD permutations, so a window always gets the same p-value
+
+    def __post_init__(self) -> None:
+        for name in ("window", "thin", "mmd_permutations", "mmd_max_reference", "score_bins", "min_rows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DriftConfig.{name} must be a positive integer, got {value!r}")
+        if self.min_rows < 2:
+            raise ValueError(f"DriftConfig.min_rows must be at least 2, got {self.min_rows}")
+        if self.window < self.min_rows:
+            raise ValueError(f"DriftConfig.window ({self.window}) is below min_rows ({self.min_rows})")
+        if not 0.0 < self.p_value < 1.0:
+            raise ValueError(f"DriftConfig.p_value must be in (0, 1), got {self.p_value}")
+        if self.correction not in ("bonferroni", "fdr"):
+            raise ValueError(f"DriftConfig.correction must be 'bonferroni' or 'fdr', got {self.correction!r}")
+        if not 0.0 <= self.concept_margin < 1.0:
+            raise ValueError(f"DriftConfig.concept_margin must be in [0, 1), got {self.concept_margin}")
+        if self.min_labels < 1:
+            raise ValueError(f"DriftConfig.min_labels must be at least 1, got {self.min_labels}")
+        if self.mmd_attribution_sigma < 0:
+            raise ValueError(f"DriftConfig.mmd_attribution_sigma must be >= 0, got {self.mmd_attribution_sigma}")
+
+    @property
+    def span(self) -> int:
+        """Consecutive served rows that one test window covers."""
+        return self.window * self.thin
+
+    @classmethod
+    def for_period(cls, period_rows: int, window: int = 240, **overrides: Any) -> DriftConfig:
+        """A config whose test window spans one seasonal period of `period_rows` rows (e.g. 288 for a
+        day of 5-minute samples), keeping about `window` rows of it."""
+        if period_rows < 2:
+            raise ValueError(f"period_rows must be at least 2, got {period_rows}")
+        thin = max(1, round(period_rows / window))
+        return cls(window=period_rows // thin, thin=thin, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DriftConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown DriftConfig field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class DriftResult:
+    """The outcome of one drift test on one window of one (model, entity)."""
+
+    time: float  # epoch seconds
+    model: str
+    entity: str
+    detector: str  # one of DETECTORS
+    is_drift: bool
+    statistic: float  # ks: largest KS distance; mmd: MMD^2; prediction_ks: KS distance; concept: largest drop
+    p_value: float | None  # ks: smallest per-feature p-value (uncorrected); concept: None
+    threshold: float  # the level p_value is compared with (ks: after the correction); concept: the margin
+    drifted_features: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    window_rows: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def reference_sample(values: np.ndarray, rows: int = 512) -> np.ndarray:
+    """`rows` rows evenly spaced across a whole (time-ordered) training series, so the reference
+    covers every time of day and the whole training period; all rows when there are fewer."""
+    values = np.asarray(values)
+    if values.ndim != 2:
+        raise ValueError(f"reference_sample: values must be 2-D (rows x metrics), got shape {values.shape}")
+    if len(values) <= rows:
+        return values.copy()
+    return values[evenly_spaced(len(values), rows)]
+
+
+def evenly_spaced(n: int, k: int) -> np.ndarray:
+    return np.unique(np.linspace(0, n - 1, k).round().astype(int))
+
+
+def _check_matrix(x: Any, name: str, features: Sequence[str], min_rows: int) -> np.ndarray:
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name}: not a numeric array ({exc})") from None
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (rows x {len(features)} features), got shape {arr.shape}")
+    if arr.shape[1] != len(features):
+        raise ValueError(f"{name} has {arr.shape[1]} feature columns, expected {len(features)} ({', '.join(features)})")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        row, col = (int(i[0]) for i in np.nonzero(bad))
+        what = "NaN" if np.isnan(arr[row, col]) else "infinite value"
+        raise ValueError(f"{name}: {what} in feature {features[col]!r} (row {row})")
+    if len(arr) < min_rows:
+        raise ValueError(f"{name} has {len(arr)} rows; at least {min_rows} are needed")
+    return arr
+
+
+def _check_vector(x: Any, name: str, min_rows: int) -> np.ndarray:
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name}: not a numeric array ({exc})") from None
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one value per row), got shape {arr.shape}")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{name}: {'NaN' if np.isnan(arr[row]) else 'infinite value'} at row {row}")
+    if len(arr) < min_rows:
+        raise ValueError(f"{name} has {len(arr)} rows; at least {min_rows} are needed")
+    return arr
+
+
+def _rate(hits: int, total: int) -> float | None:
+    return hits / total if total else None
+
+
+class EntityDriftDetectors:
+    """The drift detectors of one served (model, entity) pair, built once from its reference sample.
+
+    `test_inputs` and `test_scores` take consecutive served rows (oldest first), keep every
+    `config.thin`-th and test the newest `config.window` of those; hand in `config.span` rows per call.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        entity: str,
+        reference: np.ndarray,
+        feature_names: Sequence[str],
+        reference_scores: np.ndarray | None = None,
+        config: DriftConfig | None = None,
+    ) -> None:
+        from alibi_detect.cd import KSDrift, MMDDrift
+
+        self.model, self.entity = model, entity
+        self.config = config or DriftConfig()
+        self.feature_names = [str(f) for f in feature_names]
+        if not self.feature_names:
+            raise ValueError("feature_names is empty: a drift monitor needs at least one feature")
+        dupes = sorted({f for f in self.feature_names if self.feature_names.count(f) > 1})
+        if dupes:
+            raise ValueError(f"feature_names has duplicates: {dupes}")
+        cfg = self.config
+        ref = _check_matrix(reference, "reference", self.feature_names, cfg.min_rows)
+        self.reference_rows_ = len(ref)
+        self.mean_ = ref.mean(axis=0)
+        std = ref.std(axis=0)
+        self.scale_ = np.where(std > 1e-12, std, 1.0)  # a constant reference metric: any change is drift
+        self.ks_ = KSDrift(ref, p_val=cfg.p_value, correction=cfg.correction, x_ref_preprocessed=True)
+        self.mmd_ = None
+        if cfg.use_mmd:
+            mmd_ref = ref[evenly_spaced(len(ref), min(len(ref), cfg.mmd_max_reference))]
+            self.mmd_ = MMDDrift(
+                self._standardise(mmd_ref),
+                backend="pytorch",
+                p_val=cfg.p_value,
+                n_permutations=cfg.mmd_permutations,
+                x_ref_preprocessed=True,
+                device="cpu",
+            )
+            self.mmd_reference_rows_ = len(mmd_ref)
+        self.scores_ks_ = None
+        if reference_scores is not None:
+            scores = _check_vector(reference_scores, "reference_scores", cfg.min_rows)
+            self.reference_scores_ = scores
+            self.scores_ks_ = KSDrift(scores.reshape(-1, 1), p_val=cfg.p_value, x_ref_preprocessed=True)
+        # (precision, recall) the concept test compares with when none is given; set by the first
+        # labelled window otherwise. The monitor persists it (DriftEventStore.set_state) across restarts.
+        self.concept_baseline: tuple[float | None, float | None] | None = None
+
+    def _standardise(self, x: np.ndarray) -> np.ndarray:
+        return ((x - self.mean_) / self.scale_).astype(np.float32)
+
+    def select(self, rows: np.ndarray) -> np.ndarray:
+        """The rows a test uses: every `thin`-th served row, counted back from the newest, newest `window`."""
+        thin, window = self.config.thin, self.config.window
+        return rows[::-1][::thin][::-1][-window:]
+
+    def _base(self, detector: str, now: float | None, rows: int) -> dict[str, Any]:
+        return {
+            "time": time.time() if now is None else float(now),
+            "model": self.model,
+            "entity": self.entity,
+            "detector": detector,
+            "window_rows": int(rows),
+        }
+
+    def _thinned(self, x: np.ndarray, name: str) -> np.ndarray:
+        out = self.select(x)
+        if len(out) < self.config.min_rows:
+            raise ValueError(
+                f"{name} has {len(x)} rows, {len(out)} after keeping every {self.config.thin}th; "
+                f"at least {self.config.min_rows} are needed (hand in config.span={self.config.span} rows)"
+            )
+        return out
+
+    def test_inputs(self, window: np.ndarray, now: float | None = None) -> list[DriftResult]:
+        """KS per feature (corrected for the number of features) and, if enabled, MMD on all features."""
+        x = _check_matrix(window, "window", self.feature_names, 1)
+        x = self._thinned(x, "window")
+        results = [self._test_ks(x, now)]
+        if self.mmd_ is not None:
+            results.append(self._test_mmd(x, now))
+        return results
+
+    def _test_ks(self, x: np.ndarray, now: float | None) -> DriftResult:
+        cfg = self.config
+        data = self.ks_.predict(x, drift_type="batch", return_p_val=True, return_distance=True)["data"]
+        p = np.asarray(data["p_val"], dtype=np.float64)
+        dist = np.asarray(data["distance"], dtype=np.float64)
+        is_drift = bool(data["is_drift"])
+        if cfg.correction == "bonferroni":
+            threshold = cfg.p_value / len(p)
+        else:  # BH: alibi gives the rejection threshold when something is rejected, the candidates otherwise
+            t = np.asarray(data["threshold"], dtype=np.float64)
+            threshold = float(t) if t.ndim == 0 else float(t.min())
+        drifted = [f for f, pv in zip(self.feature_names, p) if pv < threshold] if is_drift else []
+        order = np.argsort(-dist)[:5]
+        result = DriftResult(
+            **self._base("ks", now, len(x)),
+            is_drift=is_drift,
+            statistic=float(dist.max()),
+            p_value=float(p.min()),
+            threshold=float(threshold),
+            drifted_features=drifted,
+            extra={
+                "correction": cfg.correction,
+                "top_distances": {self.feature_names[i]: round(float(dist[i]), 4) for i in order},
+            },
+        )
+        self._log(result)
+        return result
+
+    def _test_mmd(self, x: np.ndarray, now: float | None) -> DriftResult:
+        import torch
+
+        cfg = self.config
+        z = self._standardise(x)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)  # the permutations; forked so the caller's torch RNG is untouched
+            data = self.mmd_.predict(z, return_p_val=True, return_distance=True)["data"]
+        is_drift = bool(data["is_drift"])
+        # MMD has no per-feature answer; name the features whose mean moved most (a heuristic attribution)
+        shift = np.abs(z.mean(axis=0))  # in reference stds
+        order = np.argsort(-shift)
+        drifted = [self.feature_names[i] for i in order if shift[i] >= cfg.mmd_attribution_sigma] if is_drift else []
+        result = DriftResult(
+            **self._base("mmd", now, len(x)),
+            is_drift=is_drift,
+            statistic=float(data["distance"]),
+            p_value=float(data["p_val"]),
+            threshold=cfg.p_value,
+            drifted_features=drifted,
+            extra={
+                "distance_threshold": float(data["distance_threshold"]),
+                "permutations": cfg.mmd_permutations,
+                "reference_rows": self.mmd_reference_rows_,
+                "mean_shift_sigma": {self.feature_names[i]: round(float(shift[i]), 3) for i in order[:5]},
+            },
+        )
+        self._log(result)
+        return result
+
+    def test_scores(self, scores: np.ndarray, now: float | None = None) -> DriftResult | None:
+        """Prediction drift: KS on the anomaly-score distribution, plus its Jensen-Shannon divergence
+        from the reference scores (shared histogram bins) as a figure. None without reference scores."""
+        if self.scores_ks_ is None:
+            return None
+        from scipy.spatial.distance import jensenshannon
+
+        cfg = self.config
+        s = self._thinned(_check_vector(scores, "scores", 1), "scores")
+        data = self.scores_ks_.predict(s.reshape(-1, 1), return_p_val=True, return_distance=True)["data"]
+        ref = self.reference_scores_
+        lo, hi = float(min(ref.min(), s.min())), float(max(ref.max(), s.max()))
+        edges = np.linspace(lo, hi if hi > lo else lo + 1.0, cfg.score_bins + 1)
+        h_ref = np.histogram(ref, edges)[0].astype(np.float64)
+        h_cur = np.histogram(s, edges)[0].astype(np.float64)
+        js_distance = float(jensenshannon(h_ref / h_ref.sum(), h_cur / h_cur.sum(), base=2))
+        result = DriftResult(
+            **self._base("prediction_ks", now, len(s)),
+            is_drift=bool(data["is_drift"]),
+            statistic=float(np.asarray(data["distance"]).ravel()[0]),
+            p_value=float(np.asarray(data["p_val"]).ravel()[0]),
+            threshold=cfg.p_value,
+            extra={
+                "js_divergence": js_distance**2,  # scipy returns the distance, its square root
+                "js_distance": js_distance,
+                "score_mean": float(s.mean()),
+                "reference_score_mean": float(ref.mean()),
+            },
+        )
+        self._log(result)
+        return result
+
+    def test_concept(
+        self,
+        predicted: np.ndarray,
+        labels: np.ndarray,
+        baseline_precision: float | None = None,
+        baseline_recall: float | None = None,
+        now: float | None = None,
+    ) -> DriftResult | None:
+        """Concept drift: precision or recall of the served `is_anomaly` against feedback labels falls
+        more than `config.concept_margin` below the baseline. Without a baseline (given, or held in
+        `concept_baseline`), this window's figures become the baseline. None when there are fewer than
+        `min_labels` labels, or neither figure is defined (no positives at all)."""
+        cfg = self.config
+        pred = _check_vector(predicted, "predicted", 0)
+        true = _check_vector(labels, "labels", 0)
+        if len(pred) != len(true):
+            raise ValueError(f"predicted has {len(pred)} rows but labels has {len(true)}")
+        for name, arr in (("predicted", pred), ("labels", true)):
+            if not np.isin(arr, (0, 1)).all():
+                raise ValueError(f"{name} must hold only 0 and 1")
+        for name, value in (("baseline_precision", baseline_precision), ("baseline_recall", baseline_recall)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if len(true) < cfg.min_labels:
+            log.debug("concept test skipped", extra={"model": self.model, "entity": self.entity, "labels": len(true)})
+            return None
+        tp = int(((pred == 1) & (true == 1)).sum())
+        precision = _rate(tp, int(pred.sum()))
+        recall = _rate(tp, int(true.sum()))
+        if precision is None and recall is None:
+            return None
+        baseline_set = False
+        if baseline_precision is None and baseline_recall is None:
+            if self.concept_baseline is None:
+                self.concept_baseline = (precision, recall)
+                baseline_set = True
+            baseline_precision, baseline_recall = self.concept_baseline
+        drops = {}
+        if precision is not None and baseline_precision is not None:
+            drops["precision"] = baseline_precision - precision
+        if recall is not None and baseline_recall is not None:
+            drops["recall"] = baseline_recall - recall
+        statistic = max(drops.values()) if drops else 0.0
+        result = DriftResult(
+            **self._base("concept", now, len(true)),
+            is_drift=statistic > cfg.concept_margin,
+            statistic=float(statistic),
+            p_value=None,
+            threshold=cfg.concept_margin,
+            extra={
+                "precision": precision,
+                "recall": recall,
+                "baseline_precision": baseline_precision,
+                "baseline_recall": baseline_recall,
+                "dropped": sorted(k for k, v in drops.items() if v > cfg.concept_margin),
+                "positives": int(true.sum()),
+                "predicted_positives": int(pred.sum()),
+                "baseline_set": baseline_set,
+            },
+        )
+        self._log(result)
+        return result
+
+    def _log(self, result: DriftResult) -> None:
+        fields_ = {
+            "model": result.model,
+            "entity": result.entity,
+            "detector": result.detector,
+            "statistic": result.statistic,
+            "p_value": result.p_value,
+            "drifted_features": result.drifted_features,
+        }
+        if result.is_drift:
+            log.warning("drift detected", extra=fields_)
+        else:
+            log.debug("no drift", extra=fields_)
+
+
+def default_state_dir() -> Path:
+    """$RAYWATCH_STATE_DIR, default ./.raywatch (the serving layer's state directory)."""
+    return Path(os.environ.get(STATE_ENV, Path.cwd() / ".raywatch"))
+
+
+def _json(value: Any) -> str:
+    def default(o: Any) -> Any:
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+    return json.dumps(value, default=default, allow_nan=False)
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+_EVENT_COLUMNS = (
+    "id",
+    "time",
+    "model",
+    "entity",
+    "detector",
+    "is_drift",
+    "statistic",
+    "p_value",
+    "threshold",
+    "drifted_features",
+    "extra",
+    "window_rows",
+)
+
+
+class DriftEventStore:
+    """Drift events and monitor state in one SQLite file; every write is committed (WAL,
+    synchronous=FULL) before the call returns, so nothing accepted is lost on a crash or restart."""
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path else default_state_dir() / "drift.db"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        with self._lock, self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(
+                """CREATE TABLE IF NOT EXISTS drift_events (
+                       id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, model TEXT NOT NULL,
+                       entity TEXT NOT NULL, detector TEXT NOT NULL, is_drift INTEGER NOT NULL,
+                       statistic REAL, p_value REAL, threshold REAL, drifted_features TEXT NOT NULL,
+                       extra TEXT NOT NULL, window_rows INTEGER NOT NULL)"""
+            )
+            db.execute("CREATE INDEX IF NOT EXISTS drift_events_model ON drift_events (model, entity, id)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS monitor_state (key TEXT PRIMARY KEY, value TEXT NOT NULL, updated REAL)"
+            )
+            db.commit()
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30)
+        try:
+            db.execute("PRAGMA synchronous=FULL")
+            yield db
+        finally:
+            db.close()
+
+    @staticmethod
+    def _row(result: DriftResult) -> tuple[Any, ...]:
+        if result.detector not in DETECTORS:
+            raise ValueError(f"DriftResult.detector must be one of {DETECTORS}, got {result.detector!r}")
+        try:
+            features = _json(list(result.drifted_features))
+            extra = _json(result.extra)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"drift event for {result.model}/{result.entity} is not JSON serialisable: {exc}"
+            ) from None
+        return (
+            float(result.time),
+            result.model,
+            result.entity,
+            result.detector,
+            int(bool(result.is_drift)),
+            _finite_or_none(result.statistic),
+            _finite_or_none(result.p_value),
+            _finite_or_none(result.threshold),
+            features,
+            extra,
+            int(result.window_rows),
+        )
+
+    def add(self, result: DriftResult) -> int:
+        """Persist one event; returns its id."""
+        return self.add_many([result])[0]
+
+    def add_many(self, results: Sequence[DriftResult]) -> list[int]:
+        """Persist events in one transaction (all or none); returns their ids in order."""
+        rows = [self._row(r) for r in results]
+        ids = []
+        with self._lock, self._connect() as db:
+            for row in rows:
+                cur = db.execute(
+                    "INSERT INTO drift_events (time, model, entity, detector, is_drift, statistic, p_value,"
+                    " threshold, drifted_features, extra, window_rows) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+                ids.append(int(cur.lastrowid))
+            db.commit()
+        return ids
+
+    @staticmethod
+    def _where(
+        model: str | None, entity: str | None = None, only_drift: bool = False, since_id: int | None = None
+    ) -> tuple[str, list[Any]]:
+        clauses, args = [], []
+        if model is not None:
+            clauses.append("model = ?")
+            args.append(model)
+        if entity is not None:
+            clauses.append("entity = ?")
+            args.append(entity)
+        if only_drift:
+            clauses.append("is_drift = 1")
+        if since_id is not None:
+            clauses.append("id > ?")
+            args.append(int(since_id))
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+    def events(
+        self,
+        model: str | None = None,
+        entity: str | None = None,
+        only_drift: bool = False,
+        since_id: int | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Stored events, newest first; `since_id` keeps those with a larger id."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a positive integer, got {limit!r}")
+        where, args = self._where(model, entity, only_drift, since_id)
+        with self._lock, self._connect() as db:
+            rows = db.execute(
+                f"SELECT {', '.join(_EVENT_COLUMNS)} FROM drift_events{where} ORDER BY id DESC LIMIT ?",
+                [*args, limit],
+            ).fetchall()
+        out = []
+        for row in rows:
+            event = dict(zip(_EVENT_COLUMNS, row))
+            event["is_drift"] = bool(event["is_drift"])
+            event["drifted_features"] = json.loads(event["drifted_features"])
+            event["extra"] = json.loads(event["extra"])
+            out.append(event)
+        return out
+
+    def count(self, model: str | None = None, only_drift: bool = False) -> int:
+        where, args = self._where(model, only_drift=only_drift)
+        with self._lock, self._connect() as db:
+            return int(db.execute(f"SELECT COUNT(*) FROM drift_events{where}", args).fetchone()[0])
+
+    def set_state(self, key: str, value: Any) -> None:
+        """Store a JSON-serialisable value under `key` (replacing any earlier one)."""
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"state key must be a non-empty string, got {key!r}")
+        try:
+            text = _json(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"state {key!r}: value is not JSON serialisable: {exc}") from None
+        with self._lock, self._connect() as db:
+            db.execute(
+                "INSERT INTO monitor_state (key, value, updated) VALUES (?, ?, ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated = excluded.updated",
+                (key, text, time.time()),
+            )
+            db.commit()
+
+    def get_state(self, key: str, default: Any = None) -> Any:
+        with self._lock, self._connect() as db:
+            row = db.execute("SELECT value FROM monitor_state WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default

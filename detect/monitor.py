@@ -1,0 +1,394 @@
+"""Drift monitors: one Ray actor per served model that tests served inputs and scores for drift and,
+on drift, asks Ray for a retraining job.
+
+The Serve ingress hands each monitor what it served (raw metric rows, the model's scores and flags)
+off the response path. The monitor appends them to the durable observation log (`detect.state`),
+tests every full window per entity against the champion version's reference sample (KS per metric,
+MMD, KS on the score distribution; `detect.drift`), checks feedback labels for concept drift on a
+cadence, persists every result, and submits `python -m train.pipeline --model M --retrain` through
+Ray's job submission API (cooldown, one running job per model). Everything it needs to resume
+(cursors, concept baselines, the last job) is in SQLite, so a restarted actor (max_restarts) carries
+on where it stopped and no accepted event is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+from detect.drift import DriftConfig, DriftEventStore, EntityDriftDetectors
+from detect.state import STATE_DIR_ENV, ServingStore, state_dir
+
+log = logging.getLogger("raywatch.monitor")
+
+NAMESPACE = "raywatch"
+
+
+def monitor_name(model: str) -> str:
+    return f"raywatch-drift-{model}"
+
+
+@dataclass
+class MonitorConfig:
+    """How a monitor tests and when it retrains. `drift` holds `DriftConfig` fields."""
+
+    drift: dict[str, Any] = field(default_factory=dict)
+    retrain: bool = True  # submit a retraining job on drift
+    cooldown_s: float = 900.0  # at most one submission per model in this time
+    retrain_on: tuple[str, ...] = ("ks", "mmd", "prediction_ks", "concept")  # which detectors trigger it
+    retrain_args: list[str] = field(default_factory=list)  # extra `train.pipeline` flags, e.g. ["--epochs", "3"]
+    concept_every_s: float = 30.0
+    concept_rows: int = 2000  # newest served rows per entity that the concept test looks at
+    version_check_s: float = 5.0
+    keep_observations: int = 20_000  # per entity; older rows are pruned
+    job_address: str | None = None  # Ray dashboard address for job submission (default: this cluster)
+
+    def __post_init__(self) -> None:
+        DriftConfig.from_dict(self.drift)  # validates the drift fields early, naming a bad one
+        unknown = set(self.retrain_on) - {"ks", "mmd", "prediction_ks", "concept"}
+        if unknown:
+            raise ValueError(f"MonitorConfig.retrain_on: unknown detector(s) {sorted(unknown)}")
+        self.retrain_on = tuple(self.retrain_on)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> MonitorConfig:
+        data = dict(data or {})
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown MonitorConfig field(s) {unknown}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class DriftMonitor:
+    """The body of a monitor actor (also usable in-process, which the unit tests do)."""
+
+    def __init__(
+        self,
+        model: str,
+        config: dict[str, Any] | None = None,
+        state_dir_path: str | None = None,
+        tracking_uri: str | None = None,
+    ) -> None:
+        if state_dir_path:
+            os.environ[STATE_DIR_ENV] = state_dir_path
+        if tracking_uri:
+            os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+        self.model = model
+        self.config = MonitorConfig.from_dict(config)
+        self.drift_config = DriftConfig.from_dict(self.config.drift)
+        self.store = ServingStore()
+        self.events = DriftEventStore(state_dir() / "drift.db")
+        self.started = time.time()
+        self.starts = int(self.events.get_state(self._key("starts"), 0)) + 1
+        self.events.set_state(self._key("starts"), self.starts)
+        self.detectors: dict[str, EntityDriftDetectors] = {}
+        self.metrics: dict[str, list[str]] = {}
+        self.version: str | None = None
+        self.load_error: str | None = None
+        self._checked_version = 0.0
+        self._checked_concept = time.monotonic()
+        self._load_champion()
+        self._metrics = _monitor_metrics()
+        log.info("monitor started", extra={"model": model, "starts": self.starts, "version": self.version})
+
+    def _key(self, name: str) -> str:
+        return f"{self.model}/{name}"
+
+    # -- references ------------------------------------------------------------------------------------
+    def _load_champion(self) -> None:
+        """Build the detectors from the champion's reference samples (or a baseline reset through the API)."""
+        from train import registry
+
+        try:
+            bundle, version = registry.load_bundle(self.model, registry.CHAMPION)
+        except Exception as exc:  # no champion yet, or the registry is down: keep what is loaded
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.warning("monitor could not load the champion", extra={"model": self.model, "error": self.load_error})
+            return
+        since = float(self.events.get_state(self._key(f"version_since/{version}"), 0.0) or 0.0)
+        detectors = {}
+        for entity, ref in bundle.references.items():
+            reset = self.store.reference(self.model, entity, since=since) if since else None
+            rows = np.asarray(reset if reset is not None else ref, dtype=np.float64)
+            scores = None if reset is not None else bundle.reference_scores.get(entity)
+            try:
+                detectors[entity] = EntityDriftDetectors(
+                    self.model, entity, rows, bundle.metrics[entity], scores, self.drift_config
+                )
+            except ValueError as exc:
+                log.warning("no drift detectors for entity", extra={"entity": entity, "error": str(exc)})
+        if version != self.version:
+            # a new champion starts fresh windows: what the old one saw must not count against the new one
+            if self.version is not None:
+                self.events.set_state(self._key("cursors"), {e: self._last_id(e) for e in detectors})
+            self.events.set_state(self._key(f"version_since/{version}"), since or time.time())
+        self.detectors, self.metrics, self.version, self.load_error = detectors, bundle.metrics, version, None
+
+    def _last_id(self, entity: str) -> int:
+        obs = self.store.observations(self.model, entity, limit=1)
+        return obs["ids"][-1] if obs["ids"] else 0
+
+    def reset_reference(self, entity: str) -> dict[str, Any]:
+        """After `/v1/admin/baseline` stored a new reference: rebuild that entity's detectors from it."""
+        rows = self.store.reference(self.model, entity)
+        if rows is None:
+            raise ValueError(f"no stored reference for {self.model}/{entity}")
+        names = self.metrics.get(entity)
+        if names is None:
+            raise ValueError(f"{self.model} champion has no entity {entity!r}")
+        self.detectors[entity] = EntityDriftDetectors(
+            self.model, entity, np.asarray(rows, dtype=np.float64), names, None, self.drift_config
+        )
+        cursors = self.events.get_state(self._key("cursors"), {})
+        cursors[entity] = self._last_id(entity)
+        self.events.set_state(self._key("cursors"), cursors)
+        return {"model": self.model, "entity": entity, "reference_rows": len(rows)}
+
+    # -- observing and testing ---------------------------------------------------------------------------
+    def observe(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Take a batch of served rows ({entity, timestamp, values, score, is_anomaly, path}); test full windows."""
+        now = time.monotonic()
+        if now - self._checked_version > self.config.version_check_s:
+            self._checked_version = now
+            self._check_version()
+        known = [it for it in items if it.get("entity") in self.metrics]
+        if known:
+            self.store.add_observations(self.model, known)
+        results: list[dict[str, Any]] = []
+        for entity in sorted({it["entity"] for it in known}):
+            results += self._test_windows(entity)
+        if now - self._checked_concept > self.config.concept_every_s:
+            self._checked_concept = now
+            results += self.check_concept()
+        return {"accepted": len(known), "ignored": len(items) - len(known), "events": results}
+
+    def _check_version(self) -> None:
+        from train import registry
+
+        try:
+            if registry.alias_version(self.model, registry.CHAMPION) != self.version:
+                self._load_champion()
+        except Exception as exc:
+            log.warning("version check failed", extra={"model": self.model, "error": str(exc)})
+
+    def _test_windows(self, entity: str) -> list[dict[str, Any]]:
+        det = self.detectors.get(entity)
+        if det is None:
+            return []
+        span = self.drift_config.span
+        cursors = self.events.get_state(self._key("cursors"), {})
+        obs = self.store.observations(self.model, entity, after_id=int(cursors.get(entity, 0)))
+        out = []
+        start = 0
+        while len(obs["ids"]) - start >= span:
+            stop = start + span
+            results = det.test_inputs(obs["values"][start:stop])
+            scores = obs["scores"][start:stop]
+            if det.scores_ks_ is not None and np.isfinite(scores).all():
+                results.append(det.test_scores(scores))
+            ids = self.events.add_many(results)
+            self._count(results)
+            cursors[entity] = obs["ids"][stop - 1]
+            self.events.set_state(self._key("cursors"), cursors)  # after the events: a crash re-tests, never skips
+            out += [{**r.to_dict(), "id": i} for r, i in zip(results, ids)]
+            self._after_tests(entity, results, ids)
+            start = stop
+        if obs["ids"]:
+            self.store.prune_observations(self.model, entity, self.config.keep_observations)
+        return out
+
+    def check_concept(self) -> list[dict[str, Any]]:
+        """Concept drift per entity from feedback labels joined with what was served."""
+        out = []
+        baselines = self.events.get_state(self._key("concept_baseline"), {})
+        for entity, det in self.detectors.items():
+            obs = self.store.observations(self.model, entity, limit=self.config.concept_rows)
+            if not obs["ids"]:
+                continue
+            labels = self.store.labels(entity, [t for t in obs["timestamps"] if t is not None])
+            pairs = [
+                (int(flag), labels[ts])
+                for ts, flag in zip(obs["timestamps"], obs["is_anomaly"])
+                if ts in labels and flag is not None
+            ]
+            if len(pairs) < self.drift_config.min_labels:
+                continue
+            predicted, truth = (np.array(v) for v in zip(*pairs))
+            base = baselines.get(entity)
+            result = det.test_concept(predicted, truth, *(base or (None, None)))
+            if result is None:
+                continue
+            if base is None:
+                baselines[entity] = [result.extra["precision"], result.extra["recall"]]
+                self.events.set_state(self._key("concept_baseline"), baselines)
+            [event_id] = self.events.add_many([result])
+            self._count([result])
+            out.append({**result.to_dict(), "id": event_id})
+            self._after_tests(entity, [result], [event_id])
+        return out
+
+    def _count(self, results: list[Any]) -> None:
+        if self._metrics is None:
+            return
+        for r in results:
+            tags = {"model": self.model, "detector": r.detector}
+            self._metrics["tests"].inc(tags=tags)
+            if r.is_drift:
+                self._metrics["drift"].inc(tags=tags)
+
+    # -- retraining --------------------------------------------------------------------------------------
+    def _after_tests(self, entity: str, results: list[Any], ids: list[int]) -> None:
+        drifted = [(r, i) for r, i in zip(results, ids) if r.is_drift and r.detector in self.config.retrain_on]
+        if drifted and self.config.retrain:
+            self.maybe_retrain(entity, [r.detector for r, _ in drifted], [i for _, i in drifted])
+
+    def maybe_retrain(self, entity: str, detectors: list[str], event_ids: list[int]) -> dict[str, Any]:
+        """Submit a retraining job unless one is running or the cooldown has not passed; the outcome is kept."""
+        from cluster import jobs
+
+        last = self.events.get_state(self._key("job"))
+        now = time.time()
+        if last:
+            try:
+                state = jobs.status(last["job_id"], self.config.job_address)
+            except Exception as exc:
+                state = f"unknown ({type(exc).__name__})"
+            if state in jobs.ACTIVE:
+                return self._skip(f"job {last['job_id']} is {state}")
+            if now - last["submitted"] < self.config.cooldown_s:
+                return self._skip(
+                    f"cooldown: last job {now - last['submitted']:.0f} s ago (< {self.config.cooldown_s:.0f} s)"
+                )
+        entrypoint = jobs.retrain_entrypoint(self.model, [entity], self.config.retrain_args)
+        submission_id = f"raywatch-retrain-{self.model}-{int(now * 1000)}"
+        try:
+            job_id = jobs.submit(
+                entrypoint,
+                submission_id=submission_id,
+                env={STATE_DIR_ENV: str(state_dir())},
+                metadata={"model": self.model, "entity": entity, "trigger": ",".join(detectors)},
+                address=self.config.job_address,
+            )
+        except Exception as exc:
+            log.error("retraining job submission failed", extra={"model": self.model, "error": str(exc)})
+            return self._skip(f"submission failed: {type(exc).__name__}: {exc}")
+        record = {
+            "job_id": job_id,
+            "submitted": now,
+            "entity": entity,
+            "trigger": detectors,
+            "event_ids": event_ids,
+            "champion": self.version,
+            "entrypoint": entrypoint,
+        }
+        self.events.set_state(self._key("job"), record)
+        if self._metrics is not None:
+            self._metrics["jobs"].inc(tags={"model": self.model})
+        jobs_log = self.events.get_state(self._key("jobs"), [])
+        self.events.set_state(self._key("jobs"), (jobs_log + [record])[-50:])
+        log.warning("retraining job submitted", extra={"model": self.model, "job_id": job_id, "entity": entity})
+        return {"submitted": True, **record}
+
+    def _skip(self, reason: str) -> dict[str, Any]:
+        self.events.set_state(self._key("last_skip"), {"time": time.time(), "reason": reason})
+        log.info("retraining not submitted", extra={"model": self.model, "reason": reason})
+        return {"submitted": False, "reason": reason}
+
+    # -- introspection -----------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "champion": self.version,
+            "entities": sorted(self.detectors),
+            "starts": self.starts,
+            "pid": os.getpid(),
+            "window_rows": self.drift_config.span,
+            "cursors": self.events.get_state(self._key("cursors"), {}),
+            "events": self.events.count(self.model),
+            "drift_events": self.events.count(self.model, only_drift=True),
+            "last_job": self.events.get_state(self._key("job")),
+            "last_skip": self.events.get_state(self._key("last_skip")),
+            "load_error": self.load_error,
+            "config": self.config.to_dict(),
+        }
+
+    def ping(self) -> str:
+        return "ok"
+
+
+def _monitor_metrics() -> dict[str, Any] | None:
+    """Counters on Ray's metrics endpoint, when running inside Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    from ray.util import metrics
+
+    keys = ("model", "detector")
+    return {
+        "tests": metrics.Counter("raywatch_drift_tests_total", description="drift tests run", tag_keys=keys),
+        "drift": metrics.Counter(
+            "raywatch_drift_detected_total", description="drift tests that found drift", tag_keys=keys
+        ),
+        "jobs": metrics.Counter(
+            "raywatch_retrain_jobs_total", description="retraining jobs submitted", tag_keys=("model",)
+        ),
+    }
+
+
+def get_or_create(
+    model: str,
+    config: dict[str, Any] | None = None,
+    state_dir_path: str | None = None,
+    tracking_uri: str | None = None,
+) -> Any:
+    """The named, detached monitor actor of `model`, created when missing. It restarts on failure
+    (max_restarts=-1) and calls made while it restarts are retried (max_task_retries=-1)."""
+    import ray
+
+    actor_cls = ray.remote(DriftMonitor).options(
+        name=monitor_name(model),
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        max_task_retries=-1,
+        num_cpus=0,
+        max_concurrency=1,
+    )
+    return actor_cls.remote(
+        model,
+        config,
+        state_dir_path or str(state_dir()),
+        tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+    )
+
+
+def find(model: str) -> Any | None:
+    import ray
+
+    try:
+        return ray.get_actor(monitor_name(model), namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def stop_all(models: tuple[str, ...] = ("ensemble", "lstm", "autoencoder")) -> list[str]:
+    """Kill the monitor actors (detached: they outlive the Serve app). Their state stays in SQLite."""
+    import ray
+
+    stopped = []
+    for model in models:
+        actor = find(model)
+        if actor is not None:
+            ray.kill(actor, no_restart=True)
+            stopped.append(monitor_name(model))
+    return stopped

@@ -1,0 +1,190 @@
+"""Durable state of the serving and monitoring loop, in one SQLite file: feedback labels, drift
+references, the served observations the drift monitors saw, and retraining decisions.
+
+Every write commits (synchronous=FULL) before the caller answers, so an accepted label, observation
+or decision survives a crash or restart. Location: $RAYWATCH_STATE_DIR (default ./.raywatch)/serving.db.
+Serving, the monitors (Ray actors) and the retraining jobs (other processes) share the file; WAL
+mode lets them read while one writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STATE_DIR_ENV = "RAYWATCH_STATE_DIR"
+
+
+def state_dir() -> Path:
+    path = Path(os.environ.get(STATE_DIR_ENV, Path.cwd() / ".raywatch"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS feedback (id INTEGER PRIMARY KEY, received REAL, entity TEXT,
+       ts TEXT, label INTEGER, detector TEXT)""",
+    "CREATE INDEX IF NOT EXISTS feedback_entity_ts ON feedback (entity, ts)",
+    """CREATE TABLE IF NOT EXISTS drift_reference (id INTEGER PRIMARY KEY, created REAL, model TEXT,
+       entity TEXT, rows INTEGER, sample TEXT)""",
+    """CREATE TABLE IF NOT EXISTS observations (id INTEGER PRIMARY KEY, received REAL, model TEXT, entity TEXT,
+       ts TEXT, vals TEXT, score REAL, is_anomaly INTEGER, path TEXT)""",
+    "CREATE INDEX IF NOT EXISTS observations_model_entity ON observations (model, entity, id)",
+    """CREATE TABLE IF NOT EXISTS retrain_decisions (id INTEGER PRIMARY KEY, created REAL, model TEXT,
+       job_id TEXT, promoted INTEGER, champion TEXT, challenger TEXT, reason TEXT, details TEXT)""",
+)
+
+
+class ServingStore:
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path else state_dir() / "serving.db"
+        self._lock = threading.Lock()
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            for statement in _SCHEMA:
+                db.execute(statement)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30)
+        db.execute("PRAGMA synchronous=FULL")
+        return db
+
+    # -- feedback labels -----------------------------------------------------------------------------------
+    def add_feedback(self, entity: str, ts: Any, label: int, detector: str | None) -> int:
+        with self._lock, self._connect() as db:
+            cur = db.execute(
+                "INSERT INTO feedback (received, entity, ts, label, detector) VALUES (?, ?, ?, ?, ?)",
+                (time.time(), entity, str(ts), int(label), detector),
+            )
+            return int(cur.lastrowid)
+
+    def feedback(self, limit: int = 1000) -> list[dict[str, Any]]:
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT id, received, entity, ts, label, detector FROM feedback ORDER BY id DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [dict(zip(("id", "received", "entity", "timestamp", "label", "detector"), r)) for r in rows]
+
+    def labels(self, entity: str, timestamps: Iterable[str]) -> dict[str, int]:
+        """The latest feedback label for each of the entity's timestamps that has one."""
+        wanted = {str(t) for t in timestamps}
+        with self._connect() as db:
+            rows = db.execute("SELECT ts, label FROM feedback WHERE entity=? ORDER BY id", (entity,)).fetchall()
+        return {ts: int(label) for ts, label in rows if ts in wanted}
+
+    # -- drift references ----------------------------------------------------------------------------------
+    def set_reference(self, model: str, entity: str, sample: list[list[float]]) -> int:
+        with self._lock, self._connect() as db:
+            cur = db.execute(
+                "INSERT INTO drift_reference (created, model, entity, rows, sample) VALUES (?, ?, ?, ?, ?)",
+                (time.time(), model, entity, len(sample), json.dumps(sample)),
+            )
+            return int(cur.lastrowid)
+
+    def reference(self, model: str, entity: str, since: float = 0.0) -> list[list[float]] | None:
+        """The newest reference set through the admin API for (model, entity), if set after `since`."""
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT sample FROM drift_reference WHERE model=? AND entity=? AND created>=? ORDER BY id DESC LIMIT 1",
+                (model, entity, since),
+            ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    # -- served observations (what the drift monitors saw; what retraining learns from) -------------------------
+    def add_observations(self, model: str, items: list[dict[str, Any]]) -> int:
+        """items: {entity, timestamp, values, score?, is_anomaly?, path?}; returns the last row id."""
+        now = time.time()
+        rows = [
+            (
+                now,
+                model,
+                it["entity"],
+                None if it.get("timestamp") is None else str(it["timestamp"]),
+                json.dumps([float(v) for v in it["values"]]),
+                it.get("score"),
+                None if it.get("is_anomaly") is None else int(bool(it["is_anomaly"])),
+                it.get("path"),
+            )
+            for it in items
+        ]
+        with self._lock, self._connect() as db:
+            db.executemany(
+                "INSERT INTO observations (received, model, entity, ts, vals, score, is_anomaly, path)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            return int(db.execute("SELECT MAX(id) FROM observations").fetchone()[0] or 0)
+
+    def observations(self, model: str, entity: str, after_id: int = 0, limit: int | None = None) -> dict[str, Any]:
+        """The entity's observations after `after_id` in arrival order (the newest `limit` when given):
+        {ids, timestamps, values (n x d), scores, is_anomaly, paths}."""
+        query = "SELECT id, ts, vals, score, is_anomaly, path FROM observations WHERE model=? AND entity=? AND id>?"
+        if limit is not None:
+            query = f"SELECT * FROM ({query} ORDER BY id DESC LIMIT {int(limit)})"
+        with self._connect() as db:
+            rows = db.execute(query + " ORDER BY id", (model, entity, after_id)).fetchall()
+        return {
+            "ids": [r[0] for r in rows],
+            "timestamps": [r[1] for r in rows],
+            "values": np.array([json.loads(r[2]) for r in rows], dtype=np.float64),
+            "scores": np.array([np.nan if r[3] is None else r[3] for r in rows], dtype=np.float64),
+            "is_anomaly": [None if r[4] is None else bool(r[4]) for r in rows],
+            "paths": [r[5] for r in rows],
+        }
+
+    def observed_entities(self, model: str) -> dict[str, int]:
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT entity, COUNT(*) FROM observations WHERE model=? GROUP BY entity", (model,)
+            ).fetchall()
+        return {e: int(n) for e, n in rows}
+
+    def prune_observations(self, model: str, entity: str, keep: int) -> None:
+        with self._lock, self._connect() as db:
+            db.execute(
+                "DELETE FROM observations WHERE model=? AND entity=? AND id <= "
+                "(SELECT id FROM observations WHERE model=? AND entity=? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (model, entity, model, entity, keep),
+            )
+
+    # -- retraining decisions --------------------------------------------------------------------------------
+    def add_decision(
+        self,
+        model: str,
+        job_id: str | None,
+        promoted: bool,
+        champion: str | None,
+        challenger: str | None,
+        reason: str,
+        details: dict[str, Any],
+    ) -> int:
+        with self._lock, self._connect() as db:
+            cur = db.execute(
+                "INSERT INTO retrain_decisions (created, model, job_id, promoted, champion, challenger, reason, details)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (time.time(), model, job_id, int(promoted), champion, challenger, reason, json.dumps(details)),
+            )
+            return int(cur.lastrowid)
+
+    def decisions(self, model: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+        query = (
+            "SELECT id, created, model, job_id, promoted, champion, challenger, reason, details FROM retrain_decisions"
+        )
+        args: tuple = ()
+        if model:
+            query, args = query + " WHERE model=?", (model,)
+        with self._connect() as db:
+            rows = db.execute(query + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+        keys = ("id", "time", "model", "job_id", "promoted", "champion", "challenger", "reason", "details")
+        out = [dict(zip(keys, r)) for r in rows]
+        for d in out:
+            d["promoted"], d["details"] = bool(d["promoted"]), json.loads(d["details"])
+        return out
