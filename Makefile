@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?= $(firstword $(wildcard ../shared/data shared/data))
 
-.PHONY: install demo test lint clean bench-compression
+.PHONY: install demo test lint clean bench-compression bench-drift
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: $(STAMP)
 # trains the three detectors into runs/bench (its own MLflow store) when missing, then compresses them
 bench-compression: $(STAMP)
 	RAYWATCH_DATA=$(abspath $(DATA)) $(BIN)/python benchmarks/compression.py --workdir runs/bench
+
+# drift tests (false-drift rate, detection delay), then the timed retraining loop on a local head
+bench-drift: $(STAMP)
+	RAYWATCH_DATA=$(abspath $(DATA)) $(BIN)/python benchmarks/drift.py
+	RAYWATCH_DATA=$(abspath $(DATA)) $(BIN)/python benchmarks/drift_loop.py --workdir runs/bench-loop
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

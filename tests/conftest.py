@@ -19,74 +19,26 @@ def data_dir() -> Path:
     return default_data_dir()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """A real Ray head started as an operator would (`ray start --head`, token authentication on, as
-    Ray 2.60 keeps it), on free ports, with its dashboard and job server; the tests connect to it.
-
-    `ray start --block` runs in its own process group, so stopping it stops this cluster only
-    (never `ray stop`, which would stop every Ray instance on the machine)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
+    Ray 2.60 keeps it), on free ports, with its dashboard and job server; the tests connect to it."""
     import ray
 
+    from cluster.local import LocalHead
     from train.pipeline import TRAIN_POLL_ENV
 
     os.environ.setdefault(TRAIN_POLL_ENV, "0.2")
-    port, dashboard = _free_port(), _free_port()
-    log_path = tmp_path_factory.mktemp("ray-head") / "ray-start.log"
-    head = subprocess.Popen(
-        [
-            os.path.join(os.path.dirname(sys.executable), "ray"),
-            "start",
-            "--head",
-            "--block",
-            f"--port={port}",
-            f"--dashboard-port={dashboard}",
-            # the agents' fixed default ports would clash with any other Ray on this machine
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
-            "--num-cpus=2",
-            "--include-dashboard=true",
-            "--disable-usage-stats",
-        ],
-        stdout=open(log_path, "w"),  # noqa: SIM115
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 180
-    while "Ray runtime started" not in log_path.read_text():  # connect once it is up: a failed
-        if time.monotonic() > deadline or head.poll() is not None:  # ray.init leaves state behind
-            os.killpg(head.pid, signal.SIGKILL)
-            raise RuntimeError(f"`ray start --head` did not start: {log_path.read_text()[-2000:]}")
-        time.sleep(0.5)
+    head = LocalHead(num_cpus=2, log_path=tmp_path_factory.mktemp("ray-head") / "ray-start.log").start()
     try:
-        ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
+        ray.init(address=head.address, log_to_driver=False)
     except Exception:
-        os.killpg(head.pid, signal.SIGKILL)
+        head.stop(kill=True)
         raise
-    os.environ["RAYWATCH_JOB_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
+    os.environ["RAYWATCH_JOB_ADDRESS"] = head.dashboard_url
     yield ray
     ray.shutdown()
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(90)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+    head.stop()
 
 
 @pytest.fixture()

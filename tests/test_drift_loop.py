@@ -54,7 +54,7 @@ def loop(data_dir, ray_cluster, tmp_path_factory):
     client = httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=60)
     yield client, series, workdir
     client.close()
-    serve.delete("raywatch-loop")
+    serve.shutdown()  # the next module starts Serve with its own HTTP options
     monitor.stop_all()
     for k, v in saved.items():
         if v is None:

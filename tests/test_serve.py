@@ -48,7 +48,7 @@ def served(data_dir, ray_cluster, tmp_path_factory):
     client = httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=30)
     yield client, series
     client.close()
-    serve.delete("raywatch")
+    serve.shutdown()  # the next module starts Serve with its own HTTP options
     from detect import monitor
 
     monitor.stop_all()  # detached actors outlive the app
