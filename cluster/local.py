@@ -78,10 +78,19 @@ class LocalHead:
         return self
 
     def stop(self, kill: bool = False, timeout_s: float = 90) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGKILL if kill else signal.SIGTERM)
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self._forget_address()
+
+    def _forget_address(self) -> None:
+        """`ray start` records its address for `ray.init()` (as `ray stop` would, drop it once gone),
+        so that a later `ray.init()` or `serve run` starts a fresh Ray instead of waiting on this one."""
+        from ray._private.utils import get_ray_address_file
+
+        path = Path(get_ray_address_file(None))
+        if path.exists() and path.read_text().strip().endswith(f":{self.port}"):
+            path.unlink(missing_ok=True)
