@@ -204,3 +204,13 @@ def inject_drift(
                 x = x + magnitude * std * np.sin(2 * np.pi * np.arange(len(x)) / period + phase)
             out.iloc[after, col] = x
     return out
+
+
+def machine_days(
+    days: int, seed: int = 7, exclude: tuple[str, ...] = ("disk_usage",), steps_per_day: int = 1440
+) -> tuple[str, list[str], np.ndarray]:
+    """One synthetic machine without incidents, `days` days of 1-minute samples: (entity, metrics, rows).
+    `disk_usage` is left out by default: its fill trend is a distribution change by construction."""
+    metrics = [m for m in METRICS if m not in exclude]
+    fleet = generate_fleet(n_machines=1, n_steps=days * steps_per_day, metrics=metrics, incidents=False, seed=seed)
+    return str(fleet.frame["entity"].iloc[0]), metrics, fleet.frame[metrics].to_numpy()

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import mlflow
-
-from detect.bundle import ModelBundle
 from detect.data import Series
 from detect.ensemble import EnsembleDetector
 from detect.sequence import AutoencoderDetector, LSTMDetector
 from train import registry
-from train.compress import export_graphs
-from train.pipeline import drift_reference
+from train.pipeline import register_fitted
 
 
 def register_small_models(
@@ -30,17 +26,11 @@ def register_small_models(
             else:
                 cls = AutoencoderDetector if kind == "autoencoder" else LSTMDetector
                 det = cls(epochs=1, hidden=16, seed=v).fit(train, series.metrics)
-            reference, reference_scores = drift_reference(det, test[:half] if kind == "ensemble" else train)
-            bundle = ModelBundle(
+            register_fitted(
                 kind,
                 {series.name: det},
                 {series.name: series.metrics},
-                {series.name: reference},
-                graphs={series.name: export_graphs(det)},
-                info={"variant": "fp32"},
-                reference_scores={series.name: reference_scores},
+                {series.name: test[:half] if kind == "ensemble" else train},
+                promote=v == 0,
+                run_name=f"test-{kind}-{v}",
             )
-            with mlflow.start_run(run_name=f"test-{kind}-{v}") as run:
-                version = registry.register_bundle(bundle, run.info.run_id)
-            if v == 0:
-                registry.promote(kind, version)

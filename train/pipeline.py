@@ -77,6 +77,41 @@ def drift_reference(det: Any, rows: np.ndarray, n: int = REFERENCE_ROWS) -> tupl
     return rows[idx], np.asarray(det.score(rows), dtype=np.float64)[idx]
 
 
+def register_fitted(
+    kind: str,
+    detectors: dict[str, Any],
+    metrics: dict[str, list[str]],
+    fitted_on: dict[str, np.ndarray],
+    promote: bool = True,
+    run_name: str | None = None,
+) -> str:
+    """Register detectors fitted elsewhere (in-process, small) as one version, with the drift references
+    and ONNX graphs a trained version has; the first version (or `promote`) becomes champion."""
+    import mlflow
+
+    from train import registry
+    from train.compress import export_graphs
+
+    references, scores = {}, {}
+    for entity, det in detectors.items():
+        references[entity], scores[entity] = drift_reference(det, fitted_on[entity])
+    bundle = ModelBundle(
+        kind,
+        detectors,
+        metrics,
+        references,
+        graphs={e: export_graphs(d) for e, d in detectors.items()},
+        info={"variant": "fp32", "trained_at": time.time()},
+        reference_scores=scores,
+    )
+    registry.setup()
+    with mlflow.start_run(run_name=run_name or f"register-{kind}") as run:
+        version = registry.register_bundle(bundle, run.info.run_id)
+    if promote:
+        registry.promote(kind, version)
+    return version
+
+
 def _eval_unsupervised(series: Series, det: Any) -> dict[str, Any]:
     test = series.test[series.metrics].to_numpy()
     scores = det.score(test)

@@ -1,0 +1,204 @@
+"""Local lifecycle: `raywatch up` / `status` / `down`.
+
+`up` starts a local Ray head (`ray start --head` with the dashboard and job server, on free ports)
+or joins $RAY_ADDRESS, trains small models if the registry has none, deploys the Serve app, starts
+the drift monitors and prints where everything is. What it started is recorded in
+$RAYWATCH_STATE_DIR/up.json, so `down` stops exactly that and nothing else (a joined cluster, or
+any other Ray on the machine, is left alone).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from detect.state import state_dir
+
+APP = "raywatch"
+HIGH_THROUGHPUT_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+}
+
+
+def _state_file() -> Path:
+    return state_dir() / "up.json"
+
+
+def read_state() -> dict[str, Any] | None:
+    path = _state_file()
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _alive(pgid: int | None) -> bool:
+    if not pgid:
+        return False
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _connect(state: dict[str, Any]) -> str | None:
+    """Connect this process to the cluster; returns its dashboard URL when Ray reports one."""
+    import ray
+
+    if ray.is_initialized():
+        return state.get("dashboard")
+    context = ray.init(address=state["address"], log_to_driver=False, namespace="raywatch")
+    url = getattr(context, "dashboard_url", None)
+    return f"http://{url}" if url and "://" not in url else url
+
+
+def up(
+    data_dir: str | None = None,
+    entities: list[str] | None = None,
+    port: int = 8000,
+    mode: str = "high-throughput",
+    epochs: int | None = None,
+    monitor: dict[str, Any] | None = None,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Start (or join) Ray, make sure every model has a champion, deploy the app and the monitors."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # read once per process, before ray is imported
+    if mode == "high-throughput":
+        for key, value in HIGH_THROUGHPUT_ENV.items():
+            os.environ.setdefault(key, value)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    os.environ.setdefault("RAYWATCH_STATE_DIR", str(state_dir()))
+    from cluster.local import LocalHead
+
+    state = read_state()
+    if os.environ.get("RAY_ADDRESS"):
+        state = {"address": os.environ["RAY_ADDRESS"], "started_head": False, "dashboard": None}
+        progress(f"joining the Ray cluster at {state['address']}")
+    elif state and state.get("started_head") and _alive(state.get("pgid")):
+        progress(f"reusing the local Ray head started by an earlier `raywatch up` ({state['address']})")
+    else:
+        progress("starting a local Ray head (ray start --head, token authentication on)")
+        head = LocalHead(num_cpus=os.cpu_count() or 2, log_path=state_dir() / "ray-head.log")
+        head.start(env=HIGH_THROUGHPUT_ENV if mode == "high-throughput" else {"RAY_SERVE_ENABLE_HA_PROXY": "0"})
+        state = {
+            "address": head.address,
+            "dashboard": head.dashboard_url,
+            "port": head.port,
+            "pgid": head.process.pid,
+            "started_head": True,
+        }
+    state.update(serve_port=port, mode=mode, state_dir=str(state_dir()), tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    _state_file().write_text(json.dumps(state, indent=2))  # written now: `down` can clean up a failed `up`
+    dashboard = _connect(state)
+    from ray import serve
+
+    from detect import monitor as monitors
+    from serve.app import build_app
+    from train import registry
+    from train.pipeline import MODELS, train_model
+
+    state["dashboard"] = state.get("dashboard") or dashboard
+    for model in MODELS:
+        if registry.alias_version(model, registry.CHAMPION) is None:
+            progress(f"no {model} champion in {registry.tracking_uri()}: training one")
+            overrides = {"epochs": epochs} if epochs else {}
+            train_model(model, data_dir, entities, overrides, progress=progress)
+    progress(f"deploying the Serve app on 127.0.0.1:{port} ({mode} mode)")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app_args = {"reload_interval_s": 1.0, "state_dir": str(state_dir()), "monitor": monitor or {}}
+    serve.run(build_app(app_args), name=APP, route_prefix="/")
+    for model in MODELS:
+        monitors.get_or_create(model, (monitor or {}).get("config"), str(state_dir()))
+    _state_file().write_text(json.dumps(state, indent=2))
+    return state
+
+
+def urls(state: dict[str, Any]) -> dict[str, str]:
+    base = f"http://127.0.0.1:{state['serve_port']}"
+    return {
+        "api": f"{base}/v1/score",
+        "docs": f"{base}/docs",
+        "dashboard": state.get("dashboard") or "(the cluster's dashboard)",
+        "mlflow": f"mlflow ui --backend-store-uri {state['tracking_uri']}",
+    }
+
+
+def status() -> dict[str, Any]:
+    """Deployments and replicas, model versions, recent drift events, jobs."""
+    state = read_state()
+    if state is None:
+        raise RuntimeError(f"raywatch is not up here (no {_state_file()}); run `raywatch up`")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ["MLFLOW_TRACKING_URI"] = state["tracking_uri"]
+    _connect(state)
+    from ray import serve
+
+    from cluster import jobs
+    from detect.drift import DriftEventStore
+    from train import registry
+    from train.pipeline import MODELS
+
+    out: dict[str, Any] = {"state": state}
+    try:
+        app = serve.status().applications.get(APP)
+        out["deployments"] = (
+            {name: {"status": str(d.status), "replicas": dict(d.replica_states)} for name, d in app.deployments.items()}
+            if app
+            else {}
+        )
+    except Exception as exc:
+        out["deployments"] = {"error": str(exc)}
+    out["models"] = {m: registry.versions(m) for m in MODELS}
+    out["drift_events"] = DriftEventStore(Path(state["state_dir"]) / "drift.db").events(only_drift=True, limit=10)
+    try:
+        out["jobs"] = jobs.list_jobs(state.get("dashboard"))
+    except Exception as exc:
+        out["jobs"] = [{"error": str(exc)}]
+    return out
+
+
+def down(progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Stop what `up` started: the Serve app, the monitors, and the local head if `up` started it."""
+    state = read_state()
+    if state is None:
+        progress("nothing to stop: raywatch is not up here")
+        return {"stopped": []}
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    stopped = []
+    head_alive = state.get("started_head") and _alive(state.get("pgid"))
+    if head_alive or not state.get("started_head"):
+        try:
+            _connect(state)
+            import ray
+            from ray import serve
+
+            from detect import monitor as monitors
+
+            serve.shutdown()
+            stopped.append("serve")
+            stopped += monitors.stop_all()
+            ray.shutdown()
+        except Exception as exc:
+            progress(f"could not reach the cluster to stop Serve: {exc}")
+    if head_alive:
+        from cluster.local import LocalHead
+
+        head = LocalHead(port=state["port"])
+        head.process = None
+        os.killpg(state["pgid"], signal.SIGTERM)
+        deadline = time.monotonic() + 90
+        while _alive(state["pgid"]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if _alive(state["pgid"]):
+            os.killpg(state["pgid"], signal.SIGKILL)
+        head._forget_address()
+        stopped.append(f"ray head {state['address']}")
+    _state_file().unlink(missing_ok=True)
+    for item in stopped:
+        progress(f"stopped {item}")
+    return {"stopped": stopped}
