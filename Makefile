@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/raywatch evaluate --data $(DATA) --detectors pca,iforest,ecod,autoencoder,lstm,ensemble --out runs/demo/evaluation.json
+	$(BIN)/raywatch demo --data $(DATA)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -219,6 +219,49 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    from cluster.lifecycle import up, urls
+
+    state = up(args.data, args.entities.split(",") if args.entities else None, args.port, args.mode, args.epochs)
+    for name, url in urls(state).items():
+        print(f"{name:10s} {url}")
+    print("status: raywatch status    stop: raywatch down")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from cluster.lifecycle import status
+
+    out = status()
+    print(f"Ray: {out['state']['address']}  dashboard: {out['state'].get('dashboard')}")
+    for name, dep in out["deployments"].items():
+        print(f"  deployment {name}: {dep}")
+    for model, rows in out["models"].items():
+        listed = ", ".join(f"v{r['version']}" + (f"[{','.join(r['aliases'])}]" if r["aliases"] else "") for r in rows)
+        print(f"  {model}: {listed or 'no versions'}")
+    print(f"recent drift events: {len(out['drift_events'])}")
+    for e in out["drift_events"][:5]:
+        print(f"  #{e['id']} {e['model']} {e['entity']} {e['detector']} p={e['p_value']} {e['drifted_features']}")
+    print("jobs:")
+    for job in out["jobs"][-5:]:
+        print(f"  {job}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from cluster.lifecycle import down
+
+    down()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cluster.demo import run_demo
+
+    run_demo(args.data, args.workdir, args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raywatch", description="Incident detection for server telemetry on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -295,6 +338,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", default="fleet.csv")
     gen.set_defaults(func=cmd_generate)
+
+    u = sub.add_parser("up", help="start a local Ray head (or join RAY_ADDRESS), train if needed, serve, monitor")
+    u.add_argument("--data", help="training data when the registry has no champion (default: the shipped sets)")
+    u.add_argument("--entities", help="comma-separated entities to train on (default: all)")
+    u.add_argument("--port", type=int, default=8000)
+    u.add_argument("--mode", choices=["high-throughput", "default"], default="high-throughput")
+    u.add_argument("--epochs", type=int, help="epochs for models trained by `up`")
+    u.set_defaults(func=cmd_up)
+    st = sub.add_parser("status", help="deployments, replicas, model versions, drift events and jobs")
+    st.set_defaults(func=cmd_status)
+    dn = sub.add_parser("down", help="stop what `raywatch up` started, and nothing else")
+    dn.set_defaults(func=cmd_down)
+    de = sub.add_parser("demo", help="the whole platform on this machine: evaluate, up, replay with drift, retrain")
+    de.add_argument("--data", help="the shipped benchmark sets (default $RAYWATCH_DATA or ../shared/data)")
+    de.add_argument("--workdir", default="runs/demo", help="the demo's own registry, state and data (recreated)")
+    de.add_argument("--port", type=int, default=8000)
+    de.set_defaults(func=cmd_demo)
     return parser
 
 

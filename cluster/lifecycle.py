@@ -3,7 +3,7 @@
 `up` starts a local Ray head (`ray start --head` with the dashboard and job server, on free ports)
 or joins $RAY_ADDRESS, trains small models if the registry has none, deploys the Serve app, starts
 the drift monitors and prints where everything is. What it started is recorded in
-$RAYWATCH_STATE_DIR/up.json, so `down` stops exactly that and nothing else (a joined cluster, or
+./.raywatch/up.json, so `down` stops exactly that and nothing else (a joined cluster, or
 any other Ray on the machine, is left alone).
 """
 
@@ -28,7 +28,10 @@ HIGH_THROUGHPUT_ENV = {
 
 
 def _state_file() -> Path:
-    return state_dir() / "up.json"
+    """Where `up` records what it started: ./.raywatch/up.json (the registry and state it used are in it)."""
+    path = Path(os.environ.get("RAYWATCH_HOME", ".")) / ".raywatch" / "up.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def read_state() -> dict[str, Any] | None:

@@ -199,7 +199,7 @@ class DriftMonitor:
             cursors[entity] = obs["ids"][stop - 1]
             self.events.set_state(self._key("cursors"), cursors)  # after the events: a crash re-tests, never skips
             out += [{**r.to_dict(), "id": i} for r, i in zip(results, ids)]
-            self._after_tests(entity, results, ids)
+            self._after_tests(entity, results, ids, since_id=obs["ids"][start])
             start = stop
         if obs["ids"]:
             self.store.prune_observations(self.model, entity, self.config.keep_observations)
@@ -245,13 +245,16 @@ class DriftMonitor:
                 self._metrics["drift"].inc(tags=tags)
 
     # -- retraining --------------------------------------------------------------------------------------
-    def _after_tests(self, entity: str, results: list[Any], ids: list[int]) -> None:
+    def _after_tests(self, entity: str, results: list[Any], ids: list[int], since_id: int | None = None) -> None:
         drifted = [(r, i) for r, i in zip(results, ids) if r.is_drift and r.detector in self.config.retrain_on]
         if drifted and self.config.retrain:
-            self.maybe_retrain(entity, [r.detector for r, _ in drifted], [i for _, i in drifted])
+            self.maybe_retrain(entity, [r.detector for r, _ in drifted], [i for _, i in drifted], since_id)
 
-    def maybe_retrain(self, entity: str, detectors: list[str], event_ids: list[int]) -> dict[str, Any]:
-        """Submit a retraining job unless one is running or the cooldown has not passed; the outcome is kept."""
+    def maybe_retrain(
+        self, entity: str, detectors: list[str], event_ids: list[int], since_id: int | None = None
+    ) -> dict[str, Any]:
+        """Submit a retraining job unless one is running or the cooldown has not passed; the outcome is kept.
+        `since_id`: the first served row of the drifted window; the challenger learns from that row on."""
         from cluster import jobs
 
         last = self.events.get_state(self._key("job"))
@@ -267,7 +270,8 @@ class DriftMonitor:
                 return self._skip(
                     f"cooldown: last job {now - last['submitted']:.0f} s ago (< {self.config.cooldown_s:.0f} s)"
                 )
-        entrypoint = jobs.retrain_entrypoint(self.model, [entity], self.config.retrain_args)
+        since = ["--since-id", str(since_id)] if since_id else []
+        entrypoint = jobs.retrain_entrypoint(self.model, [entity], [*since, *self.config.retrain_args])
         submission_id = f"raywatch-retrain-{self.model}-{int(now * 1000)}"
         try:
             job_id = jobs.submit(

@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     retrain.add_argument("--margin", type=float, default=0.02, help="relative improvement needed to promote")
     retrain.add_argument("--recent-rows", type=int, default=5000, help="newest served rows per entity to use")
     retrain.add_argument("--cpus-per-worker", type=float, help="CPUs per Ray Train worker (fractional allowed)")
+    retrain.add_argument("--since-id", type=int, help="learn only from served rows from this observation id on")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     entities = args.entities.split(",") if args.entities else None
@@ -298,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             entities,
             margin=args.margin,
             recent_rows=args.recent_rows,
+            since_id=args.since_id,
             epochs=args.epochs,
             cpus_per_worker=args.cpus_per_worker,
             job_id=job_id_from_env(),

@@ -5,17 +5,19 @@ Run by the drift monitors through Ray's job submission API, or by hand:
 
     ray job submit -- python -m train.pipeline --model autoencoder --retrain --entities asd/omi-2
 
-Recent data is what serving saw (`detect.state` observations, in arrival order). Per entity, the
-older part (`fit_fraction`, default 60%) trains the challenger and the newer part is the evaluation
-window, which neither model has learned from. Both models score the whole recent series (so windows
+Recent data is what serving saw (`detect.state` observations, in arrival order); with `since_id`
+(the first row of the drifted window, passed by the monitor) only what came after the drift began.
+Per entity, the older part (`fit_fraction`, default 60%) trains the challenger and the newer part
+is the evaluation window, which neither model has learned from. Both models score the whole recent series (so windows
 have their context) and are compared on the evaluation window:
 
 - with feedback labels of both classes in it: PR-AUC (F1 at each model's own threshold is reported);
 - otherwise (no labels, or only normal ones, which is what a drifted but healthy fleet produces):
   specificity, 1 - the share of rows the model flags, over the rows not labelled as incidents.
 
-The challenger is promoted when its figure is at least (1 + margin) times the champion's (margin
-default 2%), averaged over the retrained entities. Entities without enough recent data keep the
+The challenger is promoted when, averaged over the retrained entities, its PR-AUC is at least
+(1 + margin) times the champion's, or its specificity (a rate) is at least `margin` higher in
+absolute terms (margin default 0.02: 2%, or 2 points of specificity). Entities without enough recent data keep the
 champion's detector inside the challenger version. The decision and its figures are logged to
 MLflow (tags on the run and the version) and stored in `detect.state` for `/v1/models`.
 """
@@ -99,6 +101,7 @@ def retrain(
     margin: float = 0.02,
     fit_fraction: float = 0.6,
     recent_rows: int = 5000,
+    since_id: int | None = None,
     epochs: int | None = None,
     cpus_per_worker: float | None = None,
     job_id: str | None = None,
@@ -136,7 +139,7 @@ def retrain(
             {"model": model, "entities": ",".join(wanted), "margin": margin, "fit_fraction": fit_fraction}
         )
         for entity in wanted:
-            obs = store.observations(model, entity, limit=recent_rows)
+            obs = store.observations(model, entity, after_id=max((since_id or 0) - 1, 0), limit=recent_rows)
             n = len(obs["ids"])
             if n < MIN_ROWS:
                 figures[entity] = {"skipped": f"{n} recent rows (< {MIN_ROWS})"}
@@ -177,16 +180,21 @@ def retrain(
             )
         compared = [f for f in figures.values() if "challenger" in f and f["champion"]["value"] is not None]
         if not compared:
+            skipped = "; ".join(f"{e}: {f['skipped']}" for e, f in figures.items() if "skipped" in f)
             decision = {
                 "promoted": False,
-                "reason": "no entity had enough recent data to retrain on",
+                "reason": f"no challenger trained ({skipped or 'no recent data'})",
                 "challenger": None,
             }
         else:
             champ = float(np.mean([f["champion"]["value"] for f in compared]))
             chal = float(np.mean([f["challenger"]["value"] for f in compared]))
-            better = chal >= champ * (1 + margin) and chal > champ
             metric = compared[0]["champion"]["metric"]
+            # PR-AUC: a relative margin; specificity is a rate near 0 or 1, so its margin is in points
+            if metric == "specificity":
+                better = chal >= champ + margin
+            else:
+                better = chal >= champ * (1 + margin) and chal > champ
             reason = (
                 f"challenger {metric} {chal:.3f} vs champion {champ:.3f}: "
                 + ("better" if better else "not better")
