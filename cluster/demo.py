@@ -201,6 +201,11 @@ def run_demo(
     decisions = {m: v.get("retraining") for m, v in models.items()}
     after = {m: v["slots"].get("champion", {}).get("version") for m, v in models.items()}
 
+    events = [
+        e
+        for e in client.get("/v1/drift", params={"only_drift": True, "limit": 1000}).json()["events"]
+        if e["time"] >= t_drift
+    ]
     quality = _quality(normal, labels[2 * DAY : 3 * DAY])
     lat = np.array(lat_normal + lat_drift)
     summary = {
