@@ -181,16 +181,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-HIGH_THROUGHPUT_ENV = {
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
-}
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
     import time
+
+    from cluster.lifecycle import HIGH_THROUGHPUT_ENV
 
     if args.mode == "high-throughput":
         # read at import time by Ray Serve and inherited by the controller and replicas: set before ray.init
