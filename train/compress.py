@@ -636,3 +636,17 @@ def _variant_bundle(
         info={**bundle.info, "variant": variant, "source_version": source_version},
         graphs=graphs,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m train.compress --model M [...]`: the `raywatch compress` command, runnable as a Ray job
+    (`ray job submit --working-dir . -- python -m train.compress --model lstm`)."""
+    import sys
+
+    from cluster.cli import main as cli_main
+
+    return cli_main(["compress", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
