@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cluster.local import LocalHead, group_alive
 from detect.state import state_dir
 
 APP = "raywatch"
@@ -37,16 +36,6 @@ def _state_file() -> Path:
 def read_state() -> dict[str, Any] | None:
     path = _state_file()
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def _alive(pgid: int | None) -> bool:
-    if not pgid:
-        return False
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def _connect(state: dict[str, Any]) -> str | None:
@@ -76,13 +65,11 @@ def up(
             os.environ.setdefault(key, value)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     os.environ.setdefault("RAYWATCH_STATE_DIR", str(state_dir()))
-    from cluster.local import LocalHead
-
     state = read_state()
     if os.environ.get("RAY_ADDRESS"):
         state = {"address": os.environ["RAY_ADDRESS"], "started_head": False, "dashboard": None}
         progress(f"joining the Ray cluster at {state['address']}")
-    elif state and state.get("started_head") and _alive(state.get("pgid")):
+    elif state and state.get("started_head") and group_alive(state.get("pgid")):
         progress(f"reusing the local Ray head started by an earlier `raywatch up` ({state['address']})")
     else:
         progress("starting a local Ray head (ray start --head, token authentication on)")
@@ -173,7 +160,7 @@ def down(progress: Callable[[str], None] = print) -> dict[str, Any]:
         return {"stopped": []}
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     stopped = []
-    head_alive = state.get("started_head") and _alive(state.get("pgid"))
+    head_alive = state.get("started_head") and group_alive(state.get("pgid"))
     if head_alive or not state.get("started_head"):
         try:
             _connect(state)
@@ -189,17 +176,7 @@ def down(progress: Callable[[str], None] = print) -> dict[str, Any]:
         except Exception as exc:
             progress(f"could not reach the cluster to stop Serve: {exc}")
     if head_alive:
-        from cluster.local import LocalHead
-
-        head = LocalHead(port=state["port"])
-        head.process = None
-        os.killpg(state["pgid"], signal.SIGTERM)
-        deadline = time.monotonic() + 90
-        while _alive(state["pgid"]) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        if _alive(state["pgid"]):
-            os.killpg(state["pgid"], signal.SIGKILL)
-        head._forget_address()
+        LocalHead(port=state["port"], pgid=state["pgid"]).stop()
         stopped.append(f"ray head {state['address']}")
     _state_file().unlink(missing_ok=True)
     for item in stopped:

@@ -20,6 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+def group_alive(pgid: int | None) -> bool:
+    """Whether any process of the process group is still running."""
+    if not pgid:
+        return False
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -29,10 +40,11 @@ def free_port() -> int:
 @dataclass
 class LocalHead:
     num_cpus: int = 2
-    log_path: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="raywatch-head-")) / "ray-start.log")
+    log_path: Path | None = None  # default: a new temporary folder, made by start()
     port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    pgid: int | None = None  # the head's process group: set by start(), or recorded by `raywatch up`
 
     @property
     def address(self) -> str:
@@ -45,6 +57,8 @@ class LocalHead:
     def start(self, timeout_s: float = 180, env: dict[str, str] | None = None) -> LocalHead:
         """Start the head and wait until it is up. Token authentication stays on (RAY_AUTH_MODE=token):
         set that variable in this process before it imports ray, so it can connect."""
+        if self.log_path is None:
+            self.log_path = Path(tempfile.mkdtemp(prefix="raywatch-head-")) / "ray-start.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         command = [
             os.path.join(os.path.dirname(sys.executable), "ray"),
@@ -69,6 +83,7 @@ class LocalHead:
             start_new_session=True,
             env={**os.environ, "RAY_AUTH_MODE": "token", **(env or {})},
         )
+        self.pgid = self.process.pid
         deadline = time.monotonic() + timeout_s
         while "Ray runtime started" not in self.log_path.read_text():
             if time.monotonic() > deadline or self.process.poll() is not None:
@@ -77,13 +92,25 @@ class LocalHead:
             time.sleep(0.5)
         return self
 
+    def _reap(self) -> None:
+        if self.process is not None:
+            self.process.poll()  # a finished child of ours stays a zombie (and "alive") until reaped
+
     def stop(self, kill: bool = False, timeout_s: float = 90) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL if kill else signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
+        """Stop the head's whole process group (SIGTERM, SIGKILL after `timeout_s`), here or from
+        another process that knows the group (`raywatch down`)."""
+        self._reap()
+        if group_alive(self.pgid):
+            os.killpg(self.pgid, signal.SIGKILL if kill else signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                self._reap()
+                if not group_alive(self.pgid):
+                    break
+                time.sleep(0.5)
+            else:
+                os.killpg(self.pgid, signal.SIGKILL)
+        self._reap()
         self._forget_address()
 
     def _forget_address(self) -> None:

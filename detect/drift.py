@@ -34,7 +34,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import sqlite3
 import threading
 import time
@@ -45,11 +44,12 @@ from typing import Any, Literal
 
 import numpy as np
 
+from detect.state import state_dir
+
 log = logging.getLogger(__name__)
 
 DetectorName = Literal["ks", "mmd", "prediction_ks", "concept"]
 DETECTORS: tuple[str, ...] = ("ks", "mmd", "prediction_ks", "concept")
-STATE_ENV = "RAYWATCH_STATE_DIR"
 
 
 @dataclass
@@ -449,11 +449,6 @@ class EntityDriftDetectors:
             log.debug("no drift", extra=fields_)
 
 
-def default_state_dir() -> Path:
-    """$RAYWATCH_STATE_DIR, default ./.raywatch (the serving layer's state directory)."""
-    return Path(os.environ.get(STATE_ENV, Path.cwd() / ".raywatch"))
-
-
 def _json(value: Any) -> str:
     def default(o: Any) -> Any:
         if isinstance(o, np.generic):
@@ -490,7 +485,7 @@ class DriftEventStore:
     synchronous=FULL) before the call returns, so nothing accepted is lost on a crash or restart."""
 
     def __init__(self, path: str | Path | None = None) -> None:
-        self.path = Path(path) if path else default_state_dir() / "drift.db"
+        self.path = Path(path) if path else state_dir() / "drift.db"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         with self._lock, self._connect() as db:

@@ -201,7 +201,7 @@ class DriftMonitor:
             out += [{**r.to_dict(), "id": i} for r, i in zip(results, ids)]
             self._after_tests(entity, results, ids, since_id=obs["ids"][start])
             start = stop
-        if obs["ids"]:
+        if start:  # rows were consumed by tests: keep the log bounded (not on every batch)
             self.store.prune_observations(self.model, entity, self.config.keep_observations)
         return out
 
@@ -213,12 +213,8 @@ class DriftMonitor:
             obs = self.store.observations(self.model, entity, limit=self.config.concept_rows)
             if not obs["ids"]:
                 continue
-            labels = self.store.labels(entity, [t for t in obs["timestamps"] if t is not None])
-            pairs = [
-                (int(flag), labels[ts])
-                for ts, flag in zip(obs["timestamps"], obs["is_anomaly"])
-                if ts in labels and flag is not None
-            ]
+            labels = self.store.labels(entity, obs["timestamps"])
+            pairs = [(int(flag), int(y)) for y, flag in zip(labels, obs["is_anomaly"]) if y >= 0 and flag is not None]
             if len(pairs) < self.drift_config.min_labels:
                 continue
             predicted, truth = (np.array(v) for v in zip(*pairs))
@@ -296,8 +292,6 @@ class DriftMonitor:
         self.events.set_state(self._key("job"), record)
         if self._metrics is not None:
             self._metrics["jobs"].inc(tags={"model": self.model})
-        jobs_log = self.events.get_state(self._key("jobs"), [])
-        self.events.set_state(self._key("jobs"), (jobs_log + [record])[-50:])
         log.warning("retraining job submitted", extra={"model": self.model, "job_id": job_id, "entity": entity})
         return {"submitted": True, **record}
 

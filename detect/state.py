@@ -73,12 +73,14 @@ class ServingStore:
             ).fetchall()
         return [dict(zip(("id", "received", "entity", "timestamp", "label", "detector"), r)) for r in rows]
 
-    def labels(self, entity: str, timestamps: Iterable[str]) -> dict[str, int]:
-        """The latest feedback label for each of the entity's timestamps that has one."""
-        wanted = {str(t) for t in timestamps}
+    def labels(self, entity: str, timestamps: Iterable[str | None]) -> np.ndarray:
+        """The latest feedback label of each of the entity's timestamps, in order: 1, 0, or -1 (none)."""
+        timestamps = list(timestamps)
+        wanted = {str(t) for t in timestamps if t is not None}
         with self._connect() as db:
             rows = db.execute("SELECT ts, label FROM feedback WHERE entity=? ORDER BY id", (entity,)).fetchall()
-        return {ts: int(label) for ts, label in rows if ts in wanted}
+        found = {ts: int(label) for ts, label in rows if ts in wanted}
+        return np.array([found.get(str(t), -1) if t is not None else -1 for t in timestamps], dtype=np.int64)
 
     # -- drift references ----------------------------------------------------------------------------------
     def set_reference(self, model: str, entity: str, sample: list[list[float]]) -> int:

@@ -64,11 +64,6 @@ def evaluate_window(scores: np.ndarray, threshold: float, labels: np.ndarray) ->
     return out
 
 
-def _labels(store: ServingStore, entity: str, timestamps: list[str | None]) -> np.ndarray:
-    found = store.labels(entity, [t for t in timestamps if t is not None])
-    return np.array([found.get(t, -1) if t is not None else -1 for t in timestamps], dtype=np.int64)
-
-
 def _fit_challenger(
     model: str, champion: Any, rows: np.ndarray, labels: np.ndarray, metrics: list[str], options: dict[str, Any]
 ) -> Any:
@@ -145,7 +140,7 @@ def retrain(
                 figures[entity] = {"skipped": f"{n} recent rows (< {MIN_ROWS})"}
                 progress(f"{entity}: skipped, {n} recent rows")
                 continue
-            rows, labels = obs["values"], _labels(store, entity, obs["timestamps"])
+            rows, labels = obs["values"], store.labels(entity, obs["timestamps"])
             cut = int(n * fit_fraction)
             old = champion.detectors[entity]
             t0 = time.perf_counter()
