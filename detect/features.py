@@ -77,7 +77,8 @@ class FeatureSpec:
 
     @property
     def n_features(self) -> int:
-        return len(self.feature_names())
+        per_metric = 1 + len(self.lags) + 4 * len(self.rolling) + len(self.diffs) + len(self.rates)
+        return per_metric * len(self.metrics)  # == len(self.feature_names()), without building the names
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -157,6 +158,22 @@ def entity_windows(values: np.ndarray, spec: FeatureSpec, dtype=np.float32) -> n
     view = np.lib.stride_tricks.sliding_window_view(padded, spec.window, axis=0)  # (T+h-W, M, W)
     offset = spec.history - spec.window
     return np.ascontiguousarray(view[offset:].transpose(0, 2, 1), dtype=dtype)
+
+
+def tail_windows(values: np.ndarray, spec: FeatureSpec, n: int, length: int) -> np.ndarray:
+    """The `length`-row windows ending at each of the last `n` rows of one entity's (T, M) array,
+    shape (n, length, M) float64: row i equals `entity_windows(values)[-n:][i]` (length = spec.window)
+    and feeds `_window_features` for the ensemble (length = spec.history). What serving computes."""
+    if not 1 <= n <= len(values):
+        raise TelemetryError(f"expected 1 to {len(values)} new rows, got {n}")
+    padded = _padded(np.asarray(values, dtype=np.float64), spec)[-(n + length - 1) :]
+    view = np.lib.stride_tricks.sliding_window_view(padded, length, axis=0)  # (n, M, length)
+    return np.ascontiguousarray(view.transpose(0, 2, 1))
+
+
+def window_features(windows: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    """Features of the newest row of each (n, spec.history, M) window (from `tail_windows`)."""
+    return _window_features(np.ascontiguousarray(windows, dtype=np.float64), spec)
 
 
 def frame_features(frame: pd.DataFrame, spec: FeatureSpec, entity_col: str | None = "entity") -> np.ndarray:
@@ -249,4 +266,6 @@ __all__ = [
     "entity_windows",
     "frame_features",
     "spec_for",
+    "tail_windows",
+    "window_features",
 ]

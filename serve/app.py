@@ -16,16 +16,19 @@ the response path; rows dropped when it is full are counted (`raywatch_monitor_d
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import os
 import time
 from collections import OrderedDict, deque
+from itertools import islice
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -33,7 +36,7 @@ from detect.drift import DriftEventStore
 from detect.state import ServingStore
 from detect.state import state_dir as current_state_dir
 from serve import schemas as S
-from serve.auth import KEYS_FILE_ENV, AuthError, check_admin
+from serve.auth import BURST_ENV, KEYS_FILE_ENV, RATE_ENV, AuthError, RateLimiter, check_admin, client_id
 from serve.router import CircuitBreaker, TrafficPolicy
 
 log = logging.getLogger("raywatch.serve")
@@ -83,46 +86,92 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(status_code=exc.status, content={"detail": f"{exc.field}: {exc.message}", "field": exc.field})
 
 
+def _client(request: Request) -> str:
+    """Who sent the request, for the rate limit (a dependency: resolved from this module's names)."""
+    return client_id(request.headers, request.client.host if request.client else None)
+
+
+class RateLimited(Exception):
+    def __init__(self, wait_s: float, limiter: RateLimiter) -> None:
+        super().__init__("rate limited")
+        self.wait_s, self.limiter = wait_s, limiter
+
+
+@api.exception_handler(RateLimited)
+async def _rate_limited(request: Request, exc: RateLimited) -> JSONResponse:
+    retry = max(1, math.ceil(exc.wait_s))
+    detail = (
+        f"rate limit: over {exc.limiter.rate:g} requests/s per client (burst {exc.limiter.burst:g}); retry in {retry} s"
+    )
+    return JSONResponse(status_code=429, content={"detail": detail}, headers={"Retry-After": str(retry)})
+
+
 @api.exception_handler(AuthError)
 async def _auth_error(request: Request, exc: AuthError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
     return JSONResponse(status_code=exc.status, content={"detail": exc.message}, headers=headers)
 
 
-@api.middleware("http")
-async def _limit_body(request: Request, call_next):
-    """Reject bodies over the limit before reading them (413)."""
-    length = request.headers.get("content-length")
-    if length is not None:
-        if not length.isdigit():
-            return JSONResponse(status_code=400, content={"detail": "content-length: not a number"})
-        if int(length) > S.MAX_BODY_BYTES:
-            return JSONResponse(
-                status_code=413, content={"detail": f"body: {length} bytes is over the {S.MAX_BODY_BYTES}-byte limit"}
-            )
-    elif request.method in ("POST", "PUT", "PATCH"):
-        received = 0
-        chunks = []
-        async for chunk in request.stream():
+class BodyLimit:
+    """Pure ASGI middleware: bodies over S.MAX_BODY_BYTES get 413 before they are read. With a
+    Content-Length the header decides (the server reads no further); a chunked body is read up to the
+    limit and replayed to the app. (Starlette's BaseHTTPMiddleware would cost more than scoring.)"""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    @staticmethod
+    async def _reject(send, status: int, detail: str) -> None:
+        body = json.dumps({"detail": detail}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = S.MAX_BODY_BYTES
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if length is not None:
+            if not length.isdigit():
+                return await self._reject(send, 400, "content-length: not a number")
+            if int(length) > limit:
+                return await self._reject(send, 413, f"body: {int(length)} bytes is over the {limit}-byte limit")
+            return await self.app(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        chunks, received, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return None
+            chunk = message.get("body", b"")
             received += len(chunk)
-            if received > S.MAX_BODY_BYTES:
-                return JSONResponse(
-                    status_code=413, content={"detail": f"body: over the {S.MAX_BODY_BYTES}-byte limit"}
-                )
+            if received > limit:
+                return await self._reject(send, 413, f"body: over the {limit}-byte limit")
             chunks.append(chunk)
-        request._body = b"".join(chunks)
-    return await call_next(request)
+            more = message.get("more_body", False)
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        return await self.app(scope, replay, send)
+
+
+api.add_middleware(BodyLimit)
 
 
 @serve.deployment(
     ray_actor_options={"num_cpus": 0.25},
     max_ongoing_requests=256,
     graceful_shutdown_timeout_s=5,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 1},
+    num_replicas=1,
 )
 @serve.ingress(api)
 class RaywatchAPI:
-    """Ingress. One replica: the per-entity history lives here (see README, "Serving")."""
+    """Ingress. The per-entity history lives in the replica: one replica by default, so a stream of
+    single samples sees its whole history; `ingress_replicas` > 1 for HA (see README, "Serving")."""
 
     def __init__(
         self,
@@ -134,6 +183,7 @@ class RaywatchAPI:
         admin_keys_file: str | None = None,
         breaker_cooldown_s: float = 10.0,
         monitor: dict[str, Any] | None = None,
+        rate_limit: dict[str, Any] | None = None,
     ) -> None:
         if tracking_uri:
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
@@ -144,6 +194,7 @@ class RaywatchAPI:
         from ray.util import metrics
 
         self.handles = {"ensemble": ensemble, "lstm": lstm, "autoencoder": autoencoder}
+        self.limiter = RateLimiter.from_config(rate_limit)
         self.history: OrderedDict[str, deque] = OrderedDict()
         self.traffic = {name: TrafficPolicy() for name in S.DETECTORS}
         self.breakers = {name: CircuitBreaker(cooldown_s=breaker_cooldown_s) for name in S.DETECTORS}
@@ -216,6 +267,14 @@ class RaywatchAPI:
                 known.setdefault(entity, meta["metrics"])
         return known
 
+    async def _context_rows(self, entity: str, detectors: list[str]) -> int:
+        """Rows of history before a new row that the served models of `detectors` read for `entity`."""
+        need = 0
+        for name in detectors:
+            for slot in (await self._info(name))["slots"].values():
+                need = max(need, slot.get("entities", {}).get(entity, {}).get("context_rows", 0))
+        return need
+
     # -- history -----------------------------------------------------------------------------------------
     def _history(self, entity: str) -> deque:
         hist = self.history.get(entity)
@@ -251,20 +310,18 @@ class RaywatchAPI:
         return out
 
     async def _score_entity(
-        self, name: str, entity: str, rows: np.ndarray, n_new: int, metrics: list[str]
+        self, name: str, entity: str, rows: np.ndarray, n_new: int, metrics: list[str], hist: deque
     ) -> tuple[str, dict, list]:
+        """One detector's scores for one entity's new rows (the last `n_new` of `rows`; the rest is context)."""
         info = await self._info(name)
         has_challenger = "challenger" in info["slots"]
         policy, breaker = self.traffic[name], self.breakers[name]
         path = policy.path_for(entity, has_challenger)
         slot_meta = info["slots"].get(path) or info["slots"].get("champion") or {}
         context = slot_meta.get("entities", {}).get(entity, {}).get("context_rows", 64)
-        item = {"entity": entity, "path": path, "rows": rows[-(n_new + context) :].tolist(), "n_new": n_new}
+        item = {"entity": entity, "path": path, "rows": rows[-(n_new + context) :], "n_new": n_new}
         if breaker.allow():
-            try:
-                result = await self.handles[name].score.remote(item)
-            except Exception as exc:
-                result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            result = await self._model_call((name, item))
             breaker.record(result.get("ok", False))
             if result.get("ok"):
                 if policy.shadow and has_challenger and path == "champion":
@@ -274,7 +331,29 @@ class RaywatchAPI:
             log.warning("model call failed", extra={"detector": name, "entity": entity, "error": result.get("error")})
         self.m_fallbacks.inc(n_new, tags={"detector": name})
         ref = {"name": f"raywatch-{name}", "version": None, "variant": "baseline"}
-        return "fallback", ref, self._fallback(rows, n_new, metrics)
+        recent = np.asarray(hist, dtype=np.float64) if len(hist) >= n_new else rows
+        return "fallback", ref, self._fallback(recent, n_new, metrics)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.001, max_concurrent_batches=4)
+    async def _model_call(self, calls: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """Dynamic batching on the ingress side: the model calls of concurrent requests go to each
+        detector as one `score_items` call, so the per-call cost of Serve's routing and RPC is paid
+        once per batch instead of once per request (the detector side batches single callers too)."""
+        by_name: dict[str, list[int]] = {}
+        for i, (name, _) in enumerate(calls):
+            by_name.setdefault(name, []).append(i)
+        out: list[dict[str, Any]] = [{}] * len(calls)
+
+        async def one(name: str, idx: list[int]) -> None:
+            try:
+                results = await self.handles[name].score_items.remote([calls[i][1] for i in idx])
+            except Exception as exc:
+                results = [{"ok": False, "error": f"{type(exc).__name__}: {exc}"}] * len(idx)
+            for i, result in zip(idx, results):
+                out[i] = result
+
+        await asyncio.gather(*(one(name, idx) for name, idx in by_name.items()))
+        return out
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -372,13 +451,21 @@ class RaywatchAPI:
         queue = {"pending": self.monitor_queue.qsize() if self.monitor_queue else 0, "dropped": self.monitor_dropped}
         return {"events": events, "retraining": retraining, "monitor_queue": queue}
 
+    def _limit(self, client: str) -> None:
+        """The per-client rate limit of the scoring endpoints (429 past it)."""
+        if self.limiter.enabled:
+            wait = self.limiter.check(client)
+            if wait:
+                raise RateLimited(wait, self.limiter)
+
     def _observe(self, route: str, status: int, started: float) -> None:
         self.m_requests.inc(tags={"route": route, "status": str(status)})
         self.m_latency.observe((time.perf_counter() - started) * 1000, tags={"route": route})
 
     @api.post("/v1/score", response_model=S.ScoreResponse)
-    async def score(self, request: S.ScoreRequest) -> dict[str, Any]:
+    async def score(self, request: S.ScoreRequest, client: str = Depends(_client)) -> Response:
         started = time.perf_counter()
+        self._limit(client)
         detectors = list(dict.fromkeys(request.detectors or S.DETECTORS))
         known = await self._entity_metrics(detectors)
         if not known:
@@ -406,11 +493,13 @@ class RaywatchAPI:
             metrics = known[entity]
             new = np.array([[request.rows[i].metrics[m] for m in metrics] for i in idx], dtype=np.float64)
             hist = self._history(entity)
-            rows = np.concatenate([np.asarray(hist, dtype=np.float64).reshape(-1, len(metrics)), new]) if hist else new
+            context = await self._context_rows(entity, detectors)
+            prior = list(islice(hist, max(0, len(hist) - context), None))
+            rows = np.concatenate([np.asarray(prior, dtype=np.float64), new]) if prior else new
             hist.extend(new)
             raw[entity] = new
             for name in detectors:
-                jobs.append((entity, idx, name, self._score_entity(name, entity, rows, len(idx), metrics)))
+                jobs.append((entity, idx, name, self._score_entity(name, entity, rows, len(idx), metrics, hist)))
         outputs = await asyncio.gather(*(job[3] for job in jobs))
         for (entity, idx, name, _), (path, model, rows_out) in zip(jobs, outputs):
             self._to_monitor(name, entity, [request.rows[i].timestamp for i in idx], raw[entity], path, rows_out)
@@ -431,10 +520,13 @@ class RaywatchAPI:
                 if d["is_anomaly"]:
                     self.m_anomalies.inc(tags={"detector": name})
         self._observe("/v1/score", 200, started)
-        return {"results": results}
+        # serialised here: FastAPI's response-model pass costs more than the scoring on big batches;
+        # the schema (S.ScoreResponse) still documents it in /docs
+        return Response(content=json.dumps({"results": results}), media_type="application/json")
 
     @api.post("/v1/forecast")
-    async def forecast(self, request: S.ForecastRequest) -> dict[str, Any]:
+    async def forecast(self, request: S.ForecastRequest, client: str = Depends(_client)) -> dict[str, Any]:
+        self._limit(client)
         known = await self._entity_metrics(["lstm"])
         metrics = known.get(request.entity)
         if metrics is None:
@@ -460,7 +552,8 @@ class RaywatchAPI:
         }
 
     @api.post("/v1/feedback", status_code=201)
-    async def feedback(self, request: S.FeedbackRequest) -> dict[str, Any]:
+    async def feedback(self, request: S.FeedbackRequest, client: str = Depends(_client)) -> dict[str, Any]:
+        self._limit(client)
         feedback_id = await asyncio.to_thread(
             self.store.add_feedback, request.entity, request.timestamp, request.label, request.detector
         )
@@ -593,7 +686,14 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
         name: dep.bind(tracking_uri=tracking_uri, reload_interval_s=reload_s) for name, dep in DEPLOYMENTS.items()
     }
     keys_file = args.get("admin_keys_file") or os.environ.get(KEYS_FILE_ENV)
-    return RaywatchAPI.bind(
+    rate_limit = args.get("rate_limit") or {
+        k: v for k, v in (("requests_per_s", os.environ.get(RATE_ENV)), ("burst", os.environ.get(BURST_ENV))) if v
+    }
+    RateLimiter.from_config(rate_limit)  # a bad setting fails here, not in every replica
+    replicas = int(args.get("ingress_replicas") or os.environ.get("RAYWATCH_INGRESS_REPLICAS", 1))
+    if replicas < 1:
+        raise ValueError(f"ingress_replicas must be >= 1, got {replicas}")
+    return RaywatchAPI.options(num_replicas=replicas).bind(
         handles["ensemble"],
         handles["lstm"],
         handles["autoencoder"],
@@ -602,4 +702,5 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
         admin_keys_file=keys_file,
         breaker_cooldown_s=float(args.get("breaker_cooldown_s", 10.0)),
         monitor=args.get("monitor"),
+        rate_limit=rate_limit,
     )

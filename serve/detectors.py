@@ -19,7 +19,7 @@ import numpy as np
 from ray import serve
 
 from detect.ensemble import EnsembleDetector
-from detect.features import entity_features, entity_windows
+from detect.features import entity_windows, tail_windows, window_features
 from detect.runtime import EnsembleRuntime, smooth_causal
 
 log = logging.getLogger("raywatch.serve")
@@ -39,34 +39,57 @@ class EntityModel:
 
     def score_rows(self, rows: np.ndarray, n_new: int) -> list[dict[str, Any]]:
         """Score the last `n_new` of `rows` (older rows are context). Returns one dict per new row."""
+        return self.score_many([(rows, n_new)])[0]
+
+    def score_many(self, items: list[tuple[np.ndarray, int]]) -> list[list[dict[str, Any]]]:
+        """Score several requests' new rows with one ONNX Runtime call: what `@serve.batch` buys.
+
+        Each item is (rows, n_new) for this entity, oldest first; the windows of every item's new
+        rows are stacked, scored together and split again, so the result for an item is the same as
+        scoring it alone (the same windows as the batch path, see detect.features.tail_windows)."""
+        spec = self.runtime.spec
+        counts = [int(n) for _, n in items]
         if isinstance(self.runtime, EnsembleRuntime):
-            features = entity_features(rows, self.runtime.spec)[-n_new:]
-            probability = self.runtime.probability(features)
+            windows = np.concatenate([tail_windows(rows, spec, n, spec.history) for rows, n in items])
+            features = window_features(windows, spec)
+            scores = self.runtime.probability(features)
+            probability = scores
             contributions = self._ensemble_contributions(features)
-            scores = probability
         else:
             smooth = self.runtime.smooth
-            windows = entity_windows(rows, self.runtime.spec)
-            start = max(0, len(windows) - n_new - smooth + 1)
-            errors = self.runtime.errors(windows[start:]).astype(np.float64)
-            contributions = smooth_causal(errors, smooth)[-n_new:]
+            # each item needs the errors of its last n + smooth - 1 rows (fewer at a series' start)
+            spans = [min(n + smooth - 1, len(rows)) for rows, n in items]
+            windows = np.concatenate([tail_windows(rows, spec, k, spec.window) for (rows, _), k in zip(items, spans)])
+            errors = self.runtime.errors(windows).astype(np.float64)
+            parts, at = [], 0
+            for k, n in zip(spans, counts):
+                parts.append(smooth_causal(errors[at : at + k], smooth)[-n:])
+                at += k
+            contributions = np.concatenate(parts)
             scores = contributions.sum(axis=1)
             probability = None
-        out = []
-        for i in range(n_new):
-            top = np.argsort(-contributions[i])[:TOP_METRICS]
-            out.append(
-                {
-                    "anomaly_score": float(scores[i]),
-                    "threshold": float(self.threshold),
-                    "is_anomaly": bool(scores[i] >= self.threshold),
-                    "incident_probability": float(probability[i]) if probability is not None else None,
-                    "top_metrics": [
-                        {"metric": self.metrics[j], "contribution": float(contributions[i, j])} for j in top
-                    ],
-                }
-            )
-        return out
+        top = np.argsort(-contributions, axis=1)[:, :TOP_METRICS]
+        top_values = np.take_along_axis(contributions, top, axis=1).tolist()
+        names = [[self.metrics[j] for j in row] for row in top.tolist()]
+        threshold = float(self.threshold)
+        flags = (scores >= threshold).tolist()
+        scores_list = scores.tolist()
+        probs = probability.tolist() if probability is not None else [None] * len(scores_list)
+        out = [
+            {
+                "anomaly_score": scores_list[i],
+                "threshold": threshold,
+                "is_anomaly": flags[i],
+                "incident_probability": probs[i],
+                "top_metrics": [{"metric": m, "contribution": c} for m, c in zip(names[i], top_values[i])],
+            }
+            for i in range(len(scores_list))
+        ]
+        results, at = [], 0
+        for n in counts:
+            results.append(out[at : at + n])
+            at += n
+        return results
 
     def _ensemble_contributions(self, features: np.ndarray) -> np.ndarray:
         det: EnsembleDetector = self.detector
@@ -117,6 +140,20 @@ def load_slot(kind: str, alias: str) -> ModelSlot | None:
     return ModelSlot(registry.model_name(kind), version, bundle.variant, entities)
 
 
+def _store_stamp() -> tuple[int, ...] | None:
+    """Modification stamp of a local SQLite MLflow store (None for any other store, or no file):
+    lets the alias watcher skip its query while nothing was written, instead of asking MLflow each
+    second in every replica."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///")
+    try:
+        return tuple(os.stat(p).st_mtime_ns for p in (path, path + "-wal") if os.path.exists(p)) or None
+    except OSError:
+        return None
+
+
 class DetectorServer:
     """The body of the three detector deployments."""
 
@@ -127,7 +164,7 @@ class DetectorServer:
         tracking_uri: str | None = None,
         reload_interval_s: float = 1.0,
         max_batch_size: int = 64,
-        batch_wait_timeout_s: float = 0.005,
+        batch_wait_timeout_s: float = 0.002,
     ) -> None:
         if tracking_uri:
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
@@ -145,6 +182,7 @@ class DetectorServer:
         self.slots: dict[str, ModelSlot | None] = {"champion": None, "challenger": None}
         self.fault = False
         self.load_error: str | None = None
+        self._stamp = _store_stamp()  # before loading: a write during the load is seen by the watcher
         self._reload()
         self.score_batch.set_max_batch_size(max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -176,6 +214,10 @@ class DetectorServer:
 
     def _watch(self, interval: float) -> None:
         while not self._stop.wait(interval):
+            stamp = _store_stamp()
+            if stamp is not None and stamp == self._stamp and self.load_error is None:
+                continue  # a SQLite store nobody wrote to: the aliases cannot have moved
+            self._stamp = stamp
             self._reload()
 
     def reload(self) -> dict[str, str | None]:
@@ -203,11 +245,16 @@ class DetectorServer:
         return self.fault
 
     # -- scoring ---------------------------------------------------------------------------------------
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def score_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        self.batch_sizes.observe(len(items), tags={"detector": self.kind})
-        out = []
-        for item in items:
+    async def score_items(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Score a list of items in one call (what the ingress sends: the requests it has gathered)."""
+        return self._score_items(items)
+
+    def _score_items(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Score a list of items, grouped by (model version, entity): one ONNX Runtime call per group.
+        `score` gathers single callers into such lists with `@serve.batch`."""
+        out: list[dict[str, Any] | None] = [None] * len(items)
+        groups: dict[tuple[int, str], tuple[ModelSlot, EntityModel, list[int]]] = {}
+        for i, item in enumerate(items):
             try:
                 if self.fault:
                     raise RuntimeError("injected model failure")
@@ -219,11 +266,31 @@ class DetectorServer:
                 model = slot.entities.get(item["entity"])
                 if model is None:
                     raise KeyError(f"{slot.name} v{slot.version} has no model for entity {item['entity']!r}")
-                rows = np.asarray(item["rows"], dtype=np.float64)
-                out.append({"ok": True, "model": slot.ref, "rows": model.score_rows(rows, int(item["n_new"]))})
+                item["rows"] = np.asarray(item["rows"], dtype=np.float64)
+                groups.setdefault((id(slot), item["entity"]), (slot, model, []))[2].append(i)
             except Exception as exc:  # reported per item: one bad item must not fail its batch-mates
-                out.append({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+                out[i] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        for slot, model, idx in groups.values():
+            try:
+                scored = model.score_many([(items[i]["rows"], int(items[i]["n_new"])) for i in idx])
+            except Exception:  # find the bad item(s): score the group one by one
+                scored = []
+                for i in idx:
+                    try:
+                        scored.append(model.score_many([(items[i]["rows"], int(items[i]["n_new"]))])[0])
+                    except Exception as exc:
+                        scored.append(exc)
+            for i, rows_out in zip(idx, scored):
+                if isinstance(rows_out, Exception):
+                    out[i] = {"ok": False, "error": f"{type(rows_out).__name__}: {rows_out}"}
+                else:
+                    out[i] = {"ok": True, "model": slot.ref, "rows": rows_out}
+        self.batch_sizes.observe(len(items), tags={"detector": self.kind})
         return out
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    async def score_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return self._score_items(items)
 
     async def score(self, item: dict[str, Any]) -> dict[str, Any]:
         return await self.score_batch(item)
@@ -242,10 +309,11 @@ class DetectorServer:
 
 
 def _autoscaling() -> dict[str, Any]:
+    low = int(os.environ.get("RAYWATCH_MIN_REPLICAS", 1))
     return {
-        "min_replicas": 1,
-        "initial_replicas": 1,
-        "max_replicas": int(os.environ.get("RAYWATCH_MAX_REPLICAS", 2)),
+        "min_replicas": low,
+        "initial_replicas": low,
+        "max_replicas": max(low, int(os.environ.get("RAYWATCH_MAX_REPLICAS", 2))),
         "target_ongoing_requests": 8,
         "upscale_delay_s": 5,
         "downscale_delay_s": 30,

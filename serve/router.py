@@ -45,11 +45,13 @@ class CircuitBreaker:
     opened_at: float = 0.0
     failures_in_row: int = 0
     calls: deque = field(default_factory=deque)  # (time, ok)
+    errors: int = 0  # failed calls among `calls`, kept in step so a call costs O(1)
     probe_in_flight: bool = False
 
     def _trim(self, now: float) -> None:
         while self.calls and now - self.calls[0][0] > self.window_s:
-            self.calls.popleft()
+            if not self.calls.popleft()[1]:
+                self.errors -= 1
 
     def allow(self) -> bool:
         """May a call go to the model now? (False: use the fallback.)"""
@@ -70,13 +72,14 @@ class CircuitBreaker:
             if ok:
                 self.state, self.failures_in_row = "closed", 0
                 self.calls.clear()
+                self.errors = 0
             else:
                 self.state, self.opened_at = "open", now
             return
         self.calls.append((now, ok))
+        self.errors += not ok
         self._trim(now)
         self.failures_in_row = 0 if ok else self.failures_in_row + 1
-        errors = sum(1 for _, good in self.calls if not good)
-        too_many = len(self.calls) >= self.min_calls and errors / len(self.calls) > self.error_rate
+        too_many = len(self.calls) >= self.min_calls and self.errors / len(self.calls) > self.error_rate
         if self.failures_in_row >= self.consecutive or too_many:
             self.state, self.opened_at = "open", now

@@ -93,3 +93,21 @@ def test_batch_rejects_non_finite_and_missing_columns():
         entity_features(np.array([[1.0, 2.0], [1.0, np.nan]]), spec)
     with pytest.raises(TelemetryError, match=r"missing metric column\(s\) \['memory'\]"):
         frame_features(pd.DataFrame({"cpu": [1.0]}), spec)
+
+
+def test_serving_windows_equal_batch_windows(smd):
+    """What serving computes for the last n rows (tail_windows) is what the batch path computes."""
+    from detect.features import tail_windows, window_features
+
+    values, metrics = smd
+    spec = FeatureSpec(metrics=tuple(metrics), window=12)
+    for rows in (values[:1], values[:5], values[:200]):  # shorter than a window, too: padded alike
+        for n in {1, len(rows)}:
+            np.testing.assert_array_equal(
+                window_features(tail_windows(rows, spec, n, spec.history), spec), entity_features(rows, spec)[-n:]
+            )
+            np.testing.assert_array_equal(
+                tail_windows(rows, spec, n, spec.window).astype(np.float32), entity_windows(rows, spec)[-n:]
+            )
+    with pytest.raises(TelemetryError, match="new rows"):
+        tail_windows(values[:3], spec, 4, spec.window)

@@ -87,6 +87,24 @@ def test_scores_with_all_three_detectors(served):
     assert client.get("/docs").status_code == 200 and "/v1/score" in client.get("/openapi.json").json()["paths"]
 
 
+def test_batched_scoring_equals_one_by_one_and_the_batch_path(served):
+    """What dynamic batching does (several requests' rows in one ONNX Runtime call) changes no score."""
+    from serve.detectors import load_slot
+
+    _, series = served
+    X = series.test[series.metrics].to_numpy()[:200]
+    for kind in ("ensemble", "lstm", "autoencoder"):
+        model = load_slot(kind, "champion").entities[series.name]
+        items = [(X[max(0, k - model.context_rows) : k + 1], 1) for k in range(100, 130)]
+        items += [(X[:140], 40), (X[:3], 2)]  # several new rows; a history shorter than a window
+        together = model.score_many(items)
+        for (rows, n), got in zip(items, together):
+            assert got == model.score_rows(rows, n)
+        batch = model.runtime.score_series(X[:130])[100:130]
+        np.testing.assert_allclose([r[0]["anomaly_score"] for r in together[:30]], batch, rtol=1e-6, atol=1e-9)
+        assert [r["anomaly_score"] for r in together[30]] == pytest.approx(model.runtime.score_series(X[:140])[100:])
+
+
 def test_bad_inputs_get_4xx_naming_the_field(served):
     client, series = served
     good = row(series)
@@ -284,3 +302,19 @@ def test_circuit_breaker_rules():
     for i in range(40):
         rate.record(i % 8 != 0)  # 12.5% errors, never 5 in a row
     assert rate.state == "open"
+
+
+def test_rate_limiter_token_bucket():
+    from serve.auth import RateLimiter, client_id
+
+    limiter = RateLimiter(requests_per_s=2, burst=3)
+    assert [limiter.check("a", now=0.0) for _ in range(3)] == [0.0, 0.0, 0.0]  # the burst
+    assert limiter.check("a", now=0.0) == pytest.approx(0.5)  # then one token every 0.5 s
+    assert limiter.check("b", now=0.0) == 0.0  # per client
+    assert limiter.check("a", now=0.5) == 0.0 and limiter.check("a", now=0.5) > 0
+    assert not RateLimiter().enabled and RateLimiter().check("a") == 0.0
+    with pytest.raises(ValueError, match="requests_per_s"):
+        RateLimiter(requests_per_s=-1)
+    assert client_id({"x-forwarded-for": "10.0.0.9, 10.0.0.1"}, "127.0.0.1") == "ip:10.0.0.1"
+    keyed = client_id({"authorization": "Bearer secret-key"}, "127.0.0.1")
+    assert keyed.startswith("key:") and "secret" not in keyed
