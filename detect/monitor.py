@@ -95,6 +95,9 @@ class DriftMonitor:
         self.load_error: str | None = None
         self._checked_version = 0.0
         self._checked_concept = time.monotonic()
+        self._pending: dict[
+            str, int
+        ] = {}  # rows after each entity's cursor, so a batch short of a window reads nothing
         self._load_champion()
         self._metrics = _monitor_metrics()
         log.info("monitor started", extra={"model": model, "starts": self.starts, "version": self.version})
@@ -129,6 +132,7 @@ class DriftMonitor:
             # a new champion starts fresh windows: what the old one saw must not count against the new one
             if self.version is not None:
                 self.events.set_state(self._key("cursors"), {e: self._last_id(e) for e in detectors})
+                self._pending.clear()
             self.events.set_state(self._key(f"version_since/{version}"), since or time.time())
         self.detectors, self.metrics, self.version, self.load_error = detectors, bundle.metrics, version, None
 
@@ -150,6 +154,7 @@ class DriftMonitor:
         cursors = self.events.get_state(self._key("cursors"), {})
         cursors[entity] = self._last_id(entity)
         self.events.set_state(self._key("cursors"), cursors)
+        self._pending.pop(entity, None)
         return {"model": self.model, "entity": entity, "reference_rows": len(rows)}
 
     # -- observing and testing ---------------------------------------------------------------------------
@@ -162,6 +167,9 @@ class DriftMonitor:
         known = [it for it in items if it.get("entity") in self.metrics]
         if known:
             self.store.add_observations(self.model, known)
+            for it in known:
+                if it["entity"] in self._pending:
+                    self._pending[it["entity"]] += 1
         results: list[dict[str, Any]] = []
         for entity in sorted({it["entity"] for it in known}):
             results += self._test_windows(entity)
@@ -185,7 +193,12 @@ class DriftMonitor:
             return []
         span = self.drift_config.span
         cursors = self.events.get_state(self._key("cursors"), {})
-        obs = self.store.observations(self.model, entity, after_id=int(cursors.get(entity, 0)))
+        after = int(cursors.get(entity, 0))
+        if entity not in self._pending:
+            self._pending[entity] = self.store.count_observations(self.model, entity, after_id=after)
+        if self._pending[entity] < span:
+            return []
+        obs = self.store.observations(self.model, entity, after_id=after)
         out = []
         start = 0
         while len(obs["ids"]) - start >= span:
@@ -201,6 +214,7 @@ class DriftMonitor:
             out += [{**r.to_dict(), "id": i} for r, i in zip(results, ids)]
             self._after_tests(entity, results, ids, since_id=obs["ids"][start])
             start = stop
+        self._pending[entity] = len(obs["ids"]) - start
         if start:  # rows were consumed by tests: keep the log bounded (not on every batch)
             self.store.prune_observations(self.model, entity, self.config.keep_observations)
         return out

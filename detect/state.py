@@ -36,11 +36,20 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS drift_reference (id INTEGER PRIMARY KEY, created REAL, model TEXT,
        entity TEXT, rows INTEGER, sample TEXT)""",
     """CREATE TABLE IF NOT EXISTS observations (id INTEGER PRIMARY KEY, received REAL, model TEXT, entity TEXT,
-       ts TEXT, vals TEXT, score REAL, is_anomaly INTEGER, path TEXT)""",
+       ts TEXT, vals BLOB, score REAL, is_anomaly INTEGER, path TEXT)""",
     "CREATE INDEX IF NOT EXISTS observations_model_entity ON observations (model, entity, id)",
     """CREATE TABLE IF NOT EXISTS retrain_decisions (id INTEGER PRIMARY KEY, created REAL, model TEXT,
        job_id TEXT, promoted INTEGER, champion TEXT, challenger TEXT, reason TEXT, details TEXT)""",
 )
+
+
+def _values(blobs: list[bytes | str]) -> np.ndarray:
+    """Stored observation values -> (n, d) float64: float64 bytes, or JSON lists from older stores."""
+    if not blobs:
+        return np.empty((0, 0), dtype=np.float64)
+    if all(isinstance(b, bytes) for b in blobs):
+        return np.frombuffer(b"".join(blobs), dtype=np.float64).reshape(len(blobs), -1).copy()
+    return np.array([np.frombuffer(b, dtype=np.float64) if isinstance(b, bytes) else json.loads(b) for b in blobs])
 
 
 class ServingStore:
@@ -110,7 +119,7 @@ class ServingStore:
                 model,
                 it["entity"],
                 None if it.get("timestamp") is None else str(it["timestamp"]),
-                json.dumps([float(v) for v in it["values"]]),
+                np.asarray(it["values"], dtype=np.float64).tobytes(),  # float64 bytes: no JSON per row
                 it.get("score"),
                 None if it.get("is_anomaly") is None else int(bool(it["is_anomaly"])),
                 it.get("path"),
@@ -136,11 +145,18 @@ class ServingStore:
         return {
             "ids": [r[0] for r in rows],
             "timestamps": [r[1] for r in rows],
-            "values": np.array([json.loads(r[2]) for r in rows], dtype=np.float64),
+            "values": _values([r[2] for r in rows]),
             "scores": np.array([np.nan if r[3] is None else r[3] for r in rows], dtype=np.float64),
             "is_anomaly": [None if r[4] is None else bool(r[4]) for r in rows],
             "paths": [r[5] for r in rows],
         }
+
+    def count_observations(self, model: str, entity: str, after_id: int = 0) -> int:
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT COUNT(*) FROM observations WHERE model=? AND entity=? AND id>?", (model, entity, after_id)
+            ).fetchone()
+        return int(row[0])
 
     def observed_entities(self, model: str) -> dict[str, int]:
         with self._connect() as db:

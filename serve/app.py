@@ -28,7 +28,10 @@ from typing import Any
 import numpy as np
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from pydantic_core import to_json
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -86,9 +89,47 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(status_code=exc.status, content={"detail": f"{exc.field}: {exc.message}", "field": exc.field})
 
 
-def _client(request: Request) -> str:
-    """Who sent the request, for the rate limit (a dependency: resolved from this module's names)."""
+async def _client(request: Request) -> str:
+    """Who sent the request, for the rate limit (a dependency: resolved from this module's names;
+    async, so FastAPI does not hand it to a thread)."""
     return client_id(request.headers, request.client.host if request.client else None)
+
+
+async def _raw_body(request: Request) -> bytes:
+    return await request.body()
+
+
+def _parse(model: type[BaseModel], body: bytes) -> Any:
+    """Parse and validate in one pass (pydantic's JSON parser: several times faster than json.loads and
+    validate on 1,000-row batches); errors answer 422 like FastAPI's own, naming the field."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False, include_context=False)]
+        ) from None
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI for a route that parses its body itself (see `_openapi`)."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's schema plus the request models of the routes that parse their own bodies."""
+    if api.openapi_schema is None:
+        schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (S.ScoreRequest,):
+            extra = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(extra.pop("$defs", {}))
+            components[model.__name__] = extra
+        api.openapi_schema = schema
+    return api.openapi_schema
+
+
+api.openapi = _openapi
 
 
 class RateLimited(Exception):
@@ -324,10 +365,11 @@ class RaywatchAPI:
             result = await self._model_call((name, item))
             breaker.record(result.get("ok", False))
             if result.get("ok"):
+                rows_out = S.result_rows(result["arrays"])
                 if policy.shadow and has_challenger and path == "champion":
-                    self._spawn(self._shadow(name, {**item, "path": "challenger"}, result["rows"]))
+                    self._spawn(self._shadow(name, {**item, "path": "challenger"}, rows_out))
                 self.m_rows.inc(n_new, tags={"detector": name, "path": path})
-                return path, result["model"], result["rows"]
+                return path, result["model"], rows_out
             log.warning("model call failed", extra={"detector": name, "entity": entity, "error": result.get("error")})
         self.m_fallbacks.inc(n_new, tags={"detector": name})
         ref = {"name": f"raywatch-{name}", "version": None, "variant": "baseline"}
@@ -369,7 +411,8 @@ class RaywatchAPI:
             return
         if not result.get("ok"):
             return
-        disagree = sum(a["is_anomaly"] != b["is_anomaly"] for a, b in zip(result["rows"], champion_rows))
+        challenger_rows = S.result_rows(result["arrays"])
+        disagree = sum(a["is_anomaly"] != b["is_anomaly"] for a, b in zip(challenger_rows, champion_rows))
         self.shadow_stats[name]["rows"] += len(champion_rows)
         self.shadow_stats[name]["disagreements"] += disagree
         self.m_shadow_rows.inc(len(champion_rows), tags={"detector": name})
@@ -462,10 +505,11 @@ class RaywatchAPI:
         self.m_requests.inc(tags={"route": route, "status": str(status)})
         self.m_latency.observe((time.perf_counter() - started) * 1000, tags={"route": route})
 
-    @api.post("/v1/score", response_model=S.ScoreResponse)
-    async def score(self, request: S.ScoreRequest, client: str = Depends(_client)) -> Response:
+    @api.post("/v1/score", response_model=S.ScoreResponse, openapi_extra=_json_body(S.ScoreRequest))
+    async def score(self, body: bytes = Depends(_raw_body), client: str = Depends(_client)) -> Response:
         started = time.perf_counter()
         self._limit(client)
+        request: S.ScoreRequest = _parse(S.ScoreRequest, body)
         detectors = list(dict.fromkeys(request.detectors or S.DETECTORS))
         known = await self._entity_metrics(detectors)
         if not known:
@@ -507,22 +551,23 @@ class RaywatchAPI:
                 row = results[i] or {"entity": entity, "timestamp": request.rows[i].timestamp, "detectors": {}}
                 row["detectors"][name] = {**rows_out[k], "model": model, "path": path}
                 results[i] = row
+        anomalies = dict.fromkeys(detectors, 0)
         for row in results:
-            flags = [d["is_anomaly"] for d in row["detectors"].values()]
-            row["is_anomaly"] = any(flags)
-            probs = [
-                d["incident_probability"]
-                for d in row["detectors"].values()
-                if d.get("incident_probability") is not None
-            ]
-            row["incident_probability"] = probs[0] if probs else None
+            flagged, probability = False, None
             for name, d in row["detectors"].items():
                 if d["is_anomaly"]:
-                    self.m_anomalies.inc(tags={"detector": name})
+                    flagged = True
+                    anomalies[name] += 1
+                if probability is None:
+                    probability = d.get("incident_probability")
+            row["is_anomaly"], row["incident_probability"] = flagged, probability
+        for name, count in anomalies.items():
+            if count:
+                self.m_anomalies.inc(count, tags={"detector": name})
         self._observe("/v1/score", 200, started)
         # serialised here: FastAPI's response-model pass costs more than the scoring on big batches;
         # the schema (S.ScoreResponse) still documents it in /docs
-        return Response(content=json.dumps({"results": results}), media_type="application/json")
+        return Response(content=to_json({"results": results}), media_type="application/json")
 
     @api.post("/v1/forecast")
     async def forecast(self, request: S.ForecastRequest, client: str = Depends(_client)) -> dict[str, Any]:

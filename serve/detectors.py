@@ -21,6 +21,7 @@ from ray import serve
 from detect.ensemble import EnsembleDetector
 from detect.features import entity_windows, tail_windows, window_features
 from detect.runtime import EnsembleRuntime, smooth_causal
+from serve.schemas import result_rows
 
 log = logging.getLogger("raywatch.serve")
 
@@ -39,14 +40,19 @@ class EntityModel:
 
     def score_rows(self, rows: np.ndarray, n_new: int) -> list[dict[str, Any]]:
         """Score the last `n_new` of `rows` (older rows are context). Returns one dict per new row."""
-        return self.score_many([(rows, n_new)])[0]
+        return result_rows(self.score_arrays([(rows, n_new)])[0])
 
     def score_many(self, items: list[tuple[np.ndarray, int]]) -> list[list[dict[str, Any]]]:
-        """Score several requests' new rows with one ONNX Runtime call: what `@serve.batch` buys.
+        """`score_arrays`, as one list of row dicts per item."""
+        return [result_rows(out) for out in self.score_arrays(items)]
+
+    def score_arrays(self, items: list[tuple[np.ndarray, int]]) -> list[dict[str, Any]]:
+        """Score several requests' new rows with one ONNX Runtime call: what dynamic batching buys.
 
         Each item is (rows, n_new) for this entity, oldest first; the windows of every item's new
         rows are stacked, scored together and split again, so the result for an item is the same as
-        scoring it alone (the same windows as the batch path, see detect.features.tail_windows)."""
+        scoring it alone (the same windows as the batch path, see detect.features.tail_windows).
+        Per item: numpy arrays (cheap to send between replicas; `result_rows` makes the JSON rows)."""
         spec = self.runtime.spec
         counts = [int(n) for _, n in items]
         if isinstance(self.runtime, EnsembleRuntime):
@@ -69,27 +75,22 @@ class EntityModel:
             scores = contributions.sum(axis=1)
             probability = None
         top = np.argsort(-contributions, axis=1)[:, :TOP_METRICS]
-        top_values = np.take_along_axis(contributions, top, axis=1).tolist()
-        names = [[self.metrics[j] for j in row] for row in top.tolist()]
-        threshold = float(self.threshold)
-        flags = (scores >= threshold).tolist()
-        scores_list = scores.tolist()
-        probs = probability.tolist() if probability is not None else [None] * len(scores_list)
-        out = [
-            {
-                "anomaly_score": scores_list[i],
-                "threshold": threshold,
-                "is_anomaly": flags[i],
-                "incident_probability": probs[i],
-                "top_metrics": [{"metric": m, "contribution": c} for m, c in zip(names[i], top_values[i])],
-            }
-            for i in range(len(scores_list))
-        ]
-        results, at = [], 0
+        top_values = np.take_along_axis(contributions, top, axis=1)
+        out, at = [], 0
         for n in counts:
-            results.append(out[at : at + n])
+            part = slice(at, at + n)
+            out.append(
+                {
+                    "scores": scores[part],
+                    "threshold": float(self.threshold),
+                    "probability": None if probability is None else probability[part],
+                    "top": top[part],
+                    "top_values": top_values[part],
+                    "metrics": self.metrics,
+                }
+            )
             at += n
-        return results
+        return out
 
     def _ensemble_contributions(self, features: np.ndarray) -> np.ndarray:
         det: EnsembleDetector = self.detector
@@ -272,19 +273,19 @@ class DetectorServer:
                 out[i] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         for slot, model, idx in groups.values():
             try:
-                scored = model.score_many([(items[i]["rows"], int(items[i]["n_new"])) for i in idx])
+                scored = model.score_arrays([(items[i]["rows"], int(items[i]["n_new"])) for i in idx])
             except Exception:  # find the bad item(s): score the group one by one
                 scored = []
                 for i in idx:
                     try:
-                        scored.append(model.score_many([(items[i]["rows"], int(items[i]["n_new"]))])[0])
+                        scored.append(model.score_arrays([(items[i]["rows"], int(items[i]["n_new"]))])[0])
                     except Exception as exc:
                         scored.append(exc)
-            for i, rows_out in zip(idx, scored):
-                if isinstance(rows_out, Exception):
-                    out[i] = {"ok": False, "error": f"{type(rows_out).__name__}: {rows_out}"}
+            for i, arrays in zip(idx, scored):
+                if isinstance(arrays, Exception):
+                    out[i] = {"ok": False, "error": f"{type(arrays).__name__}: {arrays}"}
                 else:
-                    out[i] = {"ok": True, "model": slot.ref, "rows": rows_out}
+                    out[i] = {"ok": True, "model": slot.ref, "arrays": arrays}
         self.batch_sizes.observe(len(items), tags={"detector": self.kind})
         return out
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -107,3 +107,23 @@ class TrafficRequest(Strict):
 class BaselineRequest(Strict):
     model: DetectorName
     entity: EntityId
+
+
+def result_rows(arrays: dict[str, Any]) -> list[dict[str, Any]]:
+    """The API's per-row results from `EntityModel.score_arrays` output."""
+    scores = arrays["scores"].tolist()
+    threshold = arrays["threshold"]
+    probs = arrays["probability"].tolist() if arrays["probability"] is not None else [None] * len(scores)
+    metrics = arrays["metrics"]
+    names = [[metrics[j] for j in row] for row in arrays["top"].tolist()]
+    values = arrays["top_values"].tolist()
+    return [
+        {
+            "anomaly_score": scores[i],
+            "threshold": threshold,
+            "is_anomaly": scores[i] >= threshold,
+            "incident_probability": probs[i],
+            "top_metrics": [{"metric": m, "contribution": c} for m, c in zip(names[i], values[i])],
+        }
+        for i in range(len(scores))
+    ]
