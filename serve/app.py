@@ -49,7 +49,8 @@ MAX_ENTITIES = 100_000
 FALLBACK_THRESHOLD = 3.0  # mean robust z-score above which the baseline flags a row
 META_TTL_S = 2.0
 MONITOR_QUEUE_ROWS = int(os.environ.get("RAYWATCH_MONITOR_QUEUE", 20_000))  # served rows waiting for the monitors
-MONITOR_BATCH_ROWS = 2_000  # rows per call to a monitor
+MONITOR_BATCH_ROWS = 5_000  # rows per call to a monitor
+MONITOR_FLUSH_S = float(os.environ.get("RAYWATCH_MONITOR_FLUSH_S", 0.5))  # how long served rows gather before a call
 
 api = FastAPI(title="raywatch", version="1.0", description="Incident detection for server telemetry on Ray.")
 
@@ -458,9 +459,12 @@ class RaywatchAPI:
             batches: dict[str, list[dict[str, Any]]] = {}
             name, item = await queue.get()
             batches.setdefault(name, []).append(item)
-            while not queue.empty() and sum(map(len, batches.values())) < MONITOR_BATCH_ROWS:
+            await asyncio.sleep(MONITOR_FLUSH_S)  # let rows gather: one monitor call (and commit) per flush
+            taken = 1
+            while not queue.empty() and taken < MONITOR_BATCH_ROWS:
                 name, item = queue.get_nowait()
                 batches.setdefault(name, []).append(item)
+                taken += 1
             for name, items in batches.items():
                 try:
                     if name not in self.monitors:
