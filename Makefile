@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?= $(firstword $(wildcard ../shared/data shared/data))
 
-.PHONY: install demo test lint clean bench-compression bench-drift
+.PHONY: install demo test lint clean bench-compression bench-drift bench soak
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# the reliability suite with the long variant: 60 s of load at 80% of capacity, 5,000 generated requests,
+# repeated replica kills (`make test` runs the same suite short)
+soak: $(STAMP)
+	RAYWATCH_SOAK=1 $(BIN)/python -m pytest -q tests/reliability
+
 # trains the three detectors into runs/bench (its own MLflow store) when missing, then compresses them
 bench-compression: $(STAMP)
 	RAYWATCH_DATA=$(abspath $(DATA)) $(BIN)/python benchmarks/compression.py --workdir runs/bench
@@ -30,6 +35,26 @@ bench-compression: $(STAMP)
 bench-drift: $(STAMP)
 	RAYWATCH_DATA=$(abspath $(DATA)) $(BIN)/python benchmarks/drift.py
 	RAYWATCH_DATA=$(abspath $(DATA)) $(BIN)/python benchmarks/drift_loop.py --workdir runs/bench-loop
+
+# serving (Ray Serve in both modes, echo, in-process ONNX Runtime, a FastAPI peer), dynamic batching,
+# Ray Train and ASHA benchmarks side by side, then benchmarks/results/README.md; small models are
+# trained into $(BENCH_DIR) (its own MLflow store) when missing. About 20 minutes on 2 cores.
+BENCH_DIR ?= runs/bench-serve
+BENCH_POINT_S ?= 5
+bench: $(STAMP)
+	@mkdir -p $(BENCH_DIR) && date +%s > $(BENCH_DIR)/started
+	@echo "== bench 1/6: models on smd/machine-1-6 in $(BENCH_DIR) (reused when present)"
+	RAYWATCH_DATA=$(abspath $(DATA)) $(BIN)/python benchmarks/serving.py prepare --workdir $(BENCH_DIR)
+	@echo "== bench 2/6: serving (in-process ONNX Runtime, FastAPI peer, Serve default and high-throughput)"
+	RAYWATCH_DATA=$(abspath $(DATA)) $(BIN)/python benchmarks/serving.py run --workdir $(BENCH_DIR) --duration $(BENCH_POINT_S)
+	@echo "== bench 3/6: dynamic batching (handle path and HTTP)"
+	RAYWATCH_DATA=$(abspath $(DATA)) $(BIN)/python benchmarks/batching.py --workdir $(BENCH_DIR) --duration $(BENCH_POINT_S)
+	@echo "== bench 4/6: Ray Train, 1 and 2 workers"
+	RAYWATCH_DATA=$(abspath $(DATA)) $(BIN)/python benchmarks/training.py --workdir $(BENCH_DIR)
+	@echo "== bench 5/6: Ray Tune, ASHA against no early stopping"
+	RAYWATCH_DATA=$(abspath $(DATA)) $(BIN)/python benchmarks/tune_asha.py --workdir $(BENCH_DIR)
+	@echo "== bench 6/6: benchmarks/results/README.md"
+	$(BIN)/python benchmarks/report.py --started $$(cat $(BENCH_DIR)/started)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

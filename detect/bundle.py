@@ -138,12 +138,15 @@ class ModelBundle:
 
 
 def verify(root: Path, manifest: dict[str, Any]) -> None:
-    """Refuse files that are not JSON/NPZ/ONNX, files not in the manifest, and checksum mismatches."""
+    """Refuse files that are not JSON/NPZ/ONNX, symbolic links, files not in the manifest, and checksum
+    mismatches. NPZ arrays are always read with `allow_pickle=False`, so an object array is refused too."""
     recorded = manifest.get("checksums", {})
     for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        if p.is_symlink():  # a link could point anywhere outside the checked set
+            raise BundleError(f"{root}: refusing {rel}: symbolic links are not loaded")
         if not p.is_file() or p.name == "manifest.json":
             continue
-        rel = str(p.relative_to(root))
         if p.suffix not in ALLOWED_SUFFIXES:
             raise BundleError(f"{root}: refusing {rel}: only JSON, NPZ and ONNX artifacts are loaded")
         if rel not in recorded:

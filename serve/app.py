@@ -49,6 +49,7 @@ MAX_ENTITIES = 100_000
 FALLBACK_THRESHOLD = 3.0  # mean robust z-score above which the baseline flags a row
 META_TTL_S = 2.0
 MONITOR_QUEUE_ROWS = int(os.environ.get("RAYWATCH_MONITOR_QUEUE", 20_000))  # served rows waiting for the monitors
+BODY_TIMEOUT_S = float(os.environ.get("RAYWATCH_BODY_TIMEOUT_S", 10.0))  # a request body must arrive within this
 MONITOR_BATCH_ROWS = 5_000  # rows per call to a monitor
 MONITOR_FLUSH_S = float(os.environ.get("RAYWATCH_MONITOR_FLUSH_S", 0.5))  # how long served rows gather before a call
 
@@ -179,12 +180,17 @@ class BodyLimit:
                 return await self._reject(send, 400, "content-length: not a number")
             if int(length) > limit:
                 return await self._reject(send, 413, f"body: {int(length)} bytes is over the {limit}-byte limit")
-            return await self.app(scope, receive, send)
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
+        # read the whole body here, bounded in size and in time: a client that stalls gets 408
+        # (Serve's own request timeout is the client's to switch off, by a header)
         chunks, received, more = [], 0, True
+        deadline = time.monotonic() + BODY_TIMEOUT_S
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                return await self._reject(send, 408, f"body: not received within {BODY_TIMEOUT_S:g} s")
             if message["type"] != "http.request":  # the client went away
                 return None
             chunk = message.get("body", b"")
@@ -226,7 +232,11 @@ class RaywatchAPI:
         breaker_cooldown_s: float = 10.0,
         monitor: dict[str, Any] | None = None,
         rate_limit: dict[str, Any] | None = None,
+        body_timeout_s: float | None = None,
     ) -> None:
+        global BODY_TIMEOUT_S
+        if body_timeout_s:
+            BODY_TIMEOUT_S = float(body_timeout_s)  # read by the BodyLimit middleware of this replica
         if tracking_uri:
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
         if state_dir:
@@ -752,4 +762,5 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
         breaker_cooldown_s=float(args.get("breaker_cooldown_s", 10.0)),
         monitor=args.get("monitor"),
         rate_limit=rate_limit,
+        body_timeout_s=args.get("body_timeout_s"),
     )

@@ -13,7 +13,6 @@ off by default. Past it the API answers 429 with Retry-After.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import time
@@ -25,6 +24,7 @@ KEYS_FILE_ENV = "RAYWATCH_ADMIN_KEYS_FILE"
 MAX_KEYS = 2
 RATE_ENV = "RAYWATCH_RATE_LIMIT_RPS"
 BURST_ENV = "RAYWATCH_RATE_LIMIT_BURST"
+TRUSTED_PROXIES_ENV = "RAYWATCH_TRUSTED_PROXIES"
 
 
 class AuthError(Exception):
@@ -99,12 +99,12 @@ class RateLimiter:
 
 
 def client_id(headers, peer: str | None) -> str:
-    """Who a request comes from, for the rate limit: the bearer key it presents (hashed, never kept in
-    clear), else the last X-Forwarded-For hop (added by a proxy you run in front), else the TCP peer."""
-    authorization = headers.get("authorization")
-    if authorization:
-        return "key:" + hashlib.sha256(authorization.encode()).hexdigest()[:16]
-    forwarded = headers.get("x-forwarded-for")
+    """Who a request comes from, for the rate limit: the TCP peer, or, when the peer is one of the
+    proxies named in RAYWATCH_TRUSTED_PROXIES (comma-separated addresses), the last hop that proxy
+    appended to X-Forwarded-For. Nothing else a client sends is believed (it could name anyone)."""
+    peer = peer or "unknown"
+    trusted = {p.strip() for p in os.environ.get(TRUSTED_PROXIES_ENV, "").split(",") if p.strip()}
+    forwarded = headers.get("x-forwarded-for") if peer in trusted else None
     if forwarded:
         return "ip:" + forwarded.split(",")[-1].strip()
-    return "ip:" + (peer or "unknown")
+    return "ip:" + peer

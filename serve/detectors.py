@@ -193,9 +193,12 @@ class DetectorServer:
 
     # -- model versions ------------------------------------------------------------------------------
     def _reload(self) -> dict[str, str | None]:
-        """Load what the aliases point to now; swap in new versions only once fully loaded."""
+        """Load what the aliases point to now; swap in new versions only once fully loaded. A version
+        that cannot be loaded (registry down, checksum mismatch, refused artifact) leaves what is
+        loaded serving; a replica with nothing loaded falls back to the `previous` champion."""
         from train import registry
 
+        errors = []
         for alias in ("champion", "challenger"):
             try:
                 wanted = registry.alias_version(self.kind, alias)
@@ -204,14 +207,30 @@ class DetectorServer:
                     self.slots[alias] = None
                 elif current is None or current.version != wanted:
                     self.slots[alias] = load_slot(self.kind, alias)  # one reference swap: no request sees half a model
-                    log.info("loaded", extra={"detector": self.kind, "alias": alias, "version": wanted})
-                self.load_error = None
-            except Exception as exc:  # registry unreachable: keep serving what is loaded
-                self.load_error = f"{type(exc).__name__}: {exc}"
-                log.warning("reload failed", extra={"detector": self.kind, "error": self.load_error})
+                    log.info(f"{self.kind}: loaded {alias} v{wanted}")
+            except Exception as exc:  # keep serving what is loaded
+                error = f"{alias}: {type(exc).__name__}: {exc}"
+                errors.append(error)
+                log.warning(f"{self.kind}: {error}; keeping what is loaded")
+                if alias == "champion" and self.slots["champion"] is None:
+                    self._load_previous()
+        self.load_error = "; ".join(errors) or None
         for alias, slot in self.slots.items():
             self.version_gauge.set(float(slot.version) if slot else 0.0, tags={"detector": self.kind, "alias": alias})
         return self.versions()
+
+    def _load_previous(self) -> None:
+        """A replica that starts while the champion is refused serves the previous champion meanwhile."""
+        from train import registry
+
+        try:
+            slot = load_slot(self.kind, registry.PREVIOUS)
+        except Exception as exc:
+            log.warning(f"{self.kind}: previous champion not loadable either: {type(exc).__name__}: {exc}")
+            return
+        if slot is not None:
+            self.slots["champion"] = slot
+            log.warning(f"{self.kind}: serving the previous champion v{slot.version} meanwhile")
 
     def _watch(self, interval: float) -> None:
         while not self._stop.wait(interval):

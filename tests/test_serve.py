@@ -315,6 +315,12 @@ def test_rate_limiter_token_bucket():
     assert not RateLimiter().enabled and RateLimiter().check("a") == 0.0
     with pytest.raises(ValueError, match="requests_per_s"):
         RateLimiter(requests_per_s=-1)
-    assert client_id({"x-forwarded-for": "10.0.0.9, 10.0.0.1"}, "127.0.0.1") == "ip:10.0.0.1"
-    keyed = client_id({"authorization": "Bearer secret-key"}, "127.0.0.1")
-    assert keyed.startswith("key:") and "secret" not in keyed
+    spoofed = {"x-forwarded-for": "10.0.0.9, 10.0.0.1", "authorization": "Bearer anything"}
+    assert client_id(spoofed, "192.0.2.7") == "ip:192.0.2.7"  # what a client says of itself is not believed
+    import os
+
+    os.environ["RAYWATCH_TRUSTED_PROXIES"] = "192.0.2.7"
+    try:
+        assert client_id(spoofed, "192.0.2.7") == "ip:10.0.0.1"  # the hop a trusted proxy appended
+    finally:
+        del os.environ["RAYWATCH_TRUSTED_PROXIES"]

@@ -2,12 +2,22 @@
 
 Default tracking store: a SQLite file `mlflow.db` in the working directory, artifacts in
 `./mlartifacts`. `MLFLOW_TRACKING_URI` points it elsewhere.
+
+Integrity: a bundle's manifest lists the SHA-256 of every artifact file (`detect.bundle`), and at
+registration the manifest's own SHA-256 is recorded as the model version's tag `bundle_sha256`, in the
+tracking store, apart from the artifact store. Loading refuses a version whose downloaded manifest does
+not match that tag, any file whose checksum does not match the manifest, and any file that is not JSON,
+NPZ (loaded with `allow_pickle=False`) or ONNX: nothing from the registry is unpickled.
+
+An unreachable or unreadable tracking store raises (`MlflowException`); only "not found" answers
+become `None` / `RegistryError`, so a registry outage is never mistaken for "no such alias".
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,17 +26,26 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from detect.bundle import ModelBundle
+from detect.bundle import BundleError, ModelBundle, sha256
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "raywatch"
 MODEL_NAMES = {"ensemble": "raywatch-ensemble", "lstm": "raywatch-lstm", "autoencoder": "raywatch-autoencoder"}
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
+CHECKSUM_TAG = "bundle_sha256"  # SHA-256 of the version's manifest.json, recorded at registration
 
 
 class RegistryError(RuntimeError):
     """A registry operation that cannot be done: unknown model or version, no previous champion."""
+
+
+def _not_found(exc: MlflowException) -> bool:
+    """Whether MLflow answered "no such model / version / alias" (and not: the store failed)."""
+    code = getattr(exc, "error_code", "")
+    if code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    return code in ("INVALID_PARAMETER_VALUE", "NOT_FOUND") and "not found" in str(exc).lower()
 
 
 def tracking_uri() -> str:
@@ -60,14 +79,17 @@ def register_bundle(bundle: ModelBundle, run_id: str, tags: dict[str, str] | Non
     client = setup()
     name = model_name(bundle.kind)
     with tempfile.TemporaryDirectory() as folder:
-        bundle.save(folder)
+        digest = sha256(bundle.save(folder) / "manifest.json")
         client.log_artifacts(run_id, folder, artifact_path="bundle")
     try:
         client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as exc:
+        if not _not_found(exc):
+            raise
         client.create_registered_model(name, description=f"raywatch {bundle.kind} detector bundles")
     source = f"{client.get_run(run_id).info.artifact_uri}/bundle"
-    version = client.create_model_version(name, source=source, run_id=run_id, tags={"variant": "fp32", **(tags or {})})
+    tags = {"variant": "fp32", **(tags or {}), CHECKSUM_TAG: digest}
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
     log.info("registered model version", extra={"model": name, "version": version.version})
     return str(version.version)
 
@@ -76,15 +98,19 @@ def alias_version(model: str, alias: str) -> str | None:
     client = setup()
     try:
         return str(client.get_model_version_by_alias(model_name(model), alias).version)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if _not_found(exc):
+            return None
+        raise
 
 
 def _check_version(client: MlflowClient, name: str, version: str) -> None:
     try:
         client.get_model_version(name, str(version))
-    except MlflowException:
-        raise RegistryError(f"{name} has no version {version}") from None
+    except MlflowException as exc:
+        if _not_found(exc):
+            raise RegistryError(f"{name} has no version {version}") from None
+        raise
 
 
 def promote(model: str, version: str | int) -> dict[str, Any]:
@@ -115,22 +141,48 @@ def rollback(model: str) -> dict[str, Any]:
 
 
 def load_bundle(model: str, ref: str = CHAMPION, dst: str | Path | None = None) -> tuple[ModelBundle, str]:
-    """Download and load the bundle of a version number or an alias; returns (bundle, version)."""
+    """Download and load the bundle of a version number or an alias; returns (bundle, version).
+
+    Raises `BundleError` when the download does not match the checksums recorded at registration
+    (the `bundle_sha256` tag, then the manifest's per-file SHA-256) or holds a file that is not JSON,
+    NPZ or ONNX."""
     client, name = setup(), model_name(model)
     try:
         mv = client.get_model_version(name, ref) if ref.isdigit() else client.get_model_version_by_alias(name, ref)
-    except MlflowException:
-        raise RegistryError(f"{name} has no version or alias {ref!r}") from None
-    dst = Path(dst or tempfile.mkdtemp(prefix="raywatch-bundle-"))
-    path = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst))
-    return ModelBundle.load(path), str(mv.version)
+    except MlflowException as exc:
+        if _not_found(exc):
+            raise RegistryError(f"{name} has no version or alias {ref!r}") from None
+        raise
+    scratch = dst is None  # a download of our own: removed once loaded (a bundle loads into memory)
+    folder = Path(dst or tempfile.mkdtemp(prefix="raywatch-bundle-"))
+    try:
+        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(folder)))
+        recorded = (mv.tags or {}).get(CHECKSUM_TAG)
+        manifest = path / "manifest.json"
+        if recorded and manifest.is_file() and sha256(manifest) != recorded:
+            raise BundleError(
+                f"{name} version {mv.version}: manifest.json does not match the checksum recorded at registration"
+                f" ({CHECKSUM_TAG}); refusing the version"
+            )
+        if not recorded:
+            log.warning(
+                f"{name} version {mv.version} has no {CHECKSUM_TAG} tag: only its manifest's checksums are checked"
+            )
+        return ModelBundle.load(path), str(mv.version)
+    finally:
+        if scratch:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def versions(model: str) -> list[dict[str, Any]]:
     client, name = setup(), model_name(model)
     try:
         found = client.search_model_versions(f"name='{name}'")
-    except MlflowException:
+    except MlflowException as exc:
+        if _not_found(exc):
+            return []
+        raise
+    if not found:
         return []
     # search results carry no aliases: read them from the registered model
     aliases: dict[str, list[str]] = {}

@@ -99,12 +99,20 @@ def tune_model(
     max_concurrent: int = 2,
     seed: int = 0,
     record: bool = True,
+    search: str = "optuna",
+    grace_period: int | None = None,
+    reduction_factor: int = 2,
     progress: Callable[[str], None] = lambda m: log.info(m),
 ) -> dict[str, Any]:
-    """Run the search; returns best config, score, trial count and trial-epochs."""
+    """Run the search; returns best config, score, trial count and trial-epochs.
+
+    `search="random"` samples the configs from `seed` alone (Tune's BasicVariantGenerator), so two runs
+    with different schedulers try the same configs (what benchmarks/tune_asha.py compares). ASHA's
+    grace period defaults to a quarter of `max_epochs`."""
     import mlflow
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
     from train import registry
@@ -123,18 +131,28 @@ def tune_model(
     else:
         data = [s.train[s.metrics].to_numpy() for s in series]
         trainable = tune.with_parameters(_sequence_trainable, model=model, data=data)
+    if search not in ("optuna", "random"):
+        raise ValueError(f"unknown search {search!r}; choose optuna or random")
     init_ray()
     sched = (
         ASHAScheduler(
-            time_attr="training_iteration", max_t=max_epochs, grace_period=max(1, max_epochs // 4), reduction_factor=2
+            time_attr="training_iteration",
+            max_t=max_epochs,
+            grace_period=grace_period or max(1, max_epochs // 4),
+            reduction_factor=reduction_factor,
         )
         if scheduler == "asha"
         else FIFOScheduler()
     )
+    searcher = (  # the random generator bounds concurrency itself
+        OptunaSearch(seed=seed)
+        if search == "optuna"
+        else BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
+    )
     storage = str((Path.cwd() / "runs" / "ray_tune").resolve())
     name = f"tune-{model}-{int(time.time())}"
     progress(
-        f"tuning {model}: {num_samples} trials, up to {max_epochs} epochs, scheduler={scheduler}, "
+        f"tuning {model}: {num_samples} trials, up to {max_epochs} epochs, scheduler={scheduler}, search={search}, "
         f"entities={[s.name for s in series]}"
     )
     tuner = tune.Tuner(
@@ -144,9 +162,9 @@ def tune_model(
             metric="val_loss",
             mode="min",
             scheduler=sched,
-            search_alg=OptunaSearch(seed=seed),
+            search_alg=searcher,
             num_samples=num_samples,
-            max_concurrent_trials=max_concurrent,
+            max_concurrent_trials=max_concurrent if search == "optuna" else None,
         ),
         run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0),
     )
@@ -174,7 +192,7 @@ def tune_model(
 
     registry.setup()
     with mlflow.start_run(run_name=name) as parent:
-        mlflow.set_tags({"raywatch.model": model, "raywatch.kind": "tune", "scheduler": scheduler})
+        mlflow.set_tags({"raywatch.model": model, "raywatch.kind": "tune", "scheduler": scheduler, "search": search})
         mlflow.log_params(
             {
                 "model": model,
@@ -217,6 +235,16 @@ def tune_model(
         "metric": "val_loss",
         "trials": len(trials),
         "trial_epochs": trial_epochs,
+        "trial_details": [
+            {
+                "config": {k: v for k, v in r.config.items() if k in space},
+                "epochs": int(r.metrics.get("training_iteration", 0)),
+                "best_val_loss": float(r.metrics_dataframe["val_loss"].min())
+                if r.metrics_dataframe is not None
+                else float(r.metrics["val_loss"]),
+            }
+            for r in trials
+        ],
         "seconds": seconds,
         "run_id": run_id,
         "path": str(path),
@@ -233,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--max-epochs", type=int, default=8)
     parser.add_argument("--scheduler", choices=["asha", "none"], default="asha")
+    parser.add_argument("--search", choices=["optuna", "random"], default="optuna", help="random: seeded configs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     result = tune_model(
@@ -243,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         args.max_epochs,
         args.scheduler,
         progress=print,
+        search=args.search,
     )
     print(json.dumps(result, indent=2, default=str))
     return 0

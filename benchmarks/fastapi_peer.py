@@ -1,0 +1,107 @@
+"""The serving benchmark's peer: one plain FastAPI + uvicorn process (no Ray) serving the registered
+champion versions with raywatch's `/v1/score` contract: what a user would pick instead of Ray Serve.
+
+    MLFLOW_TRACKING_URI=sqlite:///$PWD/runs/bench-serve/mlflow.db python benchmarks/fastapi_peer.py --port 8160
+
+It does the work the Serve app does per request, in one process, the same way: the body parsed and
+validated in one pass with the same pydantic schema (serve/schemas.py), the same per-entity history
+of raw samples (serve.app.HISTORY_ROWS) of which only the context rows the models read are copied,
+the same scoring code (`EntityModel.score_rows`: features or windows, ONNX Runtime on one thread, top
+metrics), the response serialised without a second validation pass. It has no A/B routing, circuit
+breaker, rate limit, Prometheus metrics or drift-monitor feed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import deque
+from itertools import islice
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from pydantic_core import to_json
+
+from serve import schemas as S
+from serve.app import HISTORY_ROWS
+from serve.detectors import ModelSlot, load_slot
+
+
+def create_app(detectors: tuple[str, ...] = S.DETECTORS) -> FastAPI:
+    slots: dict[str, ModelSlot] = {}
+    for name in detectors:
+        slot = load_slot(name, "champion")
+        if slot is not None:
+            slots[name] = slot
+    if not slots:
+        raise SystemExit(f"no champion registered for {list(detectors)}: train first")
+    known: dict[str, list[str]] = {}
+    for slot in slots.values():
+        for entity, model in slot.entities.items():
+            known.setdefault(entity, model.metrics)
+    history: dict[str, deque] = {}
+    app = FastAPI(title="raywatch FastAPI peer")
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "detectors": {name: slot.ref for name, slot in slots.items()}}
+
+    @app.post("/v1/score", response_model=S.ScoreResponse)
+    async def score(raw: Request) -> Response:
+        try:
+            request = S.ScoreRequest.model_validate_json(await raw.body())
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from None
+        names = list(dict.fromkeys(request.detectors or S.DETECTORS))
+        missing = [n for n in names if n not in slots]
+        if missing:
+            raise HTTPException(503, f"detectors: no model is loaded for {missing}")
+        by_entity: dict[str, list[int]] = {}
+        for i, row in enumerate(request.rows):
+            metrics = known.get(row.entity)
+            if metrics is None:
+                raise HTTPException(422, f"rows[{i}].entity: unknown entity {row.entity!r}")
+            if set(row.metrics) != set(metrics):
+                raise HTTPException(422, f"rows[{i}].metrics: metrics differ from the model's")
+            by_entity.setdefault(row.entity, []).append(i)
+        results: list[dict[str, Any] | None] = [None] * len(request.rows)
+        for entity, idx in by_entity.items():
+            metrics = known[entity]
+            new = np.array([[request.rows[i].metrics[m] for m in metrics] for i in idx], dtype=np.float64)
+            hist = history.setdefault(entity, deque(maxlen=HISTORY_ROWS))
+            context = max(slots[name].entities[entity].context_rows for name in names)
+            prior = list(islice(hist, max(0, len(hist) - context), None))
+            rows = np.concatenate([np.asarray(prior, dtype=np.float64), new]) if prior else new
+            hist.extend(new)
+            for name in names:
+                model = slots[name].entities[entity]
+                scored = model.score_rows(rows[-(len(idx) + model.context_rows) :], len(idx))
+                for k, i in enumerate(idx):
+                    row = results[i] or {"entity": entity, "timestamp": request.rows[i].timestamp, "detectors": {}}
+                    row["detectors"][name] = {**scored[k], "model": slots[name].ref, "path": "champion"}
+                    results[i] = row
+        for row in results:
+            row["is_anomaly"] = any(d["is_anomaly"] for d in row["detectors"].values())
+            probs = [p for d in row["detectors"].values() if (p := d.get("incident_probability")) is not None]
+            row["incident_probability"] = probs[0] if probs else None
+        return Response(content=to_json({"results": results}), media_type="application/json")
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8160)
+    args = parser.parse_args(argv)
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

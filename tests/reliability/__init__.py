@@ -1,0 +1,1 @@
+"""Reliability suite (issue 9): load, faults, hostile input and security, against a served raywatch app."""

@@ -1,0 +1,188 @@
+"""Security: admin keys (missing, wrong, rotated), the per-client rate limit on scoring, Ray's token
+authentication, and no secret in any log. (The registry loader's checks: test_registry_integrity.py.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .support import INGRESS, LoadGenerator, new_key, summarize
+
+pytestmark = pytest.mark.slow
+
+ADMIN_CALLS = {
+    "/v1/admin/promote": {"model": "lstm", "version": "1"},
+    "/v1/admin/rollback": {"model": "lstm"},
+    "/v1/admin/traffic": {"model": "lstm", "challenger_percent": 0, "shadow": False},
+    "/v1/admin/baseline": {"model": "lstm", "entity": "asd/omi-2"},
+}
+HARMLESS = ("/v1/admin/traffic", {"model": "autoencoder", "challenger_percent": 0, "shadow": False})
+
+
+def ray_token() -> str:
+    """The cluster's token, found the way Ray finds it: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    return path.read_text().strip()
+
+
+def test_admin_endpoints_reject_missing_and_wrong_keys(served, figures):
+    wrong = new_key()
+    served.secrets_sent.add(wrong)
+    seen = {}
+    for path, body in ADMIN_CALLS.items():
+        missing = served.client.post(path, json=body)
+        basic = served.client.post(path, json=body, headers={"Authorization": f"Basic {wrong}"})
+        empty = served.client.post(path, json=body, headers={"Authorization": "Bearer"})
+        bad = served.client.post(path, json=body, headers={"Authorization": f"Bearer {wrong}"})
+        case = served.client.post(path, json=body, headers={"Authorization": f"Bearer {served.keys[0].upper()}"})
+        seen[path] = [missing.status_code, basic.status_code, empty.status_code, bad.status_code, case.status_code]
+        assert missing.status_code == 401 and missing.headers.get("www-authenticate") == "Bearer", missing.text
+        assert basic.status_code == 401 and empty.status_code == 401
+        assert bad.status_code == 403 and case.status_code == 403, (bad.text, case.text)
+        assert wrong not in bad.text and served.keys[0] not in bad.text  # the answer never echoes a key
+        good = served.client.post(path, json=body, headers=served.admin())
+        assert good.status_code not in (401, 403), good.text
+    figures["admin_auth"] = {"statuses[missing, basic, empty, wrong, wrong_case]": seen}
+
+
+def test_key_rotation_two_valid_then_one_revoked(served, figures):
+    path, body = HARMLESS
+    pids = {a.pid for a in served.replicas(INGRESS)}
+    old, current = served.keys
+    incoming = new_key()
+
+    def status(key: str) -> int:
+        return served.client.post(path, json=body, headers=served.admin(key)).status_code
+
+    try:
+        assert (status(old), status(current), status(incoming)) == (200, 200, 403)
+        served.set_keys([current, incoming])  # rotate: the oldest key out, a new one in
+        assert (status(old), status(current), status(incoming)) == (403, 200, 200)
+        served.set_keys([incoming])  # revoke the other one too
+        assert (status(current), status(incoming)) == (403, 200)
+        served.set_keys([incoming, new_key(), new_key()])  # at most two keys are valid at once
+        assert status(served.keys[2]) == 403
+    finally:
+        served.set_keys([old, current])
+    assert status(old) == 200
+    assert {a.pid for a in served.replicas(INGRESS)} == pids  # no restart needed
+    figures["key_rotation"] = {"revoked_key_status": 403, "restarts": 0}
+
+
+def test_ray_token_authentication_is_on(served, ray_cluster, figures):
+    token = ray_token()
+    jobs = f"{served.dashboard_url}/api/jobs/"
+    anonymous = httpx.get(jobs, timeout=10)
+    wrong = httpx.get(jobs, headers={"Authorization": f"Bearer {new_key()}"}, timeout=10)
+    right = httpx.get(jobs, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert anonymous.status_code in (401, 403), anonymous.status_code
+    assert wrong.status_code in (401, 403), wrong.status_code
+    assert right.status_code == 200, right.status_code
+
+    @ray_cluster.remote(num_cpus=0)
+    def auth_mode() -> str | None:
+        return os.environ.get("RAY_AUTH_MODE")
+
+    assert ray_cluster.get(auth_mode.remote()) == "token"
+    # a driver with a wrong token is refused by the cluster (GCS): started with the app, see conftest.py
+    try:
+        out, _ = served.token_probe.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        served.token_probe.kill()
+        out, _ = served.token_probe.communicate()
+    assert "CONNECTED" not in out and served.token_probe.returncode != 0, out[-500:]
+    assert token not in out
+    refusal = next((line.strip() for line in out.splitlines() if "auth" in line.lower()), out.strip()[-200:])
+    figures["ray_token_auth"] = {
+        "dashboard_jobs_api": {"no_token": anonymous.status_code, "wrong": wrong.status_code, "right": 200},
+        "driver_with_wrong_token": refusal[:200],
+        "workers_RAY_AUTH_MODE": "token",
+    }
+
+
+def test_rate_limit_per_client_on_scoring(served, figures):
+    """Past `requests_per_s` (with `burst`) a client gets 429 with Retry-After, a detail naming the limit;
+    another client is served meanwhile, headers cannot fake another client, other routes are not limited."""
+    limit = {"requests_per_s": 1, "burst": 2}
+    served.redeploy(rate_limit=limit)  # left on: the tests after this one do not score
+    flood = LoadGenerator(served, rate=None, concurrency=4).start()
+    other = LoadGenerator(served, rate=1, concurrency=2, local_address="127.0.0.2").start()
+    time.sleep(4.0)
+    other.stop()
+    flood.stop()
+    statuses = summarize(flood.outcomes)["statuses"]
+    others = summarize(other.outcomes)["statuses"]
+    for _ in range(20):  # drain both replicas' buckets again: the flood's have refilled a little since
+        limited = served.client.post("/v1/score", json=served.score_body())
+        if limited.status_code == 429:
+            break
+    spoofed = {"forwarded": 0, "bearer": 0}  # answered 200 of 10: headers any client can set
+    spoof_started = time.monotonic()
+    for i in range(10):  # must not make it another client
+        fake = {"X-Forwarded-For": f"10.9.8.{i}", "X-Real-IP": f"10.9.7.{i}"}
+        for kind, headers in (("forwarded", fake), ("bearer", {"Authorization": f"Bearer {new_key()}"})):
+            r = served.client.post("/v1/score", json=served.score_body(), headers=headers)
+            spoofed[kind] += r.status_code == 200
+    refill = 2 * limit["requests_per_s"] * (time.monotonic() - spoof_started) + 2  # both replicas' buckets
+    unlimited = {path: served.client.get(path).status_code for path in ("/healthz", "/v1/models")}
+    figures["rate_limit"] = {
+        "limit": limit,
+        "ingress_replicas": served.args.get("ingress_replicas"),
+        "flood_statuses": statuses,
+        "allowed_per_s": round(statuses.get("200", 0) / (flood.stopped - flood.started), 1),
+        "other_client": others,
+        "spoofed_headers_200_of_10": spoofed,
+        "retry_after": limited.headers.get("retry-after"),
+    }
+    assert statuses.get("429", 0) > 0 and statuses.get("200", 0) > 0, statuses
+    assert limited.status_code == 429, limited.text
+    assert float(limited.headers["retry-after"]) > 0
+    assert "1" in limited.json()["detail"] and "limit" in limited.json()["detail"], limited.json()
+    assert others == {"200": len(other.outcomes)}, others
+    assert unlimited == {"/healthz": 200, "/v1/models": 200}
+    time.sleep(float(limited.headers["retry-after"]) + 0.5)
+    assert served.client.post("/v1/score", json=served.score_body()).status_code == 200
+    assert spoofed["forwarded"] + spoofed["bearer"] <= refill, (spoofed, refill)  # what the buckets refilled, no more
+
+
+def test_no_secret_in_any_log(served, figures, tmp_path_factory):
+    """After every admin call of the suite (right, wrong, rotated and revoked keys), neither an admin key
+    nor the Ray token appears in the Ray session's logs (Serve replicas, proxy, controller, workers, the
+    dashboard), in the head's start log, or in the Serve application config the dashboard shows."""
+    from ray._private import worker
+
+    secrets = set(served.secrets_sent) | {ray_token()}
+    assert len(served.secrets_sent) >= 4
+    logs = Path(worker.global_worker.node.get_logs_dir_path())
+    files = [p for p in logs.rglob("*") if p.is_file()]
+    files += list(tmp_path_factory.getbasetemp().glob("ray-head*/*.log"))
+    hits, scanned = [], 0
+    for path in files:
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        scanned += len(data)
+        hits += [(str(path), s[:12]) for s in secrets if s.encode() in data]
+    config = httpx.get(
+        f"{served.dashboard_url}/api/serve/applications/",
+        headers={"Authorization": f"Bearer {ray_token()}"},
+        timeout=30,
+    )
+    assert config.status_code == 200
+    hits += [("serve config", s[:12]) for s in served.secrets_sent if s in config.text]
+    figures["secrets_in_logs"] = {
+        "files": len(files),
+        "mib_scanned": round(scanned / 2**20, 1),
+        "secrets_searched": len(secrets),
+        "hits": len(hits),
+    }
+    assert files and scanned > 0
+    assert not hits, hits
