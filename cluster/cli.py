@@ -74,6 +74,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.epochs:
         overrides["epochs"] = args.epochs
     use_gpu = {"auto": None, "yes": True, "no": False}[args.gpu]
+    if args.source and args.data:
+        raise ValueError("--data and --source are alternatives: pass one")
+    if args.source:
+        print(f"reading the last {args.since} of {args.source} from Prometheus", file=sys.stderr)
     print(f"training {args.model} on Ray Train ({args.num_workers} worker(s), GPU: {args.gpu})", file=sys.stderr)
     result = train_model(
         args.model,
@@ -85,6 +89,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         use_tuned=not args.no_tuned,
         register=not args.no_register,
         progress=lambda m: print(m, file=sys.stderr, flush=True),
+        source=args.source,
+        since=args.since,
     )
     print(f"config: {result['config_source']}")
     for key, value in result["summary"].items():
@@ -92,6 +98,77 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result["version"]:
         promoted = " and promoted to champion (first version)" if result.get("promoted") else ""
         print(f"registered {result['model']} version {result['version']}{promoted} (MLflow run {result['run_id']})")
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    import signal
+    import time
+
+    from cluster.watch import Watcher
+    from detect.prometheus import load_source
+
+    source = load_source(args.source)
+    settings: dict[str, object] = {}
+    for flag, key in (
+        ("serve_url", "serve_url"),
+        ("exporter_port", "exporter_port"),
+        ("exporter_host", "exporter_host"),
+        ("detectors", "detectors"),
+        ("delay", "delay"),
+        ("backfill", "backfill"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            settings[key] = value
+    alerts: dict[str, object] = {}
+    for flag, key in (("alertmanager", "alertmanager"), ("alert_for", "for"), ("resolve_after", "resolve_after")):
+        value = getattr(args, flag)
+        if value is not None:
+            alerts[key] = value
+    if args.webhook:
+        alerts["webhooks"] = args.webhook
+
+    def say(message: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+    watcher = Watcher(source, settings, alerts, on_event=say)
+    exporter = watcher.settings.exporter_port
+    say(
+        f"watching {source.name} ({len(source.metrics)} metrics, step {source.step:g}s) from {source.url}; "
+        f"scoring through {watcher.settings.serve_url}"
+        + (f"; metrics on http://{watcher.settings.exporter_host}:{exporter}/metrics" if exporter else "")
+        + (f"; alerts to {watcher.alert_settings.alertmanager}" if watcher.alert_settings.alertmanager else "")
+    )
+    signal.signal(signal.SIGTERM, lambda *_: watcher.request_stop())
+    reported = 0
+    sent = 0
+
+    def report() -> None:
+        nonlocal reported, sent
+        fresh = min(watcher.notifier.sent_total - sent, len(watcher.notifier.sent))
+        for change in watcher.notifier.sent[len(watcher.notifier.sent) - fresh :]:
+            labels = change.get("labels") or change["alerts"][0]["labels"]
+            say(
+                f"alert {change['status']} -> {change['target']}: {labels['alertname']} {labels['entity']} {labels['detector']}"
+            )
+        sent = watcher.notifier.sent_total
+        if watcher.scored_rows - reported >= args.report_every:
+            reported = watcher.scored_rows
+            say(f"scored {watcher.scored_rows} rows; firing: {len(watcher.notifier.firing())}")
+
+    try:
+        if args.once:
+            result = watcher.poll_once()
+            report()
+            print(json.dumps(result))
+            return 0
+        watcher.run(duration_s=args.duration, after_poll=report)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        watcher.close()
+        say(f"stopped after {watcher.polls} polls, {watcher.scored_rows} rows scored")
     return 0
 
 
@@ -217,7 +294,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from cluster.lifecycle import up, urls
 
-    state = up(args.data, args.entities.split(",") if args.entities else None, args.port, args.mode, args.epochs)
+    state = up(
+        args.data,
+        args.entities.split(",") if args.entities else None,
+        args.port,
+        args.mode,
+        args.epochs,
+        source=args.source,
+        since=args.since,
+    )
     for name, url in urls(state).items():
         print(f"{name:10s} {url}")
     print("status: raywatch status    stop: raywatch down")
@@ -234,6 +319,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     for model, rows in out["models"].items():
         listed = ", ".join(f"v{r['version']}" + (f"[{','.join(r['aliases'])}]" if r["aliases"] else "") for r in rows)
         print(f"  {model}: {listed or 'no versions'}")
+    watcher = out.get("watcher")
+    if watcher:
+        if "error" in watcher:
+            print(f"watcher: {watcher['error']}")
+        else:
+            print(
+                f"watcher {watcher['source']} ({watcher['prometheus']}): {len(watcher['entities'])} entities, "
+                f"{watcher['scored_rows']} rows scored, firing {len(watcher['firing'])}"
+                + (f", last error: {watcher['last_error']}" if watcher.get("last_error") else "")
+            )
     print(f"recent drift events: {len(out['drift_events'])}")
     for e in out["drift_events"][:5]:
         print(f"  #{e['id']} {e['model']} {e['entity']} {e['detector']} p={e['p_value']} {e['drifted_features']}")
@@ -281,7 +376,26 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     tr.add_argument("--no-tuned", action="store_true", help="ignore the best config recorded by `raywatch tune`")
     tr.add_argument("--no-register", action="store_true", help="track in MLflow but register no version")
+    tr.add_argument("--source", help="a Prometheus source config (YAML): learn from its history instead of --data")
+    tr.add_argument("--since", default="6h", help="with --source: how much history to read, e.g. 6h, 2d")
     tr.set_defaults(func=cmd_train)
+
+    wa = sub.add_parser("watch", help="score live Prometheus metrics through the Serve app; export scores; send alerts")
+    wa.add_argument("--source", required=True, help="the Prometheus source config (YAML)")
+    wa.add_argument("--serve-url", help="the Serve app (default: watch.serve_url, else http://127.0.0.1:8000)")
+    wa.add_argument("--exporter-port", type=int, help="port of the /metrics exporter (0: none; default 9110)")
+    wa.add_argument("--exporter-host", help="address the exporter listens on (default 127.0.0.1)")
+    wa.add_argument("--detectors", help="comma-separated detectors (default: every one with a champion)")
+    wa.add_argument("--delay", help="score a grid point once it is this old (e.g. 2s)")
+    wa.add_argument("--backfill", help="a new entity starts this far back (default: from now)")
+    wa.add_argument("--alertmanager", help="Alertmanager base URL (POST /api/v2/alerts)")
+    wa.add_argument("--webhook", action="append", help="a JSON webhook for chat tools (repeatable)")
+    wa.add_argument("--for", dest="alert_for", help="flagged this long before an alert fires (e.g. 1m)")
+    wa.add_argument("--resolve-after", help="quiet this long before it resolves (e.g. 2m)")
+    wa.add_argument("--once", action="store_true", help="one poll, then exit (prints what it did)")
+    wa.add_argument("--duration", type=float, help="stop after this many seconds")
+    wa.add_argument("--report-every", type=int, default=600, help="print a progress line every N scored rows")
+    wa.set_defaults(func=cmd_watch)
 
     tu = sub.add_parser("tune", help="Ray Tune search (ASHA + Optuna); records the best config for `train`")
     tu.add_argument("--model", required=True, choices=["autoencoder", "lstm", "ensemble"])
@@ -340,6 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, default=8000)
     u.add_argument("--mode", choices=["high-throughput", "default"], default="high-throughput")
     u.add_argument("--epochs", type=int, help="epochs for models trained by `up`")
+    u.add_argument(
+        "--source", help="a Prometheus source config: train from its history, and start the watcher (a Ray actor)"
+    )
+    u.add_argument("--since", default="6h", help="with --source: history to train from when a model is missing")
     u.set_defaults(func=cmd_up)
     st = sub.add_parser("status", help="deployments, replicas, model versions, drift events and jobs")
     st.set_defaults(func=cmd_status)

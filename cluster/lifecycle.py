@@ -57,8 +57,15 @@ def up(
     epochs: int | None = None,
     monitor: dict[str, Any] | None = None,
     progress: Callable[[str], None] = print,
+    source: str | None = None,
+    since: str = "6h",
+    watch: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Start (or join) Ray, make sure every model has a champion, deploy the app and the monitors."""
+    """Start (or join) Ray, make sure every model has a champion, deploy the app and the monitors.
+
+    With `source` (a Prometheus source config) missing models learn from its last `since` of history
+    (the unsupervised ones: Prometheus has no incident labels) and the watcher starts as a detached
+    Ray actor that scores the source live through the app (`cluster.watch`)."""
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # read once per process, before ray is imported
     if mode == "high-throughput":
         for key, value in HIGH_THROUGHPUT_ENV.items():
@@ -95,15 +102,29 @@ def up(
     state["dashboard"] = state.get("dashboard") or dashboard
     for model in MODELS:
         if registry.alias_version(model, registry.CHAMPION) is None:
+            if source and model == "ensemble":
+                progress("no ensemble champion: not trained from a Prometheus source (it needs incident labels)")
+                continue
             progress(f"no {model} champion in {registry.tracking_uri()}: training one")
             overrides = {"epochs": epochs} if epochs else {}
-            train_model(model, data_dir, entities, overrides, progress=progress)
+            train_model(model, data_dir, entities, overrides, progress=progress, source=source, since=since)
     progress(f"deploying the Serve app on 127.0.0.1:{port} ({mode} mode)")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app_args = {"reload_interval_s": 1.0, "state_dir": str(state_dir()), "monitor": monitor or {}}
     serve.run(build_app(app_args), name=APP, route_prefix="/")
     for model in MODELS:
         monitors.get_or_create(model, (monitor or {}).get("config"), str(state_dir()))
+    if source:
+        from cluster.watch import start_actor
+
+        settings = {"serve_url": f"http://127.0.0.1:{port}", **(watch or {})}
+        import ray
+
+        state["watcher"], actor = start_actor(source, settings, state_dir_path=str(state_dir()))
+        exporter = ray.get(actor.status.remote(), timeout=60)["exporter_port"]
+        if exporter:
+            state["watch_metrics"] = f"http://127.0.0.1:{exporter}/metrics"
+        progress(f"watching {source} live: actor {state['watcher']}")
     _state_file().write_text(json.dumps(state, indent=2))
     return state
 
@@ -115,6 +136,7 @@ def urls(state: dict[str, Any]) -> dict[str, str]:
         "docs": f"{base}/docs",
         "dashboard": state.get("dashboard") or "(the cluster's dashboard)",
         "mlflow": f"mlflow ui --backend-store-uri {state['tracking_uri']}",
+        **({"watch": state["watch_metrics"]} if state.get("watch_metrics") else {}),
     }
 
 
@@ -145,6 +167,16 @@ def status() -> dict[str, Any]:
         out["deployments"] = {"error": str(exc)}
     out["models"] = {m: registry.versions(m) for m in MODELS}
     out["drift_events"] = DriftEventStore(Path(state["state_dir"]) / "drift.db").events(only_drift=True, limit=10)
+    if state.get("watcher"):
+        import ray
+
+        from cluster.watch import NAMESPACE as WATCH_NAMESPACE
+
+        try:
+            actor = ray.get_actor(state["watcher"], namespace=WATCH_NAMESPACE)
+            out["watcher"] = ray.get(actor.status.remote(), timeout=30)
+        except Exception as exc:
+            out["watcher"] = {"error": f"{type(exc).__name__}: {exc}"}
     try:
         out["jobs"] = jobs.list_jobs(state.get("dashboard"))
     except Exception as exc:
@@ -169,6 +201,11 @@ def down(progress: Callable[[str], None] = print) -> dict[str, Any]:
 
             from detect import monitor as monitors
 
+            if state.get("watcher"):
+                from cluster.watch import stop_actor
+
+                if stop_actor(state["watcher"]):
+                    stopped.append(state["watcher"])
             serve.shutdown()
             stopped.append("serve")
             stopped += monitors.stop_all()

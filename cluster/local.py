@@ -81,7 +81,7 @@ class LocalHead:
             stdout=open(self.log_path, "w"),  # noqa: SIM115 (the child owns it)
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "RAY_AUTH_MODE": "token", **(env or {})},
+            env={**os.environ, "RAY_AUTH_MODE": "token", "FORWARDED_ALLOW_IPS": _forwarded_allow_ips(), **(env or {})},
         )
         self.pgid = self.process.pid
         deadline = time.monotonic() + timeout_s
@@ -121,3 +121,10 @@ class LocalHead:
         path = Path(get_ray_address_file(None))
         if path.exists() and path.read_text().strip().endswith(f":{self.port}"):
             path.unlink(missing_ok=True)
+
+
+def _forwarded_allow_ips() -> str:
+    """Whose X-Forwarded-For the Serve HTTP servers (uvicorn) believe. uvicorn's default trusts any
+    client on loopback, which lets a local client pick its own rate-limit identity; raywatch trusts only
+    the proxies named in RAYWATCH_TRUSTED_PROXIES (none by default), or an explicit FORWARDED_ALLOW_IPS."""
+    return os.environ.get("RAYWATCH_TRUSTED_PROXIES", os.environ.get("FORWARDED_ALLOW_IPS", ""))

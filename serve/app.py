@@ -49,7 +49,15 @@ MAX_ENTITIES = 100_000
 FALLBACK_THRESHOLD = 3.0  # mean robust z-score above which the baseline flags a row
 META_TTL_S = 2.0
 MONITOR_QUEUE_ROWS = int(os.environ.get("RAYWATCH_MONITOR_QUEUE", 20_000))  # served rows waiting for the monitors
-BODY_TIMEOUT_S = float(os.environ.get("RAYWATCH_BODY_TIMEOUT_S", 10.0))  # a request body must arrive within this
+BODY_TIMEOUT_ENV = "RAYWATCH_BODY_TIMEOUT_S"  # a request body must arrive within this many seconds (10)
+
+
+def _body_timeout_s() -> float:
+    """Read per request from the replica's environment: the ingress class reaches its replica by value
+    (cloudpickle), so a module global set in its __init__ would land in a copy the middleware never sees."""
+    return float(os.environ.get(BODY_TIMEOUT_ENV) or 10.0)
+
+
 MONITOR_BATCH_ROWS = 5_000  # rows per call to a monitor
 MONITOR_FLUSH_S = float(os.environ.get("RAYWATCH_MONITOR_FLUSH_S", 0.5))  # how long served rows gather before a call
 
@@ -185,12 +193,13 @@ class BodyLimit:
         # read the whole body here, bounded in size and in time: a client that stalls gets 408
         # (Serve's own request timeout is the client's to switch off, by a header)
         chunks, received, more = [], 0, True
-        deadline = time.monotonic() + BODY_TIMEOUT_S
+        timeout_s = _body_timeout_s()
+        deadline = time.monotonic() + timeout_s
         while more:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
-                return await self._reject(send, 408, f"body: not received within {BODY_TIMEOUT_S:g} s")
+                return await self._reject(send, 408, f"body: not received within {timeout_s:g} s")
             if message["type"] != "http.request":  # the client went away
                 return None
             chunk = message.get("body", b"")
@@ -214,6 +223,7 @@ api.add_middleware(BodyLimit)
     ray_actor_options={"num_cpus": 0.25},
     max_ongoing_requests=256,
     graceful_shutdown_timeout_s=5,
+    health_check_period_s=2,
     num_replicas=1,
 )
 @serve.ingress(api)
@@ -234,9 +244,8 @@ class RaywatchAPI:
         rate_limit: dict[str, Any] | None = None,
         body_timeout_s: float | None = None,
     ) -> None:
-        global BODY_TIMEOUT_S
         if body_timeout_s:
-            BODY_TIMEOUT_S = float(body_timeout_s)  # read by the BodyLimit middleware of this replica
+            os.environ[BODY_TIMEOUT_ENV] = str(float(body_timeout_s))  # read by this replica's BodyLimit
         if tracking_uri:
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
         if state_dir:

@@ -340,7 +340,12 @@ def _autoscaling() -> dict[str, Any]:
     }
 
 
-_DEPLOYMENT = dict(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64, graceful_shutdown_timeout_s=5)
+_DEPLOYMENT = dict(
+    ray_actor_options={"num_cpus": 0.25},
+    max_ongoing_requests=64,
+    graceful_shutdown_timeout_s=5,
+    health_check_period_s=2,  # a dead replica is noticed in seconds, not Serve's default 10 s
+)
 
 
 @serve.deployment(autoscaling_config=_autoscaling(), **_DEPLOYMENT)
