@@ -53,7 +53,7 @@ from detect.prometheus import (
     load_source,
     parse_duration,
 )
-from detect.state import STATE_DIR_ENV, state_dir
+from detect.state import STATE_DIR_ENV, connect, create, state_dir
 
 log = logging.getLogger("raywatch.watch")
 
@@ -165,16 +165,10 @@ class WatchStore:
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path else state_dir() / "watch.db"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            for statement in _SCHEMA:
-                db.execute(statement)
+        create(self.path, _SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30)
-        db.execute("PRAGMA synchronous=FULL")
-        return db
+        return connect(self.path)
 
     def cursors(self, source: str) -> dict[str, float]:
         with self._connect() as db:

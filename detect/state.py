@@ -29,6 +29,22 @@ def state_dir() -> Path:
     return path
 
 
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection to one of the state files: each write is on disk when its transaction commits."""
+    db = sqlite3.connect(path, timeout=30)
+    db.execute("PRAGMA synchronous=FULL")
+    return db
+
+
+def create(path: Path, schema: Iterable[str]) -> None:
+    """Create a state file (WAL journal, so readers never wait for the writer) and its tables."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with connect(path) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+        for statement in schema:
+            db.execute(statement)
+
+
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS feedback (id INTEGER PRIMARY KEY, received REAL, entity TEXT,
        ts TEXT, label INTEGER, detector TEXT)""",
@@ -56,15 +72,10 @@ class ServingStore:
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path else state_dir() / "serving.db"
         self._lock = threading.Lock()
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            for statement in _SCHEMA:
-                db.execute(statement)
+        create(self.path, _SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30)
-        db.execute("PRAGMA synchronous=FULL")
-        return db
+        return connect(self.path)
 
     # -- feedback labels -----------------------------------------------------------------------------------
     def add_feedback(self, entity: str, ts: Any, label: int, detector: str | None) -> int:

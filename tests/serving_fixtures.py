@@ -1,6 +1,9 @@
-"""Small registered models for the serving tests: one entity (asd/omi-2), trained in-process."""
+"""Shared by the test modules: small registered models for the serving tests (one entity, asd/omi-2,
+trained in-process) and `wait_for`."""
 
 from __future__ import annotations
+
+import time
 
 from detect.data import Series
 from detect.ensemble import EnsembleDetector
@@ -34,3 +37,15 @@ def register_small_models(
                 promote=v == 0,
                 run_name=f"test-{kind}-{v}",
             )
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
+    """`predicate()`'s first truthy value, asked every `poll` seconds; AssertionError naming `what`
+    after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

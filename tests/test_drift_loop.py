@@ -10,6 +10,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+from serving_fixtures import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -77,16 +78,6 @@ def stream(client, entity: str, metrics: list[str], values: np.ndarray, start: i
         ]
         response = client.post("/v1/score", json={"rows": rows, "detectors": ["autoencoder"]})
         assert response.status_code == 200, response.text
-
-
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def drift_events(client, only_drift: bool = False) -> list[dict]:

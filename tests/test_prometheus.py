@@ -24,6 +24,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
+from serving_fixtures import wait_for
 
 from cluster.alerts import AlertSettings, Notifier
 from detect.prometheus import SourceError, align, fetch_frame, load_source, parse_duration, time_chunks
@@ -302,13 +303,7 @@ class Hook(BaseHTTPRequestHandler):
 
 
 def _wait(what: str, check, timeout: float, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    return wait_for(check, timeout, what, every)
 
 
 def _get(url: str, **params):

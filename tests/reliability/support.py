@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import serving_fixtures
 
 SOAK = os.environ.get("RAYWATCH_SOAK", "") not in ("", "0")
 PORT = 8170
@@ -71,13 +72,7 @@ def rss_bytes(pid: int) -> int:
 
 
 def wait_for(predicate, timeout: float, what: str, poll: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    return serving_fixtures.wait_for(predicate, timeout, what, poll)
 
 
 @dataclass
