@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
@@ -26,12 +25,12 @@ import numpy as np
 from report import ratio, table
 from serving import (
     ENTITY,
-    RESULTS,
     all_ready,
     load_average,
     local_serve,
     log,
     machine,
+    save_tables,
     test_values,
     use_workdir,
     wait_http,
@@ -178,30 +177,14 @@ def handle_path(
 
 
 def build_app(max_batch_size: int | None, state_dir: str) -> Any:
-    """The raywatch app as `serve.app.build_app` composes it, with drift monitors off (as in
-    serving.py) and, when given, `max_batch_size` in its detector deployments (build_app has no
-    argument for it)."""
-    import os
+    """The raywatch app as shipped, with drift monitors off (as in serving.py) and, when given,
+    `max_batch_size` in its detector deployments."""
+    from serve.app import build_app
 
-    from serve.app import RaywatchAPI, build_app
-    from serve.detectors import DEPLOYMENTS
-
-    monitor = {"enabled": False}
-    if max_batch_size is None:
-        return build_app({"state_dir": state_dir, "monitor": monitor})
-    uri = os.environ["MLFLOW_TRACKING_URI"]
-    handles = {
-        name: dep.bind(tracking_uri=uri, reload_interval_s=1.0, max_batch_size=max_batch_size)
-        for name, dep in DEPLOYMENTS.items()
-    }
-    return RaywatchAPI.bind(
-        handles["ensemble"],
-        handles["lstm"],
-        handles["autoencoder"],
-        tracking_uri=uri,
-        state_dir=state_dir,
-        monitor=monitor,
-    )
+    args: dict[str, Any] = {"state_dir": state_dir, "monitor": {"enabled": False}}
+    if max_batch_size is not None:
+        args["max_batch_size"] = max_batch_size
+    return build_app(args)
 
 
 def http_path(workdir: Path, port: int, duration_s: int, warmup_s: int) -> dict[str, dict[str, Any]]:
@@ -259,8 +242,6 @@ def main(argv: list[str] | None = None) -> int:
         "handle_echo": echo,
         "http": http,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "batching.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = [
         {"path": path, "detector": n, **f} for path, d in (("handle", handle), ("http", http)) for n, f in d.items()
     ]
@@ -276,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         table(rows, columns),
     ]
-    (RESULTS / "batching.md").write_text("\n".join(md) + "\n")
+    save_tables("batching", result, md)
     print("\n".join(md))
     return 0
 

@@ -71,6 +71,13 @@ def load_average() -> str:
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+def save_tables(name: str, result: dict[str, Any], md: list[str]) -> None:
+    """benchmarks/results/<name>.json (the figures) and <name>.md (the tables)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -480,8 +487,6 @@ def write_results(
             "rows/s from the median call (2 s of calls each), one thread",
         ],
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serving.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     columns = ["target", "serve_mode", "detector", "mode", "concurrency", "work", "rows_per_s"]
     columns += ["p50_ms", "p95_ms", "p99_ms", "errors"]
     md = [
@@ -506,7 +511,7 @@ def write_results(
         "",
         table(rows, columns),
     ]
-    (RESULTS / "serving.md").write_text("\n".join(md) + "\n")
+    save_tables("serving", {**meta, "rows": rows}, md)
     log(f"wrote {RESULTS / 'serving.json'} and serving.md")
 
 

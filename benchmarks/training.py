@@ -15,14 +15,13 @@ start and checkpoints included. Writes benchmarks/results/training.json and trai
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Any
 
 import numpy as np
 from report import table
-from serving import ENTITY, RESULTS, load_average, local_ray, log, machine, use_workdir
+from serving import ENTITY, load_average, local_ray, log, machine, save_tables, use_workdir
 
 MODELS = ("autoencoder", "lstm")
 WORKERS = (1, 2)
@@ -92,8 +91,6 @@ def main(argv: list[str] | None = None) -> int:
         "gpu": gpu or "not measured: no GPU on this machine (the GPU path runs where Ray reports one)",
         "rows": rows,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "training.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [
         f"Ray Train throughput, measured on {result['machine']} ({started}).",
         "",
@@ -101,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         table(rows),
     ]
-    (RESULTS / "training.md").write_text("\n".join(md) + "\n")
+    save_tables("training", result, md)
     print("\n".join(md))
     return 0
 

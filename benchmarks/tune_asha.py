@@ -15,7 +15,7 @@ import sys
 import time
 
 from report import ratio, table
-from serving import RESULTS, load_average, local_ray, log, machine, use_workdir
+from serving import load_average, local_ray, log, machine, save_tables, use_workdir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,8 +81,6 @@ def main(argv: list[str] | None = None) -> int:
         "asha": {"grace_period": grace, "reduction_factor": args.reduction_factor, "max_t": args.max_epochs},
         "trials": {"asha": asha["trial_details"], "full": full["trial_details"]},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "tune.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = [
         {
             "scheduler": "ASHA",
@@ -122,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         table(per_trial),
     ]
-    (RESULTS / "tune.md").write_text("\n".join(md) + "\n")
+    save_tables("tune", result, md)
     print("\n".join(md))
     return 0
 

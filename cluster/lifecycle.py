@@ -115,11 +115,11 @@ def up(
     for model in MODELS:
         monitors.get_or_create(model, (monitor or {}).get("config"), str(state_dir()))
     if source:
+        import ray
+
         from cluster.watch import start_actor
 
         settings = {"serve_url": f"http://127.0.0.1:{port}", **(watch or {})}
-        import ray
-
         state["watcher"], actor = start_actor(source, settings, state_dir_path=str(state_dir()))
         exporter = ray.get(actor.status.remote(), timeout=60)["exporter_port"]
         if exporter:

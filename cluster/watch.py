@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from cluster.alerts import ALERT_NAMES, DEFAULT_ALERT, AlertSettings, Notifier
 from detect.prometheus import (
@@ -728,17 +729,7 @@ def _ffill(values: np.ndarray, limit: int) -> np.ndarray:
     """Forward-fill NaNs down each column, from at most `limit` rows back."""
     if limit <= 0 or not np.isnan(values).any():
         return values
-    out = values.copy()
-    for col in range(out.shape[1]):
-        last, age = np.nan, 0
-        for i in range(len(out)):
-            if np.isnan(out[i, col]):
-                age += 1
-                if age <= limit:
-                    out[i, col] = last
-            else:
-                last, age = out[i, col], 0
-    return out
+    return pd.DataFrame(values).ffill(limit=limit).to_numpy()
 
 
 # -- as a Ray actor (raywatch up --source) -----------------------------------------------------------------------

@@ -44,7 +44,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from detect.state import state_dir
+from detect.state import connect, create, state_dir
 
 log = logging.getLogger(__name__)
 
@@ -480,34 +480,31 @@ _EVENT_COLUMNS = (
 )
 
 
+_EVENT_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS drift_events (
+           id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, model TEXT NOT NULL,
+           entity TEXT NOT NULL, detector TEXT NOT NULL, is_drift INTEGER NOT NULL,
+           statistic REAL, p_value REAL, threshold REAL, drifted_features TEXT NOT NULL,
+           extra TEXT NOT NULL, window_rows INTEGER NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS drift_events_model ON drift_events (model, entity, id)",
+    "CREATE TABLE IF NOT EXISTS monitor_state (key TEXT PRIMARY KEY, value TEXT NOT NULL, updated REAL)",
+)
+
+
 class DriftEventStore:
     """Drift events and monitor state in one SQLite file; every write is committed (WAL,
     synchronous=FULL) before the call returns, so nothing accepted is lost on a crash or restart."""
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path else state_dir() / "drift.db"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        with self._lock, self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(
-                """CREATE TABLE IF NOT EXISTS drift_events (
-                       id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, model TEXT NOT NULL,
-                       entity TEXT NOT NULL, detector TEXT NOT NULL, is_drift INTEGER NOT NULL,
-                       statistic REAL, p_value REAL, threshold REAL, drifted_features TEXT NOT NULL,
-                       extra TEXT NOT NULL, window_rows INTEGER NOT NULL)"""
-            )
-            db.execute("CREATE INDEX IF NOT EXISTS drift_events_model ON drift_events (model, entity, id)")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS monitor_state (key TEXT PRIMARY KEY, value TEXT NOT NULL, updated REAL)"
-            )
-            db.commit()
+        with self._lock:
+            create(self.path, _EVENT_SCHEMA)
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30)
+        db = connect(self.path)
         try:
-            db.execute("PRAGMA synchronous=FULL")
             yield db
         finally:
             db.close()

@@ -95,9 +95,8 @@ class DriftMonitor:
         self.load_error: str | None = None
         self._checked_version = 0.0
         self._checked_concept = time.monotonic()
-        self._pending: dict[
-            str, int
-        ] = {}  # rows after each entity's cursor, so a batch short of a window reads nothing
+        # rows after each entity's cursor, so a batch short of a window reads nothing
+        self._pending: dict[str, int] = {}
         self._load_champion()
         self._metrics = _monitor_metrics()
         log.info("monitor started", extra={"model": model, "starts": self.starts, "version": self.version})

@@ -39,10 +39,14 @@ def connect(path: Path) -> sqlite3.Connection:
 def create(path: Path, schema: Iterable[str]) -> None:
     """Create a state file (WAL journal, so readers never wait for the writer) and its tables."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with connect(path) as db:
-        db.execute("PRAGMA journal_mode=WAL")
-        for statement in schema:
-            db.execute(statement)
+    db = connect(path)
+    try:
+        with db:  # one transaction, committed
+            db.execute("PRAGMA journal_mode=WAL")
+            for statement in schema:
+                db.execute(statement)
+    finally:
+        db.close()
 
 
 _SCHEMA = (

@@ -750,8 +750,11 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
         tracking_uri = default_uri()
     state_dir = args.get("state_dir") or os.environ.get("RAYWATCH_STATE_DIR") or os.path.join(os.getcwd(), ".raywatch")
     reload_s = float(args.get("reload_interval_s", 1.0))
+    # max_batch_size: the detectors' @serve.batch size (64); 1 turns their batching off
+    batch = {"max_batch_size": int(args["max_batch_size"])} if args.get("max_batch_size") else {}
     handles = {
-        name: dep.bind(tracking_uri=tracking_uri, reload_interval_s=reload_s) for name, dep in DEPLOYMENTS.items()
+        name: dep.bind(tracking_uri=tracking_uri, reload_interval_s=reload_s, **batch)
+        for name, dep in DEPLOYMENTS.items()
     }
     keys_file = args.get("admin_keys_file") or os.environ.get(KEYS_FILE_ENV)
     rate_limit = args.get("rate_limit") or {

@@ -42,10 +42,6 @@ class EntityModel:
         """Score the last `n_new` of `rows` (older rows are context). Returns one dict per new row."""
         return result_rows(self.score_arrays([(rows, n_new)])[0])
 
-    def score_many(self, items: list[tuple[np.ndarray, int]]) -> list[list[dict[str, Any]]]:
-        """`score_arrays`, as one list of row dicts per item."""
-        return [result_rows(out) for out in self.score_arrays(items)]
-
     def score_arrays(self, items: list[tuple[np.ndarray, int]]) -> list[dict[str, Any]]:
         """Score several requests' new rows with one ONNX Runtime call: what dynamic batching buys.
 
@@ -291,13 +287,14 @@ class DetectorServer:
             except Exception as exc:  # reported per item: one bad item must not fail its batch-mates
                 out[i] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         for slot, model, idx in groups.values():
+            pairs = [(items[i]["rows"], int(items[i]["n_new"])) for i in idx]
             try:
-                scored = model.score_arrays([(items[i]["rows"], int(items[i]["n_new"])) for i in idx])
+                scored = model.score_arrays(pairs)
             except Exception:  # find the bad item(s): score the group one by one
                 scored = []
-                for i in idx:
+                for pair in pairs:
                     try:
-                        scored.append(model.score_arrays([(items[i]["rows"], int(items[i]["n_new"]))])[0])
+                        scored.append(model.score_arrays([pair])[0])
                     except Exception as exc:
                         scored.append(exc)
             for i, arrays in zip(idx, scored):

@@ -3,6 +3,7 @@ trained in-process) and `wait_for`."""
 
 from __future__ import annotations
 
+import os
 import time
 
 from detect.data import Series
@@ -49,3 +50,12 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
             return value
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def restore_environ(saved: dict[str, str | None]) -> None:
+    """Put back environment variables as `saved` had them (None: it was not set)."""
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -10,7 +10,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from serving_fixtures import wait_for
+from serving_fixtures import restore_environ, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -63,11 +63,7 @@ def loop(ray_cluster, tmp_path_factory):
     client.close()
     serve.shutdown()  # the next module starts Serve with its own HTTP options
     monitor.stop_all()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    restore_environ(saved)
 
 
 def stream(client, entity: str, metrics: list[str], values: np.ndarray, start: int, batch: int = 480) -> None:

@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from serving_fixtures import wait_for
+from serving_fixtures import restore_environ, wait_for
 
 from cluster.alerts import AlertSettings, Notifier
 from detect.prometheus import SourceError, align, fetch_frame, load_source, parse_duration, time_chunks
@@ -349,11 +349,7 @@ def serving(ray_cluster, tmp_path_factory):
         _high_priority(ray_pid, 0)
         serve.shutdown()  # the next module starts Serve with its own HTTP options
         monitor.stop_all()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        restore_environ(saved)
 
 
 @pytest.fixture(scope="module")
@@ -455,9 +451,7 @@ def stack(serving, tmp_path_factory):
         started = time.time()
         _wait(
             "Prometheus to scrape node_exporter",
-            lambda: (_get(f"http://127.0.0.1:{PROM_PORT}/api/v1/query", query="node_load1") or {})
-            .get("data", {})
-            .get("result"),
+            lambda: _prom_query("node_load1"),
             30,
         )
         yield {"folder": folder, "started": started, "hook_url": hook_url, "services": services}
@@ -525,6 +519,11 @@ def _test_source(folder: Path) -> Path:
     path = folder / "source.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def _prom_query(query: str) -> list[dict]:
+    """The result of an instant query to the test's Prometheus (empty or None while it has nothing)."""
+    return (_get(f"http://127.0.0.1:{PROM_PORT}/api/v1/query", query=query) or {}).get("data", {}).get("result")
 
 
 def _am_alerts(alertname: str) -> list[dict]:
@@ -664,9 +663,7 @@ def test_backfill_train_watch_alert_resolve(stack, serving, ray_cluster, monkeyp
         assert "raywatch_top_metric{" in exported and "raywatch_watch_last_timestamp{" in exported
         _wait(
             "Prometheus to scrape raywatch_anomaly_score",
-            lambda: (_get(f"http://127.0.0.1:{PROM_PORT}/api/v1/query", query="raywatch_anomaly_score") or {})
-            .get("data", {})
-            .get("result"),
+            lambda: _prom_query("raywatch_anomaly_score"),
             30,
         )
         # a quiet start (on a shared machine other people's jobs can set it off: wait that out)

@@ -90,6 +90,7 @@ def test_scores_with_all_three_detectors(served):
 def test_batched_scoring_equals_one_by_one_and_the_batch_path(served):
     """What dynamic batching does (several requests' rows in one ONNX Runtime call) changes no score."""
     from serve.detectors import load_slot
+    from serve.schemas import result_rows
 
     _, series = served
     X = series.test[series.metrics].to_numpy()[:200]
@@ -97,7 +98,7 @@ def test_batched_scoring_equals_one_by_one_and_the_batch_path(served):
         model = load_slot(kind, "champion").entities[series.name]
         items = [(X[max(0, k - model.context_rows) : k + 1], 1) for k in range(100, 130)]
         items += [(X[:140], 40), (X[:3], 2)]  # several new rows; a history shorter than a window
-        together = model.score_many(items)
+        together = [result_rows(arrays) for arrays in model.score_arrays(items)]
         for (rows, n), got in zip(items, together):
             assert got == model.score_rows(rows, n)
         batch = model.runtime.score_series(X[:130])[100:130]

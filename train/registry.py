@@ -19,8 +19,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 EXPERIMENT = "raywatch"
 MODEL_NAMES = {"ensemble": "raywatch-ensemble", "lstm": "raywatch-lstm", "autoencoder": "raywatch-autoencoder"}
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
+T = TypeVar("T")
 CHECKSUM_TAG = "bundle_sha256"  # SHA-256 of the version's manifest.json, recorded at registration
 
 
@@ -46,6 +48,17 @@ def _not_found(exc: MlflowException) -> bool:
     if code == "RESOURCE_DOES_NOT_EXIST":
         return True
     return code in ("INVALID_PARAMETER_VALUE", "NOT_FOUND") and "not found" in str(exc).lower()
+
+
+def _lookup(call: Callable[[], T]) -> T | None:
+    """`call()`, or None when MLflow answers "not found"; any other failure (the store is down or
+    unreadable) raises, so an outage is never taken for "no such model / version / alias"."""
+    try:
+        return call()
+    except MlflowException as exc:
+        if _not_found(exc):
+            return None
+        raise
 
 
 def tracking_uri() -> str:
@@ -81,11 +94,7 @@ def register_bundle(bundle: ModelBundle, run_id: str, tags: dict[str, str] | Non
     with tempfile.TemporaryDirectory() as folder:
         digest = sha256(bundle.save(folder) / "manifest.json")
         client.log_artifacts(run_id, folder, artifact_path="bundle")
-    try:
-        client.get_registered_model(name)
-    except MlflowException as exc:
-        if not _not_found(exc):
-            raise
+    if _lookup(lambda: client.get_registered_model(name)) is None:
         client.create_registered_model(name, description=f"raywatch {bundle.kind} detector bundles")
     source = f"{client.get_run(run_id).info.artifact_uri}/bundle"
     tags = {"variant": "fp32", **(tags or {}), CHECKSUM_TAG: digest}
@@ -96,21 +105,13 @@ def register_bundle(bundle: ModelBundle, run_id: str, tags: dict[str, str] | Non
 
 def alias_version(model: str, alias: str) -> str | None:
     client = setup()
-    try:
-        return str(client.get_model_version_by_alias(model_name(model), alias).version)
-    except MlflowException as exc:
-        if _not_found(exc):
-            return None
-        raise
+    found = _lookup(lambda: client.get_model_version_by_alias(model_name(model), alias))
+    return None if found is None else str(found.version)
 
 
 def _check_version(client: MlflowClient, name: str, version: str) -> None:
-    try:
-        client.get_model_version(name, str(version))
-    except MlflowException as exc:
-        if _not_found(exc):
-            raise RegistryError(f"{name} has no version {version}") from None
-        raise
+    if _lookup(lambda: client.get_model_version(name, str(version))) is None:
+        raise RegistryError(f"{name} has no version {version}")
 
 
 def promote(model: str, version: str | int) -> dict[str, Any]:
@@ -147,12 +148,10 @@ def load_bundle(model: str, ref: str = CHAMPION, dst: str | Path | None = None) 
     (the `bundle_sha256` tag, then the manifest's per-file SHA-256) or holds a file that is not JSON,
     NPZ or ONNX."""
     client, name = setup(), model_name(model)
-    try:
-        mv = client.get_model_version(name, ref) if ref.isdigit() else client.get_model_version_by_alias(name, ref)
-    except MlflowException as exc:
-        if _not_found(exc):
-            raise RegistryError(f"{name} has no version or alias {ref!r}") from None
-        raise
+    get = client.get_model_version if ref.isdigit() else client.get_model_version_by_alias
+    mv = _lookup(lambda: get(name, ref))
+    if mv is None:
+        raise RegistryError(f"{name} has no version or alias {ref!r}")
     scratch = dst is None  # a download of our own: removed once loaded (a bundle loads into memory)
     folder = Path(dst or tempfile.mkdtemp(prefix="raywatch-bundle-"))
     try:
@@ -176,12 +175,7 @@ def load_bundle(model: str, ref: str = CHAMPION, dst: str | Path | None = None) 
 
 def versions(model: str) -> list[dict[str, Any]]:
     client, name = setup(), model_name(model)
-    try:
-        found = client.search_model_versions(f"name='{name}'")
-    except MlflowException as exc:
-        if _not_found(exc):
-            return []
-        raise
+    found = _lookup(lambda: client.search_model_versions(f"name='{name}'"))
     if not found:
         return []
     # search results carry no aliases: read them from the registered model

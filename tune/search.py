@@ -118,6 +118,8 @@ def tune_model(
     from train import registry
     from train.pipeline import best_config_path, init_ray
 
+    if search not in ("optuna", "random"):  # before any data is read
+        raise ValueError(f"unknown search {search!r}; choose optuna or random")
     space = search_space(model)
     series = load_benchmark(data_dir, entities or DEFAULT_ENTITIES)
     if model == "ensemble":
@@ -131,8 +133,6 @@ def tune_model(
     else:
         data = [s.train[s.metrics].to_numpy() for s in series]
         trainable = tune.with_parameters(_sequence_trainable, model=model, data=data)
-    if search not in ("optuna", "random"):
-        raise ValueError(f"unknown search {search!r}; choose optuna or random")
     init_ray()
     sched = (
         ASHAScheduler(

@@ -123,19 +123,25 @@ def _raw(head: str, body: bytes = b"", read_timeout: float = 15.0) -> tuple[int,
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", PORT), timeout=read_timeout) as sock:
         sock.sendall(head.encode() + body)
-        data = b""
-        try:
-            while b"\r\n\r\n" not in data:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        except (ConnectionResetError, TimeoutError):
-            pass
+        data = _read_head(sock)
     elapsed = time.monotonic() - started
     if not data.startswith(b"HTTP/1.1 "):
         return 0, data.decode(errors="replace"), elapsed
     return int(data[9:12]), data.decode(errors="replace"), elapsed
+
+
+def _read_head(sock: socket.socket) -> bytes:
+    """What the server sends up to the end of its response head (less if it closes or times out)."""
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data:
+            part = sock.recv(65536)
+            if not part:
+                break
+            data += part
+    except (ConnectionResetError, TimeoutError):
+        pass
+    return data
 
 
 def _head(path: str, headers: dict[str, str]) -> str:
@@ -163,15 +169,7 @@ def test_oversized_bodies_are_refused_early_with_413(served, figures):
                 sent += len(chunk)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the server answered and closed: what a limit should do
-        data = b""
-        try:
-            while b"\r\n\r\n" not in data:
-                part = sock.recv(65536)
-                if not part:
-                    break
-                data += part
-        except (ConnectionResetError, TimeoutError):
-            pass
+        data = _read_head(sock)
     assert data.startswith(b"HTTP/1.1 413"), data[:300]
     figures["body_limit"]["chunked"] = {
         "sent_bytes": sent,
@@ -216,15 +214,7 @@ def test_slow_bodies_are_cut_off_without_harming_others(served, figures):
 
 def _answer(sock: socket.socket, opened: float) -> tuple[str, float]:
     """The status line a stalled client gets, and when; '' if the server closed or said nothing."""
-    data = b""
-    try:
-        while b"\r\n\r\n" not in data:
-            part = sock.recv(65536)
-            if not part:
-                break
-            data += part
-    except (TimeoutError, ConnectionResetError):
-        pass
+    data = _read_head(sock)
     sock.close()
     return data[:12].decode(errors="replace"), round(time.monotonic() - opened, 1)
 

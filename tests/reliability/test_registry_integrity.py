@@ -82,6 +82,14 @@ def test_a_file_that_is_not_json_npz_or_onnx_is_refused(registered, name, capsys
     assert "unpickled!" not in capsys.readouterr().out
 
 
+def _record_in_manifest(folder, path) -> None:
+    """Rewrite the bundle's manifest entry for `path` to its current checksum (what a tamperer who can
+    write the artifact store would do next)."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["checksums"][path.relative_to(folder).as_posix()] = sha256(path)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_a_pickle_disguised_as_npz_is_refused(registered):
     """An NPZ of the version replaced by a pickle: the checksum refuses it; with the manifest rewritten to
     match, the checksum recorded at registration refuses it; NPZ is read with allow_pickle=False anyway."""
@@ -92,9 +100,7 @@ def test_a_pickle_disguised_as_npz_is_refused(registered):
     npz.write_bytes(pickle.dumps(Payload()))
     with pytest.raises(BundleError, match="checksum mismatch for entities/asd__omi-2/arrays.npz"):
         registry.load_bundle("autoencoder", version)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["checksums"]["entities/asd__omi-2/arrays.npz"] = sha256(npz)
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    _record_in_manifest(folder, npz)
     with pytest.raises(BundleError, match="does not match the checksum recorded at registration"):
         registry.load_bundle("autoencoder", version)
     with pytest.raises(ValueError, match="allow_pickle"):
@@ -113,9 +119,7 @@ def test_tampered_weights_with_a_consistent_manifest_are_refused(registered):
     meta.write_text(json.dumps(data))
     with pytest.raises(BundleError, match="checksum mismatch for entities/asd__omi-2/detector.json"):
         registry.load_bundle("autoencoder", version)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["checksums"]["entities/asd__omi-2/detector.json"] = sha256(meta)
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    _record_in_manifest(folder, meta)
     with pytest.raises(BundleError, match="recorded at registration"):
         registry.load_bundle("autoencoder", version)
 
