@@ -4,7 +4,7 @@
     python benchmarks/batching.py --workdir runs/bench-serve     # after `serving.py prepare`
 
 Handle path (no HTTP proxy in the way): each detector deployment twice, one replica each (autoscaling
-off, so batching is the only difference), called with `handle.score.remote(item)` by 32 concurrent
+off, so batching is the only difference; nothing else deployed meanwhile), called with `handle.score.remote(item)` by 32 concurrent
 asyncio callers for a fixed time; items as the ingress builds them (context rows + 1 new row,
 `n_new=1`, path champion). HTTP path beside it: the whole raywatch app deployed twice, as shipped and
 with `max_batch_size=1` in its detector deployments, single-row `/v1/score` at 32 wrk connections.
@@ -114,9 +114,9 @@ def handle_echo() -> Any:
     return HandleEcho.bind()
 
 
-def deploy(serve: Any, state_dir: str) -> dict[tuple[str, str], Any]:
-    """Every app at once: each detector deployment per config for the handle path (one replica,
-    autoscaling off, no route), the handle echo, and the whole raywatch app per config at /<config>."""
+def deploy_handle_path(serve: Any) -> dict[tuple[str, str], Any]:
+    """The handle path's apps only (idle replicas of other apps would take CPU from the measurement):
+    each detector deployment per config (one replica, autoscaling off, no route) and the handle echo."""
     from serve.detectors import DEPLOYMENTS
 
     targets, keys = [serve.RunTarget(handle_echo(), "handle-echo", None)], [("echo", "handle")]
@@ -125,12 +125,19 @@ def deploy(serve: Any, state_dir: str) -> dict[tuple[str, str], Any]:
             deployment = DEPLOYMENTS[name].options(num_replicas=1, autoscaling_config=None)
             targets.append(serve.RunTarget(deployment.bind(**kwargs), f"{name}-{config}", None))
             keys.append((name, config))
-    for config, kwargs in CONFIGS.items():
-        targets.append(
-            serve.RunTarget(build_app(kwargs.get("max_batch_size"), state_dir), f"raywatch-{config}", f"/{config}")
-        )
-        keys.append(("raywatch", config))
     return dict(zip(keys, serve.run_many(targets)))
+
+
+def deploy_http_path(serve: Any, state_dir: str) -> None:
+    """The whole raywatch app per config at /<config>, once the handle-path apps are gone."""
+    for app in serve.status().applications:
+        serve.delete(app)
+    serve.run_many(
+        [
+            serve.RunTarget(build_app(kwargs.get("max_batch_size"), state_dir), f"raywatch-{config}", f"/{config}")
+            for config, kwargs in CONFIGS.items()
+        ]
+    )
 
 
 def handle_path(
@@ -196,7 +203,7 @@ def http_path(workdir: Path, port: int, duration_s: int, warmup_s: int) -> dict[
     for name in DETECTORS:
         figures: dict[str, Any] = {"connections": CALLERS}
         for config in CONFIGS:
-            point = wrk(f"{base}/{config}/v1/score", files[(name, "single")], CALLERS, duration_s, warmup_s)
+            point = wrk(f"{base}/{config}/v1/score", files[(name, "single", "rows")], CALLERS, duration_s, warmup_s)
             log(
                 f"http {name} {config}: {point['rows_per_s']:,.0f} rows/s, p50 {point['p50_ms']} p99 {point['p99_ms']} ms"
             )
@@ -217,9 +224,12 @@ def main(argv: list[str] | None = None) -> int:
 
     with local_serve("high_throughput", workdir, num_cpus=4) as serve:
         t0 = time.perf_counter()
-        handles = deploy(serve, str(workdir / "state"))
-        log(f"deployed {len(handles)} apps in {time.perf_counter() - t0:.0f} s")
+        handles = deploy_handle_path(serve)
+        log(f"deployed {len(handles)} apps for the handle path in {time.perf_counter() - t0:.0f} s")
         handle, echo = handle_path(handles, args.duration, args.warmup)
+        t0 = time.perf_counter()
+        deploy_http_path(serve, str(workdir / "state"))
+        log(f"deployed the raywatch app twice for the HTTP path in {time.perf_counter() - t0:.0f} s")
         http = http_path(workdir, SERVE_PORT, args.duration, args.warmup)
     for figures in (*handle.values(), *http.values()):
         figures["x"] = ratio(figures["batched_rows_per_s"], figures["unbatched_rows_per_s"])

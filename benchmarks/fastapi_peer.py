@@ -6,8 +6,9 @@ champion versions with raywatch's `/v1/score` contract: what a user would pick i
 It does the work the Serve app does per request, in one process, the same way: the body parsed and
 validated in one pass with the same pydantic schema (serve/schemas.py), the same per-entity history
 of raw samples (serve.app.HISTORY_ROWS) of which only the context rows the models read are copied,
-the same scoring code (`EntityModel.score_rows`: features or windows, ONNX Runtime on one thread, top
-metrics), the response serialised without a second validation pass. It has no A/B routing, circuit
+the same scoring code (`EntityModel.score_arrays`: features or windows, ONNX Runtime on one thread,
+top metrics), the response serialised without a second validation pass; `/v1/score/batch` (one entity's
+rows as a matrix) with the same schema and response code (serve/schemas.py) as the Serve app. It has no A/B routing, circuit
 breaker, rate limit, Prometheus metrics or drift-monitor feed.
 """
 
@@ -49,16 +50,51 @@ def create_app(detectors: tuple[str, ...] = S.DETECTORS) -> FastAPI:
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "detectors": {name: slot.ref for name, slot in slots.items()}}
 
-    @app.post("/v1/score", response_model=S.ScoreResponse)
-    async def score(raw: Request) -> Response:
+    def score_new(entity: str, new: np.ndarray, names: list[str]) -> dict[str, tuple[str, dict, dict]]:
+        """One entity's new rows after its history, by each detector: (path, model ref, arrays)."""
+        hist = history.setdefault(entity, deque(maxlen=HISTORY_ROWS))
+        context = max(slots[name].entities[entity].context_rows for name in names)
+        prior = list(islice(hist, max(0, len(hist) - context), None))
+        rows = np.concatenate([np.asarray(prior, dtype=np.float64), new]) if prior else new
+        hist.extend(new)
+        out = {}
+        for name in names:
+            model = slots[name].entities[entity]
+            arrays = model.score_arrays([(rows[-(len(new) + model.context_rows) :], len(new))])[0]
+            out[name] = ("champion", slots[name].ref, arrays)
+        return out
+
+    def parse(model: type[S.BaseModel], body: bytes) -> Any:
         try:
-            request = S.ScoreRequest.model_validate_json(await raw.body())
+            return model.model_validate_json(body)
         except ValidationError as exc:
             raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from None
-        names = list(dict.fromkeys(request.detectors or S.DETECTORS))
+
+    def served(requested: list[str] | None) -> list[str]:
+        names = list(dict.fromkeys(requested or S.DETECTORS))
         missing = [n for n in names if n not in slots]
         if missing:
             raise HTTPException(503, f"detectors: no model is loaded for {missing}")
+        return names
+
+    @app.post("/v1/score/batch", response_model=S.ScoreBatchResponse)
+    async def score_batch(raw: Request) -> Response:
+        request = parse(S.ScoreBatchRequest, await raw.body())
+        names = served(request.detectors)
+        metrics = known.get(request.entity)
+        if metrics is None:
+            raise HTTPException(422, f"entity: unknown entity {request.entity!r}")
+        try:
+            new = S.batch_values(request, metrics)
+        except S.FieldError as exc:
+            raise HTTPException(422, str(exc)) from None
+        out = S.batch_result(request.entity, request.timestamps, score_new(request.entity, new, names))
+        return Response(content=to_json(out), media_type="application/json")
+
+    @app.post("/v1/score", response_model=S.ScoreResponse)
+    async def score(raw: Request) -> Response:
+        request = parse(S.ScoreRequest, await raw.body())
+        names = served(request.detectors)
         by_entity: dict[str, list[int]] = {}
         for i, row in enumerate(request.rows):
             metrics = known.get(row.entity)
@@ -71,17 +107,11 @@ def create_app(detectors: tuple[str, ...] = S.DETECTORS) -> FastAPI:
         for entity, idx in by_entity.items():
             metrics = known[entity]
             new = np.array([[request.rows[i].metrics[m] for m in metrics] for i in idx], dtype=np.float64)
-            hist = history.setdefault(entity, deque(maxlen=HISTORY_ROWS))
-            context = max(slots[name].entities[entity].context_rows for name in names)
-            prior = list(islice(hist, max(0, len(hist) - context), None))
-            rows = np.concatenate([np.asarray(prior, dtype=np.float64), new]) if prior else new
-            hist.extend(new)
-            for name in names:
-                model = slots[name].entities[entity]
-                scored = model.score_rows(rows[-(len(idx) + model.context_rows) :], len(idx))
-                for k, i in enumerate(idx):
+            for name, (path, model, arrays) in score_new(entity, new, names).items():
+                for k, scored in enumerate(S.result_rows(arrays)):
+                    i = idx[k]
                     row = results[i] or {"entity": entity, "timestamp": request.rows[i].timestamp, "detectors": {}}
-                    row["detectors"][name] = {**scored[k], "model": slots[name].ref, "path": "champion"}
+                    row["detectors"][name] = {**scored, "model": model, "path": path}
                     results[i] = row
         for row in results:
             row["is_anomaly"] = any(d["is_anomaly"] for d in row["detectors"].values())

@@ -6,7 +6,8 @@ alternative, every figure measured in the same run on the same machine.
 
 For each detector, single-row `POST /v1/score` (`"detectors": [<one>]`, one entity, the ingress's
 per-entity history supplies the window) at 1, 8 and 32 concurrent connections, and 1,000-row batch
-requests, driven by wrk (a separate process, a Lua script for the bodies, bounded in time after a
+requests in both body forms (`body`: `matrix`, one entity's rows as a matrix to `/v1/score/batch`, the
+bulk path; `rows`, 1,000 row objects to `/v1/score`), driven by wrk (a separate process, a Lua script for the bodies, bounded in time after a
 warm-up) against:
 
 - `ray_serve`: the raywatch app (`serve.app.build_app`), in each Serve mode: `default` and
@@ -48,7 +49,16 @@ ENTITY = "smd/machine-1-6"
 DETECTORS = ("ensemble", "lstm", "autoencoder")
 CONCURRENCY = (1, 8, 32)
 BATCH_ROWS = 1000
-BATCH_CONCURRENCY = (2,)
+BATCH_CONCURRENCY = (2, 4)
+# the measured points: (mode, body, concurrency levels, rows per request, route). Batches go both ways:
+# as `ScoreBatchRequest` matrices to /v1/score/batch (the bulk path) and as row objects to /v1/score
+# (batches first: right after the in-process ONNX Runtime reference that each Serve mode measures
+# beside them, so that a shared machine's changing load touches both alike)
+POINTS = (
+    ("batch", "matrix", BATCH_CONCURRENCY, BATCH_ROWS, "/v1/score/batch"),
+    ("batch", "rows", BATCH_CONCURRENCY, BATCH_ROWS, "/v1/score"),
+    ("single", "rows", CONCURRENCY, 1, "/v1/score"),
+)
 SERVE_PORT = 8150  # Serve HTTP (the proxy or HAProxy)
 HAPROXY_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": "8158", "RAY_SERVE_HAPROXY_METRICS_PORT": "8159"}
 PEER_PORT = 8160
@@ -143,17 +153,32 @@ def score_body(metrics: list[str], values: np.ndarray, start: int, detectors: li
     return json.dumps(body, separators=(",", ":"))
 
 
-def write_bodies(folder: Path, single: int = 200, batches: int = 2) -> dict[tuple[str, str], Path]:
-    """Request bodies, one JSON document per line (wrk cycles through them): per detector and mode."""
+def matrix_body(metrics: list[str], values: np.ndarray, start: int, detectors: list[str] | None) -> str:
+    body: dict[str, Any] = {
+        "entity": ENTITY,
+        "metrics": metrics,
+        "timestamps": [float(start + i) for i in range(len(values))],
+        "values": values.tolist(),
+    }
+    if detectors:
+        body["detectors"] = detectors
+    return json.dumps(body, separators=(",", ":"))
+
+
+def write_bodies(folder: Path, single: int = 200, batches: int = 2) -> dict[tuple[str, str, str], Path]:
+    """Request bodies, one JSON document per line (wrk cycles through them), per detector and point:
+    keys (detector, mode, body) as in POINTS."""
     metrics, values = test_values()
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
     for name in DETECTORS:
-        for mode, count, size in (("single", single, 1), ("batch", batches, BATCH_ROWS)):
-            path = folder / f"{name}-{mode}.jsonl"
-            lines = [score_body(metrics, values[i * size : (i + 1) * size], i * size, [name]) for i in range(count)]
+        for mode, body, _, size, _ in POINTS:
+            count = single if mode == "single" else batches
+            make = matrix_body if body == "matrix" else score_body
+            path = folder / f"{name}-{mode}-{body}.jsonl"
+            lines = [make(metrics, values[i * size : (i + 1) * size], i * size, [name]) for i in range(count)]
             path.write_text("\n".join(lines) + "\n")
-            files[(name, mode)] = path
+            files[(name, mode, body)] = path
     return files
 
 
@@ -241,24 +266,31 @@ def post(url: str, body: str) -> dict:
 
 
 def measure_http(
-    base: str, score_path: str, files: dict[tuple[str, str], Path], duration_s: int, warmup_s: int, label: dict
+    base: str,
+    files: dict[tuple[str, str, str], Path],
+    duration_s: int,
+    warmup_s: int,
+    label: dict,
+    after: Callable[[], dict[str, Any]] = dict,
 ) -> Iterator[dict[str, Any]]:
-    """Every point for one HTTP target: single rows per detector at each concurrency, then batches."""
+    """Every point for one HTTP target: single rows per detector at each concurrency, then batches;
+    `after()` adds its fields to each point once it is measured."""
     for name in DETECTORS:  # fill the entity's history and warm every replica before timing
         for _ in range(3):
-            post(base + score_path, files[(name, "single")].read_text().splitlines()[0])
-    for mode, levels, size in (("single", CONCURRENCY, 1), ("batch", BATCH_CONCURRENCY, BATCH_ROWS)):
+            post(base + "/v1/score", files[(name, "single", "rows")].read_text().splitlines()[0])
+    for mode, body, levels, size, route in POINTS:
         for connections in levels:
             for name in DETECTORS:
-                point = wrk(base + score_path, files[(name, mode)], connections, duration_s, warmup_s, size)
-                row = {**label, "detector": name, "mode": mode, **point}
+                point = wrk(base + route, files[(name, mode, body)], connections, duration_s, warmup_s, size)
+                row = {**label, "detector": name, "mode": mode, "body": body, **point, **after()}
                 log(_describe(row))
                 yield row
 
 
 def _describe(row: dict[str, Any]) -> str:
     where = f"{row['target']}{'/' + row['serve_mode'] if row.get('serve_mode') else ''}"
-    what = f"{row.get('detector') or '-'} {row['mode']} c={row['concurrency']}"
+    body = f" ({row['body']})" if row.get("mode") == "batch" and row.get("body") else ""
+    what = f"{row.get('detector') or '-'} {row['mode']}{body} c={row['concurrency']}"
     errors = f", {row['errors']} errors" if row.get("errors") else ""
     return (
         f"{where:<28} {what:<26} {row['rows_per_s']:>10,.0f} rows/s  p50 {row['p50_ms']} p99 {row['p99_ms']} ms{errors}"
@@ -321,6 +353,20 @@ def stop_haproxy(node_id: str) -> None:
                 log(f"stopped HAProxy {proc.name} left by node {node_id[:8]}")
 
 
+def replica_counts() -> dict[str, Any]:
+    """Running replicas of the raywatch app's deployments now (autoscaling acts during a run)."""
+    from ray import serve
+
+    app = serve.status().applications.get("raywatch")
+    if app is None:
+        return {}
+    counts = {
+        name: sum(n for state, n in d.replica_states.items() if str(getattr(state, "value", state)) == "RUNNING")
+        for name, d in app.deployments.items()
+    }
+    return {"replicas": " ".join(f"{name.removesuffix('Detector')}:{n}" for name, n in sorted(counts.items()))}
+
+
 def echo_app() -> Any:
     from fastapi import FastAPI
     from ray import serve
@@ -345,7 +391,7 @@ def run_mode(mode: str, workdir: Path, bodies: Path, duration_s: int, warmup_s: 
     """Runs in a subprocess per mode: deploy raywatch and echo on one Serve instance, drive both."""
     from serve.app import build_app
 
-    files = {(n, m): bodies / f"{n}-{m}.jsonl" for n in DETECTORS for m in ("single", "batch")}
+    files = {(n, m, b): bodies / f"{n}-{m}-{b}.jsonl" for n in DETECTORS for m, b, *_ in POINTS}
     rows: list[dict[str, Any]] = []
     base = f"http://127.0.0.1:{SERVE_PORT}"
     with local_serve(mode, workdir) as serve:
@@ -357,13 +403,14 @@ def run_mode(mode: str, workdir: Path, bodies: Path, duration_s: int, warmup_s: 
         wait_http(f"{base}/readyz", all_ready)
         log(f"{mode}: raywatch and echo deployed in {time.perf_counter() - t0:.0f} s")
         label = {"target": "ray_serve", "serve_mode": mode}
-        rows += measure_http(base, "/v1/score", files, duration_s, warmup_s, label)
+        log(f"{mode}: the compute limit again, beside this mode's batch points")
+        rows += inprocess(1, serve_mode=mode, only={("onnx", "batch")})
+        rows += measure_http(base, files, duration_s, warmup_s, label, replica_counts)
         # the echo gets the ensemble's bodies: the same bytes in, the same bytes back
-        echo_files = {(n, m): files[("ensemble", m)] for n, m in files}
-        for mode_, levels, size in (("single", CONCURRENCY, 1), ("batch", BATCH_CONCURRENCY, BATCH_ROWS)):
+        for mode_, body, levels, size, _ in POINTS:
             for connections in levels:
-                point = wrk(f"{base}/echo/", echo_files[("ensemble", mode_)], connections, duration_s, warmup_s, size)
-                row = {"target": "echo", "serve_mode": mode, "detector": None, "mode": mode_, **point}
+                point = wrk(f"{base}/echo/", files[("ensemble", mode_, body)], connections, duration_s, warmup_s, size)
+                row = {"target": "echo", "serve_mode": mode, "detector": None, "mode": mode_, "body": body, **point}
                 log(_describe(row))
                 rows.append(row)
     return rows
@@ -382,11 +429,17 @@ def timed(fn: Callable[[], Any], seconds: float, max_calls: int = 100_000) -> np
     return np.asarray(times)
 
 
-def inprocess(seconds: float) -> list[dict[str, Any]]:
-    """The registered champion's ONNX Runtime scorer (one thread, as in a replica), called in process."""
+def inprocess(
+    seconds: float, serve_mode: str | None = None, only: set[tuple[str, str]] | None = None
+) -> list[dict[str, Any]]:
+    """The registered champion's ONNX Runtime scorer (one thread, as in a replica), called in process;
+    `only` (work, mode) pairs; `serve_mode` labels a reference measured inside that mode's run."""
+    from detect import runtime as runtime_module
     from detect.features import entity_features, entity_windows
     from detect.runtime import EnsembleRuntime
     from serve.detectors import load_slot
+
+    parallel_rows = runtime_module.PARALLEL_ROWS
 
     _, values = test_values()
     rows = []
@@ -407,11 +460,16 @@ def inprocess(seconds: float) -> list[dict[str, Any]]:
             ("score_rows", "single"): lambda m=model, h=history[-(1 + model.context_rows) :]: m.score_rows(h, 1),
         }
         for (work, mode), fn in calls.items():
+            if only is not None and (work, mode) not in only:
+                continue
             size = BATCH_ROWS if mode == "batch" else 1
+            # the compute limit on one thread, as the issue defines it: the ensemble's member graphs one
+            # after another (a replica runs them side by side from runtime.PARALLEL_ROWS rows on)
+            runtime_module.PARALLEL_ROWS = sys.maxsize if work == "onnx" else parallel_rows
             t = timed(fn, seconds)
             row = {
                 "target": "onnxruntime_inprocess",
-                "serve_mode": None,
+                "serve_mode": serve_mode,
                 "detector": name,
                 "mode": mode,
                 "concurrency": 1,
@@ -438,7 +496,7 @@ def run_peer(workdir: Path, files: dict[tuple[str, str], Path], duration_s: int,
         base = f"http://127.0.0.1:{PEER_PORT}"
         wait_http(f"{base}/healthz", timeout_s=120)
         label = {"target": "fastapi", "serve_mode": None}
-        return list(measure_http(base, "/v1/score", files, duration_s, warmup_s, label))
+        return list(measure_http(base, files, duration_s, warmup_s, label))
     finally:
         process.terminate()
         try:
@@ -482,13 +540,17 @@ def write_results(
         "load_generator": f"wrk, 1 thread, {duration_s:g} s per point after a {warmup_s:g} s warm-up",
         "notes": [
             "ray_serve: the raywatch app with drift monitors off (monitor.enabled=false), autoscaling as shipped",
-            "onnxruntime_inprocess work=onnx: the ONNX graph(s) alone on precomputed features/windows; "
-            "work=score_rows: features/windows + ONNX + top metrics, what a detector replica runs per request; "
+            "onnxruntime_inprocess work=onnx: the ONNX graph(s) alone on precomputed features/windows "
+            "(measured first, and again inside each Serve mode's run just before its batch points: "
+            "serve_mode names that run; ratios use the one beside them), "
+            "(the ensemble's four member graphs one after another), "
+            "work=score_rows: features/windows + ONNX + top metrics, what a detector replica runs per request "
+            "(member graphs side by side from 256 rows on); "
             "rows/s from the median call (2 s of calls each), one thread",
         ],
     }
-    columns = ["target", "serve_mode", "detector", "mode", "concurrency", "work", "rows_per_s"]
-    columns += ["p50_ms", "p95_ms", "p99_ms", "errors"]
+    columns = ["target", "serve_mode", "detector", "mode", "body", "concurrency", "work", "rows_per_s"]
+    columns += ["p50_ms", "p95_ms", "p99_ms", "errors", "replicas"]
     md = [
         f"Serving, measured on {meta['machine']} ({started}, load average {load['start']} at the start, "
         f"{load['end']} at the end); entity {ENTITY}; {meta['load_generator']}.",

@@ -39,7 +39,10 @@ def fit(model: str, X: np.ndarray, metrics: list[str], epochs: int, workers: int
 
     det = SEQUENCE_DETECTORS[model]({"epochs": epochs})
     t0 = time.perf_counter()
-    fit_with_ray_train(det, X, metrics, num_workers=workers, use_gpu=gpu, run_name=f"bench-{model}-{workers}w")
+    # a run name of its own each time: Ray Train resumes a run of the same name from its last
+    # checkpoint, so a fixed name would replay the first benchmark's epochs instead of training
+    name = f"bench-{model}-{workers}w-{time.strftime('%Y%m%d-%H%M%S')}"
+    fit_with_ray_train(det, X, metrics, num_workers=workers, use_gpu=gpu, run_name=name)
     wall = time.perf_counter() - t0
     windows = len(det.prepare(X, metrics)[0])
     per_worker = float(np.mean([h["rows_per_s"] for h in det.history_]))

@@ -25,10 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--max-epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--grace-period", type=int, help="ASHA grace period (default: max_epochs / 4, as raywatch tune)"
-    )
-    parser.add_argument("--reduction-factor", type=int, default=2, help="ASHA reduction factor (raywatch tune: 2)")
+    parser.add_argument("--grace-period", type=int, default=1, help="ASHA grace period (raywatch tune: 1)")
+    parser.add_argument("--reduction-factor", type=int, default=3, help="ASHA reduction factor (raywatch tune: 3)")
     args = parser.parse_args(argv)
     workdir = use_workdir(args.workdir)
     from train.pipeline import TRAIN_POLL_ENV
@@ -55,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{scheduler}: best val_loss {r['best_score']:.5g}, {r['trial_epochs']} trial-epochs, {r['seconds']:.0f} s"
             )
     asha, full = results["asha"], results["none"]
-    grace = args.grace_period or max(1, args.max_epochs // 4)
-    default_asha = args.grace_period is None and args.reduction_factor == 2
+    grace = args.grace_period
+    default_asha = args.grace_period == 1 and args.reduction_factor == 3
     same_configs = sorted(json.dumps(t["config"], sort_keys=True) for t in asha["trial_details"]) == sorted(
         json.dumps(t["config"], sort_keys=True) for t in full["trial_details"]
     )

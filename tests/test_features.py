@@ -96,16 +96,17 @@ def test_batch_rejects_non_finite_and_missing_columns():
 
 
 def test_serving_windows_equal_batch_windows(smd):
-    """What serving computes for the last n rows (tail_windows) is what the batch path computes."""
-    from detect.features import tail_windows, window_features
+    """What serving computes for the last n rows (tail_windows, tail_features) is what the batch path
+    computes, bit for bit, on either side of the row count where tail_features stops building windows."""
+    from detect.features import tail_features, tail_windows, window_features
 
     values, metrics = smd
     spec = FeatureSpec(metrics=tuple(metrics), window=12)
     for rows in (values[:1], values[:5], values[:200]):  # shorter than a window, too: padded alike
-        for n in {1, len(rows)}:
-            np.testing.assert_array_equal(
-                window_features(tail_windows(rows, spec, n, spec.history), spec), entity_features(rows, spec)[-n:]
-            )
+        for n in sorted({1, 31, 32, len(rows)} & set(range(1, len(rows) + 1))):
+            built = window_features(tail_windows(rows, spec, n, spec.history), spec)
+            np.testing.assert_array_equal(built, entity_features(rows, spec)[-n:])
+            np.testing.assert_array_equal(tail_features(rows, spec, n), built)
             np.testing.assert_array_equal(
                 tail_windows(rows, spec, n, spec.window).astype(np.float32), entity_windows(rows, spec)[-n:]
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -187,6 +188,75 @@ def test_ab_split_by_stable_entity_hash():
     assert all(policy.path_for(e, True) == policy.path_for(e, True) for e in ids[:100])  # stable
     assert all(policy.path_for(e, has_challenger=False) == "champion" for e in ids[:100])
     assert 0 <= bucket("x") < 100
+
+
+def test_batch_matrix_route_scores_as_the_batch_path_and_feeds_history(served):
+    """/v1/score/batch (one entity's rows as a matrix, columns in any order) gives the offline batch
+    path's scores, answers column-wise, and its rows join the entity's history for later requests."""
+    from serve.detectors import load_slot
+
+    client, series = served
+    X = series.test[series.metrics].to_numpy()[500:801]
+    names = list(reversed(series.metrics))
+    body = {
+        "entity": series.name,
+        "metrics": names,
+        "values": X[:300, ::-1].tolist(),
+        "timestamps": [float(t) for t in range(500, 800)],
+    }
+    response = client.post("/v1/score/batch", json=body)
+    assert response.status_code == 200, response.text
+    out = response.json()
+    assert out["entity"] == series.name and out["timestamps"] == body["timestamps"]
+    assert len(out["is_anomaly"]) == len(out["incident_probability"]) == 300
+    assert set(out["detectors"]) == {"ensemble", "lstm", "autoencoder"}
+    flagged = np.zeros(300, dtype=bool)
+    for kind, columns in out["detectors"].items():
+        model = load_slot(kind, "champion").entities[series.name]
+        assert columns["path"] == "champion" and columns["model"]["version"] == "1"
+        scores = np.asarray(columns["anomaly_score"])
+        # rows past the models' context depend on this batch alone: the offline batch path's scores
+        start = model.context_rows
+        np.testing.assert_allclose(scores[start:], model.runtime.score_series(X[:300])[start:], rtol=1e-6, atol=1e-9)
+        assert columns["is_anomaly"] == (scores >= columns["threshold"]).tolist()
+        assert len(columns["top_metrics"]) == 300 and set(columns["top_metrics"][-1]) <= set(series.metrics)
+        assert len(columns["top_contributions"][-1]) == 3
+        flagged |= scores >= columns["threshold"]
+    assert out["is_anomaly"] == flagged.tolist()
+    assert out["incident_probability"] == out["detectors"]["ensemble"]["incident_probability"]
+    # the next single row is scored after the batch's rows, as if they had come one by one
+    nxt = client.post("/v1/score", json={"rows": [row(series, 800)], "detectors": ["autoencoder"]}).json()
+    model = load_slot("autoencoder", "champion").entities[series.name]
+    expected = model.runtime.score_series(X)[-1]
+    assert nxt["results"][0]["detectors"]["autoencoder"]["anomaly_score"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_batch_matrix_route_bad_inputs_get_422_naming_the_field(served):
+    client, series = served
+    X = series.test[series.metrics].to_numpy()[:5]
+    good = {"entity": series.name, "metrics": list(series.metrics), "values": X.tolist()}
+    ragged = [*good["values"][:3], good["values"][3][:-1], good["values"][4]]
+    cases = [
+        ({**good, "values": []}, "values"),
+        ({**good, "values": ragged}, "values[3]"),
+        ({**good, "metrics": [*series.metrics[:-1], series.metrics[0]]}, "metrics"),
+        ({**good, "metrics": [*series.metrics[:-1], "nope"]}, "metrics"),
+        ({**good, "timestamps": [1.0, 2.0]}, "timestamps"),
+        ({**good, "entity": "asd/nope"}, "entity"),
+        ({**good, "values": [[*good["values"][0][:-1], "high"]]}, "values[0]"),
+        ({**good, "detectors": ["magic"]}, "detectors[0]"),
+        ({**good, "rows": []}, "rows"),
+        ({**good, "values": good["values"] * 1001}, "values"),
+    ]
+    for body, field in cases:
+        response = client.post("/v1/score/batch", json=body)
+        assert response.status_code == 422, (field, response.text[:300])
+        assert response.json()["detail"].startswith(field), (field, response.json()["detail"])
+    values = ", ".join(["NaN"] + ["1.0"] * (len(series.metrics) - 1))  # NaN: not JSON, but parsers take it
+    text = f'{{"entity": "{series.name}", "metrics": {json.dumps(list(series.metrics))}, "values": [[{values}]]}}'
+    nan = client.post("/v1/score/batch", content=text.encode(), headers={"content-type": "application/json"})
+    assert nan.status_code == 422 and nan.json()["detail"].startswith("values[0][0]"), nan.text
+    assert client.post("/v1/score/batch", json=good).status_code == 200  # the service is still up
 
 
 def test_ab_and_shadow_over_http(served):
