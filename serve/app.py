@@ -537,15 +537,24 @@ class RaywatchAPI:
         self.m_requests.inc(tags={"route": route, "status": str(status)})
         self.m_latency.observe((time.perf_counter() - started) * 1000, tags={"route": route})
 
-    @api.post("/v1/score", response_model=S.ScoreResponse, openapi_extra=_json_body(S.ScoreRequest))
-    async def score(self, body: bytes = Depends(_raw_body), client: str = Depends(_client)) -> Response:
-        started = time.perf_counter()
+    async def _scoring_request(
+        self, model: type[BaseModel], body: bytes, client: str
+    ) -> tuple[Any, list[str], dict[str, list[str]]]:
+        """What both scoring routes do first: rate limit, parse, the detectors asked for (default: all)
+        and the metrics of each entity they serve (503 when none is loaded)."""
         self._limit(client)
-        request: S.ScoreRequest = _parse(S.ScoreRequest, body)
+        request = _parse(model, body)
         detectors = list(dict.fromkeys(request.detectors or S.DETECTORS))
         known = await self._entity_metrics(detectors)
         if not known:
             raise ApiError(503, "detectors", f"no model is loaded for {detectors}; train and register one first")
+        return request, detectors, known
+
+    @api.post("/v1/score", response_model=S.ScoreResponse, openapi_extra=_json_body(S.ScoreRequest))
+    async def score(self, body: bytes = Depends(_raw_body), client: str = Depends(_client)) -> Response:
+        started = time.perf_counter()
+        request: S.ScoreRequest
+        request, detectors, known = await self._scoring_request(S.ScoreRequest, body, client)
         by_entity: dict[str, list[int]] = {}
         for i, row in enumerate(request.rows):
             metrics = known.get(row.entity)
@@ -621,12 +630,8 @@ class RaywatchAPI:
     async def score_batch(self, body: bytes = Depends(_raw_body), client: str = Depends(_client)) -> Response:
         """One entity's rows as a matrix (`ScoreBatchRequest`), answered column-wise: the bulk path."""
         started = time.perf_counter()
-        self._limit(client)
-        request: S.ScoreBatchRequest = _parse(S.ScoreBatchRequest, body)
-        detectors = list(dict.fromkeys(request.detectors or S.DETECTORS))
-        known = await self._entity_metrics(detectors)
-        if not known:
-            raise ApiError(503, "detectors", f"no model is loaded for {detectors}; train and register one first")
+        request: S.ScoreBatchRequest
+        request, detectors, known = await self._scoring_request(S.ScoreBatchRequest, body, client)
         metrics = known.get(request.entity)
         if metrics is None:
             raise ApiError(422, "entity", f"unknown entity {request.entity!r}; served entities: {sorted(known)[:20]}")

@@ -123,7 +123,7 @@ def _raw(head: str, body: bytes = b"", read_timeout: float = 15.0) -> tuple[int,
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", PORT), timeout=read_timeout) as sock:
         sock.sendall(head.encode() + body)
-        data = _read_head(sock)
+        data = _read_response(sock)
     elapsed = time.monotonic() - started
     if not data.startswith(b"HTTP/1.1 "):
         return 0, data.decode(errors="replace"), elapsed
@@ -142,6 +142,25 @@ def _read_head(sock: socket.socket) -> bytes:
     except (ConnectionResetError, TimeoutError):
         pass
     return data
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """The response head and its Content-Length of body (the body may come in a later segment)."""
+    data = _read_head(sock)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
+        0,
+    )
+    try:
+        while len(body) < length:
+            part = sock.recv(65536)
+            if not part:
+                break
+            body += part
+    except (ConnectionResetError, TimeoutError):
+        pass
+    return head + b"\r\n\r\n" + body if data else data
 
 
 def _head(path: str, headers: dict[str, str]) -> str:
