@@ -568,6 +568,7 @@ def test_backfill_train_watch_alert_resolve(stack, serving, ray_cluster, monkeyp
     from train import registry
 
     timings: dict[str, float] = {"start": time.time()}
+    spurious_alerts = 0  # alerts that other jobs set off in a quiet window before the load
     workdir, state, serve_url = serving["workdir"], serving["state"], serving["url"]
     monkeypatch.chdir(workdir)
     source_path = _test_source(workdir)
@@ -667,10 +668,18 @@ def test_backfill_train_watch_alert_resolve(stack, serving, ray_cluster, monkeyp
             30,
         )
         # a quiet start (on a shared machine other people's jobs can set it off: wait that out)
-        # (and the minutes after training are not ordinary either: its workers exit, the replicas load)
-        _wait("no anomaly alert before the load", lambda: not _am_alerts("RaywatchAnomaly"), 90)
-        timings["quiet"] = time.time()
-        time.sleep(10)  # quiet rows to judge
+        # (and the minutes after training are not ordinary either: its workers exit, the replicas load);
+        # an alert that other jobs set off inside the quiet window is waited out too, and a fresh window
+        # judged, so the alert checked below is the load's (how often that happened is in the report)
+        for _ in range(3):
+            _wait("no anomaly alert before the load", lambda: not _am_alerts("RaywatchAnomaly"), 90)
+            timings["quiet"] = time.time()
+            time.sleep(10)  # quiet rows to judge
+            if not _am_alerts("RaywatchAnomaly"):
+                break
+            spurious_alerts += 1
+        else:
+            pytest.fail(f"{spurious_alerts} alerts in 3 quiet windows before the load: the machine is too busy")
 
         # the anomaly: bounded in count (2 processes), memory (2 GiB each) and time (LOAD_S; killed if late)
         timings["load_start"] = time.time()
@@ -770,6 +779,7 @@ def test_backfill_train_watch_alert_resolve(stack, serving, ray_cluster, monkeyp
         },
         "after": {"rows": int(after.sum()), "flagged": float(flagged[after].mean()) if after.any() else None},
         "timings": {k: round(v - timings["start"], 1) for k, v in timings.items()},
+        "alerts_in_quiet_windows": spurious_alerts,
     }
     print(json.dumps(report, indent=2))
     (workdir / "report.json").write_text(json.dumps(report, indent=2))
