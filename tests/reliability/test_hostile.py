@@ -7,6 +7,7 @@ import os
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -130,11 +131,10 @@ def _raw(head: str, body: bytes = b"", read_timeout: float = 15.0) -> tuple[int,
     return int(data[9:12]), data.decode(errors="replace"), elapsed
 
 
-def _read_head(sock: socket.socket) -> bytes:
-    """What the server sends up to the end of its response head (less if it closes or times out)."""
-    data = b""
+def _receive(sock: socket.socket, data: bytes, enough: Callable[[bytes], bool]) -> bytes:
+    """Append what the server sends to `data` until `enough(data)` (less if it closes or times out)."""
     try:
-        while b"\r\n\r\n" not in data:
+        while not enough(data):
             part = sock.recv(65536)
             if not part:
                 break
@@ -144,23 +144,20 @@ def _read_head(sock: socket.socket) -> bytes:
     return data
 
 
+def _read_head(sock: socket.socket) -> bytes:
+    """What the server sends up to the end of its response head."""
+    return _receive(sock, b"", lambda data: b"\r\n\r\n" in data)
+
+
 def _read_response(sock: socket.socket) -> bytes:
     """The response head and its Content-Length of body (the body may come in a later segment)."""
     data = _read_head(sock)
-    head, _, body = data.partition(b"\r\n\r\n")
+    head = data.partition(b"\r\n\r\n")[0]
     length = next(
         (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
         0,
     )
-    try:
-        while len(body) < length:
-            part = sock.recv(65536)
-            if not part:
-                break
-            body += part
-    except (ConnectionResetError, TimeoutError):
-        pass
-    return head + b"\r\n\r\n" + body if data else data
+    return _receive(sock, data, lambda got: len(got) - len(head) - 4 >= length)
 
 
 def _head(path: str, headers: dict[str, str]) -> str:
