@@ -1,17 +1,21 @@
 # raywatch: `make demo` runs the platform's story, `make test` runs the test suite.
 # Both create .venv when missing and install raywatch with the pinned set in constraints.txt.
+# TORCH_INDEX (optional) is an extra package index for torch, e.g. the CPU-only wheels:
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DATA ?= $(firstword $(wildcard ../shared/data shared/data))
+DATA ?= data
+TORCH_INDEX ?=
+PIP_TORCH_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
-.PHONY: install demo test lint clean bench-compression bench-drift bench soak
+.PHONY: install demo test lint clean bench-compression bench-drift bench bench-tools soak
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q $(PIP_TORCH_INDEX) -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -41,7 +45,7 @@ bench-drift: $(STAMP)
 # trained into $(BENCH_DIR) (its own MLflow store) when missing. About 20 minutes on 2 cores.
 BENCH_DIR ?= runs/bench-serve
 BENCH_POINT_S ?= 5
-bench: $(STAMP)
+bench: $(STAMP) bench-tools
 	@mkdir -p $(BENCH_DIR) && date +%s > $(BENCH_DIR)/started
 	@echo "== bench 1/6: models on smd/machine-1-6 in $(BENCH_DIR) (reused when present)"
 	RAYWATCH_DATA=$(abspath $(DATA)) $(BIN)/python benchmarks/serving.py prepare --workdir $(BENCH_DIR)
@@ -55,6 +59,10 @@ bench: $(STAMP)
 	RAYWATCH_DATA=$(abspath $(DATA)) $(BIN)/python benchmarks/tune_asha.py --workdir $(BENCH_DIR)
 	@echo "== bench 6/6: benchmarks/results/README.md"
 	$(BIN)/python benchmarks/report.py --started $$(cat $(BENCH_DIR)/started)
+
+# the load generator of the serving benchmarks: wrk, installed with apt-get when missing (as root)
+bench-tools:
+	@bash benchmarks/ensure_wrk.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

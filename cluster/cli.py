@@ -302,11 +302,23 @@ def cmd_up(args: argparse.Namespace) -> int:
         args.epochs,
         source=args.source,
         since=args.since,
+        ray_port=args.ray_port,
+        dashboard_port=args.dashboard_port,
     )
     for name, url in urls(state).items():
         print(f"{name:10s} {url}")
+    if state.get("client_env"):
+        print(f"for ray, serve and ray job submit in this shell: source {_relative(state['client_env'])}")
     print("status: raywatch status    stop: raywatch down")
     return 0
+
+
+def _relative(path: str) -> str:
+    """A path as a person would type it from here."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -359,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="score detectors on labelled telemetry and write a JSON + markdown report")
     ev.add_argument(
-        "--data", help="benchmark directory (<dataset>/<entity>/...); default $RAYWATCH_DATA or ../shared/data"
+        "--data", help="benchmark directory (<dataset>/<entity>/...); default $RAYWATCH_DATA or the shipped data/"
     )
     ev.add_argument("--detectors", default="pca,iforest,ecod", help="comma-separated detector names")
     ev.add_argument("--entities", help="comma-separated entities (dataset/entity or entity); default all")
@@ -368,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train a detector per entity on Ray Train, log to MLflow, register a version")
     tr.add_argument("--model", required=True, choices=["autoencoder", "lstm", "ensemble"])
-    tr.add_argument("--data", help="benchmark directory; default $RAYWATCH_DATA or ../shared/data")
+    tr.add_argument("--data", help="benchmark directory; default $RAYWATCH_DATA or the shipped data/")
     tr.add_argument("--entities", help="comma-separated entities; default all")
     tr.add_argument("--epochs", type=int, help="epochs (autoencoder, lstm)")
     tr.add_argument("--num-workers", type=int, default=1, help="Ray Train workers")
@@ -451,7 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("up", help="start a local Ray head (or join RAY_ADDRESS), train if needed, serve, monitor")
     u.add_argument("--data", help="training data when the registry has no champion (default: the shipped sets)")
     u.add_argument("--entities", help="comma-separated entities to train on (default: all)")
-    u.add_argument("--port", type=int, default=8000)
+    u.add_argument("--port", type=int, default=8000, help="the Serve API (a free port if this one is taken)")
+    u.add_argument("--ray-port", type=int, default=6379, help="the Ray head's GCS (a free port if this one is taken)")
+    u.add_argument(
+        "--dashboard-port", type=int, default=8265, help="the Ray dashboard and job server (a free port if taken)"
+    )
     u.add_argument("--mode", choices=["high-throughput", "default"], default="high-throughput")
     u.add_argument("--epochs", type=int, help="epochs for models trained by `up`")
     u.add_argument(
@@ -464,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     dn = sub.add_parser("down", help="stop what `raywatch up` started, and nothing else")
     dn.set_defaults(func=cmd_down)
     de = sub.add_parser("demo", help="the whole platform on this machine: evaluate, up, replay with drift, retrain")
-    de.add_argument("--data", help="the shipped benchmark sets (default $RAYWATCH_DATA or ../shared/data)")
+    de.add_argument("--data", help="the shipped benchmark sets (default $RAYWATCH_DATA or the shipped data/)")
     de.add_argument("--workdir", default="runs/demo", help="the demo's own registry, state and data (recreated)")
     de.add_argument("--port", type=int, default=8000)
     de.set_defaults(func=cmd_demo)

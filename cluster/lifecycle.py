@@ -1,10 +1,12 @@
 """Local lifecycle: `raywatch up` / `status` / `down`.
 
-`up` starts a local Ray head (`ray start --head` with the dashboard and job server, on free ports)
-or joins $RAY_ADDRESS, trains small models if the registry has none, deploys the Serve app, starts
-the drift monitors and prints where everything is. What it started is recorded in
+`up` starts a local Ray head (`ray start --head` with the dashboard and job server, on Ray's default
+ports when they are free; it creates the cluster token when there is none) or joins $RAY_ADDRESS,
+trains small models if the registry has none, deploys the Serve app, starts the drift monitors and
+prints where everything is. What it started is recorded in
 ./.raywatch/up.json, so `down` stops exactly that and nothing else (a joined cluster, or
-any other Ray on the machine, is left alone).
+any other Ray on the machine, is left alone). A head that `up` starts also gets ./.raywatch/env, the
+shell exports Ray's own CLIs need (`source .raywatch/env`); `down` removes it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cluster.local import LocalHead, group_alive
+from cluster.auth_token import require_token
+from cluster.local import RAY_DASHBOARD_PORT, RAY_GCS_PORT, LocalHead, group_alive, preferred_port
 from detect.state import state_dir
 
 APP = "raywatch"
@@ -26,11 +29,30 @@ HIGH_THROUGHPUT_ENV = {
 }
 
 
+def _raywatch_dir() -> Path:
+    path = Path(os.environ.get("RAYWATCH_HOME", ".")) / ".raywatch"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def _state_file() -> Path:
     """Where `up` records what it started: ./.raywatch/up.json (the registry and state it used are in it)."""
-    path = Path(os.environ.get("RAYWATCH_HOME", ".")) / ".raywatch" / "up.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+    return _raywatch_dir() / "up.json"
+
+
+def client_env_file() -> Path:
+    """./.raywatch/env: `source` it for `ray`, `serve` and `ray job submit` against the head `up` started."""
+    return _raywatch_dir() / "env"
+
+
+def _cluster_to_join() -> str | None:
+    """$RAY_ADDRESS, unless it is raywatch's own head exported by .raywatch/env (then it is dropped here:
+    this process connects to the head through the recorded state, and a stale one must not win)."""
+    address = os.environ.get("RAY_ADDRESS")
+    if address and address == os.environ.get("RAYWATCH_HEAD"):
+        os.environ.pop("RAY_ADDRESS")
+        return None
+    return address
 
 
 def read_state() -> dict[str, Any] | None:
@@ -60,6 +82,8 @@ def up(
     source: str | None = None,
     since: str = "6h",
     watch: dict[str, Any] | None = None,
+    ray_port: int = RAY_GCS_PORT,
+    dashboard_port: int = RAY_DASHBOARD_PORT,
 ) -> dict[str, Any]:
     """Start (or join) Ray, make sure every model has a champion, deploy the app and the monitors.
 
@@ -73,21 +97,39 @@ def up(
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     os.environ.setdefault("RAYWATCH_STATE_DIR", str(state_dir()))
     state = read_state()
-    if os.environ.get("RAY_ADDRESS"):
-        state = {"address": os.environ["RAY_ADDRESS"], "started_head": False, "dashboard": None}
-        progress(f"joining the Ray cluster at {state['address']}")
+    joining = _cluster_to_join()
+    if joining:
+        where = require_token(joining)
+        state = {"address": joining, "started_head": False, "dashboard": None}
+        progress(f"joining the Ray cluster at {joining} (cluster token: {where})")
     elif state and state.get("started_head") and group_alive(state.get("pgid")):
         progress(f"reusing the local Ray head started by an earlier `raywatch up` ({state['address']})")
     else:
         progress("starting a local Ray head (ray start --head, token authentication on)")
-        head = LocalHead(num_cpus=os.cpu_count() or 2, log_path=state_dir() / "ray-head.log")
-        head.start(env=HIGH_THROUGHPUT_ENV if mode == "high-throughput" else {"RAY_SERVE_ENABLE_HA_PROXY": "0"})
+        head, notes = LocalHead.on_preferred_ports(
+            ray_port,
+            dashboard_port,
+            num_cpus=os.cpu_count() or 2,
+            log_path=state_dir() / "ray-head.log",
+            client_env=client_env_file(),
+            shared_temp_dir=True,
+        )
+        port, moved = preferred_port(port)
+        notes += [f"the Serve port you asked for is taken: the API listens on {port}"] if moved else []
+        for note in notes:
+            progress(note)
+        head.start(
+            env=HIGH_THROUGHPUT_ENV if mode == "high-throughput" else {"RAY_SERVE_ENABLE_HA_PROXY": "0"},
+            progress=progress,
+        )
+        progress(f"Ray head {head.address}, dashboard {head.dashboard_url}; shell setup: source {head.client_env}")
         state = {
             "address": head.address,
             "dashboard": head.dashboard_url,
             "port": head.port,
             "pgid": head.process.pid,
             "started_head": True,
+            "client_env": str(head.client_env),
         }
     state.update(serve_port=port, mode=mode, state_dir=str(state_dir()), tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     _state_file().write_text(json.dumps(state, indent=2))  # written now: `down` can clean up a failed `up`
@@ -215,6 +257,9 @@ def down(progress: Callable[[str], None] = print) -> dict[str, Any]:
     if head_alive:
         LocalHead(port=state["port"], pgid=state["pgid"]).stop()
         stopped.append(f"ray head {state['address']}")
+    if state.get("client_env"):
+        Path(state["client_env"]).unlink(missing_ok=True)
+        progress(f"removed {state['client_env']}")
     _state_file().unlink(missing_ok=True)
     for item in stopped:
         progress(f"stopped {item}")

@@ -1,5 +1,7 @@
 """A local Ray head started the way an operator starts one (`ray start --head`), with its dashboard
-and job server, on free ports so it never clashes with another Ray on the machine.
+and job server. `raywatch up` takes Ray's default ports when they are free (so `ray status`,
+`serve status` and `ray job submit` find it as a Ray user expects); tests take free ports so they never
+clash with another Ray on the machine.
 
 `ray.init()` alone gives no job agent to submit to ("No available agent to submit job"), so the
 retraining loop, its tests and benchmarks run on a head like this one. `ray start --block` runs in
@@ -10,14 +12,22 @@ every Ray instance of the user).
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from cluster.auth_token import TOKEN_PATH_ENV, ensure_token
+
+# Ray's own defaults: the GCS (`ray start --head --port`) and the dashboard / job server
+RAY_GCS_PORT = 6379
+RAY_DASHBOARD_PORT = 8265
 
 
 def group_alive(pgid: int | None) -> bool:
@@ -37,6 +47,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def port_is_free(port: int) -> bool:
+    """Whether nothing listens on `port` (any interface: Ray's GCS binds them all). Connections of a
+    stopped server that linger in TIME_WAIT do not count (servers, Ray's too, bind with SO_REUSEADDR)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def preferred_port(port: int) -> tuple[int, bool]:
+    """`port` when it is free, else a free one; and whether it had to fall back."""
+    return (port, False) if port_is_free(port) else (free_port(), True)
+
+
+def venv_bin() -> str:
+    """The folder of the interpreter running raywatch (the project's .venv/bin): first on a head's PATH, so
+    a job's `python` is raywatch's interpreter with raywatch's packages."""
+    return os.path.dirname(os.path.abspath(sys.executable))
+
+
 @dataclass
 class LocalHead:
     num_cpus: int = 2
@@ -45,6 +78,26 @@ class LocalHead:
     dashboard_port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
     pgid: int | None = None  # the head's process group: set by start(), or recorded by `raywatch up`
+    client_env: Path | None = None  # where start() writes the shell exports for Ray's CLIs (.raywatch/env)
+    # Ray's default temp dir (/tmp/ray) holds one address file for the whole machine, and a job's driver
+    # connects to whichever cluster last wrote it; heads for tests and benchmarks take a private one
+    # (set by start()) so their jobs never reach another cluster. `raywatch up` keeps Ray's default,
+    # where `ray status` and `ray job list` look without being told an address.
+    shared_temp_dir: bool = False
+    temp_dir: Path | None = None
+
+    @classmethod
+    def on_preferred_ports(
+        cls, port: int = RAY_GCS_PORT, dashboard_port: int = RAY_DASHBOARD_PORT, **kwargs
+    ) -> tuple[LocalHead, list[str]]:
+        """A head on the given ports (Ray's defaults unless told) where they are free; says which ports it
+        had to choose instead."""
+        gcs, moved_gcs = preferred_port(port)
+        dashboard, moved_dashboard = preferred_port(dashboard_port)
+        notes = [f"port {port} is taken: the Ray head (GCS) listens on {gcs}"] if moved_gcs else []
+        if moved_dashboard:
+            notes.append(f"port {dashboard_port} is taken: the Ray dashboard listens on {dashboard}")
+        return cls(port=gcs, dashboard_port=dashboard, **kwargs), notes
 
     @property
     def address(self) -> str:
@@ -54,12 +107,20 @@ class LocalHead:
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def start(self, timeout_s: float = 180, env: dict[str, str] | None = None) -> LocalHead:
+    def start(
+        self, timeout_s: float = 180, env: dict[str, str] | None = None, progress: Callable[[str], None] | None = None
+    ) -> LocalHead:
         """Start the head and wait until it is up. Token authentication stays on (RAY_AUTH_MODE=token):
-        set that variable in this process before it imports ray, so it can connect."""
+        set that variable in this process before it imports ray, so it can connect. A missing cluster
+        token is created first (cluster.auth_token); where it is gets reported, never the token."""
+        where, created = ensure_token()
+        if progress is not None:
+            progress(f"cluster token: {'created in ' if created else 'using '}{where}")
         if self.log_path is None:
             self.log_path = Path(tempfile.mkdtemp(prefix="raywatch-head-")) / "ray-start.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.shared_temp_dir and self.temp_dir is None:
+            self.temp_dir = Path(tempfile.mkdtemp(prefix="rw-ray-", dir="/tmp"))  # short: Ray's socket paths
         command = [
             os.path.join(os.path.dirname(sys.executable), "ray"),
             "start",
@@ -75,13 +136,14 @@ class LocalHead:
             f"--num-cpus={self.num_cpus}",
             "--include-dashboard=true",
             "--disable-usage-stats",
+            *([f"--temp-dir={self.temp_dir}"] if self.temp_dir else []),
         ]
         self.process = subprocess.Popen(
             command,
             stdout=open(self.log_path, "w"),  # noqa: SIM115 (the child owns it)
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "RAY_AUTH_MODE": "token", "FORWARDED_ALLOW_IPS": _forwarded_allow_ips(), **(env or {})},
+            env=self._head_env(env),
         )
         self.pgid = self.process.pid
         deadline = time.monotonic() + timeout_s
@@ -90,7 +152,38 @@ class LocalHead:
                 self.stop(kill=True)
                 raise RuntimeError(f"`ray start --head` did not start: {self.log_path.read_text()[-2000:]}")
             time.sleep(0.5)
+        if self.client_env is not None:
+            self.write_client_env()
         return self
+
+    def _head_env(self, extra: dict[str, str] | None) -> dict[str, str]:
+        """The head's environment, inherited by every worker and job: token mode on, raywatch's
+        interpreter first on PATH (a job's plain `python` is raywatch's), no stale RAY_ADDRESS."""
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(
+            RAY_AUTH_MODE="token",
+            FORWARDED_ALLOW_IPS=_forwarded_allow_ips(),
+            PATH=os.pathsep.join([venv_bin(), env.get("PATH", os.defpath)]),
+        )
+        return {**env, **(extra or {})}
+
+    def write_client_env(self) -> Path:
+        """`source .raywatch/env`: what every Ray client (ray, serve, ray job submit, a driver) needs to
+        reach this head: raywatch's .venv/bin first on PATH, the addresses, token mode. Never the token."""
+        lines = [
+            f"# written by raywatch for the Ray head it started at {self.address}; load it with: source {self.client_env}",
+            "# the cluster token is not in here: Ray reads it from where raywatch reported it (~/.ray/auth_token by default)",
+            f'export PATH={shlex.quote(venv_bin())}:"$PATH"',
+            f"export RAY_ADDRESS={self.address}",
+            f"export RAY_DASHBOARD_ADDRESS={self.dashboard_url}",
+            "export RAY_AUTH_MODE=token",
+            f"export RAYWATCH_HEAD={self.address}  # marks RAY_ADDRESS as raywatch's own head, not a cluster to join",
+        ]
+        if os.environ.get(TOKEN_PATH_ENV):
+            lines.append(f"export {TOKEN_PATH_ENV}={shlex.quote(os.environ[TOKEN_PATH_ENV])}")
+        self.client_env.parent.mkdir(parents=True, exist_ok=True)
+        self.client_env.write_text("\n".join(lines) + "\n")
+        return self.client_env
 
     def _reap(self) -> None:
         if self.process is not None:
@@ -112,13 +205,15 @@ class LocalHead:
                 os.killpg(self.pgid, signal.SIGKILL)
         self._reap()
         self._forget_address()
+        if self.client_env is not None:
+            self.client_env.unlink(missing_ok=True)
 
     def _forget_address(self) -> None:
         """`ray start` records its address for `ray.init()` (as `ray stop` would, drop it once gone),
         so that a later `ray.init()` or `serve run` starts a fresh Ray instead of waiting on this one."""
         from ray._private.utils import get_ray_address_file
 
-        path = Path(get_ray_address_file(None))
+        path = Path(get_ray_address_file(str(self.temp_dir) if self.temp_dir else None))
         if path.exists() and path.read_text().strip().endswith(f":{self.port}"):
             path.unlink(missing_ok=True)
 

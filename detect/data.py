@@ -44,19 +44,19 @@ class Series:
         return f"{self.dataset}/{self.entity}"
 
 
+# the six entities that ship with raywatch (data/README.md): its own `data/` folder, beside the packages
+SHIPPED_DATA = Path(__file__).resolve().parent.parent / "data"
+
+
 def default_data_dir() -> Path:
-    """`RAYWATCH_DATA` if set, else the first `shared/data` found beside or above the cwd."""
+    """`RAYWATCH_DATA` if set, else the telemetry that ships with raywatch (`data/` in the project)."""
     env = os.environ.get(DATA_ENV)
     if env:
         return Path(env)
-    here = Path.cwd().resolve()
-    pkg_root = Path(__file__).resolve().parent.parent
-    for base in [here, *here.parents, pkg_root, *pkg_root.parents]:
-        for candidate in (base / "shared" / "data", base / "data"):
-            if (candidate / "smd").is_dir() or (candidate / "asd").is_dir():
-                return candidate
+    if (SHIPPED_DATA / "smd").is_dir() or (SHIPPED_DATA / "asd").is_dir():
+        return SHIPPED_DATA
     raise TelemetryError(
-        f"no telemetry directory found: set {DATA_ENV} or pass --data (looked for shared/data beside and above {here})"
+        f"no telemetry directory found: set {DATA_ENV} or pass --data (the shipped sets belong in {SHIPPED_DATA})"
     )
 
 

@@ -22,14 +22,16 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """A real Ray head started as an operator would (`ray start --head`, token authentication on, as
-    Ray 2.60 keeps it), on free ports, with its dashboard and job server; the tests connect to it."""
+    Ray 2.60 keeps it; the token is created when this machine has none), on free ports, with its
+    dashboard and job server and its own `.raywatch/env`; the tests connect to it."""
     import ray
 
     from cluster.local import LocalHead
     from train.pipeline import TRAIN_POLL_ENV
 
     os.environ.setdefault(TRAIN_POLL_ENV, "0.2")
-    head = LocalHead(num_cpus=2, log_path=tmp_path_factory.mktemp("ray-head") / "ray-start.log").start()
+    folder = tmp_path_factory.mktemp("ray-head")
+    head = LocalHead(num_cpus=2, log_path=folder / "ray-start.log", client_env=folder / ".raywatch" / "env").start()
     try:
         ray.init(address=head.address, log_to_driver=False)
     except Exception:

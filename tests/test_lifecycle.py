@@ -1,14 +1,20 @@
-"""`raywatch up` / `status` / `down` as a user runs them (separate processes, a cluster of their own):
-up serves the registered champions and starts the monitors, status reports them, down stops exactly
-what up started and leaves no Ray process of it behind."""
+"""`raywatch up` / `status` / `down` as a new user runs them, on a machine where Ray never ran: an empty
+HOME, no cluster token anywhere, separate processes, a cluster of their own. `up` creates the token
+and `.raywatch/env`; after `source .raywatch/env`, every `ray job submit` line of the README's job block
+runs as written (short flags appended), and `serve status`, `ray status` and `ray job list` work.
+`down` stops exactly what `up` started and removes `.raywatch/env`."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,25 +23,96 @@ from detect.data import load_series
 
 pytestmark = pytest.mark.slow
 
+REPO = Path(__file__).resolve().parent.parent
+# Flags appended to each README job line to keep it short; a README line that matches none fails the test,
+# so a new entry point in the README gets its short settings here.
+SHORT_FLAGS = {
+    "-m train.pipeline": "--epochs 1 --entities asd/omi-2",
+    "-m tune.search": "--num-samples 2 --max-epochs 1 --entities asd/omi-2",
+    "-m train.compress": "--variants int8",
+}
 
-def test_up_status_down(data_dir, mlflow_store):
+
+def readme_job_lines() -> list[str]:
+    """The `ray job submit` lines of the README's block "Every long step is also a Ray job entry point"."""
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"Every long step is also a Ray job entry point.*?```bash\n(.*?)```", text, re.S)
+    assert block, "README: the job block is missing"
+    lines = [line.split("#")[0].strip() for line in block.group(1).splitlines()]
+    return [line for line in lines if line.startswith("ray job submit")]
+
+
+def short(line: str) -> str:
+    flags = [extra for module, extra in SHORT_FLAGS.items() if module in line]
+    assert flags, f"no short settings for the README line {line!r}: add them to SHORT_FLAGS"
+    return f"{line} {flags[0]}"
+
+
+def in_raywatch_shell(command: str, env_file: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """`command` in a bash that ran `source .raywatch/env`, from the project root (what `--working-dir .` uploads)."""
+    script = f"source {shlex.quote(str(env_file))} && {command}"
+    return subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def fresh_user_env(home: Path) -> dict[str, str]:
+    """This machine's environment as a new user has it: an empty HOME (the package-installer configuration
+    aside), no Ray address, no cluster token anywhere, no raywatch venv on PATH."""
+    drop = {"RAYWATCH_JOB_ADDRESS", "RAY_ADDRESS", "RAYWATCH_HEAD", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"}
+    env = {k: v for k, v in os.environ.items() if k not in drop and k != "RAY_AUTH_MODE"}
+    venv = os.path.dirname(sys.executable)
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != venv)
+    env["HOME"] = str(home)
+    return env
+
+
+def test_up_on_a_fresh_machine_then_ray_tools_as_typed(data_dir, mlflow_store, tmp_path_factory):
     from serving_fixtures import register_small_models
 
     from cluster.local import free_port
+    from train import registry
 
     register_small_models(load_series("asd", "omi-2", data_dir))  # every model has a champion: up trains nothing
+    home = tmp_path_factory.mktemp("empty-home")
+    env = fresh_user_env(home)
     cli = os.path.join(os.path.dirname(sys.executable), "raywatch")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAYWATCH_JOB_ADDRESS", "RAY_ADDRESS")}
     port = free_port()
-    up = subprocess.run([cli, "up", "--port", str(port)], env=env, capture_output=True, text=True, timeout=600)
+    ports = ["--port", str(port), "--ray-port", str(free_port()), "--dashboard-port", str(free_port())]
+    up = subprocess.run([cli, "up", *ports], env=env, capture_output=True, text=True, timeout=600)
     assert up.returncode == 0, up.stderr[-3000:]
-    assert f"http://127.0.0.1:{port}/docs" in up.stdout and "mlflow ui" in up.stdout
     state = json.loads((mlflow_store / ".raywatch" / "up.json").read_text())
-    assert state["started_head"] and state["pgid"]
     try:
+        token_file = home / ".ray" / "auth_token"
+        assert token_file.is_file(), "raywatch up did not create the cluster token"
+        token = token_file.read_text().strip()
+        assert len(token) >= 32 and stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        assert f"cluster token: created in {token_file}" in up.stdout
+        assert token not in up.stdout + up.stderr, "the token itself was printed"
+        env_file = mlflow_store / ".raywatch" / "env"
+        exports = env_file.read_text()
+        assert "RAY_AUTH_MODE=token" in exports and os.path.dirname(sys.executable) in exports
+        assert token not in exports
+        assert "source .raywatch/env" in up.stdout
+        assert f"http://127.0.0.1:{port}/docs" in up.stdout and "mlflow ui" in up.stdout
+        assert state["started_head"] and state["pgid"]
         os.killpg(state["pgid"], 0)  # the head is running in its own process group
         ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=30)
         assert ready.status_code == 200 and ready.json()["detectors"]["autoencoder"] is True
+
+        jobs = readme_job_lines()
+        assert len(jobs) >= 4, jobs
+        for line in jobs:
+            ran = in_raywatch_shell(short(line), env_file, env, timeout=600)
+            assert ran.returncode == 0, f"{line}\n{ran.stdout[-3000:]}\n{ran.stderr[-3000:]}"
+            assert "succeeded" in ran.stdout + ran.stderr, ran.stdout[-2000:]
+        assert len(registry.versions("lstm")) >= 2  # the README's train job registered into up's registry
+        serve_status = in_raywatch_shell("serve status", env_file, env, timeout=120)
+        assert serve_status.returncode == 0 and "raywatch:" in serve_status.stdout, serve_status.stderr[-2000:]
+        assert "RUNNING" in serve_status.stdout
+        ray_status = in_raywatch_shell("ray status", env_file, env, timeout=120)
+        assert ray_status.returncode == 0 and "Active:" in ray_status.stdout, ray_status.stderr[-2000:]
+        job_list = in_raywatch_shell("ray job list", env_file, env, timeout=120)
+        assert job_list.returncode == 0 and job_list.stdout.count("SUCCEEDED") >= len(jobs), job_list.stderr[-2000:]
+
         status = subprocess.run([cli, "status"], env=env, capture_output=True, text=True, timeout=300)
         assert status.returncode == 0, status.stderr[-3000:]
         assert "AutoencoderDetector" in status.stdout and "v1[champion]" in status.stdout
@@ -43,6 +120,7 @@ def test_up_status_down(data_dir, mlflow_store):
         down = subprocess.run([cli, "down"], env=env, capture_output=True, text=True, timeout=300)
     assert down.returncode == 0, down.stderr[-3000:]
     assert "stopped ray head" in down.stdout and "raywatch-drift-autoencoder" in down.stdout
+    assert not env_file.exists(), "raywatch down left .raywatch/env behind"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -55,3 +133,13 @@ def test_up_status_down(data_dir, mlflow_store):
     assert not (mlflow_store / ".raywatch" / "up.json").exists()
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
+
+def test_joining_a_cluster_without_a_token_says_where_to_put_it(tmp_path):
+    env = fresh_user_env(tmp_path)
+    env["RAY_ADDRESS"] = "127.0.0.1:1"  # nothing is there; the token check comes first
+    cli = os.path.join(os.path.dirname(sys.executable), "raywatch")
+    joined = subprocess.run([cli, "up"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert joined.returncode == 2
+    assert "needs its token" in joined.stderr and str(tmp_path / ".ray" / "auth_token") in joined.stderr
+    assert not (tmp_path / ".ray").exists(), "joining a cluster must never create a token"
