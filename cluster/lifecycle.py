@@ -112,7 +112,6 @@ def up(
             num_cpus=os.cpu_count() or 2,
             log_path=state_dir() / "ray-head.log",
             client_env=client_env_file(),
-            shared_temp_dir=True,
         )
         port, moved = preferred_port(port)
         notes += [f"the Serve port you asked for is taken: the API listens on {port}"] if moved else []
@@ -130,6 +129,7 @@ def up(
             "pgid": head.process.pid,
             "started_head": True,
             "client_env": str(head.client_env),
+            "temp_dir": str(head.temp_dir),
         }
     state.update(serve_port=port, mode=mode, state_dir=str(state_dir()), tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     _state_file().write_text(json.dumps(state, indent=2))  # written now: `down` can clean up a failed `up`
@@ -255,7 +255,8 @@ def down(progress: Callable[[str], None] = print) -> dict[str, Any]:
         except Exception as exc:
             progress(f"could not reach the cluster to stop Serve: {exc}")
     if head_alive:
-        LocalHead(port=state["port"], pgid=state["pgid"]).stop()
+        temp_dir = Path(state["temp_dir"]) if state.get("temp_dir") else None
+        LocalHead(port=state["port"], pgid=state["pgid"], temp_dir=temp_dir).stop()
         stopped.append(f"ray head {state['address']}")
     if state.get("client_env"):
         Path(state["client_env"]).unlink(missing_ok=True)

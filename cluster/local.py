@@ -80,10 +80,9 @@ class LocalHead:
     pgid: int | None = None  # the head's process group: set by start(), or recorded by `raywatch up`
     client_env: Path | None = None  # where start() writes the shell exports for Ray's CLIs (.raywatch/env)
     # Ray's default temp dir (/tmp/ray) holds one address file for the whole machine, and a job's driver
-    # connects to whichever cluster last wrote it; heads for tests and benchmarks take a private one
-    # (set by start()) so their jobs never reach another cluster. `raywatch up` keeps Ray's default,
-    # where `ray status` and `ray job list` look without being told an address.
-    shared_temp_dir: bool = False
+    # connects to whichever cluster last wrote it (another user's `ray.init()`, a test cluster): every head
+    # raywatch starts takes a private one (set by start()), so its jobs always reach their own cluster.
+    # Clients find the head through RAY_ADDRESS instead (.raywatch/env).
     temp_dir: Path | None = None
 
     @classmethod
@@ -119,7 +118,7 @@ class LocalHead:
         if self.log_path is None:
             self.log_path = Path(tempfile.mkdtemp(prefix="raywatch-head-")) / "ray-start.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.shared_temp_dir and self.temp_dir is None:
+        if self.temp_dir is None:
             self.temp_dir = Path(tempfile.mkdtemp(prefix="rw-ray-", dir="/tmp"))  # short: Ray's socket paths
         command = [
             os.path.join(os.path.dirname(sys.executable), "ray"),
@@ -136,7 +135,7 @@ class LocalHead:
             f"--num-cpus={self.num_cpus}",
             "--include-dashboard=true",
             "--disable-usage-stats",
-            *([f"--temp-dir={self.temp_dir}"] if self.temp_dir else []),
+            f"--temp-dir={self.temp_dir}",
         ]
         self.process = subprocess.Popen(
             command,
