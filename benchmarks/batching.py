@@ -55,9 +55,12 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def replica_pids(app: str) -> list[int]:
+    import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+    # this process's own cluster, named: its head keeps a private temp dir, so "auto" would find another Ray
+    address = ray.get_runtime_context().gcs_address
+    actors = list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=10_000)
     return [a.pid for a in actors if (a.name or "").startswith(f"SERVE_REPLICA::{app}#")]
 
 
