@@ -10,7 +10,7 @@ still get windowed scores (the streaming path: windows and features are computed
 with the same code as in training). Routing per detector: A/B split by a stable hash of the entity,
 shadow copies to the challenger off the response path, a circuit breaker with a fallback baseline
 (robust z-score against the entity's recent history) when a model fails. What is served goes to
-the drift monitors (`detect.monitor`, one Ray actor per model) through a bounded queue drained off
+the drift monitors (`monitoring.monitor`, one Ray actor per model) through a bounded queue drained off
 the response path; rows dropped when it is full are counted (`raywatch_monitor_dropped_total`).
 """
 
@@ -36,13 +36,15 @@ from pydantic_core import to_json
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from detect.drift import DriftEventStore
 from detect.runtime import PARALLEL_ROWS
 from detect.state import ServingStore
 from detect.state import state_dir as current_state_dir
+from monitoring import monitor as monitors
+from monitoring.events import DriftEventStore
 from serve import schemas as S
 from serve.auth import BURST_ENV, KEYS_FILE_ENV, RATE_ENV, AuthError, RateLimiter, check_admin, client_id
 from serve.router import CircuitBreaker, TrafficPolicy
+from train import registry
 
 log = logging.getLogger("raywatch.serve")
 
@@ -480,8 +482,6 @@ class RaywatchAPI:
 
     async def _feed_monitors(self) -> None:
         """Drain the queue in batches to the monitor actors (created on first use, detached, restartable)."""
-        from detect import monitor as monitors
-
         queue = self.monitor_queue
         while True:
             batches: dict[str, list[dict[str, Any]]] = {}
@@ -718,11 +718,9 @@ class RaywatchAPI:
 
     # -- admin -----------------------------------------------------------------------------------------------
     async def _registry_call(self, fn, *args):
-        from train.registry import RegistryError
-
         try:
             return await asyncio.to_thread(fn, *args)
-        except RegistryError as exc:
+        except registry.RegistryError as exc:
             raise ApiError(404, "version", str(exc)) from exc
         except Exception as exc:  # the registry itself is unreachable
             raise ApiError(503, "registry", f"model registry unavailable: {type(exc).__name__}: {exc}") from exc
@@ -737,8 +735,6 @@ class RaywatchAPI:
         self, request: S.PromoteRequest, authorization: str | None = Header(default=None)
     ) -> dict[str, Any]:
         check_admin(authorization)
-        from train import registry
-
         out = await self._registry_call(registry.promote, request.model, request.version)
         return {**out, "serving": await self._reload(request.model)}
 
@@ -747,8 +743,6 @@ class RaywatchAPI:
         self, request: S.RollbackRequest, authorization: str | None = Header(default=None)
     ) -> dict[str, Any]:
         check_admin(authorization)
-        from train import registry
-
         out = await self._registry_call(registry.rollback, request.model)
         return {**out, "serving": await self._reload(request.model)}
 
@@ -757,8 +751,6 @@ class RaywatchAPI:
         self, request: S.TrafficRequest, authorization: str | None = Header(default=None)
     ) -> dict[str, Any]:
         check_admin(authorization)
-        from train import registry
-
         if request.challenger_version is not None:
             await self._registry_call(
                 registry.set_alias, request.model, registry.CHALLENGER, request.challenger_version
@@ -797,14 +789,14 @@ class RaywatchAPI:
 
 def build_app(args: dict[str, Any] | None = None) -> Any:
     """Application builder for `serve run serve.app:build_app` and serve/config.yaml."""
+    # deferred: the ingress replicas import this module, and the detector deployments pull in torch and
+    # ONNX Runtime, which only the detector replicas need
     from serve.detectors import DEPLOYMENTS
 
     args = dict(args or {})
     tracking_uri = args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
-        from train.registry import tracking_uri as default_uri
-
-        tracking_uri = default_uri()
+        tracking_uri = registry.tracking_uri()
     state_dir = args.get("state_dir") or os.environ.get("RAYWATCH_STATE_DIR") or os.path.join(os.getcwd(), ".raywatch")
     reload_s = float(args.get("reload_interval_s", 1.0))
     # max_batch_size: the detectors' @serve.batch size (64); 1 turns their batching off

@@ -23,6 +23,8 @@ from detect.ensemble import EnsembleDetector
 from detect.features import entity_windows, tail_features, tail_windows
 from detect.runtime import PARALLEL_ROWS, EnsembleRuntime, smooth_causal
 from serve.schemas import result_rows
+from train import registry
+from train.export import export_graphs, runtime_for
 
 log = logging.getLogger("raywatch.serve")
 
@@ -125,9 +127,6 @@ class ModelSlot:
 
 
 def load_slot(kind: str, alias: str) -> ModelSlot | None:
-    from train import registry
-    from train.compress import export_graphs, runtime_for
-
     version = registry.alias_version(kind, alias)
     if version is None:
         return None
@@ -200,8 +199,6 @@ class DetectorServer:
         """Load what the aliases point to now; swap in new versions only once fully loaded. A version
         that cannot be loaded (registry down, checksum mismatch, refused artifact) leaves what is
         loaded serving; a replica with nothing loaded falls back to the `previous` champion."""
-        from train import registry
-
         errors = []
         for alias in ("champion", "challenger"):
             try:
@@ -225,8 +222,6 @@ class DetectorServer:
 
     def _load_previous(self) -> None:
         """A replica that starts while the champion is refused serves the previous champion meanwhile."""
-        from train import registry
-
         try:
             slot = load_slot(self.kind, registry.PREVIOUS)
         except Exception as exc:

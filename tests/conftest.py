@@ -26,7 +26,7 @@ def ray_cluster(tmp_path_factory):
     import ray
 
     from cluster.local import LocalHead
-    from train.pipeline import TRAIN_POLL_ENV
+    from train.jobs import TRAIN_POLL_ENV
 
     os.environ.setdefault(TRAIN_POLL_ENV, "0.2")
     head = LocalHead(num_cpus=2, log_path=tmp_path_factory.mktemp("ray-head") / "ray-start.log").start()

@@ -21,6 +21,11 @@ from typing import Any
 import numpy as np
 
 from detect.data import load_benchmark
+from detect.ensemble import EnsembleDetector
+from detect.sequence import SEQUENCE_DETECTORS, train_epochs
+from train import registry
+from train.jobs import init_ray
+from train.pipeline import best_config_path
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +62,6 @@ def _sequence_trainable(config: dict[str, Any], model: str, data: list[np.ndarra
     import torch
     from ray import tune
 
-    from detect.sequence import SEQUENCE_DETECTORS, train_epochs
-
     torch.set_num_threads(1)
     prepared = []
     for X in data:
@@ -79,8 +82,6 @@ def _sequence_trainable(config: dict[str, Any], model: str, data: list[np.ndarra
 
 def _ensemble_trainable(config: dict[str, Any], data: list[tuple[np.ndarray, np.ndarray]]) -> None:
     from ray import tune
-
-    from detect.ensemble import EnsembleDetector
 
     losses = []
     for X, y in data:
@@ -117,9 +118,6 @@ def tune_model(
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
-
-    from train import registry
-    from train.pipeline import best_config_path, init_ray
 
     if search not in ("optuna", "random"):  # before any data is read
         raise ValueError(f"unknown search {search!r}; choose optuna or random")
