@@ -34,10 +34,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+
+from detect.config import config_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +104,7 @@ class DriftConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DriftConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown DriftConfig field(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 @dataclass

@@ -13,7 +13,6 @@ Graph contracts (built by train/compress.py):
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -22,8 +21,9 @@ import numpy as np
 
 from detect.features import FeatureSpec, entity_features, entity_windows
 
-# rows from which the ensemble's member graphs run in parallel (0: never); RAYWATCH_PARALLEL_ROWS
-PARALLEL_ROWS = int(os.environ.get("RAYWATCH_PARALLEL_ROWS", 256)) or sys.maxsize
+# rows from which the ensemble's member graphs run in parallel, unless a runtime is given its own
+# (serving passes its `parallel_rows` setting)
+PARALLEL_ROWS = 256
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -98,8 +98,9 @@ class EnsembleRuntime:
         weights: dict[str, float] | None,
         threshold: float,
         threads: int = 1,
+        parallel_rows: int | None = None,
     ) -> None:
-        self.spec, self.threshold = spec, threshold
+        self.spec, self.threshold, self.parallel_rows = spec, threshold, parallel_rows
         self.sessions = {name: session(g, threads) for name, g in graphs.items()}
         self.weights = weights or {}
         if "student" not in self.sessions and set(self.weights) != set(self.sessions):
@@ -118,7 +119,8 @@ class EnsembleRuntime:
             return probs[:, 1] if probs.ndim == 2 and probs.shape[1] == 2 else probs.reshape(-1)
 
         items = list(self.sessions.items())
-        pool = _member_pool() if len(F) >= PARALLEL_ROWS and len(items) > 1 else None
+        big = PARALLEL_ROWS if self.parallel_rows is None else self.parallel_rows
+        pool = _member_pool() if len(F) >= big and len(items) > 1 else None
         probs = list(pool.map(run, items)) if pool else [run(item) for item in items]
         return dict(zip(self.sessions, probs))
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
+from detect.config import config_from_dict
 from detect.drift import DriftConfig, EntityDriftDetectors
 from detect.kinds import DETECTOR_KINDS
 from detect.state import STATE_DIR_ENV, ServingStore, state_dir
@@ -61,11 +62,7 @@ class MonitorConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> MonitorConfig:
-        data = dict(data or {})
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown MonitorConfig field(s) {unknown}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

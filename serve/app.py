@@ -36,7 +36,6 @@ from pydantic_core import to_json
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from detect.runtime import PARALLEL_ROWS
 from detect.state import ServingStore
 from detect.state import state_dir as current_state_dir
 from monitoring import monitor as monitors
@@ -44,6 +43,7 @@ from monitoring.events import DriftEventStore
 from serve import schemas as S
 from serve.auth import BURST_ENV, KEYS_FILE_ENV, RATE_ENV, AuthError, RateLimiter, check_admin, client_id
 from serve.router import CircuitBreaker, TrafficPolicy
+from serve.settings import ServeSettings
 from train import registry
 
 log = logging.getLogger("raywatch.serve")
@@ -52,8 +52,13 @@ HISTORY_ROWS = 256  # raw samples kept per entity
 MAX_ENTITIES = 100_000
 FALLBACK_THRESHOLD = 3.0  # mean robust z-score above which the baseline flags a row
 META_TTL_S = 2.0
-MONITOR_QUEUE_ROWS = int(os.environ.get("RAYWATCH_MONITOR_QUEUE", 20_000))  # served rows waiting for the monitors
+MAX_BODY_ENV = "RAYWATCH_MAX_BODY_BYTES"
 BODY_TIMEOUT_ENV = "RAYWATCH_BODY_TIMEOUT_S"  # a request body must arrive within this many seconds (10)
+
+
+def _max_body_bytes() -> int:
+    """Read per request, as `_body_timeout_s` is, from the replica's environment."""
+    return int(os.environ.get(MAX_BODY_ENV) or S.MAX_BODY_BYTES)
 
 
 def _body_timeout_s() -> float:
@@ -63,7 +68,6 @@ def _body_timeout_s() -> float:
 
 
 MONITOR_BATCH_ROWS = 5_000  # rows per call to a monitor
-MONITOR_FLUSH_S = float(os.environ.get("RAYWATCH_MONITOR_FLUSH_S", 0.5))  # how long served rows gather before a call
 
 api = FastAPI(title="raywatch", version="1.0", description="Incident detection for server telemetry on Ray.")
 
@@ -168,7 +172,7 @@ async def _auth_error(request: Request, exc: AuthError) -> JSONResponse:
 
 
 class BodyLimit:
-    """Pure ASGI middleware: bodies over S.MAX_BODY_BYTES get 413 before they are read. With a
+    """Pure ASGI middleware: bodies over the limit (4 MiB; RAYWATCH_MAX_BODY_BYTES) get 413 before they are read. With a
     Content-Length the header decides (the server reads no further); a chunked body is read up to the
     limit and replayed to the app. (Starlette's BaseHTTPMiddleware would cost more than scoring.)"""
 
@@ -185,7 +189,7 @@ class BodyLimit:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = S.MAX_BODY_BYTES
+        limit = _max_body_bytes()
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None:
             if not length.isdigit():
@@ -247,7 +251,9 @@ class RaywatchAPI:
         monitor: dict[str, Any] | None = None,
         rate_limit: dict[str, Any] | None = None,
         body_timeout_s: float | None = None,
+        settings: ServeSettings | None = None,
     ) -> None:
+        self.settings = settings or ServeSettings()
         if body_timeout_s:
             os.environ[BODY_TIMEOUT_ENV] = str(float(body_timeout_s))  # read by this replica's BodyLimit
         if tracking_uri:
@@ -384,7 +390,7 @@ class RaywatchAPI:
         item = {"entity": entity, "path": path, "rows": rows[-(n_new + context) :], "n_new": n_new}
         if breaker.allow():
             # big items go on their own: gathering them would only serialise their scoring in one call
-            if n_new < PARALLEL_ROWS:
+            if n_new < self.settings.big_batch_rows:
                 result = await self._model_call((name, item))
             else:
                 result = (await self._call(name, [item]))[0]
@@ -460,7 +466,7 @@ class RaywatchAPI:
         if not self.monitor_enabled:
             return
         if self.monitor_queue is None:
-            self.monitor_queue = asyncio.Queue(maxsize=MONITOR_QUEUE_ROWS)
+            self.monitor_queue = asyncio.Queue(maxsize=self.settings.monitor_queue)
             self._spawn(self._feed_monitors())
         champion = path == "champion"  # challenger or fallback scores say nothing about the champion's
         scores = np.asarray(arrays["scores"], dtype=np.float64).tolist()
@@ -487,7 +493,9 @@ class RaywatchAPI:
             batches: dict[str, list[dict[str, Any]]] = {}
             name, item = await queue.get()
             batches.setdefault(name, []).append(item)
-            await asyncio.sleep(MONITOR_FLUSH_S)  # let rows gather: one monitor call (and commit) per flush
+            await asyncio.sleep(
+                self.settings.monitor_flush_s
+            )  # let rows gather: one monitor call (and commit) per flush
             taken = 1
             while not queue.empty() and taken < MONITOR_BATCH_ROWS:
                 name, item = queue.get_nowait()
@@ -791,9 +799,10 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
     """Application builder for `serve run serve.app:build_app` and serve/config.yaml."""
     # deferred: the ingress replicas import this module, and the detector deployments pull in torch and
     # ONNX Runtime, which only the detector replicas need
-    from serve.detectors import DEPLOYMENTS
+    from serve.detectors import detector_deployments
 
     args = dict(args or {})
+    settings = ServeSettings.from_app_args(args)
     tracking_uri = args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
         tracking_uri = registry.tracking_uri()
@@ -802,18 +811,15 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
     # max_batch_size: the detectors' @serve.batch size (64); 1 turns their batching off
     batch = {"max_batch_size": int(args["max_batch_size"])} if args.get("max_batch_size") else {}
     handles = {
-        name: dep.bind(tracking_uri=tracking_uri, reload_interval_s=reload_s, **batch)
-        for name, dep in DEPLOYMENTS.items()
+        name: dep.bind(tracking_uri=tracking_uri, reload_interval_s=reload_s, settings=settings, **batch)
+        for name, dep in detector_deployments(settings).items()
     }
     keys_file = args.get("admin_keys_file") or os.environ.get(KEYS_FILE_ENV)
     rate_limit = args.get("rate_limit") or {
         k: v for k, v in (("requests_per_s", os.environ.get(RATE_ENV)), ("burst", os.environ.get(BURST_ENV))) if v
     }
     RateLimiter.from_config(rate_limit)  # a bad setting fails here, not in every replica
-    replicas = int(args.get("ingress_replicas") or os.environ.get("RAYWATCH_INGRESS_REPLICAS", 1))
-    if replicas < 1:
-        raise ValueError(f"ingress_replicas must be >= 1, got {replicas}")
-    return RaywatchAPI.options(num_replicas=replicas).bind(
+    return RaywatchAPI.options(num_replicas=settings.ingress_replicas).bind(
         handles["ensemble"],
         handles["lstm"],
         handles["autoencoder"],
@@ -824,4 +830,5 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
         monitor=args.get("monitor"),
         rate_limit=rate_limit,
         body_timeout_s=args.get("body_timeout_s"),
+        settings=settings,
     )

@@ -21,15 +21,15 @@ from ray import serve
 
 from detect.ensemble import EnsembleDetector
 from detect.features import entity_windows, tail_features, tail_windows
-from detect.runtime import PARALLEL_ROWS, EnsembleRuntime, smooth_causal
+from detect.runtime import EnsembleRuntime, smooth_causal
 from serve.schemas import result_rows
+from serve.settings import ServeSettings
 from train import registry
 from train.export import export_graphs, runtime_for
 
 log = logging.getLogger("raywatch.serve")
 
 TOP_METRICS = 3
-BIG_AT_ONCE = int(os.environ.get("RAYWATCH_BIG_AT_ONCE", 2))  # big batches a replica scores at a time
 
 
 @dataclass
@@ -126,7 +126,7 @@ class ModelSlot:
         return {"name": self.name, "version": self.version, "variant": self.variant}
 
 
-def load_slot(kind: str, alias: str) -> ModelSlot | None:
+def load_slot(kind: str, alias: str, parallel_rows: int | None = None) -> ModelSlot | None:
     version = registry.alias_version(kind, alias)
     if version is None:
         return None
@@ -134,7 +134,7 @@ def load_slot(kind: str, alias: str) -> ModelSlot | None:
     entities = {}
     for entity, det in bundle.detectors.items():
         graphs = bundle.graphs.get(entity) or export_graphs(det)
-        runtime = runtime_for(det, graphs)
+        runtime = runtime_for(det, graphs, parallel_rows=parallel_rows)
         if isinstance(runtime, EnsembleRuntime):
             context = det.spec_.history - 1
         else:
@@ -168,7 +168,9 @@ class DetectorServer:
         reload_interval_s: float = 1.0,
         max_batch_size: int = 64,
         batch_wait_timeout_s: float = 0.002,
+        settings: ServeSettings | None = None,
     ) -> None:
+        self.settings = settings or ServeSettings()
         if tracking_uri:
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
         from ray.util import metrics
@@ -207,7 +209,9 @@ class DetectorServer:
                 if wanted is None:
                     self.slots[alias] = None
                 elif current is None or current.version != wanted:
-                    self.slots[alias] = load_slot(self.kind, alias)  # one reference swap: no request sees half a model
+                    self.slots[alias] = load_slot(
+                        self.kind, alias, self.settings.big_batch_rows
+                    )  # one reference swap: no request sees half a model
                     log.info(f"{self.kind}: loaded {alias} v{wanted}")
             except Exception as exc:  # keep serving what is loaded
                 error = f"{alias}: {type(exc).__name__}: {exc}"
@@ -223,7 +227,7 @@ class DetectorServer:
     def _load_previous(self) -> None:
         """A replica that starts while the champion is refused serves the previous champion meanwhile."""
         try:
-            slot = load_slot(self.kind, registry.PREVIOUS)
+            slot = load_slot(self.kind, registry.PREVIOUS, self.settings.big_batch_rows)
         except Exception as exc:
             log.warning(f"{self.kind}: previous champion not loadable either: {type(exc).__name__}: {exc}")
             return
@@ -269,9 +273,9 @@ class DetectorServer:
         Big ones (PARALLEL_ROWS new rows or more) are scored on a worker thread, so the replica takes the
         next call in meanwhile and two big batches use two cores (numpy and ONNX Runtime release the GIL);
         small ones stay on the event loop, where a thread hand-off would cost more than the scoring."""
-        if sum(int(item.get("n_new", 1)) for item in items) >= PARALLEL_ROWS:
+        if sum(int(item.get("n_new", 1)) for item in items) >= self.settings.big_batch_rows:
             if self._big is None:
-                self._big = asyncio.Semaphore(BIG_AT_ONCE)  # in the replica's event loop
+                self._big = asyncio.Semaphore(self.settings.big_at_once)  # in the replica's event loop
             async with self._big:
                 return await asyncio.to_thread(self._score_items, items)
         return self._score_items(items)
@@ -336,40 +340,26 @@ class DetectorServer:
             self._stop.set()
 
 
-def _autoscaling() -> dict[str, Any]:
-    low = int(os.environ.get("RAYWATCH_MIN_REPLICAS", 1))
-    return {
-        "min_replicas": low,
-        "initial_replicas": low,
-        "max_replicas": max(low, int(os.environ.get("RAYWATCH_MAX_REPLICAS", 2))),
-        "target_ongoing_requests": 8,
-        "upscale_delay_s": 5,
-        "downscale_delay_s": 30,
-    }
-
-
+# autoscaling and the access log come from ServeSettings, applied by `detector_deployments`
 _DEPLOYMENT = dict(
     ray_actor_options={"num_cpus": 0.25},
     max_ongoing_requests=64,
     graceful_shutdown_timeout_s=5,
     health_check_period_s=2,  # a dead replica is noticed in seconds, not Serve's default 10 s
-    # the ingress logs each HTTP request; a line per internal model call would cost the detectors
-    # about a tenth of their per-call CPU (RAYWATCH_DETECTOR_ACCESS_LOG=1 brings it back)
-    logging_config={"enable_access_log": os.environ.get("RAYWATCH_DETECTOR_ACCESS_LOG") == "1"},
 )
 
 
-@serve.deployment(autoscaling_config=_autoscaling(), **_DEPLOYMENT)
+@serve.deployment(**_DEPLOYMENT)
 class EnsembleDetectorDeployment(DetectorServer):
     kind = "ensemble"
 
 
-@serve.deployment(autoscaling_config=_autoscaling(), **_DEPLOYMENT)
+@serve.deployment(**_DEPLOYMENT)
 class LSTMDetectorDeployment(DetectorServer):
     kind = "lstm"
 
 
-@serve.deployment(autoscaling_config=_autoscaling(), **_DEPLOYMENT)
+@serve.deployment(**_DEPLOYMENT)
 class AutoencoderDetectorDeployment(DetectorServer):
     kind = "autoencoder"
 
@@ -379,3 +369,15 @@ DEPLOYMENTS = {
     "lstm": LSTMDetectorDeployment.options(name="LSTMDetector"),
     "autoencoder": AutoencoderDetectorDeployment.options(name="AutoencoderDetector"),
 }
+
+
+def detector_deployments(settings: ServeSettings) -> dict[str, Any]:
+    """The three detector deployments with `settings`' autoscaling and access log (serve/config.yaml's
+    per-deployment options still override these when Serve applies the file)."""
+    # the ingress logs each HTTP request; a line per internal model call would cost the detectors
+    # about a tenth of their per-call CPU (detector_access_log brings it back)
+    options = {
+        "autoscaling_config": settings.autoscaling(),
+        "logging_config": {"enable_access_log": settings.detector_access_log},
+    }
+    return {kind: deployment.options(**options) for kind, deployment in DEPLOYMENTS.items()}

@@ -144,10 +144,17 @@ def export_graphs(det: Any) -> dict[str, bytes]:
     raise TypeError(f"no ONNX export for {type(det).__name__}")
 
 
-def runtime_for(det: Any, graphs: dict[str, bytes], threshold: float | None = None, threads: int = 1):
-    """An ONNX Runtime scorer for a detector's graphs (FP32, INT8 or student)."""
+def runtime_for(
+    det: Any,
+    graphs: dict[str, bytes],
+    threshold: float | None = None,
+    threads: int = 1,
+    parallel_rows: int | None = None,
+):
+    """An ONNX Runtime scorer for a detector's graphs (FP32, INT8 or student); `parallel_rows`: batch size
+    from which the ensemble runs its members side by side."""
     thr = det.threshold_ if threshold is None else threshold
     if isinstance(det, EnsembleDetector):
         weights = dict(zip(MEMBERS, det.weights_.tolist()))
-        return EnsembleRuntime(graphs, det.spec_, None if "student" in graphs else weights, thr, threads)
+        return EnsembleRuntime(graphs, det.spec_, None if "student" in graphs else weights, thr, threads, parallel_rows)
     return SequenceRuntime(graphs["scorer"], det.spec_, det.config.smooth, thr, threads)

@@ -31,7 +31,7 @@ from detect.data import Series, load_benchmark
 from detect.drift import drift_reference
 from detect.ensemble import EnsembleConfig, EnsembleDetector, incident_target
 from detect.kinds import DETECTOR_KINDS
-from detect.sequence import SEQUENCE_DETECTORS
+from detect.sequence import SEQUENCE_DETECTORS, SequenceConfig
 from ingest.prometheus import prometheus_series
 from train import registry
 from train.boosters import train_boosters_with_ray
@@ -48,6 +48,17 @@ BEST_CONFIG_DIR = Path(".raywatch") / "best_config"
 
 def best_config_path(model: str) -> Path:
     return Path(os.environ.get("RAYWATCH_HOME", ".")) / BEST_CONFIG_DIR / f"{model}.json"
+
+
+def _checked_config(model: str, config: dict[str, Any]) -> dict[str, Any]:
+    """`config` as the kind's config class accepts it: an unknown or mistyped key (`--set hiden=32`) fails
+    here, named, before Ray starts. `epochs` is the sequence detectors' option, which `raywatch up
+    --epochs` hands to every kind; a kind without it leaves it out."""
+    config_class = EnsembleConfig if model == "ensemble" else SequenceConfig
+    if "epochs" not in config_class.__dataclass_fields__:
+        config = {k: v for k, v in config.items() if k != "epochs"}
+    config_class.from_dict(config)
+    return config
 
 
 def resolve_config(
@@ -146,6 +157,7 @@ def train_model(
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose from {list(MODELS)}")
     config, config_source = resolve_config(model, overrides, use_tuned)
+    config = _checked_config(model, config)
     if source is not None:
         if model == "ensemble":
             raise ValueError(
