@@ -51,7 +51,7 @@ def bench_model(model: str, data_dir: str | None) -> list[dict]:
     from detect.features import entity_features, entity_windows
     from train import registry
     from train.compress import compress_model
-    from train.export import runtime_for
+    from train.kinds import runtime_for
     from train.pipeline import train_model
 
     if registry.alias_version(model, registry.CHAMPION) is None:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from detect.data import TelemetryError
+from detect.kinds import DETECTOR_KINDS
 
 
 def _progress(total: int):
@@ -345,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_evaluate)
 
     tr = sub.add_parser("train", help="train a detector per entity on Ray Train, log to MLflow, register a version")
-    tr.add_argument("--model", required=True, choices=["autoencoder", "lstm", "ensemble"])
+    tr.add_argument("--model", required=True, choices=DETECTOR_KINDS)
     tr.add_argument("--data", help="benchmark directory; default $RAYWATCH_DATA or ../shared/data")
     tr.add_argument("--entities", help="comma-separated entities; default all")
     tr.add_argument("--epochs", type=int, help="epochs (autoencoder, lstm)")
@@ -376,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     wa.set_defaults(func=cmd_watch)
 
     tu = sub.add_parser("tune", help="Ray Tune search (ASHA + Optuna); records the best config for `train`")
-    tu.add_argument("--model", required=True, choices=["autoencoder", "lstm", "ensemble"])
+    tu.add_argument("--model", required=True, choices=DETECTOR_KINDS)
     tu.add_argument("--data")
     tu.add_argument("--entities", help="entities whose training series the search uses; default asd/omi-1")
     tu.add_argument("--num-samples", type=int, default=8)

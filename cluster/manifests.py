@@ -677,6 +677,15 @@ def check_runtime_env(runtime_env: Any, at: str, root: str | Path = REPO_ROOT) -
     return problems
 
 
+def _load_manifest(path: str | Path, kind: str) -> tuple[Any, list[str]]:
+    """(the manifest, []) or (None, why it cannot be checked further: unreadable, or not a `kind`)."""
+    try:
+        doc = load_yaml(path)
+    except ConfigError as e:
+        return None, [str(e)]
+    return doc, _check_kind(doc, kind)
+
+
 def _check_kind(doc: Any, kind: str) -> list[str]:
     if not isinstance(doc, dict):
         return [f"expected a {kind} manifest"]
@@ -721,14 +730,13 @@ def validate_rayservice(
     path: str | Path = RAYSERVICE, serve_config_path: str | Path = SERVE_CONFIG, root: str | Path = REPO_ROOT
 ) -> list[str]:
     """Problems with a RayService: kind, serveConfigV2 == serve/config.yaml's apps, import paths, cluster spec."""
+    doc, problems = _load_manifest(path, "RayService")
+    if problems:
+        return problems
     try:
-        doc = load_yaml(path)
         serve_config = load_yaml(serve_config_path)
     except ConfigError as e:
         return [str(e)]
-    problems = _check_kind(doc, "RayService")
-    if problems:
-        return problems
     spec, at = doc["spec"], "spec.serveConfigV2"
     raw = spec.get("serveConfigV2")
     if not isinstance(raw, str) or not raw.strip():
@@ -772,11 +780,7 @@ def validate_rayservice(
 
 def validate_rayjob(path: str | Path = RAYJOB, root: str | Path = REPO_ROOT) -> list[str]:
     """Problems with a RayJob: kind, an entrypoint its module's argparse accepts, runtime env, cluster spec."""
-    try:
-        doc = load_yaml(path)
-    except ConfigError as e:
-        return [str(e)]
-    problems = _check_kind(doc, "RayJob")
+    doc, problems = _load_manifest(path, "RayJob")
     if problems:
         return problems
     spec = doc["spec"]

@@ -13,19 +13,17 @@ import asyncio
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from ray import serve
 
-from detect.ensemble import EnsembleDetector
-from detect.features import entity_windows, tail_features, tail_windows
-from detect.runtime import EnsembleRuntime, smooth_causal
+from detect.features import entity_windows
 from serve.schemas import result_rows
 from serve.settings import ServeSettings
 from train import registry
-from train.export import export_graphs, runtime_for
+from train.kinds import kind_of
 
 log = logging.getLogger("raywatch.serve")
 
@@ -41,7 +39,6 @@ class EntityModel:
     detector: Any
     threshold: float
     context_rows: int  # rows of history needed before a new row to score it exactly as in batch
-    _weights: np.ndarray | None = field(default=None, repr=False)  # the ensemble's contribution weights
 
     def score_rows(self, rows: np.ndarray, n_new: int) -> list[dict[str, Any]]:
         """Score the last `n_new` of `rows` (older rows are context). Returns one dict per new row."""
@@ -54,26 +51,8 @@ class EntityModel:
         rows are stacked, scored together and split again, so the result for an item is the same as
         scoring it alone (the same windows as the batch path, see detect.features.tail_windows).
         Per item: numpy arrays (cheap to send between replicas; `result_rows` makes the JSON rows)."""
-        spec = self.runtime.spec
         counts = [int(n) for _, n in items]
-        if isinstance(self.runtime, EnsembleRuntime):
-            features = np.concatenate([tail_features(rows, spec, n) for rows, n in items])
-            scores = self.runtime.probability(features)
-            probability = scores
-            contributions = self._ensemble_contributions(features)
-        else:
-            smooth = self.runtime.smooth
-            # each item needs the errors of its last n + smooth - 1 rows (fewer at a series' start)
-            spans = [min(n + smooth - 1, len(rows)) for rows, n in items]
-            windows = np.concatenate([tail_windows(rows, spec, k, spec.window) for (rows, _), k in zip(items, spans)])
-            errors = self.runtime.errors(windows).astype(np.float64)
-            parts, at = [], 0
-            for k, n in zip(spans, counts):
-                parts.append(smooth_causal(errors[at : at + k], smooth)[-n:])
-                at += k
-            contributions = np.concatenate(parts)
-            scores = contributions.sum(axis=1)
-            probability = None
+        scores, probability, contributions = self.runtime.score_tails(items)
         top = np.argsort(-contributions, axis=1)[:, :TOP_METRICS]
         top_values = np.take_along_axis(contributions, top, axis=1)
         out, at = [], 0
@@ -91,16 +70,6 @@ class EntityModel:
             )
             at += n
         return out
-
-    def _ensemble_contributions(self, features: np.ndarray) -> np.ndarray:
-        """Per metric: the sum over its features of |standardised value| x the feature's importance."""
-        det: EnsembleDetector = self.detector
-        if self._weights is None:  # importance / std, once: two whole-array operations per call, not three
-            self._weights = np.abs(det.importance_ / det.std_)
-        z = features - det.mean_
-        np.abs(z, out=z)
-        z *= self._weights
-        return z.reshape(len(features), -1, len(self.metrics)).sum(axis=1)
 
     def forecast(self, rows: np.ndarray, horizon: int) -> np.ndarray:
         window = entity_windows(rows, self.runtime.spec)[-1:]
@@ -133,13 +102,10 @@ def load_slot(kind: str, alias: str, parallel_rows: int | None = None) -> ModelS
     bundle, version = registry.load_bundle(kind, version)
     entities = {}
     for entity, det in bundle.detectors.items():
-        graphs = bundle.graphs.get(entity) or export_graphs(det)
-        runtime = runtime_for(det, graphs, parallel_rows=parallel_rows)
-        if isinstance(runtime, EnsembleRuntime):
-            context = det.spec_.history - 1
-        else:
-            context = det.config.window + det.config.smooth - 2
-        entities[entity] = EntityModel(bundle.metrics[entity], runtime, det, det.threshold_, context)
+        plugin = kind_of(det)
+        graphs = bundle.graphs.get(entity) or plugin.export_graphs(det)
+        runtime = plugin.runtime(det, graphs, parallel_rows=parallel_rows)
+        entities[entity] = EntityModel(bundle.metrics[entity], runtime, det, det.threshold_, plugin.context_rows(det))
     return ModelSlot(registry.model_name(kind), version, bundle.variant, entities)
 
 

@@ -12,7 +12,7 @@ from detect.ensemble import MEMBERS, EnsembleDetector
 from detect.features import entity_features, entity_windows
 from detect.sequence import CLIP, AutoencoderDetector, LSTMDetector
 from train import compress as C
-from train import export as E
+from train import kinds as E
 
 
 @pytest.fixture(scope="module")

@@ -50,8 +50,9 @@ from detect.runtime import smooth_causal
 from detect.sequence import CLIP, SequenceDetector
 from train import registry
 from train.boosters import train_lgbm_with_ray
-from train.export import SequenceScoringGraph, compact_graph, export_graphs, runtime_for, torch_to_onnx
+from train.export import SequenceScoringGraph, compact_graph, torch_to_onnx
 from train.jobs import init_ray
+from train.kinds import export_graphs, runtime_for
 
 log = logging.getLogger(__name__)
 

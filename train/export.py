@@ -1,7 +1,8 @@
-"""ONNX export: a fitted detector as the graphs serving runs, and the ONNX Runtime scorer for them.
+"""ONNX export: a fitted detector as the graphs serving runs.
 
 Training registers these graphs with every version, compression quantizes and distils them, and serving
-loads them; this module is the one place that turns a detector into graphs.
+loads them; this module is the one place that turns a detector into graphs (each kind's plug-in in
+`train/kinds.py` picks its builder).
 
 - autoencoder / LSTM: one scoring graph (z-scoring, network, normalised per-metric error; the LSTM also
   its next-row forecast) with a dynamic batch axis;
@@ -13,13 +14,11 @@ from __future__ import annotations
 
 import copy
 import io
-from typing import Any
 
 import torch
 from torch import nn
 
-from detect.ensemble import MEMBERS, EnsembleDetector
-from detect.runtime import EnsembleRuntime, SequenceRuntime
+from detect.ensemble import EnsembleDetector
 from detect.sequence import CLIP, SequenceDetector
 
 OPSET = 17
@@ -133,28 +132,3 @@ def export_ensemble(det: EnsembleDetector) -> dict[str, bytes]:
         "logistic": torch_to_onnx(LogisticGraph(det), torch.zeros(2, n), "features", ["probability"]),
     }
     return {name: compact_graph(g) for name, g in graphs.items()}
-
-
-def export_graphs(det: Any) -> dict[str, bytes]:
-    """The FP32 ONNX graphs of a fitted raywatch detector."""
-    if isinstance(det, EnsembleDetector):
-        return export_ensemble(det)
-    if isinstance(det, SequenceDetector):
-        return {"scorer": export_sequence(det)}
-    raise TypeError(f"no ONNX export for {type(det).__name__}")
-
-
-def runtime_for(
-    det: Any,
-    graphs: dict[str, bytes],
-    threshold: float | None = None,
-    threads: int = 1,
-    parallel_rows: int | None = None,
-):
-    """An ONNX Runtime scorer for a detector's graphs (FP32, INT8 or student); `parallel_rows`: batch size
-    from which the ensemble runs its members side by side."""
-    thr = det.threshold_ if threshold is None else threshold
-    if isinstance(det, EnsembleDetector):
-        weights = dict(zip(MEMBERS, det.weights_.tolist()))
-        return EnsembleRuntime(graphs, det.spec_, None if "student" in graphs else weights, thr, threads, parallel_rows)
-    return SequenceRuntime(graphs["scorer"], det.spec_, det.config.smooth, thr, threads)

@@ -31,12 +31,12 @@ from detect.data import Series, load_benchmark
 from detect.drift import drift_reference
 from detect.ensemble import EnsembleConfig, EnsembleDetector, incident_target
 from detect.kinds import DETECTOR_KINDS
-from detect.sequence import SEQUENCE_DETECTORS, SequenceConfig
+from detect.sequence import SEQUENCE_DETECTORS
 from ingest.prometheus import prometheus_series
 from train import registry
 from train.boosters import train_boosters_with_ray
-from train.export import export_graphs
 from train.jobs import init_ray
+from train.kinds import export_graphs, kind_named
 from train.retrain import main as retrain_main
 from train.torch_train import fit_with_ray_train
 
@@ -48,17 +48,6 @@ BEST_CONFIG_DIR = Path(".raywatch") / "best_config"
 
 def best_config_path(model: str) -> Path:
     return Path(os.environ.get("RAYWATCH_HOME", ".")) / BEST_CONFIG_DIR / f"{model}.json"
-
-
-def _checked_config(model: str, config: dict[str, Any]) -> dict[str, Any]:
-    """`config` as the kind's config class accepts it: an unknown or mistyped key (`--set hiden=32`) fails
-    here, named, before Ray starts. `epochs` is the sequence detectors' option, which `raywatch up
-    --epochs` hands to every kind; a kind without it leaves it out."""
-    config_class = EnsembleConfig if model == "ensemble" else SequenceConfig
-    if "epochs" not in config_class.__dataclass_fields__:
-        config = {k: v for k, v in config.items() if k != "epochs"}
-    config_class.from_dict(config)
-    return config
 
 
 def resolve_config(
@@ -157,7 +146,7 @@ def train_model(
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose from {list(MODELS)}")
     config, config_source = resolve_config(model, overrides, use_tuned)
-    config = _checked_config(model, config)
+    config = kind_named(model).checked_config(config)  # a bad --set fails here, named, before Ray starts
     if source is not None:
         if model == "ensemble":
             raise ValueError(

@@ -45,20 +45,15 @@ import numpy as np
 from detect import metrics as M
 from detect.bundle import ModelBundle
 from detect.drift import drift_reference
-from detect.ensemble import EnsembleDetector
 from detect.kinds import DETECTOR_KINDS
-from detect.sequence import SEQUENCE_DETECTORS
 from detect.state import ServingStore
 from train import registry
-from train.boosters import train_boosters_with_ray
-from train.export import export_graphs
 from train.jobs import init_ray
-from train.torch_train import fit_with_ray_train
+from train.kinds import export_graphs, kind_named
 
 log = logging.getLogger(__name__)
 
 MIN_ROWS = 300  # fewest recent rows of an entity worth retraining on
-MIN_POSITIVES = 5  # fewest labelled incident rows the supervised ensemble needs to retrain
 
 
 def evaluate_window(scores: np.ndarray, threshold: float, labels: np.ndarray) -> dict[str, Any]:
@@ -82,24 +77,10 @@ def evaluate_window(scores: np.ndarray, threshold: float, labels: np.ndarray) ->
 def _fit_challenger(
     model: str, champion: Any, rows: np.ndarray, labels: np.ndarray, metrics: list[str], options: dict[str, Any]
 ) -> Any:
-    if model == "ensemble":
-        known = labels >= 0
-        if known.sum() < MIN_ROWS or labels[known].sum() < MIN_POSITIVES:
-            raise ValueError(
-                f"the ensemble learns from labels: {int(known.sum())} labelled rows with "
-                f"{int(labels[known].sum())} incident rows in the recent data (need {MIN_ROWS} and {MIN_POSITIVES})"
-            )
-        det = EnsembleDetector(champion.config)
-        det.fit(
-            rows[known],
-            labels[known],
-            metrics,
-            train_boosters=lambda f, t: train_boosters_with_ray(f, t, det.config, num_workers=1),
-        )
-        return det
-    overrides = {"epochs": options["epochs"]} if options.get("epochs") else {}
-    det = SEQUENCE_DETECTORS[model](champion.config, **overrides)
-    return fit_with_ray_train(det, rows, metrics, cpus_per_worker=options.get("cpus_per_worker"))
+    kind = kind_named(model)
+    overrides = kind.checked_config({"epochs": options["epochs"]} if options.get("epochs") else {})
+    det = kind.new(champion.config, **overrides)
+    return kind.fit_on_ray(det, rows, labels, metrics, cpus_per_worker=options.get("cpus_per_worker"))
 
 
 def retrain(

@@ -22,6 +22,7 @@ import numpy as np
 
 from detect.data import load_benchmark
 from detect.ensemble import EnsembleDetector
+from detect.kinds import DETECTOR_KINDS
 from detect.sequence import SEQUENCE_DETECTORS, train_epochs
 from train import registry
 from train.jobs import init_ray
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tune.search", description="Ray Tune search for a raywatch detector"
     )
-    parser.add_argument("--model", choices=["autoencoder", "lstm", "ensemble"], required=True)
+    parser.add_argument("--model", choices=DETECTOR_KINDS, required=True)
     parser.add_argument("--data")
     parser.add_argument("--entities")
     parser.add_argument("--num-samples", type=int, default=8)
