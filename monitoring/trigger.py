@@ -15,7 +15,6 @@ from typing import Any
 from detect.state import STATE_DIR_ENV, state_dir
 from monitoring.events import DriftEventStore
 from train import jobs
-from train.retrain import retrain_entrypoint
 
 log = logging.getLogger("raywatch.monitor")
 
@@ -76,7 +75,7 @@ class RetrainTrigger:
         if blocked:
             return self._skip(blocked)
         since = ["--since-id", str(since_id)] if since_id else []
-        entrypoint = retrain_entrypoint(self.model, [entity], [*since, *self.retrain_args])
+        entrypoint = jobs.retrain_entrypoint(self.model, [entity], [*since, *self.retrain_args])
         try:
             job_id = jobs.submit(
                 entrypoint,

@@ -38,13 +38,11 @@ from ray.serve.handle import DeploymentHandle
 
 from detect.state import ServingStore
 from detect.state import state_dir as current_state_dir
-from monitoring import monitor as monitors
 from monitoring.events import DriftEventStore
 from serve import schemas as S
 from serve.auth import BURST_ENV, KEYS_FILE_ENV, RATE_ENV, AuthError, RateLimiter, check_admin, client_id
 from serve.router import CircuitBreaker, TrafficPolicy
 from serve.settings import ServeSettings
-from train import registry
 
 log = logging.getLogger("raywatch.serve")
 
@@ -488,6 +486,10 @@ class RaywatchAPI:
 
     async def _feed_monitors(self) -> None:
         """Drain the queue in batches to the monitor actors (created on first use, detached, restartable)."""
+        # deferred, like the registry below: the monitor module brings MLflow and torch, which an ingress
+        # replica would otherwise load at start (slower restarts) and never use
+        from monitoring import monitor as monitors
+
         queue = self.monitor_queue
         while True:
             batches: dict[str, list[dict[str, Any]]] = {}
@@ -726,6 +728,7 @@ class RaywatchAPI:
 
     # -- admin -----------------------------------------------------------------------------------------------
     async def _registry_call(self, fn, *args):
+        registry = _registry()
         try:
             return await asyncio.to_thread(fn, *args)
         except registry.RegistryError as exc:
@@ -743,7 +746,7 @@ class RaywatchAPI:
         self, request: S.PromoteRequest, authorization: str | None = Header(default=None)
     ) -> dict[str, Any]:
         check_admin(authorization)
-        out = await self._registry_call(registry.promote, request.model, request.version)
+        out = await self._registry_call(_registry().promote, request.model, request.version)
         return {**out, "serving": await self._reload(request.model)}
 
     @api.post("/v1/admin/rollback")
@@ -751,7 +754,7 @@ class RaywatchAPI:
         self, request: S.RollbackRequest, authorization: str | None = Header(default=None)
     ) -> dict[str, Any]:
         check_admin(authorization)
-        out = await self._registry_call(registry.rollback, request.model)
+        out = await self._registry_call(_registry().rollback, request.model)
         return {**out, "serving": await self._reload(request.model)}
 
     @api.post("/v1/admin/traffic")
@@ -760,6 +763,7 @@ class RaywatchAPI:
     ) -> dict[str, Any]:
         check_admin(authorization)
         if request.challenger_version is not None:
+            registry = _registry()
             await self._registry_call(
                 registry.set_alias, request.model, registry.CHALLENGER, request.challenger_version
             )
@@ -795,6 +799,14 @@ class RaywatchAPI:
         return {"model": request.model, "entity": request.entity, "rows": len(hist), "reference_id": reference_id}
 
 
+def _registry() -> Any:
+    """train.registry, imported on first use: it loads MLflow (seconds, and memory in every ingress
+    replica), which only the admin routes and the app builder need."""
+    from train import registry
+
+    return registry
+
+
 def build_app(args: dict[str, Any] | None = None) -> Any:
     """Application builder for `serve run serve.app:build_app` and serve/config.yaml."""
     # deferred: the ingress replicas import this module, and the detector deployments pull in torch and
@@ -805,7 +817,7 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
     settings = ServeSettings.from_app_args(args)
     tracking_uri = args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
-        tracking_uri = registry.tracking_uri()
+        tracking_uri = _registry().tracking_uri()
     state_dir = args.get("state_dir") or os.environ.get("RAYWATCH_STATE_DIR") or os.path.join(os.getcwd(), ".raywatch")
     reload_s = float(args.get("reload_interval_s", 1.0))
     # max_batch_size: the detectors' @serve.batch size (64); 1 turns their batching off

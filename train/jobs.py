@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+import sys
 import time
 from typing import Any
 
@@ -50,6 +52,15 @@ def client(address: str | None = None) -> Any:
     if not address and ray.is_initialized():
         address = ray.get_runtime_context().gcs_address
     return JobSubmissionClient(address or None)
+
+
+def retrain_entrypoint(model: str, entities: list[str] | None = None, extra: list[str] | None = None) -> str:
+    """The command a retraining job runs (`train/retrain.py`'s entry point); the same one a person can give
+    `ray job submit --`. Here, beside the client, so that the monitors' trigger needs neither torch nor MLflow."""
+    args = [sys.executable, "-m", "train.retrain", "--model", model]
+    if entities:
+        args += ["--entities", ",".join(entities)]
+    return shlex.join(args + list(extra or []))
 
 
 def submit(

@@ -1,9 +1,9 @@
 """The retraining job: train a challenger on recent served data, compare it with the champion on the
 same recent window, register it, and promote it only if it is better by a margin.
 
-This module is the one home of retraining: the job's logic, its entry point and the command that
-starts it (`retrain_entrypoint`). The drift monitors' trigger (`monitoring/trigger.py`) submits that
-command through Ray's job submission API (`train/jobs.py`); a person runs the same one:
+This module is the one home of retraining's logic and entry point. The drift monitors' trigger
+(`monitoring/trigger.py`) submits its command (`train.jobs.retrain_entrypoint`) through Ray's job
+submission API; a person runs the same one:
 
     ray job submit -- python -m train.retrain --model autoencoder --entities asd/omi-2
 
@@ -32,7 +32,6 @@ import argparse
 import json
 import logging
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -246,14 +245,6 @@ def job_id_from_env() -> str | None:
     except json.JSONDecodeError:
         return None
     return (config.get("metadata") or {}).get("job_submission_id")
-
-
-def retrain_entrypoint(model: str, entities: list[str] | None = None, extra: list[str] | None = None) -> str:
-    """The command a retraining job runs; the same one a person can give `ray job submit --`."""
-    args = [sys.executable, "-m", "train.retrain", "--model", model]
-    if entities:
-        args += ["--entities", ",".join(entities)]
-    return shlex.join(args + list(extra or []))
 
 
 def main(argv: list[str] | None = None) -> int:
