@@ -27,7 +27,6 @@ from detect.kinds import DETECTOR_KINDS
 from detect.state import STATE_DIR_ENV, ServingStore, state_dir
 from monitoring.events import DriftEventStore
 from monitoring.trigger import RetrainTrigger
-from train import registry
 
 log = logging.getLogger("raywatch.monitor")
 
@@ -116,6 +115,7 @@ class DriftMonitor:
     # -- references ------------------------------------------------------------------------------------
     def _load_champion(self) -> None:
         """Build the detectors from the champion's reference samples (or a baseline reset through the API)."""
+        registry = _registry()
         try:
             bundle, version = registry.load_bundle(self.model, registry.CHAMPION)
         except Exception as exc:  # no champion yet, or the registry is down: keep what is loaded
@@ -185,6 +185,7 @@ class DriftMonitor:
         return {"accepted": len(known), "ignored": len(items) - len(known), "events": results}
 
     def _check_version(self) -> None:
+        registry = _registry()
         try:
             if registry.alias_version(self.model, registry.CHAMPION) != self.version:
                 self._load_champion()
@@ -293,6 +294,15 @@ class DriftMonitor:
 
     def ping(self) -> str:
         return "ok"
+
+
+def _registry() -> Any:
+    """train.registry, imported in the monitor actor when first needed: the Serve ingress imports this
+    module to reach the actors, and must not load MLflow for it (slow replica starts, and an import that
+    raced the admin routes' registry calls)."""
+    from train import registry
+
+    return registry
 
 
 def _monitor_metrics() -> dict[str, Any] | None:

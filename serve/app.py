@@ -67,6 +67,16 @@ def _body_timeout_s() -> float:
 
 MONITOR_BATCH_ROWS = 5_000  # rows per call to a monitor
 
+
+def _registry() -> Any:
+    """train.registry, imported on first use: it loads MLflow (seconds, and memory in every ingress
+    replica), which only the admin routes and the app builder need. Defined above the ingress class:
+    replicas get that class by value (cloudpickle), and a later module global would be missing there."""
+    from train import registry
+
+    return registry
+
+
 api = FastAPI(title="raywatch", version="1.0", description="Incident detection for server telemetry on Ray.")
 
 
@@ -797,14 +807,6 @@ class RaywatchAPI:
             except Exception as exc:
                 log.warning("monitor reference reset failed", extra={"detector": request.model, "error": str(exc)})
         return {"model": request.model, "entity": request.entity, "rows": len(hist), "reference_id": reference_id}
-
-
-def _registry() -> Any:
-    """train.registry, imported on first use: it loads MLflow (seconds, and memory in every ingress
-    replica), which only the admin routes and the app builder need."""
-    from train import registry
-
-    return registry
 
 
 def build_app(args: dict[str, Any] | None = None) -> Any:
