@@ -152,13 +152,7 @@ def export_graphs(det: Detector) -> dict[str, bytes]:
     return kind_of(det).export_graphs(det)
 
 
-def runtime_for(
-    det: Detector,
-    graphs: dict[str, bytes],
-    threshold: float | None = None,
-    threads: int = 1,
-    parallel_rows: int | None = None,
-) -> Any:
-    """An ONNX Runtime scorer for a detector's graphs (FP32, INT8 or student); `parallel_rows`: batch size
-    from which the ensemble runs its members side by side."""
-    return kind_of(det).runtime(det, graphs, threshold, threads, parallel_rows)
+def runtime_for(det: Detector, graphs: dict[str, bytes], **options: Any) -> Any:
+    """An ONNX Runtime scorer for a detector's graphs (FP32, INT8 or student); `options` as
+    `DetectorKind.runtime` takes them (threshold, threads, parallel_rows)."""
+    return kind_of(det).runtime(det, graphs, **options)
