@@ -24,6 +24,7 @@ demo: $(STAMP)
 	$(BIN)/raywatch demo --data $(DATA)
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 # the reliability suite with the long variant: 60 s of load at 80% of capacity, 5,000 generated requests,

@@ -50,7 +50,8 @@ def bench_model(model: str, data_dir: str | None) -> list[dict]:
     from detect.data import load_series
     from detect.features import entity_features, entity_windows
     from train import registry
-    from train.compress import compress_model, runtime_for
+    from train.compress import compress_model
+    from train.kinds import runtime_for
     from train.pipeline import train_model
 
     if registry.alias_version(model, registry.CHAMPION) is None:
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)  # its own mlflow.db and runs/, unless MLFLOW_TRACKING_URI says otherwise
-    from train.pipeline import init_ray
+    from train.jobs import init_ray
 
     init_ray()
     rows = []

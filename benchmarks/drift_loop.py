@@ -54,12 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from cluster import jobs
     from cluster.local import LocalHead
-    from detect import monitor
     from detect.sequence import AutoencoderDetector
     from detect.synthetic import machine_days
+    from monitoring import monitor
     from serve.app import build_app
+    from train import jobs
     from train.pipeline import register_fitted
 
     head = LocalHead(num_cpus=2, log_path=workdir / "ray-start.log").start()

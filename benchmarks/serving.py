@@ -108,7 +108,8 @@ def prepare(workdir: str | Path, epochs: int = DEFAULT_EPOCHS) -> None:
     """Train and register every detector on ENTITY (one local Ray for all) unless it has a champion."""
     path = use_workdir(workdir)
     from train import registry
-    from train.pipeline import TRAIN_POLL_ENV, train_model
+    from train.jobs import TRAIN_POLL_ENV
+    from train.pipeline import train_model
 
     missing = []
     for model in DETECTORS:

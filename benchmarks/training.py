@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     workdir = use_workdir(args.workdir)
     from detect.data import load_series
-    from train.pipeline import TRAIN_POLL_ENV
+    from train.jobs import TRAIN_POLL_ENV
 
     started, load_start = time.strftime("%Y-%m-%d %H:%M"), load_average()
     dataset, entity = ENTITY.split("/")

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reduction-factor", type=int, default=3, help="ASHA reduction factor (raywatch tune: 3)")
     args = parser.parse_args(argv)
     workdir = use_workdir(args.workdir)
-    from train.pipeline import TRAIN_POLL_ENV
+    from train.jobs import TRAIN_POLL_ENV
     from tune.search import DEFAULT_ENTITIES, tune_model
 
     started, load_start = time.strftime("%Y-%m-%d %H:%M"), load_average()

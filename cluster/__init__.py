@@ -1,1 +1,2 @@
-"""raywatch cluster: the CLI, local cluster lifecycle, job submission, cluster configs."""
+"""raywatch cluster: the local head lifecycle (`up`/`status`/`down`), the demo, cluster and KubeRay manifests
+and their offline checks (`manifests.py`), Prometheus/Grafana config."""

@@ -117,10 +117,10 @@ def run_demo(
 
     import httpx
 
-    from cluster import jobs
     from cluster.lifecycle import read_state, up, urls
     from detect.data import default_data_dir
     from detect.evaluate import evaluate, markdown_table, write_report
+    from train import jobs
 
     started = time.monotonic()
     if read_state() is not None:

@@ -89,7 +89,7 @@ def up(
 
     With `source` (a Prometheus source config) missing models learn from its last `since` of history
     (the unsupervised ones: Prometheus has no incident labels) and the watcher starts as a detached
-    Ray actor that scores the source live through the app (`cluster.watch`)."""
+    Ray actor that scores the source live through the app (`ingest.watch`)."""
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # read once per process, before ray is imported
     if mode == "high-throughput":
         for key, value in HIGH_THROUGHPUT_ENV.items():
@@ -136,7 +136,7 @@ def up(
     dashboard = _connect(state)
     from ray import serve
 
-    from detect import monitor as monitors
+    from monitoring import monitor as monitors
     from serve.app import build_app
     from train import registry
     from train.pipeline import MODELS, train_model
@@ -159,7 +159,7 @@ def up(
     if source:
         import ray
 
-        from cluster.watch import start_actor
+        from ingest.watch import start_actor
 
         settings = {"serve_url": f"http://127.0.0.1:{port}", **(watch or {})}
         state["watcher"], actor = start_actor(source, settings, state_dir_path=str(state_dir()))
@@ -192,9 +192,8 @@ def status() -> dict[str, Any]:
     _connect(state)
     from ray import serve
 
-    from cluster import jobs
-    from detect.drift import DriftEventStore
-    from train import registry
+    from monitoring.events import DriftEventStore
+    from train import jobs, registry
     from train.pipeline import MODELS
 
     out: dict[str, Any] = {"state": state}
@@ -212,7 +211,7 @@ def status() -> dict[str, Any]:
     if state.get("watcher"):
         import ray
 
-        from cluster.watch import NAMESPACE as WATCH_NAMESPACE
+        from ingest.watch import NAMESPACE as WATCH_NAMESPACE
 
         try:
             actor = ray.get_actor(state["watcher"], namespace=WATCH_NAMESPACE)
@@ -241,10 +240,10 @@ def down(progress: Callable[[str], None] = print) -> dict[str, Any]:
             import ray
             from ray import serve
 
-            from detect import monitor as monitors
+            from monitoring import monitor as monitors
 
             if state.get("watcher"):
-                from cluster.watch import stop_actor
+                from ingest.watch import stop_actor
 
                 if stop_actor(state["watcher"]):
                     stopped.append(state["watcher"])

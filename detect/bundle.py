@@ -32,6 +32,8 @@ class BundleError(ValueError):
 
 
 def detector_classes() -> dict[str, type[Detector]]:
+    # deferred: the sequence detectors import torch, which readers of a bundle's files (the Serve
+    # ingress through train.registry) never need
     from detect.ensemble import EnsembleDetector
     from detect.peers import PEERS
     from detect.sequence import SEQUENCE_DETECTORS

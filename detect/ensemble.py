@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ from scipy.optimize import minimize
 from scipy.special import softmax
 
 from detect.base import Detector
+from detect.config import config_dataclass, config_from_dict
 from detect.features import FeatureSpec, entity_features
 from detect.metrics import best_f1
 
@@ -37,7 +38,7 @@ def incident_target(labels: np.ndarray, horizon: int) -> np.ndarray:
     return window.max(axis=1).astype(np.int8)
 
 
-@dataclass
+@config_dataclass
 class EnsembleConfig:
     horizon: int = 10
     val_fraction: float = 0.3
@@ -56,9 +57,7 @@ class EnsembleConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EnsembleConfig:
-        return cls(
-            **{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in cls.__dataclass_fields__}
-        )
+        return config_from_dict(cls, data)
 
 
 def xgb_params(cfg: EnsembleConfig, pos_weight: float) -> dict[str, Any]:

@@ -20,8 +20,8 @@ import numpy as np
 
 from detect import metrics as M
 from detect.base import Detector
+from detect.bundle import detector_classes
 from detect.data import Series, load_benchmark
-from detect.peers import PEERS
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,8 @@ COLUMNS = [
 
 
 def detector_factories() -> dict[str, Callable[[], Detector]]:
-    """Every detector `evaluate` knows, by name."""
-    from detect.ensemble import EnsembleDetector
-    from detect.sequence import SEQUENCE_DETECTORS
-
-    return {**PEERS, **SEQUENCE_DETECTORS, "ensemble": EnsembleDetector}
+    """Every detector `evaluate` knows, by name: the peers and raywatch's own kinds."""
+    return detector_classes()
 
 
 def parse_detectors(names: str | list[str]) -> list[str]:

@@ -13,17 +13,17 @@ Graph contracts (built by train/compress.py):
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from detect.features import FeatureSpec, entity_features, entity_windows
+from detect.features import FeatureSpec, entity_features, entity_windows, tail_features, tail_windows
 
-# rows from which the ensemble's member graphs run in parallel (0: never); RAYWATCH_PARALLEL_ROWS
-PARALLEL_ROWS = int(os.environ.get("RAYWATCH_PARALLEL_ROWS", 256)) or sys.maxsize
+# rows from which the ensemble's member graphs run in parallel, unless a runtime is given its own
+# (serving passes its `parallel_rows` setting)
+PARALLEL_ROWS = 256
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -78,6 +78,21 @@ class SequenceRuntime:
             raise ValueError("this graph has no forecast output (only the LSTM forecasts)")
         return self.session.run(["forecast"], {"windows": np.ascontiguousarray(windows, dtype=np.float32)})[0]
 
+    def score_tails(self, items: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, None, np.ndarray]:
+        """(scores, no probability, per-metric contributions) of each item's last n rows, items being
+        (rows, n) oldest first, stacked into one ONNX Runtime call; the same windows as the batch path."""
+        smooth, spec = self.smooth, self.spec
+        # each item needs the errors of its last n + smooth - 1 rows (fewer at a series' start)
+        spans = [min(n + smooth - 1, len(rows)) for rows, n in items]
+        windows = np.concatenate([tail_windows(rows, spec, k, spec.window) for (rows, _), k in zip(items, spans)])
+        errors = self.errors(windows).astype(np.float64)
+        parts, at = [], 0
+        for k, (_, n) in zip(spans, items):
+            parts.append(smooth_causal(errors[at : at + k], smooth)[-n:])
+            at += k
+        contributions = np.concatenate(parts)
+        return contributions.sum(axis=1), None, contributions
+
     def explain_series(self, X: np.ndarray, batch: int = 4096) -> np.ndarray:
         """Smoothed per-metric errors for every row of one entity's series (T, M)."""
         windows = entity_windows(np.asarray(X, dtype=np.float64), self.spec)
@@ -98,8 +113,11 @@ class EnsembleRuntime:
         weights: dict[str, float] | None,
         threshold: float,
         threads: int = 1,
+        parallel_rows: int | None = None,
+        explain: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
-        self.spec, self.threshold = spec, threshold
+        """`explain`: (feature means, |importance| / std), for per-metric contributions of served rows."""
+        self.spec, self.threshold, self.parallel_rows, self.explain = spec, threshold, parallel_rows, explain
         self.sessions = {name: session(g, threads) for name, g in graphs.items()}
         self.weights = weights or {}
         if "student" not in self.sessions and set(self.weights) != set(self.sessions):
@@ -118,7 +136,8 @@ class EnsembleRuntime:
             return probs[:, 1] if probs.ndim == 2 and probs.shape[1] == 2 else probs.reshape(-1)
 
         items = list(self.sessions.items())
-        pool = _member_pool() if len(F) >= PARALLEL_ROWS and len(items) > 1 else None
+        big = PARALLEL_ROWS if self.parallel_rows is None else self.parallel_rows
+        pool = _member_pool() if len(F) >= big and len(items) > 1 else None
         probs = list(pool.map(run, items)) if pool else [run(item) for item in items]
         return dict(zip(self.sessions, probs))
 
@@ -130,3 +149,19 @@ class EnsembleRuntime:
 
     def score_series(self, X: np.ndarray) -> np.ndarray:
         return self.probability(entity_features(np.asarray(X, dtype=np.float64), self.spec))
+
+    def score_tails(self, items: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores, incident probability (the same), per-metric contributions) of each item's last n rows."""
+        features = np.concatenate([tail_features(rows, self.spec, n) for rows, n in items])
+        probability = self.probability(features)
+        return probability, probability, self.contributions(features)
+
+    def contributions(self, features: np.ndarray) -> np.ndarray:
+        """Per metric: the sum over its features of |standardised value| x the feature's importance."""
+        if self.explain is None:
+            raise ValueError("this runtime was built without the detector's feature importances")
+        mean, weights = self.explain
+        z = features - mean
+        np.abs(z, out=z)
+        z *= weights
+        return z.reshape(len(features), -1, len(self.spec.metrics)).sum(axis=1)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from detect.base import Detector
+from detect.config import config_dataclass, config_from_dict
 from detect.features import FeatureSpec, entity_windows
 from detect.metrics import operational_threshold
 from detect.runtime import smooth_causal
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 CLIP = 10.0  # z-scores are clipped here: a metric constant in training must not blow up the loss
 
 
-@dataclass
+@config_dataclass
 class SequenceConfig:
     """Hyperparameters shared by both sequence detectors (Ray Tune searches these)."""
 
@@ -52,8 +53,7 @@ class SequenceConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SequenceConfig:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        return config_from_dict(cls, data)
 
 
 class WindowAutoencoder(nn.Module):

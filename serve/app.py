@@ -10,7 +10,7 @@ still get windowed scores (the streaming path: windows and features are computed
 with the same code as in training). Routing per detector: A/B split by a stable hash of the entity,
 shadow copies to the challenger off the response path, a circuit breaker with a fallback baseline
 (robust z-score against the entity's recent history) when a model fails. What is served goes to
-the drift monitors (`detect.monitor`, one Ray actor per model) through a bounded queue drained off
+the drift monitors (`monitoring.monitor`, one Ray actor per model) through a bounded queue drained off
 the response path; rows dropped when it is full are counted (`raywatch_monitor_dropped_total`).
 """
 
@@ -36,13 +36,13 @@ from pydantic_core import to_json
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from detect.drift import DriftEventStore
-from detect.runtime import PARALLEL_ROWS
 from detect.state import ServingStore
 from detect.state import state_dir as current_state_dir
+from monitoring.events import DriftEventStore
 from serve import schemas as S
 from serve.auth import BURST_ENV, KEYS_FILE_ENV, RATE_ENV, AuthError, RateLimiter, check_admin, client_id
 from serve.router import CircuitBreaker, TrafficPolicy
+from serve.settings import ServeSettings
 
 log = logging.getLogger("raywatch.serve")
 
@@ -50,8 +50,13 @@ HISTORY_ROWS = 256  # raw samples kept per entity
 MAX_ENTITIES = 100_000
 FALLBACK_THRESHOLD = 3.0  # mean robust z-score above which the baseline flags a row
 META_TTL_S = 2.0
-MONITOR_QUEUE_ROWS = int(os.environ.get("RAYWATCH_MONITOR_QUEUE", 20_000))  # served rows waiting for the monitors
+MAX_BODY_ENV = "RAYWATCH_MAX_BODY_BYTES"
 BODY_TIMEOUT_ENV = "RAYWATCH_BODY_TIMEOUT_S"  # a request body must arrive within this many seconds (10)
+
+
+def _max_body_bytes() -> int:
+    """Read per request, as `_body_timeout_s` is, from the replica's environment."""
+    return int(os.environ.get(MAX_BODY_ENV) or S.MAX_BODY_BYTES)
 
 
 def _body_timeout_s() -> float:
@@ -61,7 +66,16 @@ def _body_timeout_s() -> float:
 
 
 MONITOR_BATCH_ROWS = 5_000  # rows per call to a monitor
-MONITOR_FLUSH_S = float(os.environ.get("RAYWATCH_MONITOR_FLUSH_S", 0.5))  # how long served rows gather before a call
+
+
+def _registry() -> Any:
+    """train.registry, imported on first use: it loads MLflow (seconds, and memory in every ingress
+    replica), which only the admin routes and the app builder need. Defined above the ingress class:
+    replicas get that class by value (cloudpickle), and a later module global would be missing there."""
+    from train import registry
+
+    return registry
+
 
 api = FastAPI(title="raywatch", version="1.0", description="Incident detection for server telemetry on Ray.")
 
@@ -166,7 +180,7 @@ async def _auth_error(request: Request, exc: AuthError) -> JSONResponse:
 
 
 class BodyLimit:
-    """Pure ASGI middleware: bodies over S.MAX_BODY_BYTES get 413 before they are read. With a
+    """Pure ASGI middleware: bodies over the limit (4 MiB; RAYWATCH_MAX_BODY_BYTES) get 413 before they are read. With a
     Content-Length the header decides (the server reads no further); a chunked body is read up to the
     limit and replayed to the app. (Starlette's BaseHTTPMiddleware would cost more than scoring.)"""
 
@@ -183,7 +197,7 @@ class BodyLimit:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = S.MAX_BODY_BYTES
+        limit = _max_body_bytes()
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None:
             if not length.isdigit():
@@ -245,7 +259,9 @@ class RaywatchAPI:
         monitor: dict[str, Any] | None = None,
         rate_limit: dict[str, Any] | None = None,
         body_timeout_s: float | None = None,
+        settings: ServeSettings | None = None,
     ) -> None:
+        self.settings = settings or ServeSettings()
         if body_timeout_s:
             os.environ[BODY_TIMEOUT_ENV] = str(float(body_timeout_s))  # read by this replica's BodyLimit
         if tracking_uri:
@@ -382,7 +398,7 @@ class RaywatchAPI:
         item = {"entity": entity, "path": path, "rows": rows[-(n_new + context) :], "n_new": n_new}
         if breaker.allow():
             # big items go on their own: gathering them would only serialise their scoring in one call
-            if n_new < PARALLEL_ROWS:
+            if n_new < self.settings.big_batch_rows:
                 result = await self._model_call((name, item))
             else:
                 result = (await self._call(name, [item]))[0]
@@ -458,7 +474,7 @@ class RaywatchAPI:
         if not self.monitor_enabled:
             return
         if self.monitor_queue is None:
-            self.monitor_queue = asyncio.Queue(maxsize=MONITOR_QUEUE_ROWS)
+            self.monitor_queue = asyncio.Queue(maxsize=self.settings.monitor_queue)
             self._spawn(self._feed_monitors())
         champion = path == "champion"  # challenger or fallback scores say nothing about the champion's
         scores = np.asarray(arrays["scores"], dtype=np.float64).tolist()
@@ -480,14 +496,18 @@ class RaywatchAPI:
 
     async def _feed_monitors(self) -> None:
         """Drain the queue in batches to the monitor actors (created on first use, detached, restartable)."""
-        from detect import monitor as monitors
+        # deferred, like the registry below: the monitor module brings MLflow and torch, which an ingress
+        # replica would otherwise load at start (slower restarts) and never use
+        from monitoring import monitor as monitors
 
         queue = self.monitor_queue
         while True:
             batches: dict[str, list[dict[str, Any]]] = {}
             name, item = await queue.get()
             batches.setdefault(name, []).append(item)
-            await asyncio.sleep(MONITOR_FLUSH_S)  # let rows gather: one monitor call (and commit) per flush
+            await asyncio.sleep(
+                self.settings.monitor_flush_s
+            )  # let rows gather: one monitor call (and commit) per flush
             taken = 1
             while not queue.empty() and taken < MONITOR_BATCH_ROWS:
                 name, item = queue.get_nowait()
@@ -718,11 +738,10 @@ class RaywatchAPI:
 
     # -- admin -----------------------------------------------------------------------------------------------
     async def _registry_call(self, fn, *args):
-        from train.registry import RegistryError
-
+        registry = _registry()
         try:
             return await asyncio.to_thread(fn, *args)
-        except RegistryError as exc:
+        except registry.RegistryError as exc:
             raise ApiError(404, "version", str(exc)) from exc
         except Exception as exc:  # the registry itself is unreachable
             raise ApiError(503, "registry", f"model registry unavailable: {type(exc).__name__}: {exc}") from exc
@@ -737,9 +756,7 @@ class RaywatchAPI:
         self, request: S.PromoteRequest, authorization: str | None = Header(default=None)
     ) -> dict[str, Any]:
         check_admin(authorization)
-        from train import registry
-
-        out = await self._registry_call(registry.promote, request.model, request.version)
+        out = await self._registry_call(_registry().promote, request.model, request.version)
         return {**out, "serving": await self._reload(request.model)}
 
     @api.post("/v1/admin/rollback")
@@ -747,9 +764,7 @@ class RaywatchAPI:
         self, request: S.RollbackRequest, authorization: str | None = Header(default=None)
     ) -> dict[str, Any]:
         check_admin(authorization)
-        from train import registry
-
-        out = await self._registry_call(registry.rollback, request.model)
+        out = await self._registry_call(_registry().rollback, request.model)
         return {**out, "serving": await self._reload(request.model)}
 
     @api.post("/v1/admin/traffic")
@@ -757,9 +772,8 @@ class RaywatchAPI:
         self, request: S.TrafficRequest, authorization: str | None = Header(default=None)
     ) -> dict[str, Any]:
         check_admin(authorization)
-        from train import registry
-
         if request.challenger_version is not None:
+            registry = _registry()
             await self._registry_call(
                 registry.set_alias, request.model, registry.CHALLENGER, request.challenger_version
             )
@@ -797,31 +811,29 @@ class RaywatchAPI:
 
 def build_app(args: dict[str, Any] | None = None) -> Any:
     """Application builder for `serve run serve.app:build_app` and serve/config.yaml."""
-    from serve.detectors import DEPLOYMENTS
+    # deferred: the ingress replicas import this module, and the detector deployments pull in torch and
+    # ONNX Runtime, which only the detector replicas need
+    from serve.detectors import detector_deployments
 
     args = dict(args or {})
+    settings = ServeSettings.from_app_args(args)
     tracking_uri = args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
-        from train.registry import tracking_uri as default_uri
-
-        tracking_uri = default_uri()
+        tracking_uri = _registry().tracking_uri()
     state_dir = args.get("state_dir") or os.environ.get("RAYWATCH_STATE_DIR") or os.path.join(os.getcwd(), ".raywatch")
     reload_s = float(args.get("reload_interval_s", 1.0))
     # max_batch_size: the detectors' @serve.batch size (64); 1 turns their batching off
     batch = {"max_batch_size": int(args["max_batch_size"])} if args.get("max_batch_size") else {}
     handles = {
-        name: dep.bind(tracking_uri=tracking_uri, reload_interval_s=reload_s, **batch)
-        for name, dep in DEPLOYMENTS.items()
+        name: dep.bind(tracking_uri=tracking_uri, reload_interval_s=reload_s, settings=settings, **batch)
+        for name, dep in detector_deployments(settings).items()
     }
     keys_file = args.get("admin_keys_file") or os.environ.get(KEYS_FILE_ENV)
     rate_limit = args.get("rate_limit") or {
         k: v for k, v in (("requests_per_s", os.environ.get(RATE_ENV)), ("burst", os.environ.get(BURST_ENV))) if v
     }
     RateLimiter.from_config(rate_limit)  # a bad setting fails here, not in every replica
-    replicas = int(args.get("ingress_replicas") or os.environ.get("RAYWATCH_INGRESS_REPLICAS", 1))
-    if replicas < 1:
-        raise ValueError(f"ingress_replicas must be >= 1, got {replicas}")
-    return RaywatchAPI.options(num_replicas=replicas).bind(
+    return RaywatchAPI.options(num_replicas=settings.ingress_replicas).bind(
         handles["ensemble"],
         handles["lstm"],
         handles["autoencoder"],
@@ -832,4 +844,5 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
         monitor=args.get("monitor"),
         rate_limit=rate_limit,
         body_timeout_s=args.get("body_timeout_s"),
+        settings=settings,
     )

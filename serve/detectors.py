@@ -13,21 +13,21 @@ import asyncio
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from ray import serve
 
-from detect.ensemble import EnsembleDetector
-from detect.features import entity_windows, tail_features, tail_windows
-from detect.runtime import PARALLEL_ROWS, EnsembleRuntime, smooth_causal
+from detect.features import entity_windows
 from serve.schemas import result_rows
+from serve.settings import ServeSettings
+from train import registry
+from train.kinds import kind_of
 
 log = logging.getLogger("raywatch.serve")
 
 TOP_METRICS = 3
-BIG_AT_ONCE = int(os.environ.get("RAYWATCH_BIG_AT_ONCE", 2))  # big batches a replica scores at a time
 
 
 @dataclass
@@ -39,7 +39,6 @@ class EntityModel:
     detector: Any
     threshold: float
     context_rows: int  # rows of history needed before a new row to score it exactly as in batch
-    _weights: np.ndarray | None = field(default=None, repr=False)  # the ensemble's contribution weights
 
     def score_rows(self, rows: np.ndarray, n_new: int) -> list[dict[str, Any]]:
         """Score the last `n_new` of `rows` (older rows are context). Returns one dict per new row."""
@@ -52,26 +51,8 @@ class EntityModel:
         rows are stacked, scored together and split again, so the result for an item is the same as
         scoring it alone (the same windows as the batch path, see detect.features.tail_windows).
         Per item: numpy arrays (cheap to send between replicas; `result_rows` makes the JSON rows)."""
-        spec = self.runtime.spec
         counts = [int(n) for _, n in items]
-        if isinstance(self.runtime, EnsembleRuntime):
-            features = np.concatenate([tail_features(rows, spec, n) for rows, n in items])
-            scores = self.runtime.probability(features)
-            probability = scores
-            contributions = self._ensemble_contributions(features)
-        else:
-            smooth = self.runtime.smooth
-            # each item needs the errors of its last n + smooth - 1 rows (fewer at a series' start)
-            spans = [min(n + smooth - 1, len(rows)) for rows, n in items]
-            windows = np.concatenate([tail_windows(rows, spec, k, spec.window) for (rows, _), k in zip(items, spans)])
-            errors = self.runtime.errors(windows).astype(np.float64)
-            parts, at = [], 0
-            for k, n in zip(spans, counts):
-                parts.append(smooth_causal(errors[at : at + k], smooth)[-n:])
-                at += k
-            contributions = np.concatenate(parts)
-            scores = contributions.sum(axis=1)
-            probability = None
+        scores, probability, contributions = self.runtime.score_tails(items)
         top = np.argsort(-contributions, axis=1)[:, :TOP_METRICS]
         top_values = np.take_along_axis(contributions, top, axis=1)
         out, at = [], 0
@@ -89,16 +70,6 @@ class EntityModel:
             )
             at += n
         return out
-
-    def _ensemble_contributions(self, features: np.ndarray) -> np.ndarray:
-        """Per metric: the sum over its features of |standardised value| x the feature's importance."""
-        det: EnsembleDetector = self.detector
-        if self._weights is None:  # importance / std, once: two whole-array operations per call, not three
-            self._weights = np.abs(det.importance_ / det.std_)
-        z = features - det.mean_
-        np.abs(z, out=z)
-        z *= self._weights
-        return z.reshape(len(features), -1, len(self.metrics)).sum(axis=1)
 
     def forecast(self, rows: np.ndarray, horizon: int) -> np.ndarray:
         window = entity_windows(rows, self.runtime.spec)[-1:]
@@ -124,23 +95,17 @@ class ModelSlot:
         return {"name": self.name, "version": self.version, "variant": self.variant}
 
 
-def load_slot(kind: str, alias: str) -> ModelSlot | None:
-    from train import registry
-    from train.compress import export_graphs, runtime_for
-
+def load_slot(kind: str, alias: str, parallel_rows: int | None = None) -> ModelSlot | None:
     version = registry.alias_version(kind, alias)
     if version is None:
         return None
     bundle, version = registry.load_bundle(kind, version)
     entities = {}
     for entity, det in bundle.detectors.items():
-        graphs = bundle.graphs.get(entity) or export_graphs(det)
-        runtime = runtime_for(det, graphs)
-        if isinstance(runtime, EnsembleRuntime):
-            context = det.spec_.history - 1
-        else:
-            context = det.config.window + det.config.smooth - 2
-        entities[entity] = EntityModel(bundle.metrics[entity], runtime, det, det.threshold_, context)
+        plugin = kind_of(det)
+        graphs = bundle.graphs.get(entity) or plugin.export_graphs(det)
+        runtime = plugin.runtime(det, graphs, parallel_rows=parallel_rows)
+        entities[entity] = EntityModel(bundle.metrics[entity], runtime, det, det.threshold_, plugin.context_rows(det))
     return ModelSlot(registry.model_name(kind), version, bundle.variant, entities)
 
 
@@ -169,7 +134,9 @@ class DetectorServer:
         reload_interval_s: float = 1.0,
         max_batch_size: int = 64,
         batch_wait_timeout_s: float = 0.002,
+        settings: ServeSettings | None = None,
     ) -> None:
+        self.settings = settings or ServeSettings()
         if tracking_uri:
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
         from ray.util import metrics
@@ -200,8 +167,6 @@ class DetectorServer:
         """Load what the aliases point to now; swap in new versions only once fully loaded. A version
         that cannot be loaded (registry down, checksum mismatch, refused artifact) leaves what is
         loaded serving; a replica with nothing loaded falls back to the `previous` champion."""
-        from train import registry
-
         errors = []
         for alias in ("champion", "challenger"):
             try:
@@ -210,7 +175,9 @@ class DetectorServer:
                 if wanted is None:
                     self.slots[alias] = None
                 elif current is None or current.version != wanted:
-                    self.slots[alias] = load_slot(self.kind, alias)  # one reference swap: no request sees half a model
+                    self.slots[alias] = load_slot(
+                        self.kind, alias, self.settings.big_batch_rows
+                    )  # one reference swap: no request sees half a model
                     log.info(f"{self.kind}: loaded {alias} v{wanted}")
             except Exception as exc:  # keep serving what is loaded
                 error = f"{alias}: {type(exc).__name__}: {exc}"
@@ -225,10 +192,8 @@ class DetectorServer:
 
     def _load_previous(self) -> None:
         """A replica that starts while the champion is refused serves the previous champion meanwhile."""
-        from train import registry
-
         try:
-            slot = load_slot(self.kind, registry.PREVIOUS)
+            slot = load_slot(self.kind, registry.PREVIOUS, self.settings.big_batch_rows)
         except Exception as exc:
             log.warning(f"{self.kind}: previous champion not loadable either: {type(exc).__name__}: {exc}")
             return
@@ -274,9 +239,9 @@ class DetectorServer:
         Big ones (PARALLEL_ROWS new rows or more) are scored on a worker thread, so the replica takes the
         next call in meanwhile and two big batches use two cores (numpy and ONNX Runtime release the GIL);
         small ones stay on the event loop, where a thread hand-off would cost more than the scoring."""
-        if sum(int(item.get("n_new", 1)) for item in items) >= PARALLEL_ROWS:
+        if sum(int(item.get("n_new", 1)) for item in items) >= self.settings.big_batch_rows:
             if self._big is None:
-                self._big = asyncio.Semaphore(BIG_AT_ONCE)  # in the replica's event loop
+                self._big = asyncio.Semaphore(self.settings.big_at_once)  # in the replica's event loop
             async with self._big:
                 return await asyncio.to_thread(self._score_items, items)
         return self._score_items(items)
@@ -341,40 +306,26 @@ class DetectorServer:
             self._stop.set()
 
 
-def _autoscaling() -> dict[str, Any]:
-    low = int(os.environ.get("RAYWATCH_MIN_REPLICAS", 1))
-    return {
-        "min_replicas": low,
-        "initial_replicas": low,
-        "max_replicas": max(low, int(os.environ.get("RAYWATCH_MAX_REPLICAS", 2))),
-        "target_ongoing_requests": 8,
-        "upscale_delay_s": 5,
-        "downscale_delay_s": 30,
-    }
-
-
+# autoscaling and the access log come from ServeSettings, applied by `detector_deployments`
 _DEPLOYMENT = dict(
     ray_actor_options={"num_cpus": 0.25},
     max_ongoing_requests=64,
     graceful_shutdown_timeout_s=5,
     health_check_period_s=2,  # a dead replica is noticed in seconds, not Serve's default 10 s
-    # the ingress logs each HTTP request; a line per internal model call would cost the detectors
-    # about a tenth of their per-call CPU (RAYWATCH_DETECTOR_ACCESS_LOG=1 brings it back)
-    logging_config={"enable_access_log": os.environ.get("RAYWATCH_DETECTOR_ACCESS_LOG") == "1"},
 )
 
 
-@serve.deployment(autoscaling_config=_autoscaling(), **_DEPLOYMENT)
+@serve.deployment(**_DEPLOYMENT)
 class EnsembleDetectorDeployment(DetectorServer):
     kind = "ensemble"
 
 
-@serve.deployment(autoscaling_config=_autoscaling(), **_DEPLOYMENT)
+@serve.deployment(**_DEPLOYMENT)
 class LSTMDetectorDeployment(DetectorServer):
     kind = "lstm"
 
 
-@serve.deployment(autoscaling_config=_autoscaling(), **_DEPLOYMENT)
+@serve.deployment(**_DEPLOYMENT)
 class AutoencoderDetectorDeployment(DetectorServer):
     kind = "autoencoder"
 
@@ -384,3 +335,15 @@ DEPLOYMENTS = {
     "lstm": LSTMDetectorDeployment.options(name="LSTMDetector"),
     "autoencoder": AutoencoderDetectorDeployment.options(name="AutoencoderDetector"),
 }
+
+
+def detector_deployments(settings: ServeSettings) -> dict[str, Any]:
+    """The three detector deployments with `settings`' autoscaling and access log (serve/config.yaml's
+    per-deployment options still override these when Serve applies the file)."""
+    # the ingress logs each HTTP request; a line per internal model call would cost the detectors
+    # about a tenth of their per-call CPU (detector_access_log brings it back)
+    options = {
+        "autoscaling_config": settings.autoscaling(),
+        "logging_config": {"enable_access_log": settings.detector_access_log},
+    }
+    return {kind: deployment.options(**options) for kind, deployment in DEPLOYMENTS.items()}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -14,12 +13,9 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 EntityId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:/@-]+$")]
 
 
-def _env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
-
-
-MAX_ROWS = _env_int("RAYWATCH_MAX_ROWS", 5000)
-MAX_BODY_BYTES = _env_int("RAYWATCH_MAX_BODY_BYTES", 4 * 1024 * 1024)
+# part of the API's schema (OpenAPI shows it), so fixed here rather than read from the environment
+MAX_ROWS = 5000
+MAX_BODY_BYTES = 4 * 1024 * 1024  # the default; RAYWATCH_MAX_BODY_BYTES, read per request by serve.app
 MAX_METRICS = 512
 MAX_HORIZON = 120
 

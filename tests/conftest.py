@@ -27,7 +27,7 @@ def ray_cluster(tmp_path_factory):
     import ray
 
     from cluster.local import LocalHead
-    from train.pipeline import TRAIN_POLL_ENV
+    from train.jobs import TRAIN_POLL_ENV
 
     os.environ.setdefault(TRAIN_POLL_ENV, "0.2")
     folder = tmp_path_factory.mktemp("ray-head")

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cluster import configs
+from cluster import manifests as configs
 
 GPU_NODE = "ray.worker.gpu"
 
@@ -139,7 +139,7 @@ def test_launcher_max_workers_below_min_workers(tmp_path):
 
 def test_launcher_command_with_missing_python_module(tmp_path):
     def change(d):
-        d["head_start_ray_commands"][2] = d["head_start_ray_commands"][2].replace("cluster.configs", "cluster.nope")
+        d["head_start_ray_commands"][2] = d["head_start_ray_commands"][2].replace("cluster.manifests", "cluster.nope")
 
     assert _mentions(_launcher_problems(tmp_path, change), "head_start_ray_commands[2]", "cluster.nope")
 

@@ -12,6 +12,7 @@ from detect.ensemble import MEMBERS, EnsembleDetector
 from detect.features import entity_features, entity_windows
 from detect.sequence import CLIP, AutoencoderDetector, LSTMDetector
 from train import compress as C
+from train import kinds as E
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def test_sequence_onnx_matches_torch_on_1000_rows(sequence_models, omi2):
     assert len(windows) == 1000
     for name, det in sequence_models.items():
         windows = entity_windows(omi2.test[omi2.metrics].to_numpy()[:1000], det.spec_)
-        runtime = C.runtime_for(det, C.export_graphs(det))
+        runtime = E.runtime_for(det, E.export_graphs(det))
         errors, network_out = runtime.session.run(None, {"windows": windows})
         z = torch.clamp(
             (torch.from_numpy(windows) - torch.tensor(det.scaler_.mean, dtype=torch.float32))
@@ -69,7 +70,7 @@ def test_sequence_onnx_matches_torch_on_1000_rows(sequence_models, omi2):
 def test_lstm_onnx_forecast_matches_detector(sequence_models, omi2):
     det = sequence_models["lstm"]
     X = omi2.test[omi2.metrics].to_numpy()[:300]
-    runtime = C.runtime_for(det, C.export_graphs(det))
+    runtime = E.runtime_for(det, E.export_graphs(det))
     window = entity_windows(X, det.spec_)[-1:]
     np.testing.assert_allclose(runtime.forecast_next(window)[0], det.forecast(X, 1)[0], atol=1e-4)
 
@@ -77,7 +78,7 @@ def test_lstm_onnx_forecast_matches_detector(sequence_models, omi2):
 def test_ensemble_onnx_matches_framework_on_1000_rows(ensemble):
     det, test = ensemble
     features = entity_features(test[:1000], det.spec_).astype(np.float32)
-    runtime = C.runtime_for(det, C.export_graphs(det))
+    runtime = E.runtime_for(det, E.export_graphs(det))
     members = runtime.member_probabilities(features)
     expected = det.member_matrix(features)
     for i, name in enumerate(MEMBERS):
@@ -87,7 +88,7 @@ def test_ensemble_onnx_matches_framework_on_1000_rows(ensemble):
 
 def test_int8_is_smaller_and_keeps_quality(sequence_models, omi2):
     for name, det in sequence_models.items():
-        fp32 = C.export_graphs(det)
+        fp32 = E.export_graphs(det)
         int8 = {k: C.quantize_int8(v) for k, v in fp32.items()}
         assert len(fp32["scorer"]) / len(int8["scorer"]) >= 3.0, name  # default sizes, 19 metrics
         q32, q8 = C.quality(det, fp32, omi2), C.quality(det, int8, omi2)
@@ -135,7 +136,7 @@ def test_compress_registers_passing_variants_and_logs_failures(
         "autoencoder",
         {omi2.name: det},
         {omi2.name: omi2.metrics},
-        graphs={omi2.name: C.export_graphs(det)},
+        graphs={omi2.name: E.export_graphs(det)},
         info={"variant": "fp32"},
     )
     registry.setup()

@@ -8,12 +8,12 @@ import pytest
 
 from detect.drift import (
     DriftConfig,
-    DriftEventStore,
     DriftResult,
     EntityDriftDetectors,
     reference_sample,
 )
 from detect.synthetic import generate_fleet
+from monitoring.events import DriftEventStore
 
 DAY = 1440  # rows of 1-minute samples
 METRICS = ["cpu", "memory", "network_in", "latency_p99", "error_rate", "request_rate"]

@@ -40,8 +40,8 @@ def loop(ray_cluster, tmp_path_factory):
 
     from ray import serve
 
-    from detect import monitor
     from detect.synthetic import machine_days
+    from monitoring import monitor
 
     workdir = tmp_path_factory.mktemp("loop")
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "RAYWATCH_STATE_DIR")}
@@ -82,7 +82,7 @@ def drift_events(client, only_drift: bool = False) -> list[dict]:
 
 
 def test_drift_triggers_retraining_job_and_a_recorded_decision(loop):
-    from cluster import jobs
+    from train import jobs
 
     client, entity, metrics, values = loop
     # day 4: no drift. The monitor tests the window and finds nothing (the control).
@@ -136,7 +136,7 @@ def test_drift_triggers_retraining_job_and_a_recorded_decision(loop):
 def test_killed_monitor_keeps_events_and_resumes(loop):
     import ray
 
-    from detect import monitor
+    from monitoring import monitor
 
     client, entity, metrics, values = loop
     actor = monitor.find("autoencoder")

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from cluster.cli import main
+from cli.main import main
 from detect.evaluate import evaluate
 from detect.peers import PEERS
 

@@ -14,8 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_ray_job_submit_trains_and_registers(ray_cluster, data_dir, mlflow_store):
-    from cluster import jobs
-    from train import registry
+    from train import jobs, registry
 
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
     address = os.environ["RAYWATCH_JOB_ADDRESS"]  # the dashboard of the session's head

@@ -30,6 +30,7 @@ SHORT_FLAGS = {
     "-m train.pipeline": "--epochs 1 --entities asd/omi-2",
     "-m tune.search": "--num-samples 2 --max-epochs 1 --entities asd/omi-2",
     "-m train.compress": "--variants int8",
+    "-m train.retrain": "--epochs 1 --entities asd/omi-2",
 }
 
 

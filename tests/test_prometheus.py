@@ -26,8 +26,8 @@ import pytest
 import yaml
 from serving_fixtures import restore_environ, wait_for
 
-from cluster.alerts import AlertSettings, Notifier
-from detect.prometheus import SourceError, align, fetch_frame, load_source, parse_duration, time_chunks
+from ingest.alerts import AlertSettings, Notifier
+from ingest.prometheus import SourceError, align, fetch_frame, load_source, parse_duration, time_chunks
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "cluster" / "prometheus" / "source.example.yaml"
@@ -74,7 +74,7 @@ def test_source_config_is_validated_naming_the_field(tmp_path):
         with pytest.raises(SourceError) as err:
             load_source(path)
         assert f"bad.yaml: {field}" in str(err.value), (field, str(err.value))
-    from cluster.watch import WatchSettings
+    from ingest.watch import WatchSettings
 
     for change, field in [({"exporter_port": "x"}, "watch.exporter_port"), ({"detectors": ["pca"]}, "watch.detectors")]:
         with pytest.raises(SourceError, match=field.replace(".", r"\.")):
@@ -179,7 +179,7 @@ class FakeBackend(BaseHTTPRequestHandler):
 
 
 def test_watcher_resumes_without_gaps_or_repeats_and_records_real_gaps(tmp_path):
-    from cluster.watch import Watcher, WatchStore
+    from ingest.watch import Watcher, WatchStore
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeBackend)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -321,7 +321,7 @@ def serving(ray_cluster, tmp_path_factory):
     the detector learns from is this machine with the app already running."""
     from ray import serve
 
-    from detect import monitor
+    from monitoring import monitor
     from serve.app import build_app
     from train import registry
 
@@ -562,9 +562,9 @@ while time.time() < end:
 
 
 def test_backfill_train_watch_alert_resolve(stack, serving, ray_cluster, monkeypatch):
-    from cluster import cli
-    from cluster.watch import WatchStore, start_actor, stop_actor
+    import cli.main as cli
     from detect.state import ServingStore
+    from ingest.watch import WatchStore, start_actor, stop_actor
     from train import registry
 
     timings: dict[str, float] = {"start": time.time()}

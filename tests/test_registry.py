@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from cluster.cli import main
+from cli.main import main
 from detect.bundle import BundleError, ModelBundle
 from detect.data import load_series
 from detect.sequence import AutoencoderDetector

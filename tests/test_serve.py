@@ -50,7 +50,7 @@ def served(data_dir, ray_cluster, tmp_path_factory):
     yield client, series
     client.close()
     serve.shutdown()  # the next module starts Serve with its own HTTP options
-    from detect import monitor
+    from monitoring import monitor
 
     monitor.stop_all()  # detached actors outlive the app
     for k, v in old.items():

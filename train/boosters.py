@@ -147,25 +147,14 @@ def train_boosters_with_ray(
 
     pos_weight = float((len(target) - target.sum()) / max(target.sum(), 1))
     data_ref = _put(features, target)
-    xgb_file = _fit(
-        XGBoostTrainer,
-        _xgb_loop,
-        data_ref,
-        {**xgb_params(cfg, pos_weight), "nthread": 1},
-        cfg.xgb_rounds,
-        num_workers,
-        storage_path,
-        f"{run_name}-xgb",
-    )
-    lgbm_file = _fit(
-        LightGBMTrainer,
-        _lgbm_loop,
-        data_ref,
-        {**lgbm_params(cfg, pos_weight), "num_threads": 1},
-        cfg.lgbm_rounds,
-        num_workers,
-        storage_path,
-        f"{run_name}-lgbm",
+    # (trainer, its loop, params with one thread per worker, rounds) for each booster
+    plans = {
+        "xgb": (XGBoostTrainer, _xgb_loop, {**xgb_params(cfg, pos_weight), "nthread": 1}, cfg.xgb_rounds),
+        "lgbm": (LightGBMTrainer, _lgbm_loop, {**lgbm_params(cfg, pos_weight), "num_threads": 1}, cfg.lgbm_rounds),
+    }
+    xgb_file, lgbm_file = (
+        _fit(trainer, loop, data_ref, params, rounds, num_workers, storage_path, f"{run_name}-{name}")
+        for name, (trainer, loop, params, rounds) in plans.items()
     )
     xgb_booster = xgb.Booster()
     xgb_booster.load_model(bytearray(xgb_file))

@@ -23,16 +23,18 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
-import io
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import torch
 from torch import nn
@@ -40,144 +42,21 @@ from torch import nn
 from detect import metrics as M
 from detect.bundle import ModelBundle
 from detect.data import Series, load_benchmark
-from detect.ensemble import MEMBERS, EnsembleDetector
+from detect.ensemble import EnsembleDetector
 from detect.features import entity_features, entity_windows
+from detect.kinds import DETECTOR_KINDS
 from detect.metrics import operational_threshold
-from detect.runtime import EnsembleRuntime, SequenceRuntime, smooth_causal
+from detect.runtime import smooth_causal
 from detect.sequence import CLIP, SequenceDetector
+from train import registry
+from train.boosters import train_lgbm_with_ray
+from train.export import SequenceScoringGraph, compact_graph, torch_to_onnx
+from train.jobs import init_ray
+from train.kinds import export_graphs, runtime_for
 
 log = logging.getLogger(__name__)
 
-OPSET = 17
 GATES = {"int8": 0.95, "fp16": 0.95, "student": 0.90}
-
-
-# -- export ---------------------------------------------------------------------------------------------
-class SequenceScoringGraph(nn.Module):
-    """windows in telemetry units -> normalised per-metric error, and the network's own output:
-    the autoencoder's reconstruction of the newest row (z-units), the LSTM's forecast of the row
-    after the window (telemetry units)."""
-
-    def __init__(self, det: SequenceDetector) -> None:
-        super().__init__()
-        self.kind, self.network = det.kind, copy.deepcopy(det.network_).eval()
-        self.register_buffer("mean", torch.tensor(det.scaler_.mean, dtype=torch.float32))
-        self.register_buffer("std", torch.tensor(det.scaler_.std, dtype=torch.float32))
-        self.register_buffer("scale", torch.tensor(det.error_scale_, dtype=torch.float32))
-
-    def forward(self, windows: torch.Tensor):
-        z = torch.clamp((windows - self.mean) / self.std, -CLIP, CLIP)
-        if self.kind == "lstm":
-            # one pass over [windows; windows shifted by a row]: one LSTM node in the graph, so
-            # quantization sees each weight once. forward() reads rows 0..W-2 of its input.
-            shifted = torch.cat([z[:, 1:], z[:, -1:]], dim=1)
-            out = self.network(torch.cat([z, shifted], dim=0))
-            n = z.shape[0]
-            errors = (out[:n] - z[:, -1]) ** 2 / self.scale
-            return errors, out[n:] * self.std + self.mean
-        reconstruction = self.network(z)[:, -1]
-        return (reconstruction - z[:, -1]) ** 2 / self.scale, reconstruction
-
-
-def compact_graph(graph: bytes) -> bytes:
-    """Drop what ONNX Runtime does not need: node names, doc strings, inferred intermediate shapes,
-    and long internal tensor names (graph inputs and outputs keep theirs).
-
-    Applied to every exported graph, FP32 and INT8 alike, so their sizes compare fairly.
-    """
-    import onnx
-
-    model = onnx.load_from_string(graph)
-    g = model.graph
-    del g.value_info[:]
-    model.doc_string = g.doc_string = ""
-    keep = {v.name for v in (*g.input, *g.output)}
-    short: dict[str, str] = {}
-
-    def rename(name: str) -> str:
-        if not name or name in keep:
-            return name
-        return short.setdefault(name, f"t{len(short)}")
-
-    for init in g.initializer:
-        init.name = rename(init.name)
-    for node in g.node:
-        node.name = node.doc_string = ""
-        node.input[:] = [rename(n) for n in node.input]
-        node.output[:] = [rename(n) for n in node.output]
-    return model.SerializeToString()
-
-
-def torch_to_onnx(module: nn.Module, sample: torch.Tensor, input_name: str, output_names: list[str]) -> bytes:
-    buffer = io.BytesIO()
-    axes = {input_name: {0: "batch"}, **{name: {0: "batch"} for name in output_names}}
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module.eval(),
-            (sample,),
-            buffer,
-            input_names=[input_name],
-            output_names=output_names,
-            dynamic_axes=axes,
-            opset_version=OPSET,
-            dynamo=False,
-        )
-    return compact_graph(buffer.getvalue())
-
-
-def export_sequence(det: SequenceDetector) -> bytes:
-    sample = torch.zeros(2, det.config.window, det.n_metrics_)
-    outputs = ["errors", "forecast"] if det.kind == "lstm" else ["errors", "reconstruction"]
-    return torch_to_onnx(SequenceScoringGraph(det), sample, "windows", outputs)
-
-
-class LogisticGraph(nn.Module):
-    def __init__(self, det: EnsembleDetector) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(det.mean_, dtype=torch.float32))
-        self.register_buffer("std", torch.tensor(det.std_, dtype=torch.float32))
-        self.register_buffer("w", torch.tensor(det.logistic_[:-1], dtype=torch.float32))
-        self.register_buffer("b", torch.tensor(det.logistic_[-1], dtype=torch.float32))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(((features - self.mean) / self.std) @ self.w + self.b)
-
-
-def export_ensemble(det: EnsembleDetector) -> dict[str, bytes]:
-    from onnxmltools import convert_lightgbm, convert_xgboost
-    from onnxmltools.convert.common.data_types import FloatTensorType
-
-    n = det.spec_.n_features
-    types = [("features", FloatTensorType([None, n]))]
-    graphs = {
-        "rf": det.export_rf_onnx(),
-        # onnxmltools converts boosters up to opset 15
-        "xgb": convert_xgboost(det.xgb_, initial_types=types, target_opset=15).SerializeToString(),
-        "lgbm": convert_lightgbm(det.lgbm_, initial_types=types, target_opset=15, zipmap=False).SerializeToString(),
-        "logistic": torch_to_onnx(LogisticGraph(det), torch.zeros(2, n), "features", ["probability"]),
-    }
-    return {name: compact_graph(g) for name, g in graphs.items()}
-
-
-def export_graphs(det: Any) -> dict[str, bytes]:
-    """The FP32 ONNX graphs of a fitted raywatch detector."""
-    if isinstance(det, EnsembleDetector):
-        return export_ensemble(det)
-    if isinstance(det, SequenceDetector):
-        return {"scorer": export_sequence(det)}
-    raise TypeError(f"no ONNX export for {type(det).__name__}")
-
-
-def runtime_for(det: Any, graphs: dict[str, bytes], threshold: float | None = None, threads: int = 1):
-    """An ONNX Runtime scorer for a detector's graphs (FP32, INT8 or student)."""
-    thr = det.threshold_ if threshold is None else threshold
-    if isinstance(det, EnsembleDetector):
-        weights = dict(zip(MEMBERS, det.weights_.tolist()))
-        return EnsembleRuntime(graphs, det.spec_, None if "student" in graphs else weights, thr, threads)
-    return SequenceRuntime(graphs["scorer"], det.spec_, det.config.smooth, thr, threads)
 
 
 # -- INT8 -----------------------------------------------------------------------------------------------
@@ -312,8 +191,6 @@ def train_student_with_ray(
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from train.pipeline import init_ray
-
     init_ray()
     spec = {**student_spec, "hidden": cfg.hidden}
     data_ref = ray.put(tuple(np.ascontiguousarray(a, dtype=np.float32) for a in data))
@@ -380,8 +257,6 @@ def distill_ensemble(det: EnsembleDetector, transfer: list[np.ndarray], cfg: Stu
     import lightgbm as lgb
     from onnxmltools import convert_lightgbm
     from onnxmltools.convert.common.data_types import FloatTensorType
-
-    from train.boosters import train_lgbm_with_ray
 
     features = np.concatenate([entity_features(np.asarray(X, dtype=np.float64), det.spec_) for X in transfer]).astype(
         np.float32
@@ -520,10 +395,6 @@ def compress_model(
     progress: Callable[[str], None] = lambda m: log.info(m),
 ) -> dict[str, Any]:
     """Export, quantize and distill a registered version; register the variants that pass their gate."""
-    import mlflow
-
-    from train import registry
-
     student = student or StudentConfig()
     bundle, version = registry.load_bundle(model, ref)
     kind = bundle.kind
@@ -638,14 +509,43 @@ def _variant_bundle(
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m train.compress --model M [...]`: the `raywatch compress` command, runnable as a Ray job
-    (`ray job submit --working-dir . -- python -m train.compress --model lstm`)."""
-    import sys
-
-    from cluster.cli import main as cli_main
-
-    return cli_main(["compress", *(sys.argv[1:] if argv is None else argv)])
+def main(argv: list[str] | None = None, prog: str = "python -m train.compress") -> int:
+    """`python -m train.compress --model M [...]`, runnable as a Ray job
+    (`ray job submit --working-dir . -- python -m train.compress --model lstm`); `raywatch compress` runs it too."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, choices=DETECTOR_KINDS)
+    parser.add_argument("--version", default="champion", help="version number or alias to compress")
+    parser.add_argument("--data", help="benchmark directory for the accuracy gates")
+    parser.add_argument("--variants", default="int8,student", help="comma-separated: int8, fp16 (GPU only), student")
+    parser.add_argument("--temperature", type=float, default=3.0, help="distillation temperature (2 to 4)")
+    parser.add_argument("--num-workers", type=int, default=1, help="Ray Train workers for the students")
+    args = parser.parse_args(argv)
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    unknown = set(variants) - set(GATES)
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {', '.join(GATES)}")
+    if not 2 <= args.temperature <= 4:
+        print(f"note: temperature {args.temperature} is outside the usual 2..4", file=sys.stderr)
+    result = compress_model(
+        args.model,
+        args.version,
+        args.data,
+        variants,
+        StudentConfig(temperature=args.temperature),
+        num_workers=args.num_workers,
+        progress=lambda m: print(m, file=sys.stderr, flush=True),
+    )
+    print(f"{args.model} version {result['source_version']}:")
+    for variant, figures in result["summary"].items():
+        ret = figures.get("retention")
+        print(
+            f"  {variant:8s} size {figures['size_bytes']:>9,d} B  f1 {figures['f1']:.3f}  pr_auc {figures['pr_auc']:.3f}"
+            + (f"  retention f1 {ret['f1']:.1%} pr_auc {ret['pr_auc']:.1%}" if ret else "")
+        )
+    for variant, decision in result["decisions"].items():
+        outcome = f"registered as version {decision['version']}" if decision["version"] else "not registered"
+        print(f"  {variant}: {decision['reason']} -> {outcome}")
+    return 0
 
 
 if __name__ == "__main__":

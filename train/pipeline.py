@@ -22,18 +22,27 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 
 from detect import metrics as M
 from detect.bundle import ModelBundle, entity_folder
 from detect.data import Series, load_benchmark
+from detect.drift import drift_reference
 from detect.ensemble import EnsembleConfig, EnsembleDetector, incident_target
+from detect.kinds import DETECTOR_KINDS
 from detect.sequence import SEQUENCE_DETECTORS
+from ingest.prometheus import prometheus_series
+from train import registry
+from train.boosters import train_boosters_with_ray
+from train.jobs import init_ray
+from train.kinds import export_graphs, kind_named
+from train.retrain import main as retrain_main
+from train.torch_train import fit_with_ray_train
 
 log = logging.getLogger(__name__)
 
-MODELS = ("autoencoder", "lstm", "ensemble")
-REFERENCE_ROWS = 512  # rows of training input kept with a version for the drift monitors
+MODELS = DETECTOR_KINDS
 BEST_CONFIG_DIR = Path(".raywatch") / "best_config"
 
 
@@ -55,28 +64,6 @@ def resolve_config(
     return config, source
 
 
-# Ray Train's controller polls workers for reports at this interval (2 s by default), which bounds a
-# small job to one epoch per poll; applies to clusters that this process starts.
-TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-
-
-def init_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        os.environ.setdefault(TRAIN_POLL_ENV, "0.2")
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
-
-
-def drift_reference(det: Any, rows: np.ndarray, n: int = REFERENCE_ROWS) -> tuple[np.ndarray, np.ndarray]:
-    """The reference a version keeps for its drift monitors: `n` rows evenly spaced over the series it
-    learned from (every time of day, the whole period) and the model's own scores on those rows."""
-    from detect.drift import evenly_spaced
-
-    idx = evenly_spaced(len(rows), min(n, len(rows)))
-    return rows[idx], np.asarray(det.score(rows), dtype=np.float64)[idx]
-
-
 def register_fitted(
     kind: str,
     detectors: dict[str, Any],
@@ -87,11 +74,6 @@ def register_fitted(
 ) -> str:
     """Register detectors fitted elsewhere (in-process, small) as one version, with the drift references
     and ONNX graphs a trained version has; the first version (or `promote`) becomes champion."""
-    import mlflow
-
-    from train import registry
-    from train.compress import export_graphs
-
     references, scores = {}, {}
     for entity, det in detectors.items():
         references[entity], scores[entity] = drift_reference(det, fitted_on[entity])
@@ -158,26 +140,18 @@ def train_model(
 ) -> dict[str, Any]:
     """Train `model` for every entity on Ray Train, log everything to MLflow, register a version.
 
-    With `source` (a Prometheus source config, `detect.prometheus`), the entities and their history
+    With `source` (a Prometheus source config, `ingest.prometheus`), the entities and their history
     (the last `since`) come from Prometheus instead of `data_dir`; that data has no incident labels,
     so only the unsupervised detectors learn from it and no test figures are computed."""
-    import mlflow
-
-    from train import registry
-    from train.boosters import train_boosters_with_ray
-    from train.compress import export_graphs
-    from train.torch_train import fit_with_ray_train
-
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose from {list(MODELS)}")
     config, config_source = resolve_config(model, overrides, use_tuned)
+    config = kind_named(model).checked_config(config)  # a bad --set fails here, named, before Ray starts
     if source is not None:
         if model == "ensemble":
             raise ValueError(
                 "the ensemble learns from labelled incidents; a Prometheus source has none (use autoencoder or lstm)"
             )
-        from detect.prometheus import prometheus_series
-
         series_list = prometheus_series(source, since, entities)
     else:
         series_list = load_benchmark(data_dir, entities)
@@ -298,6 +272,9 @@ def _summary(evaluation: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--retrain" in argv:  # the older spelling of `python -m train.retrain`, kept for submitted jobs
+        return retrain_main([a for a in argv if a != "--retrain"])
     parser = argparse.ArgumentParser(prog="python -m train.pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=MODELS, required=True)
     parser.add_argument("--data")
@@ -306,31 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--entities")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--num-workers", type=int, default=1)
-    retrain = parser.add_argument_group("retraining on recent served data (train/retrain.py)")
-    retrain.add_argument("--retrain", action="store_true", help="train a challenger on recent data; promote if better")
-    retrain.add_argument("--margin", type=float, default=0.02, help="relative improvement needed to promote")
-    retrain.add_argument("--recent-rows", type=int, default=5000, help="newest served rows per entity to use")
-    retrain.add_argument("--cpus-per-worker", type=float, help="CPUs per Ray Train worker (fractional allowed)")
-    retrain.add_argument("--since-id", type=int, help="learn only from served rows from this observation id on")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     entities = args.entities.split(",") if args.entities else None
-    if args.retrain:
-        from train.retrain import job_id_from_env, retrain
-
-        decision = retrain(
-            args.model,
-            entities,
-            margin=args.margin,
-            recent_rows=args.recent_rows,
-            since_id=args.since_id,
-            epochs=args.epochs,
-            cpus_per_worker=args.cpus_per_worker,
-            job_id=job_id_from_env(),
-            progress=print,
-        )
-        print(json.dumps({k: v for k, v in decision.items() if k != "entities"}, indent=2, default=str))
-        return 0
     overrides = {"epochs": args.epochs} if args.epochs else {}
     result = train_model(
         args.model,

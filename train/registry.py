@@ -28,11 +28,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from detect.bundle import BundleError, ModelBundle, sha256
+from detect.kinds import DETECTOR_KINDS
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "raywatch"
-MODEL_NAMES = {"ensemble": "raywatch-ensemble", "lstm": "raywatch-lstm", "autoencoder": "raywatch-autoencoder"}
+MODEL_NAMES = {kind: f"raywatch-{kind}" for kind in DETECTOR_KINDS}
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 T = TypeVar("T")
 CHECKSUM_TAG = "bundle_sha256"  # SHA-256 of the version's manifest.json, recorded at registration

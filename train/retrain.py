@@ -1,9 +1,13 @@
 """The retraining job: train a challenger on recent served data, compare it with the champion on the
 same recent window, register it, and promote it only if it is better by a margin.
 
-Run by the drift monitors through Ray's job submission API, or by hand:
+This module is the one home of retraining's logic and entry point. The drift monitors' trigger
+(`monitoring/trigger.py`) submits its command (`train.jobs.retrain_entrypoint`) through Ray's job
+submission API; a person runs the same one:
 
-    ray job submit -- python -m train.pipeline --model autoencoder --retrain --entities asd/omi-2
+    ray job submit -- python -m train.retrain --model autoencoder --entities asd/omi-2
+
+(`python -m train.pipeline --model M --retrain ...`, the older spelling, forwards here.)
 
 Recent data is what serving saw (`detect.state` observations, in arrival order); with `since_id`
 (the first row of the drifted window, passed by the monitor) only what came after the drift began.
@@ -24,26 +28,31 @@ MLflow (tags on the run and the version) and stored in `detect.state` for `/v1/m
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
+import mlflow
 import numpy as np
 
 from detect import metrics as M
 from detect.bundle import ModelBundle
-from detect.ensemble import EnsembleDetector
-from detect.sequence import SEQUENCE_DETECTORS
+from detect.drift import drift_reference
+from detect.kinds import DETECTOR_KINDS
 from detect.state import ServingStore
+from train import registry
+from train.jobs import init_ray
+from train.kinds import export_graphs, kind_named
 
 log = logging.getLogger(__name__)
 
 MIN_ROWS = 300  # fewest recent rows of an entity worth retraining on
-MIN_POSITIVES = 5  # fewest labelled incident rows the supervised ensemble needs to retrain
 
 
 def evaluate_window(scores: np.ndarray, threshold: float, labels: np.ndarray) -> dict[str, Any]:
@@ -67,27 +76,10 @@ def evaluate_window(scores: np.ndarray, threshold: float, labels: np.ndarray) ->
 def _fit_challenger(
     model: str, champion: Any, rows: np.ndarray, labels: np.ndarray, metrics: list[str], options: dict[str, Any]
 ) -> Any:
-    from train.boosters import train_boosters_with_ray
-    from train.torch_train import fit_with_ray_train
-
-    if model == "ensemble":
-        known = labels >= 0
-        if known.sum() < MIN_ROWS or labels[known].sum() < MIN_POSITIVES:
-            raise ValueError(
-                f"the ensemble learns from labels: {int(known.sum())} labelled rows with "
-                f"{int(labels[known].sum())} incident rows in the recent data (need {MIN_ROWS} and {MIN_POSITIVES})"
-            )
-        det = EnsembleDetector(champion.config)
-        det.fit(
-            rows[known],
-            labels[known],
-            metrics,
-            train_boosters=lambda f, t: train_boosters_with_ray(f, t, det.config, num_workers=1),
-        )
-        return det
-    overrides = {"epochs": options["epochs"]} if options.get("epochs") else {}
-    det = SEQUENCE_DETECTORS[model](champion.config, **overrides)
-    return fit_with_ray_train(det, rows, metrics, cpus_per_worker=options.get("cpus_per_worker"))
+    kind = kind_named(model)
+    overrides = kind.checked_config({"epochs": options["epochs"]} if options.get("epochs") else {})
+    det = kind.new(champion.config, **overrides)
+    return kind.fit_on_ray(det, rows, labels, metrics, cpus_per_worker=options.get("cpus_per_worker"))
 
 
 def retrain(
@@ -103,12 +95,6 @@ def retrain(
     progress: Callable[[str], None] = lambda m: log.info(m),
 ) -> dict[str, Any]:
     """Train, compare, register, and promote or keep; returns the decision with its figures."""
-    import mlflow
-
-    from train import registry
-    from train.compress import export_graphs
-    from train.pipeline import drift_reference, init_ray
-
     if not 0 < fit_fraction < 1:
         raise ValueError(f"fit_fraction must be in (0, 1), got {fit_fraction}")
     store = ServingStore()
@@ -259,3 +245,33 @@ def job_id_from_env() -> str | None:
     except json.JSONDecodeError:
         return None
     return (config.get("metadata") or {}).get("job_submission_id")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.retrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=DETECTOR_KINDS, required=True)
+    parser.add_argument("--entities", help="comma-separated entities (default: every one serving observed)")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--margin", type=float, default=0.02, help="relative improvement needed to promote")
+    parser.add_argument("--recent-rows", type=int, default=5000, help="newest served rows per entity to use")
+    parser.add_argument("--cpus-per-worker", type=float, help="CPUs per Ray Train worker (fractional allowed)")
+    parser.add_argument("--since-id", type=int, help="learn only from served rows from this observation id on")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    decision = retrain(
+        args.model,
+        args.entities.split(",") if args.entities else None,
+        margin=args.margin,
+        recent_rows=args.recent_rows,
+        since_id=args.since_id,
+        epochs=args.epochs,
+        cpus_per_worker=args.cpus_per_worker,
+        job_id=job_id_from_env(),
+        progress=print,
+    )
+    print(json.dumps({k: v for k, v in decision.items() if k != "entities"}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

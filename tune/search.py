@@ -21,6 +21,12 @@ from typing import Any
 import numpy as np
 
 from detect.data import load_benchmark
+from detect.ensemble import EnsembleDetector
+from detect.kinds import DETECTOR_KINDS
+from detect.sequence import SEQUENCE_DETECTORS, train_epochs
+from train import registry
+from train.jobs import init_ray
+from train.pipeline import best_config_path
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +63,6 @@ def _sequence_trainable(config: dict[str, Any], model: str, data: list[np.ndarra
     import torch
     from ray import tune
 
-    from detect.sequence import SEQUENCE_DETECTORS, train_epochs
-
     torch.set_num_threads(1)
     prepared = []
     for X in data:
@@ -79,8 +83,6 @@ def _sequence_trainable(config: dict[str, Any], model: str, data: list[np.ndarra
 
 def _ensemble_trainable(config: dict[str, Any], data: list[tuple[np.ndarray, np.ndarray]]) -> None:
     from ray import tune
-
-    from detect.ensemble import EnsembleDetector
 
     losses = []
     for X, y in data:
@@ -117,9 +119,6 @@ def tune_model(
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
-
-    from train import registry
-    from train.pipeline import best_config_path, init_ray
 
     if search not in ("optuna", "random"):  # before any data is read
         raise ValueError(f"unknown search {search!r}; choose optuna or random")
@@ -258,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tune.search", description="Ray Tune search for a raywatch detector"
     )
-    parser.add_argument("--model", choices=["autoencoder", "lstm", "ensemble"], required=True)
+    parser.add_argument("--model", choices=DETECTOR_KINDS, required=True)
     parser.add_argument("--data")
     parser.add_argument("--entities")
     parser.add_argument("--num-samples", type=int, default=8)

@@ -44,8 +44,8 @@ def served(data_dir, ray_cluster, tmp_path_factory):
     from ray import serve
     from serving_fixtures import register_small_models
 
-    from detect import monitor
     from detect.data import load_series
+    from monitoring import monitor
 
     FIGURES["machine"] = {"cpus": os.cpu_count(), "loadavg_start": [round(x, 1) for x in os.getloadavg()]}
     workdir = tmp_path_factory.mktemp("reliability")

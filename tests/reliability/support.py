@@ -24,32 +24,18 @@ DETECTOR_DEPLOYMENTS = ("EnsembleDetector", "LSTMDetector", "AutoencoderDetector
 DEPLOYMENTS = (INGRESS, *DETECTOR_DEPLOYMENTS)
 REPLICAS = 2  # every deployment: the kill tests take one replica of each away
 RESULTS = Path(__file__).resolve().parents[2] / "runs" / "reliability"
-# every detector deployment at REPLICAS replicas: the knobs of serve.detectors, read when the app is built
-REPLICA_ENV = {"RAYWATCH_MIN_REPLICAS": str(REPLICAS), "RAYWATCH_MAX_REPLICAS": str(REPLICAS)}
 DETECTOR_VERSION = "reliability-suite"
 
 
 def build(args: dict[str, Any]) -> Any:
     """`serve.app.build_app(args)` with the detector deployments at REPLICAS replicas each and a fixed code
-    version, so that redeploying with other ingress arguments (the rate limit) restarts only the ingress.
-
-    The replica counts come from RAYWATCH_MIN_REPLICAS / RAYWATCH_MAX_REPLICAS, set only while the app is
-    built: serve.detectors is imported first, so the defaults other test modules deploy with stay as
-    they are (its decorators read the variables at import)."""
-    import serve.detectors as detectors
+    version, so that redeploying with other ingress arguments (the rate limit) restarts only the ingress."""
     from serve.app import build_app
+    from serve.settings import ServeSettings
 
-    saved = {k: os.environ.get(k) for k in REPLICA_ENV}
-    os.environ.update(REPLICA_ENV)
-    try:
-        app = build_app(args)
-        scaling = detectors._autoscaling()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    replicas = {"min_replicas": REPLICAS, "max_replicas": REPLICAS}
+    app = build_app({**args, **replicas})
+    scaling = ServeSettings(**replicas).autoscaling()
     ingress = app._bound_deployment
     for child in ingress.init_args:  # the three detector applications bound into the ingress
         child._bound_deployment = child._bound_deployment.options(

@@ -149,8 +149,8 @@ def test_killed_drift_monitor_restarts_and_loses_no_event(served, figures):
     persisted before the kill is still there, and it goes on testing new windows."""
     import ray
 
-    from detect import monitor
-    from detect.drift import DriftEventStore
+    from monitoring import monitor
+    from monitoring.events import DriftEventStore
 
     config = {
         "drift": {"window": 60, "thin": 1, "mmd_permutations": 20},

@@ -18,7 +18,7 @@ than `max_points` (10,000; Prometheus refuses over 11,000) points per series, re
 exponential backoff on network errors, 429/5xx and Prometheus timeouts, with a tqdm progress bar.
 The result is the frame `detect.data.load_telemetry` returns (`timestamp`, `entity`, then the metric
 columns, float64, sorted by entity and time), on the step grid (timestamps are multiples of the
-step), so the batch path (training) and the live path (`cluster/watch.py`) read identical rows.
+step), so the batch path (training) and the live path (`ingest/watch.py`) read identical rows.
 """
 
 from __future__ import annotations
@@ -113,8 +113,8 @@ class PrometheusSource:
     retries: int = 4
     max_points: int = MAX_POINTS
     headers: dict[str, str] = field(default_factory=dict)
-    watch: dict[str, Any] = field(default_factory=dict)  # validated by cluster.watch.WatchSettings
-    alerts: dict[str, Any] = field(default_factory=dict)  # validated by cluster.alerts.AlertSettings
+    watch: dict[str, Any] = field(default_factory=dict)  # validated by ingest.watch.WatchSettings
+    alerts: dict[str, Any] = field(default_factory=dict)  # validated by ingest.alerts.AlertSettings
     origin: str = "<source>"  # the file it came from, for messages
 
     @property

@@ -1,4 +1,8 @@
-"""The `raywatch` command line: thin commands over the library functions. It prints for people."""
+"""The `raywatch` command line: thin commands over the library functions. It prints for people.
+
+Each command imports the stage it runs inside its function: the stages pull in torch, Ray and MLflow
+(seconds of import time), and `raywatch --help` or `raywatch models` should not pay for all of them.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import sys
 from pathlib import Path
 
 from detect.data import TelemetryError
+from detect.kinds import DETECTOR_KINDS
 
 
 def _progress(total: int):
@@ -105,8 +110,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    from cluster.watch import Watcher
-    from detect.prometheus import load_source
+    from ingest.prometheus import load_source
+    from ingest.watch import Watcher
 
     source = load_source(args.source)
     settings: dict[str, object] = {}
@@ -227,35 +232,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from train.compress import StudentConfig, compress_model
+    from train.compress import main as compress_main
 
-    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    unknown = set(variants) - {"int8", "fp16", "student"}
-    if unknown:
-        raise ValueError(f"unknown variants {sorted(unknown)}; choose from int8, fp16, student")
-    cfg = StudentConfig(temperature=args.temperature)
-    if not 2 <= args.temperature <= 4:
-        print(f"note: temperature {args.temperature} is outside the usual 2..4", file=sys.stderr)
-    result = compress_model(
-        args.model,
-        args.version,
-        args.data,
-        variants,
-        cfg,
-        num_workers=args.num_workers,
-        progress=lambda m: print(m, file=sys.stderr, flush=True),
-    )
-    print(f"{args.model} version {result['source_version']}:")
-    for variant, figures in result["summary"].items():
-        ret = figures.get("retention")
-        print(
-            f"  {variant:8s} size {figures['size_bytes']:>9,d} B  f1 {figures['f1']:.3f}  pr_auc {figures['pr_auc']:.3f}"
-            + (f"  retention f1 {ret['f1']:.1%} pr_auc {ret['pr_auc']:.1%}" if ret else "")
-        )
-    for variant, decision in result["decisions"].items():
-        outcome = f"registered as version {decision['version']}" if decision["version"] else "not registered"
-        print(f"  {variant}: {decision['reason']} -> {outcome}")
-    return 0
+    return compress_main(args.passed_on, prog="raywatch compress")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -379,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_evaluate)
 
     tr = sub.add_parser("train", help="train a detector per entity on Ray Train, log to MLflow, register a version")
-    tr.add_argument("--model", required=True, choices=["autoencoder", "lstm", "ensemble"])
+    tr.add_argument("--model", required=True, choices=DETECTOR_KINDS)
     tr.add_argument("--data", help="benchmark directory; default $RAYWATCH_DATA or the shipped data/")
     tr.add_argument("--entities", help="comma-separated entities; default all")
     tr.add_argument("--epochs", type=int, help="epochs (autoencoder, lstm)")
@@ -410,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     wa.set_defaults(func=cmd_watch)
 
     tu = sub.add_parser("tune", help="Ray Tune search (ASHA + Optuna); records the best config for `train`")
-    tu.add_argument("--model", required=True, choices=["autoencoder", "lstm", "ensemble"])
+    tu.add_argument("--model", required=True, choices=DETECTOR_KINDS)
     tu.add_argument("--data")
     tu.add_argument("--entities", help="entities whose training series the search uses; default asd/omi-1")
     tu.add_argument("--num-samples", type=int, default=8)
@@ -418,13 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--scheduler", choices=["asha", "none"], default="asha")
     tu.set_defaults(func=cmd_tune)
 
-    co = sub.add_parser("compress", help="ONNX export, INT8 quantization, distillation; register variants that pass")
-    co.add_argument("--model", required=True, choices=["autoencoder", "lstm", "ensemble"])
-    co.add_argument("--version", default="champion", help="version number or alias to compress")
-    co.add_argument("--data", help="benchmark directory for the accuracy gates")
-    co.add_argument("--variants", default="int8,student", help="comma-separated: int8, fp16 (GPU only), student")
-    co.add_argument("--temperature", type=float, default=3.0, help="distillation temperature (2 to 4)")
-    co.add_argument("--num-workers", type=int, default=1, help="Ray Train workers for the students")
+    # its options are train.compress's own (`raywatch compress --help` prints them): one parser for both commands
+    co = sub.add_parser(
+        "compress", add_help=False, help="ONNX export, INT8 quantization, distillation; register variants that pass"
+    )
     co.set_defaults(func=cmd_compress)
 
     sv = sub.add_parser(
@@ -489,7 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, passed_on = parser.parse_known_args(argv)
+    if passed_on and args.command != "compress":  # only compress hands its options on (to train.compress)
+        parser.error(f"unrecognized arguments: {' '.join(passed_on)}")
+    args.passed_on = passed_on
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

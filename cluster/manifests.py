@@ -1,7 +1,7 @@
 """Checks for raywatch's cluster configs (ray-cluster.yaml, the KubeRay RayService and RayJob), without starting Ray.
 
-python -m cluster.configs check                       # validate the shipped files; exit 1 on problems
-python -m cluster.configs serve-config serve/config.yaml --host 0.0.0.0 --out cluster-serve.yaml
+python -m cluster.manifests check                       # validate the shipped files; exit 1 on problems
+python -m cluster.manifests serve-config serve/config.yaml --host 0.0.0.0 --out cluster-serve.yaml
 """
 
 from __future__ import annotations
@@ -199,15 +199,29 @@ def _call_name(call: ast.Call) -> str:
     return func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
 
 
-def _argparse_from_source(tree: ast.Module, prog: str) -> argparse.ArgumentParser | None:
-    """Rebuild the argparse parser a module builds, from its source: add_argument/add_subparsers/add_parser calls."""
-    constants = {}
+def _constants(tree: ast.Module, root: Path, depth: int = 2) -> dict[str, Any]:
+    """Module-level constants of a source file, and those it imports from this repository's modules
+    (`choices=DETECTOR_KINDS`), followed `depth` imports deep; nothing is imported."""
+    constants: dict[str, Any] = {}
     for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            try:
-                constants[node.targets[0].id] = ast.literal_eval(node.value)
-            except (ValueError, TypeError, SyntaxError):
-                pass
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and depth > 0:
+            path, ours = _module_file(node.module, root)
+            if path is not None and ours:
+                imported = _constants(_parse(path), root, depth - 1)
+                constants.update({a.asname or a.name: imported[a.name] for a in node.names if a.name in imported})
+        elif isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if len(targets) == 1 and isinstance(targets[0], ast.Name):
+                try:
+                    constants[targets[0].id] = _value(node.value, constants)
+                except _Unknown:
+                    pass
+    return constants
+
+
+def _argparse_from_source(tree: ast.Module, prog: str, root: Path = REPO_ROOT) -> argparse.ArgumentParser | None:
+    """Rebuild the argparse parser a module builds, from its source: add_argument/add_subparsers/add_parser calls."""
+    constants = _constants(tree, root)
     builder = next(
         (
             f
@@ -296,7 +310,7 @@ def check_python_command(argv: list[str], field: str, root: str | Path = REPO_RO
         return []
     if not ours:
         return []  # a tool from the environment (python -m pip ...): its existence is enough
-    parser = _argparse_from_source(_parse(path), prog=shown)
+    parser = _argparse_from_source(_parse(path), prog=shown, root=root)
     if parser is None:
         return []
     try:
@@ -663,6 +677,15 @@ def check_runtime_env(runtime_env: Any, at: str, root: str | Path = REPO_ROOT) -
     return problems
 
 
+def _load_manifest(path: str | Path, kind: str) -> tuple[Any, list[str]]:
+    """(the manifest, []) or (None, why it cannot be checked further: unreadable, or not a `kind`)."""
+    try:
+        doc = load_yaml(path)
+    except ConfigError as e:
+        return None, [str(e)]
+    return doc, _check_kind(doc, kind)
+
+
 def _check_kind(doc: Any, kind: str) -> list[str]:
     if not isinstance(doc, dict):
         return [f"expected a {kind} manifest"]
@@ -707,14 +730,13 @@ def validate_rayservice(
     path: str | Path = RAYSERVICE, serve_config_path: str | Path = SERVE_CONFIG, root: str | Path = REPO_ROOT
 ) -> list[str]:
     """Problems with a RayService: kind, serveConfigV2 == serve/config.yaml's apps, import paths, cluster spec."""
+    doc, problems = _load_manifest(path, "RayService")
+    if problems:
+        return problems
     try:
-        doc = load_yaml(path)
         serve_config = load_yaml(serve_config_path)
     except ConfigError as e:
         return [str(e)]
-    problems = _check_kind(doc, "RayService")
-    if problems:
-        return problems
     spec, at = doc["spec"], "spec.serveConfigV2"
     raw = spec.get("serveConfigV2")
     if not isinstance(raw, str) or not raw.strip():
@@ -758,11 +780,7 @@ def validate_rayservice(
 
 def validate_rayjob(path: str | Path = RAYJOB, root: str | Path = REPO_ROOT) -> list[str]:
     """Problems with a RayJob: kind, an entrypoint its module's argparse accepts, runtime env, cluster spec."""
-    try:
-        doc = load_yaml(path)
-    except ConfigError as e:
-        return [str(e)]
-    problems = _check_kind(doc, "RayJob")
+    doc, problems = _load_manifest(path, "RayJob")
     if problems:
         return problems
     spec = doc["spec"]
@@ -809,8 +827,8 @@ def validate_rayjob(path: str | Path = RAYJOB, root: str | Path = REPO_ROOT) -> 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `python -m cluster.configs` command line: `check` and `serve-config`."""
-    parser = argparse.ArgumentParser(prog="python -m cluster.configs", description=__doc__.splitlines()[0])
+    """The `python -m cluster.manifests` command line: `check` and `serve-config`."""
+    parser = argparse.ArgumentParser(prog="python -m cluster.manifests", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate ray-cluster.yaml and the KubeRay manifests")
     check.add_argument("--launcher", default=str(CLUSTER_LAUNCHER))

@@ -5,8 +5,8 @@ The Serve ingress hands each monitor what it served (raw metric rows, the model'
 off the response path. The monitor appends them to the durable observation log (`detect.state`),
 tests every full window per entity against the champion version's reference sample (KS per metric,
 MMD, KS on the score distribution; `detect.drift`), checks feedback labels for concept drift on a
-cadence, persists every result, and submits `python -m train.pipeline --model M --retrain` through
-Ray's job submission API (cooldown, one running job per model). Everything it needs to resume
+cadence, persists every result, and on drift its retraining trigger (`monitoring/trigger.py`) submits
+`python -m train.retrain --model M` through Ray's job submission API (cooldown, one running job per model). Everything it needs to resume
 (cursors, concept baselines, the last job) is in SQLite, so a restarted actor (max_restarts) carries
 on where it stopped and no accepted event is lost.
 """
@@ -16,13 +16,17 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from detect.drift import DriftConfig, DriftEventStore, EntityDriftDetectors
+from detect.config import config_from_dict
+from detect.drift import DriftConfig, EntityDriftDetectors
+from detect.kinds import DETECTOR_KINDS
 from detect.state import STATE_DIR_ENV, ServingStore, state_dir
+from monitoring.events import DriftEventStore
+from monitoring.trigger import RetrainTrigger
 
 log = logging.getLogger("raywatch.monitor")
 
@@ -57,11 +61,7 @@ class MonitorConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> MonitorConfig:
-        data = dict(data or {})
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown MonitorConfig field(s) {unknown}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,8 +97,16 @@ class DriftMonitor:
         self._checked_concept = time.monotonic()
         # rows after each entity's cursor, so a batch short of a window reads nothing
         self._pending: dict[str, int] = {}
-        self._load_champion()
         self._metrics = _monitor_metrics()
+        self.trigger = RetrainTrigger(
+            model,
+            self.events,
+            self.config.cooldown_s,
+            self.config.retrain_args,
+            self.config.job_address,
+            on_submit=self._count_job,
+        )
+        self._load_champion()
         log.info("monitor started", extra={"model": model, "starts": self.starts, "version": self.version})
 
     def _key(self, name: str) -> str:
@@ -107,8 +115,7 @@ class DriftMonitor:
     # -- references ------------------------------------------------------------------------------------
     def _load_champion(self) -> None:
         """Build the detectors from the champion's reference samples (or a baseline reset through the API)."""
-        from train import registry
-
+        registry = _registry()
         try:
             bundle, version = registry.load_bundle(self.model, registry.CHAMPION)
         except Exception as exc:  # no champion yet, or the registry is down: keep what is loaded
@@ -178,8 +185,7 @@ class DriftMonitor:
         return {"accepted": len(known), "ignored": len(items) - len(known), "events": results}
 
     def _check_version(self) -> None:
-        from train import registry
-
+        registry = _registry()
         try:
             if registry.alias_version(self.model, registry.CHAMPION) != self.version:
                 self._load_champion()
@@ -244,6 +250,10 @@ class DriftMonitor:
             self._after_tests(entity, [result], [event_id])
         return out
 
+    def _count_job(self) -> None:
+        if self._metrics is not None:
+            self._metrics["jobs"].inc(tags={"model": self.model})
+
     def _count(self, results: list[Any]) -> None:
         if self._metrics is None:
             return
@@ -262,56 +272,7 @@ class DriftMonitor:
     def maybe_retrain(
         self, entity: str, detectors: list[str], event_ids: list[int], since_id: int | None = None
     ) -> dict[str, Any]:
-        """Submit a retraining job unless one is running or the cooldown has not passed; the outcome is kept.
-        `since_id`: the first served row of the drifted window; the challenger learns from that row on."""
-        from cluster import jobs
-
-        last = self.events.get_state(self._key("job"))
-        now = time.time()
-        if last:
-            try:
-                state = jobs.status(last["job_id"], self.config.job_address)
-            except Exception as exc:
-                state = f"unknown ({type(exc).__name__})"
-            if state in jobs.ACTIVE:
-                return self._skip(f"job {last['job_id']} is {state}")
-            if now - last["submitted"] < self.config.cooldown_s:
-                return self._skip(
-                    f"cooldown: last job {now - last['submitted']:.0f} s ago (< {self.config.cooldown_s:.0f} s)"
-                )
-        since = ["--since-id", str(since_id)] if since_id else []
-        entrypoint = jobs.retrain_entrypoint(self.model, [entity], [*since, *self.config.retrain_args])
-        submission_id = f"raywatch-retrain-{self.model}-{int(now * 1000)}"
-        try:
-            job_id = jobs.submit(
-                entrypoint,
-                submission_id=submission_id,
-                env={STATE_DIR_ENV: str(state_dir())},
-                metadata={"model": self.model, "entity": entity, "trigger": ",".join(detectors)},
-                address=self.config.job_address,
-            )
-        except Exception as exc:
-            log.error("retraining job submission failed", extra={"model": self.model, "error": str(exc)})
-            return self._skip(f"submission failed: {type(exc).__name__}: {exc}")
-        record = {
-            "job_id": job_id,
-            "submitted": now,
-            "entity": entity,
-            "trigger": detectors,
-            "event_ids": event_ids,
-            "champion": self.version,
-            "entrypoint": entrypoint,
-        }
-        self.events.set_state(self._key("job"), record)
-        if self._metrics is not None:
-            self._metrics["jobs"].inc(tags={"model": self.model})
-        log.warning("retraining job submitted", extra={"model": self.model, "job_id": job_id, "entity": entity})
-        return {"submitted": True, **record}
-
-    def _skip(self, reason: str) -> dict[str, Any]:
-        self.events.set_state(self._key("last_skip"), {"time": time.time(), "reason": reason})
-        log.info("retraining not submitted", extra={"model": self.model, "reason": reason})
-        return {"submitted": False, "reason": reason}
+        return self.trigger.maybe_retrain(entity, detectors, event_ids, self.version, since_id)
 
     # -- introspection -----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -325,14 +286,23 @@ class DriftMonitor:
             "cursors": self.events.get_state(self._key("cursors"), {}),
             "events": self.events.count(self.model),
             "drift_events": self.events.count(self.model, only_drift=True),
-            "last_job": self.events.get_state(self._key("job")),
-            "last_skip": self.events.get_state(self._key("last_skip")),
+            "last_job": self.trigger.last_job(),
+            "last_skip": self.trigger.last_skip(),
             "load_error": self.load_error,
             "config": self.config.to_dict(),
         }
 
     def ping(self) -> str:
         return "ok"
+
+
+def _registry() -> Any:
+    """train.registry, imported in the monitor actor when first needed: the Serve ingress imports this
+    module to reach the actors, and must not load MLflow for it (slow replica starts, and an import that
+    raced the admin routes' registry calls)."""
+    from train import registry
+
+    return registry
 
 
 def _monitor_metrics() -> dict[str, Any] | None:
@@ -392,7 +362,7 @@ def find(model: str) -> Any | None:
         return None
 
 
-def stop_all(models: tuple[str, ...] = ("ensemble", "lstm", "autoencoder")) -> list[str]:
+def stop_all(models: tuple[str, ...] = DETECTOR_KINDS) -> list[str]:
     """Kill the monitor actors (detached: they outlive the Serve app). Their state stays in SQLite."""
     import ray
 

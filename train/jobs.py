@@ -1,4 +1,11 @@
-"""Ray jobs: submit raywatch entry points through Ray's job submission API (what `ray job submit` uses).
+"""Ray jobs: connect a job's driver to its cluster, and submit raywatch entry points through Ray's job
+submission API (what `ray job submit` uses).
+
+Why this lives in `train/`: the job entry points (`python -m train.pipeline`, `train.retrain`,
+`train.compress`, `tune.search`) run as Ray jobs, and the stages that submit them sit above `train` in the
+layer contract (the monitoring stage's retraining trigger, the cluster lifecycle and demo, the CLI). In
+`cluster/` the monitoring stage could not import it without an upward edge; here every submitter
+imports it downwards, and the client itself needs nothing from raywatch.
 
 The address is the Ray dashboard's (`http://<head>:8265`); with none given, Ray finds it from
 RAY_API_SERVER_ADDRESS, RAY_ADDRESS or the local cluster. Ray 2.60's token authentication is sent
@@ -21,6 +28,20 @@ ACTIVE = {"PENDING", "RUNNING"}
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "RAYWATCH_STATE_DIR", "RAYWATCH_DATA", "RAYWATCH_HOME")
 
 
+# Ray Train's controller polls workers for reports at this interval (2 s by default), which bounds a
+# small job to one epoch per poll; applies to clusters that this process starts.
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+def init_ray() -> None:
+    """Connect this job's driver to RAY_ADDRESS, or start a local Ray, unless connected already."""
+    import ray  # deferred: importing this module must not pay for Ray (the CLI imports it to parse args)
+
+    if not ray.is_initialized():
+        os.environ.setdefault(TRAIN_POLL_ENV, "0.2")
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
+
+
 def client(address: str | None = None) -> Any:
     """A job client for `address`, $RAYWATCH_JOB_ADDRESS, or, inside Ray (a monitor actor, a test),
     the cluster this process belongs to (found through its GCS, never a guess among local clusters)."""
@@ -34,8 +55,9 @@ def client(address: str | None = None) -> Any:
 
 
 def retrain_entrypoint(model: str, entities: list[str] | None = None, extra: list[str] | None = None) -> str:
-    """The command a retraining job runs; the same one a person can give `ray job submit --`."""
-    args = [sys.executable, "-m", "train.pipeline", "--model", model, "--retrain"]
+    """The command a retraining job runs (`train/retrain.py`'s entry point); the same one a person can give
+    `ray job submit --`. Here, beside the client, so that the monitors' trigger needs neither torch nor MLflow."""
+    args = [sys.executable, "-m", "train.retrain", "--model", model]
     if entities:
         args += ["--entities", ",".join(entities)]
     return shlex.join(args + list(extra or []))

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from detect.prometheus import SourceError, parse_duration
+from ingest.prometheus import SourceError, parse_duration
 
 log = logging.getLogger("raywatch.alerts")
 

@@ -4,7 +4,7 @@
 Every step the watcher reads the new grid points of every metric of the source from Prometheus
 (`/api/v1/query_range`, the same code and grid as the training backfill), scores them through the
 Serve app (`POST /v1/score`, which also queues them for the drift monitors), exports the scores for
-Prometheus to scrape, and feeds the alert notifier (`cluster.alerts`).
+Prometheus to scrape, and feeds the alert notifier (`ingest.alerts`).
 
 Exactly-once per grid point, across restarts: each entity's cursor (the newest scored timestamp) is
 kept in SQLite (`<state dir>/watch.db`) and committed in one transaction with the log of what was
@@ -44,8 +44,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cluster.alerts import ALERT_NAMES, DEFAULT_ALERT, AlertSettings, Notifier
-from detect.prometheus import (
+from detect.state import STATE_DIR_ENV, connect, create, state_dir
+from ingest.alerts import ALERT_NAMES, DEFAULT_ALERT, AlertSettings, Notifier
+from ingest.prometheus import (
     PrometheusClient,
     PrometheusSource,
     SourceError,
@@ -54,7 +55,6 @@ from detect.prometheus import (
     load_source,
     parse_duration,
 )
-from detect.state import STATE_DIR_ENV, connect, create, state_dir
 
 log = logging.getLogger("raywatch.watch")
 

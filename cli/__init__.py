@@ -1,0 +1,1 @@
+"""The `raywatch` command: thin commands over the stages below."""

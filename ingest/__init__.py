@@ -1,0 +1,1 @@
+"""Ingest stage: telemetry in from Prometheus (source client, live watcher) and alerts out."""

@@ -1,0 +1,45 @@
+"""Deployment options of the Serve app, typed. `build_app` reads them once, in the process that builds
+the app: its arguments (serve/config.yaml's `args`) first, then RAYWATCH_* environment variables, then
+these defaults. The deployments receive them as constructor arguments; nothing reads them at import."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RAYWATCH_", extra="forbid", frozen=True)
+
+    ingress_replicas: int = Field(1, ge=1, description="RaywatchAPI replicas (2 for availability)")
+    min_replicas: int = Field(1, ge=0, description="each detector deployment's autoscaling floor")
+    max_replicas: int = Field(2, ge=1, description="each detector deployment's autoscaling ceiling")
+    detector_access_log: bool = Field(False, description="a log line per internal model call (costs CPU)")
+    big_at_once: int = Field(2, ge=1, description="big batches a detector replica scores at a time")
+    parallel_rows: int = Field(256, ge=0, description="rows from which a batch is big (0: never)")
+    monitor_queue: int = Field(20_000, ge=1, description="served rows waiting for the drift monitors")
+    monitor_flush_s: float = Field(0.5, gt=0, description="how long served rows gather before a monitor call")
+
+    @property
+    def big_batch_rows(self) -> int:
+        """`parallel_rows` with 0 meaning never."""
+        return self.parallel_rows or sys.maxsize
+
+    def autoscaling(self) -> dict[str, Any]:
+        low = self.min_replicas
+        return {
+            "min_replicas": low,
+            "initial_replicas": low,
+            "max_replicas": max(low, self.max_replicas),
+            "target_ongoing_requests": 8,
+            "upscale_delay_s": 5,
+            "downscale_delay_s": 30,
+        }
+
+    @classmethod
+    def from_app_args(cls, args: dict[str, Any]) -> ServeSettings:
+        """The settings among `build_app`'s arguments (the rest are the app's own), over the environment."""
+        return cls(**{k: v for k, v in args.items() if k in cls.model_fields and v is not None})
