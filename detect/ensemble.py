@@ -178,7 +178,7 @@ class EnsembleDetector(Detector):
 
         res = minimize(loss, np.zeros(len(MEMBERS)), method="Nelder-Mead", options={"maxiter": 400})
         self.weights_ = softmax(res.x)
-        val_scores = P @ self.weights_
+        val_scores = self.calibration_scores_ = P @ self.weights_
         f1, thr = best_f1(y, val_scores)
         self.threshold_ = thr if np.isfinite(thr) else 0.5
         self.validation_ = {"f1": f1, "log_loss": float(res.fun), "rows": int(len(y)), "positives": int(y.sum())}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cluster.cli import main
@@ -41,10 +43,19 @@ def test_records_hold_every_figure(report):
         "event_precision",
         "hitrate_100",
         "hitrate_150",
+        "f1_operational_p99",
+        "mttd_rows",
+        "alerts",
+        "null_reason",
     }
     for record in report["results"]:
         assert keys <= set(record)
-        assert 0 <= record["f1_operational"] <= record["f1"] + 1e-12  # the best threshold bounds any other
+        # the best single threshold bounds any other single one (SPOT's moves online, so it is not bound)
+        assert 0 <= record["f1_operational_p99"] <= record["f1"] + 1e-12
+        assert 0 <= record["f1_operational"] <= 1
+        assert record["alerts"] >= 0 and 0 <= record["event_precision"] <= 1
+        assert record["mttd_rows"] is None or record["mttd_rows"] >= 0
+        assert (record["mttd_rows"] is None) == ("mttd_rows" in record["null_reason"])
         assert record["pa_f1"] >= record["f1"] - 1e-12
         assert 0 <= record["hitrate_100"] <= record["hitrate_150"] <= 1
     pca = [r for r in report["results"] if r["detector"] == "pca"]
@@ -92,3 +103,37 @@ def test_cli_rejects_unknown_detector_and_missing_data(tmp_path, capsys):
     assert "no <dataset>/<entity>/test.csv.gz found" in capsys.readouterr().err
     assert main(["evaluate", "--detectors", "magic"]) == 2
     assert "unknown detector(s) ['magic']" in capsys.readouterr().err
+
+
+def write_entity(folder, rng, incident_rows):
+    """A small entity in the shipped layout: 4 metrics with a daily-like cycle; test labels as given."""
+    folder.mkdir(parents=True)
+    t = np.arange(2000)
+    for name, labels in (("train", None), ("test", incident_rows)):
+        values = np.sin(2 * np.pi * t[:, None] / 300 + np.arange(4)) + rng.normal(0, 0.1, (2000, 4))
+        frame = pd.DataFrame(values, columns=[f"m{i:02d}" for i in range(4)]).assign(t=t)
+        if labels is not None:
+            a, b = labels
+            frame.loc[a:b, "m01"] += 4.0
+            frame["label"] = ((t >= a) & (t <= b)).astype(int)
+        with gzip.open(folder / f"{name}.csv.gz", "wt") as fh:
+            frame.to_csv(fh, index=False)
+
+
+def test_evaluate_completes_when_a_detector_cannot_score_an_entity(tmp_path):
+    rng = np.random.default_rng(0)
+    write_entity(tmp_path / "toy" / "late-incident", rng, (1500, 1560))  # nothing in the first half
+    write_entity(tmp_path / "toy" / "early-incident", rng, (300, 360))  # nothing in the second half
+    report = evaluate(tmp_path, ["pca", "ensemble"])
+    records = {(r["entity"], r["detector"]): r for r in report["results"]}
+    assert set(records) == {(e, d) for e in ("late-incident", "early-incident") for d in ("pca", "ensemble")}
+    late = records["late-incident", "ensemble"]  # the ensemble learns from the first half: no incident there
+    assert late["f1"] is None and late["f1_operational"] is None
+    assert "no incident" in late["null_reason"]["f1_operational"]
+    early = records["early-incident", "ensemble"]  # it learns, but has no incident left to be judged on
+    assert early["f1"] is None and early["null_reason"]["f1"] == "no incident in the evaluated rows"
+    pca = records["late-incident", "pca"]
+    assert pca["f1"] > 0.5 and pca["event_recall"] == 1.0  # the other detector's figures are all there
+    assert "hitrate_150" in pca["null_reason"]  # no interpretation.txt
+    summary = {s["detector"]: s for s in report["summary"]}
+    assert summary["ensemble"]["not_scored"] >= 1 and summary["pca"]["not_scored"] == 0
