@@ -120,6 +120,8 @@ def evaluate_series(series: Series, detector: Detector) -> dict[str, Any]:
         "hitrate_150": M.hitrate(contributions, interpretation, y, 150) if interpretation else None,
         "pr_auc_second_half": second_half_pr_auc,
         "eval_rows": "test[second half]" if supervised else "test",
+        # a supervised detector without a labelled incident to learn from learns from injected ones
+        "injected_incidents": getattr(detector, "injected_incidents_", None),
         "anomaly_ratio": float(y.mean()),
         "fit_seconds": round(t1 - t0, 3),
         "score_seconds": round(t2 - t1, 3),
@@ -188,6 +190,7 @@ def failed_record(series: Series, name: str, exc: Exception) -> dict[str, Any]:
         "entity": series.entity,
         "detector": name,
         **dict.fromkeys(COLUMNS),
+        "error": reason,
         "null_reason": dict.fromkeys(COLUMNS, reason),
     }
 
@@ -197,8 +200,7 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for name in dict.fromkeys(r["detector"] for r in results):
         rows = [r for r in results if r["detector"] == name]
-        failed = sum(all(r.get(c) is None for c in COLUMNS) for r in rows)
-        mean = {"detector": name, "entities": len(rows), "not_scored": failed}
+        mean = {"detector": name, "entities": len(rows), "not_scored": sum("error" in r for r in rows)}
         for col in COLUMNS:
             vals = [r[col] for r in rows if r.get(col) is not None and not math.isnan(r[col])]
             mean[col] = float(np.mean(vals)) if vals else None
