@@ -37,8 +37,13 @@ class Detector(ABC):
         return self
 
     def _calibrate(self, X: np.ndarray) -> float:
-        """Operational threshold from training scores (subclasses with a validation split override)."""
-        return operational_threshold(self.score(X), self.threshold_quantile)
+        """Operational threshold from training scores (subclasses with a validation split override).
+
+        The scores are kept as `calibration_scores_`: a tail-fitted threshold (detect/thresholds.py)
+        starts from them. They are not saved with the detector.
+        """
+        self.calibration_scores_ = self.score(X)
+        return operational_threshold(self.calibration_scores_, self.threshold_quantile)
 
     def _fit(self, X: np.ndarray) -> None:
         """Learn from X; detectors that override `fit` itself need not implement it."""

@@ -4,6 +4,8 @@ Input rows are flat feature vectors from the FeatureSpec (lags, rolling stats, d
 change). Target: an incident is under way or starts within the next `horizon` rows. The vote weights
 are fitted on a validation tail of the training data (time order, never shuffled), as is the
 operational threshold. On the synthetic fleet it also learns the incident kind (root-cause class).
+Labels without any incident never stop it: it then learns from incidents injected into the entity's
+own data in the synthetic generator's shapes (detect/synthetic.py).
 
 Saved state never needs unpickling: XGBoost as its JSON model, LightGBM as its text model, the
 forest as an ONNX graph (skl2onnx), the logistic model and scaler as arrays.
@@ -24,10 +26,13 @@ from detect.base import Detector
 from detect.config import config_dataclass, config_from_dict
 from detect.features import FeatureSpec, entity_features
 from detect.metrics import best_f1
+from detect.synthetic import inject_incidents
 
 log = logging.getLogger(__name__)
 
 MEMBERS = ("rf", "xgb", "lgbm", "logistic")
+# where the labels hold no incident, inject one per this many rows (at least MIN_INJECTED) to learn from
+ROWS_PER_INJECTED, MIN_INJECTED = 1000, 4
 
 
 def incident_target(labels: np.ndarray, horizon: int) -> np.ndarray:
@@ -105,10 +110,14 @@ class EnsembleDetector(Detector):
         self.n_metrics_ = X.shape[1]
         names = tuple(metrics) if metrics else tuple(f"m{i:02d}" for i in range(X.shape[1]))
         self.spec_ = FeatureSpec(metrics=names, lags=self.config.lags, rolling=self.config.rolling)
+        self.injected_incidents_ = 0
+        if not labels.any():
+            # no real incident to learn from: learn from incidents injected into this entity's own data
+            X, labels = inject_incidents(X, max(MIN_INJECTED, len(X) // ROWS_PER_INJECTED), seed=self.config.seed)
+            self.injected_incidents_ = int((np.diff(labels, prepend=0) == 1).sum())
+            log.info("no labelled incident: learning from injected ones", extra={"count": self.injected_incidents_})
         features = entity_features(X, self.spec_).astype(np.float32)
         target = incident_target(labels, self.config.horizon)
-        if target.sum() == 0:
-            raise ValueError("ensemble: the training labels hold no incident; nothing to learn")
         cut = int(len(X) * (1 - self.config.val_fraction))
         if target[cut:].sum() == 0 or target[:cut].sum() == 0:
             # incidents only on one side of the split: fall back to an interleaved block split
@@ -134,6 +143,7 @@ class EnsembleDetector(Detector):
         boosters = train_boosters(features[fit_mask], target[fit_mask]) if train_boosters else {}
         self.fit_members(features[fit_mask], target[fit_mask], boosters)
         self.fit_vote(features[val_mask], target[val_mask])
+        self.validation_["injected_incidents"] = self.injected_incidents_
         if kinds is not None:
             self.fit_kinds(features, np.asarray(kinds), target)
         return self
@@ -177,7 +187,7 @@ class EnsembleDetector(Detector):
 
         res = minimize(loss, np.zeros(len(MEMBERS)), method="Nelder-Mead", options={"maxiter": 400})
         self.weights_ = softmax(res.x)
-        val_scores = P @ self.weights_
+        val_scores = self.calibration_scores_ = P @ self.weights_
         f1, thr = best_f1(y, val_scores)
         self.threshold_ = thr if np.isfinite(thr) else 0.5
         self.validation_ = {"f1": f1, "log_loss": float(res.fun), "rows": int(len(y)), "positives": int(y.sum())}

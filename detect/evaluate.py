@@ -1,8 +1,13 @@
 """Evaluation harness: fit each detector on an entity's train series, score its labelled test series.
 
-Reports, per (entity, detector): best point-wise F1 and PR-AUC first, then the F1 at the operational
-threshold (chosen on training data only), point-adjusted F1, event recall/precision at the
-operational threshold, and root-cause HitRate@100%/150% where interpretation labels exist.
+Reports, per (entity, detector): best point-wise F1 and PR-AUC first, then what an operator would
+receive. The operational threshold is SPOT's (detect/thresholds.py): fitted on the detector's
+calibration scores (training/validation, never test labels) and updated online over the test series
+in time order from its unlabelled scores. Rows above it are grouped into alerts (detect/alerting.py);
+event recall/precision and mean time to detect count those alerts. The old rule (the detector's stored
+threshold, the 99th percentile of validation scores) is kept beside it as `*_p99`. Root-cause
+HitRate@100%/150% where interpretation labels exist. A figure that cannot be computed is null, and
+`null_reason` says why; a detector that cannot score an entity leaves a null record, never an abort.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from typing import Any
 import numpy as np
 
 from detect import metrics as M
+from detect.alerting import online_alerts
 from detect.base import Detector
 from detect.bundle import detector_classes
 from detect.data import Series, load_benchmark
+from detect.thresholds import SPOT
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +36,31 @@ COLUMNS = [
     "f1",
     "pr_auc",
     "f1_operational",
+    "f1_operational_p99",
     "pa_f1",
     "event_recall",
     "event_precision",
+    "mttd_rows",
+    "alerts",
+    "event_recall_p99",
+    "event_precision_p99",
     "hitrate_100",
     "hitrate_150",
     "pr_auc_second_half",
 ]
+# figures that need an incident among the evaluated rows
+DETECTION_FIGURES = (
+    "f1",
+    "pr_auc",
+    "f1_operational",
+    "f1_operational_p99",
+    "pa_f1",
+    "event_recall",
+    "event_precision",
+    "mttd_rows",
+    "event_recall_p99",
+    "event_precision_p99",
+)
 
 
 def detector_factories() -> dict[str, Callable[[], Detector]]:
@@ -72,41 +97,99 @@ def evaluate_series(series: Series, detector: Detector) -> dict[str, Any]:
             detector.fit(train)
         t1 = time.perf_counter()
         scores = detector.score(test)
-        contributions = detector.explain(test) if series.interpretation else None
+        contributions = detector.explain(test)
     t2 = time.perf_counter()
     second_half_pr_auc = M.pr_auc(y[half:], scores[half:]) if y[half:].any() else None
     if supervised:
-        y, scores = y[half:], scores[half:]
-        contributions = contributions[half:] if contributions is not None else None
+        y, scores, contributions = y[half:], scores[half:], contributions[half:]
         interpretation = [(a - half, b - half, d) for a, b, d in series.interpretation if a >= half]
     else:
         interpretation = series.interpretation
-    f1, _ = M.best_f1(y, scores)
-    thr = detector.threshold_
-    event_recall, event_precision = M.event_scores(y, scores, thr)
     record: dict[str, Any] = {
         "dataset": series.dataset,
         "entity": series.entity,
         "detector": detector.name,
-        "f1": f1,
+        "f1": M.best_f1(y, scores)[0],
         "pr_auc": M.pr_auc(y, scores),
-        "f1_operational": M.f1_at(y, scores, thr),
-        "threshold": thr,
         "pa_f1": M.point_adjusted_f1(y, scores),
-        "event_recall": event_recall,
-        "event_precision": event_precision,
-        "hitrate_100": M.hitrate(contributions, interpretation, y, 100) if contributions is not None else None,
-        "hitrate_150": M.hitrate(contributions, interpretation, y, 150) if contributions is not None else None,
+        **operational_figures(y, scores, contributions, detector),
+        "hitrate_100": M.hitrate(contributions, interpretation, y, 100) if interpretation else None,
+        "hitrate_150": M.hitrate(contributions, interpretation, y, 150) if interpretation else None,
         "pr_auc_second_half": second_half_pr_auc,
         "eval_rows": "test[second half]" if supervised else "test",
+        # a supervised detector without a labelled incident to learn from learns from injected ones
+        "injected_incidents": getattr(detector, "injected_incidents_", None),
         "anomaly_ratio": float(y.mean()),
         "fit_seconds": round(t1 - t0, 3),
         "score_seconds": round(t2 - t1, 3),
     }
-    if not y.any():  # no incident in the evaluated rows: detection figures are undefined, not zero
-        for key in ("f1", "pr_auc", "f1_operational", "pa_f1", "event_recall", "event_precision"):
+    return with_null_reasons(record, bool(y.any()), bool(interpretation))
+
+
+def operational_figures(
+    labels: np.ndarray, scores: np.ndarray, contributions: np.ndarray, detector: Detector
+) -> dict[str, Any]:
+    """What an operator receives: SPOT's online thresholds, the alerts they raise, and the old p99 rule."""
+    event_recall_p99, event_precision_p99 = M.event_scores(labels, scores, detector.threshold_)
+    figures: dict[str, Any] = {
+        "f1_operational_p99": M.f1_at(labels, scores, detector.threshold_),
+        "event_recall_p99": event_recall_p99,
+        "event_precision_p99": event_precision_p99,
+        "threshold": detector.threshold_,
+        "null_reason": {},
+    }
+    try:
+        spot = SPOT().fit(detector.calibration_scores_)
+    except ValueError as exc:  # too few calibration scores for a tail fit: these figures cannot exist
+        for key in ("f1_operational", "event_recall", "event_precision", "mttd_rows", "alerts"):
+            figures[key] = None
+            figures["null_reason"][key] = str(exc)
+        return figures
+    thresholds, alerts = online_alerts(scores, spot, contributions)  # time order, no labels
+    event_recall, event_precision, mttd = M.alert_scores(labels, alerts)
+    return {
+        **figures,
+        "f1_operational": M.f1_at(labels, scores, thresholds),
+        "event_recall": event_recall,
+        "event_precision": event_precision,
+        "mttd_rows": mttd,
+        "alerts": len(alerts),
+        "threshold_spot_final": spot.threshold_,
+    }
+
+
+def with_null_reasons(record: dict[str, Any], has_incident: bool, has_interpretation: bool) -> dict[str, Any]:
+    """Null the figures the evaluated rows cannot define, and say why in `null_reason`."""
+    reasons: dict[str, str] = record.get("null_reason", {})
+    if not has_incident:  # detection figures are undefined, not zero
+        for key in DETECTION_FIGURES:
             record[key] = None
+            reasons[key] = "no incident in the evaluated rows"
+    if record.get("mttd_rows") is None and "mttd_rows" not in reasons:
+        reasons["mttd_rows"] = "no incident was alerted on"
+    for key in ("hitrate_100", "hitrate_150"):
+        if not has_interpretation:
+            reasons[key] = "no root-cause labels (interpretation.txt) for the evaluated rows"
+        elif record[key] is None or math.isnan(record[key]):
+            record[key] = None
+            reasons[key] = "no labelled row inside an interpreted segment"
+    if record.get("pr_auc_second_half") is None:
+        reasons["pr_auc_second_half"] = "no incident in the second half"
+    record["null_reason"] = reasons
     return record
+
+
+def failed_record(series: Series, name: str, exc: Exception) -> dict[str, Any]:
+    """A detector that cannot score an entity: every figure null, with the reason."""
+    reason = f"{type(exc).__name__}: {exc}"
+    return {
+        "dataset": series.dataset,
+        "entity": series.entity,
+        "detector": name,
+        **dict.fromkeys(COLUMNS),
+        "error": reason,
+        "null_reason": dict.fromkeys(COLUMNS, reason),
+    }
 
 
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -114,7 +197,7 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for name in dict.fromkeys(r["detector"] for r in results):
         rows = [r for r in results if r["detector"] == name]
-        mean = {"detector": name, "entities": len(rows)}
+        mean = {"detector": name, "entities": len(rows), "not_scored": sum("error" in r for r in rows)}
         for col in COLUMNS:
             vals = [r[col] for r in rows if r.get(col) is not None and not math.isnan(r[col])]
             mean[col] = float(np.mean(vals)) if vals else None
@@ -135,8 +218,13 @@ def evaluate(
         for name in detectors:
             if progress:
                 progress(f"{series.name}: {name}")
-            record = evaluate_series(series, factories[name]())
-            log.info("evaluated", extra=record)
+            try:
+                record = evaluate_series(series, factories[name]())
+            except Exception as exc:  # one entity a detector cannot score must not cost the whole run
+                log.warning("not evaluated", extra={"entity": series.name, "detector": name, "error": str(exc)})
+                record = failed_record(series, name, exc)
+            else:
+                log.info("evaluated", extra=record)
             results.append(record)
     return {"results": results, "summary": summarise(results), "data": str(data_dir), "detectors": detectors}
 
@@ -162,7 +250,11 @@ def markdown_table(report: dict[str, Any]) -> str:
         )
     note = (
         "\nf1, pr_auc, pa_f1: best threshold over the whole PR curve (point-wise; pa_f1 point-adjusted). "
-        "f1_operational, event_*: threshold chosen on training data only. hitrate_*: root-cause ranking. "
+        "f1_operational: rows at or above SPOT's threshold (risk 1e-3, fitted on validation scores, "
+        "updated online from unlabelled test scores). event_recall, event_precision, mttd_rows, alerts: "
+        "alerts (3 of 5 rows above threshold, resolved after 10 quiet rows), mean rows from incident start "
+        "to the alert. *_p99: the old rule (the detector's stored threshold; rows and row runs). "
+        "hitrate_*: root-cause ranking. "
         "pr_auc_second_half: PR-AUC on the second half of each test series, where the supervised ensemble "
         "(trained on the first half) is evaluated; the ensemble's other figures also cover that half only."
     )

@@ -7,9 +7,13 @@ precision_recall_curve).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve
+
+if TYPE_CHECKING:
+    from detect.alerting import Alert
 
 
 def segments(labels: np.ndarray) -> list[tuple[int, int]]:
@@ -87,6 +91,24 @@ def event_scores(labels: np.ndarray, scores: np.ndarray, threshold: float) -> tu
     recall = float(np.mean([pred[a:b].any() for a, b in true_segs])) if true_segs else 0.0
     precision = float(np.mean([y[a:b].any() for a, b in pred_segs])) if pred_segs else 0.0
     return recall, precision
+
+
+def alert_scores(labels: np.ndarray, alerts: Sequence[Alert]) -> tuple[float, float, float | None]:
+    """(event recall, event precision, mean time to detect in rows) counting alerts, not rows.
+
+    Recall: share of incidents that an alert episode (first to last above-threshold row) overlaps.
+    Precision: share of alerts that overlap an incident. Time to detect: rows from an incident's start
+    to the row its first overlapping alert was raised (0 when raised before the incident began);
+    None when no incident is detected.
+    """
+    true_segs = segments(labels)
+    overlaps = [[a for a in alerts if a.start < stop and start <= a.end] for start, stop in true_segs]
+    recall = float(np.mean([bool(hit) for hit in overlaps])) if true_segs else 0.0
+    precision = (
+        float(np.mean([any(a.start < b and s <= a.end for s, b in true_segs) for a in alerts])) if alerts else 0.0
+    )
+    delays = [max(0, min(a.opened for a in hit) - start) for (start, _), hit in zip(true_segs, overlaps) if hit]
+    return recall, precision, float(np.mean(delays)) if delays else None
 
 
 def hitrate(

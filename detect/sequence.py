@@ -215,7 +215,8 @@ class SequenceDetector(Detector):
         self.history_ = history
         val_err = batched_error(self.kind, self.network_, val_windows)
         self.error_scale_ = np.maximum(val_err.mean(axis=0), 1e-2)
-        self.threshold_ = operational_threshold(self._score_from_error(val_err), self.threshold_quantile)
+        self.calibration_scores_ = self._score_from_error(val_err / self.error_scale_)
+        self.threshold_ = operational_threshold(self.calibration_scores_, self.threshold_quantile)
         return self
 
     # -- Detector interface --------------------------------------------------------------------------

@@ -146,6 +146,38 @@ def _place_incidents(
     return sorted(placed, key=lambda p: p.start)
 
 
+def inject_incidents(
+    X: np.ndarray,
+    count: int,
+    length: tuple[int, int] = (30, 120),
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A copy of one entity's (rows, metrics) telemetry with `count` incidents in the generator's shapes.
+
+    Each incident takes a kind of INCIDENT_KINDS and moves as many randomly chosen columns as that kind
+    moves metrics, with the kind's shapes (step or ramp) and sizes in multiples of each column's own
+    standard deviation. For telemetry whose metric names are unknown (e.g. anonymised m00, m01, ...).
+    Returns (telemetry, labels).
+    """
+    X = np.array(X, dtype=np.float64)
+    # room for every incident and the gaps between them: shorten incidents on a short series
+    longest = min(length[1], len(X) // (4 * max(count, 1)))
+    if longest < 5:
+        raise ValueError(f"{len(X)} rows are too few to inject {count} incidents into")
+    length = (min(length[0], longest), longest)
+    rng = np.random.default_rng(seed)
+    spread = np.maximum(X.std(axis=0), 1e-3)  # a column constant here still moves
+    labels = np.zeros(len(X), dtype=np.int8)
+    placed = _place_incidents("entity", len(X), count, length, list(INCIDENT_KINDS), list(METRICS), rng)
+    for inc in placed:
+        columns = rng.choice(X.shape[1], size=min(len(inc.metrics), X.shape[1]), replace=False)
+        for column, metric in zip(columns, inc.metrics):
+            shape, size = INCIDENT_KINDS[inc.kind][metric]
+            X[inc.start : inc.stop, column] += size * spread[column] * _shape(shape, inc.stop - inc.start)
+        labels[inc.start : inc.stop] = 1
+    return X, labels
+
+
 DriftKind = Literal["mean_shift", "variance", "seasonality"]
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cli.main import main
@@ -41,10 +43,19 @@ def test_records_hold_every_figure(report):
         "event_precision",
         "hitrate_100",
         "hitrate_150",
+        "f1_operational_p99",
+        "mttd_rows",
+        "alerts",
+        "null_reason",
     }
     for record in report["results"]:
         assert keys <= set(record)
-        assert 0 <= record["f1_operational"] <= record["f1"] + 1e-12  # the best threshold bounds any other
+        # the best single threshold bounds any other single one (SPOT's moves online, so it is not bound)
+        assert 0 <= record["f1_operational_p99"] <= record["f1"] + 1e-12
+        assert 0 <= record["f1_operational"] <= 1
+        assert record["alerts"] >= 0 and 0 <= record["event_precision"] <= 1
+        assert record["mttd_rows"] is None or record["mttd_rows"] >= 0
+        assert (record["mttd_rows"] is None) == ("mttd_rows" in record["null_reason"])
         assert record["pa_f1"] >= record["f1"] - 1e-12
         assert 0 <= record["hitrate_100"] <= record["hitrate_150"] <= 1
     pca = [r for r in report["results"] if r["detector"] == "pca"]
@@ -92,3 +103,45 @@ def test_cli_rejects_unknown_detector_and_missing_data(tmp_path, capsys):
     assert "no <dataset>/<entity>/test.csv.gz found" in capsys.readouterr().err
     assert main(["evaluate", "--detectors", "magic"]) == 2
     assert "unknown detector(s) ['magic']" in capsys.readouterr().err
+
+
+def write_entity(folder, rng, incident_rows, rows=2000):
+    """A small entity in the shipped layout: 4 metrics with a daily-like cycle; test labels as given."""
+    folder.mkdir(parents=True)
+    t = np.arange(rows)
+    for name, labels in (("train", None), ("test", incident_rows)):
+        values = np.sin(2 * np.pi * t[:, None] / 300 + np.arange(4)) + rng.normal(0, 0.1, (rows, 4))
+        frame = pd.DataFrame(values, columns=[f"m{i:02d}" for i in range(4)]).assign(t=t)
+        if labels is not None:
+            a, b = labels
+            frame.loc[a:b, "m01"] += 4.0
+            frame["label"] = ((t >= a) & (t <= b)).astype(int)
+        with gzip.open(folder / f"{name}.csv.gz", "wt") as fh:
+            frame.to_csv(fh, index=False)
+
+
+def test_evaluate_completes_on_entities_without_an_incident_in_the_first_half(tmp_path):
+    rng = np.random.default_rng(0)
+    write_entity(tmp_path / "toy" / "late-incident", rng, (1500, 1560))  # nothing in the first half
+    write_entity(tmp_path / "toy" / "early-incident", rng, (300, 360))  # nothing in the second half
+    write_entity(tmp_path / "toy" / "tiny", rng, (30, 35), rows=40)  # 20 rows to learn from: too few
+    report = evaluate(tmp_path, ["pca", "ensemble"])
+    records = {(r["entity"], r["detector"]): r for r in report["results"]}
+    entities = ("late-incident", "early-incident", "tiny")
+    assert set(records) == {(e, d) for e in entities for d in ("pca", "ensemble")}
+    # the ensemble learns from the first half: with no incident there it learns from injected ones
+    late = records["late-incident", "ensemble"]
+    assert late["injected_incidents"] >= 4 and late["f1"] > 0 and late["f1_operational_p99"] is not None
+    # its 300 validation scores are too few for a tail fit: those figures are null, and say so
+    assert late["event_recall"] is None and "too few" in late["null_reason"]["event_recall"]
+    early = records["early-incident", "ensemble"]  # it learns, but has no incident left to be judged on
+    assert early["injected_incidents"] == 0
+    assert early["f1"] is None and early["null_reason"]["f1"] == "no incident in the evaluated rows"
+    tiny = records["tiny", "ensemble"]  # it cannot learn at all: a null record with the reason, and on
+    assert all(tiny[c] is None for c in ("f1", "pr_auc", "f1_operational", "event_precision"))
+    assert "too few to inject" in tiny["null_reason"]["f1_operational"]
+    pca = records["late-incident", "pca"]
+    assert pca["f1"] > 0.5 and pca["event_recall"] == 1.0  # the other detector's figures are all there
+    assert "hitrate_150" in pca["null_reason"]  # no interpretation.txt
+    summary = {s["detector"]: s for s in report["summary"]}
+    assert summary["ensemble"]["not_scored"] == 1 and summary["pca"]["not_scored"] == 0

@@ -86,3 +86,23 @@ def test_drift_injector_mean_variance_seasonality(fleets):
         inject_drift(frame, "tilt", ["cpu"], start)
     with pytest.raises(ValueError, match=r"\['gpu'\] are not columns"):
         inject_drift(frame, "mean_shift", ["gpu"], start)
+
+
+def test_inject_incidents_moves_columns_by_their_own_spread_and_labels_them():
+    from detect.metrics import segments
+    from detect.synthetic import inject_incidents
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(0, 1, (5000, 6)) * np.array([1, 2, 3, 4, 5, 6])
+    moved, labels = inject_incidents(X, count=5, seed=1)
+    incidents = segments(labels)
+    assert len(incidents) == 5 and all(30 <= b - a <= 120 for a, b in incidents)
+    assert np.array_equal(moved[labels == 0], X[labels == 0])  # normal rows are untouched
+    for a, b in incidents:
+        shift = np.abs(moved[a:b] - X[a:b]).max(axis=0) / X.std(axis=0)
+        assert 2 <= (shift > 0).sum() <= 3  # each kind moves 2 or 3 metrics
+        assert shift.max() >= 4  # by at least 4 of that metric's standard deviations
+    again, labels_again = inject_incidents(X, count=5, seed=1)
+    assert np.array_equal(again, moved) and np.array_equal(labels_again, labels)  # deterministic
+    with pytest.raises(ValueError, match="too few"):
+        inject_incidents(X[:50], count=4)

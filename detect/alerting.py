@@ -1,0 +1,172 @@
+"""Alerts, not rows: group above-threshold rows into alert episodes an operator receives once.
+
+An alert opens when at least k of the last n rows score at or above their threshold (a single
+spike does not page anyone) and resolves after `clear` consecutive rows below it (hysteresis: a
+score that flaps around the threshold stays one alert). One episode carries its first and last
+above-threshold rows, the row it was raised at, its peak score and the metrics that explain it.
+
+`AlertGrouper` is pure and streams one row at a time (serving, the Prometheus exporter); `group_alerts`
+runs it over a whole series (evaluation). Both give the same alerts.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from detect.thresholds import SPOT
+
+#: k of n: 3 of the last 5 rows above threshold raise an alert
+DEFAULT_K, DEFAULT_N = 3, 5
+#: an alert resolves after this many consecutive rows below the threshold
+DEFAULT_CLEAR = 10
+#: metrics named in an alert
+DEFAULT_TOP = 3
+
+Transition = Literal["opened", "closed"]
+
+
+@dataclass(frozen=True)
+class Alert:
+    start: int  # first above-threshold row of the window that raised it
+    opened: int  # the row at which it was raised (time to detect counts to here)
+    end: int  # last above-threshold row
+    closed: int | None  # the row at which it resolved; None while it still fires
+    peak_score: float
+    peak_row: int
+    top_metrics: tuple[int, ...] = ()  # metric indices, largest summed contribution over its rows first
+
+    @property
+    def rows(self) -> tuple[int, int]:
+        """The episode as (start, stop) with stop exclusive."""
+        return self.start, self.end + 1
+
+
+@dataclass
+class _Open:
+    start: int
+    opened: int
+    end: int
+    peak_score: float
+    peak_row: int
+    contribution: np.ndarray | None = None
+
+
+@dataclass
+class AlertGrouper:
+    """Streaming k-of-n alert grouping with a quiet-period hysteresis. Feed rows in time order."""
+
+    k: int = DEFAULT_K
+    n: int = DEFAULT_N
+    clear: int = DEFAULT_CLEAR
+    top: int = DEFAULT_TOP
+    row_: int = field(init=False, default=-1)
+    current_: _Open | None = field(init=False, default=None)
+    _window: deque = field(init=False, repr=False)
+    _quiet: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= self.n:
+            raise ValueError(f"alerting: need 1 <= k <= n, got k={self.k}, n={self.n}")
+        if self.clear < 1:
+            raise ValueError(f"alerting: clear must be >= 1 row, got {self.clear}")
+        self._window = deque(maxlen=self.n)  # (row, score, contributions) of the last n rows
+
+    @property
+    def firing(self) -> Alert | None:
+        """The alert now open, as it stands (closed is None)."""
+        return self._snapshot(None) if self.current_ else None
+
+    def update(
+        self, score: float, threshold: float, contributions: np.ndarray | None = None
+    ) -> tuple[Transition, Alert] | None:
+        """Take the next row; returns ("opened" | "closed", alert) when this row changes the state."""
+        self.row_ += 1
+        above = score >= threshold
+        contrib = None if contributions is None else np.asarray(contributions, dtype=np.float64)
+        self._window.append((self.row_, float(score), contrib, above))
+        if self.current_ is None:
+            return self._maybe_open()
+        if above:
+            self._extend(self.row_, float(score), contrib)
+            self._quiet = 0
+            return None
+        self._quiet += 1
+        if self._quiet < self.clear:
+            return None
+        alert = self._snapshot(self.row_)
+        self.current_, self._quiet = None, 0
+        self._window.clear()  # the rows that closed it must not count towards the next alert
+        return "closed", alert
+
+    def _maybe_open(self) -> tuple[Transition, Alert] | None:
+        hot = [(r, s, c) for r, s, c, a in self._window if a]
+        if len(hot) < self.k:
+            return None
+        first = hot[0]
+        self.current_ = _Open(start=first[0], opened=self.row_, end=first[0], peak_score=first[1], peak_row=first[0])
+        for r, s, c in hot:
+            self._extend(r, s, c)
+        self._quiet = 0
+        return "opened", self._snapshot(None)
+
+    def _extend(self, row: int, score: float, contrib: np.ndarray | None) -> None:
+        cur = self.current_
+        cur.end = row
+        if score > cur.peak_score:
+            cur.peak_score, cur.peak_row = score, row
+        if contrib is not None:
+            cur.contribution = contrib.copy() if cur.contribution is None else cur.contribution + contrib
+
+    def _snapshot(self, closed: int | None) -> Alert:
+        cur = self.current_
+        top: tuple[int, ...] = ()
+        if cur.contribution is not None:
+            top = tuple(int(i) for i in np.argsort(-cur.contribution, kind="stable")[: self.top])
+        return Alert(cur.start, cur.opened, cur.end, closed, cur.peak_score, cur.peak_row, top)
+
+
+def group_alerts(
+    scores: np.ndarray,
+    thresholds: np.ndarray | float,
+    contributions: np.ndarray | None = None,
+    grouper: AlertGrouper | None = None,
+) -> list[Alert]:
+    """Every alert of a time-ordered series, the last one possibly still firing (closed None)."""
+    grouper = grouper or AlertGrouper()
+    scores = np.asarray(scores, dtype=np.float64)
+    thresholds = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), scores.shape)
+    alerts = []
+    for i, (s, t) in enumerate(zip(scores, thresholds)):
+        change = grouper.update(s, t, None if contributions is None else contributions[i])
+        if change and change[0] == "closed":
+            alerts.append(change[1])
+    if grouper.firing:
+        alerts.append(grouper.firing)
+    return alerts
+
+
+def online_alerts(
+    scores: np.ndarray,
+    spot: SPOT,
+    contributions: np.ndarray | None = None,
+    grouper: AlertGrouper | None = None,
+) -> tuple[np.ndarray, list[Alert]]:
+    """Judge a time-ordered series as serving would: each row against SPOT's current threshold, then
+    SPOT learns from the row unless an alert is firing (rows of an incident must not raise the bar
+    that detects it). Returns the threshold per row and the alerts."""
+    grouper = grouper or AlertGrouper()
+    thresholds = np.empty(len(scores))
+    alerts = []
+    for i, score in enumerate(np.asarray(scores, dtype=np.float64)):
+        thresholds[i] = spot.threshold_
+        change = grouper.update(score, thresholds[i], None if contributions is None else contributions[i])
+        if change and change[0] == "closed":
+            alerts.append(change[1])
+        spot.update(score, learn=grouper.firing is None)
+    if grouper.firing:
+        alerts.append(grouper.firing)
+    return thresholds, alerts

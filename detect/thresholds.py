@@ -1,0 +1,135 @@
+"""Operational thresholds from the tail of the score distribution: SPOT (Siffer et al., KDD 2017).
+
+Peaks over threshold: the scores above an initial threshold t (a high quantile of calibration
+scores) follow a generalised Pareto distribution (GPD). With its fitted shape gamma and scale sigma,
+the threshold that a normal score exceeds with probability q (the stated risk) is
+
+    z_q = t + sigma / gamma * ((q * n / N_t) ** -gamma - 1)      (gamma != 0)
+    z_q = t - sigma * log(q * n / N_t)                            (gamma == 0)
+
+with n scores seen and N_t of them above t. The streaming update learns from unlabelled scores only:
+a score above z_q is an alarm and is not learnt from (an incident must not raise its own bar); a
+score in (t, z_q] is a new peak and refits the GPD; any other score only counts in n.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+
+#: probability that a normal score exceeds the threshold (one false-alarm row in 1,000)
+DEFAULT_RISK = 1e-3
+#: quantile of the calibration scores that starts the peaks (as in SPOT's and OmniAnomaly's set-up)
+DEFAULT_LEVEL = 0.98
+#: fewer peaks than this give no usable tail fit: the threshold falls back to an empirical quantile
+MIN_PEAKS = 10
+
+
+def fit_gpd(peaks: np.ndarray) -> tuple[float, float]:
+    """Maximum-likelihood (gamma, sigma) of a GPD on excesses `peaks` > 0 (Grimshaw's reduction).
+
+    For theta = gamma / sigma the likelihood is maximised in closed form at
+    gamma(theta) = mean(log(1 + theta * y)), which leaves a one-dimensional profile in theta; it is
+    searched on a grid over Grimshaw's bounds and refined between the best point's neighbours, then
+    the exponential case (gamma = 0) is compared.
+    """
+    y = np.asarray(peaks, dtype=np.float64)
+    mean, ymax, ymin = float(y.mean()), float(y.max()), max(float(y.min()), 1e-12)
+    n = len(y)
+    # theta must keep 1 + theta * y > 0; Grimshaw bounds the root search by these ends
+    lower = -1.0 / ymax * (1 - 1e-6)
+    upper = 2.0 * (mean - ymin) / (ymin * ymin)
+    thetas = np.concatenate([np.linspace(lower, -1e-8, 100), np.geomspace(1e-8, max(upper, 1e-6), 100)])
+    profile = _profile(thetas, y)
+    best = int(np.argmax(profile))
+    if np.isfinite(profile[best]):
+        lo, hi = thetas[max(best - 1, 0)], thetas[min(best + 1, len(thetas) - 1)]
+        res = minimize_scalar(lambda th: -_profile(np.array([th]), y)[0], bounds=(lo, hi), method="bounded")
+        theta = float(res.x) if -res.fun > profile[best] else float(thetas[best])
+        loglik = max(-float(res.fun), float(profile[best]))
+    else:
+        theta, loglik = float("nan"), -math.inf
+    exponential = n * (-math.log(mean) - 1)  # gamma -> 0: sigma = mean excess
+    if exponential >= loglik:
+        return 0.0, mean
+    gamma = float(np.log1p(theta * y).mean())
+    return gamma, gamma / theta
+
+
+def _profile(thetas: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Profile log-likelihood of the GPD at each theta (-inf where theta is not admissible)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gammas = np.log1p(np.outer(thetas, y)).mean(axis=1)
+        profile = len(y) * (-np.log(gammas / thetas) - gammas - 1)
+    return np.where(np.isfinite(profile) & (gammas / thetas > 0), profile, -np.inf)
+
+
+def tail_quantile(t: float, gamma: float, sigma: float, risk: float, n: int, n_peaks: int) -> float:
+    """The score exceeded with probability `risk`, from the GPD over t."""
+    r = risk * n / n_peaks
+    if abs(gamma) < 1e-9:
+        return t - sigma * math.log(r)
+    return t + sigma / gamma * (r ** (-gamma) - 1)
+
+
+@dataclass
+class SPOT:
+    """Streaming peaks-over-threshold: `fit(calibration_scores)`, then `update(score)` or `run(scores)`."""
+
+    risk: float = DEFAULT_RISK
+    level: float = DEFAULT_LEVEL
+    initial_threshold_: float = field(init=False, default=math.nan)
+    threshold_: float = field(init=False, default=math.nan)
+    n_: int = field(init=False, default=0)
+    peaks_: list[float] = field(init=False, default_factory=list)
+    gpd_: tuple[float, float] = field(init=False, default=(0.0, 0.0))
+
+    def fit(self, initial_scores: np.ndarray) -> SPOT:
+        """Initial threshold t and GPD from calibration scores (training/validation, never test labels)."""
+        if not 0 < self.risk < 1 - self.level:
+            raise ValueError(f"SPOT: risk must be in (0, 1 - level) = (0, {1 - self.level:g}), got {self.risk}")
+        scores = np.asarray(initial_scores, dtype=np.float64)
+        scores = scores[np.isfinite(scores)]
+        if len(scores) < MIN_PEAKS / (1 - self.level):
+            raise ValueError(f"SPOT: {len(scores)} calibration scores are too few for level {self.level}")
+        self.initial_threshold_ = float(np.quantile(scores, self.level))
+        self.peaks_ = (scores[scores > self.initial_threshold_] - self.initial_threshold_).tolist()
+        self.n_ = len(scores)
+        self._calibration = scores  # for the empirical fallback when the tail is degenerate
+        self._refit()
+        return self
+
+    def _refit(self) -> None:
+        peaks = np.asarray(self.peaks_)
+        if len(peaks) < MIN_PEAKS or float(peaks.max()) <= 0:
+            # a near-constant tail (e.g. a bounded probability) has no GPD: use the empirical quantile
+            self.gpd_ = (0.0, 0.0)
+            self.threshold_ = float(np.quantile(self._calibration, 1 - self.risk))
+            return
+        self.gpd_ = fit_gpd(peaks)
+        gamma, sigma = self.gpd_
+        self.threshold_ = tail_quantile(self.initial_threshold_, gamma, sigma, self.risk, self.n_, len(peaks))
+
+    def update(self, score: float, learn: bool = True) -> float:
+        """Judge one unlabelled score and learn from it; returns the threshold it was judged against.
+
+        `learn=False` judges without learning: the caller knows the row belongs to an alarm (an alert
+        still firing), which must not raise its own bar either.
+        """
+        if math.isnan(self.threshold_):
+            raise RuntimeError("SPOT: call fit() first")
+        judged_against = self.threshold_
+        if score > judged_against or not learn:
+            return judged_against  # an alarm: not learnt from
+        self.n_ += 1
+        if score > self.initial_threshold_:
+            self.peaks_.append(float(score - self.initial_threshold_))
+            self._refit()
+        return judged_against
+
+    def run(self, scores: np.ndarray) -> np.ndarray:
+        """The threshold each score of a time-ordered series is judged against, updating as it goes."""
+        return np.array([self.update(float(s)) for s in np.asarray(scores, dtype=np.float64)])

@@ -1,0 +1,69 @@
+"""SPOT thresholds against analytic tail quantiles, and its streaming rule (alarms are not learnt)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from detect.thresholds import SPOT, fit_gpd
+
+
+@pytest.mark.parametrize("gamma", [-0.3, 0.0, 0.3])
+def test_gpd_fit_recovers_shape_and_scale(gamma):
+    peaks = stats.genpareto.rvs(gamma, scale=2.0, size=5000, random_state=1)
+    fitted_gamma, sigma = fit_gpd(peaks)
+    assert fitted_gamma == pytest.approx(gamma, abs=0.06)
+    assert sigma == pytest.approx(2.0, rel=0.08)
+    # it is the maximum of the likelihood: scipy's own fit is no better
+    ref = stats.genpareto.fit(peaks, floc=0)
+    ours = stats.genpareto.logpdf(peaks, fitted_gamma, scale=sigma).sum()
+    assert ours >= stats.genpareto.logpdf(peaks, ref[0], scale=ref[2]).sum() - 1e-3
+
+
+@pytest.mark.parametrize(
+    ("sample", "risk", "quantile"),
+    [
+        (lambda rng: rng.exponential(1.0, 50_000), 1e-4, -math.log(1e-4)),  # light tail, gamma = 0
+        (lambda rng: rng.pareto(3.0, 50_000), 1e-4, (1e-4) ** (-1 / 3) - 1),  # heavy tail, gamma = 1/3
+        (lambda rng: rng.standard_t(5, 50_000), 1e-3, stats.t.ppf(1 - 1e-3, 5)),
+    ],
+)
+def test_threshold_is_near_the_analytic_quantile(sample, risk, quantile):
+    scores = sample(np.random.default_rng(0))
+    spot = SPOT(risk=risk).fit(scores)
+    assert spot.threshold_ == pytest.approx(quantile, rel=0.15)
+    # extrapolated beyond what the sample's empirical quantile at that risk can resolve reliably,
+    # and well above the 98% quantile it starts from
+    assert spot.threshold_ > spot.initial_threshold_ * 1.2
+
+
+def test_streaming_learns_from_normal_scores_but_not_from_alarms():
+    rng = np.random.default_rng(3)
+    spot = SPOT(risk=1e-3).fit(rng.exponential(1.0, 20_000))
+    start, peaks = spot.threshold_, len(spot.peaks_)
+    judged = spot.run(np.full(50, 1e6))  # a burst of alarms
+    assert np.all(judged == start) and spot.threshold_ == start and len(spot.peaks_) == peaks
+    spot.update(spot.initial_threshold_ + 0.5, learn=False)  # a row of a firing alert
+    assert len(spot.peaks_) == peaks
+    judged = spot.run(rng.exponential(1.0, 20_000))  # more normal data keeps it near -log(1e-3)
+    assert judged[0] == start
+    assert len(spot.peaks_) > peaks
+    assert spot.threshold_ == pytest.approx(-math.log(1e-3), rel=0.15)
+
+
+def test_a_degenerate_tail_falls_back_to_the_empirical_quantile():
+    scores = np.r_[np.zeros(995), np.ones(5)]  # e.g. a probability pinned at 0, rarely 1: 5 peaks
+    spot = SPOT(risk=1e-3).fit(scores)
+    assert spot.threshold_ == pytest.approx(np.quantile(scores, 1 - 1e-3))
+
+
+def test_rejects_a_risk_outside_the_tail_and_too_few_scores():
+    with pytest.raises(ValueError, match="risk must be in"):
+        SPOT(risk=0.05).fit(np.arange(1000.0))
+    with pytest.raises(ValueError, match="too few"):
+        SPOT().fit(np.arange(100.0))
+    with pytest.raises(RuntimeError, match="fit"):
+        SPOT().update(1.0)
