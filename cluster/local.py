@@ -1,7 +1,7 @@
 """A local Ray head started the way an operator starts one (`ray start --head`), with its dashboard
-and job server. `raywatch up` takes Ray's default ports when they are free (so `ray status`,
-`serve status` and `ray job submit` find it as a Ray user expects); tests take free ports so they never
-clash with another Ray on the machine.
+and job server. `raywatch up` takes Ray's default ports when they are free (`serve status` looks for the
+dashboard on 8265); tests take free ports so they never clash with another Ray on the machine. Each
+head keeps a private Ray temp dir, so Ray's clients find it through `.raywatch/env` (RAY_ADDRESS).
 
 `ray.init()` alone gives no job agent to submit to ("No available agent to submit job"), so the
 retraining loop, its tests and benchmarks run on a head like this one. `ray start --block` runs in
