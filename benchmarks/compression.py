@@ -48,16 +48,15 @@ def time_batch(fn) -> tuple[float, float]:
 
 def bench_model(model: str, data_dir: str | None) -> list[dict]:
     from detect.data import load_series
-    from detect.features import entity_features, entity_windows
     from train import registry
     from train.compress import compress_model
-    from train.kinds import runtime_for
+    from train.kinds import kind_named, runtime_for
     from train.pipeline import train_model
 
     if registry.alias_version(model, registry.CHAMPION) is None:
         print(f"{model}: no champion in {registry.tracking_uri()}, training one", file=sys.stderr)
         train_model(model, data_dir, progress=lambda m: print(m, file=sys.stderr))
-    variants = ("student",) if model == "ensemble" else ("int8", "student")
+    variants = tuple(v for v in ("int8", "student") if v in kind_named(model).compressions)
     result = compress_model(
         model,
         data_dir=data_dir,
@@ -73,12 +72,8 @@ def bench_model(model: str, data_dir: str | None) -> list[dict]:
     rows = []
     for variant, figures in result["summary"].items():
         runtime = runtime_for(det, result["graphs"][variant][SPEED_ENTITY])
-        if model == "ensemble":
-            features = entity_features(test, det.spec_).astype(np.float32)
-            rate, p50 = time_batch(lambda r=runtime, f=features: r.probability(f))
-        else:
-            windows = entity_windows(test, det.spec_)
-            rate, p50 = time_batch(lambda r=runtime, w=windows: r.errors(w))
+        inputs = runtime.graph_inputs(test)
+        rate, p50 = time_batch(lambda r=runtime, x=inputs: r.run_graphs(x))
         retention = figures.get("retention")
         rows.append(
             {

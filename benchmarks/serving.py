@@ -436,8 +436,6 @@ def inprocess(
     """The registered champion's ONNX Runtime scorer (one thread, as in a replica), called in process;
     `only` (work, mode) pairs; `serve_mode` labels a reference measured inside that mode's run."""
     from detect import runtime as runtime_module
-    from detect.features import entity_features, entity_windows
-    from detect.runtime import EnsembleRuntime
     from serve.detectors import load_slot
 
     parallel_rows = runtime_module.PARALLEL_ROWS
@@ -448,12 +446,8 @@ def inprocess(
         model = load_slot(name, "champion").entities[ENTITY]
         runtime = model.runtime
         history = values[: BATCH_ROWS + model.context_rows]  # context rows, then the rows scored
-        if isinstance(runtime, EnsembleRuntime):
-            inputs = entity_features(history, runtime.spec)[-BATCH_ROWS:].astype(np.float32)
-            onnx = runtime.probability
-        else:
-            inputs = entity_windows(history, runtime.spec)[-BATCH_ROWS:]
-            onnx = runtime.errors
+        inputs = runtime.graph_inputs(history)[-BATCH_ROWS:]
+        onnx = runtime.run_graphs
         calls = {
             ("onnx", "batch"): lambda f=onnx, x=inputs: f(x),
             ("onnx", "single"): lambda f=onnx, x=inputs[-1:]: f(x),

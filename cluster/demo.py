@@ -17,12 +17,22 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
+import pandas as pd
+
+from cluster.lifecycle import read_state, up, urls
+from detect import metrics as M
+from detect.data import default_data_dir
+from detect.kinds import DETECTOR_KINDS
+from detect.synthetic import METRICS, generate_fleet
 
 DAY = 1440
 BATCH = 60  # one hour of samples per request
@@ -31,18 +41,12 @@ DRIFTED = ("cpu", "latency_p99")
 
 
 def _names() -> list[str]:
-    from detect.synthetic import METRICS
-
     return [m for m in METRICS if m != "disk_usage"]  # its fill trend is drift by construction
 
 
 def write_demo_data(root: Path, seed: int = 3) -> tuple[str, list[str], np.ndarray, np.ndarray]:
     """One synthetic machine, 7 days, in the shipped layout: train = days 1-3, test = days 4-7 (labelled;
     the ensemble learns from days 4-5). Returns (entity, metric columns, test rows, test labels)."""
-    import pandas as pd
-
-    from detect.synthetic import generate_fleet
-
     names = _names()
     fleet = generate_fleet(n_machines=1, n_steps=7 * DAY, metrics=names, incidents_per_machine=10, seed=seed)
     frame = fleet.frame
@@ -91,10 +95,8 @@ def _replay(
 
 
 def _quality(served: list[dict], labels: np.ndarray) -> dict[str, dict[str, float | None]]:
-    from detect import metrics as M
-
     out = {}
-    for name in ("autoencoder", "lstm", "ensemble"):
+    for name in DETECTOR_KINDS:
         scores = np.array([r["detectors"][name]["anomaly_score"] for r in served])
         flags = np.array([r["detectors"][name]["is_anomaly"] for r in served])
         has = labels.any()
@@ -112,13 +114,7 @@ def run_demo(
     port: int = 8000,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    import os
-    import shutil
-
-    import httpx
-
-    from cluster.lifecycle import read_state, up, urls
-    from detect.data import default_data_dir
+    # deferred: the detectors behind `evaluate` load torch, and the job client Ray; `raywatch --help` needs neither
     from detect.evaluate import evaluate, markdown_table, write_report
     from train import jobs
 

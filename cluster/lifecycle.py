@@ -19,6 +19,7 @@ from typing import Any
 
 from cluster.auth_token import require_token
 from cluster.local import RAY_DASHBOARD_PORT, RAY_GCS_PORT, LocalHead, group_alive, preferred_port
+from detect.kinds import traits_of
 from detect.state import state_dir
 
 APP = "raywatch"
@@ -62,7 +63,7 @@ def read_state() -> dict[str, Any] | None:
 
 def _connect(state: dict[str, Any]) -> str | None:
     """Connect this process to the cluster; returns its dashboard URL when Ray reports one."""
-    import ray
+    import ray  # deferred here and below: Ray, torch (train, serve) and MLflow load in seconds; `status --help` should not
 
     if ray.is_initialized():
         return state.get("dashboard")
@@ -134,7 +135,7 @@ def up(
     state.update(serve_port=port, mode=mode, state_dir=str(state_dir()), tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     _state_file().write_text(json.dumps(state, indent=2))  # written now: `down` can clean up a failed `up`
     dashboard = _connect(state)
-    from ray import serve
+    from ray import serve  # deferred (Ray, torch, MLflow): see _connect
 
     from monitoring import monitor as monitors
     from serve.app import build_app
@@ -144,8 +145,8 @@ def up(
     state["dashboard"] = state.get("dashboard") or dashboard
     for model in MODELS:
         if registry.alias_version(model, registry.CHAMPION) is None:
-            if source and model == "ensemble":
-                progress("no ensemble champion: not trained from a Prometheus source (it needs incident labels)")
+            if source and traits_of(model).learns_from_labels:
+                progress(f"no {model} champion: not trained from a Prometheus source (it needs incident labels)")
                 continue
             progress(f"no {model} champion in {registry.tracking_uri()}: training one")
             overrides = {"epochs": epochs} if epochs else {}
@@ -157,7 +158,7 @@ def up(
     for model in MODELS:
         monitors.get_or_create(model, (monitor or {}).get("config"), str(state_dir()))
     if source:
-        import ray
+        import ray  # deferred: see _connect
 
         from ingest.watch import start_actor
 
@@ -190,7 +191,7 @@ def status() -> dict[str, Any]:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ["MLFLOW_TRACKING_URI"] = state["tracking_uri"]
     _connect(state)
-    from ray import serve
+    from ray import serve  # deferred (Ray, MLflow): see _connect
 
     from monitoring.events import DriftEventStore
     from train import jobs, registry
@@ -209,7 +210,7 @@ def status() -> dict[str, Any]:
     out["models"] = {m: registry.versions(m) for m in MODELS}
     out["drift_events"] = DriftEventStore(Path(state["state_dir"]) / "drift.db").events(only_drift=True, limit=10)
     if state.get("watcher"):
-        import ray
+        import ray  # deferred: see _connect
 
         from ingest.watch import NAMESPACE as WATCH_NAMESPACE
 
@@ -237,7 +238,7 @@ def down(progress: Callable[[str], None] = print) -> dict[str, Any]:
     if head_alive or not state.get("started_head"):
         try:
             _connect(state)
-            import ray
+            import ray  # deferred: see _connect
             from ray import serve
 
             from monitoring import monitor as monitors

@@ -73,6 +73,14 @@ class SequenceRuntime:
         """(N, W, M) windows -> (N, M) normalised per-metric errors."""
         return self.session.run(["errors"], {"windows": np.ascontiguousarray(windows, dtype=np.float32)})[0]
 
+    def graph_inputs(self, X: np.ndarray) -> np.ndarray:
+        """What the graph reads for every row of a series: its windows."""
+        return entity_windows(np.asarray(X, dtype=np.float64), self.spec)
+
+    def run_graphs(self, inputs: np.ndarray) -> np.ndarray:
+        """The ONNX work alone, on `graph_inputs` (what benchmarks time against the served path)."""
+        return self.errors(inputs)
+
     def forecast_next(self, windows: np.ndarray) -> np.ndarray:
         if "forecast" not in self.outputs:
             raise ValueError("this graph has no forecast output (only the LSTM forecasts)")
@@ -147,8 +155,16 @@ class EnsembleRuntime:
             return members["student"].astype(np.float64)
         return sum(self.weights[name] * members[name].astype(np.float64) for name in self.weights)
 
+    def graph_inputs(self, X: np.ndarray) -> np.ndarray:
+        """What the graphs read for every row of a series: its engineered features."""
+        return entity_features(np.asarray(X, dtype=np.float64), self.spec).astype(np.float32)
+
+    def run_graphs(self, inputs: np.ndarray) -> np.ndarray:
+        """The ONNX work alone, on `graph_inputs`."""
+        return self.probability(inputs)
+
     def score_series(self, X: np.ndarray) -> np.ndarray:
-        return self.probability(entity_features(np.asarray(X, dtype=np.float64), self.spec))
+        return self.probability(self.graph_inputs(X))
 
     def score_tails(self, items: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(scores, incident probability (the same), per-metric contributions) of each item's last n rows."""

@@ -56,8 +56,52 @@ class SequenceConfig:
         return config_from_dict(cls, data)
 
 
-class WindowAutoencoder(nn.Module):
+class SequenceNetwork(nn.Module):
+    """What the sequence detectors, their export and their students need of a network: its estimate of
+    each window's newest row, its training loss, and the graph outputs serving reads. Each network
+    class is its kind's half of the plug-in; the detector never asks which one it holds."""
+
+    sees_newest_row: bool  # the autoencoder reconstructs the newest row; the forecaster predicts it unseen
+    second_output: str  # the scoring graph's second output, after the per-metric errors
+    config_fields: tuple[str, ...]  # the SequenceConfig fields that shape it (what Tune searches)
+
+    @classmethod
+    def build(cls, n_metrics: int, cfg: SequenceConfig) -> SequenceNetwork:
+        raise NotImplementedError
+
+    @staticmethod
+    def newest_of(output: torch.Tensor) -> torch.Tensor:
+        """The estimate of each window's newest row (z-scored, (n, M)) in the network's output."""
+        raise NotImplementedError
+
+    @staticmethod
+    def loss_of(output: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        """The training loss of an output. Training calls the (possibly DDP-wrapped) module and hands the
+        output here, so gradients are synchronised across Ray Train workers."""
+        raise NotImplementedError
+
+    def newest_row_estimate(self, windows: torch.Tensor) -> torch.Tensor:
+        return self.newest_of(self(windows))
+
+    def per_metric_error(self, windows: torch.Tensor) -> torch.Tensor:
+        """Squared error of each window's newest row, per metric: (n, M)."""
+        return (self.newest_row_estimate(windows) - windows[:, -1]) ** 2
+
+    def graph_outputs(
+        self, z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the ONNX scoring graph, from z-scored windows: (per-metric squared error of the newest row,
+        the `second_output`); `mean`/`std` turn a forecast back into telemetry units."""
+        estimate = self.newest_row_estimate(z)
+        return (estimate - z[:, -1]) ** 2, estimate
+
+
+class WindowAutoencoder(SequenceNetwork):
     """MLP autoencoder over a flattened (W x M) window."""
+
+    sees_newest_row = True
+    second_output = "reconstruction"  # of the newest row, z-units
+    config_fields = ("window", "hidden", "latent")
 
     def __init__(self, n_metrics: int, window: int, hidden: int = 128, latent: int = 16) -> None:
         super().__init__()
@@ -66,49 +110,67 @@ class WindowAutoencoder(nn.Module):
         self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, latent))
         self.decoder = nn.Sequential(nn.Linear(latent, hidden), nn.ReLU(), nn.Linear(hidden, d))
 
+    @classmethod
+    def build(cls, n_metrics: int, cfg: SequenceConfig) -> WindowAutoencoder:
+        return cls(n_metrics, cfg.window, cfg.hidden, cfg.latent)
+
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(windows)).view(-1, self.window, self.n_metrics)
 
+    @staticmethod
+    def newest_of(output: torch.Tensor) -> torch.Tensor:
+        return output[:, -1]
 
-class LSTMForecaster(nn.Module):
+    @staticmethod
+    def loss_of(output: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        """The autoencoder learns to reconstruct the whole window, not only the row it scores."""
+        return ((output - windows) ** 2).mean()
+
+
+class LSTMForecaster(SequenceNetwork):
     """Reads rows 0..W-2 of a window and forecasts row W-1."""
+
+    sees_newest_row = False
+    second_output = "forecast"  # of the row after the window, telemetry units
+    config_fields = ("window", "hidden", "layers")
 
     def __init__(self, n_metrics: int, hidden: int = 64, layers: int = 1) -> None:
         super().__init__()
         self.lstm = nn.LSTM(n_metrics, hidden, num_layers=layers, batch_first=True)
         self.head = nn.Linear(hidden, n_metrics)
 
+    @classmethod
+    def build(cls, n_metrics: int, cfg: SequenceConfig) -> LSTMForecaster:
+        return cls(n_metrics, cfg.hidden, cfg.layers)
+
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
         out, _ = self.lstm(windows[:, :-1])
         return self.head(out[:, -1])
 
+    @staticmethod
+    def newest_of(output: torch.Tensor) -> torch.Tensor:
+        return output
 
-def build_network(kind: str, n_metrics: int, cfg: SequenceConfig) -> nn.Module:
-    if kind == "autoencoder":
-        return WindowAutoencoder(n_metrics, cfg.window, cfg.hidden, cfg.latent)
-    if kind == "lstm":
-        return LSTMForecaster(n_metrics, cfg.hidden, cfg.layers)
-    raise ValueError(f"unknown sequence model {kind!r}")
+    @staticmethod
+    def loss_of(output: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        return ((output - windows[:, -1]) ** 2).mean()
 
-
-def per_metric_error(kind: str, model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
-    """Squared error of each window's last row, per metric: (n, M)."""
-    if kind == "autoencoder":
-        return (model(windows)[:, -1] - windows[:, -1]) ** 2
-    return (model(windows) - windows[:, -1]) ** 2
-
-
-def training_loss(kind: str, model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
-    """The autoencoder learns to reconstruct the whole window; the LSTM to forecast the last row."""
-    if kind == "autoencoder":
-        return ((model(windows) - windows) ** 2).mean()
-    return per_metric_error(kind, model, windows).mean()
+    def graph_outputs(
+        self, z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass over [windows; windows shifted by a row]: one LSTM node in the graph, so quantization
+        sees each weight once (forward() reads rows 0..W-2 of its input). The second half of the pass is
+        the forecast of the row after each window."""
+        shifted = torch.cat([z[:, 1:], z[:, -1:]], dim=1)
+        out = self(torch.cat([z, shifted], dim=0))
+        n = z.shape[0]
+        return (out[:n] - z[:, -1]) ** 2, out[n:] * std + mean
 
 
 @torch.no_grad()
-def batched_error(kind: str, model: nn.Module, windows: torch.Tensor, batch: int = 4096) -> np.ndarray:
+def batched_error(model: SequenceNetwork, windows: torch.Tensor, batch: int = 4096) -> np.ndarray:
     model.eval()
-    parts = [per_metric_error(kind, model, windows[i : i + batch]).float().cpu() for i in range(0, len(windows), batch)]
+    parts = [model.per_metric_error(windows[i : i + batch]).float().cpu() for i in range(0, len(windows), batch)]
     return torch.cat(parts).numpy().astype(np.float64)
 
 
@@ -116,7 +178,6 @@ EpochCallback = Callable[[int, dict[str, float], nn.Module, torch.optim.Optimize
 
 
 def train_epochs(
-    kind: str,
     model: nn.Module,
     train_windows: torch.Tensor,
     val_windows: torch.Tensor,
@@ -134,6 +195,7 @@ def train_epochs(
     `amp` turns on bfloat16 autocast (mixed precision) on GPU; on CPU it stays float32.
     """
     device = device or torch.device("cpu")
+    network: SequenceNetwork = getattr(model, "module", model)  # Ray Train wraps it in DDP with 2+ workers
     optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed + start_epoch)  # a resumed or stepped run reshuffles
     history = []
@@ -145,13 +207,13 @@ def train_epochs(
         for i in range(0, len(perm), cfg.batch_size):
             batch = train_windows[perm[i : i + cfg.batch_size]].to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-                loss = training_loss(kind, model, batch)
+                loss = network.loss_of(model(batch), batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(batch)
             seen += len(batch)
-        val_loss = float(batched_error(kind, model, val_windows.to(device)).mean()) if len(val_windows) else math.nan
+        val_loss = float(batched_error(network, val_windows.to(device)).mean()) if len(val_windows) else math.nan
         metrics = {
             "epoch": epoch,
             "train_loss": total / max(seen, 1),
@@ -159,7 +221,7 @@ def train_epochs(
             "rows_per_s": seen / (time.perf_counter() - t0),
         }
         history.append(metrics)
-        log.info("epoch done", extra={"model": kind, **metrics})
+        log.info("epoch done", extra={"model": type(network).__name__, **metrics})
         if on_epoch:
             on_epoch(epoch, metrics, model, optimizer)
     return history
@@ -183,7 +245,7 @@ class Scaler:
 class SequenceDetector(Detector):
     """Shared fit / score / explain / save / load of the autoencoder and the LSTM."""
 
-    kind: str
+    network_class: type[SequenceNetwork]
 
     def __init__(self, config: SequenceConfig | dict[str, Any] | None = None, **overrides: Any) -> None:
         cfg = config if isinstance(config, SequenceConfig) else SequenceConfig.from_dict(config or {})
@@ -207,13 +269,13 @@ class SequenceDetector(Detector):
 
     def new_network(self) -> nn.Module:
         torch.manual_seed(self.config.seed)
-        return build_network(self.kind, self.n_metrics_, self.config)
+        return self.network_class.build(self.n_metrics_, self.config)
 
     def finish(self, network: nn.Module, val_windows: torch.Tensor, history: list[dict[str, float]]) -> Detector:
         """Adopt trained weights; calibrate error normalisation and threshold on validation windows."""
         self.network_ = network.cpu().eval()
         self.history_ = history
-        val_err = batched_error(self.kind, self.network_, val_windows)
+        val_err = batched_error(self.network_, val_windows)
         self.error_scale_ = np.maximum(val_err.mean(axis=0), 1e-2)
         self.calibration_scores_ = self._score_from_error(val_err / self.error_scale_)
         self.threshold_ = operational_threshold(self.calibration_scores_, self.threshold_quantile)
@@ -223,14 +285,14 @@ class SequenceDetector(Detector):
     def fit(self, X: np.ndarray, metrics: list[str] | None = None) -> Detector:
         train_w, val_w = self.prepare(X, metrics)
         network = self.new_network()
-        history = train_epochs(self.kind, network, train_w, val_w, self.config)
+        history = train_epochs(network, train_w, val_w, self.config)
         return self.finish(network, val_w, history)
 
     def _windows(self, X: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(entity_windows(self.scaler_.transform(self._check(X)), self.spec_))
 
     def _normalised_error(self, X: np.ndarray) -> np.ndarray:
-        return batched_error(self.kind, self.network_, self._windows(X)) / self.error_scale_
+        return batched_error(self.network_, self._windows(X)) / self.error_scale_
 
     def _score_from_error(self, err: np.ndarray) -> np.ndarray:
         return smooth_causal(err.sum(axis=1), self.config.smooth)
@@ -253,19 +315,19 @@ class SequenceDetector(Detector):
         self.history_ = params.get("history", [])
         self.scaler_ = Scaler(arrays["scaler_mean"], arrays["scaler_std"])
         self.error_scale_ = arrays["error_scale"]
-        network = build_network(self.kind, self.n_metrics_, self.config)
+        network = self.network_class.build(self.n_metrics_, self.config)
         network.load_state_dict({k[2:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("w.")})
         self.network_ = network.eval()
 
 
 class AutoencoderDetector(SequenceDetector):
     name = "autoencoder"
-    kind = "autoencoder"
+    network_class = WindowAutoencoder
 
 
 class LSTMDetector(SequenceDetector):
     name = "lstm"
-    kind = "lstm"
+    network_class = LSTMForecaster
 
     def __init__(self, config: SequenceConfig | dict[str, Any] | None = None, **overrides: Any) -> None:
         # a smaller, shorter-trained default than the autoencoder's: an LSTM epoch costs more on CPU
@@ -287,4 +349,4 @@ class LSTMDetector(SequenceDetector):
         return np.asarray(out) * self.scaler_.std + self.scaler_.mean
 
 
-SEQUENCE_DETECTORS: dict[str, type[SequenceDetector]] = {"autoencoder": AutoencoderDetector, "lstm": LSTMDetector}
+SEQUENCE_DETECTORS: dict[str, type[SequenceDetector]] = {cls.name: cls for cls in (AutoencoderDetector, LSTMDetector)}

@@ -34,12 +34,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from detect.kinds import KIND_TRAITS, traits_of
 from ingest.prometheus import SourceError, parse_duration
 
 log = logging.getLogger("raywatch.alerts")
 
-ALERT_NAMES = {"ensemble": "RaywatchIncidentLikely"}  # the probability detector; the others:
-DEFAULT_ALERT = "RaywatchAnomaly"
+PROBABILITY_ALERT = "RaywatchIncidentLikely"  # from a detector whose score is an incident probability
+DEFAULT_ALERT = "RaywatchAnomaly"  # from the anomaly scorers
+
+
+def alert_name(detector: str) -> str:
+    return PROBABILITY_ALERT if detector in KIND_TRAITS and traits_of(detector).probability else DEFAULT_ALERT
 
 
 def iso(ts: float) -> str:
@@ -256,7 +261,7 @@ class Notifier:
 
     # -- delivery -----------------------------------------------------------------------------------------
     def _labels(self, state: dict[str, Any]) -> dict[str, str]:
-        name = ALERT_NAMES.get(state["detector"], DEFAULT_ALERT)
+        name = alert_name(state["detector"])
         return {"alertname": name, "entity": state["entity"], "detector": state["detector"], **self.settings.labels}
 
     def _alert(self, state: dict[str, Any], now: float) -> dict[str, Any]:

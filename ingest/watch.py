@@ -44,8 +44,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from detect.kinds import DETECTOR_KINDS
 from detect.state import STATE_DIR_ENV, connect, create, state_dir
-from ingest.alerts import ALERT_NAMES, DEFAULT_ALERT, AlertSettings, Notifier
+from ingest.alerts import AlertSettings, Notifier, alert_name
 from ingest.prometheus import (
     PrometheusClient,
     PrometheusSource,
@@ -59,7 +60,7 @@ from ingest.prometheus import (
 log = logging.getLogger("raywatch.watch")
 
 NAMESPACE = "raywatch"
-DETECTORS = ("ensemble", "lstm", "autoencoder")
+DETECTORS = DETECTOR_KINDS
 
 
 def actor_name(source_name: str) -> str:
@@ -472,8 +473,8 @@ class Watcher:
                 out["scored"] += len(chunk)
                 out["anomalous"] += result
         self.notifier.flush()
-        for name in {ALERT_NAMES.get(d, DEFAULT_ALERT) for d in DETECTORS}:
-            firing = [s for s in self.notifier.firing() if ALERT_NAMES.get(s["detector"], DEFAULT_ALERT) == name]
+        for name in {alert_name(d) for d in DETECTORS}:
+            firing = [s for s in self.notifier.firing() if alert_name(s["detector"]) == name]
             self.metrics.firing.labels(name).set(len(firing))
         now = self.clock()
         for entity in served:

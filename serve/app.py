@@ -36,6 +36,7 @@ from pydantic_core import to_json
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from detect.kinds import FORECASTER
 from detect.state import ServingStore
 from detect.state import state_dir as current_state_dir
 from monitoring.events import DriftEventStore
@@ -249,9 +250,7 @@ class RaywatchAPI:
 
     def __init__(
         self,
-        ensemble: DeploymentHandle,
-        lstm: DeploymentHandle,
-        autoencoder: DeploymentHandle,
+        detectors: dict[str, DeploymentHandle],
         tracking_uri: str | None = None,
         state_dir: str | None = None,
         admin_keys_file: str | None = None,
@@ -272,7 +271,7 @@ class RaywatchAPI:
             os.environ[KEYS_FILE_ENV] = admin_keys_file
         from ray.util import metrics
 
-        self.handles = {"ensemble": ensemble, "lstm": lstm, "autoencoder": autoencoder}
+        self.handles = dict(detectors)  # kind name -> its deployment
         self.limiter = RateLimiter.from_config(rate_limit)
         self.history: OrderedDict[str, deque] = OrderedDict()
         self.traffic = {name: TrafficPolicy() for name in S.DETECTORS}
@@ -672,10 +671,10 @@ class RaywatchAPI:
     @api.post("/v1/forecast")
     async def forecast(self, request: S.ForecastRequest, client: str = Depends(_client)) -> dict[str, Any]:
         self._limit(client)
-        known = await self._entity_metrics(["lstm"])
+        known = await self._entity_metrics([FORECASTER])
         metrics = known.get(request.entity)
         if metrics is None:
-            raise ApiError(422, "entity", f"unknown entity {request.entity!r} for the LSTM forecaster")
+            raise ApiError(422, "entity", f"unknown entity {request.entity!r} for the {FORECASTER} forecaster")
         hist = self._history(request.entity)
         for i, row in enumerate(request.rows):
             if row.entity != request.entity:
@@ -686,9 +685,11 @@ class RaywatchAPI:
         if not hist:
             raise ApiError(422, "rows", f"no history for entity {request.entity!r}: send recent samples in rows")
         try:
-            out = await self.handles["lstm"].forecast.remote(request.entity, np.asarray(hist).tolist(), request.horizon)
+            out = await self.handles[FORECASTER].forecast.remote(
+                request.entity, np.asarray(hist).tolist(), request.horizon
+            )
         except Exception as exc:
-            raise ApiError(503, "lstm", f"forecaster unavailable: {exc}") from exc
+            raise ApiError(503, FORECASTER, f"forecaster unavailable: {exc}") from exc
         return {
             "entity": request.entity,
             "horizon": request.horizon,
@@ -834,9 +835,7 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
     }
     RateLimiter.from_config(rate_limit)  # a bad setting fails here, not in every replica
     return RaywatchAPI.options(num_replicas=settings.ingress_replicas).bind(
-        handles["ensemble"],
-        handles["lstm"],
-        handles["autoencoder"],
+        handles,
         tracking_uri=tracking_uri,
         state_dir=state_dir,
         admin_keys_file=keys_file,

@@ -20,6 +20,7 @@ import numpy as np
 from ray import serve
 
 from detect.features import entity_windows
+from detect.kinds import DETECTOR_KINDS, traits_of
 from serve.schemas import result_rows
 from serve.settings import ServeSettings
 from train import registry
@@ -124,7 +125,7 @@ def _store_stamp() -> tuple[int, ...] | None:
 
 
 class DetectorServer:
-    """The body of the three detector deployments."""
+    """The body of every detector kind's deployment (one per kind, made by `_deployment`)."""
 
     kind: str = ""
 
@@ -315,26 +316,16 @@ _DEPLOYMENT = dict(
 )
 
 
-@serve.deployment(**_DEPLOYMENT)
-class EnsembleDetectorDeployment(DetectorServer):
-    kind = "ensemble"
+def _deployment(kind: str) -> Any:
+    """The Serve deployment of one detector kind: a `DetectorServer` subclass that knows its kind's name,
+    made a module attribute so that Ray pickles it by reference, like a class written out."""
+    name = traits_of(kind).deployment
+    server = type(f"{name}Deployment", (DetectorServer,), {"kind": kind, "__module__": __name__})
+    globals()[server.__name__] = server
+    return serve.deployment(**_DEPLOYMENT)(server).options(name=name)
 
 
-@serve.deployment(**_DEPLOYMENT)
-class LSTMDetectorDeployment(DetectorServer):
-    kind = "lstm"
-
-
-@serve.deployment(**_DEPLOYMENT)
-class AutoencoderDetectorDeployment(DetectorServer):
-    kind = "autoencoder"
-
-
-DEPLOYMENTS = {
-    "ensemble": EnsembleDetectorDeployment.options(name="EnsembleDetector"),
-    "lstm": LSTMDetectorDeployment.options(name="LSTMDetector"),
-    "autoencoder": AutoencoderDetectorDeployment.options(name="AutoencoderDetector"),
-}
+DEPLOYMENTS = {kind: _deployment(kind) for kind in DETECTOR_KINDS}
 
 
 def detector_deployments(settings: ServeSettings) -> dict[str, Any]:

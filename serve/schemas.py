@@ -7,8 +7,10 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-DETECTORS = ("ensemble", "lstm", "autoencoder")
-DetectorName = Literal["ensemble", "lstm", "autoencoder"]
+from detect.kinds import DETECTOR_KINDS
+
+DETECTORS = DETECTOR_KINDS
+DetectorName = Literal[DETECTOR_KINDS]  # type: ignore[valid-type]  # the kinds' names, from their one home
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 EntityId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:/@-]+$")]
 

@@ -12,6 +12,7 @@ from detect.ensemble import MEMBERS, EnsembleDetector
 from detect.features import entity_features, entity_windows
 from detect.sequence import CLIP, AutoencoderDetector, LSTMDetector
 from train import compress as C
+from train import distill as D
 from train import kinds as E
 
 
@@ -116,7 +117,7 @@ def test_tempered_probability_graph():
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 2])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 1)])  # as converters may declare
-    tempered = C.tempered_probability_graph(model.SerializeToString(), 3.0)
+    tempered = D.tempered_probability_graph(model.SerializeToString(), 3.0)
     p_t = np.array([0.5, 0.6, 0.9], dtype=np.float32)
     out = session(tempered).run(None, {"x": np.column_stack([1 - p_t, p_t])})[0]
     expected = 1 / (1 + np.exp(-3.0 * np.log(p_t / (1 - p_t))))
@@ -145,7 +146,7 @@ def test_compress_registers_passing_variants_and_logs_failures(
     registry.promote("autoencoder", "1")
     monkeypatch.setitem(C.GATES, "student", 5.0)  # an impossible gate: the student must be refused
     result = C.compress_model(
-        "autoencoder", data_dir=data_dir, variants=("int8", "student"), student=C.StudentConfig(epochs=3)
+        "autoencoder", data_dir=data_dir, variants=("int8", "student"), student=D.StudentConfig(epochs=3)
     )
     assert result["decisions"]["int8"]["passed"] and result["decisions"]["int8"]["version"] == "2"
     assert not result["decisions"]["student"]["passed"] and result["decisions"]["student"]["version"] is None

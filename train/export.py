@@ -32,23 +32,15 @@ class SequenceScoringGraph(nn.Module):
 
     def __init__(self, det: SequenceDetector) -> None:
         super().__init__()
-        self.kind, self.network = det.kind, copy.deepcopy(det.network_).eval()
+        self.network = copy.deepcopy(det.network_).eval()
         self.register_buffer("mean", torch.tensor(det.scaler_.mean, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(det.scaler_.std, dtype=torch.float32))
         self.register_buffer("scale", torch.tensor(det.error_scale_, dtype=torch.float32))
 
     def forward(self, windows: torch.Tensor):
         z = torch.clamp((windows - self.mean) / self.std, -CLIP, CLIP)
-        if self.kind == "lstm":
-            # one pass over [windows; windows shifted by a row]: one LSTM node in the graph, so
-            # quantization sees each weight once. forward() reads rows 0..W-2 of its input.
-            shifted = torch.cat([z[:, 1:], z[:, -1:]], dim=1)
-            out = self.network(torch.cat([z, shifted], dim=0))
-            n = z.shape[0]
-            errors = (out[:n] - z[:, -1]) ** 2 / self.scale
-            return errors, out[n:] * self.std + self.mean
-        reconstruction = self.network(z)[:, -1]
-        return (reconstruction - z[:, -1]) ** 2 / self.scale, reconstruction
+        errors, second = self.network.graph_outputs(z, self.mean, self.std)
+        return errors / self.scale, second
 
 
 def compact_graph(graph: bytes) -> bytes:
@@ -102,8 +94,7 @@ def torch_to_onnx(module: nn.Module, sample: torch.Tensor, input_name: str, outp
 
 def export_sequence(det: SequenceDetector) -> bytes:
     sample = torch.zeros(2, det.config.window, det.n_metrics_)
-    outputs = ["errors", "forecast"] if det.kind == "lstm" else ["errors", "reconstruction"]
-    return torch_to_onnx(SequenceScoringGraph(det), sample, "windows", outputs)
+    return torch_to_onnx(SequenceScoringGraph(det), sample, "windows", ["errors", det.network_class.second_output])
 
 
 class LogisticGraph(nn.Module):

@@ -1,9 +1,11 @@
 """Detector kinds as plug-ins: what each stage needs of a kind, in one place per kind.
 
-Stages look a kind up (`kind_named("lstm")`, `kind_of(detector)`) instead of branching on its name:
-its config class, a new detector, fitting on Ray, its ONNX graphs, the serving runtime for them, and the
-rows of context a served row needs. A new kind (a stacked ensemble over other kinds' outputs, a fleet
-model) is one more class registered in `KINDS`.
+Stages look a kind up (`kind_named(name)`, `kind_of(detector)`) instead of branching on its name:
+its config class, what it learns from, a new detector, fitting on Ray, how it is judged, its ONNX
+graphs, the serving runtime for them, the rows of context a served row needs, its Tune search space
+and trial, and its compression (which variants apply, its distilled student, its threshold).
+A new kind (a stacked ensemble over other kinds' outputs, a fleet model) is one more class registered
+in `KINDS`; its plain-data traits (deployment name, needs labels, forecasts) go in `detect/kinds.py`.
 
 It lives in `train/` because fitting on Ray and exporting graphs are training's; serving and tuning,
 above it, look kinds up here.
@@ -15,16 +17,20 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from detect import metrics as M
 from detect.base import Detector
-from detect.ensemble import MEMBERS, EnsembleConfig, EnsembleDetector
-from detect.runtime import EnsembleRuntime, SequenceRuntime
-from detect.sequence import SEQUENCE_DETECTORS, SequenceConfig
+from detect.data import Series
+from detect.ensemble import MEMBERS, EnsembleConfig, EnsembleDetector, incident_target
+from detect.features import entity_windows
+from detect.kinds import KindTraits, traits_of
+from detect.runtime import EnsembleRuntime, SequenceRuntime, smooth_causal
+from detect.sequence import SEQUENCE_DETECTORS, SequenceConfig, train_epochs
 from train.boosters import train_boosters_with_ray
+from train.distill import StudentConfig, distill_ensemble, distill_sequence
 from train.export import export_ensemble, export_sequence
 from train.torch_train import fit_with_ray_train
 
 MIN_LABELLED_ROWS = 300  # fewest labelled rows a supervised kind learns from
-MIN_POSITIVES = 5  # fewest labelled incident rows a supervised kind learns from
 
 
 class DetectorKind:
@@ -32,10 +38,36 @@ class DetectorKind:
 
     name: ClassVar[str]
     config_class: ClassVar[type]
-    learns_from_labels: ClassVar[bool] = False  # supervised: needs incident labels to fit
+    compressions: ClassVar[tuple[str, ...]]  # the compressed variants that apply (train/compress.py gates them)
+    trains_in_epochs: ClassVar[bool]  # Tune's ASHA stops its trials early, epoch by epoch
+
+    @property
+    def traits(self) -> KindTraits:
+        return traits_of(self.name)
+
+    @property
+    def learns_from_labels(self) -> bool:
+        return self.traits.learns_from_labels
 
     def new(self, config: Any = None, **overrides: Any) -> Detector:
         raise NotImplementedError
+
+    # -- training ---------------------------------------------------------------------------------
+    def training_data(self, series: Series) -> tuple[np.ndarray, np.ndarray | None]:
+        """What a detector of this kind learns from in a benchmark series: (rows, labels or None)."""
+        raise NotImplementedError
+
+    def judged_rows(self, series: Series, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, labels) of the test rows this kind is judged on: the rows it never learnt from."""
+        return scores, series.labels
+
+    def evaluate(self, series: Series, det: Detector) -> dict[str, Any]:
+        """The figures logged with a version (test labels used for reporting only)."""
+        raise NotImplementedError
+
+    def fit_records(self, det: Detector) -> tuple[list[tuple[int | None, dict[str, float]]], dict[str, Any]]:
+        """What a fit leaves for MLflow: ([(step, metrics)], {artifact name: JSON-able})."""
+        return [], {}
 
     def fit_on_ray(
         self, det: Detector, rows: np.ndarray, labels: np.ndarray | None, metrics: list[str], **ray: Any
@@ -62,6 +94,28 @@ class DetectorKind:
         """Rows before a served row that its score depends on (history a caller must send or the ingress keep)."""
         raise NotImplementedError
 
+    # -- tuning ----------------------------------------------------------------------------------------
+    def search_space(self) -> dict[str, Any]:
+        """Ray Tune distributions over this kind's config."""
+        raise NotImplementedError
+
+    def tune_trial(self, config: dict[str, Any], data: list[tuple[np.ndarray, np.ndarray | None]]) -> None:
+        """One Tune trial over every entity's training data; reports `val_loss` (per epoch when it has them)."""
+        raise NotImplementedError
+
+    # -- compression --------------------------------------------------------------------------------
+    def transfer_set(self, series: Series) -> list[np.ndarray]:
+        """What a student learns from (no labels needed)."""
+        return [self.training_data(series)[0]]
+
+    def distill(self, det: Detector, transfer: list[np.ndarray], cfg: StudentConfig, **ray: Any) -> dict[str, bytes]:
+        """A student's graphs, named as the serving runtime reads them."""
+        raise NotImplementedError
+
+    def calibrate_threshold(self, det: Detector, runtime: Any, series: Series) -> float:
+        """A compressed variant's own operational threshold, from training data only (as its teacher's)."""
+        raise NotImplementedError
+
     def checked_config(self, config: dict[str, Any]) -> dict[str, Any]:
         """`config` as this kind's config class accepts it (an unknown key fails, named); options meant for
         other kinds (`raywatch up --epochs` hands `epochs` to every kind) are left out."""
@@ -74,6 +128,8 @@ class SequenceKind(DetectorKind):
     """Autoencoder and LSTM: windows of all metrics, trained with PyTorch on `TorchTrainer`."""
 
     config_class = SequenceConfig
+    compressions = ("int8", "fp16", "student")
+    trains_in_epochs = True
 
     def __init__(self, name: str) -> None:
         self.name = name  # type: ignore[misc]
@@ -81,8 +137,73 @@ class SequenceKind(DetectorKind):
     def new(self, config: Any = None, **overrides: Any) -> Detector:
         return SEQUENCE_DETECTORS[self.name](config, **overrides)
 
+    def training_data(self, series):
+        return series.train[series.metrics].to_numpy(), None
+
     def fit_on_ray(self, det, rows, labels, metrics, **ray):
         return fit_with_ray_train(det, rows, metrics, **ray)
+
+    def evaluate(self, series, det):
+        if not len(series.test):
+            return {"note": "no labels", "used_gpu": det.used_gpu_}
+        test = series.test[series.metrics].to_numpy()
+        scores = det.score(test)
+        half = len(test) // 2
+        second = series.labels[half:]
+        return {
+            "f1": M.best_f1(series.labels, scores)[0],
+            "pr_auc": M.pr_auc(series.labels, scores),
+            "f1_operational": M.f1_at(series.labels, scores, det.threshold_),
+            "pr_auc_second_half": M.pr_auc(second, scores[half:]) if second.any() else None,
+            "used_gpu": det.used_gpu_,
+        }
+
+    def fit_records(self, det):
+        keys = ("train_loss", "val_loss", "rows_per_s")
+        return [(int(h["epoch"]), {k: h[k] for k in keys}) for h in det.history_], {}
+
+    def search_space(self):
+        from ray import tune  # deferred: Tune is only needed while searching
+
+        space = {
+            "window": tune.choice([8, 16, 32]),
+            "hidden": tune.choice([32, 64, 128, 256]),
+            "lr": tune.loguniform(1e-4, 3e-3),
+            "batch_size": tune.choice([128, 256, 512]),
+        }
+        if "latent" in SEQUENCE_DETECTORS[self.name].network_class.config_fields:  # the autoencoder's bottleneck
+            space["latent"] = tune.choice([8, 16, 32])
+        return space
+
+    def tune_trial(self, config, data):
+        import torch  # deferred: runs inside a Tune trial process
+        from ray import tune
+
+        torch.set_num_threads(1)
+        prepared = []
+        for X, _ in data:
+            det = self.new(config)
+            train_w, val_w = det.prepare(X)
+            prepared.append((det, det.new_network(), train_w, val_w))
+        optimizers = [torch.optim.Adam(net.parameters(), lr=det.config.lr) for det, net, _, _ in prepared]
+        for epoch in range(config["epochs"]):
+            losses = []
+            for (det, net, train_w, val_w), opt in zip(prepared, optimizers):
+                step_cfg = det.config
+                step_cfg.epochs = epoch + 1
+                history = train_epochs(net, train_w, val_w, step_cfg, start_epoch=epoch, optimizer=opt)
+                losses.append(history[-1]["val_loss"])
+            tune.report({"val_loss": float(np.mean(losses)), "epoch": epoch})
+
+    def distill(self, det, transfer, cfg, **ray):
+        return {"scorer": distill_sequence(det, transfer, cfg, **ray)}
+
+    def calibrate_threshold(self, det, runtime, series):
+        X, _ = self.training_data(series)
+        n_val = int(len(X) * det.config.val_fraction)
+        windows = entity_windows(X, det.spec_)[len(X) - n_val :]
+        val_scores = smooth_causal(runtime.errors(windows).astype(np.float64), det.config.smooth).sum(axis=1)
+        return M.operational_threshold(val_scores, det.threshold_quantile)
 
     def export_graphs(self, det):
         return {"scorer": export_sequence(det)}
@@ -98,19 +219,82 @@ class SequenceKind(DetectorKind):
 class EnsembleKind(DetectorKind):
     """Boosters, forest and logistic baseline over engineered features, learning from incident labels."""
 
-    name = "ensemble"
+    name = EnsembleDetector.name
     config_class = EnsembleConfig
-    learns_from_labels = True
+    compressions = ("student",)  # trees have no int8 weights to quantize
+    trains_in_epochs = False
 
     def new(self, config: Any = None, **overrides: Any) -> Detector:
         return EnsembleDetector(config, **overrides)
 
+    def training_data(self, series):
+        """The first half of the labelled test series; it is judged on the second half, in time order."""
+        test = series.test[series.metrics].to_numpy()
+        half = len(test) // 2
+        return test[:half], series.labels[:half]
+
+    def judged_rows(self, series, scores):
+        half = len(series.test) // 2
+        return scores[half:], series.labels[half:]
+
+    def evaluate(self, series, det):
+        test = series.test[series.metrics].to_numpy()
+        scores, y = self.judged_rows(series, det.score(test))  # features need history: score the whole series
+        lead = incident_target(series.labels, det.config.horizon)[len(test) // 2 :]
+        if not y.any():
+            return {
+                "pr_auc_second_half": None,
+                "f1": None,
+                "pr_auc_lead": None,
+                "note": "no incident in the second half",
+            }
+        return {
+            "pr_auc_second_half": M.pr_auc(y, scores),
+            "f1": M.best_f1(y, scores)[0],
+            "f1_operational": M.f1_at(y, scores, det.threshold_),
+            "pr_auc_lead": M.pr_auc(lead, scores),
+        }
+
+    def fit_records(self, det):
+        metrics = {"val_f1": det.validation_["f1"], "val_log_loss": det.validation_["log_loss"]}
+        return [(None, metrics)], {"vote_weights": {"weights": dict(zip(MEMBERS, det.weights_.tolist()))}}
+
+    def search_space(self):
+        from ray import tune  # deferred: Tune is only needed while searching
+
+        return {
+            "xgb_max_depth": tune.choice([3, 4, 6, 8]),
+            "xgb_eta": tune.loguniform(0.02, 0.3),
+            "lgbm_leaves": tune.choice([15, 31, 63]),
+            "lgbm_lr": tune.loguniform(0.01, 0.2),
+            "rf_max_depth": tune.choice([6, 10, 14]),
+            "logistic_c": tune.loguniform(0.01, 10.0),
+        }
+
+    def tune_trial(self, config, data):
+        from ray import tune  # deferred: runs inside a Tune trial process
+
+        losses = [self.new(config, rf_trees=100).fit(X, y).validation_["log_loss"] for X, y in data]
+        tune.report({"val_loss": float(np.mean(losses)), "epoch": 0})
+
+    def transfer_set(self, series):
+        """The unlabelled train series and the labelled training half: distillation needs no labels."""
+        return [series.train[series.metrics].to_numpy(), self.training_data(series)[0]]
+
+    def distill(self, det, transfer, cfg, **ray):
+        return {"student": distill_ensemble(det, transfer, cfg, **ray)}
+
+    def calibrate_threshold(self, det, runtime, series):
+        X, y = self.training_data(series)
+        _, target, _, val_mask = det.prepare(X, y, series.metrics)
+        _, thr = M.best_f1(target[val_mask], runtime.score_series(X)[val_mask])
+        return thr if np.isfinite(thr) else 0.5
+
     def fit_on_ray(self, det, rows, labels, metrics, num_workers=1, run_name="ensemble", **_unused):
         known = labels >= 0
-        if known.sum() < MIN_LABELLED_ROWS or labels[known].sum() < MIN_POSITIVES:
+        if known.sum() < MIN_LABELLED_ROWS:  # with no incident among them it learns from injected ones
             raise ValueError(
-                f"the ensemble learns from labels: {int(known.sum())} labelled rows with "
-                f"{int(labels[known].sum())} incident rows (need {MIN_LABELLED_ROWS} and {MIN_POSITIVES})"
+                f"the ensemble learns from labels: {int(known.sum())} labelled rows (need {MIN_LABELLED_ROWS})"
             )
 
         def boosters(features, target):
@@ -132,8 +316,9 @@ class EnsembleKind(DetectorKind):
         return det.spec_.history - 1
 
 
-KINDS: dict[str, DetectorKind] = {kind.name: kind for kind in (SequenceKind("autoencoder"), SequenceKind("lstm"))}
-KINDS[EnsembleKind.name] = EnsembleKind()
+KINDS: dict[str, DetectorKind] = {
+    kind.name: kind for kind in (*(SequenceKind(name) for name in SEQUENCE_DETECTORS), EnsembleKind())
+}
 
 
 def kind_named(name: str) -> DetectorKind:

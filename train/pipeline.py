@@ -18,27 +18,21 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
 
-from detect import metrics as M
-from detect.bundle import ModelBundle, entity_folder
-from detect.data import Series, load_benchmark
-from detect.drift import drift_reference
-from detect.ensemble import EnsembleConfig, EnsembleDetector, incident_target
+from detect.bundle import entity_folder
+from detect.data import load_benchmark
 from detect.kinds import DETECTOR_KINDS
-from detect.sequence import SEQUENCE_DETECTORS
 from ingest.prometheus import prometheus_series
 from train import registry
-from train.boosters import train_boosters_with_ray
+from train.assemble import fitted_bundle
 from train.jobs import init_ray
-from train.kinds import export_graphs, kind_named
+from train.kinds import kind_named
 from train.retrain import main as retrain_main
-from train.torch_train import fit_with_ray_train
 
 log = logging.getLogger(__name__)
 
@@ -74,53 +68,13 @@ def register_fitted(
 ) -> str:
     """Register detectors fitted elsewhere (in-process, small) as one version, with the drift references
     and ONNX graphs a trained version has; the first version (or `promote`) becomes champion."""
-    references, scores = {}, {}
-    for entity, det in detectors.items():
-        references[entity], scores[entity] = drift_reference(det, fitted_on[entity])
-    bundle = ModelBundle(
-        kind,
-        detectors,
-        metrics,
-        references,
-        graphs={e: export_graphs(d) for e, d in detectors.items()},
-        info={"variant": "fp32", "trained_at": time.time()},
-        reference_scores=scores,
-    )
+    bundle = fitted_bundle(kind, detectors, metrics, fitted_on)
     registry.setup()
     with mlflow.start_run(run_name=run_name or f"register-{kind}") as run:
         version = registry.register_bundle(bundle, run.info.run_id)
     if promote:
         registry.promote(kind, version)
     return version
-
-
-def _eval_unsupervised(series: Series, det: Any) -> dict[str, Any]:
-    test = series.test[series.metrics].to_numpy()
-    scores = det.score(test)
-    half = len(test) // 2
-    second = series.labels[half:]
-    return {
-        "f1": M.best_f1(series.labels, scores)[0],
-        "pr_auc": M.pr_auc(series.labels, scores),
-        "f1_operational": M.f1_at(series.labels, scores, det.threshold_),
-        "pr_auc_second_half": M.pr_auc(second, scores[half:]) if second.any() else None,
-    }
-
-
-def _eval_ensemble(series: Series, det: EnsembleDetector) -> dict[str, Any]:
-    test = series.test[series.metrics].to_numpy()
-    half = len(test) // 2
-    scores = det.score(test)[half:]  # features need history, so score the whole series
-    y = series.labels[half:]
-    lead = incident_target(series.labels, det.config.horizon)[half:]
-    if not y.any():
-        return {"pr_auc_second_half": None, "f1": None, "pr_auc_lead": None, "note": "no incident in the second half"}
-    return {
-        "pr_auc_second_half": M.pr_auc(y, scores),
-        "f1": M.best_f1(y, scores)[0],
-        "f1_operational": M.f1_at(y, scores, det.threshold_),
-        "pr_auc_lead": M.pr_auc(lead, scores),
-    }
 
 
 def train_model(
@@ -143,22 +97,21 @@ def train_model(
     With `source` (a Prometheus source config, `ingest.prometheus`), the entities and their history
     (the last `since`) come from Prometheus instead of `data_dir`; that data has no incident labels,
     so only the unsupervised detectors learn from it and no test figures are computed."""
-    if model not in MODELS:
-        raise ValueError(f"unknown model {model!r}; choose from {list(MODELS)}")
+    kind = kind_named(model)  # an unknown model fails here, named
     config, config_source = resolve_config(model, overrides, use_tuned)
-    config = kind_named(model).checked_config(config)  # a bad --set fails here, named, before Ray starts
+    config = kind.checked_config(config)  # a bad --set fails here, named, before Ray starts
     if source is not None:
-        if model == "ensemble":
+        if kind.learns_from_labels:
+            unsupervised = [k for k in MODELS if not kind_named(k).learns_from_labels]
             raise ValueError(
-                "the ensemble learns from labelled incidents; a Prometheus source has none (use autoencoder or lstm)"
+                f"the {model} learns from labelled incidents; a Prometheus source has none (use {' or '.join(unsupervised)})"
             )
         series_list = prometheus_series(source, since, entities)
     else:
         series_list = load_benchmark(data_dir, entities)
     init_ray()
     registry.setup()
-    detectors, metrics_by_entity, references, evaluation, graphs = {}, {}, {}, {}, {}
-    reference_scores: dict[str, np.ndarray] = {}
+    detectors, metrics_by_entity, fitted_on, evaluation = {}, {}, {}, {}
     with mlflow.start_run(run_name=f"train-{model}") as run:
         run_id = run.info.run_id
         mlflow.set_tags(
@@ -181,45 +134,27 @@ def train_model(
             key = series.name
             t0 = time.perf_counter()
             run_name = f"{model}-{entity_folder(key)}-{run_id[:8]}"
-            if model == "ensemble":
-                det = EnsembleDetector(EnsembleConfig.from_dict(config))
-                test = series.test[series.metrics].to_numpy()
-                half = len(test) // 2
-                boost = partial(train_boosters_with_ray, cfg=det.config, num_workers=num_workers, run_name=run_name)
-                det.fit(test[:half], series.labels[:half], series.metrics, train_boosters=boost)
-                references[key], reference_scores[key] = drift_reference(det, test[:half])
-                evaluation[key] = _eval_ensemble(series, det)
-                mlflow.log_metrics(
-                    {f"{key}/val_f1": det.validation_["f1"], f"{key}/val_log_loss": det.validation_["log_loss"]}
-                )
-                mlflow.log_dict(
-                    {"weights": dict(zip(("rf", "xgb", "lgbm", "logistic"), det.weights_.tolist()))},
-                    f"vote_weights/{entity_folder(key)}.json",
-                )
-            else:
-                det = SEQUENCE_DETECTORS[model](config)
-                train = series.train[series.metrics].to_numpy()
-                fit_with_ray_train(
-                    det, train, series.metrics, num_workers=num_workers, use_gpu=use_gpu, run_name=run_name
-                )
-                for h in det.history_:
-                    mlflow.log_metrics(
-                        {
-                            f"{key}/train_loss": h["train_loss"],
-                            f"{key}/val_loss": h["val_loss"],
-                            f"{key}/rows_per_s": h["rows_per_s"],
-                        },
-                        step=int(h["epoch"]),
-                    )
-                references[key], reference_scores[key] = drift_reference(det, train)
-                evaluation[key] = _eval_unsupervised(series, det) if len(series.test) else {"note": "no labels"}
-                evaluation[key]["used_gpu"] = det.used_gpu_
+            rows, labels = kind.training_data(series)
+            det = kind.fit_on_ray(
+                kind.new(config),
+                rows,
+                labels,
+                series.metrics,
+                num_workers=num_workers,
+                use_gpu=use_gpu,
+                run_name=run_name,
+            )
+            steps, artifacts = kind.fit_records(det)
+            for step, figures in steps:
+                mlflow.log_metrics({f"{key}/{k}": v for k, v in figures.items()}, step=step)
+            for name, content in artifacts.items():
+                mlflow.log_dict(content, f"{name}/{entity_folder(key)}.json")
+            evaluation[key] = kind.evaluate(series, det)
             evaluation[key]["fit_seconds"] = round(time.perf_counter() - t0, 1)
             mlflow.log_metrics(
                 {f"{key}/{k}": v for k, v in evaluation[key].items() if isinstance(v, (int, float)) and v is not None}
             )
-            detectors[key], metrics_by_entity[key] = det, series.metrics
-            graphs[key] = export_graphs(det)  # serving runs ONNX: every detector leaves training as ONNX
+            detectors[key], metrics_by_entity[key], fitted_on[key] = det, series.metrics, rows
             progress(
                 f"[{i}/{len(series_list)}] {key}: "
                 + ", ".join(f"{k}={v:.3f}" for k, v in evaluation[key].items() if isinstance(v, float))
@@ -227,22 +162,8 @@ def train_model(
         summary = _summary(evaluation)
         mlflow.log_metrics({f"mean/{k}": v for k, v in summary.items()})
         mlflow.log_dict(evaluation, "evaluation.json")
-        bundle = ModelBundle(
-            model,
-            detectors,
-            metrics_by_entity,
-            references,
-            evaluation,
-            info={
-                "run_id": run_id,
-                "config": config,
-                "config_source": config_source,
-                "trained_at": time.time(),
-                "variant": "fp32",
-            },
-            graphs=graphs,
-            reference_scores=reference_scores,
-        )
+        info = {"run_id": run_id, "config": config, "config_source": config_source}
+        bundle = fitted_bundle(model, detectors, metrics_by_entity, fitted_on, evaluation, info)
         with tempfile.TemporaryDirectory() as folder:  # FeatureSpec, scaler, threshold per entity, browsable
             bundle.save(folder)
             mlflow.log_artifacts(folder, "model")

@@ -16,7 +16,7 @@ import numpy as np
 import ray
 import torch
 
-from detect.sequence import SequenceConfig, SequenceDetector, build_network, train_epochs
+from detect.sequence import SEQUENCE_DETECTORS, SequenceConfig, SequenceDetector, train_epochs
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     train_w = torch.from_numpy(np.ascontiguousarray(train_np[rank::world]))
     val_w = torch.from_numpy(val_np)
     torch.manual_seed(cfg.seed)
-    network = build_network(kind, train_np.shape[2], cfg)
+    network = SEQUENCE_DETECTORS[kind].network_class.build(train_np.shape[2], cfg)
 
     start_epoch, resumed_from, opt_state, history = 0, -1, None, []
     checkpoint = ray.train.get_checkpoint()
@@ -77,7 +77,6 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
                 ray.train.report(metrics)
 
     train_epochs(
-        kind,
         model,
         train_w,
         val_w,
@@ -116,7 +115,7 @@ def fit_with_ray_train(
     storage = Path(storage_path or Path.cwd() / "runs" / "ray_train").resolve()
     trainer = TorchTrainer(
         _train_loop_per_worker,
-        train_loop_config={"kind": detector.kind, "model_config": detector.config.__dict__, "data_ref": data_ref},
+        train_loop_config={"kind": detector.name, "model_config": detector.config.__dict__, "data_ref": data_ref},
         scaling_config=ScalingConfig(
             num_workers=num_workers,
             use_gpu=use_gpu,

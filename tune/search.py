@@ -21,11 +21,10 @@ from typing import Any
 import numpy as np
 
 from detect.data import load_benchmark
-from detect.ensemble import EnsembleDetector
 from detect.kinds import DETECTOR_KINDS
-from detect.sequence import SEQUENCE_DETECTORS, train_epochs
 from train import registry
 from train.jobs import init_ray
+from train.kinds import kind_named
 from train.pipeline import best_config_path
 
 log = logging.getLogger(__name__)
@@ -33,62 +32,9 @@ log = logging.getLogger(__name__)
 DEFAULT_ENTITIES = ["asd/omi-1"]
 
 
-def search_space(model: str) -> dict[str, Any]:
-    from ray import tune
-
-    if model in ("autoencoder", "lstm"):
-        space = {
-            "window": tune.choice([8, 16, 32]),
-            "hidden": tune.choice([32, 64, 128, 256]),
-            "lr": tune.loguniform(1e-4, 3e-3),
-            "batch_size": tune.choice([128, 256, 512]),
-        }
-        if model == "autoencoder":
-            space["latent"] = tune.choice([8, 16, 32])
-        return space
-    if model == "ensemble":
-        return {
-            "xgb_max_depth": tune.choice([3, 4, 6, 8]),
-            "xgb_eta": tune.loguniform(0.02, 0.3),
-            "lgbm_leaves": tune.choice([15, 31, 63]),
-            "lgbm_lr": tune.loguniform(0.01, 0.2),
-            "rf_max_depth": tune.choice([6, 10, 14]),
-            "logistic_c": tune.loguniform(0.01, 10.0),
-        }
-    raise ValueError(f"unknown model {model!r}; choose autoencoder, lstm or ensemble")
-
-
-def _sequence_trainable(config: dict[str, Any], model: str, data: list[np.ndarray]) -> None:
-    """One trial: train on every entity's series, report the mean validation error each epoch."""
-    import torch
-    from ray import tune
-
-    torch.set_num_threads(1)
-    prepared = []
-    for X in data:
-        det = SEQUENCE_DETECTORS[model](config)
-        train_w, val_w = det.prepare(X)
-        prepared.append((det, det.new_network(), train_w, val_w))
-    optimizers = [torch.optim.Adam(net.parameters(), lr=det.config.lr) for det, net, _, _ in prepared]
-    for epoch in range(config["epochs"]):
-        losses = []
-        for (det, net, train_w, val_w), opt in zip(prepared, optimizers):
-            step_cfg = det.config
-            step_cfg.epochs = epoch + 1
-            losses.append(
-                train_epochs(det.kind, net, train_w, val_w, step_cfg, start_epoch=epoch, optimizer=opt)[-1]["val_loss"]
-            )
-        tune.report({"val_loss": float(np.mean(losses)), "epoch": epoch})
-
-
-def _ensemble_trainable(config: dict[str, Any], data: list[tuple[np.ndarray, np.ndarray]]) -> None:
-    from ray import tune
-
-    losses = []
-    for X, y in data:
-        det = EnsembleDetector(config, rf_trees=100).fit(X, y)
-        losses.append(det.validation_["log_loss"])
-    tune.report({"val_loss": float(np.mean(losses)), "epoch": 0})
+def _trial(config: dict[str, Any], model: str, data: list[tuple[np.ndarray, np.ndarray | None]]) -> None:
+    """One Tune trial: the kind's own (a function of the kind's name, so Tune can ship it to a worker)."""
+    kind_named(model).tune_trial(config, data)
 
 
 def tune_model(
@@ -122,19 +68,13 @@ def tune_model(
 
     if search not in ("optuna", "random"):  # before any data is read
         raise ValueError(f"unknown search {search!r}; choose optuna or random")
-    space = search_space(model)
+    kind = kind_named(model)
+    space = kind.search_space()
     series = load_benchmark(data_dir, entities or DEFAULT_ENTITIES)
-    if model == "ensemble":
-        data = []
-        for s in series:
-            test = s.test[s.metrics].to_numpy()
-            half = len(test) // 2
-            data.append((test[:half], s.labels[:half]))  # the training half only
-        trainable = tune.with_parameters(_ensemble_trainable, data=data)
+    data = [kind.training_data(s) for s in series]  # what training will learn from, never the judged rows
+    trainable = tune.with_parameters(_trial, model=model, data=data)
+    if not kind.trains_in_epochs:
         max_epochs = 1
-    else:
-        data = [s.train[s.metrics].to_numpy() for s in series]
-        trainable = tune.with_parameters(_sequence_trainable, model=model, data=data)
     init_ray()
     sched = (
         ASHAScheduler(
@@ -182,7 +122,7 @@ def tune_model(
     trials = [r for r in grid if r.metrics]
     trial_epochs = int(sum(r.metrics.get("training_iteration", 0) for r in trials))
     best_config = {k: v for k, v in best.config.items() if k in space}
-    if model != "ensemble":
+    if kind.trains_in_epochs:
         best_config["epochs"] = (
             int(best.metrics_dataframe["val_loss"].idxmin()) + 1 if best.metrics_dataframe is not None else max_epochs
         )

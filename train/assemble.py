@@ -1,0 +1,41 @@
+"""The one path from fitted detectors to a version's bundle: training, registering detectors fitted
+elsewhere, and retraining all build what they register here, so every version carries the same parts.
+
+A bundle holds, per entity, the fitted detector, its metrics, its FP32 ONNX graphs (what serving runs)
+and its drift reference (a sample of the rows it learnt from and its scores on them).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from detect.bundle import ModelBundle
+from detect.drift import drift_reference
+from train.kinds import export_graphs
+
+
+def fitted_bundle(
+    kind: str,
+    detectors: dict[str, Any],
+    metrics: dict[str, list[str]],
+    fitted_on: dict[str, np.ndarray],
+    evaluation: dict[str, Any] | None = None,
+    info: dict[str, Any] | None = None,
+) -> ModelBundle:
+    """A bundle of `detectors` (entity -> fitted detector), each fitted on `fitted_on[entity]`."""
+    references, reference_scores = {}, {}
+    for entity, det in detectors.items():
+        references[entity], reference_scores[entity] = drift_reference(det, fitted_on[entity])
+    return ModelBundle(
+        kind,
+        detectors,
+        metrics,
+        references,
+        evaluation or {},
+        info={"variant": "fp32", "trained_at": time.time(), **(info or {})},
+        graphs={entity: export_graphs(det) for entity, det in detectors.items()},
+        reference_scores=reference_scores,
+    )
