@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -45,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from detect.kinds import DETECTOR_KINDS
-from detect.state import STATE_DIR_ENV, connect, create, state_dir
+from detect.state import connect, create, state_dir
 from ingest.alerts import AlertSettings, Notifier, alert_name
 from ingest.prometheus import (
     PrometheusClient,
@@ -746,9 +745,8 @@ class WatchActor:
         state_dir_path: str | None = None,
     ) -> None:
         logging.basicConfig(level=logging.INFO)
-        if state_dir_path:
-            os.environ[STATE_DIR_ENV] = state_dir_path
-        self.watcher = Watcher(source, settings, alerts).start()
+        store = Path(state_dir_path) / "watch.db" if state_dir_path else None
+        self.watcher = Watcher(source, settings, alerts, store).start()
 
     def status(self) -> dict[str, Any]:
         return self.watcher.status()

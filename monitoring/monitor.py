@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,7 @@ import numpy as np
 from detect.config import config_from_dict
 from detect.drift import DriftConfig, EntityDriftDetectors
 from detect.kinds import DETECTOR_KINDS
-from detect.state import STATE_DIR_ENV, ServingStore, state_dir
+from detect.state import ServingStore, state_dir
 from monitoring.events import DriftEventStore
 from monitoring.trigger import RetrainTrigger
 
@@ -77,15 +78,14 @@ class DriftMonitor:
         state_dir_path: str | None = None,
         tracking_uri: str | None = None,
     ) -> None:
-        if state_dir_path:
-            os.environ[STATE_DIR_ENV] = state_dir_path
         if tracking_uri:
-            os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+            _registry().use_store(tracking_uri)
+        self.state_root = Path(state_dir_path) if state_dir_path else state_dir()
         self.model = model
         self.config = MonitorConfig.from_dict(config)
         self.drift_config = DriftConfig.from_dict(self.config.drift)
-        self.store = ServingStore()
-        self.events = DriftEventStore(state_dir() / "drift.db")
+        self.store = ServingStore(self.state_root / "serving.db")
+        self.events = DriftEventStore(self.state_root / "drift.db")
         self.started = time.time()
         self.starts = int(self.events.get_state(self._key("starts"), 0)) + 1
         self.events.set_state(self._key("starts"), self.starts)
@@ -105,6 +105,7 @@ class DriftMonitor:
             self.config.retrain_args,
             self.config.job_address,
             on_submit=self._count_job,
+            state_root=self.state_root,
         )
         self._load_champion()
         log.info("monitor started", extra={"model": model, "starts": self.starts, "version": self.version})
@@ -349,7 +350,7 @@ def get_or_create(
         model,
         config,
         state_dir_path or str(state_dir()),
-        tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+        tracking_uri or _registry().tracking_uri(),
     )
 
 

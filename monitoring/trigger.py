@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from detect.state import STATE_DIR_ENV, state_dir
@@ -28,6 +29,7 @@ class RetrainTrigger:
         retrain_args: list[str],
         job_address: str | None = None,
         on_submit: Callable[[], None] = lambda: None,
+        state_root: Path | None = None,
     ) -> None:
         self.model = model
         self.events = events
@@ -35,6 +37,7 @@ class RetrainTrigger:
         self.retrain_args = list(retrain_args)
         self.job_address = job_address
         self.on_submit = on_submit
+        self.state_root = state_root or state_dir()  # handed to the job, which records its decision there
 
     def _key(self, name: str) -> str:
         return f"{self.model}/{name}"
@@ -80,7 +83,7 @@ class RetrainTrigger:
             job_id = jobs.submit(
                 entrypoint,
                 submission_id=f"raywatch-retrain-{self.model}-{int(now * 1000)}",
-                env={STATE_DIR_ENV: str(state_dir())},
+                env={STATE_DIR_ENV: str(self.state_root)},
                 metadata={"model": self.model, "entity": entity, "trigger": ",".join(detectors)},
                 address=self.job_address,
             )

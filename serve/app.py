@@ -24,6 +24,7 @@ import os
 import time
 from collections import OrderedDict, deque
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,9 +62,8 @@ def _max_body_bytes() -> int:
 
 
 def _body_timeout_s() -> float:
-    """Read per request from the replica's environment: the ingress class reaches its replica by value
-    (cloudpickle), so a module global set in its __init__ would land in a copy the middleware never sees."""
-    return float(os.environ.get(BODY_TIMEOUT_ENV) or 10.0)
+    """The ingress's `body_timeout_s` (set on `BodyLimit` by its constructor), else RAYWATCH_BODY_TIMEOUT_S, else 10."""
+    return BodyLimit.timeout_s or float(os.environ.get(BODY_TIMEOUT_ENV) or 10.0)
 
 
 MONITOR_BATCH_ROWS = 5_000  # rows per call to a monitor
@@ -185,6 +185,11 @@ class BodyLimit:
     Content-Length the header decides (the server reads no further); a chunked body is read up to the
     limit and replayed to the app. (Starlette's BaseHTTPMiddleware would cost more than scoring.)"""
 
+    # set by the ingress constructor. A class attribute, because the class is imported by reference in
+    # the replica while the ingress class arrives by value (cloudpickle): a module global set in its
+    # __init__ would land in a copy the middleware never sees.
+    timeout_s: float | None = None
+
     def __init__(self, app) -> None:
         self.app = app
 
@@ -262,13 +267,13 @@ class RaywatchAPI:
     ) -> None:
         self.settings = settings or ServeSettings()
         if body_timeout_s:
-            os.environ[BODY_TIMEOUT_ENV] = str(float(body_timeout_s))  # read by this replica's BodyLimit
+            BodyLimit.timeout_s = float(body_timeout_s)
         if tracking_uri:
-            os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-        if state_dir:
-            os.environ["RAYWATCH_STATE_DIR"] = state_dir
-        if admin_keys_file:  # a path, never the keys: deployment arguments are visible in the dashboard
-            os.environ[KEYS_FILE_ENV] = admin_keys_file
+            _registry().use_store(tracking_uri)
+        self.state_root = Path(state_dir) if state_dir else current_state_dir()
+        self.admin_keys_file = (
+            admin_keys_file  # a path, never the keys: deployment arguments are visible in the dashboard
+        )
         from ray.util import metrics
 
         self.handles = dict(detectors)  # kind name -> its deployment
@@ -279,8 +284,8 @@ class RaywatchAPI:
         self.shadow_stats = {name: {"rows": 0, "disagreements": 0} for name in S.DETECTORS}
         self.meta: dict[str, dict[str, Any]] = {}
         self.meta_at: dict[str, float] = {}
-        self.store = ServingStore()
-        self.drift_events = DriftEventStore(current_state_dir() / "drift.db")
+        self.store = ServingStore(self.state_root / "serving.db")
+        self.drift_events = DriftEventStore(self.state_root / "drift.db")
         self.background: set[asyncio.Task] = set()
         monitor = dict(monitor or {})
         self.monitor_enabled = bool(monitor.pop("enabled", True))
@@ -516,7 +521,11 @@ class RaywatchAPI:
                 try:
                     if name not in self.monitors:
                         self.monitors[name] = await asyncio.to_thread(
-                            monitors.get_or_create, name, self.monitor_config, str(current_state_dir())
+                            monitors.get_or_create,
+                            name,
+                            self.monitor_config,
+                            str(self.state_root),
+                            _registry().tracking_uri(),
                         )
                     await self.monitors[name].observe.remote(items)
                     self.m_monitor_rows.inc(len(items), tags={"detector": name})
@@ -756,7 +765,7 @@ class RaywatchAPI:
     async def promote(
         self, request: S.PromoteRequest, authorization: str | None = Header(default=None)
     ) -> dict[str, Any]:
-        check_admin(authorization)
+        check_admin(authorization, self.admin_keys_file)
         out = await self._registry_call(_registry().promote, request.model, request.version)
         return {**out, "serving": await self._reload(request.model)}
 
@@ -764,7 +773,7 @@ class RaywatchAPI:
     async def rollback(
         self, request: S.RollbackRequest, authorization: str | None = Header(default=None)
     ) -> dict[str, Any]:
-        check_admin(authorization)
+        check_admin(authorization, self.admin_keys_file)
         out = await self._registry_call(_registry().rollback, request.model)
         return {**out, "serving": await self._reload(request.model)}
 
@@ -772,7 +781,7 @@ class RaywatchAPI:
     async def traffic(
         self, request: S.TrafficRequest, authorization: str | None = Header(default=None)
     ) -> dict[str, Any]:
-        check_admin(authorization)
+        check_admin(authorization, self.admin_keys_file)
         if request.challenger_version is not None:
             registry = _registry()
             await self._registry_call(
@@ -794,7 +803,7 @@ class RaywatchAPI:
         self, request: S.BaselineRequest, authorization: str | None = Header(default=None)
     ) -> dict[str, Any]:
         """Make the entity's recent served samples the drift reference for this model."""
-        check_admin(authorization)
+        check_admin(authorization, self.admin_keys_file)
         hist = self.history.get(request.entity)
         if not hist or len(hist) < 10:
             raise ApiError(409, "entity", f"need at least 10 recent samples of {request.entity!r} to set a baseline")

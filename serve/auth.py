@@ -33,8 +33,10 @@ class AuthError(Exception):
         self.status, self.message = status, message
 
 
-def admin_keys() -> list[str]:
-    path = os.environ.get(KEYS_FILE_ENV)
+def admin_keys(keys_file: str | None = None) -> list[str]:
+    """The admin keys, read per call so that a rotated file applies at once: from `keys_file` (the
+    ingress's argument), else the file RAYWATCH_ADMIN_KEYS_FILE names, else RAYWATCH_ADMIN_KEYS."""
+    path = keys_file or os.environ.get(KEYS_FILE_ENV)
     if path:
         raw = Path(path).read_text().splitlines() if Path(path).exists() else []
     else:
@@ -43,9 +45,9 @@ def admin_keys() -> list[str]:
     return keys[:MAX_KEYS]
 
 
-def check_admin(authorization: str | None) -> None:
+def check_admin(authorization: str | None, keys_file: str | None = None) -> None:
     """Raise AuthError(401) without a bearer key, AuthError(403) with a key that matches none."""
-    keys = admin_keys()
+    keys = admin_keys(keys_file)
     if not keys:
         raise AuthError(403, f"admin API disabled: no keys configured ({KEYS_ENV} or {KEYS_FILE_ENV})")
     if not authorization or not authorization.startswith("Bearer ") or not authorization[7:].strip():

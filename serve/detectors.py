@@ -139,7 +139,7 @@ class DetectorServer:
     ) -> None:
         self.settings = settings or ServeSettings()
         if tracking_uri:
-            os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+            registry.use_store(tracking_uri)
         from ray.util import metrics
 
         self.batch_sizes = metrics.Histogram(

@@ -62,8 +62,19 @@ def _lookup(call: Callable[[], T]) -> T | None:
         raise
 
 
+_store_uri: str | None = None  # set by `use_store`: a long-lived process (a Serve replica, a monitor) told its store
+
+
+def use_store(uri: str) -> None:
+    """Point this process's registry calls at `uri` (what deployments and monitors are given as an argument)."""
+    global _store_uri
+    _store_uri = uri
+    mlflow.set_tracking_uri(uri)
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    """`use_store`'s URI, else MLFLOW_TRACKING_URI, else ./mlflow.db."""
+    return _store_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
 def setup(experiment: str = EXPERIMENT) -> MlflowClient:

@@ -37,7 +37,8 @@ def build(args: dict[str, Any]) -> Any:
     app = build_app({**args, **replicas})
     scaling = ServeSettings(**replicas).autoscaling()
     ingress = app._bound_deployment
-    for child in ingress.init_args:  # the three detector applications bound into the ingress
+    detectors = ingress.init_args[0]  # kind name -> the detector application bound into the ingress
+    for child in detectors.values():
         child._bound_deployment = child._bound_deployment.options(
             autoscaling_config=scaling, version=DETECTOR_VERSION, _internal=True
         )
