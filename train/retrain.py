@@ -1,6 +1,8 @@
-"""The retraining job: train a challenger on recent served data believed normal, compare it with the
-champion at the same alert budget on incidents in the recent window, register it, and promote it only
-on a win a paired test finds significant.
+"""The retraining job: a challenger from recent served rows, promoted only on a significant win at equal budget.
+
+It trains a challenger on the recent served rows believed normal, compares it with the champion at the
+same alert budget on incidents in the recent window, registers it, and promotes it only on a win that a
+paired test finds significant.
 
 This module is the one home of retraining's logic and entry point. The drift monitors' trigger
 (`monitoring/trigger.py`) submits its command (`train.jobs.retrain_entrypoint`) through Ray's job
