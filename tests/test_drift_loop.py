@@ -121,16 +121,23 @@ def test_drift_triggers_retraining_job_and_a_recorded_decision(loop):
     decision = models["retraining"]
     assert decision is not None and decision["job_id"] == job["job_id"]
     assert decision["challenger"] == "2" and decision["reason"]  # the challenger was registered
-    figures = decision["details"]["entities"][entity]
-    assert figures["champion"]["metric"] == "specificity"  # no incident labels: alert rate on a healthy stream
+    details = decision["details"]
+    figures = details["entities"][entity]
+    # no incident labels: both models at the same 1% alert budget on incidents injected into the served rows
+    assert figures["champion"]["metric"] == "incident_recall_at_budget" and figures["evidence"] == "injected"
+    assert figures["incidents"] >= 30 and figures["withheld_rows"] > 0  # the champion's flags are not learnt
+    assert details["test"].startswith("one-sided Wilcoxon") and details["alpha"] == 0.05 and details["budget"] == 0.01
+    print(f"decision: {decision['reason']}")
     if decision["promoted"]:
+        assert details["p_value"] < details["alpha"] and not figures["refused"]
         wait_for(
             lambda: client.get("/v1/models").json()["models"]["autoencoder"]["slots"]["champion"]["version"] == "2",
             10,
             "serving v2",
         )
-    else:
-        assert figures["challenger"]["value"] < figures["champion"]["value"] * 1.02
+    else:  # kept: refused, not significant, or below the margin, and the reason says which
+        assert figures["refused"] or details["p_value"] >= details["alpha"] or details["gain"] < details["margin"]
+        assert client.get("/v1/models").json()["models"]["autoencoder"]["slots"]["champion"]["version"] == "1"
 
 
 def test_killed_monitor_keeps_events_and_resumes(loop):

@@ -1,5 +1,8 @@
-"""The retraining job: train a challenger on recent served data, compare it with the champion on the
-same recent window, register it, and promote it only if it is better by a margin.
+"""The retraining job: a challenger from recent served rows, promoted only on a significant win at equal budget.
+
+It trains a challenger on the recent served rows believed normal, compares it with the champion at the
+same alert budget on incidents in the recent window, registers it, and promotes it only on a win that a
+paired test finds significant.
 
 This module is the one home of retraining's logic and entry point. The drift monitors' trigger
 (`monitoring/trigger.py`) submits its command (`train.jobs.retrain_entrypoint`) through Ray's job
@@ -12,18 +15,24 @@ submission API; a person runs the same one:
 Recent data is what serving saw (`detect.state` observations, in arrival order); with `since_id`
 (the first row of the drifted window, passed by the monitor) only what came after the drift began.
 Per entity, the older part (`fit_fraction`, default 60%) trains the challenger and the newer part
-is the evaluation window, which neither model has learned from. Both models score the whole recent series (so windows
-have their context) and are compared on the evaluation window:
+is the evaluation window, which neither model has learned from. The rule is `train/promotion.py`'s:
 
-- with feedback labels of both classes in it: PR-AUC (F1 at each model's own threshold is reported);
-- otherwise (no labels, or only normal ones, which is what a drifted but healthy fleet produces):
-  specificity, 1 - the share of rows the model flags, over the rows not labelled as incidents.
+- the challenger learns only from rows believed normal: rows labelled as incidents and rows the champion
+  flags are left out (for the label-learning ensemble: its labels, incidents learnt as incidents);
+- each model's threshold is set to flag the same share (`budget`, default 1%) of the evaluation window's
+  rows not labelled as incidents, so that neither wins by being quiet;
+- both are scored on the window's labelled incidents when there are enough for the test, otherwise on
+  incidents in the synthetic generator's shapes injected into copies of the window's real rows; per
+  incident, the share of its rows flagged at the budget;
+- promoted when a one-sided Wilcoxon signed-rank test over those paired incidents (all entities) gives
+  p < alpha (default 0.05) and the mean gain is at least `margin` (default 0.02); otherwise kept;
+- a challenger that never alerts on an incident, or alerts on half the normal rows or more, at the
+  threshold it would serve with (or whose tied scores cannot be held to the budget) is refused on that
+  entity, which keeps the champion's detector inside the challenger version, as an entity without
+  enough recent data does.
 
-The challenger is promoted when, averaged over the retrained entities, its PR-AUC is at least
-(1 + margin) times the champion's, or its specificity (a rate) is at least `margin` higher in
-absolute terms (margin default 0.02: 2%, or 2 points of specificity). Entities without enough recent data keep the
-champion's detector inside the challenger version. The decision and its figures are logged to
-MLflow (tags on the run and the version) and stored in `detect.state` for `/v1/models`.
+The decision and its figures (test, p-value, budget, evidence, refusals) are logged to MLflow (tags on
+the run and the version) and stored in `detect.state` for `/v1/models`.
 """
 
 from __future__ import annotations
@@ -41,7 +50,6 @@ from typing import Any
 import mlflow
 import numpy as np
 
-from detect import metrics as M
 from detect.bundle import ModelBundle
 from detect.drift import drift_reference
 from detect.kinds import DETECTOR_KINDS
@@ -49,28 +57,11 @@ from detect.state import ServingStore
 from train import registry
 from train.jobs import init_ray
 from train.kinds import export_graphs, kind_named
+from train.promotion import TEST, PromotionRule, compare_entity, decide, suspected_anomalies, training_rows
 
 log = logging.getLogger(__name__)
 
 MIN_ROWS = 300  # fewest recent rows of an entity worth retraining on
-
-
-def evaluate_window(scores: np.ndarray, threshold: float, labels: np.ndarray) -> dict[str, Any]:
-    """Figures of one model on the evaluation window; labels: 1, 0 or -1 (no feedback)."""
-    known = labels >= 0
-    flags = scores >= threshold
-    out: dict[str, Any] = {"rows": int(len(scores)), "labelled": int(known.sum()), "alert_rate": float(flags.mean())}
-    y = labels[known]
-    if known.any() and 0 < y.sum() < len(y):
-        out["metric"] = "pr_auc"
-        out["pr_auc"] = M.pr_auc(y, scores[known])
-        out["f1"] = M.f1_at(y, scores[known], threshold)
-        out["value"] = out["pr_auc"]
-    else:
-        normal = labels != 1
-        out["metric"] = "specificity"
-        out["value"] = float(1.0 - flags[normal].mean()) if normal.any() else None
-    return out
 
 
 def _fit_challenger(
@@ -92,11 +83,14 @@ def retrain(
     epochs: int | None = None,
     cpus_per_worker: float | None = None,
     job_id: str | None = None,
+    alpha: float = 0.05,
+    budget: float | None = None,
     progress: Callable[[str], None] = lambda m: log.info(m),
 ) -> dict[str, Any]:
     """Train, compare, register, and promote or keep; returns the decision with its figures."""
     if not 0 < fit_fraction < 1:
         raise ValueError(f"fit_fraction must be in (0, 1), got {fit_fraction}")
+    rule = PromotionRule(margin=margin, alpha=alpha, **({"budget": budget} if budget is not None else {}))
     store = ServingStore()
     champion, champion_version = registry.load_bundle(model, registry.CHAMPION)
     observed = store.observed_entities(model)
@@ -117,7 +111,14 @@ def retrain(
             {"raywatch.model": model, "raywatch.retrain.job_id": job_id or "", "raywatch.champion": champion_version}
         )
         mlflow.log_params(
-            {"model": model, "entities": ",".join(wanted), "margin": margin, "fit_fraction": fit_fraction}
+            {
+                "model": model,
+                "entities": ",".join(wanted),
+                "margin": margin,
+                "fit_fraction": fit_fraction,
+                "alpha": rule.alpha,
+                "budget": rule.budget,
+            }
         )
         for entity in wanted:
             obs = store.observations(model, entity, after_id=max((since_id or 0) - 1, 0), limit=recent_rows)
@@ -129,38 +130,45 @@ def retrain(
             rows, labels = obs["values"], store.labels(entity, obs["timestamps"])
             cut = int(n * fit_fraction)
             old = champion.detectors[entity]
+            suspected = suspected_anomalies(old.score(rows), old.threshold_, labels, rule.max_suspect_share)
+            fit_rows, fit_labels = training_rows(
+                rows[:cut], labels[:cut], suspected[:cut], kind_named(model).learns_from_labels
+            )
             t0 = time.perf_counter()
             try:
                 new = _fit_challenger(
                     model,
                     old,
-                    rows[:cut],
-                    labels[:cut],
+                    fit_rows,
+                    fit_labels,
                     champion.metrics[entity],
                     {"epochs": epochs, "cpus_per_worker": cpus_per_worker},
                 )
+                compared = compare_entity(old, new, rows, labels, cut, rule)
             except ValueError as exc:
                 figures[entity] = {"skipped": str(exc)}
                 progress(f"{entity}: skipped, {exc}")
                 continue
-            champ_fig = evaluate_window(old.score(rows)[cut:], old.threshold_, labels[cut:])
-            chal_fig = evaluate_window(new.score(rows)[cut:], new.threshold_, labels[cut:])
-            figures[entity] = {
-                "champion": champ_fig,
-                "challenger": chal_fig,
-                "fit_rows": cut,
+            figures[entity] = compared | {
+                "fit_rows": len(fit_rows),
+                "withheld_rows": cut - len(fit_rows),  # labelled incidents and rows the champion flagged
                 "fit_seconds": round(time.perf_counter() - t0, 1),
             }
-            detectors[entity] = new
-            references[entity], reference_scores[entity] = drift_reference(new, rows[:cut])
-            graphs[entity] = export_graphs(new)
-            for side, fig in (("champion", champ_fig), ("challenger", chal_fig)):
+            if not compared["refused"]:  # a refused challenger leaves the champion's detector in the version
+                detectors[entity] = new
+                references[entity], reference_scores[entity] = drift_reference(new, fit_rows)
+                graphs[entity] = export_graphs(new)
+            for side in ("champion", "challenger"):
+                fig = compared[side]
                 mlflow.log_metrics({f"{entity}/{side}_{k}": v for k, v in fig.items() if isinstance(v, float)})
             progress(
-                f"{entity}: {champ_fig['metric']} champion {champ_fig['value']:.3f}, challenger {chal_fig['value']:.3f}"
+                f"{entity}: {compared['incidents']} {compared['evidence']} incidents, share of their rows flagged at "
+                f"the budget: champion {compared['champion']['value']:.3f}, challenger "
+                f"{compared['challenger']['value']:.3f}"
+                + (f"; refused: {compared['refused']}" if compared["refused"] else "")
             )
-        compared = [f for f in figures.values() if "challenger" in f and f["champion"]["value"] is not None]
-        if not compared:
+        compared_entities = {e: f for e, f in figures.items() if "challenger" in f}
+        if not compared_entities:
             skipped = "; ".join(f"{e}: {f['skipped']}" for e, f in figures.items() if "skipped" in f)
             decision = {
                 "promoted": False,
@@ -168,19 +176,7 @@ def retrain(
                 "challenger": None,
             }
         else:
-            champ = float(np.mean([f["champion"]["value"] for f in compared]))
-            chal = float(np.mean([f["challenger"]["value"] for f in compared]))
-            metric = compared[0]["champion"]["metric"]
-            # PR-AUC: a relative margin; specificity is a rate near 0 or 1, so its margin is in points
-            if metric == "specificity":
-                better = chal >= champ + margin
-            else:
-                better = chal >= champ * (1 + margin) and chal > champ
-            reason = (
-                f"challenger {metric} {chal:.3f} vs champion {champ:.3f}: "
-                + ("better" if better else "not better")
-                + f" by the {margin:.0%} margin"
-            )
+            decision = decide(compared_entities, rule)
             bundle = ModelBundle(
                 model,
                 detectors,
@@ -202,23 +198,25 @@ def retrain(
                 bundle.save(folder)
                 mlflow.log_artifacts(folder, "model")
             tags = {
-                "raywatch.retrain.decision": "promoted" if better else "kept champion",
+                "raywatch.retrain.decision": "promoted" if decision["promoted"] else "kept champion",
+                "raywatch.retrain.p_value": str(decision["p_value"]),
                 "retrained_from": champion_version,
             }
             version = registry.register_bundle(bundle, run.info.run_id, tags)
             registry.set_alias(model, registry.CHALLENGER, version)
-            if better:
+            if decision["promoted"]:
                 registry.promote(model, version)
-            decision = {
-                "promoted": better,
-                "reason": reason,
-                "challenger": version,
-                "metric": metric,
-                "champion_value": champ,
-                "challenger_value": chal,
-            }
+            decision["challenger"] = version
         mlflow.set_tags(
-            {"raywatch.retrain.promoted": str(decision["promoted"]), "raywatch.retrain.reason": decision["reason"]}
+            {
+                "raywatch.retrain.promoted": str(decision["promoted"]),
+                "raywatch.retrain.reason": decision["reason"],
+                "raywatch.retrain.test": TEST,
+                "raywatch.retrain.p_value": str(decision.get("p_value")),
+                "raywatch.retrain.alpha": str(rule.alpha),
+                "raywatch.retrain.budget": str(rule.budget),
+                "raywatch.retrain.evidence": str(decision.get("evidence")),
+            }
         )
         mlflow.log_dict(figures, "retrain_figures.json")
     decision.update(
@@ -252,7 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=DETECTOR_KINDS, required=True)
     parser.add_argument("--entities", help="comma-separated entities (default: every one serving observed)")
     parser.add_argument("--epochs", type=int)
-    parser.add_argument("--margin", type=float, default=0.02, help="relative improvement needed to promote")
+    parser.add_argument(
+        "--margin", type=float, default=0.02, help="smallest mean gain in the share of incident rows flagged to promote"
+    )
+    parser.add_argument("--alpha", type=float, default=0.05, help="level of the paired test a promotion must pass")
+    parser.add_argument("--budget", type=float, help="share of non-incident rows each model flags (default 0.01)")
     parser.add_argument("--recent-rows", type=int, default=5000, help="newest served rows per entity to use")
     parser.add_argument("--cpus-per-worker", type=float, help="CPUs per Ray Train worker (fractional allowed)")
     parser.add_argument("--since-id", type=int, help="learn only from served rows from this observation id on")
@@ -267,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs,
         cpus_per_worker=args.cpus_per_worker,
         job_id=job_id_from_env(),
+        alpha=args.alpha,
+        budget=args.budget,
         progress=print,
     )
     print(json.dumps({k: v for k, v in decision.items() if k != "entities"}, indent=2, default=str))
