@@ -39,3 +39,16 @@ def fitted_bundle(
         graphs={entity: export_graphs(det) for entity, det in detectors.items()},
         reference_scores=reference_scores,
     )
+
+
+def with_unchanged_entities(bundle: ModelBundle, base: ModelBundle) -> ModelBundle:
+    """`bundle` plus, for every entity of `base` it does not hold, `base`'s detector, graphs and drift
+    reference: a retrained version keeps the champion's parts where no challenger was fitted or accepted."""
+    for entity, det in base.detectors.items():
+        if entity in bundle.detectors:
+            continue
+        bundle.detectors[entity], bundle.metrics[entity] = det, base.metrics[entity]
+        for part in ("references", "reference_scores", "graphs"):
+            if entity in getattr(base, part):
+                getattr(bundle, part)[entity] = getattr(base, part)[entity]
+    return bundle

@@ -50,13 +50,12 @@ from typing import Any
 import mlflow
 import numpy as np
 
-from detect.bundle import ModelBundle
-from detect.drift import drift_reference
 from detect.kinds import DETECTOR_KINDS
 from detect.state import ServingStore
 from train import registry
+from train.assemble import fitted_bundle, with_unchanged_entities
 from train.jobs import init_ray
-from train.kinds import export_graphs, kind_named
+from train.kinds import kind_named
 from train.promotion import TEST, PromotionRule, compare_entity, decide, suspected_anomalies, training_rows
 
 log = logging.getLogger(__name__)
@@ -102,9 +101,8 @@ def retrain(
         )
     init_ray()
     registry.setup()
-    detectors = dict(champion.detectors)
-    references, reference_scores = dict(champion.references), dict(champion.reference_scores)
-    graphs = {e: champion.graphs[e] for e in champion.graphs}
+    challengers: dict[str, Any] = {}
+    fitted_on: dict[str, np.ndarray] = {}
     figures: dict[str, Any] = {}
     with mlflow.start_run(run_name=f"retrain-{model}") as run:
         mlflow.set_tags(
@@ -155,9 +153,7 @@ def retrain(
                 "fit_seconds": round(time.perf_counter() - t0, 1),
             }
             if not compared["refused"]:  # a refused challenger leaves the champion's detector in the version
-                detectors[entity] = new
-                references[entity], reference_scores[entity] = drift_reference(new, fit_rows)
-                graphs[entity] = export_graphs(new)
+                challengers[entity], fitted_on[entity] = new, fit_rows
             for side in ("champion", "challenger"):
                 fig = compared[side]
                 mlflow.log_metrics({f"{entity}/{side}_{k}": v for k, v in fig.items() if isinstance(v, float)})
@@ -177,23 +173,15 @@ def retrain(
             }
         else:
             decision = decide(compared_entities, rule)
-            bundle = ModelBundle(
-                model,
-                detectors,
-                dict(champion.metrics),
-                references,
-                {"retrain": figures},
-                info={
-                    "run_id": run.info.run_id,
-                    "variant": "fp32",
-                    "retrained_from": champion_version,
-                    "job_id": job_id,
-                    "trained_at": time.time(),
-                    "config": champion.info.get("config", {}),
-                },
-                graphs=graphs,
-                reference_scores=reference_scores,
-            )
+            info = {
+                "run_id": run.info.run_id,
+                "retrained_from": champion_version,
+                "job_id": job_id,
+                "config": champion.info.get("config", {}),
+            }
+            metrics = {entity: champion.metrics[entity] for entity in challengers}
+            bundle = fitted_bundle(model, challengers, metrics, fitted_on, {"retrain": figures}, info)
+            bundle = with_unchanged_entities(bundle, champion)
             with tempfile.TemporaryDirectory() as folder:
                 bundle.save(folder)
                 mlflow.log_artifacts(folder, "model")
