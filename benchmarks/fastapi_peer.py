@@ -5,7 +5,7 @@ champion versions with raywatch's `/v1/score` contract: what a user would pick i
 
 It does the work the Serve app does per request, in one process, the same way: the body parsed and
 validated in one pass with the same pydantic schema (serve/schemas.py), the same per-entity history
-of raw samples (serve.app.HISTORY_ROWS) of which only the context rows the models read are copied,
+of raw samples (serve.history.HISTORY_ROWS) of which only the context rows the models read are copied,
 the same scoring code (`EntityModel.score_arrays`: features or windows, ONNX Runtime on one thread,
 top metrics), the response serialised without a second validation pass; `/v1/score/batch` (one entity's
 rows as a matrix) with the same schema and response code (serve/schemas.py) as the Serve app. It has no A/B routing, circuit
@@ -27,8 +27,8 @@ from pydantic import ValidationError
 from pydantic_core import to_json
 
 from serve import schemas as S
-from serve.app import HISTORY_ROWS
 from serve.detectors import ModelSlot, load_slot
+from serve.history import HISTORY_ROWS
 
 
 def create_app(detectors: tuple[str, ...] = S.DETECTORS) -> FastAPI:

@@ -1,6 +1,6 @@
 """raywatch detect: telemetry loaders, synthetic fleet, features + FeatureSpec, detectors, metrics, drift."""
 
 from detect.data import TelemetryError, load_benchmark, load_series, load_telemetry
-from detect.features import FeatureSpec, StreamingFeatures
+from detect.features import FeatureSpec
 
-__all__ = ["FeatureSpec", "StreamingFeatures", "TelemetryError", "load_benchmark", "load_series", "load_telemetry"]
+__all__ = ["FeatureSpec", "TelemetryError", "load_benchmark", "load_series", "load_telemetry"]

@@ -14,8 +14,7 @@ NaN/inf rule: inf is rejected; in the streaming path a NaN is replaced by the en
 from __future__ import annotations
 
 import json
-from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -253,70 +252,6 @@ def frame_features(frame: pd.DataFrame, spec: FeatureSpec, entity_col: str | Non
     return out
 
 
-class StreamingFeatures:
-    """Streaming path: one new sample per entity at a time, as serving sees it.
-
-    Keeps the last `spec.history` samples of every entity (bounded by `max_entities`, oldest
-    entity evicted first) and returns the same features the batch path computes for that row.
-    """
-
-    def __init__(self, spec: FeatureSpec, max_entities: int = 100_000) -> None:
-        self.spec = spec
-        self.max_entities = max_entities
-        self._history: dict[str, deque[np.ndarray]] = {}
-
-    def __len__(self) -> int:
-        return len(self._history)
-
-    def _as_row(self, entity: str, sample: Mapping[str, float] | Sequence[float] | np.ndarray) -> np.ndarray:
-        spec = self.spec
-        if isinstance(sample, Mapping):
-            if set(sample) != set(spec.metrics):  # a mapping's order does not matter, its names do
-                spec.check_metrics(list(sample), f"entity {entity!r}")
-            row = np.array([sample[m] for m in spec.metrics], dtype=np.float64)
-        else:
-            row = np.asarray(sample, dtype=np.float64).reshape(-1)
-            if row.shape[0] != spec.n_metrics:
-                raise TelemetryError(f"entity {entity!r}: expected {spec.n_metrics} metric values, got {row.shape[0]}")
-        if np.isinf(row).any():
-            raise TelemetryError(
-                f"entity {entity!r}: metric {spec.metrics[int(np.flatnonzero(np.isinf(row))[0])]!r} is infinite"
-            )
-        nan = np.isnan(row)
-        if nan.any():
-            hist = self._history.get(entity)
-            if not hist:
-                raise TelemetryError(
-                    f"entity {entity!r}: metric {spec.metrics[int(np.flatnonzero(nan)[0])]!r} is NaN in the first sample"
-                )
-            row = np.where(nan, hist[-1], row)
-        return row
-
-    def push(self, entity: str, sample: Mapping[str, float] | Sequence[float] | np.ndarray) -> np.ndarray:
-        """Append one sample; return this entity's history window, shape (history, M)."""
-        row = self._as_row(entity, sample)
-        hist = self._history.get(entity)
-        if hist is None:
-            if len(self._history) >= self.max_entities:
-                self._history.pop(next(iter(self._history)))
-            hist = deque([row] * (self.spec.history - 1), maxlen=self.spec.history)
-            self._history[entity] = hist
-        hist.append(row)
-        return np.asarray(hist, dtype=np.float64)
-
-    def update(self, entity: str, sample: Mapping[str, float] | Sequence[float] | np.ndarray) -> np.ndarray:
-        """Append one sample; return its feature vector (n_features,)."""
-        history = self.push(entity, sample)
-        return _window_features(np.ascontiguousarray(history[None]), self.spec)[0]
-
-    def window(self, entity: str, dtype=np.float32) -> np.ndarray:
-        """The entity's last W samples, shape (W, M), for the sequence models."""
-        hist = self._history.get(entity)
-        if hist is None:
-            raise KeyError(f"no history for entity {entity!r}")
-        return np.asarray(list(hist)[-self.spec.window :], dtype=dtype)
-
-
 def spec_for(metrics: Sequence[str], **overrides) -> FeatureSpec:
     """A FeatureSpec with the defaults for these metrics; `overrides` replace any field."""
     return FeatureSpec(metrics=tuple(metrics), **overrides)
@@ -324,7 +259,6 @@ def spec_for(metrics: Sequence[str], **overrides) -> FeatureSpec:
 
 __all__ = [
     "FeatureSpec",
-    "StreamingFeatures",
     "entity_features",
     "entity_windows",
     "frame_features",

@@ -22,8 +22,7 @@ import logging
 import math
 import os
 import time
-from collections import OrderedDict, deque
-from itertools import islice
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +42,13 @@ from detect.state import state_dir as current_state_dir
 from monitoring.events import DriftEventStore
 from serve import schemas as S
 from serve.auth import BURST_ENV, KEYS_FILE_ENV, RATE_ENV, AuthError, RateLimiter, check_admin, client_id
+from serve.history import EntityHistory, fallback_scores
+from serve.monitor_feed import MonitorFeed
 from serve.router import CircuitBreaker, TrafficPolicy
 from serve.settings import ServeSettings
 
 log = logging.getLogger("raywatch.serve")
 
-HISTORY_ROWS = 256  # raw samples kept per entity
-MAX_ENTITIES = 100_000
-FALLBACK_THRESHOLD = 3.0  # mean robust z-score above which the baseline flags a row
 META_TTL_S = 2.0
 MAX_BODY_ENV = "RAYWATCH_MAX_BODY_BYTES"
 BODY_TIMEOUT_ENV = "RAYWATCH_BODY_TIMEOUT_S"  # a request body must arrive within this many seconds (10)
@@ -64,9 +62,6 @@ def _max_body_bytes() -> int:
 def _body_timeout_s() -> float:
     """The ingress's `body_timeout_s` (set on `BodyLimit` by its constructor), else RAYWATCH_BODY_TIMEOUT_S, else 10."""
     return BodyLimit.timeout_s or float(os.environ.get(BODY_TIMEOUT_ENV) or 10.0)
-
-
-MONITOR_BATCH_ROWS = 5_000  # rows per call to a monitor
 
 
 def _registry() -> Any:
@@ -278,7 +273,7 @@ class RaywatchAPI:
 
         self.handles = dict(detectors)  # kind name -> its deployment
         self.limiter = RateLimiter.from_config(rate_limit)
-        self.history: OrderedDict[str, deque] = OrderedDict()
+        self.history = EntityHistory()
         self.traffic = {name: TrafficPolicy() for name in S.DETECTORS}
         self.breakers = {name: CircuitBreaker(cooldown_s=breaker_cooldown_s) for name in S.DETECTORS}
         self.shadow_stats = {name: {"rows": 0, "disagreements": 0} for name in S.DETECTORS}
@@ -288,11 +283,15 @@ class RaywatchAPI:
         self.drift_events = DriftEventStore(self.state_root / "drift.db")
         self.background: set[asyncio.Task] = set()
         monitor = dict(monitor or {})
-        self.monitor_enabled = bool(monitor.pop("enabled", True))
         self.monitor_config = monitor.get("config") or {}
-        self.monitor_queue: asyncio.Queue | None = None  # created on first use, in the replica's event loop
-        self.monitors: dict[str, Any] = {}
-        self.monitor_dropped = 0
+        self.monitors: dict[str, Any] = {}  # model -> its monitor actor, once rows were handed to it
+        self.monitor_feed = MonitorFeed(
+            self._deliver_to_monitor,
+            self.settings.monitor_queue,
+            self.settings.monitor_flush_s,
+            self._count_monitor_rows,
+            enabled=bool(monitor.pop("enabled", True)),
+        )
         self.m_requests = metrics.Counter(
             "raywatch_requests_total", description="HTTP requests", tag_keys=("route", "status")
         )
@@ -358,36 +357,7 @@ class RaywatchAPI:
                 need = max(need, slot.get("entities", {}).get(entity, {}).get("context_rows", 0))
         return need
 
-    # -- history -----------------------------------------------------------------------------------------
-    def _history(self, entity: str) -> deque:
-        hist = self.history.get(entity)
-        if hist is None:
-            if len(self.history) >= MAX_ENTITIES:
-                self.history.popitem(last=False)
-            hist = self.history[entity] = deque(maxlen=HISTORY_ROWS)
-        else:
-            self.history.move_to_end(entity)
-        return hist
-
     # -- scoring -------------------------------------------------------------------------------------------
-    def _fallback(self, rows: np.ndarray, n_new: int, metrics: list[str]) -> dict[str, Any]:
-        """Baseline: mean robust z-score of each new row against the entity's recent history, in the
-        detectors' output form (`EntityModel.score_arrays`)."""
-        ref = rows[:-n_new] if len(rows) > n_new + 1 else rows
-        median = np.median(ref, axis=0)
-        q75, q25 = np.percentile(ref, [75, 25], axis=0)
-        scale = np.where(q75 - q25 > 1e-9, q75 - q25, np.maximum(ref.std(axis=0), 1e-3))
-        z = np.abs(rows[-n_new:] - median) / scale
-        top = np.argsort(-z, axis=1)[:, :3]
-        return {
-            "scores": z.mean(axis=1),
-            "threshold": FALLBACK_THRESHOLD,
-            "probability": None,
-            "top": top,
-            "top_values": np.take_along_axis(z, top, axis=1),
-            "metrics": metrics,
-        }
-
     async def _score_entity(
         self, name: str, entity: str, rows: np.ndarray, n_new: int, metrics: list[str], hist: deque
     ) -> tuple[str, dict, dict[str, Any]]:
@@ -417,7 +387,7 @@ class RaywatchAPI:
         self.m_fallbacks.inc(n_new, tags={"detector": name})
         ref = {"name": f"raywatch-{name}", "version": None, "variant": "baseline"}
         recent = np.asarray(hist, dtype=np.float64) if len(hist) >= n_new else rows
-        return "fallback", ref, self._fallback(recent, n_new, metrics)
+        return "fallback", ref, fallback_scores(recent, n_new, metrics)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.001, max_concurrent_batches=4)
     async def _model_call(self, calls: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -471,69 +441,27 @@ class RaywatchAPI:
         )
 
     # -- drift monitors -----------------------------------------------------------------------------------
-    def _to_monitor(
-        self, name: str, entity: str, timestamps: list, values: np.ndarray, path: str, arrays: dict[str, Any]
-    ) -> None:
-        """Queue what was served for the model's drift monitor; never waits, counts what does not fit."""
-        if not self.monitor_enabled:
-            return
-        if self.monitor_queue is None:
-            self.monitor_queue = asyncio.Queue(maxsize=self.settings.monitor_queue)
-            self._spawn(self._feed_monitors())
-        champion = path == "champion"  # challenger or fallback scores say nothing about the champion's
-        scores = np.asarray(arrays["scores"], dtype=np.float64).tolist()
-        threshold = arrays["threshold"]
-        for ts, row, score in zip(timestamps, values.tolist(), scores):
-            item = {
-                "entity": entity,
-                "timestamp": ts,
-                "values": row,
-                "score": score if champion else None,
-                "is_anomaly": score >= threshold if champion else None,
-                "path": path,
-            }
-            try:
-                self.monitor_queue.put_nowait((name, item))
-            except asyncio.QueueFull:
-                self.monitor_dropped += 1
-                self.m_monitor_dropped.inc(tags={"detector": name, "reason": "queue_full"})
-
-    async def _feed_monitors(self) -> None:
-        """Drain the queue in batches to the monitor actors (created on first use, detached, restartable)."""
+    async def _deliver_to_monitor(self, name: str, items: list[dict[str, Any]]) -> None:
+        """Hand served rows to the model's monitor actor (created on first use, detached, restartable)."""
         # deferred, like the registry below: the monitor module brings MLflow and torch, which an ingress
         # replica would otherwise load at start (slower restarts) and never use
         from monitoring import monitor as monitors
 
-        queue = self.monitor_queue
-        while True:
-            batches: dict[str, list[dict[str, Any]]] = {}
-            name, item = await queue.get()
-            batches.setdefault(name, []).append(item)
-            await asyncio.sleep(
-                self.settings.monitor_flush_s
-            )  # let rows gather: one monitor call (and commit) per flush
-            taken = 1
-            while not queue.empty() and taken < MONITOR_BATCH_ROWS:
-                name, item = queue.get_nowait()
-                batches.setdefault(name, []).append(item)
-                taken += 1
-            for name, items in batches.items():
-                try:
-                    if name not in self.monitors:
-                        self.monitors[name] = await asyncio.to_thread(
-                            monitors.get_or_create,
-                            name,
-                            self.monitor_config,
-                            str(self.state_root),
-                            _registry().tracking_uri(),
-                        )
-                    await self.monitors[name].observe.remote(items)
-                    self.m_monitor_rows.inc(len(items), tags={"detector": name})
-                except Exception as exc:  # the monitor is down for good: count the loss, keep serving
-                    self.monitors.pop(name, None)
-                    self.monitor_dropped += len(items)
-                    self.m_monitor_dropped.inc(len(items), tags={"detector": name, "reason": "monitor_error"})
-                    log.warning("monitor call failed", extra={"detector": name, "error": str(exc)})
+        if name not in self.monitors:
+            self.monitors[name] = await asyncio.to_thread(
+                monitors.get_or_create, name, self.monitor_config, str(self.state_root), _registry().tracking_uri()
+            )
+        try:
+            await self.monitors[name].observe.remote(items)
+        except Exception:
+            self.monitors.pop(name, None)  # asked for again on the next batch
+            raise
+
+    def _count_monitor_rows(self, name: str, rows: int, reason: str | None) -> None:
+        if reason is None:
+            self.m_monitor_rows.inc(rows, tags={"detector": name})
+        else:
+            self.m_monitor_dropped.inc(rows, tags={"detector": name, "reason": reason})
 
     @api.get("/v1/drift")
     async def drift(
@@ -551,8 +479,7 @@ class RaywatchAPI:
                 "last_skip": self.drift_events.get_state(f"{name}/last_skip"),
                 "decisions": await asyncio.to_thread(self.store.decisions, name, 5),
             }
-        queue = {"pending": self.monitor_queue.qsize() if self.monitor_queue else 0, "dropped": self.monitor_dropped}
-        return {"events": events, "retraining": retraining, "monitor_queue": queue}
+        return {"events": events, "retraining": retraining, "monitor_queue": self.monitor_feed.status()}
 
     def _limit(self, client: str) -> None:
         """The per-client rate limit of the scoring endpoints (429 past it)."""
@@ -642,16 +569,14 @@ class RaywatchAPI:
         """Score one entity's new rows (model metric order) with each detector, after the entity's
         history (which they join); feed what was served to the drift monitors. Per detector: (path,
         model ref, arrays)."""
-        hist = self._history(entity)
         context = await self._context_rows(entity, detectors)
-        prior = list(islice(hist, max(0, len(hist) - context), None))
-        rows = np.concatenate([np.asarray(prior, dtype=np.float64), new]) if prior else new
-        hist.extend(new)
+        rows = self.history.context_and_new(entity, new, context)
+        hist = self.history.of(entity)
         outputs = await asyncio.gather(
             *(self._score_entity(name, entity, rows, len(new), metrics, hist) for name in detectors)
         )
         for name, (path, _, arrays) in zip(detectors, outputs):
-            self._to_monitor(name, entity, timestamps, new, path, arrays)
+            self.monitor_feed.offer(name, entity, timestamps, new, path, arrays)
         return dict(zip(detectors, outputs))
 
     @api.post("/v1/score/batch", response_model=S.ScoreBatchResponse, openapi_extra=_json_body(S.ScoreBatchRequest))
@@ -684,7 +609,7 @@ class RaywatchAPI:
         metrics = known.get(request.entity)
         if metrics is None:
             raise ApiError(422, "entity", f"unknown entity {request.entity!r} for the {FORECASTER} forecaster")
-        hist = self._history(request.entity)
+        hist = self.history.of(request.entity)
         for i, row in enumerate(request.rows):
             if row.entity != request.entity:
                 raise ApiError(422, f"rows[{i}].entity", f"must be {request.entity!r}, the entity forecast")
@@ -804,7 +729,7 @@ class RaywatchAPI:
     ) -> dict[str, Any]:
         """Make the entity's recent served samples the drift reference for this model."""
         check_admin(authorization, self.admin_keys_file)
-        hist = self.history.get(request.entity)
+        hist = self.history.peek(request.entity)
         if not hist or len(hist) < 10:
             raise ApiError(409, "entity", f"need at least 10 recent samples of {request.entity!r} to set a baseline")
         reference_id = await asyncio.to_thread(

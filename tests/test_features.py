@@ -1,4 +1,4 @@
-"""The one feature pipeline: streaming == batch, FeatureSpec JSON round trip, input checks."""
+"""The one feature pipeline: served (one row at a time) == batch, FeatureSpec JSON round trip, input checks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from detect.data import TelemetryError, load_series
-from detect.features import FeatureSpec, StreamingFeatures, entity_features, entity_windows, frame_features
+from detect.features import FeatureSpec, entity_features, entity_windows, frame_features, tail_features, tail_windows
+from serve.history import EntityHistory
 
 
 @pytest.fixture(scope="module")
@@ -16,28 +17,37 @@ def smd(data_dir):
     return series.test[series.metrics].to_numpy()[:600], series.metrics
 
 
-def test_streaming_equals_batch_exactly(smd):
+def test_served_rows_one_at_a_time_equal_batch_exactly(smd):
+    """A stream of single samples, as the ingress sees it: its history (serve.history.EntityHistory)
+    and the detector replicas' tail functions give each new row the batch path's features and window."""
     values, metrics = smd
     spec = FeatureSpec(metrics=tuple(metrics), window=20, lags=(1, 3, 7), rolling=(5, 25), diffs=(1, 2), rates=(4,))
+    history = EntityHistory(rows=spec.history)
+    online, last_window = [], None
+    for row in values:
+        rows = history.context_and_new("machine-2-1", row[None], spec.history - 1)
+        online.append(tail_features(rows, spec, 1)[0])
+        last_window = tail_windows(rows, spec, 1, spec.window)[0]
     batch = entity_features(values, spec)
-    windows = entity_windows(values, spec)
-    stream = StreamingFeatures(spec)
-    online = np.stack([stream.update("machine-2-1", row) for row in values])
-    assert batch.shape == (len(values), spec.n_features) == online.shape
-    np.testing.assert_array_equal(online, batch)
-    np.testing.assert_array_equal(stream.window("machine-2-1"), windows[-1])
+    assert batch.shape == (len(values), spec.n_features) == np.shape(online)
+    np.testing.assert_array_equal(np.asarray(online), batch)
+    # the sequence models read float32 windows
+    np.testing.assert_array_equal(last_window.astype(np.float32), entity_windows(values, spec)[-1])
 
 
-def test_streaming_interleaved_entities_match_frame_batch(smd):
+def test_served_interleaved_entities_match_frame_batch(smd):
     values, metrics = smd
     spec = FeatureSpec(metrics=tuple(metrics[:5]))
     rng = np.random.default_rng(0)
     entities = rng.choice(["a", "b", "c"], size=len(values))
     frame = pd.DataFrame(values[:, :5], columns=metrics[:5]).assign(entity=entities)
     batch = frame_features(frame, spec)
-    stream = StreamingFeatures(spec)
-    online = np.stack([stream.update(e, dict(zip(metrics[:5], row))) for e, row in zip(entities, values[:, :5])])
-    np.testing.assert_array_equal(online, batch)
+    history = EntityHistory(rows=spec.history)
+    online = [
+        tail_features(history.context_and_new(e, row[None], spec.history - 1), spec, 1)[0]
+        for e, row in zip(entities, values[:, :5])
+    ]
+    np.testing.assert_array_equal(np.asarray(online), batch)
 
 
 def test_features_mean_what_they_say():
@@ -69,22 +79,6 @@ def test_feature_spec_json_round_trip(tmp_path):
         FeatureSpec.from_json('{"metrics": ["a"], "colour": 1}')
     with pytest.raises(ValueError, match="lags"):
         FeatureSpec(metrics=("a",), lags=(0,))
-
-
-def test_bad_streaming_input_is_rejected_or_imputed():
-    spec = FeatureSpec(metrics=("cpu", "memory"), window=4, lags=(1,), rolling=(2,))
-    stream = StreamingFeatures(spec)
-    with pytest.raises(TelemetryError, match="'cpu' is NaN in the first sample"):
-        stream.update("h", {"cpu": np.nan, "memory": 1.0})
-    stream.update("h", {"cpu": 1.0, "memory": 2.0})
-    filled = stream.update("h", {"cpu": np.nan, "memory": 3.0})  # NaN takes the entity's last value
-    assert filled[0] == 1.0 and filled[1] == 3.0
-    with pytest.raises(TelemetryError, match="'memory' is infinite"):
-        stream.update("h", {"cpu": 1.0, "memory": np.inf})
-    with pytest.raises(TelemetryError, match=r"missing \['memory'\], unexpected \['disk'\]"):
-        stream.update("h", {"cpu": 1.0, "disk": 1.0})
-    with pytest.raises(TelemetryError, match="expected 2 metric values, got 3"):
-        stream.update("h", [1.0, 2.0, 3.0])
 
 
 def test_batch_rejects_non_finite_and_missing_columns():

@@ -1,0 +1,98 @@
+"""The ingress's parts without Serve: entity history (bounded, least recently seen evicted first), the
+fallback baseline, and the drift-monitor feed (never blocks, counts what it cannot deliver)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from serve.history import FALLBACK_THRESHOLD, EntityHistory, fallback_scores
+from serve.monitor_feed import MonitorFeed
+
+
+def test_history_keeps_the_last_rows_and_evicts_the_least_recently_seen_entity():
+    history = EntityHistory(rows=3, max_entities=2)
+    for i in range(5):
+        history.of("a").append(np.array([float(i)]))
+    assert [r[0] for r in history.of("a")] == [2.0, 3.0, 4.0]
+    history.of("b")
+    history.of("a")  # a is now the most recently seen
+    history.of("c")  # evicts b, not a
+    assert history.peek("b") is None and history.peek("a") is not None and len(history) == 2
+
+
+def test_context_and_new_returns_the_context_then_the_new_rows_and_stores_them():
+    history = EntityHistory(rows=10)
+    history.context_and_new("e", np.arange(6, dtype=float).reshape(3, 2), context=0)
+    rows = history.context_and_new("e", np.array([[9.0, 9.0]]), context=2)
+    np.testing.assert_array_equal(rows, [[2.0, 3.0], [4.0, 5.0], [9.0, 9.0]])
+    assert len(history.of("e")) == 4
+
+
+def test_fallback_flags_a_row_far_from_the_recent_history():
+    rng = np.random.default_rng(0)
+    rows = np.vstack([rng.normal(0, 1, (50, 3)), [[0.0, 0.0, 0.0], [40.0, 0.0, 0.0]]])
+    out = fallback_scores(rows, 2, ["a", "b", "c"])
+    flagged = out["scores"] >= FALLBACK_THRESHOLD
+    assert flagged.tolist() == [False, True]
+    assert out["top"][1][0] == 0  # metric a explains the flagged row
+
+
+def _offer(feed: MonitorFeed, model: str, n: int, path: str) -> None:
+    """`n` rows served by `model` along `path`, scored 0, 1, ..., n-1 against a threshold of 1.5."""
+    arrays = {"scores": np.arange(n, dtype=float), "threshold": 1.5}
+    feed.offer(model, "e", list(range(n)), np.ones((n, 2)), path, arrays)
+
+
+def test_feed_delivers_served_rows_in_batches_with_champion_scores_only():
+    delivered: list[tuple[str, list]] = []
+
+    async def deliver(model, items):
+        delivered.append((model, items))
+
+    async def scenario():
+        feed = MonitorFeed(deliver, queue_rows=100, flush_s=0.01)
+        _offer(feed, "lstm", 3, "champion")
+        _offer(feed, "lstm", 2, "fallback")
+        while feed.status()["pending"] or not delivered:
+            await asyncio.sleep(0.01)
+        return feed
+
+    feed = asyncio.run(scenario())
+    rows = [item for _, items in delivered for item in items]
+    assert len(rows) == 5 and feed.status() == {"pending": 0, "dropped": 0}
+    assert [r["is_anomaly"] for r in rows[:3]] == [False, False, True]
+    assert all(r["score"] is None and r["is_anomaly"] is None for r in rows[3:])  # not the champion's
+
+
+def test_feed_never_blocks_and_counts_what_it_cannot_take_or_deliver():
+    counted: list[tuple[str, int, str | None]] = []
+
+    async def unreachable(model, items):
+        raise ConnectionError("monitor gone")
+
+    async def scenario():
+        feed = MonitorFeed(unreachable, queue_rows=4, flush_s=0.01, count=lambda *c: counted.append(c))
+        _offer(feed, "ensemble", 6, "champion")  # 4 fit, 2 do not
+        while feed.status()["pending"] or feed.dropped < 6:
+            await asyncio.sleep(0.01)
+        return feed
+
+    feed = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert feed.dropped == 6
+    assert sum(n for _, n, reason in counted if reason == "queue_full") == 2
+    assert sum(n for _, n, reason in counted if reason == "monitor_error") == 4
+
+
+def test_a_disabled_feed_takes_nothing():
+    async def deliver(model, items):
+        pytest.fail("a disabled feed delivered rows")
+
+    async def scenario():
+        feed = MonitorFeed(deliver, queue_rows=10, flush_s=0.01, enabled=False)
+        _offer(feed, "lstm", 3, "champion")
+        return feed.status()
+
+    assert asyncio.run(scenario()) == {"pending": 0, "dropped": 0}
