@@ -14,7 +14,10 @@ T = TypeVar("T")
 
 def config_dataclass(cls: type[T]) -> type[T]:
     """A dataclass whose values pydantic validates against the field types (`--set hidden=abc` fails
-    naming `hidden`), refusing unknown keys; still a dataclass (`asdict`, `fields`)."""
+    naming `hidden`), refusing unknown keys; still a dataclass (`asdict`, `fields`). It gains
+    `from_dict` (`config_from_dict`) unless it defines its own."""
+    if "from_dict" not in cls.__dict__:
+        cls.from_dict = classmethod(config_from_dict)  # type: ignore[attr-defined]
     return dataclass(config=ConfigDict(extra="forbid"))(cls)
 
 

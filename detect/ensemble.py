@@ -23,7 +23,7 @@ from scipy.optimize import minimize
 from scipy.special import softmax
 
 from detect.base import Detector
-from detect.config import config_dataclass, config_from_dict
+from detect.config import config_dataclass
 from detect.features import FeatureSpec, entity_features
 from detect.metrics import best_f1
 from detect.synthetic import inject_incidents
@@ -45,24 +45,23 @@ def incident_target(labels: np.ndarray, horizon: int) -> np.ndarray:
 
 @config_dataclass
 class EnsembleConfig:
-    horizon: int = 10
-    val_fraction: float = 0.3
-    rf_trees: int = 200
+    """Hyperparameters of the ensemble (Ray Tune searches the members' ones); flat, as `--set` names them."""
+
+    horizon: int = 10  # rows ahead: a row is positive when an incident is under way or starts within them
+    val_fraction: float = 0.3  # the newest share of the training rows, for vote weights and the threshold
+    rf_trees: int = 200  # random forest
     rf_max_depth: int = 12
-    xgb_rounds: int = 200
+    xgb_rounds: int = 200  # XGBoost, on Ray (XGBoostTrainer)
     xgb_max_depth: int = 6
     xgb_eta: float = 0.1
-    lgbm_rounds: int = 200
+    lgbm_rounds: int = 200  # LightGBM, on Ray (LightGBMTrainer)
     lgbm_leaves: int = 31
     lgbm_lr: float = 0.05
-    logistic_c: float = 1.0
+    logistic_c: float = 1.0  # logistic baseline: inverse L2 strength
+    # engineered features (detect.features.FeatureSpec)
     lags: tuple[int, ...] = (1, 5)
     rolling: tuple[int, ...] = (10, 30)
     seed: int = 0
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EnsembleConfig:
-        return config_from_dict(cls, data)
 
 
 def xgb_params(cfg: EnsembleConfig, pos_weight: float) -> dict[str, Any]:

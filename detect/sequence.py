@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from detect.base import Detector
-from detect.config import config_dataclass, config_from_dict
+from detect.config import config_dataclass
 from detect.features import FeatureSpec, entity_windows
 from detect.metrics import operational_threshold
 from detect.runtime import smooth_causal
@@ -38,22 +38,18 @@ CLIP = 10.0  # z-scores are clipped here: a metric constant in training must not
 class SequenceConfig:
     """Hyperparameters shared by both sequence detectors (Ray Tune searches these)."""
 
-    window: int = 16
-    hidden: int = 128
+    window: int = 16  # rows per window (the LSTM forecasts the last from the others)
+    hidden: int = 128  # units per layer
     latent: int = 16  # autoencoder bottleneck
     layers: int = 1  # LSTM layers
-    lr: float = 1e-3
+    lr: float = 1e-3  # Adam
     batch_size: int = 256
     epochs: int = 10
-    val_fraction: float = 0.2
-    smooth: int = 5
-    threshold_quantile: float = 0.99
+    val_fraction: float = 0.2  # the newest share of the training series: error scale and threshold
+    smooth: int = 5  # rows a score is averaged over (causal)
+    threshold_quantile: float = 0.99  # of validation scores: the stored operating threshold
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SequenceConfig:
-        return config_from_dict(cls, data)
 
 
 class SequenceNetwork(nn.Module):
