@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -230,42 +230,51 @@ def calibrate_drift(
         return None
     names = [f"f{i}" for i in range(rows.shape[1])]
     null = _null_config(config)
-    usable = n_windows * config.span
-    with_scores = scores is not None and bool(np.isfinite(scores[:usable]).all())
-    ks, mmd, score = [], [], []
-    for tested, reference_windows in null_pairs(n_windows):
-        window = np.arange(tested * config.span, (tested + 1) * config.span)
-        others = np.concatenate([np.arange(w * config.span, (w + 1) * config.span) for w in reference_windows])
-        others = others[reference_rows(len(others), reference_size)]
+    with_scores = scores is not None and bool(np.isfinite(scores[: n_windows * config.span]).all())
+    confidence = config.calibration_confidence
+    pairs = [
+        (np.arange(tested * config.span, (tested + 1) * config.span), _rows_of(others, config.span, reference_size))
+        for tested, others in null_pairs(n_windows)
+    ]
+    # pass 1: KS distances, how far each feature moved, the score distances
+    ks, moves, score = [], [], []
+    for window, others in pairs:
         det = EntityDriftDetectors(
             "calibration", "calibration", rows[others], names, scores[others] if with_scores else None, null
         )
         x = det.select(rows[window])
         ks.append(det.ks_statistics(x)[1])
-        if config.use_mmd:
-            mmd.append(float(np.sqrt(max(det.mmd_statistics(x)[1], 0.0))))
+        moves.append(det.shift_sigma(x))
         if with_scores:
             score.append(det.score_statistics(det.select(scores[window]))[1])
-    confidence = config.calibration_confidence
-    return DriftCalibration(
+    calibration = DriftCalibration(
         window=config.window,
         thin=config.thin,
         windows=n_windows,
         ks_scales=tuple(fit_scale(column, "kolmogorov", confidence) for column in np.asarray(ks).T),
-        mmd_scale=fit_scale(mmd, "halfnormal", confidence) if mmd else None,
         score_scale=fit_scale(score, "kolmogorov", confidence) if score else None,
+        move_scales=tuple(float(v) for v in np.maximum(np.asarray(moves).max(axis=0), 1.0)),
     )
+    if not config.use_mmd:
+        return calibration
+    # pass 2: MMD on the features scaled by those moves, as the monitor computes it
+    mmd = []
+    for window, others in pairs:
+        det = EntityDriftDetectors("calibration", "calibration", rows[others], names, None, null, calibration)
+        mmd.append(float(np.sqrt(max(det.mmd_statistics(det.select(rows[window]))[1], 0.0))))
+    return replace(calibration, mmd_scale=fit_scale(mmd, "halfnormal", confidence))
 
 
-NULL_STRATEGY = "loo"
+def _rows_of(windows: list[int], span: int, reference_size: int) -> np.ndarray:
+    """The reference rows drawn from these windows, as `reference_sample` draws them from a series."""
+    rows = np.concatenate([np.arange(w * span, (w + 1) * span) for w in windows])
+    return rows[reference_rows(len(rows), reference_size)]
 
 
 def null_pairs(n_windows: int) -> list[tuple[int, list[int]]]:
-    """(tested window, reference windows) pairs of the calibration's null sample."""
-    loo = [(w, [v for v in range(n_windows) if v != w]) for w in range(n_windows)]
-    half = n_windows // 2
-    forward = [(w, list(range(half))) for w in range(half, n_windows)]
-    return {"loo": loo, "forward": forward, "both": loo + forward}[NULL_STRATEGY]
+    """(tested window, reference windows) pairs of the calibration's null sample: each window against
+    all the others (leave one window out)."""
+    return [(w, [v for v in range(n_windows) if v != w]) for w in range(n_windows)]
 
 
 def _null_config(config: DriftConfig) -> DriftConfig:
@@ -366,7 +375,7 @@ class EntityDriftDetectors:
         if cfg.use_mmd:
             mmd_ref = ref[evenly_spaced(len(ref), min(len(ref), cfg.mmd_max_reference))]
             self.mmd_ = MMDDrift(
-                self._standardise(mmd_ref),
+                self._mmd_features(mmd_ref),
                 backend="pytorch",
                 p_val=cfg.p_value,
                 n_permutations=cfg.mmd_permutations,
@@ -385,6 +394,15 @@ class EntityDriftDetectors:
 
     def _standardise(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.mean_) / self.scale_).astype(np.float32)
+
+    def _mmd_features(self, x: np.ndarray) -> np.ndarray:
+        """MMD's inputs: standardised features, each further divided by its calibrated day-to-day move
+        (`DriftCalibration.move_scales`, at least 1), so that a metric whose normal days already move by
+        several stds does not drown the kernel for the others."""
+        z = self._standardise(x)
+        if self.calibration is None or self.calibration.move_scales is None:
+            return z
+        return (z / np.asarray(self.calibration.move_scales, dtype=np.float32)).astype(np.float32)
 
     def select(self, rows: np.ndarray) -> np.ndarray:
         """The rows a test uses: every `thin`-th served row, counted back from the newest, newest `window`."""
@@ -432,7 +450,7 @@ class EntityDriftDetectors:
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed)  # the permutations; forked so the caller's torch RNG is untouched
-            return self.mmd_.score(self._standardise(x))
+            return self.mmd_.score(self._mmd_features(x))
 
     def score_statistics(self, s: np.ndarray) -> tuple[float, float]:
         """(iid p-value, KS distance) of thinned scores `s` against the reference scores."""

@@ -98,12 +98,15 @@ class DriftCalibration:
     ks_scales: tuple[float, ...]
     mmd_scale: float | None = None
     score_scale: float | None = None
+    # per metric, its largest move between a training window and the rest (Wasserstein-1 in reference
+    # stds), at least 1: MMD divides each standardised metric by it (see EntityDriftDetectors)
+    move_scales: tuple[float, ...] | None = None
 
     def fits(self, window: int, thin: int, features: int) -> str | None:
         """Why this calibration cannot serve a test of this shape, or None when it can."""
         if (window, thin) != (self.window, self.thin):
             return f"calibrated for windows of {self.thin} x {self.window} rows, tested with {thin} x {window}"
-        if features != len(self.ks_scales):
+        if features != len(self.ks_scales) or len(self.move_scales or self.ks_scales) != features:
             return f"calibrated for {len(self.ks_scales)} features, tested with {features}"
         return None
 
@@ -140,6 +143,7 @@ class DriftCalibration:
                 dtype=np.float64,
             ),
             "calibration_ks_scales": np.asarray(self.ks_scales, dtype=np.float64),
+            **({} if self.move_scales is None else {"calibration_move_scales": np.asarray(self.move_scales)}),
         }
 
     @classmethod
@@ -161,4 +165,9 @@ class DriftCalibration:
             ks_scales=tuple(float(v) for v in np.asarray(arrays["calibration_ks_scales"], dtype=np.float64)),
             mmd_scale=optional(meta[4]),
             score_scale=optional(meta[5]),
+            move_scales=(
+                tuple(float(v) for v in np.asarray(arrays["calibration_move_scales"], dtype=np.float64))
+                if "calibration_move_scales" in getattr(arrays, "files", arrays)
+                else None
+            ),
         )

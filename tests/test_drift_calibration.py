@@ -164,3 +164,20 @@ def test_calibration_round_trips_without_optional_scales():
     assert DriftCalibration.from_arrays({"reference": np.zeros((2, 2))}) is None
     assert calibration.blind_features(0.005) == []
     assert DriftCalibration(window=240, thin=6, windows=7, ks_scales=(0.9,)).blind_features(0.005) == [0]
+
+
+def test_a_bundle_saves_and_loads_the_calibration_with_its_reference(tmp_path, omi3):
+    from detect.bundle import ModelBundle
+    from detect.peers import PCADetector
+
+    values, names = omi3
+    det = PCADetector().fit(values[: 6 * DAY])
+    reference, scores = drift_reference(det, values[: 6 * DAY], config=DriftConfig.for_period(DAY, use_mmd=False))
+    bundle = ModelBundle("pca", {"asd/omi-3": det}, {"asd/omi-3": names}, {"asd/omi-3": reference},
+                         reference_scores={"asd/omi-3": scores})  # fmt: skip
+    loaded = ModelBundle.load(bundle.save(tmp_path / "bundle")).references["asd/omi-3"]
+    assert loaded.calibration == reference.calibration and loaded.calibration.score_scale is not None
+    np.testing.assert_array_equal(np.asarray(loaded), np.asarray(reference))
+    # a bundle whose reference is a plain array (saved before calibration existed) loads uncalibrated
+    bundle.references["asd/omi-3"] = np.asarray(reference)
+    assert ModelBundle.load(bundle.save(tmp_path / "old")).references["asd/omi-3"].calibration is None
