@@ -402,11 +402,18 @@ def write(rows: list[dict], out: Path, seconds: float, cpu_seconds: float, comma
         "KS, the two laws. They were chosen while looking at these six entities (0.9 confidence left 4 of 24 smd "
         "days flagged by KS), so held-out machines are the fair test.",
         "",
-        "Not met, measured: MMD at the calibrated level detects the 2-sigma shift on smd in few episodes (its null "
-        "from 8 days, dominated by a few metrics with large day-to-day moves, puts the critical value above what a "
-        "shift of 4 of 38 metrics adds), and prediction_ks on the stand-in score detects it in well under 90% on both "
-        "smd and asd (the stand-in moves by about (4/38) x 2 sigma, inside its day-to-day spread). KS meets both "
-        "targets and is the test that should trigger retraining on real series.",
+        "Met: KS on both real sets (smd 0 of 24 held-out days, 91.1% of 2-sigma episodes within 2 windows; asd 2 of "
+        "45, 100%) and MMD on asd (1 of 45, 100%); no test flags more than 5% of held-out days. Synthetic: no false "
+        "drift, and the 1-sigma detection of KS and MMD is still 100% (the figure the old table reported).",
+        "",
+        "Not met, measured: (1) MMD on smd detects the 2-sigma shift in 0 of 45 episodes: its null from 8 days is "
+        "dominated by a few metrics whose days differ a lot, and with 8 days the 99% bound puts the critical value "
+        "at about 3.6 x the largest null sqrt(MMD^2), above what a shift of 4 of 38 metrics reaches (about 1.8 x on machine-3-3). "
+        "(2) prediction_ks on the stand-in score detects it in 6.7% (smd), 64.4% (asd) and 79.7% (synthetic) of "
+        "episodes: the stand-in moves by about a tenth of the shift, inside its day-to-day spread (a trained "
+        "model's score, which the monitors use, reacts more). KS is the test to trigger retraining on real series. "
+        "`smd test`: KS flags 4 of the 7 incident-free test days of machine-2-1, which may be real change between "
+        "the periods.",
         "",
     ]
     (out / "drift.md").write_text("\n".join(lines))
