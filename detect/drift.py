@@ -139,7 +139,9 @@ class DriftResult:
     detector: str  # one of DETECTORS
     is_drift: bool
     statistic: float  # ks: largest KS distance; mmd: MMD^2; prediction_ks: KS distance; concept: largest drop
-    p_value: float | None  # ks: smallest per-feature p-value (uncorrected); concept: None
+    # the p-value decided on (calibrated where the detectors are; the iid one is in extra); ks: the smallest
+    # per-feature one (uncorrected); concept: None
+    p_value: float | None
     threshold: float  # the level p_value is compared with (ks: after the correction); concept: the margin
     drifted_features: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)

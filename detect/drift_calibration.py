@@ -18,18 +18,24 @@ entity's training period:
   windows behave like fewer rows ("effective sample size"), a different number per metric. Each
   statistic's null law is therefore taken as its iid law with a free scale (the scale is
   1/sqrt(n_eff)): the Kolmogorov law for a KS distance, the half-normal law for the square root of
-  MMD^2 (its tail when one kernel direction dominates). The scale is fitted so that the largest of the
-  N null distances sits at the median of the largest of N draws from the law. Fitting to the largest,
-  not the typical, value keeps the rare unusual training day (the weekly peak, a re-deploy) inside
-  what counts as normal.
+  MMD^2 (its tail when one kernel direction dominates). The scale is a one-sided upper confidence bound
+  (`DriftConfig.calibration_confidence`, 99%) given the largest of the N null distances: with few
+  training days the bound is wide, and fitting to the largest, not the typical, value keeps the rare
+  unusual training day (the weekly peak, a re-deploy) inside what counts as normal.
 - **Decision.** A window's calibrated p-value is the fitted law's tail probability of its distance. It
   never goes below the iid p-value (the effective sample size never exceeds the real one), and then the
-  configured level and multiple-testing correction apply as before.
+  configured level and multiple-testing correction apply as before. Two further choices sit with the
+  tests in `detect.drift`: calibrated KS counts a metric only if it also moved at least
+  `ks_min_shift_sigma` (0.5) reference stds (KS, a rank test, reports a quantised metric's step to the
+  adjacent value at full strength), and MMD divides each standardised metric by its largest day-to-day
+  move in the training days (`move_scales`), so that metrics whose normal days differ a lot do not
+  drown the kernel.
 
-Nothing here is tuned to a particular entity: the only inputs are the entity's own training windows,
-the test level (`DriftConfig.p_value`) and the two laws above. The price is sensitivity: a metric
-whose normal days already differ a lot needs a larger change before it counts (a metric whose null
-distances reach about 0.6 cannot reach a significant KS distance at all: `blind_features`).
+Nothing here is tuned to a particular entity: the inputs are the entity's own training windows, the test
+level, the confidence and the two laws (global constants, chosen while looking at the six shipped
+entities; benchmarks/results/drift.md). The price is sensitivity: a metric whose normal days already
+differ a lot needs a larger change before it counts, and one whose critical KS distance is above 1
+cannot count at all (`blind_features`).
 """
 
 from __future__ import annotations
