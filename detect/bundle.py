@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from detect.base import Detector
+from detect.drift import DriftReference, as_drift_reference
 
 ALLOWED_SUFFIXES = {".json", ".npz", ".onnx"}
 
@@ -54,7 +55,9 @@ class ModelBundle:
     kind: str
     detectors: dict[str, Detector]
     metrics: dict[str, list[str]]
-    references: dict[str, np.ndarray] = field(default_factory=dict)
+    # per entity: the drift reference rows with their calibration (`detect.drift.DriftReference`; a plain
+    # array is a reference without calibration)
+    references: dict[str, DriftReference | np.ndarray] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     graphs: dict[str, dict[str, bytes]] = field(default_factory=dict)  # entity -> graph name -> ONNX
@@ -90,7 +93,7 @@ class ModelBundle:
                 ref = root / "reference" / f"{entity_folder(entity)}.npz"
                 ref.parent.mkdir(exist_ok=True)
                 extra = {"scores": self.reference_scores[entity]} if entity in self.reference_scores else {}
-                np.savez(ref, reference=self.references[entity], **extra)
+                np.savez(ref, **as_drift_reference(self.references[entity]).to_arrays(), **extra)
                 entities[entity]["reference"] = str(ref.relative_to(root))
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "manifest.json")
         manifest = {
@@ -124,7 +127,7 @@ class ModelBundle:
                 graphs[entity] = {name: (root / rel).read_bytes() for name, rel in entry["graphs"].items()}
             if "reference" in entry:
                 with np.load(root / entry["reference"], allow_pickle=False) as npz:
-                    references[entity] = npz["reference"]
+                    references[entity] = DriftReference.from_arrays(npz)
                     if "scores" in npz.files:
                         reference_scores[entity] = npz["scores"]
         return cls(

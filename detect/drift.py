@@ -25,8 +25,16 @@ The choices that keep false drift rare (measured in benchmarks/drift.py):
   so no metric dominates the kernel by its units; the RBF bandwidth is the median heuristic on the
   reference.
 
-What this does not fix: slow trends and level changes inside the training data itself (a disk that
-fills, a service that was re-deployed) are real distribution change, and the tests report them.
+- Even so, two normal days of a real machine differ by more than independent rows allow, so the
+  iid p-values alone flag most real days. Each model version therefore stores a per-entity
+  calibration with its reference (`drift_reference` -> `DriftReference`): the tests' null distribution
+  is measured on the entity's own training windows (leave one window out) and the decision uses it
+  (`detect/drift_calibration.py` says how). Without one (too little training history, a reference
+  reset through the admin API, a bundle from before calibration) the iid decision applies.
+
+What this does not fix: slow trends and level changes beyond those seen in the training data (a disk
+that fills further, a service that was re-deployed) are real distribution change, and the tests report
+them.
 """
 
 from __future__ import annotations
@@ -34,12 +42,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
 
 from detect.config import config_from_dict
+from detect.drift_calibration import DriftCalibration, critical_distance, fit_scale
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +73,23 @@ class DriftConfig:
     concept_margin: float = 0.05  # precision/recall drop (absolute) that counts as concept drift
     min_labels: int = 50  # fewest labelled rows for a concept-drift test
     seed: int = 0  # seeds the MMD permutations, so a window always gets the same p-value
+    calibration_min_windows: int = 3  # fewest whole training windows (days) a calibration is fitted from
+    calibration_confidence: float = 0.99  # the fitted null scales are upper confidence bounds at this level
+    # calibrated KS: a feature counts only if it also moved at least this far (Wasserstein-1, in reference stds)
+    ks_min_shift_sigma: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("window", "thin", "mmd_permutations", "mmd_max_reference", "score_bins", "min_rows"):
+        positive = ("window", "thin", "mmd_permutations", "mmd_max_reference", "score_bins", "min_rows")
+        for name in (*positive, "calibration_min_windows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"DriftConfig.{name} must be a positive integer, got {value!r}")
+        if self.calibration_min_windows < 2:
+            raise ValueError(
+                f"DriftConfig.calibration_min_windows must be at least 2, got {self.calibration_min_windows}"
+            )
+        if not 0.0 < self.calibration_confidence < 1.0:
+            raise ValueError(f"DriftConfig.calibration_confidence must be in (0, 1), got {self.calibration_confidence}")
         if self.min_rows < 2:
             raise ValueError(f"DriftConfig.min_rows must be at least 2, got {self.min_rows}")
         if self.window < self.min_rows:
@@ -82,6 +102,8 @@ class DriftConfig:
             raise ValueError(f"DriftConfig.concept_margin must be in [0, 1), got {self.concept_margin}")
         if self.min_labels < 1:
             raise ValueError(f"DriftConfig.min_labels must be at least 1, got {self.min_labels}")
+        if self.ks_min_shift_sigma < 0:
+            raise ValueError(f"DriftConfig.ks_min_shift_sigma must be >= 0, got {self.ks_min_shift_sigma}")
         if self.mmd_attribution_sigma < 0:
             raise ValueError(f"DriftConfig.mmd_attribution_sigma must be >= 0, got {self.mmd_attribution_sigma}")
 
@@ -117,7 +139,9 @@ class DriftResult:
     detector: str  # one of DETECTORS
     is_drift: bool
     statistic: float  # ks: largest KS distance; mmd: MMD^2; prediction_ks: KS distance; concept: largest drop
-    p_value: float | None  # ks: smallest per-feature p-value (uncorrected); concept: None
+    # the p-value decided on (calibrated where the detectors are; the iid one is in extra); ks: the smallest
+    # per-feature one (uncorrected); concept: None
+    p_value: float | None
     threshold: float  # the level p_value is compared with (ks: after the correction); concept: the margin
     drifted_features: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -144,11 +168,121 @@ def reference_sample(values: np.ndarray, rows: int = REFERENCE_ROWS) -> np.ndarr
     return values[reference_rows(len(values), rows)].copy()
 
 
-def drift_reference(det: Any, rows: np.ndarray, n: int = REFERENCE_ROWS) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class DriftReference:
+    """A model version's reference sample for one entity, with the calibration fitted on the training
+    series it was drawn from (None when there was too little history). It reads as the rows array
+    (`np.asarray`, `shape`, `len`), so code that only needs the rows is unchanged."""
+
+    rows: np.ndarray
+    calibration: DriftCalibration | None = None
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return self.rows if dtype is None else self.rows.astype(dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.rows.shape
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The NPZ arrays of a bundle's reference file: `reference` plus the calibration's, if any."""
+        return {"reference": self.rows, **(self.calibration.to_arrays() if self.calibration else {})}
+
+    @classmethod
+    def from_arrays(cls, arrays: Any) -> DriftReference:
+        return cls(np.asarray(arrays["reference"]), DriftCalibration.from_arrays(arrays))
+
+
+def as_drift_reference(reference: DriftReference | np.ndarray) -> DriftReference:
+    """A reference as a `DriftReference`: a plain rows array (an older bundle, a reference reset through
+    the admin API) is one without calibration."""
+    if isinstance(reference, DriftReference):
+        return reference
+    return DriftReference(np.asarray(reference), None)
+
+
+def drift_reference(
+    det: Any, rows: np.ndarray, n: int = REFERENCE_ROWS, config: DriftConfig | None = None
+) -> tuple[DriftReference, np.ndarray]:
     """What a model version keeps for its drift monitors: the reference rows of the series it learned
-    from and the model's own scores on them (scored over the whole series, so windows have context)."""
+    from (with the entity's calibration, fitted on that whole series for windows of `config`) and the
+    model's own scores on them (scored over the whole series, so windows have context)."""
+    rows = np.asarray(rows, dtype=np.float64)
+    scores = np.asarray(det.score(rows), dtype=np.float64)
     idx = reference_rows(len(rows), n)
-    return rows[idx], np.asarray(det.score(rows), dtype=np.float64)[idx]
+    calibration = calibrate_drift(rows, scores, config or DriftConfig(), n)
+    return DriftReference(rows[idx], calibration), scores[idx]
+
+
+def calibrate_drift(
+    rows: np.ndarray, scores: np.ndarray | None, config: DriftConfig, reference_size: int = REFERENCE_ROWS
+) -> DriftCalibration | None:
+    """Fit an entity's calibration (`detect/drift_calibration.py`) on its time-ordered training `rows`
+    (and the model's `scores` on them, for prediction drift): each whole window of `config.span` rows
+    is tested against a reference drawn from the other windows, the way the monitor tests a served
+    window, and each test's null scale is fitted to those distances. None when the series holds fewer
+    than `config.calibration_min_windows` whole windows."""
+    rows = np.asarray(rows, dtype=np.float64)
+    n_windows = len(rows) // config.span
+    if n_windows < config.calibration_min_windows:
+        log.info("drift tests left uncalibrated", extra={"windows": n_windows, "span": config.span})
+        return None
+    names = [f"f{i}" for i in range(rows.shape[1])]
+    null = _null_config(config)
+    with_scores = scores is not None and bool(np.isfinite(scores[: n_windows * config.span]).all())
+    confidence = config.calibration_confidence
+    pairs = [
+        (np.arange(tested * config.span, (tested + 1) * config.span), _rows_of(others, config.span, reference_size))
+        for tested, others in null_pairs(n_windows)
+    ]
+    # pass 1: KS distances, how far each feature moved, the score distances
+    ks, moves, score = [], [], []
+    for window, others in pairs:
+        det = EntityDriftDetectors(
+            "calibration", "calibration", rows[others], names, scores[others] if with_scores else None, null
+        )
+        x = det.select(rows[window])
+        ks.append(det.ks_statistics(x)[1])
+        moves.append(det.shift_sigma(x))
+        if with_scores:
+            score.append(det.score_statistics(det.select(scores[window]))[1])
+    calibration = DriftCalibration(
+        window=config.window,
+        thin=config.thin,
+        windows=n_windows,
+        ks_scales=tuple(fit_scale(column, "kolmogorov", confidence) for column in np.asarray(ks).T),
+        score_scale=fit_scale(score, "kolmogorov", confidence) if score else None,
+        move_scales=tuple(float(v) for v in np.maximum(np.asarray(moves).max(axis=0), 1.0)),
+    )
+    if not config.use_mmd:
+        return calibration
+    # pass 2: MMD on the features scaled by those moves, as the monitor computes it
+    mmd = []
+    for window, others in pairs:
+        det = EntityDriftDetectors("calibration", "calibration", rows[others], names, None, null, calibration)
+        mmd.append(float(np.sqrt(max(det.mmd_statistics(det.select(rows[window]))[1], 0.0))))
+    return replace(calibration, mmd_scale=fit_scale(mmd, "halfnormal", confidence))
+
+
+def _rows_of(windows: list[int], span: int, reference_size: int) -> np.ndarray:
+    """The reference rows drawn from these windows, as `reference_sample` draws them from a series."""
+    rows = np.concatenate([np.arange(w * span, (w + 1) * span) for w in windows])
+    return rows[reference_rows(len(rows), reference_size)]
+
+
+def null_pairs(n_windows: int) -> list[tuple[int, list[int]]]:
+    """(tested window, reference windows) pairs of the calibration's null sample: each window against
+    all the others (leave one window out)."""
+    return [(w, [v for v in range(n_windows) if v != w]) for w in range(n_windows)]
+
+
+def _null_config(config: DriftConfig) -> DriftConfig:
+    """The config of the calibration's own (uncalibrated) tests: only their distances are used, so the
+    MMD permutation test is cut to one permutation."""
+    return DriftConfig.from_dict({**config.to_dict(), "mmd_permutations": 1})
 
 
 def evenly_spaced(n: int, k: int) -> np.ndarray:
@@ -201,6 +335,9 @@ class EntityDriftDetectors:
 
     `test_inputs` and `test_scores` take consecutive served rows (oldest first), keep every
     `config.thin`-th and test the newest `config.window` of those; hand in `config.span` rows per call.
+    With a `calibration` that fits the config (`DriftCalibration.fits`), decisions use the entity's
+    calibrated null (`detect/drift_calibration.py`); the iid decision is kept in each result's
+    `extra["iid_is_drift"]` beside it.
     """
 
     def __init__(
@@ -211,6 +348,7 @@ class EntityDriftDetectors:
         feature_names: Sequence[str],
         reference_scores: np.ndarray | None = None,
         config: DriftConfig | None = None,
+        calibration: DriftCalibration | None = None,
     ) -> None:
         from alibi_detect.cd import KSDrift, MMDDrift
 
@@ -223,8 +361,14 @@ class EntityDriftDetectors:
         if dupes:
             raise ValueError(f"feature_names has duplicates: {dupes}")
         cfg = self.config
+        if calibration is not None:
+            unfit = calibration.fits(cfg.window, cfg.thin, len(self.feature_names))
+            if unfit:
+                raise ValueError(f"drift calibration does not fit this monitor: {unfit}")
+        self.calibration = calibration
         ref = _check_matrix(reference, "reference", self.feature_names, cfg.min_rows)
         self.reference_rows_ = len(ref)
+        self.reference_ = ref
         self.mean_ = ref.mean(axis=0)
         std = ref.std(axis=0)
         self.scale_ = np.where(std > 1e-12, std, 1.0)  # a constant reference metric: any change is drift
@@ -233,7 +377,7 @@ class EntityDriftDetectors:
         if cfg.use_mmd:
             mmd_ref = ref[evenly_spaced(len(ref), min(len(ref), cfg.mmd_max_reference))]
             self.mmd_ = MMDDrift(
-                self._standardise(mmd_ref),
+                self._mmd_features(mmd_ref),
                 backend="pytorch",
                 p_val=cfg.p_value,
                 n_permutations=cfg.mmd_permutations,
@@ -252,6 +396,15 @@ class EntityDriftDetectors:
 
     def _standardise(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.mean_) / self.scale_).astype(np.float32)
+
+    def _mmd_features(self, x: np.ndarray) -> np.ndarray:
+        """MMD's inputs: standardised features, each further divided by its calibrated day-to-day move
+        (`DriftCalibration.move_scales`, at least 1), so that a metric whose normal days already move by
+        several stds does not drown the kernel for the others."""
+        z = self._standardise(x)
+        if self.calibration is None or self.calibration.move_scales is None:
+            return z
+        return (z / np.asarray(self.calibration.move_scales, dtype=np.float32)).astype(np.float32)
 
     def select(self, rows: np.ndarray) -> np.ndarray:
         """The rows a test uses: every `thin`-th served row, counted back from the newest, newest `window`."""
@@ -276,6 +429,36 @@ class EntityDriftDetectors:
             )
         return out
 
+    # -- the statistics, shared by the tests and by the calibration -------------------------------------
+    def ks_statistics(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-feature iid p-values and KS distances of thinned rows `x` against the reference."""
+        data = self.ks_.predict(x, drift_type="batch", return_p_val=True, return_distance=True)["data"]
+        return np.asarray(data["p_val"], dtype=np.float64), np.asarray(data["distance"], dtype=np.float64)
+
+    def shift_sigma(self, x: np.ndarray) -> np.ndarray:
+        """Per feature, how far thinned rows `x` moved from the reference: the Wasserstein-1 (transport)
+        distance in reference stds. KS is a rank test: a quantised metric whose mass steps to the
+        adjacent value, or a sine whose phase wobbles, gets a large KS distance for a change of a few
+        hundredths of a std. The calibrated KS decision ignores features that moved less than
+        `ks_min_shift_sigma`; a mean shift of d stds moves a feature by d."""
+        from scipy.stats import wasserstein_distance
+
+        ref = self.reference_
+        return np.array([wasserstein_distance(ref[:, j], x[:, j]) for j in range(ref.shape[1])]) / self.scale_
+
+    def mmd_statistics(self, x: np.ndarray) -> tuple[float, float, float]:
+        """(permutation p-value, MMD^2, permutation threshold on MMD^2) of thinned rows `x`."""
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)  # the permutations; forked so the caller's torch RNG is untouched
+            return self.mmd_.score(self._mmd_features(x))
+
+    def score_statistics(self, s: np.ndarray) -> tuple[float, float]:
+        """(iid p-value, KS distance) of thinned scores `s` against the reference scores."""
+        data = self.scores_ks_.predict(s.reshape(-1, 1), return_p_val=True, return_distance=True)["data"]
+        return float(np.asarray(data["p_val"]).ravel()[0]), float(np.asarray(data["distance"]).ravel()[0])
+
     def test_inputs(self, window: np.ndarray, now: float | None = None) -> list[DriftResult]:
         """KS per feature (corrected for the number of features) and, if enabled, MMD on all features."""
         x = _check_matrix(window, "window", self.feature_names, 1)
@@ -285,60 +468,85 @@ class EntityDriftDetectors:
             results.append(self._test_mmd(x, now))
         return results
 
-    def _test_ks(self, x: np.ndarray, now: float | None) -> DriftResult:
+    def _decide_ks(self, p: np.ndarray) -> tuple[bool, float, np.ndarray]:
+        """(drift?, the level p-values are compared with, which features) under the configured correction."""
         cfg = self.config
-        data = self.ks_.predict(x, drift_type="batch", return_p_val=True, return_distance=True)["data"]
-        p = np.asarray(data["p_val"], dtype=np.float64)
-        dist = np.asarray(data["distance"], dtype=np.float64)
-        is_drift = bool(data["is_drift"])
         if cfg.correction == "bonferroni":
             threshold = cfg.p_value / len(p)
         else:  # BH: alibi gives the rejection threshold when something is rejected, the candidates otherwise
-            t = np.asarray(data["threshold"], dtype=np.float64)
+            from alibi_detect.utils.statstest import fdr
+
+            t = np.asarray(fdr(p, q_val=cfg.p_value)[1], dtype=np.float64)
             threshold = float(t) if t.ndim == 0 else float(t.min())
-        drifted = [f for f, pv in zip(self.feature_names, p) if pv < threshold] if is_drift else []
+        drifted = p < threshold
+        return bool(drifted.any()), float(threshold), drifted
+
+    def _test_ks(self, x: np.ndarray, now: float | None) -> DriftResult:
+        cfg, cal = self.config, self.calibration
+        p_iid, dist = self.ks_statistics(x)
+        iid_drift, iid_threshold, _ = self._decide_ks(p_iid)
+        # calibrated: the fitted null's tail, never below the iid p-value (n_eff never above the real n)
+        p = p_iid if cal is None else np.maximum(cal.ks_p_values(dist), p_iid)
+        is_drift, threshold, drifted_mask = self._decide_ks(p)
+        if cal is not None:
+            drifted_mask &= self.shift_sigma(x) >= cfg.ks_min_shift_sigma
+            is_drift = bool(drifted_mask.any())
         order = np.argsort(-dist)[:5]
+        extra: dict[str, Any] = {
+            "correction": cfg.correction,
+            "top_distances": {self.feature_names[i]: round(float(dist[i]), 4) for i in order},
+            **self._calibration_extra(iid_drift, float(p_iid.min()), iid_threshold),
+        }
+        if cal is not None:
+            critical = critical_distance(np.asarray(cal.ks_scales), threshold, "kolmogorov")
+            extra["critical_distances"] = {self.feature_names[i]: round(float(critical[i]), 4) for i in order}
         result = DriftResult(
             **self._base("ks", now, len(x)),
             is_drift=is_drift,
             statistic=float(dist.max()),
             p_value=float(p.min()),
-            threshold=float(threshold),
-            drifted_features=drifted,
-            extra={
-                "correction": cfg.correction,
-                "top_distances": {self.feature_names[i]: round(float(dist[i]), 4) for i in order},
-            },
+            threshold=threshold,
+            drifted_features=[f for f, hit in zip(self.feature_names, drifted_mask) if hit] if is_drift else [],
+            extra=extra,
         )
         self._log(result)
         return result
 
-    def _test_mmd(self, x: np.ndarray, now: float | None) -> DriftResult:
-        import torch
+    def _calibration_extra(self, iid_drift: bool, iid_p: float, iid_threshold: float) -> dict[str, Any]:
+        return {
+            "calibrated": self.calibration is not None,
+            "iid_is_drift": iid_drift,
+            "iid_p_value": iid_p,
+            "iid_threshold": iid_threshold,
+        }
 
-        cfg = self.config
-        z = self._standardise(x)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)  # the permutations; forked so the caller's torch RNG is untouched
-            data = self.mmd_.predict(z, return_p_val=True, return_distance=True)["data"]
-        is_drift = bool(data["is_drift"])
+    def _test_mmd(self, x: np.ndarray, now: float | None) -> DriftResult:
+        cfg, cal = self.config, self.calibration
+        p_perm, mmd2, mmd2_threshold = self.mmd_statistics(x)
+        p_cal = None if cal is None else cal.mmd_p_value(mmd2)
+        p = p_perm if p_cal is None else max(p_cal, p_perm)
+        is_drift = p < cfg.p_value
         # MMD has no per-feature answer; name the features whose mean moved most (a heuristic attribution)
-        shift = np.abs(z.mean(axis=0))  # in reference stds
+        shift = np.abs(self._standardise(x).mean(axis=0))  # in reference stds
         order = np.argsort(-shift)
         drifted = [self.feature_names[i] for i in order if shift[i] >= cfg.mmd_attribution_sigma] if is_drift else []
+        extra = {
+            "distance_threshold": float(mmd2_threshold),
+            "permutations": cfg.mmd_permutations,
+            "reference_rows": self.mmd_reference_rows_,
+            "mean_shift_sigma": {self.feature_names[i]: round(float(shift[i]), 3) for i in order[:5]},
+            **self._calibration_extra(p_perm < cfg.p_value, float(p_perm), cfg.p_value),
+        }
+        if p_cal is not None:
+            extra["critical_distance"] = float(critical_distance(cal.mmd_scale, cfg.p_value, "halfnormal")) ** 2
         result = DriftResult(
             **self._base("mmd", now, len(x)),
             is_drift=is_drift,
-            statistic=float(data["distance"]),
-            p_value=float(data["p_val"]),
+            statistic=float(mmd2),
+            p_value=float(p),
             threshold=cfg.p_value,
             drifted_features=drifted,
-            extra={
-                "distance_threshold": float(data["distance_threshold"]),
-                "permutations": cfg.mmd_permutations,
-                "reference_rows": self.mmd_reference_rows_,
-                "mean_shift_sigma": {self.feature_names[i]: round(float(shift[i]), 3) for i in order[:5]},
-            },
+            extra=extra,
         )
         self._log(result)
         return result
@@ -350,27 +558,33 @@ class EntityDriftDetectors:
             return None
         from scipy.spatial.distance import jensenshannon
 
-        cfg = self.config
+        cfg, cal = self.config, self.calibration
         s = self._thinned(_check_vector(scores, "scores", 1), "scores")
-        data = self.scores_ks_.predict(s.reshape(-1, 1), return_p_val=True, return_distance=True)["data"]
+        p_iid, distance = self.score_statistics(s)
+        p_cal = None if cal is None else cal.score_p_value(distance)
+        p = p_iid if p_cal is None else max(p_cal, p_iid)
         ref = self.reference_scores_
         lo, hi = float(min(ref.min(), s.min())), float(max(ref.max(), s.max()))
         edges = np.linspace(lo, hi if hi > lo else lo + 1.0, cfg.score_bins + 1)
         h_ref = np.histogram(ref, edges)[0].astype(np.float64)
         h_cur = np.histogram(s, edges)[0].astype(np.float64)
         js_distance = float(jensenshannon(h_ref / h_ref.sum(), h_cur / h_cur.sum(), base=2))
+        extra = {
+            "js_divergence": js_distance**2,  # scipy returns the distance, its square root
+            "js_distance": js_distance,
+            "score_mean": float(s.mean()),
+            "reference_score_mean": float(ref.mean()),
+            **self._calibration_extra(p_iid < cfg.p_value, p_iid, cfg.p_value),
+        }
+        if p_cal is not None:
+            extra["critical_distance"] = float(critical_distance(cal.score_scale, cfg.p_value, "kolmogorov"))
         result = DriftResult(
             **self._base("prediction_ks", now, len(s)),
-            is_drift=bool(data["is_drift"]),
-            statistic=float(np.asarray(data["distance"]).ravel()[0]),
-            p_value=float(np.asarray(data["p_val"]).ravel()[0]),
+            is_drift=bool(p < cfg.p_value),
+            statistic=distance,
+            p_value=float(p),
             threshold=cfg.p_value,
-            extra={
-                "js_divergence": js_distance**2,  # scipy returns the distance, its square root
-                "js_distance": js_distance,
-                "score_mean": float(s.mean()),
-                "reference_score_mean": float(ref.mean()),
-            },
+            extra=extra,
         )
         self._log(result)
         return result

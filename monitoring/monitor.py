@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from detect.config import config_from_dict
-from detect.drift import DriftConfig, EntityDriftDetectors
+from detect.drift import DriftConfig, EntityDriftDetectors, as_drift_reference
 from detect.kinds import DETECTOR_KINDS
 from detect.state import ServingStore, state_dir
 from monitoring.events import DriftEventStore
@@ -129,9 +129,11 @@ class DriftMonitor:
             reset = self.store.reference(self.model, entity, since=since) if since else None
             rows = np.asarray(reset if reset is not None else ref, dtype=np.float64)
             scores = None if reset is not None else bundle.reference_scores.get(entity)
+            # a reset reference has no training history to calibrate on: it is tested with the iid decision
+            calibration = None if reset is not None else self._calibration(entity, ref, len(bundle.metrics[entity]))
             try:
                 detectors[entity] = EntityDriftDetectors(
-                    self.model, entity, rows, bundle.metrics[entity], scores, self.drift_config
+                    self.model, entity, rows, bundle.metrics[entity], scores, self.drift_config, calibration
                 )
             except ValueError as exc:
                 log.warning("no drift detectors for entity", extra={"entity": entity, "error": str(exc)})
@@ -142,6 +144,19 @@ class DriftMonitor:
                 self._pending.clear()
             self.events.set_state(self._key(f"version_since/{version}"), since or time.time())
         self.detectors, self.metrics, self.version, self.load_error = detectors, bundle.metrics, version, None
+
+    def _calibration(self, entity: str, reference: Any, features: int) -> Any:
+        """The entity's calibration stored with the champion's reference, when it was fitted for this
+        monitor's windows; otherwise None (the iid decision), with the reason logged."""
+        calibration = as_drift_reference(reference).calibration
+        if calibration is None:
+            log.warning("drift tests of entity uncalibrated", extra={"entity": entity, "reason": "none stored"})
+            return None
+        unfit = calibration.fits(self.drift_config.window, self.drift_config.thin, features)
+        if unfit:
+            log.warning("drift tests of entity uncalibrated", extra={"entity": entity, "reason": unfit})
+            return None
+        return calibration
 
     def _last_id(self, entity: str) -> int:
         obs = self.store.observations(self.model, entity, limit=1)
@@ -281,6 +296,7 @@ class DriftMonitor:
             "model": self.model,
             "champion": self.version,
             "entities": sorted(self.detectors),
+            "calibrated": sorted(e for e, det in self.detectors.items() if det.calibration is not None),
             "starts": self.starts,
             "pid": os.getpid(),
             "window_rows": self.drift_config.span,
