@@ -45,11 +45,12 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return float(f"{a / b:.3g}") if a is not None and b else None
 
 
+def _find_all(rows: list[dict[str, Any]], **match: Any) -> list[dict[str, Any]]:
+    return [row for row in rows if all(row.get(k) == v for k, v in match.items())]
+
+
 def _find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
-    for row in rows:
-        if all(row.get(k) == v for k, v in match.items()):
-            return row
-    return None
+    return next(iter(_find_all(rows, **match)), None)
 
 
 def ort_reference(rows: list[dict[str, Any]], serve_mode: str | None, **match: Any) -> dict[str, Any] | None:
@@ -199,14 +200,7 @@ def checks(
                     f"{serve['p99_ms']} vs {echo['p99_ms']} ms ({ratio(serve['p99_ms'], echo['p99_ms'])}x)",
                 )
             )
-        batch = [
-            r
-            for r in rows
-            if r["target"] == "ray_serve"
-            and r["serve_mode"] == "high_throughput"
-            and r["detector"] == "ensemble"
-            and r["mode"] == "batch"
-        ]
+        batch = _find_all(rows, target="ray_serve", serve_mode="high_throughput", detector="ensemble", mode="batch")
         ort = ort_reference(rows, "high_throughput", detector="ensemble", mode="batch", work="onnx")
         if batch and ort:
             for body in sorted({r.get("body") for r in batch}, key=str):
