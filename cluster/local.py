@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -206,6 +207,14 @@ class LocalHead:
         self._forget_address()
         if self.client_env is not None:
             self.client_env.unlink(missing_ok=True)
+        self._remove_temp_dir()
+
+    def _remove_temp_dir(self) -> None:
+        """The head's private temp dir (sockets, session logs) goes with it, so that stopped heads do not
+        pile up in /tmp; only a folder raywatch made (`rw-ray-*`), and only once its processes are gone."""
+        if self.temp_dir is None or not self.temp_dir.name.startswith("rw-ray-") or group_alive(self.pgid):
+            return
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def _forget_address(self) -> None:
         """`ray start` records its address for `ray.init()` (as `ray stop` would, drop it once gone),
