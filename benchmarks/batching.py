@@ -270,8 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         table(rows, columns),
     ]
-    save_tables("batching", result, md)
-    print("\n".join(md))
+    save_tables("batching", result, md, show=True)
     return 0
 
 

@@ -81,11 +81,13 @@ def load_average() -> str:
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def save_tables(name: str, result: dict[str, Any], md: list[str]) -> None:
-    """benchmarks/results/<name>.json (the figures) and <name>.md (the tables)."""
+def save_tables(name: str, result: dict[str, Any], md: list[str], show: bool = False) -> None:
+    """benchmarks/results/<name>.json (the figures) and <name>.md (the tables); `show` prints the tables."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
+    if show:
+        print("\n".join(md))
 
 
 def log(message: str) -> None:

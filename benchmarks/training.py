@@ -101,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         table(rows),
     ]
-    save_tables("training", result, md)
-    print("\n".join(md))
+    save_tables("training", result, md, show=True)
     return 0
 
 

@@ -118,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         table(per_trial),
     ]
-    save_tables("tune", result, md)
-    print("\n".join(md))
+    save_tables("tune", result, md, show=True)
     return 0
 
 
