@@ -51,7 +51,7 @@ def create(path: Path, schema: Iterable[str]) -> None:
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS feedback (id INTEGER PRIMARY KEY, received REAL, entity TEXT,
-       ts TEXT, label INTEGER, detector TEXT)""",
+       ts TEXT, label INTEGER, detector TEXT, trusted INTEGER NOT NULL DEFAULT 0)""",
     "CREATE INDEX IF NOT EXISTS feedback_entity_ts ON feedback (entity, ts)",
     """CREATE TABLE IF NOT EXISTS drift_reference (id INTEGER PRIMARY KEY, created REAL, model TEXT,
        entity TEXT, rows INTEGER, sample TEXT)""",
@@ -77,32 +77,46 @@ class ServingStore:
         self.path = Path(path) if path else state_dir() / "serving.db"
         self._lock = threading.Lock()
         create(self.path, _SCHEMA)
+        self._add_trusted_column()
+
+    def _add_trusted_column(self) -> None:
+        """Stores written before feedback carried its trust get the column; their labels stay, as untrusted
+        (nobody authenticated them)."""
+        with self._lock, self._connect() as db:
+            columns = {row[1] for row in db.execute("PRAGMA table_info(feedback)")}
+            if "trusted" not in columns:
+                db.execute("ALTER TABLE feedback ADD COLUMN trusted INTEGER NOT NULL DEFAULT 0")
 
     def _connect(self) -> sqlite3.Connection:
         return connect(self.path)
 
     # -- feedback labels -----------------------------------------------------------------------------------
-    def add_feedback(self, entity: str, ts: Any, label: int, detector: str | None) -> int:
+    def add_feedback(self, entity: str, ts: Any, label: int, detector: str | None, trusted: bool = False) -> int:
+        """Store a label; `trusted` when its sender authenticated (only trusted labels steer retraining)."""
         with self._lock, self._connect() as db:
             cur = db.execute(
-                "INSERT INTO feedback (received, entity, ts, label, detector) VALUES (?, ?, ?, ?, ?)",
-                (time.time(), entity, str(ts), int(label), detector),
+                "INSERT INTO feedback (received, entity, ts, label, detector, trusted) VALUES (?, ?, ?, ?, ?, ?)",
+                (time.time(), entity, str(ts), int(label), detector, int(trusted)),
             )
             return int(cur.lastrowid)
 
     def feedback(self, limit: int = 1000) -> list[dict[str, Any]]:
         with self._connect() as db:
             rows = db.execute(
-                "SELECT id, received, entity, ts, label, detector FROM feedback ORDER BY id DESC LIMIT ?", (limit,)
+                "SELECT id, received, entity, ts, label, detector, trusted FROM feedback ORDER BY id DESC LIMIT ?",
+                (limit,),
             ).fetchall()
-        return [dict(zip(("id", "received", "entity", "timestamp", "label", "detector"), r)) for r in rows]
+        keys = ("id", "received", "entity", "timestamp", "label", "detector", "trusted")
+        return [dict(zip(keys, r[:-1] + (bool(r[-1]),))) for r in rows]
 
-    def labels(self, entity: str, timestamps: Iterable[str | None]) -> np.ndarray:
-        """The latest feedback label of each of the entity's timestamps, in order: 1, 0, or -1 (none)."""
+    def labels(self, entity: str, timestamps: Iterable[str | None], trusted_only: bool = False) -> np.ndarray:
+        """The latest feedback label of each of the entity's timestamps, in order: 1, 0, or -1 (none);
+        with `trusted_only`, labels from senders who did not authenticate do not count."""
         timestamps = list(timestamps)
         wanted = {str(t) for t in timestamps if t is not None}
+        only = " AND trusted=1" if trusted_only else ""
         with self._connect() as db:
-            rows = db.execute("SELECT ts, label FROM feedback WHERE entity=? ORDER BY id", (entity,)).fetchall()
+            rows = db.execute(f"SELECT ts, label FROM feedback WHERE entity=?{only} ORDER BY id", (entity,)).fetchall()
         found = {ts: int(label) for ts, label in rows if ts in wanted}
         return np.array([found.get(str(t), -1) if t is not None else -1 for t in timestamps], dtype=np.int64)
 

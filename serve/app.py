@@ -41,7 +41,16 @@ from detect.state import ServingStore
 from detect.state import state_dir as current_state_dir
 from monitoring.events import DriftEventStore
 from serve import schemas as S
-from serve.auth import BURST_ENV, KEYS_FILE_ENV, RATE_ENV, AuthError, RateLimiter, check_admin, client_id
+from serve.auth import (
+    BURST_ENV,
+    KEYS_FILE_ENV,
+    RATE_ENV,
+    AuthError,
+    RateLimiter,
+    check_admin,
+    client_id,
+    feedback_trusted,
+)
 from serve.history import EntityHistory, fallback_scores
 from serve.monitor_feed import MonitorFeed
 from serve.router import CircuitBreaker, TrafficPolicy
@@ -632,12 +641,20 @@ class RaywatchAPI:
         }
 
     @api.post("/v1/feedback", status_code=201)
-    async def feedback(self, request: S.FeedbackRequest, client: str = Depends(_client)) -> dict[str, Any]:
+    async def feedback(
+        self,
+        request: S.FeedbackRequest,
+        client: str = Depends(_client),
+        authorization: str | None = Header(default=None),
+    ) -> dict[str, Any]:
+        """Store an incident label. With an admin key it is trusted (retraining learns from it and promotion
+        weighs it); without one, `feedback_auth` decides: stored as untrusted (ignored by both), or refused."""
         self._limit(client)
+        trusted = feedback_trusted(authorization, self.settings.feedback_auth, self.admin_keys_file)
         feedback_id = await asyncio.to_thread(
-            self.store.add_feedback, request.entity, request.timestamp, request.label, request.detector
+            self.store.add_feedback, request.entity, request.timestamp, request.label, request.detector, trusted
         )
-        return {"id": feedback_id, "stored": True}
+        return {"id": feedback_id, "stored": True, "trusted": trusted}
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:

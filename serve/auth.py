@@ -59,6 +59,17 @@ def check_admin(authorization: str | None, keys_file: str | None = None) -> None
         raise AuthError(403, "admin key not accepted")
 
 
+def feedback_trusted(authorization: str | None, policy: str, keys_file: str | None = None) -> bool:
+    """Whether a feedback label's sender authenticated (an admin key). Without a key, policy "require"
+    refuses it (AuthError 401), "untrusted" lets it be stored as untrusted. A wrong key is always refused."""
+    if authorization is None:
+        if policy == "require":
+            raise AuthError(401, "feedback requires an admin key (feedback_auth: require): Authorization: Bearer <key>")
+        return False
+    check_admin(authorization, keys_file)
+    return True
+
+
 class RateLimiter:
     """Per-client token bucket: `requests_per_s` sustained, `burst` at once; 0 turns it off.
 

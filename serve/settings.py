@@ -5,7 +5,7 @@ these defaults. The deployments receive them as constructor arguments; nothing r
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,6 +22,13 @@ class ServeSettings(BaseSettings):
     parallel_rows: int = Field(256, ge=0, description="rows from which a batch is big (0: never)")
     monitor_queue: int = Field(20_000, ge=1, description="served rows waiting for the drift monitors")
     monitor_flush_s: float = Field(0.5, gt=0, description="how long served rows gather before a monitor call")
+    feedback_auth: Literal["untrusted", "require"] = Field(
+        "untrusted",
+        description=(
+            "feedback without an admin key: 'untrusted' stores it but retraining and promotion ignore it; "
+            "'require' refuses it (401/403)"
+        ),
+    )
 
     @property
     def big_batch_rows(self) -> int:

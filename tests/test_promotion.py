@@ -194,6 +194,8 @@ def test_the_retraining_job_learns_only_rows_believed_normal_and_records_the_tes
         "autoencoder", [{"entity": entity, "timestamp": float(i), "values": v} for i, v in enumerate(served.tolist())]
     )
     for i in range(300, 340):  # a labelled incident (its rows look normal: only the label says otherwise)
+        store.add_feedback(entity, float(i), 1, "autoencoder", trusted=True)  # an operator's, authenticated
+    for i in range(400, 440):  # incident labels sent without a key: stored, but retraining must ignore them
         store.add_feedback(entity, float(i), 1, "autoencoder")
 
     learnt: list[np.ndarray] = []
@@ -213,7 +215,7 @@ def test_the_retraining_job_learns_only_rows_believed_normal_and_records_the_tes
     )
     assert withheld[100:130].any() and withheld[300:340].all()
     fit_part = int(len(served) * 0.6)
-    np.testing.assert_array_equal(learnt[0], served[:fit_part][~withheld[:fit_part]])
+    np.testing.assert_array_equal(learnt[0], served[:fit_part][~withheld[:fit_part]])  # rows 400-439 learnt
     incident_rows = {tuple(r) for r in served[100:130][withheld[100:130]]} | {tuple(r) for r in served[300:340]}
     assert not incident_rows & {tuple(r) for r in learnt[0]}
 

@@ -8,6 +8,8 @@ import asyncio
 import numpy as np
 import pytest
 
+from detect.state import ServingStore, connect
+from serve.auth import KEYS_FILE_ENV, AuthError, feedback_trusted
 from serve.history import FALLBACK_THRESHOLD, EntityHistory, fallback_scores
 from serve.monitor_feed import MonitorFeed
 
@@ -96,3 +98,31 @@ def test_a_disabled_feed_takes_nothing():
         return feed.status()
 
     assert asyncio.run(scenario()) == {"pending": 0, "dropped": 0}
+
+
+def test_feedback_trust_follows_the_policy_and_the_key(tmp_path, monkeypatch):
+    monkeypatch.delenv(KEYS_FILE_ENV, raising=False)
+    keys = tmp_path / "keys"
+    keys.write_text("rw-key-one\n")
+    assert feedback_trusted(None, "untrusted", str(keys)) is False
+    assert feedback_trusted("Bearer rw-key-one", "untrusted", str(keys)) is True
+    with pytest.raises(AuthError) as refused:
+        feedback_trusted(None, "require", str(keys))
+    assert refused.value.status == 401
+    with pytest.raises(AuthError) as wrong:
+        feedback_trusted("Bearer rw-key-two", "untrusted", str(keys))
+    assert wrong.value.status == 403
+
+
+def test_untrusted_labels_are_kept_but_left_out_on_request_and_old_stores_gain_the_column(tmp_path):
+    old = tmp_path / "serving.db"  # a store from before feedback carried its trust
+    with connect(old) as db:
+        db.execute(
+            "CREATE TABLE feedback (id INTEGER PRIMARY KEY, received REAL, entity TEXT, ts TEXT, label INTEGER, detector TEXT)"
+        )
+        db.execute("INSERT INTO feedback (received, entity, ts, label, detector) VALUES (0, 'e', '1', 1, NULL)")
+    store = ServingStore(old)
+    store.add_feedback("e", 2, 0, None, trusted=True)
+    assert store.labels("e", ["1", "2", "3"]).tolist() == [1, 0, -1]
+    assert store.labels("e", ["1", "2", "3"], trusted_only=True).tolist() == [-1, 0, -1]
+    assert [f["trusted"] for f in ServingStore(old).feedback()] == [True, False]  # and after a restart

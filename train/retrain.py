@@ -125,7 +125,8 @@ def retrain(
                 figures[entity] = {"skipped": f"{n} recent rows (< {MIN_ROWS})"}
                 progress(f"{entity}: skipped, {n} recent rows")
                 continue
-            rows, labels = obs["values"], store.labels(entity, obs["timestamps"])
+            # only authenticated feedback steers what is learnt and what is promoted
+            rows, labels = obs["values"], store.labels(entity, obs["timestamps"], trusted_only=True)
             cut = int(n * fit_fraction)
             old = champion.detectors[entity]
             suspected = suspected_anomalies(old.score(rows), old.threshold_, labels, rule.max_suspect_share)

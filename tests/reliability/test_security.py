@@ -76,6 +76,35 @@ def test_key_rotation_two_valid_then_one_revoked(served, figures):
     figures["key_rotation"] = {"revoked_key_status": 403, "restarts": 0}
 
 
+def test_feedback_trust_per_configuration(served, figures):
+    """Feedback without a key is stored but untrusted by default, and retraining reads trusted labels
+    only; with `feedback_auth: require` it is refused (401). A key makes it trusted; a wrong key is refused."""
+    from detect.state import ServingStore
+
+    entity = served.score_body()["rows"][0]["entity"]
+    wrong = new_key()
+    served.secrets_sent.add(wrong)
+
+    def send(ts: float, headers: dict[str, str] | None = None) -> httpx.Response:
+        return served.client.post("/v1/feedback", json={"entity": entity, "timestamp": ts, "label": 1}, headers=headers)
+
+    anonymous, keyed = send(1.0), send(2.0, served.admin())
+    assert (anonymous.status_code, anonymous.json()["trusted"]) == (201, False), anonymous.text
+    assert (keyed.status_code, keyed.json()["trusted"]) == (201, True), keyed.text
+    assert send(3.0, {"Authorization": f"Bearer {wrong}"}).status_code == 403
+    store = ServingStore(served.state_dir / "serving.db")
+    assert store.labels(entity, ["1.0", "2.0", "3.0"]).tolist() == [1, 1, -1]  # stored, nothing lost
+    assert store.labels(entity, ["1.0", "2.0", "3.0"], trusted_only=True).tolist() == [-1, 1, -1]
+    try:
+        served.redeploy(feedback_auth="require")
+        refused = send(4.0)
+        assert refused.status_code == 401 and refused.headers.get("www-authenticate") == "Bearer", refused.text
+        assert send(5.0, served.admin()).status_code == 201
+    finally:
+        served.redeploy(feedback_auth="untrusted")
+    figures["feedback_auth"] = {"untrusted": [201, "trusted=false"], "require": 401, "with_key": [201, "trusted=true"]}
+
+
 def test_ray_token_authentication_is_on(served, ray_cluster, figures):
     token = ray_token()
     jobs = f"{served.dashboard_url}/api/jobs/"
