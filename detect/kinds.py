@@ -28,8 +28,13 @@ _TRAITS = (
 )
 KIND_TRAITS: dict[str, KindTraits] = {t.name: t for t in _TRAITS}
 
-# The order is the order in which `raywatch up` trains and `raywatch models` lists them.
-DETECTOR_KINDS: tuple[str, ...] = tuple(KIND_TRAITS)
+# The order is the order in which `raywatch up` trains and `raywatch models` lists them. Written out
+# because the offline manifest check (`cluster.manifests`, which imports nothing) reads it from this source.
+DETECTOR_KINDS: tuple[str, ...] = ("autoencoder", "lstm", "ensemble")
+if DETECTOR_KINDS != tuple(KIND_TRAITS):
+    raise ImportError(
+        f"detect.kinds: DETECTOR_KINDS {DETECTOR_KINDS} must list the kinds of KIND_TRAITS {tuple(KIND_TRAITS)}"
+    )
 # the kind whose deployment answers /v1/forecast
 FORECASTER: str = next(t.name for t in _TRAITS if t.forecasts)
 
