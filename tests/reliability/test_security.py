@@ -181,6 +181,45 @@ def test_rate_limit_per_client_on_scoring(served, figures):
     assert spoofed["forwarded"] + spoofed["bearer"] <= refill, (spoofed, refill)  # what the buckets refilled, no more
 
 
+def test_no_secret_in_actor_or_job_metadata(served, figures, monkeypatch):
+    """What the GCS holds about every actor (Serve replicas, monitors) and every job submitted the way
+    raywatch submits them (`train.jobs.submit`: the retraining trigger's path) carries no admin key and
+    not the Ray token, even when they sit in the submitting process's environment, as an operator's would."""
+    import dataclasses
+    import json
+
+    from ray.util.state import list_actors
+
+    from train import jobs
+
+    secrets = set(served.secrets_sent) | {ray_token()}
+    monkeypatch.setenv("RAYWATCH_ADMIN_KEYS", ",".join(served.keys))
+    job_id = jobs.submit(
+        "python -c pass",
+        submission_id=f"raywatch-secrets-check-{new_key()[-8:]}",
+        env={"RAYWATCH_STATE_DIR": str(served.state_dir)},
+        metadata={"model": "autoencoder", "entity": "check", "trigger": "ks"},
+        address=served.dashboard_url,
+    )
+    assert jobs.wait(job_id, timeout_s=120, address=served.dashboard_url) == "SUCCEEDED"
+    def plain(record):  # the state API's records are dataclasses; the job client's, pydantic models
+        return dataclasses.asdict(record) if dataclasses.is_dataclass(record) else record.model_dump()
+
+    actors = [plain(a) for a in list_actors(address=served.dashboard_url, detail=True, limit=10_000)]
+    submitted = [plain(j) for j in jobs.client(served.dashboard_url).list_jobs()]
+    gcs = json.dumps({"actors": actors, "jobs": submitted}, default=str)
+    assert len(actors) >= 4 and any(j["submission_id"] == job_id for j in submitted)
+    assert '"RAYWATCH_STATE_DIR"' in gcs  # what the job was given is there to be searched
+    hits = [s[:12] for s in secrets if s in gcs]
+    figures["secrets_in_gcs"] = {
+        "actors": len(actors),
+        "jobs": len(submitted),
+        "secrets_searched": len(secrets),
+        "hits": len(hits),
+    }
+    assert not hits, hits
+
+
 def test_no_secret_in_any_log(served, figures, tmp_path_factory):
     """After every admin call of the suite (right, wrong, rotated and revoked keys), neither an admin key
     nor the Ray token appears in the Ray session's logs (Serve replicas, proxy, controller, workers, the
