@@ -36,6 +36,16 @@ def connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+def file_stamp(path: str | Path) -> tuple[int, ...] | None:
+    """Modification stamp of an SQLite file and its write-ahead log (None when missing): a reader that
+    caches what the file holds checks this, a stat call, instead of querying it each time."""
+    path = str(path)
+    try:
+        return tuple(os.stat(p).st_mtime_ns for p in (path, path + "-wal") if os.path.exists(p)) or None
+    except OSError:
+        return None
+
+
 def create(path: Path, schema: Iterable[str]) -> None:
     """Create a state file (WAL journal, so readers never wait for the writer) and its tables."""
     path.parent.mkdir(parents=True, exist_ok=True)

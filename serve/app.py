@@ -55,6 +55,7 @@ from serve.history import EntityHistory, fallback_scores
 from serve.monitor_feed import MonitorFeed
 from serve.router import CircuitBreaker, TrafficPolicy
 from serve.settings import ServeSettings
+from serve.traffic import TrafficStore
 
 log = logging.getLogger("raywatch.serve")
 
@@ -283,7 +284,7 @@ class RaywatchAPI:
         self.handles = dict(detectors)  # kind name -> its deployment
         self.limiter = RateLimiter.from_config(rate_limit)
         self.history = EntityHistory()
-        self.traffic = {name: TrafficPolicy() for name in S.DETECTORS}
+        self.traffic = TrafficStore(self.state_root / "traffic.db")  # shared by the replicas, kept across restarts
         self.breakers = {name: CircuitBreaker(cooldown_s=breaker_cooldown_s) for name in S.DETECTORS}
         self.shadow_stats = {name: {"rows": 0, "disagreements": 0} for name in S.DETECTORS}
         self.meta: dict[str, dict[str, Any]] = {}
@@ -374,7 +375,7 @@ class RaywatchAPI:
         context): (path, model ref, arrays as `EntityModel.score_arrays` returns them)."""
         info = await self._info(name)
         has_challenger = "challenger" in info["slots"]
-        policy, breaker = self.traffic[name], self.breakers[name]
+        policy, breaker = self.traffic.get(name), self.breakers[name]
         path = policy.path_for(entity, has_challenger)
         slot_meta = info["slots"].get(path) or info["slots"].get("champion") or {}
         context = slot_meta.get("entities", {}).get(entity, {}).get("context_rows", 64)
@@ -667,8 +668,8 @@ class RaywatchAPI:
                     for alias, slot in info.get("slots", {}).items()
                 },
                 "traffic": {
-                    "challenger_percent": self.traffic[name].challenger_percent,
-                    "shadow": self.traffic[name].shadow,
+                    "challenger_percent": self.traffic.get(name).challenger_percent,
+                    "shadow": self.traffic.get(name).shadow,
                     "shadow_rows": self.shadow_stats[name]["rows"],
                     "shadow_disagreements": self.shadow_stats[name]["disagreements"],
                 },
@@ -676,7 +677,7 @@ class RaywatchAPI:
                 "load_error": info.get("load_error"),
                 "retraining": (await asyncio.to_thread(self.store.decisions, name, 1) or [None])[0],
             }
-        return {"models": out}
+        return {"models": out, "replica": serve.get_replica_context().replica_id.unique_id}
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -732,7 +733,10 @@ class RaywatchAPI:
         serving = await self._reload(request.model)
         if (request.challenger_percent > 0 or request.shadow) and serving.get("challenger") is None:
             raise ApiError(409, "challenger_version", f"{request.model} has no challenger: set challenger_version")
-        self.traffic[request.model] = TrafficPolicy(request.challenger_percent, request.shadow)
+        # stored before the answer: every replica's next request follows it, and so does a restarted replica
+        await asyncio.to_thread(
+            self.traffic.set, request.model, TrafficPolicy(request.challenger_percent, request.shadow)
+        )
         return {
             "model": request.model,
             "challenger_percent": request.challenger_percent,

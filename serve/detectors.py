@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ from ray import serve
 
 from detect.features import entity_windows
 from detect.kinds import DETECTOR_KINDS, traits_of
+from detect.state import file_stamp
 from serve.schemas import result_rows
 from serve.settings import ServeSettings
 from train import registry
@@ -114,14 +114,8 @@ def _store_stamp() -> tuple[int, ...] | None:
     """Modification stamp of a local SQLite MLflow store (None for any other store, or no file):
     lets the alias watcher skip its query while nothing was written, instead of asking MLflow each
     second in every replica."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri.removeprefix("sqlite:///")
-    try:
-        return tuple(os.stat(p).st_mtime_ns for p in (path, path + "-wal") if os.path.exists(p)) or None
-    except OSError:
-        return None
+    uri = registry.tracking_uri()
+    return file_stamp(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 class DetectorServer:

@@ -12,6 +12,8 @@ from detect.state import ServingStore, connect
 from serve.auth import KEYS_FILE_ENV, AuthError, feedback_trusted
 from serve.history import FALLBACK_THRESHOLD, EntityHistory, fallback_scores
 from serve.monitor_feed import MonitorFeed
+from serve.router import TrafficPolicy
+from serve.traffic import TrafficStore
 
 
 def test_history_keeps_the_last_rows_and_evicts_the_least_recently_seen_entity():
@@ -126,3 +128,13 @@ def test_untrusted_labels_are_kept_but_left_out_on_request_and_old_stores_gain_t
     assert store.labels("e", ["1", "2", "3"]).tolist() == [1, 0, -1]
     assert store.labels("e", ["1", "2", "3"], trusted_only=True).tolist() == [-1, 0, -1]
     assert [f["trusted"] for f in ServingStore(old).feedback()] == [True, False]  # and after a restart
+
+
+def test_a_traffic_change_reaches_every_replica_and_a_restarted_one(tmp_path):
+    one, two = TrafficStore(tmp_path / "traffic.db"), TrafficStore(tmp_path / "traffic.db")  # two ingress replicas
+    assert two.get("lstm") == TrafficPolicy()  # nothing set: all traffic to the champion
+    one.set("lstm", TrafficPolicy(25.0, shadow=True))
+    assert two.get("lstm") == TrafficPolicy(25.0, shadow=True)  # the other replica's next request
+    one.set("lstm", TrafficPolicy(0.0))
+    assert two.get("lstm") == TrafficPolicy(0.0) and two.get("ensemble") == TrafficPolicy()
+    assert TrafficStore(tmp_path / "traffic.db").get("lstm") == TrafficPolicy(0.0)  # after a restart

@@ -202,6 +202,7 @@ def test_no_secret_in_actor_or_job_metadata(served, figures, monkeypatch):
         address=served.dashboard_url,
     )
     assert jobs.wait(job_id, timeout_s=120, address=served.dashboard_url) == "SUCCEEDED"
+
     def plain(record):  # the state API's records are dataclasses; the job client's, pydantic models
         return dataclasses.asdict(record) if dataclasses.is_dataclass(record) else record.model_dump()
 
