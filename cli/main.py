@@ -209,6 +209,25 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lineage(args: argparse.Namespace) -> int:
+    """What a served answer came from: per detector, the version, its MLflow run and training data hash."""
+    from serve.schemas import served_models
+    from train.registry import lineage
+
+    if bool(args.version) != bool(args.model):
+        print("raywatch lineage: --model and --version go together", file=sys.stderr)
+        return 2
+    if args.version:
+        refs = {"given": {"detector": args.model, "version": args.version}}
+    else:
+        source = sys.stdin if args.response == "-" else open(args.response)  # closed by the `with` below
+        with source:
+            refs = served_models(json.load(source))
+    found = [lineage(ref["detector"], ref["version"]) for ref in refs.values()]
+    print(json.dumps(found, indent=2))
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from tune.search import tune_model
 
@@ -428,6 +447,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     md = sub.add_parser("models", help="list registered versions and aliases")
     md.set_defaults(func=cmd_models)
+
+    li = sub.add_parser(
+        "lineage", help="resolve a served answer (a saved /v1/score response) to its versions, runs and data hashes"
+    )
+    li.add_argument(
+        "response", nargs="?", default="-", help="a /v1/score or /v1/score/batch response (JSON); - reads stdin"
+    )
+    li.add_argument("--model", choices=DETECTOR_KINDS, help="with --version: one version instead of a response")
+    li.add_argument("--version")
+    li.set_defaults(func=cmd_lineage)
 
     gen = sub.add_parser("generate", help="write a synthetic fleet with labelled incidents to CSV or Parquet")
     gen.add_argument("--machines", type=int, default=4)

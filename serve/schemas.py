@@ -229,3 +229,18 @@ def result_rows(arrays: dict[str, Any]) -> list[dict[str, Any]]:
         }
         for i in range(len(scores))
     ]
+
+
+def served_models(response: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each detector's model reference ({name, version, variant}) in a /v1/score or /v1/score/batch
+    response: what `raywatch lineage` resolves. The fallback baseline (version None) is left out."""
+    answers = [r["detectors"] for r in response.get("results", [])] or [response.get("detectors", {})]
+    refs: dict[str, dict[str, Any]] = {}
+    for detectors in answers:
+        for detector, answer in detectors.items():
+            model = answer.get("model") or {}
+            if model.get("version") is not None:
+                refs.setdefault(f"{detector}@{model['version']}", {"detector": detector, **model})
+    if not refs and not answers[0]:
+        raise ValueError("not a /v1/score or /v1/score/batch response: no `results` or `detectors`")
+    return refs

@@ -357,6 +357,34 @@ def test_feedback_is_persisted(served, tmp_path):
     assert response.status_code == 201 and response.json()["stored"]
 
 
+def test_lineage_resolves_a_served_answer_to_version_run_and_data_hash(served, tmp_path):
+    """`raywatch lineage` on a saved /v1/score answer: each detector's version, the MLflow run that
+    registered it and the hash of the rows it learnt from (the fixture's autoencoder: 3,000 train rows)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from train import registry
+    from train.assemble import data_sha256
+
+    client, series = served
+    answer = client.post("/v1/score", json={"rows": [row(series, 0)]}).json()
+    saved = tmp_path / "answer.json"
+    saved.write_text(json.dumps(answer))
+    cli = Path(sys.executable).parent / "raywatch"
+    out = subprocess.run([cli, "lineage", str(saved)], capture_output=True, text=True, timeout=120, check=True)
+    found = {f["model"]: f for f in json.loads(out.stdout)}
+    assert set(found) == {"raywatch-autoencoder", "raywatch-lstm", "raywatch-ensemble"}
+    served_version = answer["results"][0]["detectors"]["autoencoder"]["model"]["version"]
+    autoencoder = found["raywatch-autoencoder"]
+    runs = {v["version"]: v["run_id"] for v in registry.versions("autoencoder")}
+    assert autoencoder["version"] == str(served_version) and autoencoder["run_id"] == runs[str(served_version)]
+    train = series.train[series.metrics].to_numpy()[:3000]
+    assert autoencoder["data_sha256"] == registry.data_digest({series.name: data_sha256(train)})
+    refused = subprocess.run([cli, "lineage", "--version", "1"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--model and --version" in refused.stderr
+
+
 def test_circuit_breaker_rules():
     now = [0.0]
     breaker = CircuitBreaker(cooldown_s=5, clock=lambda: now[0])

@@ -7,6 +7,7 @@ and its drift reference (a sample of the rows it learnt from and its scores on t
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any
 
@@ -29,16 +30,23 @@ def fitted_bundle(
     references, reference_scores = {}, {}
     for entity, det in detectors.items():
         references[entity], reference_scores[entity] = drift_reference(det, fitted_on[entity])
+    data = {entity: data_sha256(rows) for entity, rows in fitted_on.items() if entity in detectors}
     return ModelBundle(
         kind,
         detectors,
         metrics,
         references,
         evaluation or {},
-        info={"variant": "fp32", "trained_at": time.time(), **(info or {})},
+        info={"variant": "fp32", "trained_at": time.time(), **(info or {}), "data_sha256": data},
         graphs={entity: export_graphs(det) for entity, det in detectors.items()},
         reference_scores=reference_scores,
     )
+
+
+def data_sha256(rows: np.ndarray) -> str:
+    """SHA-256 of the rows a detector learnt from (float64, C order, with their shape): the data part of lineage."""
+    rows = np.ascontiguousarray(rows, dtype=np.float64)
+    return hashlib.sha256(str(rows.shape).encode() + rows.tobytes()).hexdigest()
 
 
 def with_unchanged_entities(bundle: ModelBundle, base: ModelBundle) -> ModelBundle:
@@ -51,4 +59,6 @@ def with_unchanged_entities(bundle: ModelBundle, base: ModelBundle) -> ModelBund
         for part in ("references", "reference_scores", "graphs"):
             if entity in getattr(base, part):
                 getattr(bundle, part)[entity] = getattr(base, part)[entity]
+        if entity in base.info.get("data_sha256", {}):
+            bundle.info.setdefault("data_sha256", {})[entity] = base.info["data_sha256"][entity]
     return bundle

@@ -15,6 +15,7 @@ become `None` / `RegistryError`, so a registry outage is never mistaken for "no 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -37,6 +38,7 @@ MODEL_NAMES = {kind: f"raywatch-{kind}" for kind in DETECTOR_KINDS}
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 T = TypeVar("T")
 CHECKSUM_TAG = "bundle_sha256"  # SHA-256 of the version's manifest.json, recorded at registration
+DATA_TAG = "data_sha256"  # SHA-256 of the training data's per-entity hashes (`train.assemble.data_sha256`)
 
 
 class RegistryError(RuntimeError):
@@ -109,10 +111,40 @@ def register_bundle(bundle: ModelBundle, run_id: str, tags: dict[str, str] | Non
     if _lookup(lambda: client.get_registered_model(name)) is None:
         client.create_registered_model(name, description=f"raywatch {bundle.kind} detector bundles")
     source = f"{client.get_run(run_id).info.artifact_uri}/bundle"
-    tags = {"variant": "fp32", **(tags or {}), CHECKSUM_TAG: digest}
+    tags = {"variant": "fp32", **(tags or {}), CHECKSUM_TAG: digest, **_data_tag(bundle)}
     version = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
     log.info("registered model version", extra={"model": name, "version": version.version})
     return str(version.version)
+
+
+def data_digest(per_entity: dict[str, str]) -> str:
+    """One SHA-256 over the per-entity training-data hashes (the manifest keeps each entity's)."""
+    joined = "\n".join(f"{entity} {digest}" for entity, digest in sorted(per_entity.items()))
+    return hashlib.sha256(joined.encode()).hexdigest()
+
+
+def _data_tag(bundle: ModelBundle) -> dict[str, str]:
+    per_entity = bundle.info.get("data_sha256") or {}
+    return {DATA_TAG: data_digest(per_entity)} if per_entity else {}
+
+
+def lineage(model: str, version: str | int) -> dict[str, Any]:
+    """Where a served version came from: its MLflow run, the training data's hash, and the version it
+    was derived from (a compressed variant's source, a retrained version's champion)."""
+    client, name = setup(), model_name(model)
+    _check_version(client, name, str(version))
+    mv = client.get_model_version(name, str(version))
+    run = _lookup(lambda: client.get_run(mv.run_id))
+    return {
+        "model": name,
+        "version": str(mv.version),
+        "variant": mv.tags.get("variant", "fp32"),
+        "run_id": mv.run_id,
+        "run_name": run.info.run_name if run else None,
+        "data_sha256": mv.tags.get(DATA_TAG),
+        "derived_from": mv.tags.get("source_version") or mv.tags.get("retrained_from"),
+        "bundle_sha256": mv.tags.get(CHECKSUM_TAG),
+    }
 
 
 def alias_version(model: str, alias: str) -> str | None:
