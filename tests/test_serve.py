@@ -377,7 +377,7 @@ def test_lineage_resolves_a_served_answer_to_version_run_and_data_hash(served, t
     assert set(found) == {"raywatch-autoencoder", "raywatch-lstm", "raywatch-ensemble"}
     served_version = answer["results"][0]["detectors"]["autoencoder"]["model"]["version"]
     autoencoder = found["raywatch-autoencoder"]
-    runs = {v["version"]: v["run_id"] for v in registry.versions("autoencoder")}
+    runs = {str(v["version"]): v["run_id"] for v in registry.versions("autoencoder")}
     assert autoencoder["version"] == str(served_version) and autoencoder["run_id"] == runs[str(served_version)]
     train = series.train[series.metrics].to_numpy()[:3000]
     assert autoencoder["data_sha256"] == registry.data_digest({series.name: data_sha256(train)})
