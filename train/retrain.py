@@ -63,6 +63,13 @@ log = logging.getLogger(__name__)
 MIN_ROWS = 300  # fewest recent rows of an entity worth retraining on
 
 
+def drift_window_rows(day_rows: int) -> int:
+    """Served rows per drift-test window for an entity sampled `day_rows` times a day: whole days (a day
+    is the seasonal period), and at least MIN_ROWS, because a drift-triggered job learns from the drifted
+    window on (a day of 5-minute samples, 288 rows, is too few: its windows span two days)."""
+    return day_rows * -(-MIN_ROWS // day_rows)
+
+
 def _fit_challenger(
     model: str, champion: Any, rows: np.ndarray, labels: np.ndarray, metrics: list[str], options: dict[str, Any]
 ) -> Any:
