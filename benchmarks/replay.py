@@ -46,8 +46,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")  # before ray is imported: the h
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PORT = 8140
-ROWS_PER_DAY = {"smd": 1440, "asd": 288}  # data/README.md: SMD 1-minute samples, ASD 5-minute
-DEFAULT_ROWS_PER_DAY = 1440
 CHUNKS_PER_DAY = 4
 VARIANTS = ("as_is", "shift")
 MODES = ("loop", "static")
@@ -85,12 +83,6 @@ MEAN_KEYS = (
 
 
 # -- the pure parts (tests/test_replay.py) ---------------------------------------------------------------
-def rows_per_day(dataset: str, override: int | None = None) -> int:
-    """Samples in one day of a dataset's series: the drift window spans a day, and days are what the
-    normal-day count and the jobs-per-week target are in."""
-    return override or ROWS_PER_DAY.get(dataset, DEFAULT_ROWS_PER_DAY)
-
-
 def event_rows(event_times: list[float], sent: list[tuple[float, int]]) -> list[int]:
     """The replayed row each drift event is dated to: the last row of the newest chunk sent before the
     event was recorded (`sent`: (wall time the chunk was sent, its last row), in order)."""
@@ -441,14 +433,14 @@ def fit_champion(model: str, series: Any, epochs: int, hidden: int) -> tuple[Any
 
 def replay_entity(platform_: Platform, dataset: str, name: str, args: argparse.Namespace, log: Callable) -> list[dict]:
     """Both variants and modes of one entity: fitted once, registered afresh before every replay."""
-    from detect.data import load_series
+    from detect.data import load_series, rows_per_day
     from detect.drift import DriftConfig
     from detect.synthetic import inject_mean_shift
     from train.pipeline import register_fitted
     from train.retrain import drift_window_rows
 
     series = load_series(dataset, name, args.data)
-    entity, day_rows = series.name, rows_per_day(dataset, args.rows_per_day)
+    entity, day_rows = series.name, args.rows_per_day or rows_per_day(dataset)
     values = series.test[series.metrics].to_numpy(dtype=np.float64)
     labels = series.labels.astype(int)
     if args.days:
