@@ -121,13 +121,18 @@ def _drift_events(client: Any, since: float) -> list[dict[str, Any]]:
     return sorted((e for e in events if e["time"] >= since), key=lambda e: e["id"])
 
 
-def _wait_for_tests(client: Any, since: float, tests: int, timeout_s: float = 120) -> None:
-    """Until the monitors have tested the replayed window (`tests` results after `since`), or timeout."""
+def _wait_for_tests(client: Any, since: float, tests: int, quiet_s: float = 10, timeout_s: float = 120) -> None:
+    """Until the monitors have tested the replayed window: `tests` results after `since`, or some and none
+    new for `quiet_s` (a model without a score test has fewer), or `timeout_s`."""
     deadline = time.monotonic() + timeout_s
+    seen, changed = 0, time.monotonic()
     while time.monotonic() < deadline:
         events = client.get("/v1/drift", params={"limit": 1000}).json()["events"]
-        if sum(e["time"] >= since for e in events) >= tests:
+        count = sum(e["time"] >= since for e in events)
+        if count >= tests or (count and count == seen and time.monotonic() - changed > quiet_s):
             return
+        if count != seen:
+            seen, changed = count, time.monotonic()
         time.sleep(1)
 
 
