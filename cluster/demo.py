@@ -32,6 +32,7 @@ import httpx
 import numpy as np
 
 from cluster.lifecycle import read_state, up, urls
+from cluster.local import RAY_DASHBOARD_PORT, RAY_GCS_PORT
 from detect import metrics as M
 from detect.data import default_data_dir, load_series, rows_per_day
 from detect.drift import DriftConfig
@@ -196,6 +197,8 @@ def run_demo(
     workdir: str | Path = "runs/demo",
     port: int = 8000,
     progress: Callable[[str], None] = print,
+    ray_port: int = RAY_GCS_PORT,
+    dashboard_port: int = RAY_DASHBOARD_PORT,
 ) -> dict[str, Any]:
     # deferred: the detectors behind `evaluate` load torch; `raywatch --help` needs neither
     from detect.evaluate import evaluate, markdown_table, write_report
@@ -221,6 +224,8 @@ def run_demo(
     state = up(
         data_dir=str(workdir / "data"),
         port=port,
+        ray_port=ray_port,
+        dashboard_port=dashboard_port,
         epochs=EPOCHS,
         monitor={
             "config": {
