@@ -437,7 +437,7 @@ def replay_entity(platform_: Platform, dataset: str, name: str, args: argparse.N
     from detect.drift import DriftConfig
     from detect.synthetic import inject_mean_shift
     from train.pipeline import register_fitted
-    from train.retrain import drift_window_rows
+    from train.promotion import drift_window_rows
 
     series = load_series(dataset, name, args.data)
     entity, day_rows = series.name, args.rows_per_day or rows_per_day(dataset)
@@ -539,7 +539,7 @@ def settings(args: argparse.Namespace, chosen: list, started: float) -> dict[str
         "entities": ", ".join(f"{d}/{e}" for d, e in chosen),
         "model": f"{args.model}, hidden {args.hidden}, {args.epochs} epochs (initial fit and retraining jobs)",
         "days": f"first {args.days} days of each test split" if args.days else "the whole test split",
-        "drift monitors": f"DriftConfig.for_period(train.retrain.drift_window_rows(rows per day)), MMD permutations {args.mmd_permutations}; "
+        "drift monitors": f"DriftConfig.for_period(train.promotion.drift_window_rows(rows per day)), MMD permutations {args.mmd_permutations}; "
         f"trigger cooldown {args.cooldown_s} wall s; concept test off (no feedback labels sent)",
     }
 

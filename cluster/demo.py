@@ -38,7 +38,7 @@ from detect.data import default_data_dir, load_series, rows_per_day
 from detect.drift import DriftConfig
 from detect.kinds import DETECTOR_KINDS
 from detect.synthetic import inject_mean_shift
-from train.retrain import drift_window_rows
+from train.promotion import drift_window_rows
 
 DEMO_ENTITY = "asd/omi-3"  # 19 metrics, 5-minute samples; its replayed as-recorded window holds an incident
 BATCH = 48  # four hours of 5-minute samples per request

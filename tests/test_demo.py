@@ -7,7 +7,7 @@ import pytest
 
 from cluster.demo import DEMO_ENTITY, decision_lines, real_entity_data, replay_windows
 from detect.data import default_data_dir, rows_per_day
-from train.retrain import drift_window_rows
+from train.promotion import drift_window_rows
 
 
 def test_the_demo_replays_two_unseen_windows_of_a_real_entity_the_second_shifted(tmp_path):

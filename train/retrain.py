@@ -56,18 +56,9 @@ from train import registry
 from train.assemble import fitted_bundle, with_unchanged_entities
 from train.jobs import init_ray
 from train.kinds import kind_named
-from train.promotion import TEST, PromotionRule, compare_entity, decide, suspected_anomalies, training_rows
+from train.promotion import MIN_ROWS, TEST, PromotionRule, compare_entity, decide, suspected_anomalies, training_rows
 
 log = logging.getLogger(__name__)
-
-MIN_ROWS = 300  # fewest recent rows of an entity worth retraining on
-
-
-def drift_window_rows(day_rows: int) -> int:
-    """Served rows per drift-test window for an entity sampled `day_rows` times a day: whole days (a day
-    is the seasonal period), and at least MIN_ROWS, because a drift-triggered job learns from the drifted
-    window on (a day of 5-minute samples, 288 rows, is too few: its windows span two days)."""
-    return day_rows * -(-MIN_ROWS // day_rows)
 
 
 def _fit_challenger(
