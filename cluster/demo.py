@@ -161,9 +161,10 @@ def decision_lines(decision: dict[str, Any]) -> list[str]:
     """A decision as an SRE reads it: what happened and why, then the evidence it rests on."""
     details = decision.get("details") or {}
     verdict = "promoted" if decision["promoted"] else "kept champion"
-    lines = [
-        f"  {decision['model']}: {verdict} (v{decision['champion']} -> challenger v{decision['challenger']}): {decision['reason']}"
-    ]
+    versions = f"v{decision['champion']}" + (
+        f" vs challenger v{decision['challenger']}" if decision["challenger"] else ""
+    )
+    lines = [f"  {decision['model']}: {verdict} ({versions}): {decision['reason']}"]
     figures = {
         k: details.get(k)
         for k in ("test", "p_value", "alpha", "budget", "incidents", "gain")
