@@ -256,7 +256,7 @@ def markdown(records: list[dict[str, Any]], settings: dict[str, Any]) -> str:
         "`detect.metrics.alert_scores` (an entity with no alert has precision 0).",
         "- served_f1_operational_after_shift: point-wise F1 of the served `is_anomaly` over the rows after the "
         "shift (`shift` only). The shift: +2 sigma (pre-shift std) on 10% of the metrics (seeded), from the "
-        "middle of the replayed rows on (`detect.synthetic.inject_drift`, mean_shift).",
+        "middle of the replayed rows on (`detect.synthetic.inject_mean_shift`).",
         "- drift_events: events with `is_drift` in `/v1/drift` for the entity; drift_events_normal_days: those "
         "dated to a day (rows_per_day rows) without a labelled incident row; normal_days: such days replayed.",
         "- jobs: retraining jobs submitted during the replay; promotions / keeps: their decisions.",
