@@ -10,7 +10,7 @@ DATA ?= data
 TORCH_INDEX ?=
 PIP_TORCH_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
-.PHONY: install demo test lint clean bench-compression bench-drift bench bench-tools soak
+.PHONY: install demo test lint clean bench-compression bench-drift bench-replay bench bench-tools soak
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ bench-compression: $(STAMP)
 bench-drift: $(STAMP)
 	RAYWATCH_DATA=$(abspath $(DATA)) $(BIN)/python benchmarks/drift.py
 	RAYWATCH_DATA=$(abspath $(DATA)) $(BIN)/python benchmarks/drift_loop.py --workdir runs/bench-loop
+
+# the self-retraining loop against a static champion on real entities (every entity in $(DATA); ENTITIES=
+# dataset/entity,... for some): benchmarks/results/replay.{json,md}. Mind the time: see the script's docstring.
+ENTITIES ?=
+bench-replay: $(STAMP)
+	$(BIN)/python benchmarks/replay.py --data $(abspath $(DATA)) $(if $(ENTITIES),--entities $(ENTITIES))
 
 # serving (Ray Serve in both modes, echo, in-process ONNX Runtime, a FastAPI peer), dynamic batching,
 # Ray Train and ASHA benchmarks side by side, then benchmarks/results/README.md; small models are

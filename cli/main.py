@@ -358,7 +358,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from cluster.demo import run_demo
 
-    run_demo(args.data, args.workdir, args.port)
+    run_demo(args.data, args.workdir, args.port, ray_port=args.ray_port, dashboard_port=args.dashboard_port)
     return 0
 
 
@@ -488,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--data", help="the shipped benchmark sets (default $RAYWATCH_DATA or the shipped data/)")
     de.add_argument("--workdir", default="runs/demo", help="the demo's own registry, state and data (recreated)")
     de.add_argument("--port", type=int, default=8000)
+    de.add_argument("--ray-port", type=int, default=6379, help="the Ray head's GCS (a free port if this one is taken)")
+    de.add_argument("--dashboard-port", type=int, default=8265, help="the Ray dashboard and job server (ditto)")
     de.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,21 +1,25 @@
 """The one-command demo (`raywatch demo`, run by `make demo`): the whole platform on this machine.
 
 1. The peer evaluation on the six shipped entities (the table of `raywatch evaluate`).
-2. `raywatch up`: a local Ray head, the three detectors trained through the real pipeline on a
-   synthetic machine (3 days of 1-minute telemetry with labelled incidents, written in the shipped
-   data layout), the Serve app and the drift monitors.
-3. Day 6 (normal, unseen by every model) replayed through `POST /v1/score` (with incident labels sent to `/v1/feedback`),
-   then day 7 with drift injected on cpu and latency_p99: the monitors flag it, submit retraining
-   jobs through Ray's job API, and each job decides whether its challenger replaces the champion.
-4. A summary: detection quality on the replay, latency percentiles, versions before and after.
+2. `raywatch up`: a local Ray head, the three detectors trained through the real pipeline on one real
+   shipped entity (DEMO_ENTITY, an ASD application server: 5-minute samples, small, so the demo stays
+   quick), the Serve app and the drift monitors.
+3. The replay, from the second half of the entity's test split (rows no model learnt from, the ensemble
+   included): one drift window (two days) as recorded, through `POST /v1/score` (its incident labels sent
+   to `/v1/feedback`), then the next window with a persistent mean shift (+2 sigma on 10% of the
+   metrics, `detect.synthetic.inject_mean_shift`). After each the monitors test it, submit retraining
+   jobs through Ray's job API where they see drift, and each job decides whether its challenger replaces
+   the champion; the decisions are printed with their evidence (test, p-value, alert budget, incidents,
+   refusals, reason).
+4. A summary: detection quality on the as-recorded window, latency percentiles, versions before and after.
 
-The services stay up for exploring; `raywatch down` stops them. The replay uses a synthetic machine
-because on the shipped SMD/ASD series the drift tests flag normal days too (benchmarks/drift.md).
+The services stay up for exploring; `raywatch down` stops them. Which drift tests run is whatever the
+monitors currently do: on real days they may flag the as-recorded window too (benchmarks/results/drift.md),
+and the demo shows that as it is.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
@@ -26,44 +30,49 @@ from typing import Any
 
 import httpx
 import numpy as np
-import pandas as pd
 
 from cluster.lifecycle import read_state, up, urls
+from cluster.local import RAY_DASHBOARD_PORT, RAY_GCS_PORT
 from detect import metrics as M
-from detect.data import default_data_dir
+from detect.data import default_data_dir, load_series, rows_per_day
+from detect.drift import DriftConfig
 from detect.kinds import DETECTOR_KINDS
-from detect.synthetic import METRICS, generate_fleet
+from detect.synthetic import inject_mean_shift
+from train.promotion import drift_window_rows
 
-DAY = 1440
-BATCH = 60  # one hour of samples per request
-SHIFT = 2.0  # training standard deviations
-DRIFTED = ("cpu", "latency_p99")
-
-
-def _names() -> list[str]:
-    return [m for m in METRICS if m != "disk_usage"]  # its fill trend is drift by construction
+DEMO_ENTITY = "asd/omi-3"  # 19 metrics, 5-minute samples; its replayed as-recorded window holds an incident
+BATCH = 48  # four hours of 5-minute samples per request
+SHIFT = 2.0  # pre-shift standard deviations
+EPOCHS = 5  # initial training
+RETRAIN_EPOCHS = 3
 
 
-def write_demo_data(root: Path, seed: int = 3) -> tuple[str, list[str], np.ndarray, np.ndarray]:
-    """One synthetic machine, 7 days, in the shipped layout: train = days 1-3, test = days 4-7 (labelled;
-    the ensemble learns from days 4-5). Returns (entity, metric columns, test rows, test labels)."""
-    names = _names()
-    fleet = generate_fleet(n_machines=1, n_steps=7 * DAY, metrics=names, incidents_per_machine=10, seed=seed)
-    frame = fleet.frame
-    values, labels = frame[names].to_numpy(), frame["label"].to_numpy().astype(int)
-    folder = root / "fleet" / "machine-00"
-    folder.mkdir(parents=True, exist_ok=True)
-    cols = [f"m{i:02d}" for i in range(len(names))]
-    train = pd.DataFrame(values[: 3 * DAY], columns=cols)
-    train.insert(0, "t", np.arange(3 * DAY))
-    test = pd.DataFrame(values[3 * DAY :], columns=cols)
-    test.insert(0, "t", np.arange(3 * DAY, 7 * DAY))
-    test["label"] = labels[3 * DAY :]
-    with gzip.open(folder / "train.csv.gz", "wt") as f:
-        train.to_csv(f, index=False)
-    with gzip.open(folder / "test.csv.gz", "wt") as f:
-        test.to_csv(f, index=False)
-    return "fleet/machine-00", cols, values[3 * DAY :], labels[3 * DAY :]
+def real_entity_data(
+    root: Path, shipped: Path, entity: str = DEMO_ENTITY
+) -> tuple[str, list[str], np.ndarray, np.ndarray]:
+    """The demo's data folder: one shipped entity, copied in the shipped layout, so that `up` trains on it
+    alone. Returns (entity, metric columns, test rows, test labels)."""
+    dataset, name = entity.split("/")
+    shutil.copytree(shipped / dataset / name, root / dataset / name)
+    series = load_series(dataset, name, root)
+    return series.name, series.metrics, series.test[series.metrics].to_numpy(dtype=np.float64), series.labels
+
+
+def replay_windows(rows: np.ndarray, labels: np.ndarray, window: int, metrics: list[str]) -> dict[str, Any]:
+    """The two windows the demo replays, from the test split's second half (the ensemble learns from the
+    first): one as recorded, then the next with the mean shift (its std taken before the shift)."""
+    first = len(rows) // 2
+    both = rows[first : first + 2 * window]
+    if len(both) < 2 * window:
+        raise ValueError(f"the test split is too short for two drift windows of {window} rows after its first half")
+    shifted, moved = inject_mean_shift(both, metrics, start=window, sigma=SHIFT)
+    return {
+        "first_row": first,
+        "as_recorded": both[:window],
+        "shifted": shifted[window:],
+        "labels": labels[first : first + window],
+        "moved": moved,
+    }
 
 
 def _bar(done: int, total: int, label: str, width: int = 30) -> None:
@@ -108,15 +117,92 @@ def _quality(served: list[dict], labels: np.ndarray) -> dict[str, dict[str, floa
     return out
 
 
+def _drift_events(client: Any, since: float) -> list[dict[str, Any]]:
+    events = client.get("/v1/drift", params={"only_drift": True, "limit": 1000}).json()["events"]
+    return sorted((e for e in events if e["time"] >= since), key=lambda e: e["id"])
+
+
+def _wait_for_tests(client: Any, since: float, tests: int, quiet_s: float = 10, timeout_s: float = 120) -> None:
+    """Until the monitors have tested the replayed window: `tests` results after `since`, or some and none
+    new for `quiet_s` (a model without a score test has fewer), or `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    seen, changed = 0, time.monotonic()
+    while time.monotonic() < deadline:
+        events = client.get("/v1/drift", params={"limit": 1000}).json()["events"]
+        count = sum(e["time"] >= since for e in events)
+        if count >= tests or (count and count == seen and time.monotonic() - changed > quiet_s):
+            return
+        if count != seen:
+            seen, changed = count, time.monotonic()
+        time.sleep(1)
+
+
+def _finish_jobs(client: Any, since: float, progress: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Wait for the retraining jobs submitted after `since`; returns each model's decision of that round."""
+    from train import jobs  # deferred: the job client imports Ray
+
+    time.sleep(3)  # a monitor submits right after its test: let the last submissions land
+    submitted = [
+        j
+        for j in jobs.list_jobs(prefix="raywatch-retrain-")
+        if (j["start_time"] or 0) / 1000 >= since - 1  # Ray reports milliseconds
+    ]
+    progress(
+        f"  retraining jobs (also in `ray job list` and the dashboard): {[j['job_id'] for j in submitted] or 'none'}"
+    )
+    for job in submitted:
+        progress(f"  {job['job_id']}: {jobs.wait(job['job_id'], timeout_s=600)}")
+    ids = {j["job_id"] for j in submitted}
+    decisions = client.get("/v1/drift", params={"limit": 1}).json()["retraining"]
+    return [d for name in decisions for d in decisions[name]["decisions"] if d["job_id"] in ids]
+
+
+def decision_lines(decision: dict[str, Any]) -> list[str]:
+    """A decision as an SRE reads it: what happened and why, then the evidence it rests on."""
+    details = decision.get("details") or {}
+    verdict = "promoted" if decision["promoted"] else "kept champion"
+    versions = f"v{decision['champion']}" + (
+        f" vs challenger v{decision['challenger']}" if decision["challenger"] else ""
+    )
+    lines = [f"  {decision['model']}: {verdict} ({versions}): {decision['reason']}"]
+    figures = {
+        k: details.get(k)
+        for k in ("test", "p_value", "alpha", "budget", "incidents", "gain")
+        if details.get(k) is not None
+    }
+    if figures:
+        lines.append(
+            "    " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
+        )
+    if details.get("refused"):
+        lines.append(f"    refused: {details['refused']}")
+    if details.get("evidence"):
+        lines.append(f"    evidence: {details['evidence']}")
+    return lines
+
+
+def _print_round(title: str, client: Any, since: float, progress: Callable[[str], None]) -> dict[str, Any]:
+    events = _drift_events(client, since)
+    progress(f"  drift events after {title}: {len(events)}")
+    for e in events[:6]:
+        progress(f"    {e['detector']:14s} model={e['model']:12s} p={e['p_value']} metrics={e['drifted_features'][:6]}")
+    decisions = _finish_jobs(client, since, progress)
+    for d in decisions:
+        for line in decision_lines(d):
+            progress(line)
+    return {"drift_events": len(events), "decisions": decisions}
+
+
 def run_demo(
     shipped_data: str | None = None,
     workdir: str | Path = "runs/demo",
     port: int = 8000,
     progress: Callable[[str], None] = print,
+    ray_port: int = RAY_GCS_PORT,
+    dashboard_port: int = RAY_DASHBOARD_PORT,
 ) -> dict[str, Any]:
-    # deferred: the detectors behind `evaluate` load torch, and the job client Ray; `raywatch --help` needs neither
+    # deferred: the detectors behind `evaluate` load torch; `raywatch --help` needs neither
     from detect.evaluate import evaluate, markdown_table, write_report
-    from train import jobs
 
     started = time.monotonic()
     if read_state() is not None:
@@ -133,16 +219,20 @@ def run_demo(
     print(markdown_table(report))
 
     progress("== 2/4 raywatch up: local Ray head, training, Serve app, drift monitors")
-    entity, metrics, rows, labels = write_demo_data(workdir / "data")
-    progress(f"  synthetic machine {entity}: metrics m00..m{len(metrics) - 1:02d} = {', '.join(_names())}")
+    entity, metrics, rows, labels = real_entity_data(workdir / "data", shipped)
+    window = drift_window_rows(rows_per_day(entity.split("/")[0]))
+    progress(f"  real machine {entity}: {len(metrics)} metrics, drift windows of {window} rows (two days)")
     state = up(
         data_dir=str(workdir / "data"),
         port=port,
-        epochs=5,
+        ray_port=ray_port,
+        dashboard_port=dashboard_port,
+        epochs=EPOCHS,
         monitor={
             "config": {
-                "drift": {"mmd_permutations": 100},
-                "retrain_args": ["--epochs", "5", "--cpus-per-worker", "0.25"],
+                "drift": DriftConfig.for_period(window, mmd_permutations=100).to_dict(),
+                "cooldown_s": 0,  # the demo's rounds are minutes apart: one job per model per drifted window
+                "retrain_args": ["--epochs", str(RETRAIN_EPOCHS), "--cpus-per-worker", "0.25"],
             }
         },
         progress=progress,
@@ -154,74 +244,40 @@ def run_demo(
         m: v["slots"].get("champion", {}).get("version") for m, v in client.get("/v1/models").json()["models"].items()
     }
 
-    progress("== 3/4 replay: a normal day, then a day with drift on " + " and ".join(DRIFTED))
-    day6, day7 = rows[2 * DAY : 3 * DAY], rows[3 * DAY :]
-    for t in np.flatnonzero(labels[2 * DAY : 3 * DAY]):
-        client.post("/v1/feedback", json={"entity": entity, "timestamp": float(5 * DAY + t), "label": 1})
-    normal, lat_normal = _replay(client, entity, metrics, day6, 5 * DAY, "day 6 (normal)")
-    deadline = time.monotonic() + 90  # the monitors test the full day off the response path
-    while len(client.get("/v1/drift", params={"limit": 1000}).json()["events"]) < 9 and time.monotonic() < deadline:
-        time.sleep(1)  # 3 models x (KS, MMD, score KS)
-    control = client.get("/v1/drift", params={"only_drift": True}).json()["events"]
-    progress(f"  drift events after the normal day: {len(control)}")
-    names = _names()
-    drifted = day7.copy()
-    train_std = day6.std(axis=0)
-    for metric in DRIFTED:
-        j = names.index(metric)
-        drifted[:, j] += SHIFT * train_std[j]
-    t_drift = time.time()
-    _, lat_drift = _replay(client, entity, metrics, drifted, 6 * DAY, f"day 7 (+{SHIFT} sigma drift)")
-    deadline = time.monotonic() + 120
-    events: list = []
-    while time.monotonic() < deadline and not events:
-        events = [
-            e for e in client.get("/v1/drift", params={"only_drift": True}).json()["events"] if e["time"] >= t_drift
-        ]
-        time.sleep(1)
-    for e in sorted(events, key=lambda e: e["id"])[:6]:
-        progress(
-            f"  drift: {e['detector']:14s} model={e['model']:12s} p={e['p_value']} metrics={e['drifted_features']}"
-        )
-    submitted: list = []
-    deadline = time.monotonic() + 120
-    drifted_models = {e["model"] for e in events}
-    while time.monotonic() < deadline and len(submitted) < len(drifted_models):
-        submitted = [j for j in jobs.list_jobs() if j["job_id"].startswith("raywatch-retrain-")]
-        time.sleep(1)
-    progress(f"  retraining jobs (also in `ray job list` and the dashboard): {[j['job_id'] for j in submitted]}")
-    for job in submitted:
-        state_ = jobs.wait(job["job_id"], timeout_s=600)
-        progress(f"  {job['job_id']}: {state_}")
+    replayed = replay_windows(rows, labels, window, metrics)
+    first = replayed["first_row"]
+    progress(f"== 3/4 replay of {entity}: a window as recorded, then one with +{SHIFT} sigma on {replayed['moved']}")
+    for t in np.flatnonzero(replayed["labels"]):
+        client.post("/v1/feedback", json={"entity": entity, "timestamp": float(first + t), "label": 1})
+    t_normal = time.time()
+    normal, lat_normal = _replay(client, entity, metrics, replayed["as_recorded"], first, "days as recorded")
+    _wait_for_tests(client, t_normal, tests=3 * len(DETECTOR_KINDS))  # 3 models x (KS, MMD, score KS)
+    as_recorded = _print_round("the as-recorded window", client, t_normal, progress)
+    t_shift = time.time()
+    _, lat_shift = _replay(client, entity, metrics, replayed["shifted"], first + window, f"days +{SHIFT} sigma shift")
+    _wait_for_tests(client, t_shift, tests=3 * len(DETECTOR_KINDS))
+    shifted = _print_round("the shifted window", client, t_shift, progress)
     models = client.get("/v1/models").json()["models"]
-    decisions = {m: v.get("retraining") for m, v in models.items()}
     after = {m: v["slots"].get("champion", {}).get("version") for m, v in models.items()}
 
-    events = [
-        e
-        for e in client.get("/v1/drift", params={"only_drift": True, "limit": 1000}).json()["events"]
-        if e["time"] >= t_drift
-    ]
-    quality = _quality(normal, labels[2 * DAY : 3 * DAY])
-    lat = np.array(lat_normal + lat_drift)
+    quality = _quality(normal, replayed["labels"])
+    lat = np.array(lat_normal + lat_shift)
     summary = {
-        "quality_day6": quality,
+        "entity": entity,
+        "quality_as_recorded": quality,
         "latency_ms": {p: round(float(np.percentile(lat, q)), 1) for p, q in (("p50", 50), ("p95", 95), ("p99", 99))},
         "requests": len(lat),
         "rows_per_request": BATCH,
-        "control_drift_events": len(control),
-        "drift_events": len(events),
-        "jobs": [j["job_id"] for j in submitted],
-        "decisions": {
-            m: (d and {k: d[k] for k in ("promoted", "champion", "challenger", "reason")}) for m, d in decisions.items()
-        },
+        "shifted_metrics": replayed["moved"],
+        "as_recorded": as_recorded,
+        "shifted": shifted,
         "versions_before": before,
         "versions_after": after,
         "minutes": round((time.monotonic() - started) / 60, 1),
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     progress("== 4/4 summary")
-    print("| detector | PR-AUC on the replayed normal day | F1 of served alerts | alert rate |")
+    print(f"| detector | PR-AUC on the as-recorded window of {entity} | F1 of served alerts | alert rate |")
     print("|---|---|---|---|")
     for name, q in quality.items():
         fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
@@ -230,13 +286,18 @@ def run_demo(
         f"\nlatency of /v1/score ({BATCH} rows per request, {len(lat)} requests): "
         f"p50 {summary['latency_ms']['p50']} ms, p95 {summary['latency_ms']['p95']} ms, p99 {summary['latency_ms']['p99']} ms"
     )
-    print(f"drift events: {len(control)} after the normal day, {len(events)} after the drifted day")
-    print("| model | champion before | champion after | decision |")
+    print(
+        f"drift events: {as_recorded['drift_events']} on the as-recorded window, {shifted['drift_events']} on the shifted one"
+    )
+    print("| model | champion before | champion after | decisions (as recorded; shifted) |")
     print("|---|---|---|---|")
     for m in after:
-        d = decisions.get(m)
-        text = "no job" if not d else ("promoted: " if d["promoted"] else "kept champion: ") + d["reason"]
-        print(f"| {m} | v{before.get(m)} | v{after.get(m)} | {text} |")
+        texts = [
+            ("promoted: " if d["promoted"] else "kept: ") + d["reason"]
+            for d in as_recorded["decisions"] + shifted["decisions"]
+            if d["model"] == m
+        ]
+        print(f"| {m} | v{before.get(m)} | v{after.get(m)} | {'; '.join(texts) or 'no job'} |")
     print(f"\ndemo took {summary['minutes']} min; services are still running:")
     for name, url in urls(state).items():
         print(f"  {name:10s} {url}")

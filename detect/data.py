@@ -60,6 +60,17 @@ def default_data_dir() -> Path:
     )
 
 
+# samples per day of the shipped datasets (this file's README): SMD is sampled every minute, ASD every 5
+# minutes; a day is the seasonal period that drift windows span and replays count in
+ROWS_PER_DAY = {"smd": 1440, "asd": 288}
+DEFAULT_ROWS_PER_DAY = 1440
+
+
+def rows_per_day(dataset: str) -> int:
+    """Samples in one day of a dataset's series (1-minute samples where the dataset is not known)."""
+    return ROWS_PER_DAY.get(dataset, DEFAULT_ROWS_PER_DAY)
+
+
 def list_entities(data_dir: str | Path | None = None) -> list[tuple[str, str]]:
     """All (dataset, entity) pairs under a benchmark directory, sorted."""
     root = Path(data_dir) if data_dir else default_data_dir()

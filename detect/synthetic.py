@@ -238,6 +238,26 @@ def inject_drift(
     return out
 
 
+def shifted_metrics(metrics: list[str], share: float = 0.1, seed: int = 0) -> list[str]:
+    """The metrics a mean shift moves: `share` of them (at least one), by a seeded draw, so that every
+    replay of the same series (a loop and its static control, a rerun) moves the same ones."""
+    count = max(1, round(share * len(metrics)))
+    picked = np.random.default_rng(seed).choice(len(metrics), size=count, replace=False)
+    return [metrics[i] for i in sorted(picked)]
+
+
+def inject_mean_shift(
+    values: np.ndarray, metrics: list[str], start: int, sigma: float = 2.0, share: float = 0.1, seed: int = 0
+) -> tuple[np.ndarray, list[str]]:
+    """One entity's (rows, metrics) telemetry with a persistent mean shift from row `start` on: +`sigma`
+    pre-shift standard deviations on `share` of the metrics (`inject_drift`'s mean_shift), the change
+    after which a static model floods its operators. Returns (a copy of the rows, the moved metrics)."""
+    moved = shifted_metrics(metrics, share, seed)
+    frame = pd.DataFrame(np.asarray(values, dtype=np.float64), columns=metrics)
+    out = inject_drift(frame, "mean_shift", moved, start, magnitude=sigma, entity_col=None, seed=seed)
+    return out.to_numpy(dtype=np.float64), moved
+
+
 def machine_days(
     days: int, seed: int = 7, exclude: tuple[str, ...] = ("disk_usage",), steps_per_day: int = 1440
 ) -> tuple[str, list[str], np.ndarray]:

@@ -56,11 +56,9 @@ from train import registry
 from train.assemble import fitted_bundle, with_unchanged_entities
 from train.jobs import init_ray
 from train.kinds import kind_named
-from train.promotion import TEST, PromotionRule, compare_entity, decide, suspected_anomalies, training_rows
+from train.promotion import MIN_ROWS, TEST, PromotionRule, compare_entity, decide, suspected_anomalies, training_rows
 
 log = logging.getLogger(__name__)
-
-MIN_ROWS = 300  # fewest recent rows of an entity worth retraining on
 
 
 def _fit_challenger(
