@@ -201,18 +201,9 @@ def _fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-TABLE_KEYS = (
-    "days",
-    "served_pr_auc",
-    "served_f1_operational_after_shift",
-    "event_precision",
-    "event_recall",
-    "alerts",
-    "drift_events",
-    "drift_events_normal_days",
-    "jobs",
-    "promotions",
-    "keeps",
+# the table's columns: a record's figures, without what identifies it or explains it
+TABLE_KEYS = tuple(
+    k for k in RECORD_KEYS if k not in ("entity", "variant", "mode", "rows", "normal_days", "decisions", "minutes")
 )
 
 

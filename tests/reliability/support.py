@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import os
 import secrets
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -136,6 +137,22 @@ class Served:
         alive = self.replicas(deployment)
         gone = victim.actor_id not in {a.actor_id for a in alive}
         return gone and len(alive) >= REPLICAS and self.running(deployment) >= REPLICAS
+
+    def kill_every_replica(self, deployment: str, timeout: float) -> tuple[list[int], float]:
+        """SIGKILL every replica of `deployment`, then wait until a full set of new ones runs.
+        Returns (the killed pids, seconds from the kill until the new set ran)."""
+        pids = [a.pid for a in self.replicas(deployment)]
+        killed_at = time.monotonic()
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        wait_for(
+            lambda: (alive := {a.pid for a in self.replicas(deployment)}).isdisjoint(pids)
+            and len(alive) >= REPLICAS
+            and self.running(deployment) >= REPLICAS,
+            timeout,
+            f"every {deployment} replica restarted",
+        )
+        return pids, time.monotonic() - killed_at
 
     def running(self, deployment: str) -> int:
         return self.deployments().get(deployment, ("", {}))[1].get("RUNNING", 0)

@@ -3,10 +3,7 @@ killing them all (the policy lives in the state folder, `serve/traffic.py`)."""
 
 from __future__ import annotations
 
-import os
-import signal
-
-from .support import INGRESS, REPLICAS, wait_for
+from .support import INGRESS, REPLICAS
 
 RECOVERY_S = 60.0
 
@@ -31,16 +28,7 @@ def test_traffic_change_applies_to_every_ingress_replica_and_survives_their_kill
         assert len(after_change) == REPLICAS, after_change  # both replicas answered
         assert all(shares == {40.0} for shares in after_change.values()), after_change
 
-        pids = [a.pid for a in served.replicas(INGRESS)]
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
-        wait_for(
-            lambda: (alive := {a.pid for a in served.replicas(INGRESS)}).isdisjoint(pids)
-            and len(alive) >= REPLICAS
-            and served.running(INGRESS) >= REPLICAS,
-            3 * RECOVERY_S,
-            "the ingress restarted",
-        )
+        served.kill_every_replica(INGRESS, 3 * RECOVERY_S)
         served.wait_ready()
         after_kill = _policies_by_replica(served, model)
         assert len(after_kill) == REPLICAS and not set(after_kill) & set(after_change), after_kill  # new replicas
