@@ -33,9 +33,13 @@ def test_traffic_change_applies_to_every_ingress_replica_and_survives_their_kill
         after_kill = _policies_by_replica(served, model)
         assert len(after_kill) == REPLICAS and not set(after_kill) & set(after_change), after_kill  # new replicas
         assert all(shares == {40.0} for shares in after_kill.values()), after_kill
-    finally:
+    finally:  # no challenger again, as the other tests of the suite expect: alias gone, then a reload
+        from train import registry
+
+        registry.setup().delete_registered_model_alias(registry.model_name(model), registry.CHALLENGER)
         reset = {"model": model, "challenger_percent": 0, "shadow": False}
-        served.client.post("/v1/admin/traffic", json=reset, headers=served.admin())
+        answer = served.client.post("/v1/admin/traffic", json=reset, headers=served.admin())
+        assert answer.status_code == 200 and answer.json()["serving"].get("challenger") is None, answer.text
     figures["traffic_policy"] = {
         "replicas_after_change": {r: sorted(s) for r, s in after_change.items()},
         "replicas_after_kill": {r: sorted(s) for r, s in after_kill.items()},
