@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from detect.data import default_data_dir, load_series, rows_per_day
 from detect.drift import DriftConfig
 from detect.kinds import DETECTOR_KINDS
 from detect.synthetic import inject_mean_shift
+from serve.auth import KEYS_FILE_ENV
 from train.promotion import drift_window_rows
 
 DEMO_ENTITY = "asd/omi-3"  # 19 metrics, 5-minute samples; its replayed as-recorded window holds an incident
@@ -193,6 +195,18 @@ def _print_round(title: str, client: Any, since: float, progress: Callable[[str]
     return {"drift_events": len(events), "decisions": decisions}
 
 
+def _demo_admin_key(workdir: Path) -> str:
+    """A fresh admin key for the demo's app, in an owner-only file that `up` hands to the ingress (never
+    printed): the demo's incident labels go to /v1/feedback with it, so retraining may learn from them."""
+    key = secrets.token_urlsafe(24)
+    path = workdir / "admin_keys"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(key + "\n")
+    os.environ[KEYS_FILE_ENV] = str(path)
+    return key
+
+
 def run_demo(
     shipped_data: str | None = None,
     workdir: str | Path = "runs/demo",
@@ -212,6 +226,7 @@ def run_demo(
     workdir.mkdir(parents=True)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
     os.environ["RAYWATCH_STATE_DIR"] = str(workdir / "state")
+    admin_key = _demo_admin_key(workdir)  # the operator's labels are trusted: they are sent with a key
     progress("== 1/4 peer baselines on the six shipped entities (raywatch evaluate)")
     shipped = Path(shipped_data) if shipped_data else default_data_dir()
     report = evaluate(shipped, ["pca", "iforest", "ecod"])
@@ -248,7 +263,8 @@ def run_demo(
     first = replayed["first_row"]
     progress(f"== 3/4 replay of {entity}: a window as recorded, then one with +{SHIFT} sigma on {replayed['moved']}")
     for t in np.flatnonzero(replayed["labels"]):
-        client.post("/v1/feedback", json={"entity": entity, "timestamp": float(first + t), "label": 1})
+        label = {"entity": entity, "timestamp": float(first + t), "label": 1}
+        client.post("/v1/feedback", json=label, headers={"Authorization": f"Bearer {admin_key}"})
     t_normal = time.time()
     normal, lat_normal = _replay(client, entity, metrics, replayed["as_recorded"], first, "days as recorded")
     _wait_for_tests(client, t_normal, tests=3 * len(DETECTOR_KINDS))  # 3 models x (KS, MMD, score KS)
