@@ -10,7 +10,7 @@ DATA ?= data
 TORCH_INDEX ?=
 PIP_TORCH_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
-.PHONY: install demo test lint clean bench-compression bench-drift bench-replay bench bench-tools soak
+.PHONY: install demo test lint clean bench-compression bench-drift bench-replay bench-rate-limit bench bench-tools soak
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ bench-drift: $(STAMP)
 ENTITIES ?=
 bench-replay: $(STAMP)
 	$(BIN)/python benchmarks/replay.py --data $(abspath $(DATA)) $(if $(ENTITIES),--entities $(ENTITIES))
+
+# what the shared rate limit costs per check, against the per-replica bucket: benchmarks/results/rate_limit.md
+bench-rate-limit: $(STAMP)
+	$(BIN)/python benchmarks/rate_limit.py
 
 # serving (Ray Serve in both modes, echo, in-process ONNX Runtime, a FastAPI peer), dynamic batching,
 # Ray Train and ASHA benchmarks side by side, then benchmarks/results/README.md; small models are

@@ -41,18 +41,10 @@ from detect.state import ServingStore
 from detect.state import state_dir as current_state_dir
 from monitoring.events import DriftEventStore
 from serve import schemas as S
-from serve.auth import (
-    BURST_ENV,
-    KEYS_FILE_ENV,
-    RATE_ENV,
-    AuthError,
-    RateLimiter,
-    check_admin,
-    client_id,
-    feedback_trusted,
-)
+from serve.auth import KEYS_FILE_ENV, AuthError, check_admin, feedback_trusted
 from serve.history import EntityHistory, fallback_scores
 from serve.monitor_feed import MonitorFeed
+from serve.rate_limit import RateLimit, SharedRateLimiter, client_id
 from serve.router import CircuitBreaker, TrafficPolicy
 from serve.settings import ServeSettings
 from serve.traffic import TrafficStore
@@ -165,17 +157,15 @@ api.openapi = _openapi
 
 
 class RateLimited(Exception):
-    def __init__(self, wait_s: float, limiter: RateLimiter) -> None:
+    def __init__(self, wait_s: float, limit: RateLimit) -> None:
         super().__init__("rate limited")
-        self.wait_s, self.limiter = wait_s, limiter
+        self.wait_s, self.limit = wait_s, limit
 
 
 @api.exception_handler(RateLimited)
 async def _rate_limited(request: Request, exc: RateLimited) -> JSONResponse:
     retry = max(1, math.ceil(exc.wait_s))
-    detail = (
-        f"rate limit: over {exc.limiter.rate:g} requests/s per client (burst {exc.limiter.burst:g}); retry in {retry} s"
-    )
+    detail = f"rate limit: over {exc.limit.describe()}; retry in {retry} s"
     return JSONResponse(status_code=429, content={"detail": detail}, headers={"Retry-After": str(retry)})
 
 
@@ -266,7 +256,7 @@ class RaywatchAPI:
         admin_keys_file: str | None = None,
         breaker_cooldown_s: float = 10.0,
         monitor: dict[str, Any] | None = None,
-        rate_limit: dict[str, Any] | None = None,
+        rate_limit: RateLimit | None = None,
         body_timeout_s: float | None = None,
         settings: ServeSettings | None = None,
     ) -> None:
@@ -282,7 +272,7 @@ class RaywatchAPI:
         from ray.util import metrics
 
         self.handles = dict(detectors)  # kind name -> its deployment
-        self.limiter = RateLimiter.from_config(rate_limit)
+        self.limiter = SharedRateLimiter(rate_limit or RateLimit())  # one limit for all the replicas
         self.history = EntityHistory()
         self.traffic = TrafficStore(self.state_root / "traffic.db")  # shared by the replicas, kept across restarts
         self.breakers = {name: CircuitBreaker(cooldown_s=breaker_cooldown_s) for name in S.DETECTORS}
@@ -491,12 +481,12 @@ class RaywatchAPI:
             }
         return {"events": events, "retraining": retraining, "monitor_queue": self.monitor_feed.status()}
 
-    def _limit(self, client: str) -> None:
-        """The per-client rate limit of the scoring endpoints (429 past it)."""
+    async def _limit(self, client: str) -> None:
+        """The per-client rate limit of the scoring endpoints (429 past it), shared by the replicas."""
         if self.limiter.enabled:
-            wait = self.limiter.check(client)
+            wait = await self.limiter.check(client)
             if wait:
-                raise RateLimited(wait, self.limiter)
+                raise RateLimited(wait, self.limiter.limit)
 
     def _observe(self, route: str, status: int, started: float) -> None:
         self.m_requests.inc(tags={"route": route, "status": str(status)})
@@ -507,7 +497,7 @@ class RaywatchAPI:
     ) -> tuple[Any, list[str], dict[str, list[str]]]:
         """What both scoring routes do first: rate limit, parse, the detectors asked for (default: all)
         and the metrics of each entity they serve (503 when none is loaded)."""
-        self._limit(client)
+        await self._limit(client)
         request = _parse(model, body)
         detectors = list(dict.fromkeys(request.detectors or S.DETECTORS))
         known = await self._entity_metrics(detectors)
@@ -614,7 +604,7 @@ class RaywatchAPI:
 
     @api.post("/v1/forecast")
     async def forecast(self, request: S.ForecastRequest, client: str = Depends(_client)) -> dict[str, Any]:
-        self._limit(client)
+        await self._limit(client)
         known = await self._entity_metrics([FORECASTER])
         metrics = known.get(request.entity)
         if metrics is None:
@@ -650,7 +640,7 @@ class RaywatchAPI:
     ) -> dict[str, Any]:
         """Store an incident label. With an admin key it is trusted (retraining learns from it and promotion
         weighs it); without one, `feedback_auth` decides: stored as untrusted (ignored by both), or refused."""
-        self._limit(client)
+        await self._limit(client)
         trusted = feedback_trusted(authorization, self.settings.feedback_auth, self.admin_keys_file)
         feedback_id = await asyncio.to_thread(
             self.store.add_feedback, request.entity, request.timestamp, request.label, request.detector, trusted
@@ -785,10 +775,7 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
         for name, dep in detector_deployments(settings).items()
     }
     keys_file = args.get("admin_keys_file") or os.environ.get(KEYS_FILE_ENV)
-    rate_limit = args.get("rate_limit") or {
-        k: v for k, v in (("requests_per_s", os.environ.get(RATE_ENV)), ("burst", os.environ.get(BURST_ENV))) if v
-    }
-    RateLimiter.from_config(rate_limit)  # a bad setting fails here, not in every replica
+    rate_limit = RateLimit.from_config(args.get("rate_limit"))  # a bad setting fails here, not in every replica
     return RaywatchAPI.options(num_replicas=settings.ingress_replicas).bind(
         handles,
         tracking_uri=tracking_uri,

@@ -1,4 +1,4 @@
-"""Admin API keys and the per-client rate limit.
+"""Admin API keys, and whether a feedback label is trusted.
 
 Admin keys: `Authorization: Bearer <key>`, up to two keys valid at once so keys can rotate.
 
@@ -6,25 +6,18 @@ Keys come from RAYWATCH_ADMIN_KEYS (comma-separated) or the file named by RAYWAT
 (one key per line; re-read on every check, so a rotation needs no restart). Comparison is constant
 time. Keys are never logged.
 
-Rate limit on the scoring endpoints: a token bucket per client (`RateLimiter`), from the app argument
-`rate_limit={"requests_per_s": R, "burst": B}` or RAYWATCH_RATE_LIMIT_RPS / RAYWATCH_RATE_LIMIT_BURST;
-off by default. Past it the API answers 429 with Retry-After.
+The rate limit of the scoring routes is in `serve/rate_limit.py`.
 """
 
 from __future__ import annotations
 
 import hmac
 import os
-import time
-from collections import OrderedDict
 from pathlib import Path
 
 KEYS_ENV = "RAYWATCH_ADMIN_KEYS"
 KEYS_FILE_ENV = "RAYWATCH_ADMIN_KEYS_FILE"
 MAX_KEYS = 2
-RATE_ENV = "RAYWATCH_RATE_LIMIT_RPS"
-BURST_ENV = "RAYWATCH_RATE_LIMIT_BURST"
-TRUSTED_PROXIES_ENV = "RAYWATCH_TRUSTED_PROXIES"
 
 
 class AuthError(Exception):
@@ -68,56 +61,3 @@ def feedback_trusted(authorization: str | None, policy: str, keys_file: str | No
         return False
     check_admin(authorization, keys_file)
     return True
-
-
-class RateLimiter:
-    """Per-client token bucket: `requests_per_s` sustained, `burst` at once; 0 turns it off.
-
-    Clients are told apart by `client_id` (see `client_id`). Buckets live in the ingress replica
-    (each replica counts its own share), at most `max_clients` of them, least recently seen dropped."""
-
-    def __init__(self, requests_per_s: float = 0.0, burst: int | None = None, max_clients: int = 100_000) -> None:
-        if requests_per_s < 0 or (burst is not None and burst < 1):
-            raise ValueError(f"rate limit: requests_per_s must be >= 0 and burst >= 1, got {requests_per_s}, {burst}")
-        self.rate = float(requests_per_s)
-        self.burst = float(burst if burst is not None else max(1, round(self.rate)))
-        self.max_clients = max_clients
-        self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client -> (tokens, at)
-
-    @classmethod
-    def from_config(cls, config: dict | None) -> RateLimiter:
-        config = dict(config or {})
-        rate = config.get("requests_per_s", os.environ.get(RATE_ENV, 0))
-        burst = config.get("burst", os.environ.get(BURST_ENV))
-        return cls(float(rate), int(burst) if burst not in (None, "") else None)
-
-    @property
-    def enabled(self) -> bool:
-        return self.rate > 0
-
-    def check(self, client: str, now: float | None = None) -> float:
-        """0.0 when the request may go ahead, else the seconds until the client may retry."""
-        if not self.enabled:
-            return 0.0
-        now = time.monotonic() if now is None else now
-        tokens, at = self.buckets.pop(client, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - at) * self.rate)
-        if len(self.buckets) >= self.max_clients:
-            self.buckets.popitem(last=False)
-        if tokens >= 1.0:
-            self.buckets[client] = (tokens - 1.0, now)
-            return 0.0
-        self.buckets[client] = (tokens, now)
-        return (1.0 - tokens) / self.rate
-
-
-def client_id(headers, peer: str | None) -> str:
-    """Who a request comes from, for the rate limit: the TCP peer, or, when the peer is one of the
-    proxies named in RAYWATCH_TRUSTED_PROXIES (comma-separated addresses), the last hop that proxy
-    appended to X-Forwarded-For. Nothing else a client sends is believed (it could name anyone)."""
-    peer = peer or "unknown"
-    trusted = {p.strip() for p in os.environ.get(TRUSTED_PROXIES_ENV, "").split(",") if p.strip()}
-    forwarded = headers.get("x-forwarded-for") if peer in trusted else None
-    if forwarded:
-        return "ip:" + forwarded.split(",")[-1].strip()
-    return "ip:" + peer

@@ -403,23 +403,53 @@ def test_circuit_breaker_rules():
     assert rate.state == "open"
 
 
-def test_rate_limiter_token_bucket():
-    from serve.auth import RateLimiter, client_id
+def test_rate_limit_token_bucket_and_client_identity():
+    from serve.rate_limit import RateLimit, TokenBuckets, client_id
 
-    limiter = RateLimiter(requests_per_s=2, burst=3)
-    assert [limiter.check("a", now=0.0) for _ in range(3)] == [0.0, 0.0, 0.0]  # the burst
-    assert limiter.check("a", now=0.0) == pytest.approx(0.5)  # then one token every 0.5 s
-    assert limiter.check("b", now=0.0) == 0.0  # per client
-    assert limiter.check("a", now=0.5) == 0.0 and limiter.check("a", now=0.5) > 0
-    assert not RateLimiter().enabled and RateLimiter().check("a") == 0.0
+    buckets = TokenBuckets(RateLimit(requests_per_s=2, burst=3))
+    assert [buckets.check("a", now=0.0) for _ in range(3)] == [0.0, 0.0, 0.0]  # the burst
+    assert buckets.check("a", now=0.0) == pytest.approx(0.5)  # then one token every 0.5 s
+    assert buckets.check("b", now=0.0) == 0.0  # per client
+    assert buckets.check("a", now=0.5) == 0.0 and buckets.check("a", now=0.5) > 0
+    assert buckets.take("c", want=5, now=0.0) == (3, 0.0)  # a lease takes what there is, no more
+    assert buckets.take("c", want=1, give_back=2, now=0.0) == (1, 0.0)  # unspent tokens come back
+    assert not RateLimit().enabled and TokenBuckets(RateLimit()).check("a") == 0.0
     with pytest.raises(ValueError, match="requests_per_s"):
-        RateLimiter(requests_per_s=-1)
+        RateLimit.from_config({"requests_per_s": -1})
+    with pytest.raises(ValueError, match="'rps'"):
+        RateLimit.from_config({"rps": 5})
+    assert RateLimit(1000, 2000).lease_tokens() == 100 and RateLimit(1, 2).lease_tokens() == 1
     spoofed = {"x-forwarded-for": "10.0.0.9, 10.0.0.1", "authorization": "Bearer anything"}
-    assert client_id(spoofed, "192.0.2.7") == "ip:192.0.2.7"  # what a client says of itself is not believed
-    import os
+    assert client_id(spoofed, "192.0.2.7", "") == "ip:192.0.2.7"  # what a client says of itself is not believed
+    assert client_id(spoofed, "192.0.2.7", "192.0.2.7") == "ip:10.0.0.1"  # the hop a trusted proxy appended
 
-    os.environ["RAYWATCH_TRUSTED_PROXIES"] = "192.0.2.7"
+
+def test_two_replicas_share_one_rate_limit_through_the_actor(ray_cluster):
+    """Two replicas' limiters draw on one named actor: together they allow the limit once, not twice,
+    and most checks are answered from the local lease (fewer actor calls than requests)."""
+    import asyncio
+    import time
+
+    from serve.rate_limit import BUDGET_ACTOR, NAMESPACE, RateLimit, SharedRateLimiter
+
+    limit = RateLimit(requests_per_s=40, burst=40)
+    replicas = [SharedRateLimiter(limit), SharedRateLimiter(limit)]
+
+    async def flood(seconds: float) -> tuple[int, int, float]:
+        allowed, checks, started = 0, 0, time.monotonic()
+        while time.monotonic() - started < seconds:
+            for replica in replicas:
+                allowed += await replica.check("ip:203.0.113.5") == 0.0
+                checks += 1
+            await asyncio.sleep(0.002)
+        return allowed, checks, time.monotonic() - started
+
     try:
-        assert client_id(spoofed, "192.0.2.7") == "ip:10.0.0.1"  # the hop a trusted proxy appended
+        allowed, checks, elapsed = asyncio.run(flood(1.5))
+        ceiling = limit.burst + limit.requests_per_s * elapsed + 1  # one limit; per replica it would be twice
+        assert checks > 2 * ceiling, checks  # the flood asked for more than both replicas' limits together
+        assert limit.requests_per_s * elapsed <= allowed <= ceiling, (allowed, ceiling)
+        assert sum(r.actor_calls for r in replicas) < checks / 2, [r.actor_calls for r in replicas]
+        assert asyncio.run(SharedRateLimiter(limit).check("ip:198.51.100.1")) == 0.0  # another client
     finally:
-        del os.environ["RAYWATCH_TRUSTED_PROXIES"]
+        ray_cluster.kill(ray_cluster.get_actor(BUDGET_ACTOR, namespace=NAMESPACE))
