@@ -193,6 +193,64 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api_url(given: str | None) -> str:
+    """The Serve API: --url, else the port `raywatch up` recorded here, else port 8000."""
+    from cluster.lifecycle import read_state
+
+    if given:
+        return given.rstrip("/")
+    state = read_state() or {}
+    return f"http://127.0.0.1:{state.get('serve_port', 8000)}"
+
+
+def _describe_rollout(state: dict | None) -> str:
+    if not state:
+        return "no rollout"
+    line = f"version {state['version']}: {state['status']} at {state['percent']:g}% (step {state['step'] + 1}"
+    return line + f" of {len(state['plan']['steps'])}): {state['reason']}"
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    """Start, follow or abort a canary rollout through the API's admin routes (serve/rollout.py)."""
+    import time
+
+    import httpx
+
+    from serve.auth import admin_keys
+
+    url, keys = _api_url(args.url), admin_keys()
+    headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+    if args.abort or args.version:
+        if not keys:
+            print("raywatch rollout: no admin key (RAYWATCH_ADMIN_KEYS_FILE or RAYWATCH_ADMIN_KEYS)", file=sys.stderr)
+            return 2
+        if args.abort:
+            route, body = "/v1/admin/rollout/abort", {"model": args.model}
+        else:
+            plan = json.loads(Path(args.plan).read_text()) if args.plan else {}
+            if args.steps:
+                plan["steps"] = [float(x) for x in args.steps.split(",")]
+            plan.update({k: v for k, v in (("min_hold_s", args.hold_s), ("min_requests", args.min_requests)) if v})
+            route, body = "/v1/admin/rollout", {"model": args.model, "version": args.version, "plan": plan}
+        answer = httpx.post(url + route, json=body, headers=headers, timeout=60)
+        if answer.status_code != 200:
+            print(f"raywatch rollout: {answer.status_code} {answer.json().get('detail')}", file=sys.stderr)
+            return 1
+        print(f"{args.model} {_describe_rollout(answer.json())}")
+        if args.abort or not args.wait:
+            return 0
+    last = None
+    while True:
+        state = httpx.get(url + "/v1/models", timeout=60).json()["models"][args.model].get("rollout")
+        line = f"{args.model} {_describe_rollout(state)}"
+        if line != last:
+            print(line, flush=True)
+            last = line
+        if not args.wait or not state or state["status"] not in ("running", "promoting"):
+            return 0 if not state or state["status"] != "rolled_back" else 1
+        time.sleep(2)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from train.registry import MODEL_NAMES, tracking_uri, versions
 
@@ -339,6 +397,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"{watcher['scored_rows']} rows scored, firing {len(watcher['firing'])}"
                 + (f", last error: {watcher['last_error']}" if watcher.get("last_error") else "")
             )
+    for model, rollout in out.get("rollouts", {}).items():
+        if rollout:
+            print(f"  rollout {model}: {_describe_rollout(rollout)}")
     print(f"recent drift events: {len(out['drift_events'])}")
     for e in out["drift_events"][:5]:
         print(f"  #{e['id']} {e['model']} {e['entity']} {e['detector']} p={e['p_value']} {e['drifted_features']}")
@@ -444,6 +505,23 @@ def build_parser() -> argparse.ArgumentParser:
     rb = sub.add_parser("rollback", help="restore the previous champion")
     rb.add_argument("model")
     rb.set_defaults(func=cmd_rollback)
+
+    ro = sub.add_parser(
+        "rollout",
+        help="roll a version out as a canary (5% -> 25% -> 100%), rolled back by itself on a breached guard",
+        description="With VERSION: start a rollout (admin key from RAYWATCH_ADMIN_KEYS_FILE or RAYWATCH_ADMIN_KEYS). "
+        "Without: print the model's rollout. Steps, guards and the test: README, 'Rollouts'.",
+    )
+    ro.add_argument("model", choices=DETECTOR_KINDS)
+    ro.add_argument("version", nargs="?")
+    ro.add_argument("--steps", help="challenger shares in %%, comma-separated, ending at 100 (default 5,25,100)")
+    ro.add_argument("--hold-s", type=float, help="least time each step is held (default 60)")
+    ro.add_argument("--min-requests", type=int, help="least canary calls before a step advances (default 200)")
+    ro.add_argument("--plan", help="a JSON file with any field of the plan (serve/rollout.py RolloutPlan)")
+    ro.add_argument("--wait", action="store_true", help="follow the rollout until it ends (exit 1 if rolled back)")
+    ro.add_argument("--abort", action="store_true", help="stop the rollout: all traffic back to the champion")
+    ro.add_argument("--url", help="the Serve API (default: the one `raywatch up` started here, else :8000)")
+    ro.set_defaults(func=cmd_rollout)
 
     md = sub.add_parser("models", help="list registered versions and aliases")
     md.set_defaults(func=cmd_models)

@@ -194,6 +194,7 @@ def status() -> dict[str, Any]:
     from ray import serve  # deferred (Ray, MLflow): see _connect
 
     from monitoring.events import DriftEventStore
+    from serve.rollout import RolloutStore
     from train import jobs, registry
     from train.pipeline import MODELS
 
@@ -209,6 +210,8 @@ def status() -> dict[str, Any]:
         out["deployments"] = {"error": str(exc)}
     out["models"] = {m: registry.versions(m) for m in MODELS}
     out["drift_events"] = DriftEventStore(Path(state["state_dir"]) / "drift.db").events(only_drift=True, limit=10)
+    rollouts = RolloutStore(Path(state["state_dir"]) / "traffic.db")
+    out["rollouts"] = {m: rollouts.get(m) for m in MODELS}
     if state.get("watcher"):
         import ray  # deferred: see _connect
 

@@ -45,6 +45,7 @@ from serve.auth import KEYS_FILE_ENV, AuthError, check_admin, feedback_trusted
 from serve.history import EntityHistory, fallback_scores
 from serve.monitor_feed import MonitorFeed
 from serve.rate_limit import RateLimit, SharedRateLimiter, client_id
+from serve.rollout import RolloutStore, StepCounter
 from serve.router import CircuitBreaker, TrafficPolicy
 from serve.settings import ServeSettings
 from serve.traffic import TrafficStore
@@ -145,7 +146,7 @@ def _openapi() -> dict[str, Any]:
     if api.openapi_schema is None:
         schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (S.ScoreRequest, S.ScoreBatchRequest):
+        for model in S.SELF_PARSED:
             extra = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(extra.pop("$defs", {}))
             components[model.__name__] = extra
@@ -275,7 +276,15 @@ class RaywatchAPI:
         self.limiter = SharedRateLimiter(rate_limit or RateLimit())  # one limit for all the replicas
         self.history = EntityHistory()
         self.traffic = TrafficStore(self.state_root / "traffic.db")  # shared by the replicas, kept across restarts
-        self.breakers = {name: CircuitBreaker(cooldown_s=breaker_cooldown_s) for name in S.DETECTORS}
+        # one breaker per model and slot: a failing challenger must not send the champion's traffic to the fallback
+        self.breakers = {
+            (name, slot): CircuitBreaker(cooldown_s=breaker_cooldown_s)
+            for name in S.DETECTORS
+            for slot in ("champion", "challenger")
+        }
+        self.rollouts = RolloutStore(self.state_root / "traffic.db")  # canary rollouts, beside the policy they drive
+        self.step_counts = StepCounter(self.rollouts)
+        self.rollout_tick: asyncio.Task | None = None
         self.shadow_stats = {name: {"rows": 0, "disagreements": 0} for name in S.DETECTORS}
         self.meta: dict[str, dict[str, Any]] = {}
         self.meta_at: dict[str, float] = {}
@@ -317,6 +326,14 @@ class RaywatchAPI:
         )
         self.m_shadow_rows = metrics.Counter(
             "raywatch_shadow_rows_total", description="rows scored in shadow", tag_keys=("detector",)
+        )
+        self.m_rollout = metrics.Counter(
+            "raywatch_rollout_transitions_total",
+            description="canary rollout steps: advance, rollback, completed, aborted",
+            tag_keys=("detector", "action"),
+        )
+        self.m_rollout_percent = metrics.Gauge(
+            "raywatch_rollout_percent", description="the canary's share of requests (0: none)", tag_keys=("detector",)
         )
         self.m_monitor_rows = metrics.Counter(
             "raywatch_monitor_rows_total",
@@ -365,11 +382,13 @@ class RaywatchAPI:
         context): (path, model ref, arrays as `EntityModel.score_arrays` returns them)."""
         info = await self._info(name)
         has_challenger = "challenger" in info["slots"]
-        policy, breaker = self.traffic.get(name), self.breakers[name]
+        policy = self.traffic.get(name)
         path = policy.path_for(entity, has_challenger)
+        breaker = self.breakers[(name, path)]
         slot_meta = info["slots"].get(path) or info["slots"].get("champion") or {}
         context = slot_meta.get("entities", {}).get(entity, {}).get("context_rows", 64)
         item = {"entity": entity, "path": path, "rows": rows[-(n_new + context) :], "n_new": n_new}
+        started, result = time.perf_counter(), {"ok": False, "called": False}
         if breaker.allow():
             # big items go on their own: gathering them would only serialise their scoring in one call
             if n_new < self.settings.big_batch_rows:
@@ -377,17 +396,78 @@ class RaywatchAPI:
             else:
                 result = (await self._call(name, [item]))[0]
             breaker.record(result.get("ok", False))
-            if result.get("ok"):
-                arrays = result["arrays"]
-                if policy.shadow and has_challenger and path == "champion":
-                    self._spawn(self._shadow(name, {**item, "path": "challenger"}, arrays))
-                self.m_rows.inc(n_new, tags={"detector": name, "path": path})
-                return path, result["model"], arrays
-            log.warning("model call failed", extra={"detector": name, "entity": entity, "error": result.get("error")})
-        self.m_fallbacks.inc(n_new, tags={"detector": name})
-        ref = {"name": f"raywatch-{name}", "version": None, "variant": "baseline"}
-        recent = np.asarray(hist, dtype=np.float64) if len(hist) >= n_new else rows
-        return "fallback", ref, fallback_scores(recent, n_new, metrics)
+            if not result.get("ok"):
+                log.warning(
+                    "model call failed", extra={"detector": name, "entity": entity, "error": result.get("error")}
+                )
+        if result.get("ok"):
+            served, ref, arrays = path, result["model"], result["arrays"]
+            if policy.shadow and has_challenger and path == "champion":
+                self._spawn(self._shadow(name, {**item, "path": "challenger"}, arrays))
+            self.m_rows.inc(n_new, tags={"detector": name, "path": path})
+        else:
+            self.m_fallbacks.inc(n_new, tags={"detector": name})
+            served, ref = "fallback", {"name": f"raywatch-{name}", "version": None, "variant": "baseline"}
+            recent = np.asarray(hist, dtype=np.float64) if len(hist) >= n_new else rows
+            arrays = fallback_scores(recent, n_new, metrics)
+        if policy.step_key is not None:  # a canary rollout: count what this arm served
+            self._count_step(policy.step_key, path, result, (time.perf_counter() - started) * 1000, n_new, arrays)
+        return served, ref, arrays
+
+    # -- canary rollouts (serve/rollout.py) ------------------------------------------------------------------
+    def _count_step(
+        self, step_key: str, path: str, result: dict, latency_ms: float, rows: int, arrays: dict[str, Any]
+    ) -> None:
+        """Add one model call to the rollout step's counts of its arm; judge the step about once a second."""
+        flagged = int((np.asarray(arrays["scores"]) >= arrays["threshold"]).sum())
+        ok = bool(result.get("ok"))
+        error = result.get("called", True) and not ok  # an open breaker is a fallback, not a failed call
+        arm = "canary" if path == "challenger" else "champion"
+        self.step_counts.record(step_key, arm, not error, not ok, latency_ms, rows, flagged)
+        if self.step_counts.due() and (self.rollout_tick is None or self.rollout_tick.done()):
+            self.rollout_tick = asyncio.get_running_loop().create_task(self._advance_rollouts())
+
+    async def _advance_rollouts(self) -> None:
+        """Flush this replica's counts, then judge every running rollout and carry out what was decided:
+        a promotion at 100%, the challenger's removal on a rollback. Any replica may do it; the store makes
+        each transition once."""
+        try:
+            await asyncio.to_thread(self.step_counts.flush)
+            for name in S.DETECTORS:
+                policy = self.traffic.get(name)
+                self.m_rollout_percent.set(
+                    policy.challenger_percent if policy.step_key else 0.0, tags={"detector": name}
+                )
+                if policy.step_key is None:
+                    continue
+                state = await asyncio.to_thread(self.rollouts.get, name)
+                if state and state["status"] == "running":
+                    decided = await asyncio.to_thread(self.rollouts.decide, name)
+                    if decided is None:
+                        continue
+                    state, verdict = decided
+                    self.m_rollout.inc(tags={"detector": name, "action": verdict.action})
+                    log.info("rollout", extra={"detector": name, "action": verdict.action, "reason": verdict.reason})
+                if state and state["status"] == "promoting":
+                    await self._finish_rollout(name, state)
+                elif state and state["status"] == "rolled_back":
+                    await self._drop_challenger(name)
+        except Exception as exc:  # judged again on the next tick
+            log.warning("rollout tick failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+
+    async def _finish_rollout(self, name: str, state: dict[str, Any]) -> None:
+        """The canary passed every step: promote its version, retire the challenger slot, end the rollout."""
+        registry = _registry()
+        await asyncio.to_thread(registry.promote, name, state["version"])
+        await self._drop_challenger(name)
+        reason = f"promoted version {state['version']} after {len(state['history'])} steps"
+        if await asyncio.to_thread(self.rollouts.finish, name, "completed", reason):
+            self.m_rollout.inc(tags={"detector": name, "action": "completed"})
+
+    async def _drop_challenger(self, name: str) -> None:
+        registry = _registry()
+        await asyncio.to_thread(registry.clear_alias, name, registry.CHALLENGER)
+        await self._reload(name)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.001, max_concurrent_batches=4)
     async def _model_call(self, calls: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -663,7 +743,9 @@ class RaywatchAPI:
                     "shadow_rows": self.shadow_stats[name]["rows"],
                     "shadow_disagreements": self.shadow_stats[name]["disagreements"],
                 },
-                "circuit": self.breakers[name].state,
+                "circuit": self.breakers[(name, "champion")].state,
+                "challenger_circuit": self.breakers[(name, "challenger")].state,
+                "rollout": await asyncio.to_thread(self.rollouts.get, name),
                 "load_error": info.get("load_error"),
                 "retraining": (await asyncio.to_thread(self.store.decisions, name, 1) or [None])[0],
             }
@@ -680,6 +762,11 @@ class RaywatchAPI:
         return JSONResponse(status_code=status, content={"ready": status == 200, "detectors": ready})
 
     # -- admin -----------------------------------------------------------------------------------------------
+    def _admin_request(self, model: type[BaseModel], body: bytes, authorization: str | None) -> Any:
+        """The key first, then the body: without a valid key the answer is 401/403, whatever was sent."""
+        check_admin(authorization, self.admin_keys_file)
+        return _parse(model, body)
+
     async def _registry_call(self, fn, *args):
         registry = _registry()
         try:
@@ -694,27 +781,32 @@ class RaywatchAPI:
         await self._info(name, force=True)
         return versions
 
-    @api.post("/v1/admin/promote")
+    @api.post("/v1/admin/promote", openapi_extra=_json_body(S.PromoteRequest))
     async def promote(
-        self, request: S.PromoteRequest, authorization: str | None = Header(default=None)
+        self, body: bytes = Depends(_raw_body), authorization: str | None = Header(default=None)
     ) -> dict[str, Any]:
-        check_admin(authorization, self.admin_keys_file)
+        request: S.PromoteRequest = self._admin_request(S.PromoteRequest, body, authorization)
         out = await self._registry_call(_registry().promote, request.model, request.version)
         return {**out, "serving": await self._reload(request.model)}
 
-    @api.post("/v1/admin/rollback")
+    @api.post("/v1/admin/rollback", openapi_extra=_json_body(S.RollbackRequest))
     async def rollback(
-        self, request: S.RollbackRequest, authorization: str | None = Header(default=None)
+        self, body: bytes = Depends(_raw_body), authorization: str | None = Header(default=None)
     ) -> dict[str, Any]:
-        check_admin(authorization, self.admin_keys_file)
+        request: S.RollbackRequest = self._admin_request(S.RollbackRequest, body, authorization)
         out = await self._registry_call(_registry().rollback, request.model)
         return {**out, "serving": await self._reload(request.model)}
 
-    @api.post("/v1/admin/traffic")
+    @api.post("/v1/admin/traffic", openapi_extra=_json_body(S.TrafficRequest))
     async def traffic(
-        self, request: S.TrafficRequest, authorization: str | None = Header(default=None)
+        self, body: bytes = Depends(_raw_body), authorization: str | None = Header(default=None)
     ) -> dict[str, Any]:
-        check_admin(authorization, self.admin_keys_file)
+        request: S.TrafficRequest = self._admin_request(S.TrafficRequest, body, authorization)
+        rollout = await asyncio.to_thread(self.rollouts.get, request.model)
+        if rollout and rollout["status"] in ("running", "promoting"):
+            raise ApiError(
+                409, "model", f"a rollout of version {rollout['version']} drives the traffic; abort it first"
+            )
         if request.challenger_version is not None:
             registry = _registry()
             await self._registry_call(
@@ -734,12 +826,52 @@ class RaywatchAPI:
             "serving": serving,
         }
 
-    @api.post("/v1/admin/baseline")
+    @api.post("/v1/admin/rollout", openapi_extra=_json_body(S.RolloutRequest))
+    async def rollout(
+        self, body: bytes = Depends(_raw_body), authorization: str | None = Header(default=None)
+    ) -> dict[str, Any]:
+        """Roll `version` out as a canary through the plan's steps (serve/rollout.py): rolled back by itself
+        on a breached guard, promoted at 100%."""
+        request: S.RolloutRequest = self._admin_request(S.RolloutRequest, body, authorization)
+        registry = _registry()
+        running = await asyncio.to_thread(self.rollouts.get, request.model)
+        if running and running["status"] in ("running", "promoting"):
+            raise ApiError(409, "model", f"a rollout of version {running['version']} is in progress; abort it first")
+        champion = await self._registry_call(registry.alias_version, request.model, registry.CHAMPION)
+        if champion == request.version:
+            raise ApiError(409, "version", f"version {request.version} is already the champion")
+        await self._registry_call(registry.set_alias, request.model, registry.CHALLENGER, request.version)
+        serving = await self._reload(request.model)
+        if serving.get("challenger") != request.version:
+            raise ApiError(409, "version", f"version {request.version} did not load as the challenger: {serving}")
+        try:
+            state = await asyncio.to_thread(self.rollouts.start, request.model, request.version, request.plan)
+        except ValueError as exc:
+            raise ApiError(409, "model", str(exc)) from None
+        self.m_rollout_percent.set(state["percent"], tags={"detector": request.model})
+        log.info("rollout started", extra={"detector": request.model, "version": request.version})
+        return state
+
+    @api.post("/v1/admin/rollout/abort", openapi_extra=_json_body(S.RollbackRequest))
+    async def abort_rollout(
+        self, body: bytes = Depends(_raw_body), authorization: str | None = Header(default=None)
+    ) -> dict[str, Any]:
+        """Stop a rollout: all traffic back to the champion at once, the challenger slot emptied."""
+        request: S.RollbackRequest = self._admin_request(S.RollbackRequest, body, authorization)
+        state = await asyncio.to_thread(self.rollouts.finish, request.model, "aborted", "aborted by an operator")
+        if state is None:
+            raise ApiError(409, "model", f"{request.model} has no rollout in progress")
+        await self._drop_challenger(request.model)
+        self.m_rollout.inc(tags={"detector": request.model, "action": "aborted"})
+        self.m_rollout_percent.set(0.0, tags={"detector": request.model})
+        return state
+
+    @api.post("/v1/admin/baseline", openapi_extra=_json_body(S.BaselineRequest))
     async def baseline(
-        self, request: S.BaselineRequest, authorization: str | None = Header(default=None)
+        self, body: bytes = Depends(_raw_body), authorization: str | None = Header(default=None)
     ) -> dict[str, Any]:
         """Make the entity's recent served samples the drift reference for this model."""
-        check_admin(authorization, self.admin_keys_file)
+        request: S.BaselineRequest = self._admin_request(S.BaselineRequest, body, authorization)
         hist = self.history.peek(request.entity)
         if not hist or len(hist) < 10:
             raise ApiError(409, "entity", f"need at least 10 recent samples of {request.entity!r} to set a baseline")

@@ -7,6 +7,7 @@ detector.
 from __future__ import annotations
 
 import hashlib
+import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -20,11 +21,18 @@ def bucket(entity: str) -> float:
 
 @dataclass
 class TrafficPolicy:
+    """Which share of the traffic the challenger serves. `split` "entity" (the manual A/B split) keeps each
+    entity on one side by its stable bucket; "request" (a canary rollout, serve/rollout.py) draws each
+    request at random, and `step_key` names the rollout step whose counts the request adds to."""
+
     challenger_percent: float = 0.0
     shadow: bool = False
+    split: str = "entity"
+    step_key: str | None = None
 
     def path_for(self, entity: str, has_challenger: bool) -> str:
-        if has_challenger and bucket(entity) < self.challenger_percent:
+        position = random.random() * 100 if self.split == "request" else bucket(entity)
+        if has_challenger and position < self.challenger_percent:
             return "challenger"
         return "champion"
 

@@ -8,6 +8,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from detect.kinds import DETECTOR_KINDS
+from serve.rollout import RolloutPlan
 
 DETECTORS = DETECTOR_KINDS
 DetectorName = Literal[DETECTOR_KINDS]  # type: ignore[valid-type]  # the kinds' names, from their one home
@@ -173,6 +174,12 @@ class TrafficRequest(Strict):
     shadow: bool = False
 
 
+class RolloutRequest(Strict):
+    model: DetectorName
+    version: Annotated[str, Field(pattern=r"^[0-9]+$", max_length=12)]
+    plan: RolloutPlan = Field(default_factory=RolloutPlan, description="steps and guards (serve/rollout.py)")
+
+
 class BaselineRequest(Strict):
     model: DetectorName
     entity: EntityId
@@ -244,3 +251,15 @@ def served_models(response: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if not refs and not answers[0]:
         raise ValueError("not a /v1/score or /v1/score/batch response: no `results` or `detectors`")
     return refs
+
+
+# the request models of the routes that parse their own bodies (scoring: speed; admin: the key comes first)
+SELF_PARSED = (
+    ScoreRequest,
+    ScoreBatchRequest,
+    PromoteRequest,
+    RollbackRequest,
+    TrafficRequest,
+    RolloutRequest,
+    BaselineRequest,
+)

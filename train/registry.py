@@ -201,15 +201,16 @@ def load_bundle(model: str, ref: str = CHAMPION, dst: str | Path | None = None) 
     try:
         path = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(folder)))
         recorded = (mv.tags or {}).get(CHECKSUM_TAG)
+        if not recorded:  # integrity fails closed: a manifest alone can be rewritten with the files it lists
+            raise BundleError(
+                f"{name} version {mv.version} has no {CHECKSUM_TAG} tag (the manifest's checksum recorded at"
+                " registration): refusing the version; register it again with `raywatch train` or register_bundle"
+            )
         manifest = path / "manifest.json"
-        if recorded and manifest.is_file() and sha256(manifest) != recorded:
+        if not manifest.is_file() or sha256(manifest) != recorded:
             raise BundleError(
                 f"{name} version {mv.version}: manifest.json does not match the checksum recorded at registration"
                 f" ({CHECKSUM_TAG}); refusing the version"
-            )
-        if not recorded:
-            log.warning(
-                f"{name} version {mv.version} has no {CHECKSUM_TAG} tag: only its manifest's checksums are checked"
             )
         return ModelBundle.load(path), str(mv.version)
     finally:
@@ -237,6 +238,14 @@ def versions(model: str) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def clear_alias(model: str, alias: str) -> None:
+    """Remove an alias (e.g. `challenger`); no-op when it is not set."""
+    client, name = setup(), model_name(model)
+    registered = _lookup(lambda: client.get_registered_model(name))
+    if registered is not None and alias in registered.aliases:
+        client.delete_registered_model_alias(name, alias)
 
 
 def set_alias(model: str, alias: str, version: str | int) -> None:

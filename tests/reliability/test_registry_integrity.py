@@ -124,6 +124,23 @@ def test_tampered_weights_with_a_consistent_manifest_are_refused(registered):
         registry.load_bundle("autoencoder", version)
 
 
+def test_a_version_without_its_recorded_checksum_is_refused_with_the_reason(registered, store):
+    """Integrity fails closed: a version whose `bundle_sha256` tag is missing (registered by hand, or
+    removed) does not load, and the error says why."""
+    from train import registry
+
+    version, _ = registered
+    client, name = registry.setup(), registry.model_name("autoencoder")
+    recorded = client.get_model_version(name, version).tags[registry.CHECKSUM_TAG]
+    client.delete_model_version_tag(name, version, registry.CHECKSUM_TAG)
+    try:
+        with pytest.raises(BundleError, match=f"has no {registry.CHECKSUM_TAG} tag.*refusing the version"):
+            registry.load_bundle("autoencoder", version)
+    finally:
+        client.set_model_version_tag(name, version, registry.CHECKSUM_TAG, recorded)
+    registry.load_bundle("autoencoder", version)  # with the tag back it loads
+
+
 def test_a_symlink_among_the_artifacts_is_refused(registered, tmp_path):
     from detect.bundle import ModelBundle
     from train import registry

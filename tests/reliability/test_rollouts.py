@@ -1,11 +1,32 @@
 """Traffic policy across ingress replicas: a change applies to every replica before its 200 and survives
-killing them all (the policy lives in the state folder, `serve/traffic.py`)."""
+killing them all (the policy lives in the state folder, `serve/traffic.py`); canary rollouts under load
+(`serve/rollout.py`): a degraded challenger is rolled back at its first step and a good one reaches 100%,
+while the champion keeps serving every request."""
 
 from __future__ import annotations
 
-from .support import INGRESS, REPLICAS
+import json
+import os
+import subprocess
+import sys
+import time
+
+from .support import INGRESS, REPLICAS, LoadGenerator, summarize, wait_for
 
 RECOVERY_S = 60.0
+MODEL = "autoencoder"
+# short steps for a test: the defaults (60 s, 200 canary calls, tolerances of 0.02-0.05) need more traffic
+# than a 2-core machine serves in a test's time; the tolerances are wide enough for ~40 calls per arm
+TEST_PLAN = {
+    "steps": [10, 50, 100],
+    "min_hold_s": 2,
+    "min_requests": 40,
+    "max_step_s": 150,
+    "max_error_rate_increase": 0.15,
+    "max_fallback_rate_increase": 0.15,
+    "max_slow_rate_increase": 0.2,
+    "max_alert_rate_increase": 0.15,
+}
 
 
 def _policies_by_replica(served, model: str, answers: int = 40) -> dict[str, set[float]]:
@@ -44,3 +65,88 @@ def test_traffic_change_applies_to_every_ingress_replica_and_survives_their_kill
         "replicas_after_change": {r: sorted(s) for r, s in after_change.items()},
         "replicas_after_kill": {r: sorted(s) for r, s in after_kill.items()},
     }
+
+
+def _register_variant(served, always_alert: bool) -> str:
+    """A new version of MODEL: the champion's own bundle again (a good challenger), or with every
+    entity's threshold at 0 so that it flags every row (a degraded one)."""
+    import mlflow
+
+    from train import registry
+
+    bundle, _ = registry.load_bundle(MODEL, registry.CHAMPION)
+    if always_alert:
+        for entity in bundle.detectors:
+            bundle.detectors[entity].threshold_ = 0.0
+    with mlflow.start_run(run_name=f"rollout-test-{'degraded' if always_alert else 'good'}") as run:
+        return registry.register_bundle(bundle, run.info.run_id)
+
+
+def _rollout(served) -> dict:
+    return served.client.get("/v1/models").json()["models"][MODEL]
+
+
+def _rollout_status(served, status: str, timeout: float) -> dict:
+    def ended():
+        rollout = _rollout(served)["rollout"]
+        return rollout if rollout and rollout["status"] not in ("running", "promoting") else None
+
+    state = wait_for(ended, timeout, f"the rollout to end ({status})", poll=0.5)
+    assert state["status"] == status, state
+    return state
+
+
+def test_canary_rollback_of_a_degraded_challenger_and_promotion_of_a_good_one(served, figures):
+    from train import registry
+
+    original = registry.alias_version(MODEL, registry.CHAMPION)
+    degraded, good = _register_variant(served, always_alert=True), _register_variant(served, always_alert=False)
+    load = LoadGenerator(served, rate=60, concurrency=8).start()
+    try:
+        started = time.monotonic()
+        answer = served.client.post(
+            "/v1/admin/rollout", json={"model": MODEL, "version": degraded, "plan": TEST_PLAN}, headers=served.admin()
+        )
+        assert answer.status_code == 200 and answer.json()["percent"] == 10, answer.text
+        busy = served.client.post("/v1/admin/rollout", json={"model": MODEL, "version": good}, headers=served.admin())
+        assert busy.status_code == 409 and "in progress" in busy.json()["detail"], busy.text
+        rolled_back = _rollout_status(served, "rolled_back", 120)
+        rollback_s = time.monotonic() - started
+        assert [h["step"] for h in rolled_back["history"]] == [0], rolled_back["history"]  # at the first step
+        assert rolled_back["reason"].startswith("alert guard breached"), rolled_back["reason"]
+        wait_for(lambda: "challenger" not in _rollout(served)["slots"], 60, "the challenger slot emptied")
+        assert _rollout(served)["traffic"]["challenger_percent"] == 0
+
+        started = time.monotonic()  # the good one through the CLI, as an operator would: `raywatch rollout --wait`
+        plan = served.workdir / "rollout-plan.json"
+        plan.write_text(json.dumps(TEST_PLAN))
+        cli = [os.path.join(os.path.dirname(sys.executable), "raywatch"), "rollout", MODEL, good, "--wait"]
+        env = {**os.environ, "RAYWATCH_ADMIN_KEYS_FILE": str(served.keys_file)}
+        done = subprocess.run(
+            [*cli, "--plan", str(plan), "--url", served.base_url], env=env, capture_output=True, text=True, timeout=300
+        )
+        promote_s = time.monotonic() - started
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "completed" in done.stdout.splitlines()[-1] and "at 50%" in done.stdout, done.stdout
+        completed = _rollout_status(served, "completed", 10)
+        assert [h["action"] for h in completed["history"]] == ["advance", "advance"], completed["history"]
+        assert [h["percent"] for h in completed["history"]] == [10, 50]
+        assert registry.alias_version(MODEL, registry.CHAMPION) == good
+        assert registry.alias_version(MODEL, registry.PREVIOUS) == original
+        wait_for(
+            lambda: _rollout(served)["slots"]["champion"]["version"] == good
+            and "challenger" not in _rollout(served)["slots"],
+            60,
+            "the promoted version serving as champion",
+        )
+    finally:
+        load.stop()
+        registry.promote(MODEL, original)  # the other tests of the suite expect the first version
+        served.client.post("/v1/admin/rollout/abort", json={"model": MODEL}, headers=served.admin())
+    outcome = summarize(load.outcomes)
+    figures["canary_rollout"] = {
+        "load": outcome,
+        "degraded": {"rolled_back_after_s": round(rollback_s, 1), "step": rolled_back["history"][-1]},
+        "good": {"promoted_after_s": round(promote_s, 1), "steps": [h["percent"] for h in completed["history"]]},
+    }
+    assert outcome["statuses"] == {"200": outcome["requests"]}, outcome  # the champion never stopped serving

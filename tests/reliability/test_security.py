@@ -20,6 +20,8 @@ ADMIN_CALLS = {
     "/v1/admin/rollback": {"model": "lstm"},
     "/v1/admin/traffic": {"model": "lstm", "challenger_percent": 0, "shadow": False},
     "/v1/admin/baseline": {"model": "lstm", "entity": "asd/omi-2"},
+    "/v1/admin/rollout": {"model": "lstm", "version": "1"},  # with a key: 409, version 1 is the champion
+    "/v1/admin/rollout/abort": {"model": "lstm"},  # with a key: 409, no rollout
 }
 HARMLESS = ("/v1/admin/traffic", {"model": "autoencoder", "challenger_percent": 0, "shadow": False})
 
@@ -42,6 +44,10 @@ def test_admin_endpoints_reject_missing_and_wrong_keys(served, figures):
         empty = served.client.post(path, json=body, headers={"Authorization": "Bearer"})
         bad = served.client.post(path, json=body, headers={"Authorization": f"Bearer {wrong}"})
         case = served.client.post(path, json=body, headers={"Authorization": f"Bearer {served.keys[0].upper()}"})
+        # the key is checked before the body: no field list for a caller without a key
+        no_body = [served.client.post(path, json=junk).status_code for junk in ({}, [1], {"model": "x" * 10_000})]
+        wrong_key_no_body = served.client.post(path, json={}, headers={"Authorization": f"Bearer {wrong}"})
+        assert no_body == [401, 401, 401] and wrong_key_no_body.status_code == 403, (no_body, wrong_key_no_body.text)
         seen[path] = [missing.status_code, basic.status_code, empty.status_code, bad.status_code, case.status_code]
         assert missing.status_code == 401 and missing.headers.get("www-authenticate") == "Bearer", missing.text
         assert basic.status_code == 401 and empty.status_code == 401

@@ -1,0 +1,112 @@
+"""Canary rollouts without Serve: the guards' test, the step machine in traffic.db as two replicas share it,
+and the plan's validation. The rollout over real HTTP is in tests/reliability/test_rollouts.py."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from serve.rollout import ArmStats, RolloutPlan, RolloutStore, StepCounter, difference_bounds, judge, step_key
+from serve.router import TrafficPolicy
+from serve.traffic import TrafficStore
+
+FAST = RolloutPlan(steps=[5, 25, 100], min_hold_s=10, min_requests=50, max_step_s=600)
+
+
+def arm(calls: int, errors: int = 0, fallbacks: int = 0, flagged: int = 0, latency_ms: float = 5.0) -> ArmStats:
+    stats = ArmStats()
+    for i in range(calls):
+        stats.record(i >= errors, i < fallbacks, latency_ms + (i % 7) * 0.1, 1, int(i < flagged))
+    return stats
+
+
+def test_difference_bounds_bracket_the_observed_difference_and_narrow_with_more_data():
+    small, large = difference_bounds(10, 100, 5, 100, 0.05), difference_bounds(100, 1000, 50, 1000, 0.05)
+    assert small[0] < 0.05 < small[1] and large[0] < 0.05 < large[1]
+    assert large[1] - large[0] < small[1] - small[0]
+    assert difference_bounds(0, 0, 0, 0, 0.05)[1] > 0.5  # no evidence: nothing is shown
+
+
+def test_an_always_alerting_canary_is_rolled_back_on_the_first_evidence():
+    verdict = judge(FAST, arm(20, flagged=20), arm(400, flagged=4), held_s=1.0)
+    assert verdict.action == "rollback" and verdict.reason.startswith("alert guard breached"), verdict
+
+
+def test_a_slow_canary_and_a_failing_canary_are_rolled_back():
+    slow = judge(FAST, arm(60, latency_ms=80.0), arm(600, latency_ms=5.0), held_s=1.0)
+    assert slow.action == "rollback" and slow.reason.startswith("latency"), slow
+    failing = judge(FAST, arm(60, errors=20, fallbacks=20), arm(600), held_s=1.0)
+    assert failing.action == "rollback" and failing.reason.startswith(("error", "fallback")), failing
+
+
+def test_an_equal_canary_holds_until_time_and_evidence_then_advances():
+    assert judge(FAST, arm(60, flagged=1), arm(1200, flagged=12), held_s=5.0).action == "hold"  # too soon
+    assert judge(FAST, arm(20), arm(400), held_s=30.0).action == "hold"  # too few canary calls
+    verdict = judge(FAST, arm(300, flagged=3), arm(6000, flagged=60), held_s=30.0)
+    assert verdict.action == "advance", verdict
+    assert set(verdict.guards) == {"error", "fallback", "alert", "latency"}
+
+
+def test_a_step_with_no_verdict_rolls_back_as_inconclusive():
+    verdict = judge(FAST, arm(5), arm(100), held_s=601.0)
+    assert verdict.action == "rollback" and "inconclusive" in verdict.reason
+
+
+def test_the_plan_refuses_unknown_keys_and_steps_that_do_not_rise_to_100():
+    with pytest.raises(ValidationError, match="hold_s"):
+        RolloutPlan(hold_s=5)
+    for steps in ([25, 5, 100], [5, 25], [0, 100], [5, 5, 100]):
+        with pytest.raises(ValidationError, match="steps"):
+            RolloutPlan(steps=steps)
+
+
+def test_the_step_machine_drives_the_shared_policy_and_survives_a_restart(tmp_path):
+    path = tmp_path / "traffic.db"
+    one, two = RolloutStore(path), RolloutStore(path)  # two ingress replicas
+    traffic = TrafficStore(path)
+    state = one.start("autoencoder", "2", FAST, now=0.0)
+    with pytest.raises(ValueError, match="in progress"):
+        two.start("autoencoder", "3", FAST, now=1.0)
+    policy = traffic.get("autoencoder")
+    assert policy == TrafficPolicy(5.0, False, "request", step_key(state))
+    counter = StepCounter(two)
+    for stats, which in ((arm(300, flagged=3), "canary"), (arm(6000, flagged=60), "champion")):
+        counter.pending[(step_key(state), which)] = stats
+    counter.flush()
+    assert one.decide("autoencoder", now=5.0) is None  # held: too soon
+    state, verdict = two.decide("autoencoder", now=30.0)
+    assert verdict.action == "advance" and state["percent"] == 25.0 and state["status"] == "running"
+    assert one.decide("autoencoder", now=30.5) is None  # the new step has no counts yet: the other replica holds
+    assert RolloutStore(path).get("autoencoder")["step"] == 1  # a restarted replica resumes the step
+    assert TrafficStore(path).get("autoencoder").challenger_percent == 25.0
+    counter.pending[(step_key(state), "canary")] = arm(20, flagged=20)
+    counter.pending[(step_key(state), "champion")] = arm(200, flagged=2)
+    counter.flush()
+    state, verdict = one.decide("autoencoder", now=31.0)
+    assert verdict.action == "rollback" and state["status"] == "rolled_back", verdict
+    assert [h["action"] for h in state["history"]] == ["advance", "rollback"]
+    assert TrafficStore(path).get("autoencoder") == TrafficPolicy(0.0)  # all traffic back to the champion
+
+
+def test_passing_the_last_step_before_100_promotes_and_an_abort_clears_the_share(tmp_path):
+    path = tmp_path / "traffic.db"
+    store = RolloutStore(path)
+    state = store.start("lstm", "4", RolloutPlan(steps=[50, 100], min_hold_s=0, min_requests=50), now=0.0)
+    counter = StepCounter(store)
+    counter.pending[(step_key(state), "canary")] = arm(3000, flagged=30)
+    counter.pending[(step_key(state), "champion")] = arm(3000, flagged=30)
+    counter.flush()
+    state, verdict = store.decide("lstm", now=1.0)
+    assert verdict.action == "advance" and state["status"] == "promoting" and state["percent"] == 100.0
+    assert store.finish("lstm", "completed", "promoted")["status"] == "completed"
+    assert TrafficStore(path).get("lstm") == TrafficPolicy(0.0)
+    store.start("lstm", "5", FAST, now=2.0)
+    assert store.finish("lstm", "aborted", "by an operator")["percent"] == 0.0
+    assert store.finish("lstm", "aborted", "twice") is None
+
+
+def test_a_request_split_reaches_the_canary_in_its_share_whatever_the_entity():
+    policy = TrafficPolicy(25.0, split="request", step_key="x:0")
+    paths = [policy.path_for("one-entity", has_challenger=True) for _ in range(4000)]
+    assert 0.2 < paths.count("challenger") / len(paths) < 0.3
+    assert {TrafficPolicy(25.0).path_for("one-entity", True) for _ in range(50)} in ({"champion"}, {"challenger"})
