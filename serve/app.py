@@ -878,13 +878,24 @@ class RaywatchAPI:
         reference_id = await asyncio.to_thread(
             self.store.set_reference, request.model, request.entity, np.asarray(hist).tolist()
         )
-        monitor = self.monitors.get(request.model)
+        # the running monitor, whichever replica created it (a monitor that starts later reads the stored reset)
+        from monitoring import monitor as monitors  # deferred: see _deliver_to_monitor
+
+        monitor = self.monitors.get(request.model) or await asyncio.to_thread(monitors.find, request.model)
+        applied = "stored; the monitor reads it when it starts"
         if monitor is not None:
             try:
                 await monitor.reset_reference.remote(request.entity)
-            except Exception as exc:
-                log.warning("monitor reference reset failed", extra={"detector": request.model, "error": str(exc)})
-        return {"model": request.model, "entity": request.entity, "rows": len(hist), "reference_id": reference_id}
+                applied = "applied by the running monitor"
+            except Exception as exc:  # stored but not applied: the caller must know, and may retry
+                raise ApiError(503, "monitor", f"reference stored but the monitor did not apply it: {exc}") from exc
+        return {
+            "model": request.model,
+            "entity": request.entity,
+            "rows": len(hist),
+            "reference_id": reference_id,
+            "monitor": applied,
+        }
 
 
 def build_app(args: dict[str, Any] | None = None) -> Any:
