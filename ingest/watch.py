@@ -3,7 +3,8 @@
 
 Every step the watcher reads the new grid points of every metric of the source from Prometheus
 (`/api/v1/query_range`, the same code and grid as the training backfill), scores them through the
-Serve app (`POST /v1/score`, which also queues them for the drift monitors), exports the scores for
+Serve app (a live poll's snapshot, one row per entity, in one `POST /v1/score/fleet`; rows caught up
+after a pause through `POST /v1/score`; both queue them for the drift monitors), exports the scores for
 Prometheus to scrape, and feeds the alert notifier (`ingest.alerts`).
 
 Exactly-once per grid point, across restarts: each entity's cursor (the newest scored timestamp) is
@@ -57,6 +58,9 @@ from ingest.prometheus import (
 )
 
 log = logging.getLogger("raywatch.watch")
+# the API's snapshot route and its row limit (serve/schemas.py FLEET_PATH, MAX_FLEET_ROWS; a test keeps them equal)
+FLEET_ROUTE = "/v1/score/fleet"
+FLEET_ROWS = 20_000
 
 NAMESPACE = "raywatch"
 DETECTORS = DETECTOR_KINDS
@@ -466,11 +470,15 @@ class Watcher:
         self.labels.update(frame.attrs.get("labels", {}))
         batches = self._rows_to_score(frame, served, cursors, lo - context, hi, end)
         for detectors, rows in batches:
-            for i in range(0, len(rows), self.settings.max_rows_per_request):
-                chunk = rows[i : i + self.settings.max_rows_per_request]
-                result = self._score(detectors, chunk)
-                out["scored"] += len(chunk)
-                out["anomalous"] += result
+            # one row per entity (a live poll): the whole snapshot in one fleet request; else (catching up)
+            # each entity's rows in time order through /v1/score
+            snapshot = len({row["entity"] for row in rows}) == len(rows)
+            route, size = (FLEET_ROUTE, FLEET_ROWS) if snapshot else ("/v1/score", self.settings.max_rows_per_request)
+            for i in range(0, len(rows), size):
+                chunk = rows[i : i + size]
+                scored, anomalous = self._score(detectors, chunk, route)
+                out["scored"] += scored
+                out["anomalous"] += anomalous
         self.notifier.flush()
         for name in {alert_name(d) for d in DETECTORS}:
             firing = [s for s in self.notifier.firing() if alert_name(s["detector"]) == name]
@@ -553,14 +561,16 @@ class Watcher:
                 )
         return list(groups.items())
 
-    def _score(self, detectors: tuple[str, ...], rows: list[dict[str, Any]]) -> int:
-        """POST one request; on success commit the scored log and the cursors, export, feed the notifier."""
+    def _score(self, detectors: tuple[str, ...], rows: list[dict[str, Any]], route: str) -> tuple[int, int]:
+        """POST one request; on success commit the scored log and the cursors, export, feed the notifier.
+        Returns (rows scored, flags). A snapshot's rejected rows are counted and logged; their entities'
+        cursors stay, so they are asked for again once the served models change."""
         started = time.perf_counter()
         try:
-            response = self.http.post("/v1/score", json={"rows": rows, "detectors": list(detectors)})
+            response = self.http.post(route, json={"rows": rows, "detectors": list(detectors)})
         except Exception as exc:
             self.metrics.errors.labels("score").inc()
-            raise ServeError(f"POST {self.settings.serve_url}/v1/score: {type(exc).__name__}: {exc}") from exc
+            raise ServeError(f"POST {self.settings.serve_url}{route}: {type(exc).__name__}: {exc}") from exc
         self.metrics.latency.observe(time.perf_counter() - started)
         if response.status_code != 200:
             self.metrics.errors.labels("score").inc()
@@ -572,9 +582,15 @@ class Watcher:
             if response.status_code in (422, 503):
                 self._models_at = -1e18  # the served models changed: look again next poll
             raise ServeError(
-                f"POST {self.settings.serve_url}/v1/score: HTTP {response.status_code}: {response.text[:300]}"
+                f"POST {self.settings.serve_url}{route}: HTTP {response.status_code}: {response.text[:300]}"
             )
-        results = response.json()["results"]
+        answer = response.json()
+        results, rejected = answer["results"], answer.get("rejected", [])
+        if rejected:
+            self.metrics.errors.labels("rejected_rows").inc(len(rejected))
+            self._models_at = -1e18  # the served models may have changed: look again next poll
+            first = rejected[0]
+            log.warning(f"{len(rejected)} rows refused by the app, first {first['field']}: {first['message']}")
         log_rows, cursors = [], {}
         for row in results:
             for name, d in row["detectors"].items():
@@ -632,7 +648,7 @@ class Watcher:
             top = d["top_metrics"][0] if d.get("top_metrics") else None
             self.metrics.set_top(label, name, top["metric"] if top else None, top["contribution"] if top else 0.0)
             self.metrics.last_ts.labels(label).set(float(d["timestamp"]))
-        return anomalous
+        return len(results), anomalous
 
     # -- the loop --------------------------------------------------------------------------------------------
     def run(

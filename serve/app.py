@@ -54,12 +54,18 @@ log = logging.getLogger("raywatch.serve")
 
 META_TTL_S = 2.0
 MAX_BODY_ENV = "RAYWATCH_MAX_BODY_BYTES"
+MAX_FLEET_BODY_ENV = "RAYWATCH_MAX_FLEET_BODY_BYTES"
 BODY_TIMEOUT_ENV = "RAYWATCH_BODY_TIMEOUT_S"  # a request body must arrive within this many seconds (10)
 
 
 def _max_body_bytes() -> int:
     """Read per request, as `_body_timeout_s` is, from the replica's environment."""
     return int(os.environ.get(MAX_BODY_ENV) or S.MAX_BODY_BYTES)
+
+
+def _max_fleet_body_bytes() -> int:
+    """The snapshot route's own limit (a 10,000-entity scrape), RAYWATCH_MAX_FLEET_BODY_BYTES to change it."""
+    return int(os.environ.get(MAX_FLEET_BODY_ENV) or S.MAX_FLEET_BODY_BYTES)
 
 
 def _body_timeout_s() -> float:
@@ -199,7 +205,7 @@ class BodyLimit:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = _max_body_bytes()
+        limit = _max_fleet_body_bytes() if scope.get("path") == S.FLEET_PATH else _max_body_bytes()
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None:
             if not length.isdigit():
@@ -590,39 +596,41 @@ class RaywatchAPI:
         started = time.perf_counter()
         request: S.ScoreRequest
         request, detectors, known = await self._scoring_request(S.ScoreRequest, body, client)
-        by_entity: dict[str, list[int]] = {}
         for i, row in enumerate(request.rows):
-            metrics = known.get(row.entity)
-            if metrics is None:
-                raise ApiError(
-                    422, f"rows[{i}].entity", f"unknown entity {row.entity!r}; served entities: {sorted(known)[:20]}"
-                )
-            if set(row.metrics) != set(metrics):
-                missing = [m for m in metrics if m not in row.metrics]
-                extra = sorted(set(row.metrics) - set(metrics))
-                raise ApiError(
-                    422,
-                    f"rows[{i}].metrics",
-                    f"metrics differ from the model's: missing {missing[:10]}, unexpected {extra[:10]}",
-                )
+            problem = S.row_problem(row, known)
+            if problem:
+                raise ApiError(422, f"rows[{i}].{problem[0]}", problem[1])
+        results = await self._score_rows(list(request.rows), known, detectors)
+        self._observe("/v1/score", 200, started)
+        # serialised here: FastAPI's response-model pass costs more than the scoring on big batches;
+        # the schema (S.ScoreResponse) still documents it in /docs
+        return Response(content=to_json({"results": results}), media_type="application/json")
+
+    async def _score_rows(
+        self, rows: list[S.TelemetryRow], known: dict[str, list[str]], detectors: list[str]
+    ) -> list[dict[str, Any]]:
+        """Score checked rows (entities served, metrics the model's), each entity's in order after its
+        history; one result per row, in the rows' order, with the flags summed into the metrics."""
+        by_entity: dict[str, list[int]] = {}
+        for i, row in enumerate(rows):
             by_entity.setdefault(row.entity, []).append(i)
         jobs = [
             self._score_new(
                 entity,
-                np.array([[request.rows[i].metrics[m] for m in known[entity]] for i in idx], dtype=np.float64),
+                np.array([[rows[i].metrics[m] for m in known[entity]] for i in idx], dtype=np.float64),
                 detectors,
                 known[entity],
-                [request.rows[i].timestamp for i in idx],
+                [rows[i].timestamp for i in idx],
             )
             for entity, idx in by_entity.items()
         ]
         scored = [await jobs[0]] if len(jobs) == 1 else await asyncio.gather(*jobs)  # one entity: no extra task
-        results: list[dict[str, Any] | None] = [None] * len(request.rows)
+        results: list[dict[str, Any] | None] = [None] * len(rows)
         for (entity, idx), per_detector in zip(by_entity.items(), scored):
             for name, (path, model, arrays) in per_detector.items():
                 for k, row_out in enumerate(S.result_rows(arrays)):
                     i = idx[k]
-                    row = results[i] or {"entity": entity, "timestamp": request.rows[i].timestamp, "detectors": {}}
+                    row = results[i] or {"entity": entity, "timestamp": rows[i].timestamp, "detectors": {}}
                     row["detectors"][name] = {**row_out, "model": model, "path": path}
                     results[i] = row
         anomalies = dict.fromkeys(detectors, 0)
@@ -638,10 +646,25 @@ class RaywatchAPI:
         for name, count in anomalies.items():
             if count:
                 self.m_anomalies.inc(count, tags={"detector": name})
-        self._observe("/v1/score", 200, started)
-        # serialised here: FastAPI's response-model pass costs more than the scoring on big batches;
-        # the schema (S.ScoreResponse) still documents it in /docs
-        return Response(content=to_json({"results": results}), media_type="application/json")
+        return results
+
+    @api.post(S.FLEET_PATH, response_model=S.FleetResponse, openapi_extra=_json_body(S.FleetSnapshotRequest))
+    async def score_fleet(self, body: bytes = Depends(_raw_body), client: str = Depends(_client)) -> Response:
+        """A scrape's snapshot: one row per entity, many entities, one answer. Each row is checked on its own:
+        a bad one is rejected by index with the field and the reason, and the others are scored."""
+        started = time.perf_counter()
+        request: S.FleetSnapshotRequest
+        request, detectors, known = await self._scoring_request(S.FleetSnapshotRequest, body, client)
+        accepted, where, rejected = S.fleet_rows(request, known)
+        if not accepted:
+            first = rejected[0]
+            raise ApiError(422, first["field"], f"no row could be scored: {first['message']}")
+        results = await self._score_rows(accepted, known, detectors)
+        for index, result in zip(where, results):
+            result["index"] = index
+        self._observe(S.FLEET_PATH, 200, started)
+        out = {"results": results, "rejected": rejected, "scored": len(results)}
+        return Response(content=to_json(out), media_type="application/json")
 
     async def _score_new(
         self, entity: str, new: np.ndarray, detectors: list[str], metrics: list[str], timestamps: list

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from detect.kinds import DETECTOR_KINDS
 from serve.rollout import RolloutPlan
@@ -20,6 +20,10 @@ EntityId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z
 MAX_ROWS = 5000
 MAX_BODY_BYTES = 4 * 1024 * 1024  # the default; RAYWATCH_MAX_BODY_BYTES, read per request by serve.app
 MAX_METRICS = 512
+# the snapshot route's own limits: a scrape of a 10,000-entity fleet, twice over, at ~60 metrics a row
+FLEET_PATH = "/v1/score/fleet"
+MAX_FLEET_ROWS = 20_000
+MAX_FLEET_BODY_BYTES = 48 * 1024 * 1024  # RAYWATCH_MAX_FLEET_BODY_BYTES, read per request by serve.app
 MAX_HORIZON = 120
 
 
@@ -35,6 +39,16 @@ class TelemetryRow(Strict):
 
 class ScoreRequest(Strict):
     rows: list[TelemetryRow] = Field(min_length=1, max_length=MAX_ROWS)
+    detectors: list[DetectorName] | None = Field(default=None, description="default: every served detector")
+
+
+class FleetSnapshotRequest(Strict):
+    """A scrape's snapshot: one row per entity, up to MAX_FLEET_ROWS of them. Rows are checked one by one
+    (`fleet_rows`): a bad row is rejected by its index with the field and the reason, and the rest are
+    scored. A row without a timestamp takes the snapshot's."""
+
+    timestamp: float | str | None = Field(default=None, description="the scrape's time, for rows without one")
+    rows: list[Any] = Field(min_length=1, max_length=MAX_FLEET_ROWS, description="TelemetryRow objects, one per entity")
     detectors: list[DetectorName] | None = Field(default=None, description="default: every served detector")
 
 
@@ -118,6 +132,71 @@ class RowScore(BaseModel):
 
 class ScoreResponse(BaseModel):
     results: list[RowScore]
+
+
+class FleetRowScore(RowScore):
+    index: int = Field(description="the row's position in the snapshot")
+
+
+class RejectedRow(BaseModel):
+    index: int
+    entity: str | None
+    field: str = Field(description="e.g. rows[12].metrics.cpu")
+    message: str
+
+
+class FleetResponse(BaseModel):
+    results: list[FleetRowScore] = Field(description="the rows scored, in snapshot order")
+    rejected: list[RejectedRow] = Field(description="the rows refused, by index, with the reason")
+    scored: int
+
+
+def row_problem(row: TelemetryRow, known: dict[str, list[str]]) -> tuple[str, str] | None:
+    """Why a valid row cannot be scored by the served models ((field, message)), or None."""
+    metrics = known.get(row.entity)
+    if metrics is None:
+        return "entity", f"unknown entity {row.entity!r}; served entities: {sorted(known)[:20]}"
+    if set(row.metrics) != set(metrics):
+        missing = [m for m in metrics if m not in row.metrics]
+        extra = sorted(set(row.metrics) - set(metrics))
+        return "metrics", f"metrics differ from the model's: missing {missing[:10]}, unexpected {extra[:10]}"
+    return None
+
+
+def fleet_rows(
+    request: FleetSnapshotRequest, known: dict[str, list[str]]
+) -> tuple[list[TelemetryRow], list[int], list[dict[str, Any]]]:
+    """Split a snapshot into the rows to score (with their indices) and the rejected ones (index, entity,
+    field, message): each row validated alone, one row per entity, entities served, the model's metrics."""
+    accepted: list[TelemetryRow] = []
+    where: list[int] = []
+    rejected: list[dict[str, Any]] = []
+    first_at: dict[str, int] = {}
+    for i, raw in enumerate(request.rows):
+        entity = raw.get("entity") if isinstance(raw, dict) and isinstance(raw.get("entity"), str) else None
+        try:
+            row = TelemetryRow.model_validate(raw)
+        except ValidationError as exc:
+            error = exc.errors(include_url=False)[0]
+            place = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+            rejected.append({"index": i, "entity": entity, "field": f"rows[{i}]{place}", "message": error["msg"]})
+            continue
+        if row.entity in first_at:
+            message = f"{row.entity!r} is already at rows[{first_at[row.entity]}]: one row per entity in a snapshot"
+            rejected.append({"index": i, "entity": row.entity, "field": f"rows[{i}].entity", "message": message})
+            continue
+        problem = row_problem(row, known)
+        if problem:
+            rejected.append(
+                {"index": i, "entity": row.entity, "field": f"rows[{i}].{problem[0]}", "message": problem[1]}
+            )
+            continue
+        first_at[row.entity] = i  # only a scored row claims its entity
+        if row.timestamp is None and request.timestamp is not None:
+            row = row.model_copy(update={"timestamp": request.timestamp})
+        accepted.append(row)
+        where.append(i)
+    return accepted, where, rejected
 
 
 class DetectorColumns(BaseModel):
@@ -257,6 +336,7 @@ def served_models(response: dict[str, Any]) -> dict[str, dict[str, Any]]:
 SELF_PARSED = (
     ScoreRequest,
     ScoreBatchRequest,
+    FleetSnapshotRequest,
     PromoteRequest,
     RollbackRequest,
     TrafficRequest,

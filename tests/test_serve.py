@@ -190,6 +190,44 @@ def test_ab_split_by_stable_entity_hash():
     assert 0 <= bucket("x") < 100
 
 
+def test_fleet_snapshot_scores_good_rows_and_rejects_bad_ones_by_index(served):
+    client, series = served
+    good = row(series, 5)
+    untimed = {k: v for k, v in good.items() if k != "timestamp"}
+    snapshot = {
+        "timestamp": 1234.0,
+        "rows": [
+            {**good, "entity": "asd/never-trained"},
+            {**good, "metrics": {"m00": 1.0}},
+            untimed,  # scored, with the snapshot's timestamp
+            {**good, "metrics": {**good["metrics"], "m03": "high"}},
+            good,  # the same entity again
+            17,
+            {**good, "entity": "bad entity!"},
+        ],
+    }
+    answer = client.post("/v1/score/fleet", json=snapshot)
+    assert answer.status_code == 200, answer.text
+    out = answer.json()
+    assert out["scored"] == 1 and [r["index"] for r in out["results"]] == [2]
+    scored = out["results"][0]
+    assert scored["entity"] == series.name and scored["timestamp"] == 1234.0
+    assert set(scored["detectors"]) == {"autoencoder", "lstm", "ensemble"}
+    fields = {r["index"]: r["field"] for r in out["rejected"]}
+    assert fields == {
+        0: "rows[0].entity",
+        1: "rows[1].metrics",
+        3: "rows[3].metrics.m03",
+        4: "rows[4].entity",
+        5: "rows[5]",
+        6: "rows[6].entity",
+    }, out["rejected"]
+    assert "unknown entity 'asd/never-trained'" in out["rejected"][0]["message"]
+    assert "already at rows[2]" in out["rejected"][3]["message"]
+    nothing = client.post("/v1/score/fleet", json={"rows": [{**good, "entity": "asd/nope"}]})
+    assert nothing.status_code == 422 and nothing.json()["detail"].startswith("rows[0].entity: no row"), nothing.text
+
+
 def test_batch_matrix_route_scores_as_the_batch_path_and_feeds_history(served):
     """/v1/score/batch (one entity's rows as a matrix, columns in any order) gives the offline batch
     path's scores, answers column-wise, and its rows join the entity's history for later requests."""

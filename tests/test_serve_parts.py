@@ -138,3 +138,10 @@ def test_a_traffic_change_reaches_every_replica_and_a_restarted_one(tmp_path):
     one.set("lstm", TrafficPolicy(0.0))
     assert two.get("lstm") == TrafficPolicy(0.0) and two.get("ensemble") == TrafficPolicy()
     assert TrafficStore(tmp_path / "traffic.db").get("lstm") == TrafficPolicy(0.0)  # after a restart
+
+
+def test_the_watcher_sends_snapshots_to_the_route_and_limit_the_api_has():
+    from ingest.watch import FLEET_ROUTE, FLEET_ROWS
+    from serve.schemas import FLEET_PATH, MAX_FLEET_ROWS
+
+    assert (FLEET_ROUTE, FLEET_ROWS) == (FLEET_PATH, MAX_FLEET_ROWS)

@@ -3,6 +3,7 @@ hypothesis), oversized bodies (with and without Content-Length), slow bodies, ma
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -193,6 +194,42 @@ def test_oversized_bodies_are_refused_early_with_413(served, figures):
         "seconds": round(time.monotonic() - started, 2),
     }
     assert served.client.post("/v1/score", json=served.score_body()).status_code == 200
+
+
+def test_the_fleet_snapshot_route_has_its_own_limits(served, figures):
+    """/v1/score/fleet takes a 10,000-entity scrape: its row and body limits are its own (20,000 rows, 48
+    MiB), the other routes keep theirs (5,000 rows, 4 MiB), and past its own it answers 413 / 422 too."""
+    from serve.schemas import FLEET_PATH, MAX_FLEET_BODY_BYTES, MAX_FLEET_ROWS, MAX_ROWS
+
+    good = served.row()
+    # rows of entities not served: each rejected by index, the one served entity scored
+    stranger = {**good, "entity": "fleet/unknown"}
+    big = {"rows": [good] + [{**stranger, "entity": f"fleet/m{i}"} for i in range(3 * MAX_ROWS)]}
+    body = json.dumps(big).encode()
+    assert len(body) > LIMIT, len(body)  # over the other routes' body limit
+    started = time.monotonic()
+    fleet = served.client.post(FLEET_PATH, content=body, headers={"content-type": "application/json"})
+    seconds = round(time.monotonic() - started, 2)
+    assert fleet.status_code == 200, fleet.text[:300]
+    out = fleet.json()
+    assert out["scored"] == 1 and out["results"][0]["index"] == 0
+    assert len(out["rejected"]) == 3 * MAX_ROWS and out["rejected"][7]["field"] == "rows[8].entity"
+    plain = served.client.post("/v1/score", content=body, headers={"content-type": "application/json"})
+    assert plain.status_code == 413, plain.text[:300]
+
+    too_many = {"rows": [stranger] * (MAX_FLEET_ROWS + 1)}
+    answer = served.client.post(FLEET_PATH, json=too_many)
+    assert answer.status_code == 422 and answer.json()["detail"].startswith("rows"), answer.text[:300]
+    status, detail, _ = _raw(_head(FLEET_PATH, {"Content-Length": str(MAX_FLEET_BODY_BYTES + 1)}), b'{"rows": [')
+    assert status == 413 and str(MAX_FLEET_BODY_BYTES) in detail, detail[:300]
+    figures["fleet_limits"] = {
+        "rows": 3 * MAX_ROWS + 1,
+        "body_bytes": len(body),
+        "seconds": seconds,
+        "score_route_status": plain.status_code,
+        "over_rows": answer.status_code,
+        "over_body": status,
+    }
 
 
 def test_slow_bodies_are_cut_off_without_harming_others(served, figures):
