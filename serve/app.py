@@ -382,10 +382,11 @@ class RaywatchAPI:
 
     # -- scoring -------------------------------------------------------------------------------------------
     async def _score_entity(
-        self, name: str, entity: str, rows: np.ndarray, n_new: int, metrics: list[str], hist: deque
+        self, name: str, entity: str, rows: np.ndarray, timestamps: list, metrics: list[str], hist: deque
     ) -> tuple[str, dict, dict[str, Any]]:
-        """One detector's scores for one entity's new rows (the last `n_new` of `rows`; the rest is
+        """One detector's scores for one entity's new rows (the last len(timestamps) of `rows`; the rest is
         context): (path, model ref, arrays as `EntityModel.score_arrays` returns them)."""
+        n_new = len(timestamps)
         info = await self._info(name)
         has_challenger = "challenger" in info["slots"]
         policy = self.traffic.get(name)
@@ -417,19 +418,30 @@ class RaywatchAPI:
             recent = np.asarray(hist, dtype=np.float64) if len(hist) >= n_new else rows
             arrays = fallback_scores(recent, n_new, metrics)
         if policy.step_key is not None:  # a canary rollout: count what this arm served
-            self._count_step(policy.step_key, path, result, (time.perf_counter() - started) * 1000, n_new, arrays)
+            latency_ms = (time.perf_counter() - started) * 1000
+            self._count_step(policy.step_key, path, result, latency_ms, entity, timestamps, arrays)
         return served, ref, arrays
 
     # -- canary rollouts (serve/rollout.py) ------------------------------------------------------------------
     def _count_step(
-        self, step_key: str, path: str, result: dict, latency_ms: float, rows: int, arrays: dict[str, Any]
+        self,
+        step_key: str,
+        path: str,
+        result: dict,
+        latency_ms: float,
+        entity: str,
+        timestamps: list,
+        arrays: dict[str, Any],
     ) -> None:
         """Add one model call to the rollout step's counts of its arm; judge the step about once a second."""
-        flagged = int((np.asarray(arrays["scores"]) >= arrays["threshold"]).sum())
+        flags = np.asarray(arrays["scores"]) >= arrays["threshold"]
+        flagged_rows = [[entity, str(ts)] for ts, flag in zip(timestamps, flags) if flag and ts is not None]
         ok = bool(result.get("ok"))
         error = result.get("called", True) and not ok  # an open breaker is a fallback, not a failed call
         arm = "canary" if path == "challenger" else "champion"
-        self.step_counts.record(step_key, arm, not error, not ok, latency_ms, rows, flagged)
+        self.step_counts.record(
+            step_key, arm, not error, not ok, latency_ms, len(timestamps), int(flags.sum()), flagged_rows
+        )
         if self.step_counts.due() and (self.rollout_tick is None or self.rollout_tick.done()):
             self.rollout_tick = asyncio.get_running_loop().create_task(self._advance_rollouts())
 
@@ -448,7 +460,7 @@ class RaywatchAPI:
                     continue
                 state = await asyncio.to_thread(self.rollouts.get, name)
                 if state and state["status"] == "running":
-                    decided = await asyncio.to_thread(self.rollouts.decide, name)
+                    decided = await asyncio.to_thread(self.rollouts.decide, name, None, self._trusted_labels)
                     if decided is None:
                         continue
                     state, verdict = decided
@@ -460,6 +472,10 @@ class RaywatchAPI:
                     await self._drop_challenger(name)
         except Exception as exc:  # judged again on the next tick
             log.warning("rollout tick failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+
+    def _trusted_labels(self, entity: str, timestamps: list[str]) -> np.ndarray:
+        """The trusted feedback labels of an entity's rows (1, 0, or -1 for none): the precision guard's."""
+        return self.store.labels(entity, timestamps, trusted_only=True)
 
     async def _finish_rollout(self, name: str, state: dict[str, Any]) -> None:
         """The canary passed every step: promote its version, retire the challenger slot, end the rollout."""
@@ -676,7 +692,7 @@ class RaywatchAPI:
         rows = self.history.context_and_new(entity, new, context)
         hist = self.history.of(entity)
         outputs = await asyncio.gather(
-            *(self._score_entity(name, entity, rows, len(new), metrics, hist) for name in detectors)
+            *(self._score_entity(name, entity, rows, timestamps, metrics, hist) for name in detectors)
         )
         for name, (path, _, arrays) in zip(detectors, outputs):
             self.monitor_feed.offer(name, entity, timestamps, new, path, arrays)

@@ -16,10 +16,12 @@ answered by the fallback, slow calls, rows scored and rows flagged (`ArmStats`),
 | fallback | calls answered by the fallback / calls | 0.02 |
 | latency | calls slower than max(1.5 x the champion's p99, its p99 + 10 ms) / calls | 0.05 |
 | alert | rows flagged / rows scored | 0.02 |
+| false alarm (with labels) | flagged rows labelled 0 / flagged rows labelled (trusted feedback) | 0.10 |
 
 The test (`judge`) is the same for each: a one-sided (1 - alpha) confidence interval of the difference
 of two proportions, canary minus champion (Agresti-Caffo: one success and one failure added to each
-arm, so zero counts are handled; alpha 0.05). A guard is **breached** when the interval's lower bound is
+arm, so zero counts are handled; alpha 0.05). The false-alarm guard (one minus precision) is judged only
+once both arms have `min_labels` flagged rows with a trusted `/v1/feedback` label. A guard is **breached** when the interval's lower bound is
 above its tolerance (the canary is worse by more than the tolerance, with confidence 1 - alpha): the
 rollout rolls back at once, at whatever step, and records why. A step **advances** when it was held for
 `min_hold_s`, the canary served `min_requests` calls, and for every guard the upper bound is below the
@@ -39,10 +41,12 @@ import math
 import statistics
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from detect.state import connect, create
@@ -51,6 +55,8 @@ from serve.traffic import TrafficStore, write_policy
 
 ARMS = ("canary", "champion")
 MIN_CALLS_TO_JUDGE = 10  # calls per arm before any guard can roll back
+MAX_FLAGGED_KEPT = 5000  # flagged rows (entity, timestamp) kept per arm and step, for the precision guard
+Labels = Callable[[str, list[str]], Any]  # (entity, timestamps) -> a label per timestamp: 1, 0 or -1 (none)
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS rollouts (model TEXT PRIMARY KEY, state TEXT NOT NULL, updated REAL NOT NULL)",
     """CREATE TABLE IF NOT EXISTS rollout_stats (step_key TEXT NOT NULL, arm TEXT NOT NULL, stats TEXT NOT NULL,
@@ -75,6 +81,8 @@ class RolloutPlan(BaseModel):
     max_alert_rate_increase: float = Field(0.02, ge=0, le=1)
     slow_ratio: float = Field(1.5, ge=1, description="a canary call is slow above this x the champion's p99 ...")
     slow_slack_ms: float = Field(10.0, ge=0, description="... and above the champion's p99 + this")
+    max_false_alarm_increase: float = Field(0.10, ge=0, le=1, description="1 - precision, on labelled flags")
+    min_labels: int = Field(20, ge=1, description="labelled flagged rows per arm before precision is judged")
 
     @field_validator("steps")
     @classmethod
@@ -94,19 +102,33 @@ class ArmStats:
     rows: int = 0
     flagged: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    flagged_rows: list[list[str]] = field(default_factory=list)  # [entity, timestamp] of flagged rows
 
-    def record(self, ok: bool, fallback: bool, latency_ms: float, rows: int, flagged: int) -> None:
+    def record(
+        self, ok: bool, fallback: bool, latency_ms: float, rows: int, flagged: int, flagged_rows: list | None = None
+    ) -> None:
         self.calls += 1
         self.errors += not ok
         self.fallbacks += fallback
         self.rows += rows
         self.flagged += flagged
         self.latencies_ms.append(round(latency_ms, 3))
+        self.flagged_rows.extend((flagged_rows or [])[: MAX_FLAGGED_KEPT - len(self.flagged_rows)])
 
     def merge(self, other: ArmStats) -> None:
         for name in ("calls", "errors", "fallbacks", "rows", "flagged"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.latencies_ms.extend(other.latencies_ms)
+        self.flagged_rows.extend(other.flagged_rows[: MAX_FLAGGED_KEPT - len(self.flagged_rows)])
+
+    def false_alarms(self, labels: Labels) -> tuple[int, int]:
+        """(flagged rows labelled 0, flagged rows labelled at all), from trusted feedback."""
+        by_entity: dict[str, list[str]] = {}
+        for entity, ts in self.flagged_rows:
+            by_entity.setdefault(entity, []).append(ts)
+        found = [np.asarray(labels(entity, stamps)) for entity, stamps in by_entity.items()]
+        known = np.concatenate(found) if found else np.zeros(0)
+        return int(np.sum(known == 0)), int(np.sum(known >= 0))
 
     def p99_ms(self) -> float | None:
         if len(self.latencies_ms) < 2:
@@ -137,7 +159,7 @@ def difference_bounds(x1: int, n1: int, x2: int, n2: int, alpha: float) -> tuple
 
 
 def guard_counts(
-    plan: RolloutPlan, canary: ArmStats, champion: ArmStats
+    plan: RolloutPlan, canary: ArmStats, champion: ArmStats, labels: Labels | None = None
 ) -> dict[str, tuple[int, int, int, int, float]]:
     """Per guard: (canary count, canary total, champion count, champion total, tolerance)."""
     guards = {
@@ -156,6 +178,10 @@ def guard_counts(
         bound = max(plan.slow_ratio * p99, p99 + plan.slow_slack_ms)
         slow = [sum(x > bound for x in arm.latencies_ms) for arm in (canary, champion)]
         guards["latency"] = (slow[0], canary.calls, slow[1], champion.calls, plan.max_slow_rate_increase)
+    if labels is not None:
+        (wrong_c, known_c), (wrong_h, known_h) = canary.false_alarms(labels), champion.false_alarms(labels)
+        if min(known_c, known_h) >= plan.min_labels:
+            guards["false_alarm"] = (wrong_c, known_c, wrong_h, known_h, plan.max_false_alarm_increase)
     return guards
 
 
@@ -166,11 +192,13 @@ class Verdict:
     guards: dict[str, dict[str, float]]
 
 
-def judge(plan: RolloutPlan, canary: ArmStats, champion: ArmStats, held_s: float) -> Verdict:
+def judge(
+    plan: RolloutPlan, canary: ArmStats, champion: ArmStats, held_s: float, labels: Labels | None = None
+) -> Verdict:
     """What a step's evidence says: roll back on a breached guard, advance when every guard is shown
     within its tolerance after the hold, else hold (see the module's docstring)."""
     checks: dict[str, dict[str, float]] = {}
-    for name, (xc, nc, xh, nh, tolerance) in guard_counts(plan, canary, champion).items():
+    for name, (xc, nc, xh, nh, tolerance) in guard_counts(plan, canary, champion, labels).items():
         lower, upper = difference_bounds(xc, nc, xh, nh, plan.alpha)
         checks[name] = {
             "canary": _share(xc, nc),
@@ -252,7 +280,9 @@ class RolloutStore:
             arms[arm].merge(ArmStats(**json.loads(stats)))
         return arms
 
-    def decide(self, model: str, now: float | None = None) -> tuple[dict[str, Any], Verdict] | None:
+    def decide(
+        self, model: str, now: float | None = None, labels: Labels | None = None
+    ) -> tuple[dict[str, Any], Verdict] | None:
         """Judge the running step of `model`'s rollout and apply the verdict in one transaction: advance
         (the policy moves to the next share; the last step sets status `promoting`) or roll back (share
         0). Returns (new state, verdict) when the state changed, else None."""
@@ -265,7 +295,7 @@ class RolloutStore:
                 return None
             plan = RolloutPlan(**state["plan"])
             arms = self.step_stats(db, step_key(state))
-            verdict = judge(plan, arms["canary"], arms["champion"], now - state["step_started"])
+            verdict = judge(plan, arms["canary"], arms["champion"], now - state["step_started"], labels)
             if verdict.action == "hold":
                 return None
             state["history"].append(
@@ -334,8 +364,19 @@ class StepCounter:
         self.pending: dict[tuple[str, str], ArmStats] = {}
         self.flushed_at = time.monotonic()
 
-    def record(self, step_key: str, arm: str, ok: bool, fallback: bool, latency_ms: float, rows: int, flagged: int):
-        self.pending.setdefault((step_key, arm), ArmStats()).record(ok, fallback, latency_ms, rows, flagged)
+    def record(
+        self,
+        step_key: str,
+        arm: str,
+        ok: bool,
+        fallback: bool,
+        latency_ms: float,
+        rows: int,
+        flagged: int,
+        flagged_rows: list | None = None,
+    ) -> None:
+        stats = self.pending.setdefault((step_key, arm), ArmStats())
+        stats.record(ok, fallback, latency_ms, rows, flagged, flagged_rows)
 
     def due(self) -> bool:
         return time.monotonic() - self.flushed_at >= self.flush_s

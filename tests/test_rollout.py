@@ -110,3 +110,28 @@ def test_a_request_split_reaches_the_canary_in_its_share_whatever_the_entity():
     paths = [policy.path_for("one-entity", has_challenger=True) for _ in range(4000)]
     assert 0.2 < paths.count("challenger") / len(paths) < 0.3
     assert {TrafficPolicy(25.0).path_for("one-entity", True) for _ in range(50)} in ({"champion"}, {"challenger"})
+
+
+def test_with_trusted_labels_a_canary_whose_alerts_are_false_is_rolled_back_on_precision(tmp_path):
+    """The false-alarm guard (1 - precision) counts only flagged rows with a trusted label, and only once
+    both arms have `min_labels` of them; the labels come from the serving store, as /v1/feedback keeps them."""
+    from detect.state import ServingStore
+
+    store = ServingStore(tmp_path / "serving.db")
+    canary, champion = arm(400, flagged=30), arm(400, flagged=30)
+    canary.flagged_rows = [["e1", str(t)] for t in range(30)]
+    champion.flagged_rows = [["e2", str(t)] for t in range(30)]
+    for t in range(30):
+        store.add_feedback("e1", str(t), int(t < 6), None, trusted=True)  # 24 of the canary's 30 alerts false
+        store.add_feedback("e2", str(t), int(t < 27), None, trusted=True)  # 3 of the champion's false
+    labels = lambda entity, stamps: store.labels(entity, stamps, trusted_only=True)  # noqa: E731
+    plan = RolloutPlan(min_hold_s=0, min_requests=50, max_alert_rate_increase=0.5, min_labels=20)
+    verdict = judge(plan, canary, champion, held_s=1.0, labels=labels)
+    assert verdict.action == "rollback" and verdict.reason.startswith("false_alarm guard breached"), verdict
+    assert verdict.guards["false_alarm"]["canary"] == 0.8 and verdict.guards["false_alarm"]["champion"] == 0.1
+    assert "false_alarm" not in judge(plan, canary, champion, 1.0, labels=None).guards  # no labels: not judged
+    untrusted = ServingStore(tmp_path / "other.db")
+    for t in range(30):
+        untrusted.add_feedback("e1", str(t), 0, None, trusted=False)
+    anonymous = lambda entity, stamps: untrusted.labels(entity, stamps, trusted_only=True)  # noqa: E731
+    assert "false_alarm" not in judge(plan, canary, champion, 1.0, labels=anonymous).guards
