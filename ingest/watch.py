@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from detect.actors import named_actor
 from detect.kinds import DETECTOR_KINDS
 from detect.state import connect, create, state_dir
 from ingest.alerts import AlertSettings, Notifier, alert_name
@@ -788,18 +789,15 @@ def start_actor(
     WatchSettings.from_dict({**source.watch, **(settings or {})}, source.origin)  # fail here, not in the actor
     AlertSettings.from_dict({**source.alerts, **(alerts or {})}, source.origin)
     name = actor_name(source.name)
-    actor = (
-        ray.remote(WatchActor)
-        .options(
-            name=name,
-            namespace=NAMESPACE,
-            lifetime="detached",
-            get_if_exists=True,
-            max_restarts=-1,
-            num_cpus=0,
-            max_concurrency=4,
-        )
-        .remote(source.to_dict(), settings, alerts, state_dir_path or str(state_dir()))
+    actor = named_actor(
+        WatchActor,
+        name,
+        NAMESPACE,
+        source.to_dict(),
+        settings,
+        alerts,
+        state_dir_path or str(state_dir()),
+        max_concurrency=4,
     )
     ray.get(actor.ping.remote(), timeout=120)
     return name, actor

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from detect.actors import named_actor
 from detect.config import config_from_dict
 from detect.drift import DriftConfig, EntityDriftDetectors, as_drift_reference
 from detect.kinds import DETECTOR_KINDS
@@ -350,24 +351,8 @@ def get_or_create(
 ) -> Any:
     """The named, detached monitor actor of `model`, created when missing. It restarts on failure
     (max_restarts=-1) and calls made while it restarts are retried (max_task_retries=-1)."""
-    import ray
-
-    actor_cls = ray.remote(DriftMonitor).options(
-        name=monitor_name(model),
-        namespace=NAMESPACE,
-        lifetime="detached",
-        get_if_exists=True,
-        max_restarts=-1,
-        max_task_retries=-1,
-        num_cpus=0,
-        max_concurrency=1,
-    )
-    return actor_cls.remote(
-        model,
-        config,
-        state_dir_path or str(state_dir()),
-        tracking_uri or _registry().tracking_uri(),
-    )
+    args = (model, config, state_dir_path or str(state_dir()), tracking_uri or _registry().tracking_uri())
+    return named_actor(DriftMonitor, monitor_name(model), NAMESPACE, *args, max_task_retries=-1, max_concurrency=1)
 
 
 def find(model: str) -> Any | None:

@@ -27,6 +27,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from detect.actors import named_actor
+
 RATE_ENV = "RAYWATCH_RATE_LIMIT_RPS"
 BURST_ENV = "RAYWATCH_RATE_LIMIT_BURST"
 TRUSTED_PROXIES_ENV = "RAYWATCH_TRUSTED_PROXIES"
@@ -115,20 +117,7 @@ class RateLimitBudget:
 def budget_actor() -> Any:
     """The shared budget: one named, detached actor per cluster, created by the first replica that asks.
     It holds no secret and nothing that must survive it: restarted empty, every bucket starts full."""
-    import ray  # deferred like the monitors': importing this module starts nothing
-
-    return (
-        ray.remote(RateLimitBudget)
-        .options(
-            name=BUDGET_ACTOR,
-            namespace=NAMESPACE,
-            lifetime="detached",
-            get_if_exists=True,
-            max_restarts=-1,
-            num_cpus=0,
-        )
-        .remote()
-    )
+    return named_actor(RateLimitBudget, BUDGET_ACTOR, NAMESPACE)
 
 
 class SharedRateLimiter:
