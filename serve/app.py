@@ -45,7 +45,7 @@ from serve.auth import KEYS_FILE_ENV, AuthError, check_admin, feedback_trusted
 from serve.history import EntityHistory, fallback_scores
 from serve.monitor_feed import MonitorFeed
 from serve.rate_limit import RateLimit, SharedRateLimiter, client_id
-from serve.rollout import RolloutStore, StepCounter
+from serve.rollout import RolloutPlan, RolloutStore, StepCounter
 from serve.router import CircuitBreaker, TrafficPolicy
 from serve.settings import ServeSettings
 from serve.traffic import TrafficStore
@@ -291,6 +291,7 @@ class RaywatchAPI:
         self.rollouts = RolloutStore(self.state_root / "traffic.db")  # canary rollouts, beside the policy they drive
         self.step_counts = StepCounter(self.rollouts)
         self.rollout_tick: asyncio.Task | None = None
+        self.rollout_seen: set[tuple[str, str]] = set()  # (model, challenger version) checked for a rollout request
         self.shadow_stats = {name: {"rows": 0, "disagreements": 0} for name in S.DETECTORS}
         self.meta: dict[str, dict[str, Any]] = {}
         self.meta_at: dict[str, float] = {}
@@ -362,7 +363,35 @@ class RaywatchAPI:
             except Exception as exc:  # a dead deployment: keep the last known metadata
                 log.warning("info failed", extra={"detector": name, "error": str(exc)})
                 self.meta.setdefault(name, {"slots": {}, "load_error": str(exc)})
+            await self._start_requested_rollout(name, self.meta[name])
         return self.meta[name]
+
+    async def _start_requested_rollout(self, name: str, info: dict[str, Any]) -> None:
+        """A challenger the retraining loop asked to roll out (`registry.request_rollout`) starts its rollout
+        here, once: each challenger version is looked at once per replica, and the tag then says "started"."""
+        version = (info.get("slots", {}).get("challenger") or {}).get("version")
+        if version is None or (name, version) in self.rollout_seen:
+            return
+        self.rollout_seen.add((name, version))
+        registry = _registry()
+        try:
+            request = await asyncio.to_thread(registry.rollout_request, name, version)
+            if not request or request.get("status") != "requested":
+                return
+            plan = RolloutPlan(**request.get("plan", {}))
+            state = await asyncio.to_thread(self.rollouts.start, name, version, plan)
+            await asyncio.to_thread(registry.mark_rollout, name, version, "started")
+        except ValueError as exc:  # a rollout is running, or the plan is bad: say so, start nothing
+            log.warning(
+                "requested rollout not started", extra={"detector": name, "version": version, "error": str(exc)}
+            )
+            return
+        except Exception as exc:  # the registry is unreachable: look again after the next change
+            self.rollout_seen.discard((name, version))
+            log.warning("rollout request unreadable", extra={"detector": name, "error": str(exc)})
+            return
+        self.m_rollout_percent.set(state["percent"], tags={"detector": name})
+        log.info("rollout started (retraining loop)", extra={"detector": name, "version": version})
 
     async def _entity_metrics(self, detectors: list[str]) -> dict[str, list[str]]:
         known: dict[str, list[str]] = {}

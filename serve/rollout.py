@@ -14,7 +14,7 @@ answered by the fallback, slow calls, rows scored and rows flagged (`ArmStats`),
 |---|---|---|
 | error | failed model calls / calls | 0.02 |
 | fallback | calls answered by the fallback / calls | 0.02 |
-| latency | calls slower than max(1.5 x the champion's p99, its p99 + 10 ms) / calls | 0.05 |
+| latency | calls slower than max(1.5 x the champion's p99, its p99 + 10 ms) / calls, each arm's first 10 calls of a step left out (warm-up) | 0.05 |
 | alert | rows flagged / rows scored | 0.02 |
 | false alarm (with labels) | flagged rows labelled 0 / flagged rows labelled (trusted feedback) | 0.10 |
 
@@ -55,6 +55,7 @@ from serve.traffic import TrafficStore, write_policy
 
 ARMS = ("canary", "champion")
 MIN_CALLS_TO_JUDGE = 10  # calls per arm before any guard can roll back
+LATENCY_WARMUP_CALLS = 10  # each arm's first calls of a step, which the latency guard leaves out
 MAX_FLAGGED_KEPT = 5000  # flagged rows (entity, timestamp) kept per arm and step, for the precision guard
 Labels = Callable[[str, list[str]], Any]  # (entity, timestamps) -> a label per timestamp: 1, 0 or -1 (none)
 _SCHEMA = (
@@ -173,11 +174,14 @@ def guard_counts(
         ),
         "alert": (canary.flagged, canary.rows, champion.flagged, champion.rows, plan.max_alert_rate_increase),
     }
-    p99 = champion.p99_ms()
-    if p99 is not None:
+    # latency: each arm's first calls of a step are left out (a version just loaded answers its first
+    # calls slower while its runtime warms up; that is not the version's speed)
+    warm = [arm.latencies_ms[LATENCY_WARMUP_CALLS:] for arm in (canary, champion)]
+    p99 = ArmStats(latencies_ms=warm[1]).p99_ms()
+    if p99 is not None and len(warm[0]) >= MIN_CALLS_TO_JUDGE:
         bound = max(plan.slow_ratio * p99, p99 + plan.slow_slack_ms)
-        slow = [sum(x > bound for x in arm.latencies_ms) for arm in (canary, champion)]
-        guards["latency"] = (slow[0], canary.calls, slow[1], champion.calls, plan.max_slow_rate_increase)
+        slow = [sum(x > bound for x in latencies) for latencies in warm]
+        guards["latency"] = (slow[0], len(warm[0]), slow[1], len(warm[1]), plan.max_slow_rate_increase)
     if labels is not None:
         (wrong_c, known_c), (wrong_h, known_h) = canary.false_alarms(labels), champion.false_alarms(labels)
         if min(known_c, known_h) >= plan.min_labels:

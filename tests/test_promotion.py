@@ -226,3 +226,43 @@ def test_the_retraining_job_learns_only_rows_believed_normal_and_records_the_tes
     assert decision["budget"] == 0.01 and decision["challenger"] == "2"
     recorded = store.decisions("autoencoder", 1)[0]
     assert recorded["details"]["p_value"] == decision["p_value"] and recorded["reason"] == decision["reason"]
+
+
+@pytest.mark.parametrize("promote_via", ["rollout", "direct"])
+def test_a_promotion_by_the_loop_is_a_rollout_request_unless_direct(mlflow_store, monkeypatch, promote_via):
+    """A challenger the rule promotes is handed to the serving app's canary rollout (challenger alias and a
+    "requested" rollout tag, the champion unchanged), or, with promote_via="direct", made champion at once."""
+    from detect.sequence import AutoencoderDetector
+    from detect.state import ServingStore
+    from detect.synthetic import machine_days
+    from train import registry
+    from train import retrain as job
+    from train.pipeline import register_fitted
+
+    monkeypatch.setenv("RAYWATCH_STATE_DIR", str(mlflow_store / "state"))
+    entity, metrics, values = machine_days(2, seed=3)
+    champion = AutoencoderDetector(epochs=1, hidden=16).fit(values[:1440], metrics)
+    register_fitted("autoencoder", {entity: champion}, {entity: metrics}, {entity: values[:1440]})
+    rows = [{"entity": entity, "timestamp": float(i), "values": v} for i, v in enumerate(values[1440:2440].tolist())]
+    ServingStore().add_observations("autoencoder", rows)
+    monkeypatch.setattr(job, "init_ray", lambda: None)
+    monkeypatch.setattr(
+        job,
+        "_fit_challenger",
+        lambda model, old, rows, labels, metrics, options: AutoencoderDetector(old.config, epochs=1).fit(rows, metrics),
+    )
+    real_decide = job.decide
+    monkeypatch.setattr(job, "decide", lambda compared, rule: real_decide(compared, rule) | {"promoted": True})
+
+    decision = job.retrain("autoencoder", [entity], promote_via=promote_via, progress=print)
+    assert decision["promoted"] and decision["challenger"] == "2"
+    if promote_via == "rollout":
+        assert registry.alias_version("autoencoder", registry.CHAMPION) == "1"  # not yet: the canary decides
+        assert registry.alias_version("autoencoder", registry.CHALLENGER) == "2"
+        assert registry.rollout_request("autoencoder", "2") == {"status": "requested", "plan": {}}
+        assert decision["reason"].endswith("rolling out as a canary (raywatch rollout)")
+        registry.mark_rollout("autoencoder", "2", "started")
+        assert registry.rollout_request("autoencoder", "2")["status"] == "started"
+    else:
+        assert registry.alias_version("autoencoder", registry.CHAMPION) == "2"
+        assert registry.rollout_request("autoencoder", "2") is None

@@ -16,6 +16,7 @@ become `None` / `RegistryError`, so a registry outage is never mistaken for "no 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -37,6 +38,7 @@ EXPERIMENT = "raywatch"
 MODEL_NAMES = {kind: f"raywatch-{kind}" for kind in DETECTOR_KINDS}
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 T = TypeVar("T")
+ROLLOUT_TAG = "raywatch.rollout"  # a retrained version to roll out as a canary: {"status", "plan"} (JSON)
 CHECKSUM_TAG = "bundle_sha256"  # SHA-256 of the version's manifest.json, recorded at registration
 DATA_TAG = "data_sha256"  # SHA-256 of the training data's per-entity hashes (`train.assemble.data_sha256`)
 
@@ -238,6 +240,28 @@ def versions(model: str) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def request_rollout(model: str, version: str | int, plan: dict[str, Any] | None = None) -> None:
+    """Ask the serving app to roll `version` out as a canary (serve/rollout.py): it becomes the challenger
+    and its ROLLOUT_TAG says "requested" (with the plan, default steps when None). The ingress starts the
+    rollout when it loads the challenger and marks the tag "started", so it starts once."""
+    set_alias(model, CHALLENGER, version)
+    request = json.dumps({"status": "requested", "plan": plan or {}})
+    setup().set_model_version_tag(model_name(model), str(version), ROLLOUT_TAG, request)
+
+
+def rollout_request(model: str, version: str | int) -> dict[str, Any] | None:
+    """The version's rollout request ({"status", "plan"}), or None when none was made."""
+    mv = _lookup(lambda: setup().get_model_version(model_name(model), str(version)))
+    raw = (mv.tags or {}).get(ROLLOUT_TAG) if mv is not None else None
+    return json.loads(raw) if raw else None
+
+
+def mark_rollout(model: str, version: str | int, status: str) -> None:
+    request = rollout_request(model, version) or {"plan": {}}
+    request["status"] = status
+    setup().set_model_version_tag(model_name(model), str(version), ROLLOUT_TAG, json.dumps(request))
 
 
 def clear_alias(model: str, alias: str) -> None:

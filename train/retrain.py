@@ -82,9 +82,11 @@ def retrain(
     job_id: str | None = None,
     alpha: float = 0.05,
     budget: float | None = None,
+    promote_via: str = "rollout",
     progress: Callable[[str], None] = lambda m: log.info(m),
 ) -> dict[str, Any]:
-    """Train, compare, register, and promote or keep; returns the decision with its figures."""
+    """Train, compare, register, and promote or keep; returns the decision with its figures. A promotion
+    goes through a canary rollout (`promote_via="rollout"`, serve/rollout.py) or at once ("direct")."""
     if not 0 < fit_fraction < 1:
         raise ValueError(f"fit_fraction must be in (0, 1), got {fit_fraction}")
     rule = PromotionRule(margin=margin, alpha=alpha, **({"budget": budget} if budget is not None else {}))
@@ -191,7 +193,10 @@ def retrain(
             }
             version = registry.register_bundle(bundle, run.info.run_id, tags)
             registry.set_alias(model, registry.CHALLENGER, version)
-            if decision["promoted"]:
+            if decision["promoted"] and promote_via == "rollout":
+                registry.request_rollout(model, version)
+                decision["reason"] += "; rolling out as a canary (raywatch rollout)"
+            elif decision["promoted"]:
                 registry.promote(model, version)
             decision["challenger"] = version
         mlflow.set_tags(
@@ -245,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recent-rows", type=int, default=5000, help="newest served rows per entity to use")
     parser.add_argument("--cpus-per-worker", type=float, help="CPUs per Ray Train worker (fractional allowed)")
     parser.add_argument("--since-id", type=int, help="learn only from served rows from this observation id on")
+    parser.add_argument(
+        "--promote-via",
+        choices=["rollout", "direct"],
+        default="rollout",
+        help="a promoted challenger goes through a canary rollout (default) or becomes champion at once",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     decision = retrain(
@@ -258,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         job_id=job_id_from_env(),
         alpha=args.alpha,
         budget=args.budget,
+        promote_via=args.promote_via,
         progress=print,
     )
     print(json.dumps({k: v for k, v in decision.items() if k != "entities"}, indent=2, default=str))

@@ -1,7 +1,7 @@
 """Traffic policy across ingress replicas: a change applies to every replica before its 200 and survives
 killing them all (the policy lives in the state folder, `serve/traffic.py`); canary rollouts under load
 (`serve/rollout.py`): a degraded challenger is rolled back at its first step and a good one reaches 100%,
-while the champion keeps serving every request."""
+also when the retraining loop asks for the rollout, while the champion keeps serving every request."""
 
 from __future__ import annotations
 
@@ -139,6 +139,20 @@ def test_canary_rollback_of_a_degraded_challenger_and_promotion_of_a_good_one(se
             60,
             "the promoted version serving as champion",
         )
+
+        # the retraining loop's way: it registers a challenger and asks for a rollout; the ingress starts it
+        started = time.monotonic()
+        retrained = _register_variant(served, always_alert=False)
+        registry.request_rollout(MODEL, retrained, TEST_PLAN)
+
+        def completed_by_loop():
+            rollout = _rollout(served)["rollout"]
+            return rollout if rollout["version"] == retrained and rollout["status"] == "completed" else None
+
+        by_loop = wait_for(completed_by_loop, 240, "the requested rollout to start and complete")
+        loop_s = time.monotonic() - started
+        assert registry.alias_version(MODEL, registry.CHAMPION) == retrained
+        assert registry.rollout_request(MODEL, retrained)["status"] == "started"  # started once, not again
     finally:
         load.stop()
         registry.promote(MODEL, original)  # the other tests of the suite expect the first version
@@ -148,5 +162,6 @@ def test_canary_rollback_of_a_degraded_challenger_and_promotion_of_a_good_one(se
         "load": outcome,
         "degraded": {"rolled_back_after_s": round(rollback_s, 1), "step": rolled_back["history"][-1]},
         "good": {"promoted_after_s": round(promote_s, 1), "steps": [h["percent"] for h in completed["history"]]},
+        "requested_by_the_loop": {"promoted_after_s": round(loop_s, 1), "steps": len(by_loop["history"])},
     }
     assert outcome["statuses"] == {"200": outcome["requests"]}, outcome  # the champion never stopped serving
