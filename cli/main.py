@@ -217,6 +217,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     import httpx
 
     from serve.auth import admin_keys
+    from serve.rollout import IN_PROGRESS
 
     url, keys = _api_url(args.url), admin_keys()
     headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
@@ -246,7 +247,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         if line != last:
             print(line, flush=True)
             last = line
-        if not args.wait or not state or state["status"] not in ("running", "promoting"):
+        if not args.wait or not state or state["status"] not in IN_PROGRESS:
             return 0 if not state or state["status"] != "rolled_back" else 1
         time.sleep(2)
 

@@ -468,8 +468,8 @@ class RaywatchAPI:
         ok = bool(result.get("ok"))
         error = result.get("called", True) and not ok  # an open breaker is a fallback, not a failed call
         arm = "canary" if path == "challenger" else "champion"
-        self.step_counts.record(
-            step_key, arm, not error, not ok, latency_ms, len(timestamps), int(flags.sum()), flagged_rows
+        self.step_counts.arm(step_key, arm).record(
+            not error, not ok, latency_ms, len(timestamps), int(flags.sum()), flagged_rows
         )
         if self.step_counts.due() and (self.rollout_tick is None or self.rollout_tick.done()):
             self.rollout_tick = asyncio.get_running_loop().create_task(self._advance_rollouts())
@@ -870,8 +870,8 @@ class RaywatchAPI:
         self, body: bytes = Depends(_raw_body), authorization: str | None = Header(default=None)
     ) -> dict[str, Any]:
         request: S.TrafficRequest = self._admin_request(S.TrafficRequest, body, authorization)
-        rollout = await asyncio.to_thread(self.rollouts.get, request.model)
-        if rollout and rollout["status"] in ("running", "promoting"):
+        rollout = await asyncio.to_thread(self.rollouts.in_progress, request.model)
+        if rollout:
             raise ApiError(
                 409, "model", f"a rollout of version {rollout['version']} drives the traffic; abort it first"
             )
@@ -902,8 +902,8 @@ class RaywatchAPI:
         on a breached guard, promoted at 100%."""
         request: S.RolloutRequest = self._admin_request(S.RolloutRequest, body, authorization)
         registry = _registry()
-        running = await asyncio.to_thread(self.rollouts.get, request.model)
-        if running and running["status"] in ("running", "promoting"):
+        running = await asyncio.to_thread(self.rollouts.in_progress, request.model)
+        if running:
             raise ApiError(409, "model", f"a rollout of version {running['version']} is in progress; abort it first")
         champion = await self._registry_call(registry.alias_version, request.model, registry.CHAMPION)
         if champion == request.version:

@@ -8,7 +8,7 @@ times) and their rates can be compared directly.
 
 At each step the ingress replicas count, per arm (canary, champion): model calls, failed calls, calls
 answered by the fallback, slow calls, rows scored and rows flagged (`ArmStats`), and flush the counts to
-`traffic.db` in the state folder about once a second. Every guard is a rate:
+`rollout_stats.db` in the state folder about once a second. Every guard is a rate:
 
 | guard | rate | default tolerance (canary minus champion) |
 |---|---|---|
@@ -54,16 +54,20 @@ from serve.router import TrafficPolicy
 from serve.traffic import TrafficStore, write_policy
 
 ARMS = ("canary", "champion")
+IN_PROGRESS = ("running", "promoting")  # the statuses of a rollout that still drives the traffic
 MIN_CALLS_TO_JUDGE = 10  # calls per arm before any guard can roll back
 LATENCY_WARMUP_CALLS = 10  # each arm's first calls of a step, which the latency guard leaves out
 MAX_FLAGGED_KEPT = 5000  # flagged rows (entity, timestamp) kept per arm and step, for the precision guard
 Labels = Callable[[str, list[str]], Any]  # (entity, timestamps) -> a label per timestamp: 1, 0 or -1 (none)
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS rollouts (model TEXT PRIMARY KEY, state TEXT NOT NULL, updated REAL NOT NULL)",
+_SCHEMA = ("CREATE TABLE IF NOT EXISTS rollouts (model TEXT PRIMARY KEY, state TEXT NOT NULL, updated REAL NOT NULL)",)
+# the per-step counts, in a file of their own: the replicas write them every second, and traffic.db must
+# change only when the policy does (every replica rereads the policy when that file changes)
+_STATS_SCHEMA = (
     """CREATE TABLE IF NOT EXISTS rollout_stats (step_key TEXT NOT NULL, arm TEXT NOT NULL, stats TEXT NOT NULL,
        at REAL NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS rollout_stats_step ON rollout_stats (step_key)",
 )
+STATS_FILE = "rollout_stats.db"  # beside traffic.db
 
 
 class RolloutPlan(BaseModel):
@@ -131,13 +135,8 @@ class ArmStats:
         known = np.concatenate(found) if found else np.zeros(0)
         return int(np.sum(known == 0)), int(np.sum(known >= 0))
 
-    def p99_ms(self) -> float | None:
-        if len(self.latencies_ms) < 2:
-            return None
-        return statistics.quantiles(self.latencies_ms, n=100, method="inclusive")[98]
-
     def summary(self) -> dict[str, Any]:
-        p99 = self.p99_ms()
+        p99 = p99_ms(self.latencies_ms)
         return {
             "calls": self.calls,
             "error_rate": _share(self.errors, self.calls),
@@ -145,6 +144,12 @@ class ArmStats:
             "alert_rate": _share(self.flagged, self.rows),
             "p99_ms": None if p99 is None else round(p99, 2),
         }
+
+
+def p99_ms(latencies_ms: list[float]) -> float | None:
+    if len(latencies_ms) < 2:
+        return None
+    return statistics.quantiles(latencies_ms, n=100, method="inclusive")[98]
 
 
 def _share(part: int, whole: int) -> float | None:
@@ -177,7 +182,7 @@ def guard_counts(
     # latency: each arm's first calls of a step are left out (a version just loaded answers its first
     # calls slower while its runtime warms up; that is not the version's speed)
     warm = [arm.latencies_ms[LATENCY_WARMUP_CALLS:] for arm in (canary, champion)]
-    p99 = ArmStats(latencies_ms=warm[1]).p99_ms()
+    p99 = p99_ms(warm[1])
     if p99 is not None and len(warm[0]) >= MIN_CALLS_TO_JUDGE:
         bound = max(plan.slow_ratio * p99, p99 + plan.slow_slack_ms)
         slow = [sum(x > bound for x in latencies) for latencies in warm]
@@ -237,13 +242,19 @@ class RolloutStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.stats_path = self.path.with_name(STATS_FILE)
         TrafficStore(self.path)  # the policy table the rollouts write, with its rollout columns
         create(self.path, _SCHEMA)
+        create(self.stats_path, _STATS_SCHEMA)
 
     def get(self, model: str) -> dict[str, Any] | None:
         with connect(self.path) as db:
-            row = db.execute("SELECT state FROM rollouts WHERE model = ?", (model,)).fetchone()
-        return json.loads(row[0]) if row else None
+            return self._read(db, model)
+
+    def in_progress(self, model: str) -> dict[str, Any] | None:
+        """The model's rollout while it still drives the traffic, else None."""
+        state = self.get(model)
+        return state if state and state["status"] in IN_PROGRESS else None
 
     def start(self, model: str, version: str, plan: RolloutPlan, now: float | None = None) -> dict[str, Any]:
         """Begin a rollout at the plan's first step; refused (ValueError) while one is running."""
@@ -264,24 +275,26 @@ class RolloutStore:
         }
         with connect(self.path) as db:
             db.execute("BEGIN IMMEDIATE")
-            current = db.execute("SELECT state FROM rollouts WHERE model = ?", (model,)).fetchone()
-            if current and json.loads(current[0])["status"] in ("running", "promoting"):
-                running = json.loads(current[0])
-                raise ValueError(f"a rollout of version {running['version']} is in progress; abort it first")
+            current = self._read(db, model)
+            if current and current["status"] in IN_PROGRESS:
+                raise ValueError(f"a rollout of version {current['version']} is in progress; abort it first")
             self._write(db, state, now)
         return state
 
-    def record(self, step_key: str, arm: str, stats: ArmStats) -> None:
-        with connect(self.path) as db:
-            db.execute(
+    def record(self, counts: dict[tuple[str, str], ArmStats]) -> None:
+        """Add counts ((step key, arm) -> what the arm served) in one transaction."""
+        now = time.time()
+        with connect(self.stats_path) as db:
+            db.executemany(
                 "INSERT INTO rollout_stats (step_key, arm, stats, at) VALUES (?, ?, ?, ?)",
-                (step_key, arm, json.dumps(asdict(stats)), time.time()),
+                [(key, arm, json.dumps(asdict(stats)), now) for (key, arm), stats in counts.items()],
             )
 
-    def step_stats(self, db, step_key: str) -> dict[str, ArmStats]:
+    def step_stats(self, step_key: str) -> dict[str, ArmStats]:
         arms = {arm: ArmStats() for arm in ARMS}
-        for arm, stats in db.execute("SELECT arm, stats FROM rollout_stats WHERE step_key = ?", (step_key,)):
-            arms[arm].merge(ArmStats(**json.loads(stats)))
+        with connect(self.stats_path) as db:
+            for arm, stats in db.execute("SELECT arm, stats FROM rollout_stats WHERE step_key = ?", (step_key,)):
+                arms[arm].merge(ArmStats(**json.loads(stats)))
         return arms
 
     def decide(
@@ -293,12 +306,11 @@ class RolloutStore:
         now = time.time() if now is None else now
         with connect(self.path) as db:
             db.execute("BEGIN IMMEDIATE")
-            row = db.execute("SELECT state FROM rollouts WHERE model = ?", (model,)).fetchone()
-            state = json.loads(row[0]) if row else None
+            state = self._read(db, model)
             if state is None or state["status"] != "running":
                 return None
             plan = RolloutPlan(**state["plan"])
-            arms = self.step_stats(db, step_key(state))
+            arms = self.step_stats(step_key(state))
             verdict = judge(plan, arms["canary"], arms["champion"], now - state["step_started"], labels)
             if verdict.action == "hold":
                 return None
@@ -332,13 +344,17 @@ class RolloutStore:
         now = time.time() if now is None else now
         with connect(self.path) as db:
             db.execute("BEGIN IMMEDIATE")
-            row = db.execute("SELECT state FROM rollouts WHERE model = ?", (model,)).fetchone()
-            state = json.loads(row[0]) if row else None
-            if state is None or state["status"] not in ("running", "promoting"):
+            state = self._read(db, model)
+            if state is None or state["status"] not in IN_PROGRESS:
                 return None
             state.update(status=status, reason=reason, percent=0.0, ended=now)
             self._write(db, state, now)
         return state
+
+    @staticmethod
+    def _read(db, model: str) -> dict[str, Any] | None:
+        row = db.execute("SELECT state FROM rollouts WHERE model = ?", (model,)).fetchone()
+        return json.loads(row[0]) if row else None
 
     @staticmethod
     def _write(db, state: dict[str, Any], now: float) -> None:
@@ -346,7 +362,7 @@ class RolloutStore:
             "INSERT OR REPLACE INTO rollouts (model, state, updated) VALUES (?, ?, ?)",
             (state["model"], json.dumps(state), now),
         )
-        running = state["status"] in ("running", "promoting")
+        running = state["status"] in IN_PROGRESS
         policy = TrafficPolicy(
             challenger_percent=state["percent"] if running else 0.0,
             split="request" if running else "entity",
@@ -368,19 +384,9 @@ class StepCounter:
         self.pending: dict[tuple[str, str], ArmStats] = {}
         self.flushed_at = time.monotonic()
 
-    def record(
-        self,
-        step_key: str,
-        arm: str,
-        ok: bool,
-        fallback: bool,
-        latency_ms: float,
-        rows: int,
-        flagged: int,
-        flagged_rows: list | None = None,
-    ) -> None:
-        stats = self.pending.setdefault((step_key, arm), ArmStats())
-        stats.record(ok, fallback, latency_ms, rows, flagged, flagged_rows)
+    def arm(self, step_key: str, arm: str) -> ArmStats:
+        """This replica's counts of `arm` at the step, since the last flush (add to them with `record`)."""
+        return self.pending.setdefault((step_key, arm), ArmStats())
 
     def due(self) -> bool:
         return time.monotonic() - self.flushed_at >= self.flush_s
@@ -389,5 +395,5 @@ class StepCounter:
         """Write the counts gathered since the last flush (blocking: call it from a worker thread)."""
         pending, self.pending = self.pending, {}
         self.flushed_at = time.monotonic()
-        for (key, arm), stats in pending.items():
-            self.store.record(key, arm, stats)
+        if pending:
+            self.store.record(pending)

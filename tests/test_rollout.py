@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from detect.state import file_stamp
 from serve.rollout import ArmStats, RolloutPlan, RolloutStore, StepCounter, difference_bounds, judge, step_key
 from serve.router import TrafficPolicy
 from serve.traffic import TrafficStore
@@ -72,7 +73,9 @@ def test_the_step_machine_drives_the_shared_policy_and_survives_a_restart(tmp_pa
     counter = StepCounter(two)
     for stats, which in ((arm(300, flagged=3), "canary"), (arm(6000, flagged=60), "champion")):
         counter.pending[(step_key(state), which)] = stats
+    policy_stamp = file_stamp(path)
     counter.flush()
+    assert file_stamp(path) == policy_stamp  # counts go to their own file: the replicas' policy cache stays valid
     assert one.decide("autoencoder", now=5.0) is None  # held: too soon
     state, verdict = two.decide("autoencoder", now=30.0)
     assert verdict.action == "advance" and state["percent"] == 25.0 and state["status"] == "running"
