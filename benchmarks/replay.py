@@ -453,7 +453,9 @@ def replay_entity(platform_: Platform, dataset: str, name: str, args: argparse.N
                 "retrain": mode == "loop",
                 "cooldown_s": args.cooldown_s,
                 "concept_every_s": 10**9,  # no /v1/feedback labels are sent: the operator's view, unlabelled
-                "retrain_args": ["--epochs", str(args.epochs), "--cpus-per-worker", "0.25"],
+                # direct: days pass in minutes here, so a canary's wall-clock hold times would judge nothing
+                # (and wait_for_champion would time out while the canary waited for traffic)
+                "retrain_args": ["--epochs", str(args.epochs), "--cpus-per-worker", "0.25", "--promote-via", "direct"],
             }
             platform_.deploy(f"{entity.replace('/', '-')}-{variant}-{mode}", version, config)
             done = replay(platform_, entity, series.metrics, rows, day_rows, mode == "loop", log)
