@@ -42,7 +42,7 @@ from detect.state import state_dir as current_state_dir
 from monitoring.events import DriftEventStore
 from serve import schemas as S
 from serve.auth import KEYS_FILE_ENV, AuthError, check_admin, feedback_trusted
-from serve.history import EntityHistory, fallback_scores
+from serve.history import AlertBook, EntityHistory, fallback_scores
 from serve.monitor_feed import MonitorFeed
 from serve.rate_limit import RateLimit, SharedRateLimiter, client_id
 from serve.rollout import RolloutPlan, RolloutStore, StepCounter
@@ -281,6 +281,7 @@ class RaywatchAPI:
         self.handles = dict(detectors)  # kind name -> its deployment
         self.limiter = SharedRateLimiter(rate_limit or RateLimit())  # one limit for all the replicas
         self.history = EntityHistory()
+        self.alerts = AlertBook()  # rows grouped into alert episodes per detector and entity
         self.traffic = TrafficStore(self.state_root / "traffic.db")  # shared by the replicas, kept across restarts
         # one breaker per model and slot: a failing challenger must not send the champion's traffic to the fallback
         self.breakers = {
@@ -323,6 +324,12 @@ class RaywatchAPI:
         self.m_anomalies = metrics.Counter(
             "raywatch_anomalies_total", description="rows flagged", tag_keys=("detector",)
         )
+        self.m_alerts = metrics.Counter(
+            "raywatch_alerts_total",
+            description="alert episodes opened and closed (k of n rows above the threshold open one)",
+            tag_keys=("detector", "transition"),
+        )
+        self.m_alerts_firing = metrics.Gauge("raywatch_alerts_firing", description="alerts open in this replica")
         self.m_fallbacks = metrics.Counter(
             "raywatch_fallbacks_total", description="rows served by the baseline", tag_keys=("detector",)
         )
@@ -725,7 +732,16 @@ class RaywatchAPI:
         )
         for name, (path, _, arrays) in zip(detectors, outputs):
             self.monitor_feed.offer(name, entity, timestamps, new, path, arrays)
+            arrays["alerts"] = self.alerts.observe(name, entity, arrays, timestamps)
+            self._count_alerts(name, arrays["alerts"])
         return dict(zip(detectors, outputs))
+
+    def _count_alerts(self, detector: str, alerts: list[dict[str, Any] | None]) -> None:
+        for transition in ("opened", "closed"):
+            count = sum(a is not None and a["state"] == transition for a in alerts)
+            if count:
+                self.m_alerts.inc(count, tags={"detector": detector, "transition": transition})
+        self.m_alerts_firing.set(self.alerts.firing())
 
     @api.post("/v1/score/batch", response_model=S.ScoreBatchResponse, openapi_extra=_json_body(S.ScoreBatchRequest))
     async def score_batch(self, body: bytes = Depends(_raw_body), client: str = Depends(_client)) -> Response:

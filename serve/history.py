@@ -1,5 +1,6 @@
-"""The ingress's memory of each entity: its recent raw samples, and the baseline scores served from them
-when a detector cannot answer. No Serve, no Ray: the route logic's parts are testable in-process.
+"""The ingress's memory of each entity: its recent raw samples, the baseline scores served from them
+when a detector cannot answer, and the alert each detector has open on it (`AlertBook`). No Serve, no
+Ray: the route logic's parts are testable in-process.
 
 Windows and features are computed from this history by the detector replicas (`detect.features.tail_windows`
 and `tail_features`, the same functions the batch path is tested equal to), so what is tested is what is served.
@@ -8,9 +9,13 @@ and `tail_features`, the same functions the batch path is tested equal to), so w
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from detect.alerting import Alert, AlertGrouper
 
 HISTORY_ROWS = 256  # raw samples kept per entity
 MAX_ENTITIES = 100_000
@@ -68,3 +73,79 @@ def fallback_scores(rows: np.ndarray, n_new: int, metrics: list[str]) -> dict[st
         "top_values": np.take_along_axis(z, top, axis=1),
         "metrics": metrics,
     }
+
+
+@dataclass
+class _Tracked:
+    """One (detector, entity)'s alert grouping, with the timestamps of the rows it may still refer to."""
+
+    grouper: AlertGrouper
+    recent: deque  # (row number, timestamp) of the last n rows: where an alert that opens may have started
+    started: Any = None  # timestamp of the open alert's first above-threshold row
+    opened: Any = None  # timestamp of the row it was raised at
+
+
+@dataclass
+class AlertBook:
+    """Alerts, not rows: per (detector, entity), the rows served are grouped into alert episodes by
+    `detect.alerting.AlertGrouper` (k of the last n rows at or above the threshold open one; `clear`
+    quiet rows close it), the same rule `raywatch evaluate` judges. Bounded like `EntityHistory`: the
+    least recently scored pair goes first."""
+
+    max_entities: int = MAX_ENTITIES
+    _tracked: OrderedDict = field(default_factory=OrderedDict, repr=False)
+
+    def observe(self, detector: str, entity: str, arrays: dict[str, Any], timestamps: Sequence[Any]) -> list:
+        """Feed one detector's scores of an entity's new rows (`EntityModel.score_arrays` output) in time
+        order; returns, per row, the alert open after it (or the one it closed) as the API reports it, or
+        None when no alert is open."""
+        tracked = self._of(detector, entity)
+        scores, threshold, metrics = arrays["scores"], float(arrays["threshold"]), arrays["metrics"]
+        top, top_values = np.asarray(arrays["top"]), np.asarray(arrays["top_values"], dtype=np.float64)
+        out = []
+        for i, score in enumerate(np.asarray(scores, dtype=np.float64).tolist()):
+            contribution = np.zeros(len(metrics))
+            contribution[top[i]] = top_values[i]
+            row = tracked.grouper.row_ + 1
+            tracked.recent.append((row, timestamps[i]))
+            change = tracked.grouper.update(score, threshold, contribution)
+            if change and change[0] == "opened":
+                tracked.started = dict(tracked.recent).get(change[1].start, timestamps[i])
+                tracked.opened = timestamps[i]
+            if change and change[0] == "closed":
+                out.append(self._report("closed", change[1], tracked, metrics, timestamps[i]))
+                tracked.started = tracked.opened = None
+            elif tracked.grouper.firing is not None:
+                state = "opened" if change else "firing"
+                out.append(self._report(state, tracked.grouper.firing, tracked, metrics, None))
+            else:
+                out.append(None)
+        return out
+
+    def firing(self) -> int:
+        """Alerts open now, over every (detector, entity) pair."""
+        return sum(t.grouper.firing is not None for t in self._tracked.values())
+
+    def _of(self, detector: str, entity: str) -> _Tracked:
+        key = (detector, entity)
+        tracked = self._tracked.get(key)
+        if tracked is None:
+            if len(self._tracked) >= self.max_entities:
+                self._tracked.popitem(last=False)
+            grouper = AlertGrouper()
+            tracked = self._tracked[key] = _Tracked(grouper, deque(maxlen=grouper.n))
+        else:
+            self._tracked.move_to_end(key)
+        return tracked
+
+    @staticmethod
+    def _report(state: str, alert: Alert, tracked: _Tracked, metrics: list[str], closed: Any) -> dict[str, Any]:
+        return {
+            "state": state,
+            "started": tracked.started,
+            "opened": tracked.opened,
+            "closed": closed,
+            "rows": alert.end - alert.start + 1,
+            "peak_score": alert.peak_score,
+            "top_metrics": [metrics[j] for j in alert.top_metrics],
+        }

@@ -112,12 +112,26 @@ class ModelRef(BaseModel):
     variant: str
 
 
+class AlertState(BaseModel):
+    """The alert a detector has open on an entity after a row: rows are grouped into episodes (3 of the
+    last 5 rows at or above the threshold open one, 10 quiet rows close it), so one episode is one alert."""
+
+    state: Literal["opened", "firing", "closed"] = Field(description="opened by this row, still open, or closed by it")
+    started: float | str | None = Field(description="timestamp of the episode's first above-threshold row")
+    opened: float | str | None = Field(description="timestamp of the row that raised it")
+    closed: float | str | None = Field(description="timestamp of the row that closed it (state closed)")
+    rows: int = Field(description="rows from its first to its last above-threshold row")
+    peak_score: float
+    top_metrics: list[str] = Field(description="the metrics that explain the episode most, summed over its rows")
+
+
 class DetectorScore(BaseModel):
     anomaly_score: float
     threshold: float
     is_anomaly: bool
     incident_probability: float | None = None
     top_metrics: list[MetricContribution]
+    alert: AlertState | None = Field(None, description="the detector's alert on the entity after this row")
     model: ModelRef
     path: Literal["champion", "challenger", "fallback"]
 
@@ -210,6 +224,7 @@ class DetectorColumns(BaseModel):
     incident_probability: list[float] | None
     top_metrics: list[list[str]] = Field(description="per row, the metrics that explain the score most, first first")
     top_contributions: list[list[float]] = Field(description="per row, their contributions")
+    alerts: list[AlertState | None] = Field([], description="per row, the detector's alert on the entity after it")
 
 
 class ScoreBatchResponse(BaseModel):
@@ -286,6 +301,7 @@ def batch_result(
             "incident_probability": None if probs is None else np.asarray(probs).tolist(),
             "top_metrics": [[metrics[j] for j in row] for row in np.asarray(arrays["top"]).tolist()],
             "top_contributions": np.asarray(arrays["top_values"]).tolist(),
+            "alerts": arrays.get("alerts", [None] * len(scores)),
         }
     n = len(flagged) if flagged is not None else 0
     return {
@@ -305,6 +321,7 @@ def result_rows(arrays: dict[str, Any]) -> list[dict[str, Any]]:
     metrics = arrays["metrics"]
     names = [[metrics[j] for j in row] for row in arrays["top"].tolist()]
     values = arrays["top_values"].tolist()
+    alerts = arrays.get("alerts", [None] * len(scores))
     return [
         {
             "anomaly_score": scores[i],
@@ -312,6 +329,7 @@ def result_rows(arrays: dict[str, Any]) -> list[dict[str, Any]]:
             "is_anomaly": scores[i] >= threshold,
             "incident_probability": probs[i],
             "top_metrics": [{"metric": m, "contribution": c} for m, c in zip(names[i], values[i])],
+            "alert": alerts[i],
         }
         for i in range(len(scores))
     ]

@@ -269,6 +269,40 @@ def test_batch_matrix_route_scores_as_the_batch_path_and_feeds_history(served):
     assert nxt["results"][0]["detectors"]["autoencoder"]["anomaly_score"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_served_rows_come_grouped_into_one_alert_per_episode(served):
+    """Alerts, not rows: twelve rows with one metric pushed far out are one alert (opened once, carried by
+    the rows while it fires, closed once after quiet rows), naming that metric, on both scoring routes."""
+    client, series = served
+    quiet = series.train[series.metrics].to_numpy()[-200:]  # like the rows the model learnt from
+    spiked = quiet[60:72].copy()
+    spiked[:, 0] += 5.0  # the metrics are scaled to [0, 1]: five ranges out
+    values = np.vstack([quiet[:60], spiked, quiet[72:]])
+    body = {
+        "entity": series.name,
+        "metrics": series.metrics,
+        "values": values.tolist(),
+        "timestamps": [float(10_000 + t) for t in range(len(values))],
+        "detectors": ["autoencoder"],
+    }
+    response = client.post("/v1/score/batch", json=body)
+    assert response.status_code == 200, response.text
+    alerts = response.json()["detectors"]["autoencoder"]["alerts"]
+    states = [a and a["state"] for a in alerts]
+    assert len(alerts) == len(values)
+    assert states[:60].count("opened") <= 1 and states[59] is None, states[:60]  # any earlier alert has closed
+    assert states[60:80].count("opened") == 1, states[60:80]
+    opened = alerts[60 + states[60:80].index("opened")]
+    assert 10_060 <= opened["started"] <= opened["opened"] <= 10_072 and opened["top_metrics"][0] == series.metrics[0]
+    after = states[72:]
+    assert after.count("closed") == 1 and after.count("opened") == 0, after
+    closed = alerts[72 + after.index("closed")]
+    assert closed["started"] == opened["started"] and closed["closed"] > 10_072 and closed["rows"] >= 3
+    assert set(after[after.index("closed") + 1 :]) == {None}
+    # /v1/score reports the same book: a quiet row after the episode carries no alert
+    single = client.post("/v1/score", json={"rows": [row(series, 0)], "detectors": ["autoencoder"]}).json()
+    assert "alert" in single["results"][0]["detectors"]["autoencoder"]
+
+
 def test_batch_matrix_route_bad_inputs_get_422_naming_the_field(served):
     client, series = served
     X = series.test[series.metrics].to_numpy()[:5]

@@ -1,5 +1,6 @@
 """The ingress's parts without Serve: entity history (bounded, least recently seen evicted first), the
-fallback baseline, and the drift-monitor feed (never blocks, counts what it cannot deliver)."""
+fallback baseline, the alert book (rows grouped into alert episodes), and the drift-monitor feed (never
+blocks, counts what it cannot deliver)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from detect.state import ServingStore, connect
 from serve.auth import KEYS_FILE_ENV, AuthError, feedback_trusted
-from serve.history import FALLBACK_THRESHOLD, EntityHistory, fallback_scores
+from serve.history import FALLBACK_THRESHOLD, AlertBook, EntityHistory, fallback_scores
 from serve.monitor_feed import MonitorFeed
 from serve.router import TrafficPolicy
 from serve.traffic import TrafficStore
@@ -145,3 +146,45 @@ def test_the_watcher_sends_snapshots_to_the_route_and_limit_the_api_has():
     from serve.schemas import FLEET_PATH, MAX_FLEET_ROWS
 
     assert (FLEET_ROUTE, FLEET_ROWS) == (FLEET_PATH, MAX_FLEET_ROWS)
+
+
+def _arrays(scores: list[float], hot_metric: int = 1, metrics: tuple[str, ...] = ("cpu", "mem", "disk")) -> dict:
+    """`EntityModel.score_arrays` output for rows whose top metric is `hot_metric` when they score high."""
+    top = [[hot_metric, 0] if s >= 1.0 else [0, 2] for s in scores]
+    return {
+        "scores": np.asarray(scores),
+        "threshold": 1.0,
+        "metrics": list(metrics),
+        "top": np.asarray(top),
+        "top_values": np.asarray([[s, 0.1] for s in scores]),
+    }
+
+
+def test_the_alert_book_turns_served_rows_into_one_alert_per_episode():
+    """3 of 5 rows above the threshold open an alert (not one spike), the episode carries its first row's
+    timestamp, peak and top metric, and 10 quiet rows close it; each detector has its own."""
+    book = AlertBook()
+    scores = [0.1, 3.0, 0.2, 0.1, 0.1, 0.1, 2.0, 5.0, 0.3, 4.0, 2.0] + [0.1] * 10
+    timestamps = [f"t{i}" for i in range(len(scores))]
+    first = book.observe("autoencoder", "web-1", _arrays(scores[:8]), timestamps[:8])
+    assert first[:8] == [None] * 8  # the lone spike at t1 and two hot rows at t6, t7 page nobody
+    rest = book.observe("autoencoder", "web-1", _arrays(scores[8:]), timestamps[8:])
+    states = [a and a["state"] for a in rest]
+    assert states[:3] == [None, "opened", "firing"] and states[-1] == "closed" and states.count("closed") == 1
+    opened, closed = rest[1], rest[-1]
+    assert opened["started"] == "t6" and opened["opened"] == "t9" and opened["closed"] is None
+    assert closed["closed"] == "t20" and closed["peak_score"] == 5.0 and closed["rows"] == 5  # t6..t10
+    assert closed["top_metrics"][0] == "mem" and book.firing() == 0
+    # the LSTM's view of the same entity is another alert
+    assert book.observe("lstm", "web-1", _arrays([3.0] * 3), ["u0", "u1", "u2"])[-1]["state"] == "opened"
+    assert book.firing() == 1
+
+
+def test_the_alert_book_is_bounded_and_forgets_the_least_recently_scored_first():
+    book = AlertBook(max_entities=2)
+    for entity in ("a", "b"):
+        book.observe("autoencoder", entity, _arrays([3.0] * 3), [0, 1, 2])
+    book.observe("autoencoder", "a", _arrays([3.0]), [3])  # a is now the most recently scored
+    book.observe("autoencoder", "c", _arrays([0.1]), [0])  # evicts b, not a
+    assert book.firing() == 1  # a's alert is kept, b's is gone
+    assert book.observe("autoencoder", "a", _arrays([3.0]), [4])[0]["state"] == "firing"
