@@ -52,7 +52,9 @@ class EntityHistory:
         hist = self.of(entity)
         prior = list(hist)[max(0, len(hist) - context) :] if context else []
         rows = np.concatenate([np.asarray(prior, dtype=np.float64), new]) if prior else new
-        hist.extend(new)
+        # a copy of the rows kept: the deque holds row views, which would otherwise pin the whole request
+        # array (a 5,000-row batch per entity) for as long as any of its rows is in the history
+        hist.extend(np.array(new[-self.rows :], dtype=np.float64))
         return rows
 
 

@@ -36,6 +36,19 @@ def test_context_and_new_returns_the_context_then_the_new_rows_and_stores_them()
     assert len(history.of("e")) == 4
 
 
+def test_history_keeps_copies_of_its_rows_not_views_pinning_the_whole_request():
+    """A 5,000-row batch leaves the entity's last rows in the history, in a buffer of their own: the
+    request's array is not kept alive by them (memory per entity stays bounded by `rows`)."""
+    history = EntityHistory(rows=16)
+    batch = np.random.default_rng(0).random((5000, 38))
+    history.context_and_new("e", batch, context=0)
+    kept = history.of("e")
+    np.testing.assert_array_equal(np.asarray(kept), batch[-16:])
+    buffers = {id(r.base): r.base for r in kept if r.base is not None}
+    assert all(b is not batch for b in buffers.values())
+    assert sum(b.nbytes for b in buffers.values()) <= 16 * 38 * 8
+
+
 def test_fallback_flags_a_row_far_from_the_recent_history():
     rng = np.random.default_rng(0)
     rows = np.vstack([rng.normal(0, 1, (50, 3)), [[0.0, 0.0, 0.0], [40.0, 0.0, 0.0]]])
