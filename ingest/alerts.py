@@ -1,8 +1,10 @@
 """Alerts from the live scores: Alertmanager's API (`POST /api/v2/alerts`) and generic webhooks.
 
-`Notifier.observe` takes every scored row of an (entity, detector) in time order. An alert fires when
-the detector has flagged the entity for `for` (the rows' own timestamps, so a watcher catching up
-after a restart decides exactly as a live one), and resolves when it has been quiet for
+`Notifier.observe` takes every scored row of an (entity, detector) in time order, with whether it is
+anomalous: the watcher passes whether the detector's served alert on the entity is open after the row
+(`ingest.watch.alert_open`: the Serve app groups rows into alert episodes, so one spike is not an
+alert). An alert fires when that has held for `for` (the rows' own timestamps, so a watcher catching
+up after a restart decides exactly as a live one), and resolves when it has been quiet for
 `resolve_after`. One alert per label set (alertname, entity, detector + the configured labels):
 
 - Alertmanager: a firing alert is posted once and re-sent every `resend` with `endsAt` a few resends

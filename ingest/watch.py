@@ -279,6 +279,16 @@ class _AlertStore:
 
 
 # -- exported metrics ------------------------------------------------------------------------------------------
+def alert_open(answer: dict[str, Any]) -> bool:
+    """Whether a detector's served alert on the entity is open after this row: alerts, not rows (the Serve
+    app groups rows into episodes, `serve.history.AlertBook`). An answer without one, from a Serve app
+    older than the alert book, falls back to the row's own flag."""
+    if "alert" not in answer:
+        return bool(answer["is_anomaly"])
+    alert = answer["alert"]
+    return alert is not None and alert["state"] != "closed"
+
+
 class WatchMetrics:
     """The watcher's Prometheus metrics, in a registry of their own (served by `serve(port)`)."""
 
@@ -290,6 +300,9 @@ class WatchMetrics:
         self.score = Gauge("raywatch_anomaly_score", "newest anomaly score", ed, registry=r)
         self.threshold = Gauge("raywatch_anomaly_threshold", "the detector's operational threshold", ed, registry=r)
         self.anomaly = Gauge("raywatch_anomaly", "1 while the newest row is flagged", ed, registry=r)
+        self.alert_open = Gauge(
+            "raywatch_alert_open", "1 while the detector's served alert on the entity is open", ed, registry=r
+        )
         self.probability = Gauge("raywatch_incident_probability", "newest incident probability", ed, registry=r)
         self.top = Gauge(
             "raywatch_top_metric",
@@ -629,7 +642,7 @@ class Watcher:
                     label,
                     name,
                     float(row["timestamp"]),
-                    bool(d["is_anomaly"]),
+                    alert_open(d),
                     d["anomaly_score"],
                     d["threshold"],
                     d.get("incident_probability"),
@@ -644,6 +657,7 @@ class Watcher:
             self.metrics.score.labels(label, name).set(d["anomaly_score"])
             self.metrics.threshold.labels(label, name).set(d["threshold"])
             self.metrics.anomaly.labels(label, name).set(1.0 if d["is_anomaly"] else 0.0)
+            self.metrics.alert_open.labels(label, name).set(1.0 if alert_open(d) else 0.0)
             if d.get("incident_probability") is not None:
                 self.metrics.probability.labels(label, name).set(d["incident_probability"])
             top = d["top_metrics"][0] if d.get("top_metrics") else None

@@ -93,6 +93,19 @@ def test_time_chunks_respect_the_point_limit():
     assert align(1234.56, 15) == 1230.0 and align(10.0009, 0.5) == 10.0
 
 
+def test_the_watcher_alerts_on_served_alert_episodes_not_rows():
+    """What the notifier is told: whether the served alert is open after the row (a flagged row outside
+    an episode is not an alert; a quiet row inside one is), or the row's flag from an older Serve app."""
+    from ingest.watch import alert_open
+
+    episode = {"state": "firing", "started": 1.0, "opened": 3.0, "closed": None}
+    assert alert_open({"is_anomaly": False, "alert": episode})
+    assert alert_open({"is_anomaly": True, "alert": {**episode, "state": "opened"}})
+    assert not alert_open({"is_anomaly": True, "alert": None})  # a lone spike
+    assert not alert_open({"is_anomaly": False, "alert": {**episode, "state": "closed", "closed": 20.0}})
+    assert alert_open({"is_anomaly": True}) and not alert_open({"is_anomaly": False})
+
+
 def test_notifier_fires_once_resends_and_resolves():
     now = [1000.0]
     notifier = Notifier(AlertSettings(for_s=3, resolve_after_s=2, resend_s=10), clock=lambda: now[0])
