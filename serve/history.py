@@ -9,7 +9,7 @@ and `tail_features`, the same functions the batch path is tested equal to), so w
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,19 @@ from detect.alerting import Alert, AlertGrouper
 HISTORY_ROWS = 256  # raw samples kept per entity
 MAX_ENTITIES = 100_000
 FALLBACK_THRESHOLD = 3.0  # mean robust z-score above which the baseline flags a row
+
+
+def lru_entry(table: OrderedDict, key: Any, bound: int, create: Callable[[], Any]) -> tuple[Any, Any]:
+    """(table[key], evicted): the entry, created by `create()` on first sight, now the most recently used;
+    `evicted` is the least recently used entry dropped to keep the table within `bound`, or None."""
+    entry, evicted = table.get(key), None
+    if entry is None:
+        if len(table) >= bound:
+            evicted = table.popitem(last=False)[1]
+        entry = table[key] = create()
+    else:
+        table.move_to_end(key)
+    return entry, evicted
 
 
 class EntityHistory:
@@ -34,14 +47,7 @@ class EntityHistory:
 
     def of(self, entity: str) -> deque:
         """The entity's samples (oldest first), created empty on first sight; marks it recently seen."""
-        hist = self._entities.get(entity)
-        if hist is None:
-            if len(self._entities) >= self.max_entities:
-                self._entities.popitem(last=False)
-            hist = self._entities[entity] = deque(maxlen=self.rows)
-        else:
-            self._entities.move_to_end(entity)
-        return hist
+        return lru_entry(self._entities, entity, self.max_entities, lambda: deque(maxlen=self.rows))[0]
 
     def peek(self, entity: str) -> deque | None:
         """The entity's samples if it has any, without creating or touching it."""
@@ -96,6 +102,7 @@ class AlertBook:
 
     max_entities: int = MAX_ENTITIES
     _tracked: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _open: int = field(default=0, repr=False)  # alerts open now: kept as they open, close and are evicted
 
     def observe(self, detector: str, entity: str, arrays: dict[str, Any], timestamps: Sequence[Any]) -> list:
         """Feed one detector's scores of an entity's new rows (`EntityModel.score_arrays` output) in time
@@ -106,17 +113,21 @@ class AlertBook:
         top, top_values = np.asarray(arrays["top"]), np.asarray(arrays["top_values"], dtype=np.float64)
         out = []
         for i, score in enumerate(np.asarray(scores, dtype=np.float64).tolist()):
-            contribution = np.zeros(len(metrics))
-            contribution[top[i]] = top_values[i]
+            contribution = None  # only rows at or above the threshold add to an alert's top metrics
+            if score >= threshold:
+                contribution = np.zeros(len(metrics))
+                contribution[top[i]] = top_values[i]
             row = tracked.grouper.row_ + 1
             tracked.recent.append((row, timestamps[i]))
             change = tracked.grouper.update(score, threshold, contribution)
             if change and change[0] == "opened":
                 tracked.started = dict(tracked.recent).get(change[1].start, timestamps[i])
                 tracked.opened = timestamps[i]
+                self._open += 1
             if change and change[0] == "closed":
                 out.append(self._report("closed", change[1], tracked, metrics, timestamps[i]))
                 tracked.started = tracked.opened = None
+                self._open -= 1
             elif tracked.grouper.firing is not None:
                 state = "opened" if change else "firing"
                 out.append(self._report(state, tracked.grouper.firing, tracked, metrics, None))
@@ -125,19 +136,18 @@ class AlertBook:
         return out
 
     def firing(self) -> int:
-        """Alerts open now, over every (detector, entity) pair."""
-        return sum(t.grouper.firing is not None for t in self._tracked.values())
+        """Alerts open now, over every (detector, entity) pair (a count kept as they change: the gauge is
+        set on every scoring call, which must not walk every pair)."""
+        return self._open
 
     def _of(self, detector: str, entity: str) -> _Tracked:
-        key = (detector, entity)
-        tracked = self._tracked.get(key)
-        if tracked is None:
-            if len(self._tracked) >= self.max_entities:
-                self._tracked.popitem(last=False)
+        def new() -> _Tracked:
             grouper = AlertGrouper()
-            tracked = self._tracked[key] = _Tracked(grouper, deque(maxlen=grouper.n))
-        else:
-            self._tracked.move_to_end(key)
+            return _Tracked(grouper, deque(maxlen=grouper.n))
+
+        tracked, evicted = lru_entry(self._tracked, (detector, entity), self.max_entities, new)
+        if evicted is not None and evicted.grouper.firing is not None:
+            self._open -= 1
         return tracked
 
     @staticmethod
