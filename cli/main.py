@@ -79,6 +79,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.epochs:
         overrides["epochs"] = args.epochs
     use_gpu = {"auto": None, "yes": True, "no": False}[args.gpu]
+    if args.fleet:
+        return _train_fleet(args, overrides, use_gpu)
+    if not args.model:
+        raise ValueError("--model is required (or --fleet)")
     if args.source and args.data:
         raise ValueError("--data and --source are alternatives: pass one")
     if args.source:
@@ -103,6 +107,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result["version"]:
         promoted = " and promoted to champion (first version)" if result.get("promoted") else ""
         print(f"registered {result['model']} version {result['version']}{promoted} (MLflow run {result['run_id']})")
+    return 0
+
+
+def _train_fleet(args: argparse.Namespace, overrides: dict, use_gpu: bool | None) -> int:
+    from train.fleet import FLEET_KIND, train_fleet
+
+    if args.source:
+        raise ValueError("--fleet learns from --data (a benchmark folder); --source is not supported with it")
+    if args.model not in (None, FLEET_KIND):
+        raise ValueError(f"--fleet trains the {FLEET_KIND}'s fleet model; drop --model {args.model}")
+    print(f"training fleet models ({FLEET_KIND}, one per metric schema) on Ray Train", file=sys.stderr)
+    result = train_fleet(
+        args.data,
+        args.entities.split(",") if args.entities else None,
+        overrides,
+        num_workers=args.num_workers,
+        use_gpu=use_gpu,
+        progress=lambda m: print(m, file=sys.stderr, flush=True),
+    )
+    for key, figures in result["schemas"].items():
+        print(f"{key}: {len(figures['entities'])} entities, {figures['metrics']} metrics, {figures['fit_seconds']} s")
+    print(f"registered {result['model']} version {result['version']} with the fleet models and promoted it to champion")
     return 0
 
 
@@ -439,7 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_evaluate)
 
     tr = sub.add_parser("train", help="train a detector per entity on Ray Train, log to MLflow, register a version")
-    tr.add_argument("--model", required=True, choices=DETECTOR_KINDS)
+    tr.add_argument("--model", choices=DETECTOR_KINDS, help="required unless --fleet")
+    tr.add_argument(
+        "--fleet",
+        action="store_true",
+        help="train one autoencoder per metric schema across the entities (scores new entities from their first row)",
+    )
     tr.add_argument("--data", help="benchmark directory; default $RAYWATCH_DATA or the shipped data/")
     tr.add_argument("--entities", help="comma-separated entities; default all")
     tr.add_argument("--epochs", type=int, help="epochs (autoencoder, lstm)")

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from detect.features import FeatureSpec, entity_features, entity_windows, tail_features, tail_windows
+from detect.fleet import WindowNormaliser
 
 # rows from which the ensemble's member graphs run in parallel, unless a runtime is given its own
 # (serving passes its `parallel_rows` setting)
@@ -62,12 +63,33 @@ def smooth_causal(values: np.ndarray, k: int) -> np.ndarray:
 
 
 class SequenceRuntime:
-    """Autoencoder / LSTM scoring through one ONNX graph."""
+    """Autoencoder / LSTM scoring through one ONNX graph. A fleet model's runtime (`normaliser` set,
+    detect/fleet.py) puts each window in its entity's own units before the graph; its items may come from
+    many entities, scored in one call."""
 
-    def __init__(self, graph: bytes, spec: FeatureSpec, smooth: int, threshold: float, threads: int = 1) -> None:
+    def __init__(
+        self,
+        graph: bytes,
+        spec: FeatureSpec,
+        smooth: int,
+        threshold: float,
+        threads: int = 1,
+        normaliser: WindowNormaliser | None = None,
+    ) -> None:
         self.session = session(graph, threads)
-        self.spec, self.smooth, self.threshold = spec, smooth, threshold
+        self.spec, self.smooth, self.threshold, self.normaliser = spec, smooth, threshold, normaliser
         self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def _series_windows(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        if self.normaliser is not None:
+            return self.normaliser.series_windows(X, self.spec)
+        return entity_windows(X, self.spec)
+
+    def _tail_windows(self, rows: np.ndarray, k: int, baseline: np.ndarray | None) -> np.ndarray:
+        if self.normaliser is not None:
+            return self.normaliser.tail_windows(rows, self.spec, k, baseline)
+        return tail_windows(rows, self.spec, k, self.spec.window)
 
     def errors(self, windows: np.ndarray) -> np.ndarray:
         """(N, W, M) windows -> (N, M) normalised per-metric errors."""
@@ -75,7 +97,7 @@ class SequenceRuntime:
 
     def graph_inputs(self, X: np.ndarray) -> np.ndarray:
         """What the graph reads for every row of a series: its windows."""
-        return entity_windows(np.asarray(X, dtype=np.float64), self.spec)
+        return self._series_windows(X)
 
     def run_graphs(self, inputs: np.ndarray) -> np.ndarray:
         """The ONNX work alone, on `graph_inputs` (what benchmarks time against the served path)."""
@@ -86,16 +108,20 @@ class SequenceRuntime:
             raise ValueError("this graph has no forecast output (only the LSTM forecasts)")
         return self.session.run(["forecast"], {"windows": np.ascontiguousarray(windows, dtype=np.float32)})[0]
 
-    def score_tails(self, items: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, None, np.ndarray]:
+    def score_tails(self, items: list[tuple]) -> tuple[np.ndarray, None, np.ndarray]:
         """(scores, no probability, per-metric contributions) of each item's last n rows, items being
-        (rows, n) oldest first, stacked into one ONNX Runtime call; the same windows as the batch path."""
-        smooth, spec = self.smooth, self.spec
+        (rows, n) oldest first, stacked into one ONNX Runtime call; the same windows as the batch path.
+        A fleet model's items may come from many entities and carry a third part, the entity's frozen
+        baseline (`detect.fleet.entity_baseline`), or None while the rows start at the entity's first."""
+        smooth = self.smooth
         # each item needs the errors of its last n + smooth - 1 rows (fewer at a series' start)
-        spans = [min(n + smooth - 1, len(rows)) for rows, n in items]
-        windows = np.concatenate([tail_windows(rows, spec, k, spec.window) for (rows, _), k in zip(items, spans)])
+        spans = [min(item[1] + smooth - 1, len(item[0])) for item in items]
+        windows = np.concatenate(
+            [self._tail_windows(item[0], k, item[2] if len(item) > 2 else None) for item, k in zip(items, spans)]
+        )
         errors = self.errors(windows).astype(np.float64)
         parts, at = [], 0
-        for k, (_, n) in zip(spans, items):
+        for k, (_, n, *_baseline) in zip(spans, items):
             parts.append(smooth_causal(errors[at : at + k], smooth)[-n:])
             at += k
         contributions = np.concatenate(parts)
@@ -103,7 +129,7 @@ class SequenceRuntime:
 
     def explain_series(self, X: np.ndarray, batch: int = 4096) -> np.ndarray:
         """Smoothed per-metric errors for every row of one entity's series (T, M)."""
-        windows = entity_windows(np.asarray(X, dtype=np.float64), self.spec)
+        windows = self._series_windows(X)
         errs = np.concatenate([self.errors(windows[i : i + batch]) for i in range(0, len(windows), batch)])
         return smooth_causal(errs.astype(np.float64), self.smooth)
 

@@ -26,6 +26,7 @@ from torch import nn
 from detect.base import Detector
 from detect.config import config_dataclass
 from detect.features import FeatureSpec, entity_windows
+from detect.fleet import WindowNormaliser
 from detect.metrics import operational_threshold
 from detect.runtime import smooth_causal
 
@@ -242,6 +243,8 @@ class SequenceDetector(Detector):
     """Shared fit / score / explain / save / load of the autoencoder and the LSTM."""
 
     network_class: type[SequenceNetwork]
+    # set on a fleet model (detect/fleet.py): windows are put in each entity's own units before scaling
+    normaliser_: WindowNormaliser | None = None
 
     def __init__(self, config: SequenceConfig | dict[str, Any] | None = None, **overrides: Any) -> None:
         cfg = config if isinstance(config, SequenceConfig) else SequenceConfig.from_dict(config or {})
@@ -254,14 +257,44 @@ class SequenceDetector(Detector):
         X = self._check(X, fitting=True)
         self.n_metrics_ = X.shape[1]
         self.scaler_ = Scaler.fit(X)
-        names = tuple(metrics) if metrics else tuple(f"m{i:02d}" for i in range(X.shape[1]))
-        # only `window` matters to the sequence models; the other fields keep history == window
-        self.spec_ = FeatureSpec(
-            metrics=names, window=self.config.window, lags=(1,), rolling=(self.config.window,), diffs=(1,), rates=(1,)
-        )
+        self.spec_ = self._sequence_spec(metrics)
         windows = torch.from_numpy(entity_windows(self.scaler_.transform(X), self.spec_))
         n_val = int(len(windows) * self.config.val_fraction)
         return windows[: len(windows) - n_val], windows[len(windows) - n_val :]
+
+    def prepare_fleet(
+        self, series: list[np.ndarray], metrics: list[str], prior_rows: int = 16
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fleet model's `prepare`: many entities' (T, M) series with one metric schema. Each entity's
+        windows are normalised by its own rows (`WindowNormaliser`); the newest `val_fraction` of each
+        entity's windows validates (error scale and threshold), the rest trains."""
+        checked = [self._check(X, fitting=True) for X in series]
+        self.n_metrics_ = checked[0].shape[1]
+        self.spec_ = self._sequence_spec(metrics)
+        self.normaliser_ = WindowNormaliser.fit(checked, prior_rows)
+        per_entity = [self.normaliser_.series_windows(X, self.spec_) for X in checked]
+        newest = np.concatenate([w[:, -1, :] for w in per_entity]).astype(np.float64)
+        self.scaler_ = Scaler.fit(newest)
+        train, val = [], []
+        for windows in per_entity:
+            n_val = int(len(windows) * self.config.val_fraction)
+            scaled = self.scaler_.transform(windows).astype(np.float32)
+            train.append(scaled[: len(scaled) - n_val])
+            val.append(scaled[len(scaled) - n_val :])
+        return torch.from_numpy(np.concatenate(train)), torch.from_numpy(np.concatenate(val))
+
+    def fit_fleet(self, series: list[np.ndarray], metrics: list[str], **normaliser: int) -> Detector:
+        """In-process fleet fit (tests; `raywatch train --fleet` fits on Ray Train)."""
+        train_w, val_w = self.prepare_fleet(series, metrics, **normaliser)
+        network = self.new_network()
+        return self.finish(network, val_w, train_epochs(network, train_w, val_w, self.config))
+
+    def _sequence_spec(self, metrics: list[str] | None) -> FeatureSpec:
+        names = tuple(metrics) if metrics else tuple(f"m{i:02d}" for i in range(self.n_metrics_))
+        # only `window` matters to the sequence models; the other fields keep history == window
+        return FeatureSpec(
+            metrics=names, window=self.config.window, lags=(1,), rolling=(self.config.window,), diffs=(1,), rates=(1,)
+        )
 
     def new_network(self) -> nn.Module:
         torch.manual_seed(self.config.seed)
@@ -285,7 +318,11 @@ class SequenceDetector(Detector):
         return self.finish(network, val_w, history)
 
     def _windows(self, X: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(entity_windows(self.scaler_.transform(self._check(X)), self.spec_))
+        X = self._check(X)
+        if self.normaliser_ is not None:  # a fleet model: each window in the entity's own units first
+            windows = self.normaliser_.series_windows(X, self.spec_)
+            return torch.from_numpy(self.scaler_.transform(windows).astype(np.float32))
+        return torch.from_numpy(entity_windows(self.scaler_.transform(X), self.spec_))
 
     def _normalised_error(self, X: np.ndarray) -> np.ndarray:
         return batched_error(self.network_, self._windows(X)) / self.error_scale_
@@ -302,6 +339,8 @@ class SequenceDetector(Detector):
     def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         arrays = {f"w.{k}": v.detach().cpu().numpy() for k, v in self.network_.state_dict().items()}
         arrays.update(scaler_mean=self.scaler_.mean, scaler_std=self.scaler_.std, error_scale=self.error_scale_)
+        if self.normaliser_ is not None:
+            arrays.update(self.normaliser_.to_arrays())
         return {"config": asdict(self.config), "spec": self.spec_.to_json(), "history": self.history_}, arrays
 
     def _restore(self, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
@@ -311,6 +350,7 @@ class SequenceDetector(Detector):
         self.history_ = params.get("history", [])
         self.scaler_ = Scaler(arrays["scaler_mean"], arrays["scaler_std"])
         self.error_scale_ = arrays["error_scale"]
+        self.normaliser_ = WindowNormaliser.from_arrays(arrays)
         network = self.network_class.build(self.n_metrics_, self.config)
         network.load_state_dict({k[2:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("w.")})
         self.network_ = network.eval()

@@ -52,6 +52,9 @@ class MonitorConfig:
     concept_rows: int = 2000  # newest served rows per entity that the concept test looks at
     version_check_s: float = 5.0
     keep_observations: int = 20_000  # per entity; older rows are pruned
+    # a new entity scored by a fleet model gets a retraining job for its own model once this many of its
+    # rows are kept (and again after as many more while its own model has not won); 0: never
+    own_model_rows: int = 2000
     job_address: str | None = None  # Ray dashboard address for job submission (default: this cluster)
 
     def __post_init__(self) -> None:
@@ -187,7 +190,8 @@ class DriftMonitor:
         if now - self._checked_version > self.config.version_check_s:
             self._checked_version = now
             self._check_version()
-        known = [it for it in items if it.get("entity") in self.metrics]
+        # an entity with a model of its own, or a new one scored by a fleet model (its rows train its own)
+        known = [it for it in items if it.get("entity") in self.metrics or it.get("model_key") in self.metrics]
         if known:
             self.store.add_observations(self.model, known)
             for it in known:
@@ -212,6 +216,7 @@ class DriftMonitor:
     def _test_windows(self, entity: str) -> list[dict[str, Any]]:
         det = self.detectors.get(entity)
         if det is None:
+            self._graduate(entity)
             return []
         span = self.drift_config.span
         cursors = self.events.get_state(self._key("cursors"), {})
@@ -240,6 +245,21 @@ class DriftMonitor:
         if start:  # rows were consumed by tests: keep the log bounded (not on every batch)
             self.store.prune_observations(self.model, entity, self.config.keep_observations)
         return out
+
+    def _graduate(self, entity: str) -> None:
+        """A new entity scored by a fleet model (no drift reference of its own): once `own_model_rows` of its
+        rows are kept, submit the retraining job that fits its own model; like any challenger it is promoted
+        only on a significant win. Its kept rows are bounded like any entity's."""
+        if entity in self.metrics or not self.config.retrain or not self.config.own_model_rows:
+            return
+        if entity not in self._pending:
+            self._pending[entity] = self.store.count_observations(self.model, entity)
+        if self._pending[entity] < self.config.own_model_rows:
+            return
+        outcome = self.maybe_retrain(entity, ["cold_start"], [])
+        if outcome.get("submitted"):
+            self._pending[entity] = 0
+        self.store.prune_observations(self.model, entity, self.config.keep_observations)
 
     def check_concept(self) -> list[dict[str, Any]]:
         """Concept drift per entity from feedback labels joined with what was served."""

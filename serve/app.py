@@ -36,13 +36,14 @@ from pydantic_core import to_json
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from detect.fleet import fleet_key, is_fleet_key
 from detect.kinds import FORECASTER
 from detect.state import ServingStore
 from detect.state import state_dir as current_state_dir
 from monitoring.events import DriftEventStore
 from serve import schemas as S
 from serve.auth import KEYS_FILE_ENV, AuthError, check_admin, feedback_trusted
-from serve.history import AlertBook, EntityHistory, fallback_scores
+from serve.history import AlertBook, ColdStarts, EntityHistory, fallback_scores
 from serve.monitor_feed import MonitorFeed
 from serve.rate_limit import RateLimit, SharedRateLimiter, client_id
 from serve.rollout import RolloutPlan, RolloutStore, StepCounter
@@ -281,6 +282,7 @@ class RaywatchAPI:
         self.handles = dict(detectors)  # kind name -> its deployment
         self.limiter = SharedRateLimiter(rate_limit or RateLimit())  # one limit for all the replicas
         self.history = EntityHistory()
+        self.cold_starts = ColdStarts()  # entities scored by a fleet model: rows seen, frozen baseline
         self.alerts = AlertBook()  # rows grouped into alert episodes per detector and entity
         self.traffic = TrafficStore(self.state_root / "traffic.db")  # shared by the replicas, kept across restarts
         # one breaker per model and slot: a failing challenger must not send the champion's traffic to the fallback
@@ -400,37 +402,68 @@ class RaywatchAPI:
         self.m_rollout_percent.set(state["percent"], tags={"detector": name})
         log.info("rollout started (retraining loop)", extra={"detector": name, "version": version})
 
-    async def _entity_metrics(self, detectors: list[str]) -> dict[str, list[str]]:
+    async def _entity_metrics(self, detectors: list[str]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+        """(entity -> metrics of the entities with a model of their own, fleet key -> metrics of the fleet
+        models), over the champions of `detectors`."""
         known: dict[str, list[str]] = {}
+        fleets: dict[str, list[str]] = {}
         for name in detectors:
             champion = (await self._info(name))["slots"].get("champion")
             for entity, meta in (champion or {}).get("entities", {}).items():
-                known.setdefault(entity, meta["metrics"])
-        return known
+                (fleets if is_fleet_key(entity) else known).setdefault(entity, meta["metrics"])
+        return known, fleets
 
-    async def _context_rows(self, entity: str, detectors: list[str]) -> int:
+    @staticmethod
+    def _model_key(slot: dict[str, Any] | None, entity: str, metrics: list[str]) -> str | None:
+        """The key of the model that scores `entity` in a loaded slot's description: its own, else the fleet
+        model of its metrics (a new entity, cold start), else None."""
+        entities = (slot or {}).get("entities", {})
+        if entity in entities:
+            return entity
+        key = fleet_key(metrics)
+        return key if key in entities else None
+
+    async def _context_rows(self, entity: str, detectors: list[str], metrics: list[str]) -> int:
         """Rows of history before a new row that the served models of `detectors` read for `entity`."""
         need = 0
         for name in detectors:
             for slot in (await self._info(name))["slots"].values():
-                need = max(need, slot.get("entities", {}).get(entity, {}).get("context_rows", 0))
+                key = self._model_key(slot, entity, metrics)
+                need = max(need, slot["entities"][key]["context_rows"] if key else 0)
         return need
 
     # -- scoring -------------------------------------------------------------------------------------------
     async def _score_entity(
-        self, name: str, entity: str, rows: np.ndarray, timestamps: list, metrics: list[str], hist: deque
+        self,
+        name: str,
+        entity: str,
+        rows: np.ndarray,
+        timestamps: list,
+        metrics: list[str],
+        hist: deque,
+        baseline: np.ndarray | None = None,
     ) -> tuple[str, dict, dict[str, Any]]:
         """One detector's scores for one entity's new rows (the last len(timestamps) of `rows`; the rest is
-        context): (path, model ref, arrays as `EntityModel.score_arrays` returns them)."""
+        context): (path, model ref, arrays as `EntityModel.score_arrays` returns them). An entity without
+        a model of its own is scored by the fleet model of its metrics: from all of `rows` (its rows since
+        its first) while young, with its frozen `baseline` once grown."""
         n_new = len(timestamps)
         info = await self._info(name)
         has_challenger = "challenger" in info["slots"]
         policy = self.traffic.get(name)
         path = policy.path_for(entity, has_challenger)
+        if path != "champion" and self._model_key(info["slots"].get(path), entity, metrics) is None:
+            path = "champion"  # a challenger without this entity's model (or fleet model): the champion serves it
         breaker = self.breakers[(name, path)]
         slot_meta = info["slots"].get(path) or info["slots"].get("champion") or {}
-        context = slot_meta.get("entities", {}).get(entity, {}).get("context_rows", 64)
+        key = self._model_key(slot_meta, entity, metrics) or entity
+        context = slot_meta.get("entities", {}).get(key, {}).get("context_rows", 64)
         item = {"entity": entity, "path": path, "rows": rows[-(n_new + context) :], "n_new": n_new}
+        if is_fleet_key(key):
+            item["model_key"] = key
+            item["baseline"] = None if baseline is None else baseline.tolist()
+            if baseline is None:
+                item["rows"] = rows  # young: its statistics come from every row since its first
         started, result = time.perf_counter(), {"ok": False, "called": False}
         if breaker.allow():
             # big items go on their own: gathering them would only serialise their scoring in one call
@@ -638,9 +671,12 @@ class RaywatchAPI:
         await self._limit(client)
         request = _parse(model, body)
         detectors = list(dict.fromkeys(request.detectors or S.DETECTORS))
-        known = await self._entity_metrics(detectors)
-        if not known:
+        known, fleets = await self._entity_metrics(detectors)
+        if not known and not fleets:
             raise ApiError(503, "detectors", f"no model is loaded for {detectors}; train and register one first")
+        for entity, names in S.entity_metric_names(request):  # a new entity: the fleet model of its metrics
+            if entity not in known and fleet_key(names) in fleets:
+                known[entity] = fleets[fleet_key(names)]
         return request, detectors, known
 
     @api.post("/v1/score", response_model=S.ScoreResponse, openapi_extra=_json_body(S.ScoreRequest))
@@ -724,14 +760,25 @@ class RaywatchAPI:
         """Score one entity's new rows (model metric order) with each detector, after the entity's
         history (which they join); feed what was served to the drift monitors. Per detector: (path,
         model ref, arrays)."""
-        context = await self._context_rows(entity, detectors)
+        keys = {}
+        for name in detectors:
+            keys[name] = self._model_key((await self._info(name))["slots"].get("champion"), entity, metrics)
+        detectors = [name for name in detectors if keys[name]]  # a new entity: the detectors with a fleet model
+        context = await self._context_rows(entity, detectors, metrics)
+        cold_start = any(is_fleet_key(k) for k in keys.values())
+        baseline = None
+        if cold_start:
+            young_context, baseline = self.cold_starts.before(entity, len(self.history.peek(entity) or ()))
+            context = max(context, young_context or 0)
         rows = self.history.context_and_new(entity, new, context)
+        if cold_start:
+            self.cold_starts.after(entity, rows, len(new))
         hist = self.history.of(entity)
         outputs = await asyncio.gather(
-            *(self._score_entity(name, entity, rows, timestamps, metrics, hist) for name in detectors)
+            *(self._score_entity(name, entity, rows, timestamps, metrics, hist, baseline) for name in detectors)
         )
         for name, (path, _, arrays) in zip(detectors, outputs):
-            self.monitor_feed.offer(name, entity, timestamps, new, path, arrays)
+            self.monitor_feed.offer(name, entity, timestamps, new, path, arrays, keys[name])
             arrays["alerts"] = self.alerts.observe(name, entity, arrays, timestamps)
             self._count_alerts(name, arrays["alerts"])
         return dict(zip(detectors, outputs))
@@ -769,7 +816,7 @@ class RaywatchAPI:
     @api.post("/v1/forecast")
     async def forecast(self, request: S.ForecastRequest, client: str = Depends(_client)) -> dict[str, Any]:
         await self._limit(client)
-        known = await self._entity_metrics([FORECASTER])
+        known, _ = await self._entity_metrics([FORECASTER])
         metrics = known.get(request.entity)
         if metrics is None:
             raise ApiError(422, "entity", f"unknown entity {request.entity!r} for the {FORECASTER} forecaster")

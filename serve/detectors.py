@@ -52,7 +52,7 @@ class EntityModel:
         rows are stacked, scored together and split again, so the result for an item is the same as
         scoring it alone (the same windows as the batch path, see detect.features.tail_windows).
         Per item: numpy arrays (cheap to send between replicas; `result_rows` makes the JSON rows)."""
-        counts = [int(n) for _, n in items]
+        counts = [int(item[1]) for item in items]
         scores, probability, contributions = self.runtime.score_tails(items)
         top = np.argsort(-contributions, axis=1)[:, :TOP_METRICS]
         top_values = np.take_along_axis(contributions, top, axis=1)
@@ -94,6 +94,15 @@ class ModelSlot:
     @property
     def ref(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "variant": self.variant}
+
+
+def _model_input(item: dict[str, Any]) -> tuple:
+    """(rows, new rows) for an entity's own model; a fleet model's item adds the entity's frozen baseline
+    (None while its rows start at its first)."""
+    if "model_key" not in item:
+        return item["rows"], int(item["n_new"])
+    baseline = item.get("baseline")
+    return item["rows"], int(item["n_new"]), None if baseline is None else np.asarray(baseline, dtype=np.float64)
 
 
 def load_slot(kind: str, alias: str, parallel_rows: int | None = None) -> ModelSlot | None:
@@ -255,15 +264,17 @@ class DetectorServer:
                     raise RuntimeError(
                         f"no {self.kind} model is loaded ({self.load_error or 'no champion registered'})"
                     )
-                model = slot.entities.get(item["entity"])
+                key = item.get("model_key") or item["entity"]  # a fleet model's key for a new entity
+                model = slot.entities.get(key)
                 if model is None:
                     raise KeyError(f"{slot.name} v{slot.version} has no model for entity {item['entity']!r}")
                 item["rows"] = np.asarray(item["rows"], dtype=np.float64)
-                groups.setdefault((id(slot), item["entity"]), (slot, model, []))[2].append(i)
+                # one ONNX Runtime call per model: a fleet model's items from many entities go together
+                groups.setdefault((id(slot), key), (slot, model, []))[2].append(i)
             except Exception as exc:  # reported per item: one bad item must not fail its batch-mates
                 out[i] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         for slot, model, idx in groups.values():
-            pairs = [(items[i]["rows"], int(items[i]["n_new"])) for i in idx]
+            pairs = [_model_input(items[i]) for i in idx]
             try:
                 scored = model.score_arrays(pairs)
             except Exception:  # find the bad item(s): score the group one by one

@@ -16,10 +16,13 @@ from typing import Any
 import numpy as np
 
 from detect.alerting import Alert, AlertGrouper
+from detect.fleet import BASELINE_MARGIN, BASELINE_ROWS, entity_baseline
 
 HISTORY_ROWS = 256  # raw samples kept per entity
 MAX_ENTITIES = 100_000
 FALLBACK_THRESHOLD = 3.0  # mean robust z-score above which the baseline flags a row
+if HISTORY_ROWS < BASELINE_ROWS + BASELINE_MARGIN:  # a young entity's rows since its first must fit in its history
+    raise ImportError(f"HISTORY_ROWS {HISTORY_ROWS} < BASELINE_ROWS + BASELINE_MARGIN of detect.fleet")
 
 
 def lru_entry(table: OrderedDict, key: Any, bound: int, create: Callable[[], Any]) -> tuple[Any, Any]:
@@ -62,6 +65,42 @@ class EntityHistory:
         # array (a 5,000-row batch per entity) for as long as any of its rows is in the history
         hist.extend(np.array(new[-self.rows :], dtype=np.float64))
         return rows
+
+
+@dataclass
+class _Newcomer:
+    rows: int = 0  # rows of the entity seen since its first
+    baseline: np.ndarray | None = None  # frozen from its first BASELINE_ROWS rows
+
+
+class ColdStarts:
+    """What the ingress keeps for entities a fleet model scores (detect/fleet.py): how many rows each has
+    sent and, from its BASELINE_ROWS-th row on, its frozen baseline (two numbers per metric). Bounded like
+    `EntityHistory`, least recently seen first."""
+
+    def __init__(self, max_entities: int = MAX_ENTITIES) -> None:
+        self.max_entities = max_entities
+        self._entities: OrderedDict[str, _Newcomer] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entities)
+
+    def before(self, entity: str, history_rows: int) -> tuple[int | None, np.ndarray | None]:
+        """(context, baseline) for scoring the entity's next rows: while it is young, every row of its history
+        (which then holds all it has sent) and no baseline; once grown, its baseline (context None: what
+        the model needs)."""
+        newcomer = lru_entry(self._entities, entity, self.max_entities, _Newcomer)[0]
+        if newcomer.baseline is not None and newcomer.rows >= BASELINE_ROWS + BASELINE_MARGIN:
+            return None, newcomer.baseline
+        return min(history_rows, newcomer.rows) if newcomer.rows else history_rows, None
+
+    def after(self, entity: str, rows_since_first: np.ndarray, new_rows: int) -> None:
+        """Count the new rows; freeze the baseline once the entity has BASELINE_ROWS rows. `rows_since_first`
+        holds its rows from its first one while it is young (what `before` had it send, and the new ones)."""
+        newcomer = lru_entry(self._entities, entity, self.max_entities, _Newcomer)[0]
+        if newcomer.baseline is None and newcomer.rows + new_rows >= BASELINE_ROWS:
+            newcomer.baseline = entity_baseline(rows_since_first[:BASELINE_ROWS])
+        newcomer.rows += new_rows
 
 
 def fallback_scores(rows: np.ndarray, n_new: int, metrics: list[str]) -> dict[str, Any]:

@@ -44,10 +44,18 @@ class MonitorFeed:
         self._task: asyncio.Task | None = None
 
     def offer(
-        self, model: str, entity: str, timestamps: list, values: np.ndarray, path: str, arrays: dict[str, Any]
+        self,
+        model: str,
+        entity: str,
+        timestamps: list,
+        values: np.ndarray,
+        path: str,
+        arrays: dict[str, Any],
+        model_key: str | None = None,
     ) -> None:
         """Queue what `model` served for `entity`; never waits. Scores count only when the champion served
-        them: a challenger's or the fallback's say nothing about the champion's drift."""
+        them: a challenger's or the fallback's say nothing about the champion's drift. `model_key` names the
+        fleet model that scored a new entity: the monitor keeps its rows for the job that trains its own."""
         if not self.enabled:
             return
         if self.queue is None:
@@ -65,6 +73,8 @@ class MonitorFeed:
                 "is_anomaly": score >= threshold if champion else None,
                 "path": path,
             }
+            if model_key and model_key != entity:
+                item["model_key"] = model_key
             try:
                 self.queue.put_nowait((model, item))
             except asyncio.QueueFull:

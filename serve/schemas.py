@@ -165,11 +165,29 @@ class FleetResponse(BaseModel):
     scored: int
 
 
+def entity_metric_names(request: BaseModel) -> list[tuple[str, list[str]]]:
+    """(entity, the metric names it sent) of each row of a scoring request, before the rows are checked
+    (a snapshot's rows are still raw): what finds the fleet model for an entity without its own."""
+    if isinstance(request, ScoreBatchRequest):
+        return [(request.entity, list(request.metrics))]
+    rows = request.rows if isinstance(request, (ScoreRequest, FleetSnapshotRequest)) else []
+    out = []
+    for row in rows:
+        if isinstance(row, TelemetryRow):
+            out.append((row.entity, list(row.metrics)))
+        elif isinstance(row, dict) and isinstance(row.get("entity"), str) and isinstance(row.get("metrics"), dict):
+            out.append((row["entity"], list(row["metrics"])))
+    return out
+
+
 def row_problem(row: TelemetryRow, known: dict[str, list[str]]) -> tuple[str, str] | None:
     """Why a valid row cannot be scored by the served models ((field, message)), or None."""
     metrics = known.get(row.entity)
     if metrics is None:
-        return "entity", f"unknown entity {row.entity!r}; served entities: {sorted(known)[:20]}"
+        return "entity", (
+            f"unknown entity {row.entity!r}, and no fleet model for its {len(row.metrics)} metrics "
+            f"(raywatch train --fleet); served entities: {sorted(known)[:20]}"
+        )
     if set(row.metrics) != set(metrics):
         missing = [m for m in metrics if m not in row.metrics]
         extra = sorted(set(row.metrics) - set(metrics))

@@ -26,10 +26,13 @@ def fitted_bundle(
     evaluation: dict[str, Any] | None = None,
     info: dict[str, Any] | None = None,
 ) -> ModelBundle:
-    """A bundle of `detectors` (entity -> fitted detector), each fitted on `fitted_on[entity]`."""
+    """A bundle of `detectors` (entity -> fitted detector), each fitted on `fitted_on[entity]`. A fleet
+    model (detect/fleet.py), fitted on many entities, has no `fitted_on` rows and no drift reference:
+    the drift monitors watch entities with a model of their own."""
     references, reference_scores = {}, {}
     for entity, det in detectors.items():
-        references[entity], reference_scores[entity] = drift_reference(det, fitted_on[entity])
+        if entity in fitted_on:
+            references[entity], reference_scores[entity] = drift_reference(det, fitted_on[entity])
     data = {entity: data_sha256(rows) for entity, rows in fitted_on.items() if entity in detectors}
     return ModelBundle(
         kind,

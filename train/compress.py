@@ -30,6 +30,7 @@ import torch
 from detect import metrics as M
 from detect.bundle import ModelBundle
 from detect.data import Series, load_benchmark
+from detect.fleet import is_fleet_key
 from detect.kinds import DETECTOR_KINDS
 from train import registry
 from train.distill import StudentConfig
@@ -133,11 +134,13 @@ def compress_model(
     if "fp16" in variants and not torch.cuda.is_available():
         variants = tuple(v for v in variants if v != "fp16")
         progress("fp16 skipped: no GPU in this process")
-    series = {s.name: s for s in load_benchmark(data_dir, list(bundle.detectors))}
+    # a fleet model (detect/fleet.py) has no series of its own to be judged on: its variants keep its FP32 graph
+    own = {entity: det for entity, det in bundle.detectors.items() if not is_fleet_key(entity)}
+    series = {s.name: s for s in load_benchmark(data_dir, list(own))}
     graphs: dict[str, dict[str, dict[str, bytes]]] = {"fp32": {}}
     thresholds: dict[str, dict[str, float]] = {}
     per_entity: dict[str, dict[str, dict[str, Any]]] = {}
-    for i, (entity, det) in enumerate(bundle.detectors.items(), 1):
+    for i, (entity, det) in enumerate(own.items(), 1):
         s = series[entity]
         # compacted like every variant, so sizes compare fairly whichever code exported the FP32 graph
         fp32 = {name: compact_graph(g) for name, g in (bundle.graphs.get(entity) or export_graphs(det)).items()}
@@ -149,7 +152,7 @@ def compress_model(
             thresholds.setdefault(variant, {})[entity] = calibrate(det, g, s)
             per_entity[entity][variant] = quality(det, g, s)
         progress(
-            f"[{i}/{len(bundle.detectors)}] {entity}: "
+            f"[{i}/{len(own)}] {entity}: "
             + "; ".join(
                 f"{v} f1={q['f1'] if q['f1'] is None else round(q['f1'], 3)} pr_auc={q['pr_auc'] if q['pr_auc'] is None else round(q['pr_auc'], 3)}"
                 for v, q in per_entity[entity].items()
@@ -221,8 +224,9 @@ def _variant_bundle(
     detectors = {}
     for entity, det in bundle.detectors.items():
         clone = copy.copy(det)
-        clone.threshold_ = thresholds[entity]
+        clone.threshold_ = thresholds.get(entity, det.threshold_)  # a fleet model keeps its own
         detectors[entity] = clone
+    graphs = {**{e: g for e, g in bundle.graphs.items() if e not in graphs}, **graphs}
     return ModelBundle(
         bundle.kind,
         detectors,

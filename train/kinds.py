@@ -210,7 +210,7 @@ class SequenceKind(DetectorKind):
 
     def runtime(self, det, graphs, threshold=None, threads=1, parallel_rows=None):
         thr = det.threshold_ if threshold is None else threshold
-        return SequenceRuntime(graphs["scorer"], det.spec_, det.config.smooth, thr, threads)
+        return SequenceRuntime(graphs["scorer"], det.spec_, det.config.smooth, thr, threads, det.normaliser_)
 
     def context_rows(self, det):
         return det.config.window + det.config.smooth - 2

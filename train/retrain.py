@@ -50,6 +50,7 @@ from typing import Any
 import mlflow
 import numpy as np
 
+from detect.fleet import is_fleet_key
 from detect.kinds import DETECTOR_KINDS
 from detect.state import ServingStore
 from train import registry
@@ -93,12 +94,16 @@ def retrain(
     store = ServingStore()
     champion, champion_version = registry.load_bundle(model, registry.CHAMPION)
     observed = store.observed_entities(model)
-    wanted = entities or sorted(observed)
-    unknown = [e for e in wanted if e not in champion.detectors]
+    wanted = [e for e in (entities or sorted(observed)) if not is_fleet_key(e)]
+    # a new entity served by a fleet model: its own model is fitted, and compared with the fleet model
+    newcomers = {e: fleet_model_of(champion, store, model, e) for e in wanted if e not in champion.detectors}
+    unknown = [e for e, key in newcomers.items() if key is None]
     if unknown:
         raise ValueError(
-            f"{model} champion v{champion_version} has no entity {unknown}; it serves {sorted(champion.detectors)}"
+            f"{model} champion v{champion_version} has no entity {unknown} and no fleet model for its served rows; "
+            f"it serves {sorted(champion.detectors)}"
         )
+    current = {e: newcomers.get(e) or e for e in wanted}  # each entity's model in the champion
     init_ray()
     registry.setup()
     challengers: dict[str, Any] = {}
@@ -128,7 +133,7 @@ def retrain(
             # only authenticated feedback steers what is learnt and what is promoted
             rows, labels = obs["values"], store.labels(entity, obs["timestamps"], trusted_only=True)
             cut = int(n * fit_fraction)
-            old = champion.detectors[entity]
+            old = champion.detectors[current[entity]]
             suspected = suspected_anomalies(old.score(rows), old.threshold_, labels, rule.max_suspect_share)
             fit_rows, fit_labels = training_rows(
                 rows[:cut], labels[:cut], suspected[:cut], kind_named(model).learns_from_labels
@@ -140,7 +145,7 @@ def retrain(
                     old,
                     fit_rows,
                     fit_labels,
-                    champion.metrics[entity],
+                    champion.metrics[current[entity]],
                     {"epochs": epochs, "cpus_per_worker": cpus_per_worker},
                 )
                 compared = compare_entity(old, new, rows, labels, cut, rule)
@@ -180,7 +185,7 @@ def retrain(
                 "job_id": job_id,
                 "config": champion.info.get("config", {}),
             }
-            metrics = {entity: champion.metrics[entity] for entity in challengers}
+            metrics = {entity: champion.metrics[current[entity]] for entity in challengers}
             bundle = fitted_bundle(model, challengers, metrics, fitted_on, {"retrain": figures}, info)
             bundle = with_unchanged_entities(bundle, champion)
             with tempfile.TemporaryDirectory() as folder:
@@ -226,6 +231,17 @@ def retrain(
     )
     progress(("promoted" if decision["promoted"] else "kept champion") + f": {decision['reason']}")
     return decision
+
+
+def fleet_model_of(champion: Any, store: ServingStore, model: str, entity: str) -> str | None:
+    """The key of the champion's fleet model that served `entity` (one with the width of its stored rows;
+    None when there is none, or more than one of that width)."""
+    rows = store.observations(model, entity, limit=1)["values"]
+    if not len(rows):
+        return None
+    width = np.asarray(rows).shape[1]
+    keys = [k for k in champion.detectors if is_fleet_key(k) and len(champion.metrics[k]) == width]
+    return keys[0] if len(keys) == 1 else None
 
 
 def job_id_from_env() -> str | None:

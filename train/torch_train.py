@@ -104,13 +104,31 @@ def fit_with_ray_train(
 
     The per-epoch history (train/val loss, rows/s, resume marks) is kept in `detector.history_`.
     """
+    train_w, val_w = detector.prepare(X, metrics)
+    return fit_windows_with_ray_train(
+        detector, train_w, val_w, num_workers, use_gpu, storage_path, run_name, max_failures, cpus_per_worker
+    )
+
+
+def fit_windows_with_ray_train(
+    detector: SequenceDetector,
+    train_w: torch.Tensor,
+    val_w: torch.Tensor,
+    num_workers: int = 1,
+    use_gpu: bool | None = None,
+    storage_path: str | Path | None = None,
+    run_name: str | None = None,
+    max_failures: int = 2,
+    cpus_per_worker: float | None = None,
+) -> SequenceDetector:
+    """`fit_with_ray_train` on windows the detector has prepared (`prepare`, or `prepare_fleet` for a
+    fleet model over many entities)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
         ray.init()
     use_gpu = cluster_has_gpus() if use_gpu is None else use_gpu
-    train_w, val_w = detector.prepare(X, metrics)
     data_ref = ray.put((train_w.numpy(), val_w.numpy()))
     storage = Path(storage_path or Path.cwd() / "runs" / "ray_train").resolve()
     trainer = TorchTrainer(
