@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from detect.features import FeatureSpec, entity_features, entity_windows, tail_features, tail_windows
-from detect.fleet import WindowNormaliser
+from detect.fleet import EntityStats, WindowNormaliser
 
 # rows from which the ensemble's member graphs run in parallel, unless a runtime is given its own
 # (serving passes its `parallel_rows` setting)
@@ -86,9 +86,10 @@ class SequenceRuntime:
             return self.normaliser.series_windows(X, self.spec)
         return entity_windows(X, self.spec)
 
-    def _tail_windows(self, rows: np.ndarray, k: int, baseline: np.ndarray | None) -> np.ndarray:
+    def _tail_windows(self, rows: np.ndarray, k: int, place: tuple[EntityStats, int] | None) -> np.ndarray:
         if self.normaliser is not None:
-            return self.normaliser.tail_windows(rows, self.spec, k, baseline)
+            stats, offset = place if place is not None else (None, 0)
+            return self.normaliser.tail_windows(rows, self.spec, k, stats, offset)
         return tail_windows(rows, self.spec, k, self.spec.window)
 
     def errors(self, windows: np.ndarray) -> np.ndarray:
@@ -111,8 +112,9 @@ class SequenceRuntime:
     def score_tails(self, items: list[tuple]) -> tuple[np.ndarray, None, np.ndarray]:
         """(scores, no probability, per-metric contributions) of each item's last n rows, items being
         (rows, n) oldest first, stacked into one ONNX Runtime call; the same windows as the batch path.
-        A fleet model's items may come from many entities and carry a third part, the entity's frozen
-        baseline (`detect.fleet.entity_baseline`), or None while the rows start at the entity's first."""
+        A fleet model's items may come from many entities and carry a third part: the entity's statistics
+        and the row of its life the item's rows start at (`detect.fleet.EntityStats`, offset), or None
+        when the rows start at the entity's first."""
         smooth = self.smooth
         # each item needs the errors of its last n + smooth - 1 rows (fewer at a series' start)
         spans = [min(item[1] + smooth - 1, len(item[0])) for item in items]

@@ -26,7 +26,7 @@ from torch import nn
 from detect.base import Detector
 from detect.config import config_dataclass
 from detect.features import FeatureSpec, entity_windows
-from detect.fleet import WindowNormaliser
+from detect.fleet import MAX_WINDOW, WindowNormaliser
 from detect.metrics import operational_threshold
 from detect.runtime import smooth_causal
 
@@ -268,6 +268,8 @@ class SequenceDetector(Detector):
         """A fleet model's `prepare`: many entities' (T, M) series with one metric schema. Each entity's
         windows are normalised by its own rows (`WindowNormaliser`); the newest `val_fraction` of each
         entity's windows validates (error scale and threshold), the rest trains."""
+        if self.config.window > MAX_WINDOW:
+            raise ValueError(f"a fleet model reads windows of at most {MAX_WINDOW} rows; window={self.config.window}")
         checked = [self._check(X, fitting=True) for X in series]
         self.n_metrics_ = checked[0].shape[1]
         self.spec_ = self._sequence_spec(metrics)

@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +35,14 @@ from pydantic_core import to_json
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from detect.fleet import fleet_key, is_fleet_key
+from detect.fleet import MAX_WINDOW, EntityStats, fleet_key, is_fleet_key
 from detect.kinds import FORECASTER
 from detect.state import ServingStore
 from detect.state import state_dir as current_state_dir
 from monitoring.events import DriftEventStore
 from serve import schemas as S
 from serve.auth import KEYS_FILE_ENV, AuthError, check_admin, feedback_trusted
-from serve.history import AlertBook, ColdStarts, EntityHistory, fallback_scores
+from serve.history import AlertBook, ColdStarts, EntityHistory, RecentRows, fallback_scores
 from serve.monitor_feed import MonitorFeed
 from serve.rate_limit import RateLimit, SharedRateLimiter, client_id
 from serve.rollout import RolloutPlan, RolloutStore, StepCounter
@@ -54,6 +53,7 @@ from serve.traffic import TrafficStore
 log = logging.getLogger("raywatch.serve")
 
 META_TTL_S = 2.0
+BASELINE_ROWS = 1440  # newest kept rows an operator's /v1/admin/baseline makes the drift reference
 MAX_BODY_ENV = "RAYWATCH_MAX_BODY_BYTES"
 MAX_FLEET_BODY_ENV = "RAYWATCH_MAX_FLEET_BODY_BYTES"
 BODY_TIMEOUT_ENV = "RAYWATCH_BODY_TIMEOUT_S"  # a request body must arrive within this many seconds (10)
@@ -440,13 +440,13 @@ class RaywatchAPI:
         rows: np.ndarray,
         timestamps: list,
         metrics: list[str],
-        hist: deque,
-        baseline: np.ndarray | None = None,
+        hist: RecentRows,
+        place: tuple[EntityStats, int] | None = None,
     ) -> tuple[str, dict, dict[str, Any]]:
         """One detector's scores for one entity's new rows (the last len(timestamps) of `rows`; the rest is
         context): (path, model ref, arrays as `EntityModel.score_arrays` returns them). An entity without
-        a model of its own is scored by the fleet model of its metrics: from all of `rows` (its rows since
-        its first) while young, with its frozen `baseline` once grown."""
+        a model of its own is scored by the fleet model of its metrics, with `place`: its statistics and
+        the row of its life its first new row is (`ColdStarts.admit`)."""
         n_new = len(timestamps)
         info = await self._info(name)
         has_challenger = "challenger" in info["slots"]
@@ -459,11 +459,10 @@ class RaywatchAPI:
         key = self._model_key(slot_meta, entity, metrics) or entity
         context = slot_meta.get("entities", {}).get(key, {}).get("context_rows", 64)
         item = {"entity": entity, "path": path, "rows": rows[-(n_new + context) :], "n_new": n_new}
-        if is_fleet_key(key):
-            item["model_key"] = key
-            item["baseline"] = None if baseline is None else baseline.tolist()
-            if baseline is None:
-                item["rows"] = rows  # young: its statistics come from every row since its first
+        if is_fleet_key(key) and place is not None:
+            stats, first_new = place
+            offset = first_new + n_new - len(item["rows"])  # the row of its life that the item's rows start at
+            item.update(model_key=key, offset=offset, stats=stats.for_windows_from(offset - MAX_WINDOW + 1).to_list())
         started, result = time.perf_counter(), {"ok": False, "called": False}
         if breaker.allow():
             # big items go on their own: gathering them would only serialise their scoring in one call
@@ -765,17 +764,13 @@ class RaywatchAPI:
             keys[name] = self._model_key((await self._info(name))["slots"].get("champion"), entity, metrics)
         detectors = [name for name in detectors if keys[name]]  # a new entity: the detectors with a fleet model
         context = await self._context_rows(entity, detectors, metrics)
-        cold_start = any(is_fleet_key(k) for k in keys.values())
-        baseline = None
-        if cold_start:
-            young_context, baseline = self.cold_starts.before(entity, len(self.history.peek(entity) or ()))
-            context = max(context, young_context or 0)
+        place = None
+        if any(is_fleet_key(k) for k in keys.values()):  # scored by a fleet model: its statistics and place
+            place = self.cold_starts.admit(entity, new)
         rows = self.history.context_and_new(entity, new, context)
-        if cold_start:
-            self.cold_starts.after(entity, rows, len(new))
         hist = self.history.of(entity)
         outputs = await asyncio.gather(
-            *(self._score_entity(name, entity, rows, timestamps, metrics, hist, baseline) for name in detectors)
+            *(self._score_entity(name, entity, rows, timestamps, metrics, hist, place) for name in detectors)
         )
         for name, (path, _, arrays) in zip(detectors, outputs):
             self.monitor_feed.offer(name, entity, timestamps, new, path, arrays, keys[name])
@@ -1001,10 +996,12 @@ class RaywatchAPI:
     async def baseline(
         self, body: bytes = Depends(_raw_body), authorization: str | None = Header(default=None)
     ) -> dict[str, Any]:
-        """Make the entity's recent served samples the drift reference for this model."""
+        """Make the entity's recent served samples the drift reference for this model: the newest rows the
+        monitors kept (up to BASELINE_ROWS), else the ingress's short history."""
         request: S.BaselineRequest = self._admin_request(S.BaselineRequest, body, authorization)
-        hist = self.history.peek(request.entity)
-        if not hist or len(hist) < 10:
+        kept = await asyncio.to_thread(self.store.observations, request.model, request.entity, 0, BASELINE_ROWS)
+        hist = kept["values"] if len(kept["values"]) >= 10 else np.asarray(self.history.peek(request.entity) or ())
+        if len(hist) < 10:
             raise ApiError(409, "entity", f"need at least 10 recent samples of {request.entity!r} to set a baseline")
         reference_id = await asyncio.to_thread(
             self.store.set_reference, request.model, request.entity, np.asarray(hist).tolist()

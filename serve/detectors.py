@@ -19,8 +19,10 @@ import numpy as np
 from ray import serve
 
 from detect.features import entity_windows
+from detect.fleet import EntityStats
 from detect.kinds import DETECTOR_KINDS, traits_of
 from detect.state import file_stamp
+from serve.history import HISTORY_ROWS
 from serve.schemas import result_rows
 from serve.settings import ServeSettings
 from train import registry
@@ -97,12 +99,11 @@ class ModelSlot:
 
 
 def _model_input(item: dict[str, Any]) -> tuple:
-    """(rows, new rows) for an entity's own model; a fleet model's item adds the entity's frozen baseline
-    (None while its rows start at its first)."""
+    """(rows, new rows) for an entity's own model; a fleet model's item adds the entity's statistics and
+    the row of its life that `rows` starts at (detect/fleet.py)."""
     if "model_key" not in item:
         return item["rows"], int(item["n_new"])
-    baseline = item.get("baseline")
-    return item["rows"], int(item["n_new"]), None if baseline is None else np.asarray(baseline, dtype=np.float64)
+    return item["rows"], int(item["n_new"]), (EntityStats.from_list(item["stats"]), int(item["offset"]))
 
 
 def load_slot(kind: str, alias: str, parallel_rows: int | None = None) -> ModelSlot | None:
@@ -115,7 +116,10 @@ def load_slot(kind: str, alias: str, parallel_rows: int | None = None) -> ModelS
         plugin = kind_of(det)
         graphs = bundle.graphs.get(entity) or plugin.export_graphs(det)
         runtime = plugin.runtime(det, graphs, parallel_rows=parallel_rows)
-        entities[entity] = EntityModel(bundle.metrics[entity], runtime, det, det.threshold_, plugin.context_rows(det))
+        context = plugin.context_rows(det)
+        if context > HISTORY_ROWS:  # refused: the ingress could not send it what it reads
+            raise ValueError(f"{entity}: the model reads {context} rows of history; the ingress keeps {HISTORY_ROWS}")
+        entities[entity] = EntityModel(bundle.metrics[entity], runtime, det, det.threshold_, context)
     return ModelSlot(registry.model_name(kind), version, bundle.variant, entities)
 
 

@@ -16,13 +16,11 @@ from typing import Any
 import numpy as np
 
 from detect.alerting import Alert, AlertGrouper
-from detect.fleet import BASELINE_MARGIN, BASELINE_ROWS, entity_baseline
+from detect.fleet import EntityStats, Sampler
 
-HISTORY_ROWS = 256  # raw samples kept per entity
+HISTORY_ROWS = 64  # raw samples kept per entity: every served model's context and the fallback's baseline
 MAX_ENTITIES = 100_000
 FALLBACK_THRESHOLD = 3.0  # mean robust z-score above which the baseline flags a row
-if HISTORY_ROWS < BASELINE_ROWS + BASELINE_MARGIN:  # a young entity's rows since its first must fit in its history
-    raise ImportError(f"HISTORY_ROWS {HISTORY_ROWS} < BASELINE_ROWS + BASELINE_MARGIN of detect.fleet")
 
 
 def lru_entry(table: OrderedDict, key: Any, bound: int, create: Callable[[], Any]) -> tuple[Any, Any]:
@@ -38,69 +36,107 @@ def lru_entry(table: OrderedDict, key: Any, bound: int, create: Callable[[], Any
     return entry, evicted
 
 
+class RecentRows:
+    """One entity's last `maxlen` samples as one float64 array (oldest first), not a row object each: about
+    M x 8 bytes a row, what keeps 10,000 entities' histories small. Its buffer grows by doubling up to
+    `maxlen` rows; a sample of another width (the entity's metrics changed) starts it again."""
+
+    __slots__ = ("maxlen", "_buf", "_n")
+
+    def __init__(self, maxlen: int) -> None:
+        self.maxlen, self._buf, self._n = maxlen, None, 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __bool__(self) -> bool:
+        return self._n > 0
+
+    def array(self) -> np.ndarray:
+        """The samples, oldest first: a view, valid until the next `extend`."""
+        return self._buf[: self._n] if self._buf is not None else np.zeros((0, 0))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self.array()
+        return out.astype(dtype) if dtype is not None and out.dtype != dtype else out.copy()
+
+    def __iter__(self):
+        return iter(self.array())
+
+    def last(self, k: int) -> np.ndarray:
+        return self.array()[max(0, self._n - k) :] if k > 0 else self.array()[:0]
+
+    def append(self, row: np.ndarray) -> None:
+        self.extend(np.asarray(row, dtype=np.float64)[None])
+
+    def extend(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.float64)[-self.maxlen :]
+        if self._buf is not None and self._buf.shape[1] != rows.shape[1]:
+            self._buf, self._n = None, 0
+        total = self._n + len(rows)
+        if self._buf is None or total > len(self._buf):
+            size = min(self.maxlen, 1 << max(total - 1, 0).bit_length())
+            grown = np.empty((size, rows.shape[1]))
+            keep = min(self._n, size - len(rows))
+            if keep:
+                grown[:keep] = self._buf[self._n - keep : self._n]
+            self._buf, self._n = grown, keep
+        elif total > self.maxlen:
+            keep = self.maxlen - len(rows)
+            self._buf[:keep] = self._buf[self._n - keep : self._n]
+            self._n = keep
+        self._buf[self._n : self._n + len(rows)] = rows
+        self._n += len(rows)
+
+
 class EntityHistory:
     """The last `rows` samples of up to `max_entities` entities; the least recently seen entity goes first."""
 
     def __init__(self, rows: int = HISTORY_ROWS, max_entities: int = MAX_ENTITIES) -> None:
         self.rows, self.max_entities = rows, max_entities
-        self._entities: OrderedDict[str, deque] = OrderedDict()
+        self._entities: OrderedDict[str, RecentRows] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entities)
 
-    def of(self, entity: str) -> deque:
+    def of(self, entity: str) -> RecentRows:
         """The entity's samples (oldest first), created empty on first sight; marks it recently seen."""
-        return lru_entry(self._entities, entity, self.max_entities, lambda: deque(maxlen=self.rows))[0]
+        return lru_entry(self._entities, entity, self.max_entities, lambda: RecentRows(self.rows))[0]
 
-    def peek(self, entity: str) -> deque | None:
+    def peek(self, entity: str) -> RecentRows | None:
         """The entity's samples if it has any, without creating or touching it."""
         return self._entities.get(entity)
 
     def context_and_new(self, entity: str, new: np.ndarray, context: int) -> np.ndarray:
         """The last `context` stored samples followed by `new` (what the detectors score), then store `new`."""
         hist = self.of(entity)
-        prior = list(hist)[max(0, len(hist) - context) :] if context else []
-        rows = np.concatenate([np.asarray(prior, dtype=np.float64), new]) if prior else new
-        # a copy of the rows kept: the deque holds row views, which would otherwise pin the whole request
-        # array (a 5,000-row batch per entity) for as long as any of its rows is in the history
-        hist.extend(np.array(new[-self.rows :], dtype=np.float64))
+        prior = hist.last(context)
+        rows = np.concatenate([prior, new]) if len(prior) else new
+        hist.extend(new)  # copied into the entity's own buffer: no view pins the request's array
         return rows
-
-
-@dataclass
-class _Newcomer:
-    rows: int = 0  # rows of the entity seen since its first
-    baseline: np.ndarray | None = None  # frozen from its first BASELINE_ROWS rows
 
 
 class ColdStarts:
     """What the ingress keeps for entities a fleet model scores (detect/fleet.py): how many rows each has
-    sent and, from its BASELINE_ROWS-th row on, its frozen baseline (two numbers per metric). Bounded like
-    `EntityHistory`, least recently seen first."""
+    sent, its statistics at the checkpoints reached (a few numbers per metric) and, while it is young,
+    the sample rows of its coming checkpoints (at most a few dozen each), so that a request carries only
+    the rows the model reads. Bounded like `EntityHistory`, least recently seen first."""
 
     def __init__(self, max_entities: int = MAX_ENTITIES) -> None:
         self.max_entities = max_entities
-        self._entities: OrderedDict[str, _Newcomer] = OrderedDict()
+        self._entities: OrderedDict[str, Sampler] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entities)
 
-    def before(self, entity: str, history_rows: int) -> tuple[int | None, np.ndarray | None]:
-        """(context, baseline) for scoring the entity's next rows: while it is young, every row of its history
-        (which then holds all it has sent) and no baseline; once grown, its baseline (context None: what
-        the model needs)."""
-        newcomer = lru_entry(self._entities, entity, self.max_entities, _Newcomer)[0]
-        if newcomer.baseline is not None and newcomer.rows >= BASELINE_ROWS + BASELINE_MARGIN:
-            return None, newcomer.baseline
-        return min(history_rows, newcomer.rows) if newcomer.rows else history_rows, None
-
-    def after(self, entity: str, rows_since_first: np.ndarray, new_rows: int) -> None:
-        """Count the new rows; freeze the baseline once the entity has BASELINE_ROWS rows. `rows_since_first`
-        holds its rows from its first one while it is young (what `before` had it send, and the new ones)."""
-        newcomer = lru_entry(self._entities, entity, self.max_entities, _Newcomer)[0]
-        if newcomer.baseline is None and newcomer.rows + new_rows >= BASELINE_ROWS:
-            newcomer.baseline = entity_baseline(rows_since_first[:BASELINE_ROWS])
-        newcomer.rows += new_rows
+    def admit(self, entity: str, new: np.ndarray) -> tuple[EntityStats, int]:
+        """Count the entity's `new` rows and reach the checkpoints they complete. Returns its statistics and
+        the row of its life that `new[0]` is (0: its first row; an evicted entity starts again at 0)."""
+        sampler = lru_entry(self._entities, entity, self.max_entities, lambda: Sampler(new.shape[1]))[0]
+        if sampler.stats.values.shape[2] != new.shape[1]:  # its metrics changed: it starts again
+            sampler = self._entities[entity] = Sampler(new.shape[1])
+        before = sampler.rows
+        return sampler.add(new), before
 
 
 def fallback_scores(rows: np.ndarray, n_new: int, metrics: list[str]) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from detect.fleet import BASELINE_MARGIN, BASELINE_ROWS, WindowNormaliser, entity_baseline, fleet_key
+from detect.fleet import CHECKPOINTS, EntityStats, WindowNormaliser, fleet_key, robust_stats
 
 
 @pytest.fixture(scope="module")
@@ -29,41 +29,69 @@ def test_fleet_key_names_a_schema_whatever_the_order():
     assert fleet_key(["cpu"]).startswith("fleet:1m-")
 
 
-def test_windows_are_normalised_by_the_rows_before_them_then_by_the_frozen_baseline():
-    rng = np.random.default_rng(0)
-    values = rng.normal(5.0, 2.0, size=(400, 3))
-    values[300:320] += 50.0  # an incident after the baseline: it must not move the statistics
-    norm = WindowNormaliser(prior_scale=np.ones(3), prior_rows=16)
+def test_windows_are_normalised_by_statistics_of_rows_before_them():
     from detect.features import FeatureSpec
 
+    rng = np.random.default_rng(0)
+    values = rng.normal(5.0, 2.0, size=(400, 3))
+    values[300:320] += 50.0  # an incident after the last checkpoint: it must not move the statistics
+    norm = WindowNormaliser(prior_scale=np.ones(3), prior_rows=16)
     spec = FeatureSpec(metrics=("a", "b", "c"), window=4, lags=(1,), rolling=(4,), diffs=(1,), rates=(1,))
     windows = norm.series_windows(values, spec)
     assert windows.shape == (400, 4, 3)
     assert np.all(windows[0] == 0)  # nothing before the first row: centred on itself
-    centre, spread = entity_baseline(values[:BASELINE_ROWS])
-    scale = np.sqrt((BASELINE_ROWS * spread**2 + 16) / (BASELINE_ROWS + 16))
+    stats = EntityStats.of_series(values)
+    k = int(np.searchsorted(stats.rows, 307, side="right")) - 1  # the window of row 310 starts at row 307
+    assert stats.rows[k] == CHECKPOINTS[-1] == 192
+    centre, spread = robust_stats(values[:192:3])  # every third of the first 192 rows
+    scale = np.sqrt((192 * spread**2 + 16) / (192 + 16))
     np.testing.assert_allclose(windows[310, -1], (values[310] - centre) / scale, rtol=1e-5)
-    assert windows[310, -1].min() > 15  # the incident stands out: the statistics are frozen before it
+    assert windows[310, -1].min() > 15  # the incident stands out: its rows are after the statistics
+    # the window of row 13 starts at row 10: it uses the checkpoint of 4 rows, rows before it only
+    centre, spread = robust_stats(values[:4])
+    scale = np.sqrt((4 * spread**2 + 16) / (4 + 16))
+    np.testing.assert_allclose(windows[13, 0], (values[10] - centre) / scale, rtol=1e-5)
 
 
 def test_served_windows_of_a_new_entity_equal_the_batch_path(fleet_model):
-    """Young (rows from the first) and grown (the frozen baseline) serving both score as the batch path."""
+    """Whatever the entity's age, a request with only the model's context rows, the entity's statistics and
+    its place scores as the batch path."""
     from train.kinds import export_graphs, kind_of
 
     det, _, X = fleet_model
     runtime = kind_of(det).runtime(det, export_graphs(det))
     context = kind_of(det).context_rows(det)
-    batch = det.score(X)
-    np.testing.assert_allclose(runtime.score_series(X), batch, rtol=1e-4, atol=1e-4)
-    baseline = entity_baseline(X[:BASELINE_ROWS])
-    for end in (0, 3, 100, BASELINE_ROWS + 5, BASELINE_ROWS + BASELINE_MARGIN, 500, 899):
+    batch = runtime.score_series(X)
+    np.testing.assert_allclose(batch, det.score(X), rtol=1e-4, atol=1e-4)
+    for end in (0, 3, 4, 17, 70, 80, 500, 899):
         n = min(3, end + 1)
-        if end - n + 1 < BASELINE_ROWS + BASELINE_MARGIN:
-            item = (X[: end + 1], n, None)  # young: every row since the first
-        else:
-            item = (X[end + 1 - n - context : end + 1], n, baseline)  # grown: the model's context only
-        served, _, _ = runtime.score_tails([item])
-        np.testing.assert_allclose(served, runtime.score_series(X)[end + 1 - n : end + 1], rtol=1e-6, atol=1e-9)
+        first = max(0, end + 1 - n - context)
+        stats = EntityStats.of_series(X[: end + 1]).for_windows_from(first - 63)  # what the ingress sends
+        served, _, _ = runtime.score_tails([(X[first : end + 1], n, (stats, first))])
+        np.testing.assert_allclose(served, batch[end + 1 - n : end + 1], rtol=1e-6, atol=1e-9)
+
+
+def test_the_ingress_sampler_reaches_the_batch_statistics_in_any_request_sizes():
+    """What `serve.history.ColdStarts` keeps per young entity (a few dozen sample rows per checkpoint) gives
+    the statistics the batch path computes from the whole series, however the rows arrive."""
+    from detect.fleet import SAMPLE_ROWS, Sampler
+
+    values = np.random.default_rng(1).normal(size=(500, 3)).cumsum(axis=0)
+    expected = EntityStats.of_series(values)
+    assert expected.rows.tolist() == list(CHECKPOINTS)
+    for sizes in ([1] * 500, [3, 50, 7, 440], [500]):
+        sampler, at = Sampler(3), 0
+        for size in sizes:
+            stats = sampler.add(values[at : at + size])
+            at += size
+        np.testing.assert_array_equal(stats.rows, expected.rows)
+        np.testing.assert_allclose(stats.values, expected.values)
+        assert not sampler._samples  # grown: it keeps no rows
+    young = Sampler(3)
+    young.add(values[:150])
+    assert sum(len(np.concatenate(rows)) for rows in young._samples.values() if rows) <= SAMPLE_ROWS
+    assert expected.for_windows_from(400).rows.tolist() == [CHECKPOINTS[-1]]  # a grown entity's request carries one
+    assert expected.for_windows_from(-5).rows.tolist() == list(CHECKPOINTS)
 
 
 def test_a_fleet_model_survives_its_bundle_and_is_refused_a_drift_reference(fleet_model, tmp_path):
@@ -87,4 +115,4 @@ def test_a_new_entity_with_an_incident_is_flagged_by_the_fleet_model(fleet_model
     hit[600:640, metrics.index("cpu")] += 8 * X[:, metrics.index("cpu")].std()
     scores = det.score(hit)
     assert np.mean(scores[605:640] >= det.threshold_) > 0.8
-    assert np.mean(scores[BASELINE_ROWS:580] >= det.threshold_) < 0.1
+    assert np.mean(scores[CHECKPOINTS[-1] : 580] >= det.threshold_) < 0.1
