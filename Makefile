@@ -10,7 +10,7 @@ DATA ?= data
 TORCH_INDEX ?=
 PIP_TORCH_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
-.PHONY: install demo test lint clean bench-compression bench-drift bench-replay bench-rate-limit bench bench-tools soak
+.PHONY: install demo test lint clean bench-compression bench-drift bench-replay bench-rate-limit bench-scale bench bench-tools soak
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ bench-drift: $(STAMP)
 ENTITIES ?=
 bench-replay: $(STAMP)
 	$(BIN)/python benchmarks/replay.py --data $(abspath $(DATA)) $(if $(ENTITIES),--entities $(ENTITIES))
+
+# fleets of 10 to 10,000 synthetic machines on one Serve app, beside the same models in process (about
+# 20 minutes on 2 cores; SIZES=10,100 for a quick look): benchmarks/results/scale.{json,md}
+bench-scale: $(STAMP)
+	$(BIN)/python benchmarks/scale.py --workdir runs/bench-scale $(if $(SIZES),--sizes $(SIZES))
 
 # what the shared rate limit costs per check, against the per-replica bucket: benchmarks/results/rate_limit.md
 bench-rate-limit: $(STAMP)

@@ -98,13 +98,6 @@ class EntityStats:
         first = max(int(np.searchsorted(self.rows, max(start, 1), side="right")) - 1, 0)
         return EntityStats(self.rows[first:], self.values[first:])
 
-    def to_list(self) -> list:
-        return [self.rows.tolist(), self.values.tolist()]
-
-    @classmethod
-    def from_list(cls, data: list) -> EntityStats:
-        return cls(np.asarray(data[0], dtype=np.int64), np.asarray(data[1], dtype=np.float64))
-
 
 class Sampler:
     """What the ingress keeps of a young entity for its coming checkpoints: each checkpoint's sample rows

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from detect.state import state_dir as current_state_dir
 from monitoring.events import DriftEventStore
 from serve import schemas as S
 from serve.auth import KEYS_FILE_ENV, AuthError, check_admin, feedback_trusted
-from serve.history import AlertBook, ColdStarts, EntityHistory, RecentRows, fallback_scores
+from serve.history import AlertBook, ColdStarts, EntityHistory, fallback_scores
 from serve.monitor_feed import MonitorFeed
 from serve.rate_limit import RateLimit, SharedRateLimiter, client_id
 from serve.rollout import RolloutPlan, RolloutStore, StepCounter
@@ -53,6 +54,7 @@ from serve.traffic import TrafficStore
 log = logging.getLogger("raywatch.serve")
 
 META_TTL_S = 2.0
+CALL_ITEMS = 2048  # items of a many-entity request sent to a detector in one call (chunks go side by side)
 BASELINE_ROWS = 1440  # newest kept rows an operator's /v1/admin/baseline makes the drift reference
 MAX_BODY_ENV = "RAYWATCH_MAX_BODY_BYTES"
 MAX_FLEET_BODY_ENV = "RAYWATCH_MAX_FLEET_BODY_BYTES"
@@ -84,6 +86,20 @@ def _registry() -> Any:
 
 
 api = FastAPI(title="raywatch", version="1.0", description="Incident detection for server telemetry on Ray.")
+
+
+@dataclass
+class _Planned:
+    """One detector's call for one entity's new rows, as planned before the call (`RaywatchAPI._plan`)."""
+
+    name: str
+    entity: str
+    path: str  # champion or challenger, as the traffic policy routes the entity
+    item: dict[str, Any]  # what the detector's `score_items` gets
+    policy: TrafficPolicy
+    has_challenger: bool
+    breaker: CircuitBreaker
+    called: bool  # False: the circuit is open, the baseline answers
 
 
 class ApiError(Exception):
@@ -423,38 +439,34 @@ class RaywatchAPI:
         key = fleet_key(metrics)
         return key if key in entities else None
 
-    async def _context_rows(self, entity: str, detectors: list[str], metrics: list[str]) -> int:
-        """Rows of history before a new row that the served models of `detectors` read for `entity`."""
+    def _context_rows(self, infos: dict[str, dict], entity: str, metrics: list[str]) -> int:
+        """Rows of history before a new row that the served models of `infos`' detectors read for `entity`."""
         need = 0
-        for name in detectors:
-            for slot in (await self._info(name))["slots"].values():
+        for info in infos.values():
+            for slot in info["slots"].values():
                 key = self._model_key(slot, entity, metrics)
                 need = max(need, slot["entities"][key]["context_rows"] if key else 0)
         return need
 
-    # -- scoring -------------------------------------------------------------------------------------------
-    async def _score_entity(
+    def _plan(
         self,
         name: str,
+        info: dict[str, Any],
         entity: str,
         rows: np.ndarray,
-        timestamps: list,
+        n_new: int,
         metrics: list[str],
-        hist: RecentRows,
-        place: tuple[EntityStats, int] | None = None,
-    ) -> tuple[str, dict, dict[str, Any]]:
-        """One detector's scores for one entity's new rows (the last len(timestamps) of `rows`; the rest is
-        context): (path, model ref, arrays as `EntityModel.score_arrays` returns them). An entity without
-        a model of its own is scored by the fleet model of its metrics, with `place`: its statistics and
-        the row of its life its first new row is (`ColdStarts.admit`)."""
-        n_new = len(timestamps)
-        info = await self._info(name)
+        place: tuple[EntityStats, int] | None,
+    ) -> _Planned:
+        """One detector's call for one entity's new rows (the last `n_new` of `rows`; the rest is context):
+        the path the traffic policy picks, the item for the detector, and whether the circuit lets it go. An
+        entity without a model of its own is scored by the fleet model of its metrics, with `place`: its
+        statistics and the row of its life that its first new row is (`ColdStarts.admit`)."""
         has_challenger = "challenger" in info["slots"]
         policy = self.traffic.get(name)
         path = policy.path_for(entity, has_challenger)
         if path != "champion" and self._model_key(info["slots"].get(path), entity, metrics) is None:
             path = "champion"  # a challenger without this entity's model (or fleet model): the champion serves it
-        breaker = self.breakers[(name, path)]
         slot_meta = info["slots"].get(path) or info["slots"].get("champion") or {}
         key = self._model_key(slot_meta, entity, metrics) or entity
         context = slot_meta.get("entities", {}).get(key, {}).get("context_rows", 64)
@@ -462,32 +474,76 @@ class RaywatchAPI:
         if is_fleet_key(key) and place is not None:
             stats, first_new = place
             offset = first_new + n_new - len(item["rows"])  # the row of its life that the item's rows start at
-            item.update(model_key=key, offset=offset, stats=stats.for_windows_from(offset - MAX_WINDOW + 1).to_list())
-        started, result = time.perf_counter(), {"ok": False, "called": False}
-        if breaker.allow():
-            # big items go on their own: gathering them would only serialise their scoring in one call
-            if n_new < self.settings.big_batch_rows:
-                result = await self._model_call((name, item))
+            needed = stats.for_windows_from(offset - MAX_WINDOW + 1)
+            item.update(model_key=key, offset=offset, stats=(needed.rows, needed.values))
+        breaker = self.breakers[(name, path)]
+        return _Planned(name, entity, path, item, policy, has_challenger, breaker, breaker.allow())
+
+    async def _results(self, plans: list[_Planned], gather: bool) -> list[dict[str, Any]]:
+        """The detectors' answers to the planned calls, in order (a call the circuit held back: not called).
+        Big items go alone (gathering them would only serialise their scoring in one call). Small ones go
+        through the ingress's dynamic batching when `gather` (one entity's request: concurrent requests
+        share a call), else straight to each detector in chunks of CALL_ITEMS (a snapshot of many entities)."""
+        out: list[dict[str, Any]] = [{"ok": False, "called": False}] * len(plans)
+        chunks: dict[str, list[list[int]]] = {}
+        jobs = []
+        for i, plan in enumerate(plans):
+            if not plan.called:
+                continue
+            if plan.item["n_new"] >= self.settings.big_batch_rows:
+                jobs.append(([i], self._call(plan.name, [plan.item])))
+            elif gather:
+                jobs.append(([i], self._single(self._model_call((plan.name, plan.item)))))
             else:
-                result = (await self._call(name, [item]))[0]
-            breaker.record(result.get("ok", False))
+                groups = chunks.setdefault(plan.name, [[]])
+                if len(groups[-1]) >= CALL_ITEMS:
+                    groups.append([])
+                groups[-1].append(i)
+        for name, groups in chunks.items():
+            jobs += [(idx, self._call(name, [plans[i].item for i in idx])) for idx in groups]
+        answers = await asyncio.gather(*(job for _, job in jobs))
+        for (idx, _), results in zip(jobs, answers):
+            for i, result in zip(idx, results):
+                out[i] = result
+        return out
+
+    @staticmethod
+    async def _single(call) -> list[dict[str, Any]]:
+        return [await call]
+
+    def _settle(
+        self,
+        plan: _Planned,
+        result: dict[str, Any],
+        rows: np.ndarray,
+        timestamps: list,
+        metrics: list[str],
+        started: float,
+    ) -> tuple[str, dict, dict[str, Any]]:
+        """What was served for a planned call: the detector's answer, or the baseline when the call failed or
+        the circuit held it back; records the circuit, the counters, shadow scoring and rollout evidence.
+        Returns (path, model ref, arrays as `EntityModel.score_arrays` returns them)."""
+        name, path, n_new = plan.name, plan.path, plan.item["n_new"]
+        if plan.called:
+            plan.breaker.record(result.get("ok", False))
             if not result.get("ok"):
                 log.warning(
-                    "model call failed", extra={"detector": name, "entity": entity, "error": result.get("error")}
+                    "model call failed", extra={"detector": name, "entity": plan.entity, "error": result.get("error")}
                 )
         if result.get("ok"):
             served, ref, arrays = path, result["model"], result["arrays"]
-            if policy.shadow and has_challenger and path == "champion":
-                self._spawn(self._shadow(name, {**item, "path": "challenger"}, arrays))
+            if plan.policy.shadow and plan.has_challenger and path == "champion":
+                self._spawn(self._shadow(name, {**plan.item, "path": "challenger"}, arrays))
             self.m_rows.inc(n_new, tags={"detector": name, "path": path})
         else:
             self.m_fallbacks.inc(n_new, tags={"detector": name})
             served, ref = "fallback", {"name": f"raywatch-{name}", "version": None, "variant": "baseline"}
-            recent = np.asarray(hist, dtype=np.float64) if len(hist) >= n_new else rows
+            hist = self.history.peek(plan.entity)
+            recent = np.asarray(hist, dtype=np.float64) if hist is not None and len(hist) >= n_new else rows
             arrays = fallback_scores(recent, n_new, metrics)
-        if policy.step_key is not None:  # a canary rollout: count what this arm served
+        if plan.policy.step_key is not None:  # a canary rollout: count what this arm served
             latency_ms = (time.perf_counter() - started) * 1000
-            self._count_step(policy.step_key, path, result, latency_ms, entity, timestamps, arrays)
+            self._count_step(plan.policy.step_key, path, result, latency_ms, plan.entity, timestamps, arrays)
         return served, ref, arrays
 
     # -- canary rollouts (serve/rollout.py) ------------------------------------------------------------------
@@ -701,17 +757,16 @@ class RaywatchAPI:
         by_entity: dict[str, list[int]] = {}
         for i, row in enumerate(rows):
             by_entity.setdefault(row.entity, []).append(i)
-        jobs = [
-            self._score_new(
+        batch = [
+            (
                 entity,
                 np.array([[rows[i].metrics[m] for m in known[entity]] for i in idx], dtype=np.float64),
-                detectors,
                 known[entity],
                 [rows[i].timestamp for i in idx],
             )
             for entity, idx in by_entity.items()
         ]
-        scored = [await jobs[0]] if len(jobs) == 1 else await asyncio.gather(*jobs)  # one entity: no extra task
+        scored = await self._score_entities(batch, detectors)
         results: list[dict[str, Any] | None] = [None] * len(rows)
         for (entity, idx), per_detector in zip(by_entity.items(), scored):
             for name, (path, model, arrays) in per_detector.items():
@@ -753,30 +808,40 @@ class RaywatchAPI:
         out = {"results": results, "rejected": rejected, "scored": len(results)}
         return Response(content=to_json(out), media_type="application/json")
 
-    async def _score_new(
-        self, entity: str, new: np.ndarray, detectors: list[str], metrics: list[str], timestamps: list
-    ) -> dict[str, tuple[str, dict, dict[str, Any]]]:
-        """Score one entity's new rows (model metric order) with each detector, after the entity's
-        history (which they join); feed what was served to the drift monitors. Per detector: (path,
-        model ref, arrays)."""
-        keys = {}
-        for name in detectors:
-            keys[name] = self._model_key((await self._info(name))["slots"].get("champion"), entity, metrics)
-        detectors = [name for name in detectors if keys[name]]  # a new entity: the detectors with a fleet model
-        context = await self._context_rows(entity, detectors, metrics)
-        place = None
-        if any(is_fleet_key(k) for k in keys.values()):  # scored by a fleet model: its statistics and place
-            place = self.cold_starts.admit(entity, new)
-        rows = self.history.context_and_new(entity, new, context)
-        hist = self.history.of(entity)
-        outputs = await asyncio.gather(
-            *(self._score_entity(name, entity, rows, timestamps, metrics, hist, place) for name in detectors)
-        )
-        for name, (path, _, arrays) in zip(detectors, outputs):
-            self.monitor_feed.offer(name, entity, timestamps, new, path, arrays, keys[name])
-            arrays["alerts"] = self.alerts.observe(name, entity, arrays, timestamps)
-            self._count_alerts(name, arrays["alerts"])
-        return dict(zip(detectors, outputs))
+    async def _score_entities(
+        self, batch: list[tuple[str, np.ndarray, list[str], list]], detectors: list[str]
+    ) -> list[dict[str, tuple[str, dict, dict[str, Any]]]]:
+        """Score each entity's new rows ((entity, rows in the model's metric order, metrics, timestamps)) with
+        each detector that serves it, after the entity's history (which they join); feed what was served to
+        the drift monitors and the alert book. Per entity, per detector: (path, model ref, arrays). A new
+        entity is served by the detectors with a fleet model of its metrics. One planning pass, the calls
+        (gathered per detector for a snapshot of many entities), then one pass over the answers."""
+        infos = {name: await self._info(name) for name in detectors}
+        planned: list[tuple[np.ndarray, list[_Planned]]] = []
+        for entity, new, metrics, _ in batch:
+            keys = {name: self._model_key(infos[name]["slots"].get("champion"), entity, metrics) for name in detectors}
+            serving = {name: infos[name] for name in detectors if keys[name]}
+            place = None
+            if any(is_fleet_key(keys[name]) for name in serving):  # a fleet model's: its statistics and place
+                place = self.cold_starts.admit(entity, new)
+            rows = self.history.context_and_new(entity, new, self._context_rows(serving, entity, metrics))
+            plans = [self._plan(name, info, entity, rows, len(new), metrics, place) for name, info in serving.items()]
+            planned.append((rows, plans))
+        started = time.perf_counter()
+        flat = [plan for _, plans in planned for plan in plans]
+        results = iter(await self._results(flat, gather=len(batch) == 1))
+        out = []
+        for (entity, new, metrics, timestamps), (rows, plans) in zip(batch, planned):
+            scored = {}
+            for plan in plans:
+                path, ref, arrays = scored[plan.name] = self._settle(
+                    plan, next(results), rows, timestamps, metrics, started
+                )
+                self.monitor_feed.offer(plan.name, entity, timestamps, new, path, arrays, plan.item.get("model_key"))
+                arrays["alerts"] = self.alerts.observe(plan.name, entity, arrays, timestamps)
+                self._count_alerts(plan.name, arrays["alerts"])
+            out.append(scored)
+        return out
 
     def _count_alerts(self, detector: str, alerts: list[dict[str, Any] | None]) -> None:
         for transition in ("opened", "closed"):
@@ -799,7 +864,7 @@ class RaywatchAPI:
         except S.FieldError as exc:
             raise ApiError(422, exc.field, exc.message) from None
         timestamps = request.timestamps or [None] * len(new)
-        scored = await self._score_new(request.entity, new, detectors, metrics, timestamps)
+        scored = (await self._score_entities([(request.entity, new, metrics, timestamps)], detectors))[0]
         out = S.batch_result(request.entity, request.timestamps, scored)
         for name, columns in out["detectors"].items():
             count = sum(columns["is_anomaly"])

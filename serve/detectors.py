@@ -103,7 +103,9 @@ def _model_input(item: dict[str, Any]) -> tuple:
     the row of its life that `rows` starts at (detect/fleet.py)."""
     if "model_key" not in item:
         return item["rows"], int(item["n_new"])
-    return item["rows"], int(item["n_new"]), (EntityStats.from_list(item["stats"]), int(item["offset"]))
+    rows, values = item["stats"]
+    stats = EntityStats(np.asarray(rows, dtype=np.int64), np.asarray(values, dtype=np.float64))
+    return item["rows"], int(item["n_new"]), (stats, int(item["offset"]))
 
 
 def load_slot(kind: str, alias: str, parallel_rows: int | None = None) -> ModelSlot | None:

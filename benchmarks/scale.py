@@ -1,0 +1,320 @@
+"""Scale benchmark: one Serve app (high-throughput mode) scoring fleets of N = 10, 100, 1,000 and 10,000
+synthetic machines, snapshot by snapshot, beside the same models scoring the same rows in this process.
+
+    python benchmarks/scale.py [--sizes 10,100,1000,10000] [--workdir runs/bench-scale]   # or: make bench-scale
+
+The first `--own` machines (100) have a model of their own; every other machine is scored by the fleet
+model of its metrics from its first row (detect/fleet.py). Both are trained once, for every N: the fleet
+model on Ray Train (`fit_windows_with_ray_train`, what `raywatch train --fleet` runs), the own models as
+Ray tasks, one in-process fit each. Per N, on a freshly deployed app (new replica processes):
+
+- `--warmup` snapshots (one row per machine, `POST /v1/score/fleet`, what a Prometheus scrape delivers),
+  so every machine is past its statistics checkpoints and its history is full, then `--measured` timed
+  snapshots: p50 and p99 latency, and rows/s = N x snapshots / their summed latency;
+- `inprocess_rows_per_s`: the same measured snapshots scored in this process by the same models
+  (`serve.detectors.load_slot`), with the same per-entity bookkeeping as the ingress (history, fleet
+  statistics) and no HTTP, JSON or Serve: the ceiling the platform is compared with;
+- `cold_start_ms`: the first `POST /v1/score` of machines never seen before (median of 5);
+- the RSS of every Serve replica (ingress included) and of the drift monitors, from their processes;
+- the models each detector replica holds.
+
+Writes benchmarks/results/scale.json (a list of records, one per N) and scale.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from serving import SERVE_PORT, load_average, local_serve, log, save_tables, use_workdir, wait_http
+
+SIZES = (10, 100, 1000, 10_000)
+OWN = 100  # machines with a model of their own (the first ones)
+FLEET_TRAIN = 64  # machines the fleet model learns from
+TRAIN_ROWS = 2880  # two days of 1-minute samples per training machine
+DAY = 1440
+SEED = 20
+
+
+def metric_names() -> list[str]:
+    from detect.synthetic import METRICS
+
+    return [m for m in METRICS if m != "disk_usage"]  # a fill trend is a distribution change by construction
+
+
+class Machines:
+    """Synthetic machines, vectorised: each metric a base level, a share of the machine's daily cycle, and
+    noise, all drawn per machine. `rows(t)` is every machine's sample at minute t (snapshots from t = 0);
+    `history(e)` a machine's training days, before t = 0."""
+
+    def __init__(self, count: int, metrics: list[str], seed: int = SEED) -> None:
+        from detect.synthetic import METRICS
+
+        rng = np.random.default_rng(seed)
+        base = np.array([METRICS[m][0] for m in metrics])
+        gain = np.array([METRICS[m][1] for m in metrics])
+        noise = np.array([METRICS[m][2] for m in metrics])
+        self.count, self.seed = count, seed
+        self.base = base * rng.uniform(0.5, 1.5, (count, len(metrics)))
+        self.gain = self.base * gain * rng.uniform(0.5, 1.5, (count, len(metrics)))
+        self.noise = noise * rng.uniform(0.5, 1.5, (count, len(metrics)))
+        self.phase = rng.uniform(0, 2 * np.pi, (count, 1))
+
+    def _at(self, entities: slice | np.ndarray, t: np.ndarray, z: np.ndarray) -> np.ndarray:
+        load = np.sin(2 * np.pi * t / DAY + self.phase[entities])[..., None]  # (e, t, 1)
+        return self.base[entities][:, None] + self.gain[entities][:, None] * load + self.noise[entities][:, None] * z
+
+    def rows(self, t: int, n: int) -> np.ndarray:
+        """(n, M): machines 0..n-1 at minute t."""
+        z = np.random.default_rng([self.seed, t]).normal(size=(self.count, self.base.shape[1]))[:n, None]
+        return self._at(slice(0, n), np.array([t]), z)[:, 0]
+
+    def span(self, n: int, start: int, steps: int) -> np.ndarray:
+        """(n, steps, M): machines 0..n-1 at minutes start..start + steps - 1 (the same rows as `rows`)."""
+        return np.stack([self.rows(t, n) for t in range(start, start + steps)], axis=1)
+
+    def history(self, e: int, steps: int = TRAIN_ROWS) -> np.ndarray:
+        z = np.random.default_rng([self.seed, 10**7 + e]).normal(size=(1, steps, self.base.shape[1]))
+        return self._at(np.array([e]), np.arange(-steps, 0), z)[0]
+
+
+def entity(e: int) -> str:
+    return f"scale/machine-{e:05d}"
+
+
+# -- models ------------------------------------------------------------------------------------------------
+def train_models(machines: Machines, metrics: list[str], own: int, epochs: int) -> dict[str, float]:
+    """The fleet model on Ray Train and `own` per-entity models as Ray tasks; one registered version."""
+    import ray
+
+    from detect.fleet import fleet_key
+    from detect.sequence import AutoencoderDetector
+    from train.pipeline import register_fitted
+    from train.torch_train import fit_windows_with_ray_train
+
+    t0 = time.perf_counter()
+    fleet = AutoencoderDetector(epochs=epochs)
+    train_w, val_w = fleet.prepare_fleet([machines.history(e) for e in range(FLEET_TRAIN)], metrics)
+    fleet = fit_windows_with_ray_train(fleet, train_w, val_w, run_name="scale-fleet")
+    fleet_s = time.perf_counter() - t0
+    log(f"fleet model: {FLEET_TRAIN} machines, {len(train_w) + len(val_w)} windows, {fleet_s:.1f} s on Ray Train")
+
+    @ray.remote(num_cpus=1)
+    def fit_own(rows: np.ndarray) -> Any:
+        import torch
+
+        torch.set_num_threads(1)
+        return AutoencoderDetector(epochs=epochs).fit(rows, metrics)
+
+    t0 = time.perf_counter()
+    rows = {entity(e): machines.history(e) for e in range(own)}
+    fitted = dict(zip(rows, ray.get([fit_own.remote(r) for r in rows.values()])))
+    own_s = time.perf_counter() - t0
+    log(f"{own} own models: {own_s:.1f} s (Ray tasks, one fit each)")
+    key = fleet_key(metrics)
+    register_fitted(
+        "autoencoder",
+        {**fitted, key: fleet},
+        {name: metrics for name in [*fitted, key]},
+        rows,
+        run_name="scale",
+    )
+    return {"fleet_train_s": round(fleet_s, 1), "own_train_s": round(own_s, 1)}
+
+
+# -- the platform ------------------------------------------------------------------------------------------
+def snapshot_body(rows: np.ndarray, metrics: list[str], t: int) -> bytes:
+    from pydantic_core import to_json
+
+    body = {
+        "timestamp": float(t * 60),
+        "rows": [{"entity": entity(e), "metrics": dict(zip(metrics, r))} for e, r in enumerate(rows.tolist())],
+        "detectors": ["autoencoder"],
+    }
+    return to_json(body)
+
+
+def post(url: str, body: bytes) -> tuple[float, dict]:
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    started = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=120) as response:
+        answer = json.loads(response.read())
+    return time.perf_counter() - started, answer
+
+
+def process_rss_mb() -> dict[str, float]:
+    """RSS (MB) of every Serve replica and drift monitor of this cluster, by actor."""
+    import psutil
+    from ray.util.state import list_actors
+
+    out = {}
+    for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000):
+        name = actor.class_name or ""
+        if not (name.startswith("ServeReplica:raywatch") or "Monitor" in name) or not actor.pid:
+            continue
+        try:
+            rss = psutil.Process(actor.pid).memory_info().rss / 2**20
+        except psutil.Error:
+            continue
+        label = name.removeprefix("ServeReplica:raywatch:") + f"#{actor.pid}"
+        out[label] = round(rss, 1)
+    return out
+
+
+def measure_platform(
+    serve: Any, machines: Machines, metrics: list[str], n: int, warmup: int, measured: int, workdir: Path
+) -> dict[str, Any]:
+    from serve.app import build_app
+
+    base = f"http://127.0.0.1:{SERVE_PORT}"
+    t0 = time.perf_counter()
+    app = build_app(
+        {
+            "state_dir": str(workdir / f"state-{n}"),
+            "monitor": {"config": {"retrain": False, "concept_every_s": 3600}},
+        }
+    )
+    serve.run(app, name="raywatch", route_prefix="/")
+    wait_http(f"{base}/readyz", lambda body: bool(body.get("detectors", {}).get("autoencoder")))
+    log(f"N={n}: app deployed in {time.perf_counter() - t0:.0f} s; {warmup} warm-up snapshots")
+    url = f"{base}/v1/score/fleet"
+    latencies = []
+    for t in range(warmup + measured):
+        seconds, answer = post(url, snapshot_body(machines.rows(t, n), metrics, t))
+        if answer["scored"] != n:
+            raise RuntimeError(f"snapshot {t}: {answer['scored']} of {n} rows scored: {answer['rejected'][:3]}")
+        if t >= warmup:
+            latencies.append(seconds)
+        elif t % 50 == 0:
+            log(f"N={n}: snapshot {t}: {seconds * 1000:.0f} ms")
+    cold = []
+    for j in range(5):  # machines never seen: scored by the fleet model on their first request
+        row = machines.rows(warmup + measured, n)[j % n]
+        body = json.dumps({"rows": [{"entity": f"scale/new-{n}-{j}", "metrics": dict(zip(metrics, row.tolist()))}]})
+        seconds, answer = post(f"{base}/v1/score", body.encode())
+        assert "autoencoder" in answer["results"][0]["detectors"], answer
+        cold.append(seconds * 1000)
+    models = json.loads(urllib.request.urlopen(f"{base}/v1/models", timeout=60).read())["models"]
+    loaded = len(models["autoencoder"]["slots"]["champion"]["entities"])
+    rss = process_rss_mb()
+    ms = np.array(latencies) * 1000
+    return {
+        "snapshot_p50_ms": round(float(np.percentile(ms, 50)), 1),
+        "snapshot_p99_ms": round(float(np.percentile(ms, 99)), 1),
+        "snapshot_rows_per_s": round(n * len(latencies) / sum(latencies), 1),
+        "cold_start_ms": round(statistics.median(cold), 1),
+        "models_loaded_per_replica": loaded,
+        "rss_mb": rss,
+        "replica_rss_mb": max(v for k, v in rss.items() if "Monitor" not in k),
+        "ingress_rss_mb": max(v for k, v in rss.items() if k.startswith("RaywatchAPI")),
+        "monitor_rss_mb": max([v for k, v in rss.items() if "Monitor" in k], default=None),
+    }
+
+
+# -- in process --------------------------------------------------------------------------------------------
+def measure_inprocess(machines: Machines, metrics: list[str], n: int, warmup: int, measured: int) -> dict[str, Any]:
+    """The measured snapshots scored here by the champion's models, with the ingress's bookkeeping: each
+    machine's last rows, and for fleet-scored ones the statistics and their place (detect/fleet.py)."""
+    from detect.fleet import MAX_WINDOW, Sampler, fleet_key, is_fleet_key
+    from serve.detectors import load_slot
+    from serve.history import HISTORY_ROWS
+
+    slot = load_slot("autoencoder", "champion")
+    key = fleet_key(metrics)
+    models = [slot.entities.get(entity(e)) or slot.entities[key] for e in range(n)]
+    warm = machines.span(n, 0, warmup)  # (n, warmup, M)
+    history = [warm[e, -HISTORY_ROWS:] for e in range(n)]
+    samplers = {}
+    for e in range(n):
+        if models[e] is slot.entities[key]:
+            samplers[e] = Sampler(len(metrics))
+            samplers[e].add(warm[e])
+    del warm
+    seconds = []
+    for t in range(warmup, warmup + measured):
+        rows = machines.rows(t, n)
+        started = time.perf_counter()
+        groups: dict[int, tuple[Any, list]] = {}
+        for e in range(n):
+            model = models[e]
+            context = history[e][-model.context_rows :]
+            item_rows = np.concatenate([context, rows[e : e + 1]])
+            if e in samplers:
+                before = samplers[e].rows
+                stats = samplers[e].add(rows[e : e + 1])
+                offset = before + 1 - len(item_rows)
+                item = (item_rows, 1, (stats.for_windows_from(offset - MAX_WINDOW + 1), offset))
+            else:
+                item = (item_rows, 1)
+            groups.setdefault(id(model), (model, []))[1].append(item)
+            history[e] = np.concatenate([history[e][1 - HISTORY_ROWS :], rows[e : e + 1]])
+        for model, items in groups.values():
+            model.score_arrays(items)
+        seconds.append(time.perf_counter() - started)
+    assert any(is_fleet_key(k) for k in slot.entities)
+    return {
+        "inprocess_rows_per_s": round(n * len(seconds) / sum(seconds), 1),
+        "inprocess_p50_ms": round(float(np.percentile(np.array(seconds) * 1000, 50)), 1),
+    }
+
+
+# -- the run -----------------------------------------------------------------------------------------------
+def write_results(records: list[dict[str, Any]], trained: dict[str, float], args: argparse.Namespace) -> None:
+    md = [
+        "# Scale: fleets of N synthetic machines on one Serve app",
+        "",
+        f"`python benchmarks/scale.py --sizes {','.join(map(str, args.sizes))}`: high-throughput mode, "
+        f"{args.own} machines with a model of their own, the rest scored by the fleet model from their first "
+        f"row; {args.warmup} warm-up snapshots, then {args.measured} measured ones per N; "
+        f"load average {load_average()}. The fleet model took {trained['fleet_train_s']} s on Ray Train "
+        f"({FLEET_TRAIN} machines x {TRAIN_ROWS} rows), the {args.own} own models {trained['own_train_s']} s.",
+        "",
+        "| N | snapshot p50 ms | p99 ms | rows/s (platform) | rows/s (in process) | ratio | cold start ms "
+        "| largest replica MB | ingress MB | monitor MB | models per replica |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        md.append(
+            f"| {r['entities']:,} | {r['snapshot_p50_ms']} | {r['snapshot_p99_ms']} | {r['snapshot_rows_per_s']:,} "
+            f"| {r['inprocess_rows_per_s']:,} | {r['snapshot_rows_per_s'] / r['inprocess_rows_per_s']:.2f} "
+            f"| {r['cold_start_ms']} | {r['replica_rss_mb']} | {r['ingress_rss_mb']} | {r['monitor_rss_mb']} "
+            f"| {r['models_loaded_per_replica']} |"
+        )
+    save_tables("scale", records, md, show=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)), type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--own", type=int, default=OWN, help="machines with a model of their own")
+    parser.add_argument("--warmup", type=int, default=200, help="snapshots before the measured ones")
+    parser.add_argument("--measured", type=int, default=20, help="timed snapshots per N")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--workdir", default="runs/bench-scale")
+    args = parser.parse_args(argv)
+    workdir = use_workdir(args.workdir)
+    metrics = metric_names()
+    machines = Machines(max(args.sizes) + 10, metrics)
+    records = []
+    with local_serve("high_throughput", workdir) as serve:
+        trained = train_models(machines, metrics, args.own, args.epochs)
+        for n in args.sizes:
+            record = {"entities": n, "lru_capacity": None, **trained}
+            record.update(measure_platform(serve, machines, metrics, n, args.warmup, args.measured, workdir))
+            record.update(measure_inprocess(machines, metrics, n, args.warmup, args.measured))
+            log(f"N={n}: {json.dumps({k: v for k, v in record.items() if k != 'rss_mb'})}")
+            records.append(record)
+            serve.delete("raywatch")
+    write_results(records, trained, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
