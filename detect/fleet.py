@@ -23,6 +23,7 @@ detector kind's bundle beside the per-entity ones, under `fleet_key(metrics)`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,11 @@ IQR_TO_SIGMA = 1.349  # the interquartile range of a normal distribution, in sta
 
 def fleet_key(metrics: Iterable[str]) -> str:
     """The bundle key of the fleet model for a metric schema: the same names in any order give the same key."""
+    return _schema_key(tuple(metrics))
+
+
+@functools.lru_cache(maxsize=1024)  # asked for every row of a snapshot: a few schemas, many rows
+def _schema_key(metrics: tuple[str, ...]) -> str:
     names = sorted(metrics)
     digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
     return f"{FLEET_PREFIX}{len(names)}m-{digest}"
@@ -155,12 +161,14 @@ class WindowNormaliser:
         pick = np.searchsorted(stats.rows, np.maximum(starts, 1), side="right") - 1
         if pick.min() < 0:
             raise ValueError(f"no statistics for windows starting at row {int(starts.min())}: checkpoints {stats.rows}")
-        centre, spread = stats.values[pick, 0], stats.values[pick, 1]
-        rows = stats.rows[pick][:, None].astype(np.float64)
-        weight = self.prior_rows
-        scale = np.sqrt((rows * spread**2 + weight * self.prior_scale**2) / (rows + weight))
-        scale = np.maximum(scale, self.floor)
+        centre, scale = stats.values[pick, 0], self.scale(stats.values[pick, 1], stats.rows[pick])
         return ((windows - centre[:, None, :]) / scale[:, None, :]).astype(np.float32)
+
+    def scale(self, spread: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """(k, M) scales from spreads measured on `rows` rows each, shrunk toward the prior."""
+        rows = np.asarray(rows, dtype=np.float64).reshape(-1, 1)
+        weight = self.prior_rows
+        return np.maximum(np.sqrt((rows * spread**2 + weight * self.prior_scale**2) / (rows + weight)), self.floor)
 
     def series_windows(self, values: np.ndarray, spec: FeatureSpec) -> np.ndarray:
         """Every row's window of one entity's (T, M) series from its first row, normalised: (T, W, M)."""

@@ -25,6 +25,7 @@ from detect.fleet import EntityStats, WindowNormaliser
 # rows from which the ensemble's member graphs run in parallel, unless a runtime is given its own
 # (serving passes its `parallel_rows` setting)
 PARALLEL_ROWS = 256
+GROWN_AT_ONCE = 16  # fleet items from which the vectorised path pays
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -115,6 +116,17 @@ class SequenceRuntime:
         A fleet model's items may come from many entities and carry a third part: the entity's statistics
         and the row of its life the item's rows start at (`detect.fleet.EntityStats`, offset), or None
         when the rows start at the entity's first."""
+        grown = self._grown(items)
+        if len(grown) >= GROWN_AT_ONCE:  # many grown entities of a fleet model (a snapshot): vectorised
+            taken = set(grown)
+            rest = [i for i in range(len(items)) if i not in taken]
+            fast = self._score_grown([items[i] for i in grown])
+            slow = self.score_tails([items[i] for i in rest]) if rest else None
+            contributions = np.empty((len(items), fast.shape[1]))
+            contributions[grown] = fast
+            if slow is not None:
+                contributions[rest] = slow[2]
+            return contributions.sum(axis=1), None, contributions
         smooth = self.smooth
         # each item needs the errors of its last n + smooth - 1 rows (fewer at a series' start)
         spans = [min(item[1] + smooth - 1, len(item[0])) for item in items]
@@ -128,6 +140,37 @@ class SequenceRuntime:
             at += k
         contributions = np.concatenate(parts)
         return contributions.sum(axis=1), None, contributions
+
+    def _grown(self, items: list[tuple]) -> list[int]:
+        """Indices of the fleet items that `_score_grown` takes: one new row after exactly the context, and
+        one set of statistics for all its windows (an entity past its checkpoints)."""
+        if self.normaliser is None:
+            return []
+        rows = self.spec.window + self.smooth - 1
+        return [
+            i
+            for i, item in enumerate(items)
+            if item[1] == 1
+            and len(item[0]) == rows
+            and len(item) > 2
+            and item[2] is not None
+            and len(item[2][0].rows) == 1
+        ]
+
+    def _score_grown(self, items: list[tuple]) -> np.ndarray:
+        """`score_tails`' per-metric contributions for `_grown` items, as arrays over all of them at once:
+        the `smooth` windows ending at each item's new row, normalised by its statistics, in one ONNX call,
+        then their mean (the causal smoothing of the newest row)."""
+        window, smooth = self.spec.window, self.smooth
+        stacked = np.stack([item[0] for item in items]).astype(np.float64)  # (k, window + smooth - 1, M)
+        windows = np.lib.stride_tricks.sliding_window_view(stacked, window, axis=1).transpose(0, 1, 3, 2)
+        centre = np.stack([item[2][0].values[0, 0] for item in items])
+        scale = self.normaliser.scale(
+            np.stack([item[2][0].values[0, 1] for item in items]), np.array([item[2][0].rows[0] for item in items])
+        )
+        z = ((windows - centre[:, None, None, :]) / scale[:, None, None, :]).astype(np.float32)
+        errors = self.errors(z.reshape(-1, window, z.shape[-1])).astype(np.float64)
+        return errors.reshape(len(items), smooth, -1).mean(axis=1)
 
     def explain_series(self, X: np.ndarray, batch: int = 4096) -> np.ndarray:
         """Smoothed per-metric errors for every row of one entity's series (T, M)."""

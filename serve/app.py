@@ -457,13 +457,13 @@ class RaywatchAPI:
         n_new: int,
         metrics: list[str],
         place: tuple[EntityStats, int] | None,
+        policy: TrafficPolicy,
     ) -> _Planned:
         """One detector's call for one entity's new rows (the last `n_new` of `rows`; the rest is context):
         the path the traffic policy picks, the item for the detector, and whether the circuit lets it go. An
         entity without a model of its own is scored by the fleet model of its metrics, with `place`: its
         statistics and the row of its life that its first new row is (`ColdStarts.admit`)."""
         has_challenger = "challenger" in info["slots"]
-        policy = self.traffic.get(name)
         path = policy.path_for(entity, has_challenger)
         if path != "champion" and self._model_key(info["slots"].get(path), entity, metrics) is None:
             path = "champion"  # a challenger without this entity's model (or fleet model): the champion serves it
@@ -817,6 +817,7 @@ class RaywatchAPI:
         entity is served by the detectors with a fleet model of its metrics. One planning pass, the calls
         (gathered per detector for a snapshot of many entities), then one pass over the answers."""
         infos = {name: await self._info(name) for name in detectors}
+        policies = {name: self.traffic.get(name) for name in detectors}  # one read per request, not per entity
         planned: list[tuple[np.ndarray, list[_Planned]]] = []
         for entity, new, metrics, _ in batch:
             keys = {name: self._model_key(infos[name]["slots"].get("champion"), entity, metrics) for name in detectors}
@@ -825,7 +826,10 @@ class RaywatchAPI:
             if any(is_fleet_key(keys[name]) for name in serving):  # a fleet model's: its statistics and place
                 place = self.cold_starts.admit(entity, new)
             rows = self.history.context_and_new(entity, new, self._context_rows(serving, entity, metrics))
-            plans = [self._plan(name, info, entity, rows, len(new), metrics, place) for name, info in serving.items()]
+            plans = [
+                self._plan(name, info, entity, rows, len(new), metrics, place, policies[name])
+                for name, info in serving.items()
+            ]
             planned.append((rows, plans))
         started = time.perf_counter()
         flat = [plan for _, plans in planned for plan in plans]

@@ -71,6 +71,30 @@ def test_served_windows_of_a_new_entity_equal_the_batch_path(fleet_model):
         np.testing.assert_allclose(served, batch[end + 1 - n : end + 1], rtol=1e-6, atol=1e-9)
 
 
+def test_a_snapshot_of_many_grown_entities_scores_as_each_alone(fleet_model):
+    """The vectorised path for many grown entities in one call (a snapshot) gives each entity's scores as
+    scoring it alone, and as the batch path; young entities mixed in take the per-item path."""
+    from detect.runtime import GROWN_AT_ONCE
+    from train.kinds import export_graphs, kind_of
+
+    det, _, X = fleet_model
+    runtime = kind_of(det).runtime(det, export_graphs(det))
+    context = kind_of(det).context_rows(det)
+    entities = [X + shift for shift in np.linspace(-3, 3, GROWN_AT_ONCE + 4)]
+    items, expected = [], []
+    for k, series in enumerate(entities):
+        end = 300 + 7 * k if k % 6 else 40  # every sixth one young (under 192 rows)
+        first = max(0, end - context)
+        stats = EntityStats.of_series(series[: end + 1]).for_windows_from(first - 63)
+        items.append((series[first : end + 1], 1, (stats, first)))
+        expected.append(runtime.score_series(series[: end + 1])[-1])
+    assert len(runtime._grown(items)) >= GROWN_AT_ONCE
+    together, _, _ = runtime.score_tails(items)
+    alone = [runtime.score_tails([item])[0][0] for item in items]
+    np.testing.assert_allclose(together, alone, rtol=1e-6)
+    np.testing.assert_allclose(together, expected, rtol=1e-6)
+
+
 def test_the_ingress_sampler_reaches_the_batch_statistics_in_any_request_sizes():
     """What `serve.history.ColdStarts` keeps per young entity (a few dozen sample rows per checkpoint) gives
     the statistics the batch path computes from the whole series, however the rows arrive."""
