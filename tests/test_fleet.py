@@ -140,3 +140,35 @@ def test_a_new_entity_with_an_incident_is_flagged_by_the_fleet_model(fleet_model
     scores = det.score(hit)
     assert np.mean(scores[605:640] >= det.threshold_) > 0.8
     assert np.mean(scores[CHECKPOINTS[-1] : 580] >= det.threshold_) < 0.1
+
+
+@pytest.mark.slow
+def test_train_fleet_registers_a_fleet_model_per_schema_beside_the_champions_entities(
+    data_dir, ray_cluster, mlflow_store
+):
+    """`raywatch train --fleet` on Ray Train: one fleet model per metric schema (ASD's 19 metrics and SMD's 38:
+    two Ray Train runs in one job), in a version that keeps the champion's own models and becomes champion."""
+    from detect.data import load_series
+    from detect.sequence import AutoencoderDetector
+    from train import registry
+    from train.fleet import train_fleet
+    from train.pipeline import register_fitted
+
+    omi1 = load_series("asd", "omi-1", data_dir)
+    own = AutoencoderDetector(epochs=1, hidden=16).fit(omi1.train[omi1.metrics].to_numpy()[:2000], omi1.metrics)
+    register_fitted(
+        "autoencoder",
+        {omi1.name: own},
+        {omi1.name: omi1.metrics},
+        {omi1.name: omi1.train[omi1.metrics].to_numpy()[:2000]},
+    )
+    result = train_fleet(data_dir, ["asd/omi-2", "asd/omi-3", "smd/machine-1-6"], {"epochs": 1, "hidden": 16})
+    key, smd = fleet_key(omi1.metrics), fleet_key(load_series("smd", "machine-1-6", data_dir).metrics)
+    assert set(result["schemas"]) == {key, smd} and result["version"] == "2" and result["based_on"] == "1"
+    assert set(result["schemas"][key]["cold_start"]) == {"asd/omi-2", "asd/omi-3"}
+    assert registry.alias_version("autoencoder", registry.CHAMPION) == "2"
+    bundle, _ = registry.load_bundle("autoencoder", "2")
+    assert set(bundle.detectors) == {omi1.name, key, smd}
+    assert bundle.detectors[smd].n_metrics_ == 38 and bundle.detectors[key].normaliser_ is not None
+    assert key not in bundle.references and omi1.name in bundle.references
+    assert result["schemas"][key]["windows"] > 0 and result["schemas"][key]["fit_seconds"] > 0

@@ -26,7 +26,7 @@ import mlflow
 
 from detect import metrics as M
 from detect.data import Series, load_benchmark
-from detect.fleet import fleet_key
+from detect.fleet import FLEET_PREFIX, fleet_key
 from train import registry
 from train.assemble import fitted_bundle, with_unchanged_entities
 from train.jobs import init_ray
@@ -94,7 +94,13 @@ def train_fleet(
             det = kind.new(config)
             train_w, val_w = det.prepare_fleet([s.train[metrics].to_numpy() for s in members], metrics)
             det = fit_windows_with_ray_train(
-                det, train_w, val_w, num_workers=num_workers, use_gpu=use_gpu, run_name=f"fleet-{run.info.run_id[:8]}"
+                det,
+                train_w,
+                val_w,
+                num_workers=num_workers,
+                use_gpu=use_gpu,
+                # a run of its own per schema: Ray Train resumes a run of the same name from its checkpoint
+                run_name=f"fleet-{key.removeprefix(FLEET_PREFIX)}-{run.info.run_id[:8]}",
             )
             seconds = time.perf_counter() - t0
             figures = cold_start_figures(det, members, metrics)
@@ -114,7 +120,8 @@ def train_fleet(
             progress(
                 f"{key}: trained in {seconds:.1f} s on {len(train_w) + len(val_w)} windows"
                 + (
-                    f"; PR-AUC from the first row on the test splits: mean {sum(mean_auc) / len(mean_auc):.3f}"
+                    f"; PR-AUC on these entities' test splits, scored from their first row: "
+                    f"mean {sum(mean_auc) / len(mean_auc):.3f}"
                     if mean_auc
                     else ""
                 )
