@@ -40,6 +40,21 @@ def register_small_models(
             )
 
 
+def serve_app(name: str, port: int, args: dict):
+    """The raywatch app deployed as `name` on 127.0.0.1:`port` with `build_app(args)`, after stopping any
+    drift monitor another module left (they are detached); returns an HTTP client to it."""
+    import httpx
+    from ray import serve
+
+    from monitoring import monitor
+    from serve.app import build_app
+
+    monitor.stop_all()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(args), name=name, route_prefix="/")
+    return httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+
+
 def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
     """`predicate()`'s first truthy value, asked every `poll` seconds; AssertionError naming `what`
     after `timeout` seconds."""

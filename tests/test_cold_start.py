@@ -8,7 +8,7 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
-from serving_fixtures import restore_environ, wait_for
+from serving_fixtures import restore_environ, serve_app, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -54,16 +54,9 @@ def cold(ray_cluster, tmp_path_factory):
         "autoencoder", {own_entity: own, key: fleet}, {own_entity: metrics, key: metrics}, {own_entity: own_rows}
     )
     _, _, new_rows = machine_days(3, seed=11)
-    from serve.app import build_app
-
-    monitor.stop_all()  # monitors are detached: make sure none from another module is reused
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(
-        build_app({"state_dir": str(workdir / "state"), "reload_interval_s": 0.5, "monitor": MONITOR}),
-        name="raywatch-cold",
-        route_prefix="/",
+    client = serve_app(
+        "raywatch-cold", PORT, {"state_dir": str(workdir / "state"), "reload_interval_s": 0.5, "monitor": MONITOR}
     )
-    client = httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=60)
     yield client, metrics, new_rows[:OWN_MODEL_ROWS], key
     client.close()
     serve.shutdown()

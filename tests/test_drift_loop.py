@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import numpy as np
 import pytest
-from serving_fixtures import restore_environ, wait_for
+from serving_fixtures import restore_environ, serve_app, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -49,16 +48,9 @@ def loop(ray_cluster, tmp_path_factory):
     os.environ["RAYWATCH_STATE_DIR"] = str(workdir / "state")
     entity, metrics, values = machine_days(6)
     register_autoencoder(entity, metrics, values[: 3 * DAY])
-    from serve.app import build_app
-
-    monitor.stop_all()  # monitors are detached: make sure none from another module is reused
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(
-        build_app({"state_dir": str(workdir / "state"), "reload_interval_s": 0.5, "monitor": MONITOR}),
-        name="raywatch-loop",
-        route_prefix="/",
+    client = serve_app(
+        "raywatch-loop", PORT, {"state_dir": str(workdir / "state"), "reload_interval_s": 0.5, "monitor": MONITOR}
     )
-    client = httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=60)
     yield client, entity, metrics, values
     client.close()
     serve.shutdown()  # the next module starts Serve with its own HTTP options

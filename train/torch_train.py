@@ -90,24 +90,15 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def fit_with_ray_train(
-    detector: SequenceDetector,
-    X: np.ndarray,
-    metrics: list[str] | None = None,
-    num_workers: int = 1,
-    use_gpu: bool | None = None,
-    storage_path: str | Path | None = None,
-    run_name: str | None = None,
-    max_failures: int = 2,
-    cpus_per_worker: float | None = None,
+    detector: SequenceDetector, X: np.ndarray, metrics: list[str] | None = None, **options: Any
 ) -> SequenceDetector:
-    """Fit a sequence detector through `TorchTrainer`; returns the fitted detector.
+    """Fit a sequence detector on one entity's rows through `TorchTrainer`; returns the fitted detector.
+    `options` are `fit_windows_with_ray_train`'s (workers, GPU, storage, run name, failures, CPUs).
 
     The per-epoch history (train/val loss, rows/s, resume marks) is kept in `detector.history_`.
     """
     train_w, val_w = detector.prepare(X, metrics)
-    return fit_windows_with_ray_train(
-        detector, train_w, val_w, num_workers, use_gpu, storage_path, run_name, max_failures, cpus_per_worker
-    )
+    return fit_windows_with_ray_train(detector, train_w, val_w, **options)
 
 
 def fit_windows_with_ray_train(
@@ -121,8 +112,8 @@ def fit_windows_with_ray_train(
     max_failures: int = 2,
     cpus_per_worker: float | None = None,
 ) -> SequenceDetector:
-    """`fit_with_ray_train` on windows the detector has prepared (`prepare`, or `prepare_fleet` for a
-    fleet model over many entities)."""
+    """Fit a sequence detector through `TorchTrainer` on windows it has prepared (`prepare`, or
+    `prepare_fleet` for a fleet model over many entities); returns the fitted detector."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
