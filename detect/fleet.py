@@ -35,6 +35,11 @@ from detect.features import FeatureSpec, entity_windows, tail_windows
 FLEET_PREFIX = "fleet:"
 CHECKPOINTS = (1, 4, 16, 64, 192)  # an entity's statistics come from its first rows at these counts, then freeze
 SAMPLE_ROWS = 64  # rows behind a checkpoint's statistics at most (every stride-th row of a long one)
+# a new entity's threshold: from this many of its own first scores on, the larger of the fleet model's and
+# their OWN_QUANTILE (the rule every detector's threshold follows on its validation scores), learnt from
+# unlabelled scores only
+OWN_THRESHOLD_ROWS = 720
+OWN_QUANTILE = 0.99
 MAX_WINDOW = 64  # the longest window a fleet model reads (a request needs the boundaries of its windows only)
 IQR_TO_SIGMA = 1.349  # the interquartile range of a normal distribution, in standard deviations
 
@@ -103,6 +108,42 @@ class EntityStats:
         """The checkpoints that windows starting at row `start` or later can use (what a request sends)."""
         first = max(int(np.searchsorted(self.rows, max(start, 1), side="right")) - 1, 0)
         return EntityStats(self.rows[first:], self.values[first:])
+
+
+def own_thresholds(scores: np.ndarray, fleet_threshold: float) -> np.ndarray:
+    """Per row of an entity's scores from its first: the threshold in force (the batch path of
+    `OwnThreshold`): the fleet model's for the first OWN_THRESHOLD_ROWS rows, then the larger of it and the
+    OWN_QUANTILE of those rows' scores. A fleet threshold learnt on other machines floods some new ones
+    (on two of the six shipped entities it flagged 89% and 100% of the rows); this one does not learn from
+    labels, only from the entity's own first scores."""
+    out = np.full(len(scores), float(fleet_threshold))
+    if len(scores) > OWN_THRESHOLD_ROWS:
+        first = np.asarray(scores[:OWN_THRESHOLD_ROWS], dtype=np.float64)
+        out[OWN_THRESHOLD_ROWS:] = max(float(fleet_threshold), float(np.quantile(first, OWN_QUANTILE)))
+    return out
+
+
+class OwnThreshold:
+    """`own_thresholds` as serving keeps it for one new entity: its first OWN_THRESHOLD_ROWS scores (one
+    float64 array), then one number. The threshold changes between requests: a request's rows share the one
+    in force when it came."""
+
+    __slots__ = ("_scores", "_seen", "value")
+
+    def __init__(self) -> None:
+        self._scores: np.ndarray | None = np.empty(OWN_THRESHOLD_ROWS)
+        self._seen, self.value = 0, None
+
+    def observe(self, scores: np.ndarray, fleet_threshold: float) -> float:
+        """The threshold for a request's rows with these `scores`; counts them toward learning it."""
+        threshold = float(fleet_threshold) if self.value is None else max(self.value, float(fleet_threshold))
+        if self._scores is not None:
+            take = np.asarray(scores, dtype=np.float64)[: OWN_THRESHOLD_ROWS - self._seen]
+            self._scores[self._seen : self._seen + len(take)] = take
+            self._seen += len(take)
+            if self._seen == OWN_THRESHOLD_ROWS:
+                self.value, self._scores = float(np.quantile(self._scores, OWN_QUANTILE)), None
+        return threshold
 
 
 class Sampler:

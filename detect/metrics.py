@@ -42,8 +42,8 @@ def best_f1(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
     return float(f1[best]), float(thresholds[best]) if len(thresholds) else float("inf")
 
 
-def f1_at(labels: np.ndarray, scores: np.ndarray, threshold: float) -> float:
-    """Point-wise F1 of the rule score >= threshold."""
+def f1_at(labels: np.ndarray, scores: np.ndarray, threshold: float | np.ndarray) -> float:
+    """Point-wise F1 of the rule score >= threshold (one threshold, or one per row)."""
     y = np.asarray(labels).astype(bool)
     pred = np.asarray(scores) >= threshold
     return float(_f1((pred & y).sum(), (pred & ~y).sum(), (~pred & y).sum()))

@@ -841,6 +841,10 @@ class RaywatchAPI:
                 path, ref, arrays = scored[plan.name] = self._settle(
                     plan, next(results), rows, timestamps, metrics, started
                 )
+                if "model_key" in plan.item and path != "fallback":  # a new entity: its own threshold, once learnt
+                    arrays["threshold"] = self.cold_starts.threshold(
+                        plan.name, entity, arrays["scores"], arrays["threshold"]
+                    )
                 self.monitor_feed.offer(plan.name, entity, timestamps, new, path, arrays, plan.item.get("model_key"))
                 arrays["alerts"] = self.alerts.observe(plan.name, entity, arrays, timestamps)
                 self._count_alerts(plan.name, arrays["alerts"])

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from detect.alerting import Alert, AlertGrouper
-from detect.fleet import EntityStats, Sampler
+from detect.fleet import EntityStats, OwnThreshold, Sampler
 
 HISTORY_ROWS = 64  # raw samples kept per entity: every served model's context and the fallback's baseline
 MAX_ENTITIES = 100_000
@@ -125,9 +125,16 @@ class ColdStarts:
     def __init__(self, max_entities: int = MAX_ENTITIES) -> None:
         self.max_entities = max_entities
         self._entities: OrderedDict[str, Sampler] = OrderedDict()
+        self._thresholds: OrderedDict[tuple[str, str], OwnThreshold] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entities)
+
+    def threshold(self, detector: str, entity: str, scores: np.ndarray, fleet_threshold: float) -> float:
+        """The threshold for the entity's rows a detector's fleet model just scored (`detect.fleet.OwnThreshold`:
+        the fleet model's until the entity's first scores give its own)."""
+        key = (detector, entity)
+        return lru_entry(self._thresholds, key, self.max_entities, OwnThreshold)[0].observe(scores, fleet_threshold)
 
     def admit(self, entity: str, new: np.ndarray) -> tuple[EntityStats, int]:
         """Count the entity's `new` rows and reach the checkpoints they complete. Returns its statistics and

@@ -77,6 +77,7 @@ def autoencoder_scores(response: httpx.Response) -> list[float]:
 
 
 def test_a_new_entity_is_scored_on_its_first_request_through_the_fleet_model(cold):
+    from detect.fleet import OWN_QUANTILE, OWN_THRESHOLD_ROWS
     from serve.detectors import load_slot
 
     client, metrics, values, key = cold
@@ -98,6 +99,11 @@ def test_a_new_entity_is_scored_on_its_first_request_through_the_fleet_model(col
         )
     fleet = load_slot("autoencoder", "champion").entities[key]
     np.testing.assert_allclose(served, fleet.runtime.score_series(values[:900]), rtol=1e-5, atol=1e-6)
+    # its own threshold, learnt from its first 720 scores, in force from the request after them (rows 750..)
+    last = client.post("/v1/score", json={"rows": rows_of(NEW, metrics, values[900:901], 900)})
+    own = float(np.quantile(served[:OWN_THRESHOLD_ROWS], OWN_QUANTILE))
+    assert own > fleet.threshold  # the fleet model's threshold would flood this machine
+    assert last.json()["results"][0]["detectors"]["autoencoder"]["threshold"] == pytest.approx(own, rel=1e-6)
 
     # a schema no fleet model knows is still refused, naming why
     odd = client.post("/v1/score", json={"rows": [{"entity": "odd-1", "metrics": {"x": 1.0}}]})
@@ -109,7 +115,7 @@ def test_its_own_model_takes_over_after_the_retraining_job(cold):
     from train import jobs
 
     client, metrics, values, _ = cold
-    for i in range(900, len(values), 450):  # the rest of its 2.5 days: the monitor keeps them all
+    for i in range(901, len(values), 450):  # the rest of its 2.5 days: the monitor keeps them all
         autoencoder_scores(client.post("/v1/score", json={"rows": rows_of(NEW, metrics, values[i : i + 450], i)}))
 
     def submitted():

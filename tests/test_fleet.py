@@ -95,6 +95,26 @@ def test_a_snapshot_of_many_grown_entities_scores_as_each_alone(fleet_model):
     np.testing.assert_allclose(together, expected, rtol=1e-6)
 
 
+def test_a_new_entity_gets_its_own_threshold_from_its_first_scores_not_from_labels():
+    from detect.fleet import OWN_QUANTILE, OWN_THRESHOLD_ROWS, OwnThreshold, own_thresholds
+
+    scores = np.random.default_rng(2).gamma(2.0, 5.0, size=2000)  # a machine the fleet threshold floods
+    fleet_threshold = 3.0
+    batch = own_thresholds(scores, fleet_threshold)
+    learnt = float(np.quantile(scores[:OWN_THRESHOLD_ROWS], OWN_QUANTILE))
+    assert np.all(batch[:OWN_THRESHOLD_ROWS] == fleet_threshold) and np.all(batch[OWN_THRESHOLD_ROWS:] == learnt)
+    assert np.mean(scores >= fleet_threshold) > 0.8 and np.mean(scores[OWN_THRESHOLD_ROWS:] >= learnt) < 0.05
+    served = OwnThreshold()  # streamed one row a request, as a scrape sends them: the batch path's thresholds
+    np.testing.assert_array_equal([served.observe(scores[i : i + 1], fleet_threshold) for i in range(2000)], batch)
+    bulk = OwnThreshold()  # a request's rows share the threshold in force when it came
+    assert bulk.observe(scores[:1000], fleet_threshold) == fleet_threshold
+    assert bulk.observe(scores[1000:1001], fleet_threshold) == learnt
+    quiet = OwnThreshold()  # never below the fleet model's own
+    for _ in range(8):
+        quiet.observe(np.zeros(100), fleet_threshold)
+    assert quiet.observe(np.zeros(1), fleet_threshold) == fleet_threshold
+
+
 def test_the_ingress_sampler_reaches_the_batch_statistics_in_any_request_sizes():
     """What `serve.history.ColdStarts` keeps per young entity (a few dozen sample rows per checkpoint) gives
     the statistics the batch path computes from the whole series, however the rows arrive."""

@@ -26,7 +26,7 @@ import mlflow
 
 from detect import metrics as M
 from detect.data import Series, load_benchmark
-from detect.fleet import FLEET_PREFIX, fleet_key
+from detect.fleet import FLEET_PREFIX, fleet_key, own_thresholds
 from train import registry
 from train.assemble import fitted_bundle, with_unchanged_entities
 from train.jobs import init_ray
@@ -58,7 +58,9 @@ def cold_start_figures(det: Any, members: list[Series], metrics: list[str]) -> d
         scores = det.score(s.test[metrics].to_numpy())
         figures[s.name] = {
             "pr_auc": M.pr_auc(s.labels, scores),
-            "f1_operational": M.f1_at(s.labels, scores, det.threshold_),
+            "f1_operational": M.f1_at(s.labels, scores, det.threshold_),  # the fleet model's threshold throughout
+            # as served: the entity's own threshold once its first scores give it (no label is read)
+            "f1_operational_own": M.f1_at(s.labels, scores, own_thresholds(scores, det.threshold_)),
         }
     return figures
 
