@@ -44,6 +44,7 @@ from monitoring.events import DriftEventStore
 from serve import schemas as S
 from serve.auth import KEYS_FILE_ENV, AuthError, check_admin, feedback_trusted
 from serve.history import AlertBook, ColdStarts, EntityHistory, fallback_scores
+from serve.memory import MemoryTrim
 from serve.monitor_feed import MonitorFeed
 from serve.rate_limit import RateLimit, SharedRateLimiter, client_id
 from serve.rollout import RolloutPlan, RolloutStore, StepCounter
@@ -298,7 +299,8 @@ class RaywatchAPI:
         self.handles = dict(detectors)  # kind name -> its deployment
         self.limiter = SharedRateLimiter(rate_limit or RateLimit())  # one limit for all the replicas
         self.history = EntityHistory()
-        self.cold_starts = ColdStarts()  # entities scored by a fleet model: rows seen, frozen baseline
+        self.cold_starts = ColdStarts()  # entities scored by a fleet model: rows seen, statistics, thresholds
+        self.memory = MemoryTrim()  # freed pages back to the system after big requests
         self.alerts = AlertBook()  # rows grouped into alert episodes per detector and entity
         self.traffic = TrafficStore(self.state_root / "traffic.db")  # shared by the replicas, kept across restarts
         # one breaker per model and slot: a failing challenger must not send the champion's traffic to the fallback
@@ -849,6 +851,7 @@ class RaywatchAPI:
                 arrays["alerts"] = self.alerts.observe(plan.name, entity, arrays, timestamps)
                 self._count_alerts(plan.name, arrays["alerts"])
             out.append(scored)
+        self.memory.after(sum(len(new) for _, new, _, _ in batch))
         return out
 
     def _count_alerts(self, detector: str, alerts: list[dict[str, Any] | None]) -> None:

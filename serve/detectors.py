@@ -23,6 +23,7 @@ from detect.fleet import EntityStats
 from detect.kinds import DETECTOR_KINDS, traits_of
 from detect.state import file_stamp
 from serve.history import HISTORY_ROWS
+from serve.memory import MemoryTrim
 from serve.schemas import result_rows
 from serve.settings import ServeSettings
 from train import registry
@@ -163,6 +164,7 @@ class DetectorServer:
         self.slots: dict[str, ModelSlot | None] = {"champion": None, "challenger": None}
         self._big: asyncio.Semaphore | None = None
         self.fault = False
+        self.memory = MemoryTrim()  # freed pages back to the system after big calls (a fleet snapshot)
         self.load_error: str | None = None
         self._stamp = _store_stamp()  # before loading: a write during the load is seen by the watcher
         self._reload()
@@ -296,6 +298,7 @@ class DetectorServer:
                 else:
                     out[i] = {"ok": True, "model": slot.ref, "arrays": arrays}
         self.batch_sizes.observe(len(items), tags={"detector": self.kind})
+        self.memory.after(len(items))
         return out
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)

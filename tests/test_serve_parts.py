@@ -201,3 +201,17 @@ def test_the_alert_book_is_bounded_and_forgets_the_least_recently_scored_first()
     book.observe("autoencoder", "c", _arrays([0.1]), [0])  # evicts b, not a
     assert book.firing() == 1  # a's alert is kept, b's is gone
     assert book.observe("autoencoder", "a", _arrays([3.0]), [4])[0]["state"] == "firing"
+
+
+def test_freed_memory_is_given_back_after_big_requests_at_most_once_an_interval():
+    from serving_fixtures import wait_for
+
+    from serve.memory import MemoryTrim
+
+    trim = MemoryTrim(rows=100, every_s=60, delay_s=0)
+    if trim._trim is None:
+        pytest.skip("no glibc malloc_trim on this system")
+    assert not trim.after(99)  # a small request leaves little behind
+    assert trim.after(100)
+    assert not trim.after(5000)  # one trim per interval, however big the requests
+    wait_for(lambda: trim.trims == 1, 5, "the trim", poll=0.05)

@@ -4,8 +4,9 @@ Stages look a kind up (`kind_named(name)`, `kind_of(detector)`) instead of branc
 its config class, what it learns from, a new detector, fitting on Ray, how it is judged, its ONNX
 graphs, the serving runtime for them, the rows of context a served row needs, its Tune search space
 and trial, and its compression (which variants apply, its distilled student, its threshold).
-A new kind (a stacked ensemble over other kinds' outputs, a fleet model) is one more class registered
-in `KINDS`; its plain-data traits (deployment name, needs labels, forecasts) go in `detect/kinds.py`.
+A new kind (a stacked ensemble over other kinds' outputs) is one more class registered in `KINDS`; its
+plain-data traits (deployment name, needs labels, forecasts) go in `detect/kinds.py`. A fleet model is
+not a kind but an entry of the autoencoder's bundles (train/fleet.py, detect/fleet.py).
 
 It lives in `train/` because fitting on Ray and exporting graphs are training's; serving and tuning,
 above it, look kinds up here.
