@@ -36,6 +36,21 @@ def connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+# file times tick coarsely (the kernel's clock tick, a few ms): a write in the same tick as a stamp leaves the
+# stamp unchanged, so a stamp younger than this is not trusted to say "nothing changed since"
+STAMP_SETTLE_NS = 50_000_000
+
+
+def settled(stamp: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """`stamp` (taken before reading what it stamps) when it is old enough that any later write changes it;
+    None otherwise, so that the caller reads again next time. A cache that kept a stamp from the same
+    clock tick as a write it had not seen kept serving the old content (a canary's traffic share stayed at
+    10% after its rollback, once in a CI run)."""
+    if stamp is None or time.time_ns() - max(stamp) <= STAMP_SETTLE_NS:
+        return None
+    return stamp
+
+
 def file_stamp(path: str | Path) -> tuple[int, ...] | None:
     """Modification stamp of an SQLite file and its write-ahead log (None when missing): a reader that
     caches what the file holds checks this, a stat call, instead of querying it each time."""

@@ -21,7 +21,7 @@ from ray import serve
 from detect.features import entity_windows
 from detect.fleet import EntityStats
 from detect.kinds import DETECTOR_KINDS, traits_of
-from detect.state import file_stamp
+from detect.state import file_stamp, settled
 from serve.history import HISTORY_ROWS
 from serve.memory import MemoryTrim
 from serve.schemas import result_rows
@@ -166,7 +166,7 @@ class DetectorServer:
         self.fault = False
         self.memory = MemoryTrim()  # freed pages back to the system after big calls (a fleet snapshot)
         self.load_error: str | None = None
-        self._stamp = _store_stamp()  # before loading: a write during the load is seen by the watcher
+        self._stamp = settled(_store_stamp())  # before loading: a write during the load is seen by the watcher
         self._reload()
         self.score_batch.set_max_batch_size(max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -218,7 +218,7 @@ class DetectorServer:
             stamp = _store_stamp()
             if stamp is not None and stamp == self._stamp and self.load_error is None:
                 continue  # a SQLite store nobody wrote to: the aliases cannot have moved
-            self._stamp = stamp
+            self._stamp = settled(stamp)
             self._reload()
 
     def reload(self) -> dict[str, str | None]:

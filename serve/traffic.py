@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from detect.state import connect, create, file_stamp
+from detect.state import connect, create, file_stamp, settled
 from serve.router import TrafficPolicy
 
 _SCHEMA = (
@@ -70,4 +70,4 @@ class TrafficStore:
         self._policies = {
             model: TrafficPolicy(percent, bool(shadow), split, key) for model, percent, shadow, split, key in rows
         }
-        self._stamp = stamp
+        self._stamp = settled(stamp)  # a stamp from the tick of a write it may not have seen is not kept

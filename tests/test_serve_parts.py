@@ -215,3 +215,36 @@ def test_freed_memory_is_given_back_after_big_requests_at_most_once_an_interval(
     assert trim.after(100)
     assert not trim.after(5000)  # one trim per interval, however big the requests
     wait_for(lambda: trim.trims == 1, 5, "the trim", poll=0.05)
+
+
+def test_a_policy_written_in_the_same_clock_tick_as_a_read_is_still_seen(tmp_path):
+    """File times tick coarsely: a write in the same tick as a cached stamp leaves the stamp unchanged. A
+    stamp that recent is not trusted (detect.state.settled), so the second store sees the new policy."""
+    import os
+
+    from detect.state import file_stamp
+
+    writer, reader = TrafficStore(tmp_path / "traffic.db"), TrafficStore(tmp_path / "traffic.db")
+    writer.set("lstm", TrafficPolicy(10.0, False))
+    stamp = file_stamp(tmp_path / "traffic.db")
+    assert reader.get("lstm").challenger_percent == 10.0  # read at once: the stamp is just made
+    writer.set("lstm", TrafficPolicy(0.0, False))
+    for path, mtime in zip((tmp_path / "traffic.db", tmp_path / "traffic.db-wal"), stamp):
+        os.utime(path, ns=(mtime, mtime))  # the second write in the first one's tick
+    assert file_stamp(tmp_path / "traffic.db") == stamp
+    assert reader.get("lstm").challenger_percent == 0.0
+
+
+def test_only_a_stamp_older_than_a_clock_tick_is_trusted(tmp_path):
+    import os
+    import time
+
+    from detect.state import STAMP_SETTLE_NS, file_stamp, settled
+
+    path = tmp_path / "x.db"
+    path.write_text("x")
+    assert settled(file_stamp(path)) is None  # just written: a write in this tick would not change it
+    old = time.time_ns() - 2 * STAMP_SETTLE_NS
+    os.utime(path, ns=(old, old))
+    assert settled(file_stamp(path)) == file_stamp(path)
+    assert settled(None) is None
