@@ -95,10 +95,6 @@ class EntityStats:
         stats = [robust_stats(values[: c : stride(c)]) for c in reached]
         return cls(np.array(reached, dtype=np.int64), np.stack(stats) if stats else np.zeros((0, 2, values.shape[1])))
 
-    @property
-    def complete(self) -> bool:
-        return len(self.rows) == len(CHECKPOINTS)
-
     def with_checkpoint(self, checkpoint: int, sample: np.ndarray) -> EntityStats:
         """These statistics and the next checkpoint's, from its `sample` (rows 0, stride, 2 x stride, ...)."""
         values = robust_stats(sample)[None]

@@ -732,8 +732,8 @@ class RaywatchAPI:
         if not known and not fleets:
             raise ApiError(503, "detectors", f"no model is loaded for {detectors}; train and register one first")
         for entity, names in S.entity_metric_names(request):  # a new entity: the fleet model of its metrics
-            if entity not in known and fleet_key(names) in fleets:
-                known[entity] = fleets[fleet_key(names)]
+            if entity not in known and (key := fleet_key(names)) in fleets:
+                known[entity] = fleets[key]
         return request, detectors, known
 
     @api.post("/v1/score", response_model=S.ScoreResponse, openapi_extra=_json_body(S.ScoreRequest))
