@@ -149,6 +149,38 @@ def group_alerts(
     return alerts
 
 
+@dataclass
+class AlertAwareSpot:
+    """SPOT learning from a stream whose rows are grouped into alerts: what it may learn from and when.
+
+    A row of an alert (firing, or in the window that opened it) is never learnt: an incident must not
+    raise the bar that detects it. A row above the bar that opens no alert is a normal spike, which a
+    steady stream has once in 1 / risk rows; it is learnt once it has left the grouper's window without
+    opening one (`n - 1` rows later). Leaving such spikes out for good truncates the tail SPOT fits, and
+    its threshold sinks over a long stream. Every other row is learnt at once, unless an alert fires."""
+
+    spot: SPOT
+    window: int = DEFAULT_N
+    _pending: deque = field(default_factory=deque, repr=False)  # (row, score): above the bar, no alert yet
+
+    @property
+    def threshold(self) -> float:
+        return self.spot.threshold_
+
+    def after(self, score: float, threshold: float, grouper: AlertGrouper) -> None:
+        """Learn from the row `grouper` just took (judged against `threshold`), as far as it may."""
+        if grouper.firing is not None:
+            self._pending.clear()  # they belong to the alert
+            return
+        row = grouper.row_
+        if score >= threshold:
+            self._pending.append((row, score))
+        else:
+            self.spot.update(score, learn=True)
+        while self._pending and self._pending[0][0] <= row - (self.window - 1):
+            self.spot.update(self._pending.popleft()[1], learn=True)
+
+
 def online_alerts(
     scores: np.ndarray,
     spot: SPOT,
@@ -156,17 +188,18 @@ def online_alerts(
     grouper: AlertGrouper | None = None,
 ) -> tuple[np.ndarray, list[Alert]]:
     """Judge a time-ordered series as serving would: each row against SPOT's current threshold, then
-    SPOT learns from the row unless an alert is firing (rows of an incident must not raise the bar
-    that detects it). Returns the threshold per row and the alerts."""
+    SPOT learns from what is not an alert's (`AlertAwareSpot`). Returns the threshold per row and the
+    alerts."""
     grouper = grouper or AlertGrouper()
+    learning = AlertAwareSpot(spot, grouper.n)
     thresholds = np.empty(len(scores))
     alerts = []
     for i, score in enumerate(np.asarray(scores, dtype=np.float64)):
-        thresholds[i] = spot.threshold_
+        thresholds[i] = learning.threshold
         change = grouper.update(score, thresholds[i], None if contributions is None else contributions[i])
         if change and change[0] == "closed":
             alerts.append(change[1])
-        spot.update(score, learn=grouper.firing is None)
+        learning.after(score, thresholds[i], grouper)
     if grouper.firing:
         alerts.append(grouper.firing)
     return thresholds, alerts

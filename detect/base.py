@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from detect.metrics import operational_threshold
+from detect.thresholds import spot_state
 
 
 class NotFittedError(RuntimeError):
@@ -40,7 +41,7 @@ class Detector(ABC):
         """Operational threshold from training scores (subclasses with a validation split override).
 
         The scores are kept as `calibration_scores_`: a tail-fitted threshold (detect/thresholds.py)
-        starts from them. They are not saved with the detector.
+        starts from them. They are not saved with the detector; the SPOT fitted on them is (`served_spot`).
         """
         self.calibration_scores_ = self.score(X)
         return operational_threshold(self.calibration_scores_, self.threshold_quantile)
@@ -72,6 +73,13 @@ class Detector(ABC):
                 raise ValueError(f"{self.name}: trained on {self.n_metrics_} metrics, got {X.shape[1]}")
         return X
 
+    def served_spot(self) -> dict[str, Any] | None:
+        """The state of SPOT fitted on this detector's calibration scores (`detect.thresholds.SPOT.state`),
+        saved with it: the serving ingress judges each served row against SPOT's threshold and keeps it
+        learning from there, as `raywatch evaluate` does. None where there is no tail to fit."""
+        scores = getattr(self, "calibration_scores_", None)
+        return spot_state(scores) if scores is not None else getattr(self, "spot_state_", None)
+
     # persistence: params.json + arrays.npz
     @abstractmethod
     def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]: ...
@@ -83,7 +91,13 @@ class Detector(ABC):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         params, arrays = self._state()
-        meta = {"detector": self.name, "n_metrics": self.n_metrics_, "threshold": self.threshold_, "params": params}
+        meta = {
+            "detector": self.name,
+            "n_metrics": self.n_metrics_,
+            "threshold": self.threshold_,
+            "spot": self.served_spot(),
+            "params": params,
+        }
         (path / "detector.json").write_text(json.dumps(meta, indent=2))
         np.savez(path / "arrays.npz", **arrays)
         return path
@@ -99,5 +113,6 @@ class Detector(ABC):
         obj = cls.__new__(cls)
         obj.n_metrics_ = int(meta["n_metrics"])
         obj.threshold_ = float(meta["threshold"])
+        obj.spot_state_ = meta.get("spot")  # absent in bundles saved before served SPOT: the stored threshold
         obj._restore(meta["params"], arrays)
         return obj

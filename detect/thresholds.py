@@ -8,14 +8,17 @@ the threshold that a normal score exceeds with probability q (the stated risk) i
     z_q = t - sigma * log(q * n / N_t)                            (gamma == 0)
 
 with n scores seen and N_t of them above t. The streaming update learns from unlabelled scores only:
-a score above z_q is an alarm and is not learnt from (an incident must not raise its own bar); a
-score in (t, z_q] is a new peak and refits the GPD; any other score only counts in n.
+a score above z_q is an alarm and is not learnt from (an incident must not raise its own bar), unless
+the caller groups alarms into alerts and says the score is no alert's (`update`); a score in
+(t, z_q] is a new peak and refits the GPD; any other score only counts in n.
 """
 
 from __future__ import annotations
 
 import math
+from array import array
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize_scalar
@@ -26,6 +29,8 @@ DEFAULT_RISK = 1e-3
 DEFAULT_LEVEL = 0.98
 #: fewer peaks than this give no usable tail fit: the threshold falls back to an empirical quantile
 MIN_PEAKS = 10
+#: peaks kept for the tail fit (about 50,000 rows at the 98% level); older ones are forgotten
+MAX_PEAKS = 1000
 
 
 def fit_gpd(peaks: np.ndarray) -> tuple[float, float]:
@@ -81,11 +86,16 @@ class SPOT:
 
     risk: float = DEFAULT_RISK
     level: float = DEFAULT_LEVEL
+    max_peaks: int = MAX_PEAKS
     initial_threshold_: float = field(init=False, default=math.nan)
     threshold_: float = field(init=False, default=math.nan)
-    n_: int = field(init=False, default=0)
-    peaks_: list[float] = field(init=False, default_factory=list)
+    n_: float = field(init=False, default=0)
+    # excesses over t, oldest first: a compact float64 buffer (8 bytes each), since the serving ingress keeps
+    # one SPOT per (detector, entity) with up to `max_peaks` of them
+    peaks_: array = field(init=False, default_factory=lambda: array("d"))
     gpd_: tuple[float, float] = field(init=False, default=(0.0, 0.0))
+    # the empirical (1 - risk) quantile of the calibration scores: the threshold while the tail is degenerate
+    fallback_: float = field(init=False, default=math.nan)
 
     def fit(self, initial_scores: np.ndarray) -> SPOT:
         """Initial threshold t and GPD from calibration scores (training/validation, never test labels)."""
@@ -96,40 +106,86 @@ class SPOT:
         if len(scores) < MIN_PEAKS / (1 - self.level):
             raise ValueError(f"SPOT: {len(scores)} calibration scores are too few for level {self.level}")
         self.initial_threshold_ = float(np.quantile(scores, self.level))
-        self.peaks_ = (scores[scores > self.initial_threshold_] - self.initial_threshold_).tolist()
+        self.peaks_ = array("d", scores[scores > self.initial_threshold_] - self.initial_threshold_)
         self.n_ = len(scores)
-        self._calibration = scores  # for the empirical fallback when the tail is degenerate
+        self.fallback_ = float(np.quantile(scores, 1 - self.risk))
+        self._forget()
         self._refit()
         return self
 
+    def state(self) -> dict[str, Any]:
+        """Everything `from_state` needs to continue exactly where this one is (JSON-safe)."""
+        return {
+            "risk": self.risk,
+            "level": self.level,
+            "max_peaks": self.max_peaks,
+            "initial_threshold": self.initial_threshold_,
+            "threshold": self.threshold_,
+            "n": self.n_,
+            "peaks": self.peaks_.tolist(),
+            "gpd": list(self.gpd_),
+            "fallback": self.fallback_,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> SPOT:
+        spot = cls(risk=float(state["risk"]), level=float(state["level"]), max_peaks=int(state["max_peaks"]))
+        spot.initial_threshold_, spot.threshold_ = float(state["initial_threshold"]), float(state["threshold"])
+        spot.n_, spot.peaks_ = float(state["n"]), array("d", state["peaks"])
+        spot.gpd_, spot.fallback_ = (float(state["gpd"][0]), float(state["gpd"][1])), float(state["fallback"])
+        return spot
+
+    def _forget(self) -> None:
+        """Keep the newest `max_peaks` peaks; each forgotten one takes its share of n with it."""
+        extra = len(self.peaks_) - self.max_peaks
+        if extra > 0:
+            self.n_ -= self.n_ * extra / len(self.peaks_)
+            del self.peaks_[:extra]
+
     def _refit(self) -> None:
-        peaks = np.asarray(self.peaks_)
+        peaks = np.frombuffer(self.peaks_, dtype=np.float64) if self.peaks_ else np.zeros(0)
         if len(peaks) < MIN_PEAKS or float(peaks.max()) <= 0:
             # a near-constant tail (e.g. a bounded probability) has no GPD: use the empirical quantile
             self.gpd_ = (0.0, 0.0)
-            self.threshold_ = float(np.quantile(self._calibration, 1 - self.risk))
+            self.threshold_ = self.fallback_
             return
         self.gpd_ = fit_gpd(peaks)
         gamma, sigma = self.gpd_
         self.threshold_ = tail_quantile(self.initial_threshold_, gamma, sigma, self.risk, self.n_, len(peaks))
 
-    def update(self, score: float, learn: bool = True) -> float:
+    def update(self, score: float, learn: bool | None = None) -> float:
         """Judge one unlabelled score and learn from it; returns the threshold it was judged against.
 
-        `learn=False` judges without learning: the caller knows the row belongs to an alarm (an alert
-        still firing), which must not raise its own bar either.
+        By default (`learn=None`) a score above the threshold is an alarm and is not learnt from, as in
+        SPOT. A caller that groups alarms into alerts knows better: `learn=False` while an alert fires (an
+        incident must not raise the bar that detects it) and `learn=True` otherwise, so that a lone
+        normal spike above the bar, which a steady stream has once in 1 / risk rows, is learnt too.
+        Leaving every such spike out truncates the tail the GPD is fitted on, and the threshold then sinks
+        over a long stream (about 15% in 200,000 rows of a steady exponential).
         """
         if math.isnan(self.threshold_):
             raise RuntimeError("SPOT: call fit() first")
         judged_against = self.threshold_
-        if score > judged_against or not learn:
-            return judged_against  # an alarm: not learnt from
+        if not learn and (learn is not None or score > judged_against):
+            return judged_against
         self.n_ += 1
         if score > self.initial_threshold_:
             self.peaks_.append(float(score - self.initial_threshold_))
+            self._forget()
             self._refit()
         return judged_against
 
     def run(self, scores: np.ndarray) -> np.ndarray:
         """The threshold each score of a time-ordered series is judged against, updating as it goes."""
         return np.array([self.update(float(s)) for s in np.asarray(scores, dtype=np.float64)])
+
+
+def spot_state(calibration_scores: np.ndarray | None) -> dict[str, Any] | None:
+    """The fitted SPOT's state for a model's calibration scores, or None where they cannot seed one (none
+    kept, or too few for a tail): serving then judges against the model's stored threshold."""
+    if calibration_scores is None:
+        return None
+    try:
+        return SPOT().fit(calibration_scores).state()
+    except ValueError:
+        return None

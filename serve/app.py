@@ -43,7 +43,7 @@ from detect.state import state_dir as current_state_dir
 from monitoring.events import DriftEventStore
 from serve import schemas as S
 from serve.auth import KEYS_FILE_ENV, AuthError, check_admin, feedback_trusted
-from serve.history import AlertBook, ColdStarts, EntityHistory, fallback_scores
+from serve.history import AlertBook, ColdStarts, EntityHistory, SpotSeed, fallback_scores
 from serve.memory import MemoryTrim
 from serve.monitor_feed import MonitorFeed
 from serve.rate_limit import RateLimit, SharedRateLimiter, client_id
@@ -847,12 +847,23 @@ class RaywatchAPI:
                     arrays["threshold"] = self.cold_starts.threshold(
                         plan.name, entity, arrays["scores"], arrays["threshold"]
                     )
+                spot = self._served_spot(infos[plan.name], plan, path, ref)
+                arrays["alerts"], arrays["threshold"] = self.alerts.observe(plan.name, entity, arrays, timestamps, spot)
                 self.monitor_feed.offer(plan.name, entity, timestamps, new, path, arrays, plan.item.get("model_key"))
-                arrays["alerts"] = self.alerts.observe(plan.name, entity, arrays, timestamps)
                 self._count_alerts(plan.name, arrays["alerts"])
             out.append(scored)
         self.memory.after(sum(len(new) for _, new, _, _ in batch))
         return out
+
+    @staticmethod
+    def _served_spot(info: dict[str, Any], plan: _Planned, path: str, ref: dict[str, Any]) -> SpotSeed | None:
+        """Where the served rows' threshold starts from: the SPOT state the entity's own model was saved with
+        (detect/thresholds.py). None for the fallback, a fleet model's new entity (its own threshold is
+        `ColdStarts.threshold`) and a model saved without one: those rows are judged against the stored one."""
+        if path == "fallback" or "model_key" in plan.item:
+            return None
+        state = info["slots"].get(path, {}).get("entities", {}).get(plan.entity, {}).get("spot")
+        return SpotSeed((path, ref.get("version"), ref.get("variant")), state) if state else None
 
     def _count_alerts(self, detector: str, alerts: list[dict[str, Any] | None]) -> None:
         for transition in ("opened", "closed"):

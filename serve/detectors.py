@@ -43,6 +43,7 @@ class EntityModel:
     detector: Any
     threshold: float
     context_rows: int  # rows of history needed before a new row to score it exactly as in batch
+    spot: dict[str, Any] | None = None  # the served threshold's starting state (detect.thresholds.SPOT.state)
 
     def score_rows(self, rows: np.ndarray, n_new: int) -> list[dict[str, Any]]:
         """Score the last `n_new` of `rows` (older rows are context). Returns one dict per new row."""
@@ -122,7 +123,7 @@ def load_slot(kind: str, alias: str, parallel_rows: int | None = None) -> ModelS
         context = plugin.context_rows(det)
         if context > HISTORY_ROWS:  # refused: the ingress could not send it what it reads
             raise ValueError(f"{entity}: the model reads {context} rows of history; the ingress keeps {HISTORY_ROWS}")
-        entities[entity] = EntityModel(bundle.metrics[entity], runtime, det, det.threshold_, context)
+        entities[entity] = EntityModel(bundle.metrics[entity], runtime, det, det.threshold_, context, det.served_spot())
     return ModelSlot(registry.model_name(kind), version, bundle.variant, entities)
 
 
@@ -234,7 +235,12 @@ class DetectorServer:
                 slots[alias] = {
                     **slot.ref,
                     "entities": {
-                        e: {"metrics": m.metrics, "context_rows": m.context_rows, "threshold": m.threshold}
+                        e: {
+                            "metrics": m.metrics,
+                            "context_rows": m.context_rows,
+                            "threshold": m.threshold,
+                            "spot": m.spot,
+                        }
                         for e, m in slot.entities.items()
                     },
                 }

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from detect.alerting import Alert, AlertGrouper
+from detect.alerting import Alert, AlertAwareSpot, AlertGrouper
 from detect.fleet import EntityStats, OwnThreshold, Sampler
+from detect.thresholds import SPOT
 
 HISTORY_ROWS = 64  # raw samples kept per entity: every served model's context and the fallback's baseline
 MAX_ENTITIES = 100_000
@@ -167,12 +168,24 @@ def fallback_scores(rows: np.ndarray, n_new: int, metrics: list[str]) -> dict[st
 
 @dataclass
 class _Tracked:
-    """One (detector, entity)'s alert grouping, with the timestamps of the rows it may still refer to."""
+    """One (detector, entity)'s alert grouping, with the timestamps of the rows it may still refer to, and
+    the SPOT its rows are judged against (with the model it was seeded for)."""
 
     grouper: AlertGrouper
     recent: deque  # (row number, timestamp) of the last n rows: where an alert that opens may have started
     started: Any = None  # timestamp of the open alert's first above-threshold row
     opened: Any = None  # timestamp of the row it was raised at
+    spot: AlertAwareSpot | None = None
+    spot_model: Any = None
+
+
+@dataclass(frozen=True)
+class SpotSeed:
+    """Where a served row's threshold comes from: `state` (`detect.thresholds.SPOT.state`, from the model's
+    bundle) for the model `model` names (path, version, variant). A new model starts a new SPOT."""
+
+    model: tuple
+    state: dict[str, Any]
 
 
 @dataclass
@@ -186,15 +199,32 @@ class AlertBook:
     _tracked: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _open: int = field(default=0, repr=False)  # alerts open now: kept as they open, close and are evicted
 
-    def observe(self, detector: str, entity: str, arrays: dict[str, Any], timestamps: Sequence[Any]) -> list:
+    def observe(
+        self,
+        detector: str,
+        entity: str,
+        arrays: dict[str, Any],
+        timestamps: Sequence[Any],
+        spot: SpotSeed | None = None,
+    ) -> tuple[list, Any]:
         """Feed one detector's scores of an entity's new rows (`EntityModel.score_arrays` output) in time
-        order; returns, per row, the alert open after it (or the one it closed) as the API reports it, or
-        None when no alert is open."""
+        order. Returns (per row, the alert open after it, or the one it closed, as the API reports it, or
+        None when no alert is open; the threshold each row was judged against).
+
+        With `spot`, each row is judged against SPOT's threshold, which then learns from what is no alert's
+        (`detect.alerting.AlertAwareSpot`, what `raywatch evaluate` judges): the thresholds
+        come back as an array. Without it (a fleet model's new entity, the fallback baseline, a bundle
+        saved before served SPOT), every row is judged against `arrays["threshold"]`, returned as it was."""
         tracked = self._of(detector, entity)
-        scores, threshold, metrics = arrays["scores"], float(arrays["threshold"]), arrays["metrics"]
+        learning = self._spot(tracked, spot)
+        scores, metrics = np.asarray(arrays["scores"], dtype=np.float64), arrays["metrics"]
+        threshold = float(arrays["threshold"]) if learning is None else learning.threshold
+        thresholds = np.empty(len(scores)) if learning is not None else arrays["threshold"]
         top, top_values = np.asarray(arrays["top"]), np.asarray(arrays["top_values"], dtype=np.float64)
         out = []
-        for i, score in enumerate(np.asarray(scores, dtype=np.float64).tolist()):
+        for i, score in enumerate(scores.tolist()):
+            if learning is not None:
+                threshold = thresholds[i] = learning.threshold
             contribution = None  # only rows at or above the threshold add to an alert's top metrics
             if score >= threshold:
                 contribution = np.zeros(len(metrics))
@@ -202,6 +232,8 @@ class AlertBook:
             row = tracked.grouper.row_ + 1
             tracked.recent.append((row, timestamps[i]))
             change = tracked.grouper.update(score, threshold, contribution)
+            if learning is not None:  # an alert's rows must not raise the bar that detects it
+                learning.after(score, threshold, tracked.grouper)
             if change and change[0] == "opened":
                 tracked.started = dict(tracked.recent).get(change[1].start, timestamps[i])
                 tracked.opened = timestamps[i]
@@ -215,7 +247,18 @@ class AlertBook:
                 out.append(self._report(state, tracked.grouper.firing, tracked, metrics, None))
             else:
                 out.append(None)
-        return out
+        return out, thresholds
+
+    @staticmethod
+    def _spot(tracked: _Tracked, seed: SpotSeed | None) -> AlertAwareSpot | None:
+        """The pair's SPOT for `seed`'s model: kept while that model serves, started again from its bundle's
+        state when another one does (a promotion, a rollback, another arm of a split)."""
+        if seed is None:
+            return None
+        if tracked.spot is None or tracked.spot_model != seed.model:
+            tracked.spot = AlertAwareSpot(SPOT.from_state(seed.state), tracked.grouper.n)
+            tracked.spot_model = seed.model
+        return tracked.spot
 
     def firing(self) -> int:
         """Alerts open now, over every (detector, entity) pair (a count kept as they change: the gauge is

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from serve.schemas import row_thresholds
+
 log = logging.getLogger(__name__)
 
 MONITOR_BATCH_ROWS = 5_000  # rows per call to a monitor
@@ -62,9 +64,9 @@ class MonitorFeed:
             self.queue = asyncio.Queue(maxsize=self.queue_rows)
             self._task = asyncio.get_running_loop().create_task(self.run())
         champion = path == "champion"
-        threshold = arrays["threshold"]
+        thresholds = row_thresholds(arrays).tolist()
         scores = np.asarray(arrays["scores"], dtype=np.float64).tolist()
-        for ts, row, score in zip(timestamps, values.tolist(), scores):
+        for ts, row, score, threshold in zip(timestamps, values.tolist(), scores, thresholds):
             item = {
                 "entity": entity,
                 "timestamp": ts,

@@ -127,7 +127,10 @@ class AlertState(BaseModel):
 
 class DetectorScore(BaseModel):
     anomaly_score: float
-    threshold: float
+    threshold: float = Field(
+        description="what this row was judged against: SPOT's threshold for the entity's own model, learning "
+        "from served rows (detect/thresholds.py); a fleet model's or the fallback's otherwise"
+    )
     is_anomaly: bool
     incident_probability: float | None = None
     top_metrics: list[MetricContribution]
@@ -236,7 +239,10 @@ class DetectorColumns(BaseModel):
 
     model: ModelRef
     path: Literal["champion", "challenger", "fallback"]
-    threshold: float
+    threshold: float = Field(description="the threshold the batch's last row was judged against")
+    thresholds: list[float] = Field(
+        [], description="per row, the threshold it was judged against (SPOT learns between rows)"
+    )
     anomaly_score: list[float]
     is_anomaly: list[bool]
     incident_probability: list[float] | None
@@ -304,7 +310,8 @@ def batch_result(
     detectors, flagged, probability = {}, None, None
     for name, (path, model, arrays) in scored.items():
         scores = np.asarray(arrays["scores"], dtype=np.float64)
-        is_anomaly = scores >= arrays["threshold"]
+        thresholds = row_thresholds(arrays)
+        is_anomaly = scores >= thresholds
         flagged = is_anomaly if flagged is None else flagged | is_anomaly
         probs = arrays["probability"]
         if probs is not None and probability is None:
@@ -313,7 +320,8 @@ def batch_result(
         detectors[name] = {
             "model": model,
             "path": path,
-            "threshold": float(arrays["threshold"]),
+            "threshold": float(thresholds[-1]),
+            "thresholds": thresholds.tolist(),
             "anomaly_score": scores.tolist(),
             "is_anomaly": is_anomaly.tolist(),
             "incident_probability": None if probs is None else np.asarray(probs).tolist(),
@@ -331,10 +339,17 @@ def batch_result(
     }
 
 
+def row_thresholds(arrays: dict[str, Any]) -> np.ndarray:
+    """The threshold each row of `EntityModel.score_arrays` output was judged against: one stored threshold,
+    or one per row where the ingress's SPOT learnt between rows (serve.history.AlertBook.observe)."""
+    scores = np.asarray(arrays["scores"])
+    return np.broadcast_to(np.asarray(arrays["threshold"], dtype=np.float64), scores.shape)
+
+
 def result_rows(arrays: dict[str, Any]) -> list[dict[str, Any]]:
     """The API's per-row results from `EntityModel.score_arrays` output."""
     scores = arrays["scores"].tolist()
-    threshold = arrays["threshold"]
+    thresholds = row_thresholds(arrays).tolist()
     probs = arrays["probability"].tolist() if arrays["probability"] is not None else [None] * len(scores)
     metrics = arrays["metrics"]
     names = [[metrics[j] for j in row] for row in arrays["top"].tolist()]
@@ -343,8 +358,8 @@ def result_rows(arrays: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         {
             "anomaly_score": scores[i],
-            "threshold": threshold,
-            "is_anomaly": scores[i] >= threshold,
+            "threshold": thresholds[i],
+            "is_anomaly": scores[i] >= thresholds[i],
             "incident_probability": probs[i],
             "top_metrics": [{"metric": m, "contribution": c} for m, c in zip(names[i], values[i])],
             "alert": alerts[i],

@@ -256,10 +256,11 @@ def test_batch_matrix_route_scores_as_the_batch_path_and_feeds_history(served):
         # rows past the models' context depend on this batch alone: the offline batch path's scores
         start = model.context_rows
         np.testing.assert_allclose(scores[start:], model.runtime.score_series(X[:300])[start:], rtol=1e-6, atol=1e-9)
-        assert columns["is_anomaly"] == (scores >= columns["threshold"]).tolist()
+        assert columns["is_anomaly"] == (scores >= columns["thresholds"]).tolist()
+        assert columns["threshold"] == columns["thresholds"][-1]
         assert len(columns["top_metrics"]) == 300 and set(columns["top_metrics"][-1]) <= set(series.metrics)
         assert len(columns["top_contributions"][-1]) == 3
-        flagged |= scores >= columns["threshold"]
+        flagged |= scores >= columns["thresholds"]
     assert out["is_anomaly"] == flagged.tolist()
     assert out["incident_probability"] == out["detectors"]["ensemble"]["incident_probability"]
     # the next single row is scored after the batch's rows, as if they had come one by one
@@ -301,6 +302,48 @@ def test_served_rows_come_grouped_into_one_alert_per_episode(served):
     # /v1/score reports the same book: a quiet row after the episode carries no alert
     single = client.post("/v1/score", json={"rows": [row(series, 0)], "detectors": ["autoencoder"]}).json()
     assert "alert" in single["results"][0]["detectors"]["autoencoder"]
+
+
+def test_served_thresholds_are_spot_learning_as_evaluate_judges(served):
+    """Each served row is judged against SPOT's threshold, started from the state the model's bundle was
+    saved with and learning from the served rows that are no alert's: over every row a newly promoted
+    version serves, across both routes, the thresholds are those `raywatch evaluate` computes over the
+    same scores (`detect.alerting.online_alerts`), and they move as SPOT learns."""
+    from detect.alerting import online_alerts
+    from detect.thresholds import SPOT
+    from train import registry
+
+    client, series = served
+    admin = {"Authorization": f"Bearer {KEYS[0]}"}
+    quiet = series.train[series.metrics].to_numpy()[-400:]
+    settle = {"entity": series.name, "metrics": series.metrics, "values": quiet[:20].tolist(), "detectors": ["lstm"]}
+    assert client.post("/v1/score/batch", json=settle).json()["detectors"]["lstm"]["alerts"][-1] is None
+    promoted = client.post("/v1/admin/promote", json={"model": "lstm", "version": "2"}, headers=admin)
+    assert promoted.status_code == 200 and promoted.json()["serving"]["champion"] == "2", promoted.text
+    try:
+        scores, thresholds = [], []
+        for k in range(200):  # single rows until version 2 answers: its rows from the first one on
+            answer = client.post("/v1/score", json={"rows": [row(series, k)], "detectors": ["lstm"]}).json()
+            d = answer["results"][0]["detectors"]["lstm"]
+            if d["model"]["version"] == "2":
+                scores.append(d["anomaly_score"])
+                thresholds.append(d["threshold"])
+            if len(scores) >= 5:
+                break
+        assert len(scores) == 5, "version 2 never answered"
+        X = series.test[series.metrics].to_numpy()[200:1700]
+        body = {"entity": series.name, "metrics": series.metrics, "values": X.tolist(), "detectors": ["lstm"]}
+        columns = client.post("/v1/score/batch", json=body).json()["detectors"]["lstm"]
+        assert columns["model"]["version"] == "2"
+        assert columns["is_anomaly"] == (np.asarray(columns["anomaly_score"]) >= columns["thresholds"]).tolist()
+        scores += columns["anomaly_score"]
+        thresholds += columns["thresholds"]
+        state = registry.load_bundle("lstm", "2")[0].detectors[series.name].served_spot()
+        expected, _ = online_alerts(np.asarray(scores), SPOT.from_state(state))
+        np.testing.assert_allclose(thresholds, expected, rtol=1e-9)
+        assert len(set(thresholds)) > 1 and thresholds[0] == state["threshold"]
+    finally:
+        client.post("/v1/admin/rollback", json={"model": "lstm"}, headers=admin)
 
 
 def test_batch_matrix_route_bad_inputs_get_422_naming_the_field(served):

@@ -179,9 +179,10 @@ def test_the_alert_book_turns_served_rows_into_one_alert_per_episode():
     book = AlertBook()
     scores = [0.1, 3.0, 0.2, 0.1, 0.1, 0.1, 2.0, 5.0, 0.3, 4.0, 2.0] + [0.1] * 10
     timestamps = [f"t{i}" for i in range(len(scores))]
-    first = book.observe("autoencoder", "web-1", _arrays(scores[:8]), timestamps[:8])
+    first, thresholds = book.observe("autoencoder", "web-1", _arrays(scores[:8]), timestamps[:8])
+    assert thresholds == 1.0  # no SPOT state given: every row judged against the model's stored threshold
     assert first[:8] == [None] * 8  # the lone spike at t1 and two hot rows at t6, t7 page nobody
-    rest = book.observe("autoencoder", "web-1", _arrays(scores[8:]), timestamps[8:])
+    rest, _ = book.observe("autoencoder", "web-1", _arrays(scores[8:]), timestamps[8:])
     states = [a and a["state"] for a in rest]
     assert states[:3] == [None, "opened", "firing"] and states[-1] == "closed" and states.count("closed") == 1
     opened, closed = rest[1], rest[-1]
@@ -189,7 +190,7 @@ def test_the_alert_book_turns_served_rows_into_one_alert_per_episode():
     assert closed["closed"] == "t20" and closed["peak_score"] == 5.0 and closed["rows"] == 5  # t6..t10
     assert closed["top_metrics"][0] == "mem" and book.firing() == 0
     # the LSTM's view of the same entity is another alert
-    assert book.observe("lstm", "web-1", _arrays([3.0] * 3), ["u0", "u1", "u2"])[-1]["state"] == "opened"
+    assert book.observe("lstm", "web-1", _arrays([3.0] * 3), ["u0", "u1", "u2"])[0][-1]["state"] == "opened"
     assert book.firing() == 1
 
 
@@ -200,7 +201,37 @@ def test_the_alert_book_is_bounded_and_forgets_the_least_recently_scored_first()
     book.observe("autoencoder", "a", _arrays([3.0]), [3])  # a is now the most recently scored
     book.observe("autoencoder", "c", _arrays([0.1]), [0])  # evicts b, not a
     assert book.firing() == 1  # a's alert is kept, b's is gone
-    assert book.observe("autoencoder", "a", _arrays([3.0]), [4])[0]["state"] == "firing"
+    assert book.observe("autoencoder", "a", _arrays([3.0]), [4])[0][0]["state"] == "firing"
+
+
+def test_served_rows_are_judged_against_spot_learning_as_evaluate_judges_them():
+    """With the model's SPOT state, the alert book judges each row against SPOT's current threshold and
+    lets SPOT learn from it unless an alert fires: over a series cut into requests of any size, the
+    thresholds and the alerts are those of `online_alerts`, the rule `raywatch evaluate` reports. A new
+    model (a promotion) starts again from its own state."""
+    from detect.alerting import online_alerts
+    from detect.thresholds import SPOT
+    from serve.history import SpotSeed
+
+    rng = np.random.default_rng(3)
+    calibration = rng.gamma(2.0, 1.0, 3000)
+    served = np.concatenate([rng.gamma(2.0, 1.2, 1500), np.full(12, 40.0), rng.gamma(2.0, 1.2, 500)])
+    expected, expected_alerts = online_alerts(served, SPOT().fit(calibration))
+    assert expected.min() < expected.max()  # SPOT learnt: the bar moved while the rows were served
+
+    book, seed = AlertBook(), SpotSeed(("champion", "1", "fp32"), SPOT().fit(calibration).state())
+    thresholds, opened = [], 0
+    cuts = np.cumsum(rng.integers(1, 40, 200))
+    for part in np.split(np.arange(len(served)), cuts[cuts < len(served)]):
+        alerts, judged = book.observe("autoencoder", "web-1", _arrays(served[part].tolist()), part.tolist(), seed)
+        thresholds.extend(np.asarray(judged).tolist())
+        opened += sum(a is not None and a["state"] == "opened" for a in alerts)
+    np.testing.assert_allclose(thresholds, expected)
+    assert opened == len(expected_alerts) >= 1
+
+    promoted = SpotSeed(("champion", "2", "fp32"), SPOT().fit(calibration * 3).state())
+    _, judged = book.observe("autoencoder", "web-1", _arrays([0.1]), [0], promoted)
+    assert judged[0] == pytest.approx(SPOT().fit(calibration * 3).threshold_)
 
 
 def test_freed_memory_is_given_back_after_big_requests_at_most_once_an_interval():

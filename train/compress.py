@@ -79,8 +79,9 @@ def variant_graphs(
 
 
 # -- thresholds and quality ----------------------------------------------------------------------------
-def calibrate(det: Any, graphs: dict[str, bytes], series: Series) -> float:
-    """A variant's own operational threshold, from training data only (as its teacher's)."""
+def calibrate(det: Any, graphs: dict[str, bytes], series: Series) -> tuple[float, np.ndarray]:
+    """A variant's own operational threshold and its calibration scores, from training data only (as its
+    teacher's)."""
     return kind_of(det).calibrate_threshold(det, runtime_for(det, graphs), series)
 
 
@@ -138,7 +139,7 @@ def compress_model(
     own = {entity: det for entity, det in bundle.detectors.items() if not is_fleet_key(entity)}
     series = {s.name: s for s in load_benchmark(data_dir, list(own))}
     graphs: dict[str, dict[str, dict[str, bytes]]] = {"fp32": {}}
-    thresholds: dict[str, dict[str, float]] = {}
+    thresholds: dict[str, dict[str, tuple[float, np.ndarray]]] = {}
     per_entity: dict[str, dict[str, dict[str, Any]]] = {}
     for i, (entity, det) in enumerate(own.items(), 1):
         s = series[entity]
@@ -217,14 +218,15 @@ def compress_model(
 def _variant_bundle(
     bundle: ModelBundle,
     graphs: dict[str, dict[str, bytes]],
-    thresholds: dict[str, float],
+    thresholds: dict[str, tuple[float, np.ndarray]],
     variant: str,
     source_version: str,
 ) -> ModelBundle:
     detectors = {}
     for entity, det in bundle.detectors.items():
         clone = copy.copy(det)
-        clone.threshold_ = thresholds.get(entity, det.threshold_)  # a fleet model keeps its own
+        if entity in thresholds:  # its own threshold and served SPOT; a fleet model keeps its FP32 graph's
+            clone.threshold_, clone.calibration_scores_ = thresholds[entity]
         detectors[entity] = clone
     graphs = {**{e: g for e, g in bundle.graphs.items() if e not in graphs}, **graphs}
     return ModelBundle(

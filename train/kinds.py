@@ -113,8 +113,9 @@ class DetectorKind:
         """A student's graphs, named as the serving runtime reads them."""
         raise NotImplementedError
 
-    def calibrate_threshold(self, det: Detector, runtime: Any, series: Series) -> float:
-        """A compressed variant's own operational threshold, from training data only (as its teacher's)."""
+    def calibrate_threshold(self, det: Detector, runtime: Any, series: Series) -> tuple[float, np.ndarray]:
+        """A compressed variant's own operational threshold and the calibration scores it came from (what
+        its served SPOT starts from), from training data only (as its teacher's)."""
         raise NotImplementedError
 
     def checked_config(self, config: dict[str, Any]) -> dict[str, Any]:
@@ -204,7 +205,7 @@ class SequenceKind(DetectorKind):
         n_val = int(len(X) * det.config.val_fraction)
         windows = entity_windows(X, det.spec_)[len(X) - n_val :]
         val_scores = smooth_causal(runtime.errors(windows).astype(np.float64), det.config.smooth).sum(axis=1)
-        return M.operational_threshold(val_scores, det.threshold_quantile)
+        return M.operational_threshold(val_scores, det.threshold_quantile), val_scores
 
     def export_graphs(self, det):
         return {"scorer": export_sequence(det)}
@@ -288,8 +289,9 @@ class EnsembleKind(DetectorKind):
     def calibrate_threshold(self, det, runtime, series):
         X, y = self.training_data(series)
         _, target, _, val_mask = det.prepare(X, y, series.metrics)
-        _, thr = M.best_f1(target[val_mask], runtime.score_series(X)[val_mask])
-        return thr if np.isfinite(thr) else 0.5
+        val_scores = runtime.score_series(X)[val_mask]
+        _, thr = M.best_f1(target[val_mask], val_scores)
+        return (thr if np.isfinite(thr) else 0.5), val_scores
 
     def fit_on_ray(self, det, rows, labels, metrics, num_workers=1, run_name="ensemble", **_unused):
         known = labels >= 0
