@@ -10,7 +10,7 @@ DATA ?= data
 TORCH_INDEX ?=
 PIP_TORCH_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
-.PHONY: install demo test lint clean bench-compression bench-drift bench-replay bench-rate-limit bench-scale bench bench-tools soak
+.PHONY: install demo test lint clean bench-compression bench-drift bench-replay bench-rate-limit bench-scale bench-no-hop bench bench-tools soak
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ bench-replay: $(STAMP)
 # 20 minutes on 2 cores; SIZES=10,100 for a quick look): benchmarks/results/scale.{json,md}
 bench-scale: $(STAMP)
 	$(BIN)/python benchmarks/scale.py --workdir runs/bench-scale $(if $(SIZES),--sizes $(SIZES))
+
+# single rows with and without the ingress-to-detector hop (in_ingress), beside echo and the FastAPI peer
+bench-no-hop: $(STAMP) bench-tools
+	RAYWATCH_DATA=$(abspath $(DATA)) $(BIN)/python benchmarks/no_hop.py --workdir $(BENCH_DIR)
 
 # what the shared rate limit costs per check, against the per-replica bucket: benchmarks/results/rate_limit.md
 bench-rate-limit: $(STAMP)

@@ -483,7 +483,9 @@ def inprocess(
 
 
 # -- the FastAPI peer --------------------------------------------------------------------------------------
-def run_peer(workdir: Path, files: dict[tuple[str, str], Path], duration_s: int, warmup_s: int) -> list[dict]:
+@contextlib.contextmanager
+def fastapi_peer(workdir: Path) -> Iterator[str]:
+    """The FastAPI peer (benchmarks/fastapi_peer.py) in a process of its own; yields its base URL."""
     peer = Path(__file__).resolve().parent / "fastapi_peer.py"
     log_file = open(workdir / "fastapi-peer.log", "w")  # noqa: SIM115 (the child writes it)
     process = subprocess.Popen(
@@ -492,8 +494,7 @@ def run_peer(workdir: Path, files: dict[tuple[str, str], Path], duration_s: int,
     try:
         base = f"http://127.0.0.1:{PEER_PORT}"
         wait_http(f"{base}/healthz", timeout_s=120)
-        label = {"target": "fastapi", "serve_mode": None}
-        return list(measure_http(base, files, duration_s, warmup_s, label))
+        yield base
     finally:
         process.terminate()
         try:
@@ -502,6 +503,12 @@ def run_peer(workdir: Path, files: dict[tuple[str, str], Path], duration_s: int,
             process.kill()
             process.wait()
         log_file.close()
+
+
+def run_peer(workdir: Path, files: dict[tuple[str, str], Path], duration_s: int, warmup_s: int) -> list[dict]:
+    with fastapi_peer(workdir) as base:
+        label = {"target": "fastapi", "serve_mode": None}
+        return list(measure_http(base, files, duration_s, warmup_s, label))
 
 
 # -- the run -----------------------------------------------------------------------------------------------

@@ -284,6 +284,7 @@ class RaywatchAPI:
         rate_limit: RateLimit | None = None,
         body_timeout_s: float | None = None,
         settings: ServeSettings | None = None,
+        detector_args: dict[str, Any] | None = None,
     ) -> None:
         self.settings = settings or ServeSettings()
         if body_timeout_s:
@@ -296,7 +297,14 @@ class RaywatchAPI:
         )
         from ray.util import metrics
 
-        self.handles = dict(detectors)  # kind name -> its deployment
+        self.handles = dict(detectors)  # kind name -> its deployment, or its models in this replica (in_ingress)
+        if self.settings.in_ingress:
+            from serve.detectors import InProcessHandle  # torch and ONNX Runtime: only when models run here
+
+            for kind in self.settings.in_ingress:
+                self.handles[kind] = InProcessHandle(
+                    kind, tracking_uri=tracking_uri, settings=self.settings, **(detector_args or {})
+                )
         self.limiter = SharedRateLimiter(rate_limit or RateLimit())  # one limit for all the replicas
         self.history = EntityHistory()
         self.cold_starts = ColdStarts()  # entities scored by a fleet model: rows seen, statistics, thresholds
@@ -1128,8 +1136,9 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
     reload_s = float(args.get("reload_interval_s", 1.0))
     # max_batch_size: the detectors' @serve.batch size (64); 1 turns their batching off
     batch = {"max_batch_size": int(args["max_batch_size"])} if args.get("max_batch_size") else {}
+    detector_args = {"reload_interval_s": reload_s, **batch}
     handles = {
-        name: dep.bind(tracking_uri=tracking_uri, reload_interval_s=reload_s, settings=settings, **batch)
+        name: dep.bind(tracking_uri=tracking_uri, settings=settings, **detector_args)
         for name, dep in detector_deployments(settings).items()
     }
     keys_file = args.get("admin_keys_file") or os.environ.get(KEYS_FILE_ENV)
@@ -1144,4 +1153,5 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
         rate_limit=rate_limit,
         body_timeout_s=args.get("body_timeout_s"),
         settings=settings,
+        detector_args=detector_args,
     )

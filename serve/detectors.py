@@ -348,13 +348,41 @@ def _deployment(kind: str) -> Any:
 DEPLOYMENTS = {kind: _deployment(kind) for kind in DETECTOR_KINDS}
 
 
+class InProcessHandle:
+    """A detector kind's `DetectorServer` inside the calling process (the ingress replica, `in_ingress`),
+    called as its deployment would be: `handle.score_items.remote(items)` and the like, awaited. The same
+    code loads, watches and scores the models; only the hop to another replica is gone."""
+
+    def __init__(self, kind: str, **server_args: Any) -> None:
+        server = type(f"InProcess{traits_of(kind).deployment}", (DetectorServer,), {"kind": kind})
+        self.server = server(**server_args)
+
+    def __getattr__(self, method: str) -> _InProcessMethod:
+        bound = self.__dict__[method] = _InProcessMethod(getattr(self.server, method))  # made once per method
+        return bound
+
+
+@dataclass(frozen=True)
+class _InProcessMethod:
+    fn: Any
+
+    async def remote(self, *args: Any, **kwargs: Any) -> Any:
+        result = self.fn(*args, **kwargs)
+        return await result if asyncio.iscoroutine(result) else result
+
+
 def detector_deployments(settings: ServeSettings) -> dict[str, Any]:
-    """The three detector deployments with `settings`' autoscaling and access log (serve/config.yaml's
-    per-deployment options still override these when Serve applies the file)."""
+    """The detector deployments with `settings`' autoscaling and access log (serve/config.yaml's
+    per-deployment options still override these when Serve applies the file); a kind the ingress runs
+    itself (`in_ingress`) has none."""
     # the ingress logs each HTTP request; a line per internal model call would cost the detectors
     # about a tenth of their per-call CPU (detector_access_log brings it back)
     options = {
         "autoscaling_config": settings.autoscaling(),
         "logging_config": {"enable_access_log": settings.detector_access_log},
     }
-    return {kind: deployment.options(**options) for kind, deployment in DEPLOYMENTS.items()}
+    return {
+        kind: deployment.options(**options)
+        for kind, deployment in DEPLOYMENTS.items()
+        if kind not in settings.in_ingress
+    }

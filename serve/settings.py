@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -20,6 +20,14 @@ class ServeSettings(BaseSettings):
     detector_access_log: bool = Field(False, description="a log line per internal model call (costs CPU)")
     big_at_once: int = Field(2, ge=1, description="big batches a detector replica scores at a time")
     parallel_rows: int = Field(256, ge=0, description="rows from which a batch is big (0: never)")
+    in_ingress: list[str] = Field(
+        [],
+        description=(
+            "detector kinds whose models the ingress replica runs itself, with no call to a detector deployment "
+            "(that deployment is then not deployed): the single-row path without the hop, at the price of the "
+            "models' memory in every ingress replica and of their CPU on its event loop"
+        ),
+    )
     monitor_queue: int = Field(20_000, ge=1, description="served rows waiting for the drift monitors")
     monitor_flush_s: float = Field(0.5, gt=0, description="how long served rows gather before a monitor call")
     feedback_auth: Literal["untrusted", "require"] = Field(
@@ -29,6 +37,16 @@ class ServeSettings(BaseSettings):
             "'require' refuses it (401/403)"
         ),
     )
+
+    @field_validator("in_ingress")
+    @classmethod
+    def _known_kinds(cls, kinds: list[str]) -> list[str]:
+        from detect.kinds import DETECTOR_KINDS
+
+        unknown = sorted(set(kinds) - set(DETECTOR_KINDS))
+        if unknown:
+            raise ValueError(f"in_ingress: unknown detector kind(s) {unknown}; known: {sorted(DETECTOR_KINDS)}")
+        return kinds
 
     @property
     def big_batch_rows(self) -> int:

@@ -500,6 +500,40 @@ def test_lineage_resolves_a_served_answer_to_version_run_and_data_hash(served, t
     assert refused.returncode == 2 and "--model and --version" in refused.stderr
 
 
+def test_models_run_in_the_ingress_score_as_their_deployment_does(served, tmp_path):
+    """`in_ingress`: the ingress replica runs the ensemble's models itself (no hop, no ensemble deployment).
+    The same rows get the same answers as through the deployment, model version and path included."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    client, series = served
+    local = build_app({"state_dir": str(tmp_path / "state"), "monitor": {"enabled": False}, "in_ingress": ["ensemble"]})
+    serve.run(local, name="raywatch-local", route_prefix="/local")
+    try:
+        deployments = serve.status().applications["raywatch-local"].deployments
+        assert "EnsembleDetector" not in deployments and "LSTMDetector" in deployments
+        rows = [row(series, i) for i in range(2000, 2104)]
+        answers = {}
+        for prefix in ("", "/local"):
+            url = f"{prefix}/v1/score"
+            warm = client.post(url, json={"rows": rows[:64], "detectors": ["ensemble", "lstm"]})  # same history
+            assert warm.status_code == 200, warm.text
+            answers[prefix] = [  # 39 rows, then one more: the single-row path after them
+                client.post(url, json={"rows": rows[64:103], "detectors": ["ensemble", "lstm"]}).json(),
+                client.post(url, json={"rows": rows[103:], "detectors": ["ensemble"]}).json(),
+            ]
+        for hop, here in zip(answers[""], answers["/local"]):
+            for a, b in zip(hop["results"], here["results"]):
+                for name, d in a["detectors"].items():
+                    assert b["detectors"][name]["model"] == d["model"] and b["detectors"][name]["path"] == "champion"
+                    assert b["detectors"][name]["anomaly_score"] == pytest.approx(d["anomaly_score"], rel=1e-6)
+        models = client.get("/local/v1/models").json()["models"]["ensemble"]
+        assert models["slots"]["champion"]["version"] == "1"
+    finally:
+        serve.delete("raywatch-local")
+
+
 def test_circuit_breaker_rules():
     now = [0.0]
     breaker = CircuitBreaker(cooldown_s=5, clock=lambda: now[0])
