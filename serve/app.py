@@ -502,6 +502,8 @@ class RaywatchAPI:
                 continue
             if plan.item["n_new"] >= self.settings.big_batch_rows:
                 jobs.append(([i], self._call(plan.name, [plan.item])))
+            elif gather and plan.name in self.settings.in_ingress:
+                jobs.append(([i], self._single(self._in_process_call((plan.name, plan.item)))))
             elif gather:
                 jobs.append(([i], self._single(self._model_call((plan.name, plan.item)))))
             else:
@@ -630,6 +632,16 @@ class RaywatchAPI:
         """Dynamic batching on the ingress side: the model calls of concurrent requests go to each
         detector as one `score_items` call, so the per-call cost of Serve's routing and RPC is paid
         once per batch instead of once per request (the detector side batches single callers too)."""
+        return await self._calls_by_detector(calls)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0)
+    async def _in_process_call(self, calls: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """The same gathering for the models this replica runs itself (`in_ingress`), without the wait: a
+        call costs no hop here, so a request does not wait for company, and the requests that queued up
+        while the models were busy still go to them together."""
+        return await self._calls_by_detector(calls)
+
+    async def _calls_by_detector(self, calls: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
         by_name: dict[str, list[int]] = {}
         for i, (name, _) in enumerate(calls):
             by_name.setdefault(name, []).append(i)
