@@ -34,6 +34,10 @@ def test_serve_settings_refuse_unknown_keys_and_read_the_environment(monkeypatch
     assert settings.autoscaling()["initial_replicas"] == 2
     with pytest.raises(ValidationError, match="ingress_replicas"):
         ServeSettings(ingress_replicas=0)
+    monkeypatch.setenv("RAYWATCH_IN_INGRESS", '["ensemble"]')
+    assert ServeSettings().in_ingress == ["ensemble"]
+    with pytest.raises(ValidationError, match=r"in_ingress: unknown detector kind\(s\) \['esemble'\]"):
+        ServeSettings(in_ingress=["esemble"])
 
 
 def test_raywatch_train_set_names_the_unknown_key(capsys, data_dir):
