@@ -62,6 +62,12 @@ def measure(base: str, route: str, bodies: Path, levels: list[int], duration_s: 
     return rows
 
 
+def warm(base: str, bodies: Path) -> None:
+    """A few requests first: the entity's history is filled and every replica on the path is warm."""
+    for line in bodies.read_text().splitlines()[:3]:
+        post(f"{base}/v1/score", line)
+
+
 def run_mode(mode: str, workdir: Path, bodies: Path, levels: list[int], duration_s: int, warmup_s: int) -> list:
     """In a subprocess per mode (its environment must be set before Ray starts): the three targets."""
     from serve.app import build_app
@@ -81,8 +87,7 @@ def run_mode(mode: str, workdir: Path, bodies: Path, levels: list[int], duration
         )
         for prefix in ("", "/in-ingress"):
             wait_http(f"{base}{prefix}/readyz", lambda body: bool(body.get("detectors", {}).get(DETECTOR)))
-            for line in bodies.read_text().splitlines()[:3]:  # the entity's history, warm replicas
-                post(f"{base}{prefix}/v1/score", line)
+            warm(base + prefix, bodies)
         for connections in levels:
             for target in TARGETS:
                 rows += measure(
@@ -148,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     started, load_start = time.strftime("%Y-%m-%d %H:%M"), load_average()
     rows = []
     with fastapi_peer(path) as base:
-        for line in bodies.read_text().splitlines()[:3]:
-            post(f"{base}/v1/score", line)
+        warm(base, bodies)
         rows += measure(
             base,
             "/v1/score",

@@ -218,8 +218,8 @@ class AlertBook:
         tracked = self._of(detector, entity)
         learning = self._spot(tracked, spot)
         scores, metrics = np.asarray(arrays["scores"], dtype=np.float64), arrays["metrics"]
-        threshold = float(arrays["threshold"]) if learning is None else learning.threshold
-        thresholds = np.empty(len(scores)) if learning is not None else arrays["threshold"]
+        threshold = float(arrays["threshold"])  # every row's, unless SPOT judges them (set per row below)
+        thresholds = arrays["threshold"] if learning is None else np.empty(len(scores))
         top, top_values = np.asarray(arrays["top"]), np.asarray(arrays["top_values"], dtype=np.float64)
         out = []
         for i, score in enumerate(scores.tolist()):
