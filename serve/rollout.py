@@ -223,18 +223,25 @@ def judge(
                 f"{tolerance:g} (one-sided {1 - plan.alpha:.0%} lower bound {lower:.3f})",
                 checks,
             )
-    if held_s >= plan.max_step_s:
-        return Verdict("rollback", f"inconclusive: no verdict after {held_s:.0f} s (max_step_s)", checks)
-    if held_s < plan.min_hold_s or canary.calls < plan.min_requests:
-        return Verdict(
-            "hold",
-            f"holding: {held_s:.0f}/{plan.min_hold_s:g} s, {canary.calls}/{plan.min_requests} canary calls",
-            checks,
-        )
-    unproven = sorted(name for name, check in checks.items() if check["upper"] >= check["tolerance"])
-    if unproven:
-        return Verdict("hold", f"not yet shown within tolerance: {', '.join(unproven)}", checks)
+    waiting_for = _waiting_for(plan, canary, held_s, checks)
+    if waiting_for and held_s >= plan.max_step_s:  # say what was missing: it is what to look at
+        return Verdict("rollback", f"inconclusive: no verdict after {held_s:.0f} s (max_step_s): {waiting_for}", checks)
+    if waiting_for:
+        return Verdict("hold", waiting_for, checks)
     return Verdict("advance", "every guard within its tolerance", checks)
+
+
+def _waiting_for(plan: RolloutPlan, canary: ArmStats, held_s: float, checks: dict[str, dict[str, float]]) -> str:
+    """What a step still lacks before it may advance ("" when nothing): its hold, its canary calls, or
+    guards not yet shown within tolerance (each with its upper bound)."""
+    if held_s < plan.min_hold_s or canary.calls < plan.min_requests:
+        return f"holding: {held_s:.0f}/{plan.min_hold_s:g} s, {canary.calls}/{plan.min_requests} canary calls"
+    unproven = [
+        f"{name} (canary {check['canary']} vs champion {check['champion']}, upper bound {check['upper']:.3f})"
+        for name, check in sorted(checks.items())
+        if check["upper"] >= check["tolerance"]
+    ]
+    return f"not yet shown within tolerance: {', '.join(unproven)}" if unproven else ""
 
 
 class RolloutStore:

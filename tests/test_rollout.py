@@ -51,6 +51,11 @@ def test_an_equal_canary_holds_until_time_and_evidence_then_advances():
 def test_a_step_with_no_verdict_rolls_back_as_inconclusive():
     verdict = judge(FAST, arm(5), arm(100), held_s=601.0)
     assert verdict.action == "rollback" and "inconclusive" in verdict.reason
+    assert verdict.reason.endswith("5/50 canary calls"), verdict.reason  # it says what was missing
+    unproven = judge(FAST, arm(60, flagged=3), arm(600, flagged=24), held_s=601.0)  # 0.05 vs 0.04: unclear
+    assert unproven.action == "rollback" and "not yet shown within tolerance: alert (canary" in unproven.reason
+    late = judge(FAST, arm(300, flagged=3), arm(6000, flagged=60), held_s=601.0)
+    assert late.action == "advance", late  # evidence that arrives at the limit still counts
 
 
 def test_the_plan_refuses_unknown_keys_and_steps_that_do_not_rise_to_100():
