@@ -605,7 +605,7 @@ class RaywatchAPI:
                 if state and state["status"] == "promoting":
                     await self._finish_rollout(name, state)
                 elif state and state["status"] == "rolled_back":
-                    await self._drop_challenger(name)
+                    await self._drop_challenger(name, state["version"])
         except Exception as exc:  # judged again on the next tick
             log.warning("rollout tick failed", extra={"error": f"{type(exc).__name__}: {exc}"})
 
@@ -617,14 +617,17 @@ class RaywatchAPI:
         """The canary passed every step: promote its version, retire the challenger slot, end the rollout."""
         registry = _registry()
         await asyncio.to_thread(registry.promote, name, state["version"])
-        await self._drop_challenger(name)
+        await self._drop_challenger(name, state["version"])
         reason = f"promoted version {state['version']} after {len(state['history'])} steps"
         if await asyncio.to_thread(self.rollouts.finish, name, "completed", reason):
             self.m_rollout.inc(tags={"detector": name, "action": "completed"})
 
-    async def _drop_challenger(self, name: str) -> None:
+    async def _drop_challenger(self, name: str, version: str) -> None:
+        """Empty the challenger slot of `version`, only if it still holds it: every replica's tick does this
+        after a rollback, and one that runs late must not remove the next rollout's challenger (that one
+        then served no canary call and ended inconclusive, once in a CI run)."""
         registry = _registry()
-        await asyncio.to_thread(registry.clear_alias, name, registry.CHALLENGER)
+        await asyncio.to_thread(registry.clear_alias, name, registry.CHALLENGER, version)
         await self._reload(name)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.001, max_concurrent_batches=4)
@@ -1094,7 +1097,7 @@ class RaywatchAPI:
         state = await asyncio.to_thread(self.rollouts.finish, request.model, "aborted", "aborted by an operator")
         if state is None:
             raise ApiError(409, "model", f"{request.model} has no rollout in progress")
-        await self._drop_challenger(request.model)
+        await self._drop_challenger(request.model, state["version"])
         self.m_rollout.inc(tags={"detector": request.model, "action": "aborted"})
         self.m_rollout_percent.set(0.0, tags={"detector": request.model})
         return state

@@ -78,6 +78,12 @@ def test_promote_and_rollback_round_trip(data_dir, mlflow_store, capsys):
     test = series.test[series.metrics].to_numpy()[:300]
     reference = ModelBundle.load(registry.load_bundle("autoencoder", "1")[0].save(mlflow_store / "v1"))
     np.testing.assert_allclose(bundle.detectors[series.name].score(test), reference.detectors[series.name].score(test))
+    # a cleanup of one challenger that runs late leaves the next challenger's alias alone
+    registry.set_alias("autoencoder", registry.CHALLENGER, "2")
+    registry.clear_alias("autoencoder", registry.CHALLENGER, "1")
+    assert registry.alias_version("autoencoder", registry.CHALLENGER) == "2"
+    registry.clear_alias("autoencoder", registry.CHALLENGER, "2")
+    assert registry.alias_version("autoencoder", registry.CHALLENGER) is None
     assert main(["promote", "autoencoder", "9"]) == 2
     assert "raywatch-autoencoder has no version 9" in capsys.readouterr().err
     assert main(["rollback", "lstm"]) == 2

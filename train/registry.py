@@ -264,11 +264,14 @@ def mark_rollout(model: str, version: str | int, status: str) -> None:
     setup().set_model_version_tag(model_name(model), str(version), ROLLOUT_TAG, json.dumps(request))
 
 
-def clear_alias(model: str, alias: str) -> None:
-    """Remove an alias (e.g. `challenger`); no-op when it is not set."""
+def clear_alias(model: str, alias: str, version: str | int | None = None) -> None:
+    """Remove an alias (e.g. `challenger`); no-op when it is not set, or when `version` is given and the
+    alias points elsewhere (a late cleanup of one version must not remove the next one's alias)."""
     client, name = setup(), model_name(model)
     registered = _lookup(lambda: client.get_registered_model(name))
-    if registered is not None and alias in registered.aliases:
+    if registered is None or alias not in registered.aliases:
+        return
+    if version is None or str(registered.aliases[alias]) == str(version):
         client.delete_registered_model_alias(name, alias)
 
 
