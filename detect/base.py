@@ -29,6 +29,9 @@ class Detector(ABC):
     name: ClassVar[str]
     #: training-score quantile used as the operational threshold
     threshold_quantile: float = 0.99
+    #: rows over which `explain` holds each metric's peak contribution (detect/attribution.py); 0: none,
+    #: each row explained on its own. Serving holds them the same way across requests.
+    attribution_half_life_rows: ClassVar[float] = 0.0
 
     def fit(self, X: np.ndarray) -> Detector:
         X = self._check(X, fitting=True)

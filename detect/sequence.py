@@ -4,7 +4,8 @@ Both read (W x metrics) windows built by `detect.features.entity_windows` from z
 Anomaly score of row t = mean over the last `smooth` rows of sum_m err[t, m] / val_err[m]: the
 squared reconstruction (autoencoder) or forecast (LSTM) error of each metric, normalised by that
 metric's mean error on the validation tail of the training series. `explain` returns the same
-normalised per-metric errors: their ranking is the root-cause answer.
+normalised per-metric errors, each held at its recent peak (`detect.attribution`): their ranking is
+the root-cause answer.
 
 One training loop (`train_epochs`) serves the in-process fit and Ray Train's TorchTrainer
 (train/torch_train.py). Saved state is JSON + npz (weights as arrays): loading never unpickles.
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from detect.attribution import HALF_LIFE_ROWS, hold_peaks
 from detect.base import Detector
 from detect.config import config_dataclass
 from detect.features import FeatureSpec, entity_windows
@@ -243,6 +245,7 @@ class SequenceDetector(Detector):
     """Shared fit / score / explain / save / load of the autoencoder and the LSTM."""
 
     network_class: type[SequenceNetwork]
+    attribution_half_life_rows = HALF_LIFE_ROWS
     # set on a fleet model (detect/fleet.py): windows are put in each entity's own units before scaling
     normaliser_: WindowNormaliser | None = None
 
@@ -336,7 +339,10 @@ class SequenceDetector(Detector):
         return smooth_causal(self._normalised_error(X), self.config.smooth).sum(axis=1)
 
     def explain(self, X: np.ndarray) -> np.ndarray:
-        return smooth_causal(self._normalised_error(X), self.config.smooth)
+        """Per-metric contributions of each row, held over the episode (`detect.attribution`)."""
+        return hold_peaks(
+            smooth_causal(self._normalised_error(X), self.config.smooth), self.attribution_half_life_rows
+        )[0]
 
     def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         arrays = {f"w.{k}": v.detach().cpu().numpy() for k, v in self.network_.state_dict().items()}

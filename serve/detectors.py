@@ -71,6 +71,8 @@ class EntityModel:
                     "top": top[part],
                     "top_values": top_values[part],
                     "metrics": self.metrics,
+                    # the ingress holds each metric's peak over this many rows, as `explain` does
+                    "attribution_half_life_rows": self.detector.attribution_half_life_rows,
                 }
             )
             at += n

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from detect.alerting import Alert, AlertAwareSpot, AlertGrouper
+from detect.attribution import hold_peaks
 from detect.fleet import EntityStats, OwnThreshold, Sampler
 from detect.thresholds import SPOT
 
@@ -177,6 +178,7 @@ class _Tracked:
     opened: Any = None  # timestamp of the row it was raised at
     spot: AlertAwareSpot | None = None
     spot_model: Any = None
+    held: np.ndarray | None = None  # each metric's held peak contribution after the last row (detect.attribution)
 
 
 @dataclass(frozen=True)
@@ -220,7 +222,7 @@ class AlertBook:
         scores, metrics = np.asarray(arrays["scores"], dtype=np.float64), arrays["metrics"]
         threshold = float(arrays["threshold"])  # every row's, unless SPOT judges them (set per row below)
         thresholds = arrays["threshold"] if learning is None else np.empty(len(scores))
-        top, top_values = np.asarray(arrays["top"]), np.asarray(arrays["top_values"], dtype=np.float64)
+        top, top_values = self._hold_peaks(tracked, arrays, len(metrics))
         out = []
         for i, score in enumerate(scores.tolist()):
             if learning is not None:
@@ -248,6 +250,23 @@ class AlertBook:
             else:
                 out.append(None)
         return out, thresholds
+
+    @staticmethod
+    def _hold_peaks(tracked: _Tracked, arrays: dict[str, Any], n_metrics: int) -> tuple[np.ndarray, np.ndarray]:
+        """The rows' top metrics with each metric held at its recent peak, as the model's `explain` holds them
+        (`detect.attribution`), carried from one request to the next; from the top metrics the replica sent
+        for each row (the others count as 0). Written back into `arrays`, so the response shows them."""
+        top, values = np.asarray(arrays["top"]), np.asarray(arrays["top_values"], dtype=np.float64)
+        half_life = arrays.get("attribution_half_life_rows") or 0
+        if not half_life or top.size == 0:
+            return top, values
+        rows = np.zeros((len(top), n_metrics))
+        np.put_along_axis(rows, top, values, axis=1)
+        before = tracked.held if tracked.held is not None and len(tracked.held) == n_metrics else None
+        held, tracked.held = hold_peaks(rows, half_life, before)
+        top = np.argsort(-held, axis=1, kind="stable")[:, : top.shape[1]]
+        arrays["top"], arrays["top_values"] = top, np.take_along_axis(held, top, axis=1)
+        return arrays["top"], arrays["top_values"]
 
     @staticmethod
     def _spot(tracked: _Tracked, seed: SpotSeed | None) -> AlertAwareSpot | None:

@@ -246,7 +246,10 @@ class DetectorColumns(BaseModel):
     anomaly_score: list[float]
     is_anomaly: list[bool]
     incident_probability: list[float] | None
-    top_metrics: list[list[str]] = Field(description="per row, the metrics that explain the score most, first first")
+    top_metrics: list[list[str]] = Field(
+        description="per row, the metrics that explain the score most, first first (the autoencoder and the LSTM "
+        "hold each metric at its recent peak: detect/attribution.py)"
+    )
     top_contributions: list[list[float]] = Field(description="per row, their contributions")
     alerts: list[AlertState | None] = Field([], description="per row, the detector's alert on the entity after it")
 

@@ -279,3 +279,44 @@ def test_only_a_stamp_older_than_a_clock_tick_is_trusted(tmp_path):
     os.utime(path, ns=(old, old))
     assert settled(file_stamp(path)) == file_stamp(path)
     assert settled(None) is None
+
+
+def test_served_top_metrics_hold_each_metrics_peak_across_requests_as_explain_does():
+    """A metric that spiked keeps the top rank on the quiet rows that follow, over requests of any size,
+    as `detect.attribution.hold_peaks` ranks the whole series at once; a model that does not hold (half-life
+    0) ranks each row on its own, so the spiking metric drops out as soon as the spike ends."""
+    from detect.attribution import hold_peaks
+
+    rng = np.random.default_rng(5)
+    n, metrics = 300, ("cpu", "mem", "disk", "net")
+    contributions = rng.uniform(0.5, 1.5, (n, len(metrics)))
+    contributions[100:104, 2] = 40.0  # "disk" spikes for four rows, then looks ordinary again
+    top = np.argsort(-contributions, axis=1, kind="stable")[:, :3]
+
+    def arrays(rows: np.ndarray, half_life: float) -> dict:
+        return {
+            "scores": contributions[rows].sum(axis=1),
+            "threshold": 1e9,
+            "metrics": list(metrics),
+            "top": top[rows],
+            "top_values": np.take_along_axis(contributions[rows], top[rows], axis=1),
+            "attribution_half_life_rows": half_life,
+        }
+
+    sparse = np.zeros_like(contributions)
+    np.put_along_axis(sparse, top, np.take_along_axis(contributions, top, axis=1), axis=1)
+    expected = np.argsort(-hold_peaks(sparse, 60)[0], axis=1, kind="stable")[:, :3]
+    for half_life in (60, 0):
+        book, served = AlertBook(), []
+        cuts = np.cumsum(rng.integers(1, 30, 100))
+        for part in np.split(np.arange(n), cuts[cuts < n]):
+            sent = arrays(part, half_life)
+            book.observe("lstm", "web-1", sent, part.tolist())
+            served.extend(sent["top"].tolist())
+        firsts = [row[0] for row in served[104:200]]
+        if half_life:
+            np.testing.assert_array_equal(served, expected)
+            assert firsts == [2] * 96  # an hour later, disk is still the first suspect
+        else:
+            np.testing.assert_array_equal(served, top)
+            assert firsts.count(2) < 48

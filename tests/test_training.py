@@ -44,7 +44,9 @@ def test_sequence_detector_learns_on_ray_train(cls, omi2, ray_cluster, tmp_path)
     constant = omi2.labels.mean()  # a constant scorer's PR-AUC is the anomaly ratio
     assert pr_auc(omi2.labels, scores) > 5 * constant
     explained = det.explain(omi2.test[omi2.metrics].to_numpy()[:50])
-    assert explained.shape == (50, len(omi2.metrics)) and np.allclose(explained.sum(axis=1), scores[:50])
+    assert explained.shape == (50, len(omi2.metrics))
+    # each metric's contribution is held at its recent peak: never below the row's own, equal on the first
+    assert np.all(explained.sum(axis=1) >= scores[:50] - 1e-9) and np.isclose(explained[0].sum(), scores[0])
 
 
 def test_lstm_forecasts_h_steps_ahead(omi2):

@@ -1,0 +1,28 @@
+"""Root-cause attribution held over the episode (detect/attribution.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from detect.attribution import hold_peaks
+
+
+def test_a_peak_fades_by_half_each_half_life_and_a_higher_one_takes_over():
+    rows = np.zeros((200, 2))
+    rows[10, 0], rows[150, 1] = 8.0, 3.0
+    held, last = hold_peaks(rows, half_life_rows=60)
+    assert held[10, 0] == 8.0 and held[70, 0] == pytest.approx(4.0) and held[130, 0] == pytest.approx(2.0)
+    assert held[149].argmax() == 0 and held[150].argmax() == 1  # 8 * 0.5 ** (140 / 60) = 1.58 < 3
+    np.testing.assert_array_equal(last, held[-1])
+
+
+def test_holding_over_parts_equals_one_pass_and_no_half_life_means_no_hold():
+    rows = np.random.default_rng(0).exponential(1.0, (500, 4))
+    whole = hold_peaks(rows)[0]
+    first, held = hold_peaks(rows[:123])
+    np.testing.assert_allclose(np.vstack([first, hold_peaks(rows[123:], held=held)[0]]), whole)
+    np.testing.assert_array_equal(hold_peaks(rows, half_life_rows=0)[0], rows)
+    assert np.all(whole >= rows)
+    with pytest.raises(ValueError, match="half-life must be >= 0"):
+        hold_peaks(rows, half_life_rows=-1)
