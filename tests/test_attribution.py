@@ -5,16 +5,28 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from detect.attribution import hold_peaks
+from detect.attribution import CAP, hold_peaks
 
 
 def test_a_peak_fades_by_half_each_half_life_and_a_higher_one_takes_over():
     rows = np.zeros((200, 2))
     rows[10, 0], rows[150, 1] = 8.0, 3.0
     held, last = hold_peaks(rows, half_life_rows=60)
-    assert held[10, 0] == 8.0 and held[70, 0] == pytest.approx(4.0) and held[130, 0] == pytest.approx(2.0)
+    assert held[10, 0] == pytest.approx(8.0) and held[70, 0] == pytest.approx(4.0)
+    assert held[130, 0] == pytest.approx(2.0) and held[9].max() == 0.0
     assert held[149].argmax() == 0 and held[150].argmax() == 1  # 8 * 0.5 ** (140 / 60) = 1.58 < 3
-    np.testing.assert_array_equal(last, held[-1])
+    np.testing.assert_allclose(last, held[-1], atol=1e-5)
+
+
+def test_an_absurd_old_value_does_not_outrank_a_metric_far_out_now():
+    """A counter reset (1e9) an hour ago must not hide the metric that is 500x its usual error now; two
+    metrics at the cap in one row keep their order."""
+    rows = np.ones((120, 3))
+    rows[0, 0] = 1e9
+    rows[60, 1], rows[60, 2] = 500.0, 300.0
+    held, _ = hold_peaks(rows, half_life_rows=60)
+    assert held[59].argmax() == 0 and held[59, 0] == pytest.approx(CAP / 2 * 0.5 ** (-1 / 60), rel=1e-3)
+    assert list(np.argsort(-held[60])) == [1, 2, 0]  # both capped; the one further out first
 
 
 def test_holding_over_parts_equals_one_pass_and_no_half_life_means_no_hold():

@@ -60,6 +60,16 @@ def served(data_dir, ray_cluster, tmp_path_factory):
             os.environ[k] = v
 
 
+def without_top_metrics(answer):
+    """A scoring answer without its root causes: those are held across requests (detect/attribution.py),
+    so the same rows sent again may name them with other weights, whatever model scored them."""
+    if isinstance(answer, dict):
+        return {k: without_top_metrics(v) for k, v in answer.items() if k != "top_metrics"}
+    if isinstance(answer, list):
+        return [without_top_metrics(v) for v in answer]
+    return answer
+
+
 def row(series, i: int = 0, **override) -> dict:
     values = dict(zip(series.metrics, series.test[series.metrics].iloc[i].tolist()))
     return {"entity": series.name, "timestamp": float(i), "metrics": {**values, **override}}
@@ -389,8 +399,9 @@ def test_ab_and_shadow_over_http(served):
         == 200
     )
     shadowed = client.post("/v1/score", json={"rows": rows}).json()
-    assert shadowed == baseline  # the challenger's outputs are never returned
-    assert first != baseline  # (the comparison above can fail: history changes scores)
+    # the challenger's outputs are never returned: the same scores, flags, models and paths
+    assert without_top_metrics(shadowed) == without_top_metrics(baseline)
+    assert without_top_metrics(first) != without_top_metrics(baseline)  # (the comparison above can fail)
     deadline = time.time() + 10
     while time.time() < deadline:
         stats = client.get("/v1/models").json()["models"]["lstm"]["traffic"]
