@@ -14,9 +14,9 @@ short enough that the last one has faded before the next. A contribution enters 
 at fault, and an absurd value (a counter reset, a unit change) must not pin the ranking for hours. So a
 metric far out now always outranks one that was far out before (its held value is below the cap one
 row later), and a capped peak has faded to 10 within 3.3 half-lives. On the six shipped entities
-HitRate@150% rises from 0.744 / 0.756 (autoencoder / LSTM, each row on its own) to 0.783 / 0.808; on
-synthetic fleets the half-life was not chosen on, 60 rows helps the autoencoder and leaves the LSTM
-where it was, and 240 rows or more do worse (README, "Root causes").
+HitRate@150% rises from 0.744 / 0.756 (autoencoder / LSTM, each row on its own) to 0.784 / 0.810; on
+synthetic fleets the half-life was not chosen on, from 0.787 / 0.704 to 0.808 / 0.708, and longer
+half-lives do worse there (README, "Root causes").
 
 `hold_peaks` is the one implementation: `Detector.explain` applies it to a whole series, and serving
 (`serve.history.AlertBook`) carries `held` from one request to the next, per detector and entity.
