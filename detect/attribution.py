@@ -49,9 +49,10 @@ def hold_peaks(
     decay = decay_per_row(half_life_rows)
     if decay == 0:  # no hold: each row explained on its own, as it came
         return raw, (raw[-1] if len(raw) else held)
-    current = np.zeros(raw.shape[1]) if held is None else np.asarray(held, dtype=np.float64)
-    out = np.empty_like(raw)
-    for t, row in enumerate(np.minimum(raw, CAP)):
-        current = np.maximum(row, decay * current)
-        out[t] = current
-    return out + TIE_BREAK * raw / (np.abs(raw) + CAP), current
+    current = np.zeros(raw.shape[1]) if held is None else held
+    out = np.minimum(raw, CAP)
+    for t in range(len(out)):  # in place: row t becomes its held values (serving calls this per request)
+        current = np.maximum(out[t], decay * current, out=out[t])
+    current = current.copy()
+    out += TIE_BREAK * raw / (np.abs(raw) + CAP)
+    return out, current

@@ -261,12 +261,13 @@ class AlertBook:
         if not half_life or top.size == 0:
             return top, values
         rows = np.zeros((len(top), n_metrics))
-        np.put_along_axis(rows, top, values, axis=1)
+        each = np.arange(len(top))[:, None]
+        rows[each, top] = values
         before = tracked.held if tracked.held is not None and len(tracked.held) == n_metrics else None
         held, tracked.held = hold_peaks(rows, half_life, before)
         top = np.argsort(-held, axis=1, kind="stable")[:, : top.shape[1]]
-        arrays["top"], arrays["top_values"] = top, np.take_along_axis(held, top, axis=1)
-        return arrays["top"], arrays["top_values"]
+        arrays["top"], arrays["top_values"] = top, held[each, top]
+        return top, arrays["top_values"]
 
     @staticmethod
     def _spot(tracked: _Tracked, seed: SpotSeed | None) -> AlertAwareSpot | None:
