@@ -50,9 +50,10 @@ def hold_peaks(
     if decay == 0:  # no hold: each row explained on its own, as it came
         return raw, (raw[-1] if len(raw) else held)
     current = np.zeros(raw.shape[1]) if held is None else held
-    out = np.minimum(raw, CAP)
+    out = np.minimum(raw, CAP)  # a NaN stays NaN here and is then ignored: fmax keeps the held value
     for t in range(len(out)):  # in place: row t becomes its held values (serving calls this per request)
-        current = np.maximum(out[t], decay * current, out=out[t])
+        current = np.fmax(out[t], decay * current, out=out[t])
     current = current.copy()
-    out += TIE_BREAK * raw / (np.abs(raw) + CAP)
+    size = np.nan_to_num(np.abs(raw), nan=0.0, posinf=1e300)
+    out += TIE_BREAK * size / (size + CAP)
     return out, current

@@ -38,3 +38,11 @@ def test_holding_over_parts_equals_one_pass_and_no_half_life_means_no_hold():
     assert np.all(whole >= rows)
     with pytest.raises(ValueError, match="half-life must be >= 0"):
         hold_peaks(rows, half_life_rows=-1)
+
+
+def test_a_non_finite_contribution_neither_poisons_the_hold_nor_hides_its_metric():
+    rows = np.ones((5, 3))
+    rows[1, 0], rows[2, 1] = np.nan, np.inf
+    held, last = hold_peaks(rows)
+    assert np.isfinite(held).all() and np.isfinite(last).all()
+    assert held[2].argmax() == 1 and held[4, 0] == pytest.approx(1.0, abs=1e-5)  # inf: at the cap, first
