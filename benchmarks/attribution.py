@@ -20,23 +20,18 @@ hitrate_150, per-entity values) and attribution.md. Under a minute on 2 cores.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from serving import log, save_tables
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from serving import log, save_tables  # noqa: E402
-
-from detect import metrics as M  # noqa: E402
-from detect.attribution import HALF_LIFE_ROWS, hold_peaks  # noqa: E402
-from detect.data import list_entities, load_series  # noqa: E402
-from detect.evaluate import detector_factories  # noqa: E402
-from detect.synthetic import generate_fleet  # noqa: E402
+from detect import metrics as M
+from detect.attribution import HALF_LIFE_ROWS, hold_peaks
+from detect.data import list_entities, load_series
+from detect.evaluate import detector_factories
+from detect.synthetic import generate_fleet
 
 DETECTORS = ("autoencoder", "lstm")
 SYNTHETIC_SEEDS, MACHINES, DAY = (101, 202), 3, 1440
