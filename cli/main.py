@@ -236,6 +236,10 @@ def _describe_rollout(state: dict | None) -> str:
     return line + f" of {len(state['plan']['steps'])}): {state['reason']}"
 
 
+def _describe_step(step: dict, state: dict) -> str:
+    return f"{step['action']} at {step['percent']:g}% (step {step['step'] + 1} of {len(state['plan']['steps'])}): {step['reason']}"
+
+
 def cmd_rollout(args: argparse.Namespace) -> int:
     """Start, follow or abort a canary rollout through the API's admin routes (serve/rollout.py)."""
     import time
@@ -266,9 +270,14 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         print(f"{args.model} {_describe_rollout(answer.json())}")
         if args.abort or not args.wait:
             return 0
-    last = None
+    last, steps_shown = None, 0
     while True:
         state = httpx.get(url + "/v1/models", timeout=60).json()["models"][args.model].get("rollout")
+        # every step's verdict from the rollout's history: a step shorter than the poll is not missed
+        history = (state or {}).get("history", [])
+        for step in history[steps_shown:]:
+            print(f"{args.model} version {state['version']}: {_describe_step(step, state)}", flush=True)
+        steps_shown = len(history)
         line = f"{args.model} {_describe_rollout(state)}"
         if line != last:
             print(line, flush=True)
