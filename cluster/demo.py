@@ -247,6 +247,10 @@ def run_demo(
             "config": {
                 "drift": DriftConfig.for_period(window, mmd_permutations=100).to_dict(),
                 "cooldown_s": 0,  # the demo's rounds are minutes apart: one job per model per drifted window
+                # its two rounds are one window each: a drifted one earns its job without waiting for the
+                # next window, and the shifted round's job is not held back by the first round's
+                "retrain_persist_windows": 1,
+                "retrain_min_windows_between": 0,
                 "retrain_args": ["--epochs", str(RETRAIN_EPOCHS), "--cpus-per-worker", "0.25"],
             }
         },

@@ -28,7 +28,7 @@ from detect.drift import DriftConfig, EntityDriftDetectors, as_drift_reference
 from detect.kinds import DETECTOR_KINDS
 from detect.state import ServingStore, state_dir
 from monitoring.events import DriftEventStore
-from monitoring.trigger import RetrainTrigger
+from monitoring.trigger import RetrainGate, RetrainTrigger
 
 log = logging.getLogger("raywatch.monitor")
 
@@ -46,6 +46,10 @@ class MonitorConfig:
     drift: dict[str, Any] = field(default_factory=dict)
     retrain: bool = True  # submit a retraining job on drift
     cooldown_s: float = 900.0  # at most one submission per model in this time
+    # per entity, in test windows (a day each by default; monitoring/trigger.py RetrainGate): drift must
+    # persist this many consecutive windows to earn a job, and a job is at most one in so many windows
+    retrain_persist_windows: int = 2
+    retrain_min_windows_between: int = 7
     retrain_on: tuple[str, ...] = ("ks", "mmd", "prediction_ks", "concept")  # which detectors trigger it
     retrain_args: list[str] = field(default_factory=list)  # extra `train.pipeline` flags, e.g. ["--epochs", "3"]
     concept_every_s: float = 30.0
@@ -63,6 +67,10 @@ class MonitorConfig:
         if unknown:
             raise ValueError(f"MonitorConfig.retrain_on: unknown detector(s) {sorted(unknown)}")
         self.retrain_on = tuple(self.retrain_on)
+        for name, least in (("retrain_persist_windows", 1), ("retrain_min_windows_between", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"MonitorConfig.{name} must be an integer >= {least}, got {value!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> MonitorConfig:
@@ -110,6 +118,9 @@ class DriftMonitor:
             self.config.job_address,
             on_submit=self._count_job,
             state_root=self.state_root,
+        )
+        self.gate = RetrainGate(
+            model, self.events, self.config.retrain_persist_windows, self.config.retrain_min_windows_between
         )
         self._load_champion()
         log.info("monitor started", extra={"model": model, "starts": self.starts, "version": self.version})
@@ -181,6 +192,7 @@ class DriftMonitor:
         cursors[entity] = self._last_id(entity)
         self.events.set_state(self._key("cursors"), cursors)
         self._pending.pop(entity, None)
+        self.gate.restart_streak(entity)
         return {"model": self.model, "entity": entity, "reference_rows": len(rows)}
 
     # -- observing and testing ---------------------------------------------------------------------------
@@ -239,7 +251,7 @@ class DriftMonitor:
             cursors[entity] = obs["ids"][stop - 1]
             self.events.set_state(self._key("cursors"), cursors)  # after the events: a crash re-tests, never skips
             out += [{**r.to_dict(), "id": i} for r, i in zip(results, ids)]
-            self._after_tests(entity, results, ids, since_id=obs["ids"][start])
+            self._after_window(entity, results, ids, first_id=obs["ids"][start])
             start = stop
         self._pending[entity] = len(obs["ids"]) - start
         if start:  # rows were consumed by tests: keep the log bounded (not on every batch)
@@ -284,7 +296,7 @@ class DriftMonitor:
             [event_id] = self.events.add_many([result])
             self._count([result])
             out.append({**result.to_dict(), "id": event_id})
-            self._after_tests(entity, [result], [event_id])
+            self._after_concept(entity, [result], [event_id])
         return out
 
     def _count_job(self) -> None:
@@ -301,10 +313,31 @@ class DriftMonitor:
                 self._metrics["drift"].inc(tags=tags)
 
     # -- retraining --------------------------------------------------------------------------------------
-    def _after_tests(self, entity: str, results: list[Any], ids: list[int], since_id: int | None = None) -> None:
-        drifted = [(r, i) for r, i in zip(results, ids) if r.is_drift and r.detector in self.config.retrain_on]
+    def _drifted(self, results: list[Any], ids: list[int]) -> list[tuple[Any, int]]:
+        return [(r, i) for r, i in zip(results, ids) if r.is_drift and r.detector in self.config.retrain_on]
+
+    def _after_window(self, entity: str, results: list[Any], ids: list[int], first_id: int) -> None:
+        """A tested window of served rows: a job only when the gate says the drift earned one."""
+        if not self.config.retrain:
+            return
+        drifted = self._drifted(results, ids)
+        verdict = self.gate.observe(entity, self.version, bool(drifted), first_id)
+        if not drifted:
+            return
+        if not verdict.ready:
+            self.trigger.skip(f"{entity}: {verdict.reason}")
+            return
+        outcome = self.maybe_retrain(
+            entity, [r.detector for r, _ in drifted], [i for _, i in drifted], verdict.since_id
+        )
+        if outcome["submitted"]:
+            self.gate.submitted(entity)
+
+    def _after_concept(self, entity: str, results: list[Any], ids: list[int]) -> None:
+        """Concept drift (labels say the champion got worse): a job at once, past the gate."""
+        drifted = self._drifted(results, ids)
         if drifted and self.config.retrain:
-            self.maybe_retrain(entity, [r.detector for r, _ in drifted], [i for _, i in drifted], since_id)
+            self.maybe_retrain(entity, [r.detector for r, _ in drifted], [i for _, i in drifted])
 
     def maybe_retrain(
         self, entity: str, detectors: list[str], event_ids: list[int], since_id: int | None = None
@@ -326,6 +359,7 @@ class DriftMonitor:
             "drift_events": self.events.count(self.model, only_drift=True),
             "last_job": self.trigger.last_job(),
             "last_skip": self.trigger.last_skip(),
+            "retrain_gate": {e: self.gate.state(e, self.version) for e in sorted(self.detectors)},
             "load_error": self.load_error,
             "config": self.config.to_dict(),
         }

@@ -1,8 +1,13 @@
 """The retraining trigger: on drift, submit one model's retraining job (`train.retrain`) as a Ray job.
 
-At most one job per model runs at a time and submissions are at least a cooldown apart; every outcome
-(the job submitted, or why none was) is kept in the drift event store, so a restarted monitor knows
-its last job and `/v1/drift` can show it.
+Two gates stand between a drifted window and a job:
+- `RetrainGate`, per entity and in the data's own time (test windows, a day each by default): the drift
+  must persist over consecutive windows, and an entity gets at most one drift-triggered job in a number
+  of windows (a week);
+- `RetrainTrigger`, per model and in wall time: at most one job runs at a time and submissions are at
+  least a cooldown apart.
+Every outcome (the job submitted, or why none was) and the gate's counts are kept in the drift event
+store, so a restarted monitor knows its last job and counts on, and `/v1/drift` can show them.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +82,7 @@ class RetrainTrigger:
         now = time.time()
         blocked = self._blocked_by(now)
         if blocked:
-            return self._skip(blocked)
+            return self.skip(blocked)
         since = ["--since-id", str(since_id)] if since_id else []
         entrypoint = jobs.retrain_entrypoint(self.model, [entity], [*since, *self.retrain_args])
         try:
@@ -89,7 +95,7 @@ class RetrainTrigger:
             )
         except Exception as exc:
             log.error("retraining job submission failed", extra={"model": self.model, "error": str(exc)})
-            return self._skip(f"submission failed: {type(exc).__name__}: {exc}")
+            return self.skip(f"submission failed: {type(exc).__name__}: {exc}")
         record = {
             "job_id": job_id,
             "submitted": now,
@@ -104,7 +110,89 @@ class RetrainTrigger:
         log.warning("retraining job submitted", extra={"model": self.model, "job_id": job_id, "entity": entity})
         return {"submitted": True, **record}
 
-    def _skip(self, reason: str) -> dict[str, Any]:
+    def skip(self, reason: str) -> dict[str, Any]:
+        """Record why no job was submitted (shown as `last_skip`)."""
         self.events.set_state(self._key("last_skip"), {"time": time.time(), "reason": reason})
         log.info("retraining not submitted", extra={"model": self.model, "reason": reason})
         return {"submitted": False, "reason": reason}
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    ready: bool  # a job may be submitted for this entity now
+    reason: str  # why not, or what earned it
+    since_id: int | None = None  # the first served row of the persistent drift: the challenger learns from it on
+
+
+class RetrainGate:
+    """Whether an entity's drift has earned it a retraining job, counted in test windows of its served
+    rows (the data's own clock: a replay at any speed and a live fleet decide alike).
+
+    - **Persistence**: `persist_windows` consecutive drifted windows. An incident is a distribution change
+      too; it drifts the window it falls in and is gone from the next, and a challenger fitted on it learns
+      little. A machine that changed stays changed.
+    - **Budget**: at most one training per entity in `min_windows_between` windows, counting the champion's
+      own: its first windows after it started serving, and those after a drift-triggered job. A job whose
+      challenger lost leaves the champion serving the changed machine; asking again the next day, on one
+      more day of data, mostly buys another loss and another job.
+
+    The counts belong to the champion version they were made against: a new champion (promoted, or
+    trained by hand) starts them afresh. `observe` takes every tested window of an entity, drifted or not,
+    in order; `submitted` records a job. Concept drift and a new machine's own model do not pass here."""
+
+    def __init__(self, model: str, events: DriftEventStore, persist_windows: int, min_windows_between: int) -> None:
+        self.model = model
+        self.events = events
+        self.persist_windows = persist_windows
+        self.min_windows_between = min_windows_between
+
+    def _key(self, entity: str) -> str:
+        return f"{self.model}/retrain_gate/{entity}"
+
+    def state(self, entity: str, version: str | None = None) -> dict[str, Any]:
+        """{version, streak: consecutive drifted windows, since_id: the first row of the streak,
+        windows_since_training: windows tested since the champion started or the last job}. Fresh when it
+        was counted against another version than `version` (None: whichever it was)."""
+        state = self.events.get_state(self._key(entity))
+        if state is None or (version is not None and state["version"] != version):
+            return {"version": version, "streak": 0, "since_id": None, "windows_since_training": 0}
+        return state
+
+    def observe(self, entity: str, version: str | None, drifted: bool, first_id: int) -> GateVerdict:
+        state = self.state(entity, version)
+        state["windows_since_training"] += 1
+        if drifted:
+            state["since_id"] = state["since_id"] if state["streak"] else first_id
+            state["streak"] += 1
+        else:
+            state["streak"], state["since_id"] = 0, None
+        self.events.set_state(self._key(entity), state)
+        return self._verdict(state)
+
+    def _verdict(self, state: dict[str, Any]) -> GateVerdict:
+        streak, since_training = state["streak"], state["windows_since_training"]
+        if not streak:
+            return GateVerdict(False, "no drift in the latest window")
+        if streak < self.persist_windows:
+            return GateVerdict(
+                False,
+                f"drift in {streak} consecutive window(s) of the {self.persist_windows} that earn a job "
+                "(an incident drifts one window; a changed machine stays changed)",
+            )
+        if since_training < self.min_windows_between:
+            return GateVerdict(
+                False,
+                f"retraining budget: the entity's model was trained {since_training} window(s) ago "
+                f"(at most one training in {self.min_windows_between})",
+            )
+        return GateVerdict(True, f"drift in {streak} consecutive windows", state["since_id"])
+
+    def restart_streak(self, entity: str) -> None:
+        """A new reference (a baseline reset): drift is counted afresh against it."""
+        state = self.state(entity)
+        if state["streak"]:
+            self.events.set_state(self._key(entity), {**state, "streak": 0, "since_id": None})
+
+    def submitted(self, entity: str) -> None:
+        state = self.state(entity)
+        self.events.set_state(self._key(entity), {**state, "streak": 0, "since_id": None, "windows_since_training": 0})

@@ -19,6 +19,9 @@ MONITOR = {
     "config": {
         "drift": {"window": 240, "thin": 6, "mmd_permutations": 100},
         "cooldown_s": 3600,
+        # one drifted day is this story: it earns the job at once (tests/test_retrain_gate.py has the gate)
+        "retrain_persist_windows": 1,
+        "retrain_min_windows_between": 0,
         "concept_every_s": 3600,
         "retrain_args": ["--epochs", "3", "--cpus-per-worker", "0.25"],
     }
