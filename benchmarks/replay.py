@@ -18,7 +18,8 @@ in `loop` mode it also waits for a running retraining job and for its decision t
 sends more (a job takes minutes, a replayed day seconds: without the pause every promotion would land
 after the split ended). The trigger's cooldown is given in wall seconds (`--cooldown-s`, default 0:
 the platform's 15-minute cooldown is 15 minutes of data, less than a chunk), so the number of jobs is
-what the drift tests ask for.
+what the retraining gate lets through (`monitoring.trigger.RetrainGate` at the platform's defaults: drift
+in 2 consecutive windows, at most one training per 7 windows, counted in the replayed data's windows).
 
 The operator's figures use what was served: `anomaly_score` (PR-AUC over the labelled rows) and
 `is_anomaly` grouped into alerts by `detect.alerting.group_alerts` (3 of 5 rows open an alert, 10
@@ -524,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def settings(args: argparse.Namespace, chosen: list, started: float) -> dict[str, Any]:
+    from monitoring.monitor import MonitorConfig
+
     return {
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d"),
@@ -533,7 +536,9 @@ def settings(args: argparse.Namespace, chosen: list, started: float) -> dict[str
         "model": f"{args.model}, hidden {args.hidden}, {args.epochs} epochs (initial fit and retraining jobs)",
         "days": f"first {args.days} days of each test split" if args.days else "the whole test split",
         "drift monitors": f"DriftConfig.for_period(train.promotion.drift_window_rows(rows per day)), MMD permutations {args.mmd_permutations}; "
-        f"trigger cooldown {args.cooldown_s} wall s; concept test off (no feedback labels sent)",
+        f"trigger cooldown {args.cooldown_s} wall s; retraining gate at the platform's defaults (drift in "
+        f"{MonitorConfig.retrain_persist_windows} consecutive windows, one training per "
+        f"{MonitorConfig.retrain_min_windows_between} windows); concept test off (no feedback labels sent)",
     }
 
 

@@ -117,6 +117,11 @@ class RetrainTrigger:
         return {"submitted": False, "reason": reason}
 
 
+def gate_key(model: str, entity: str) -> str:
+    """Where an entity's gate counts live in the drift event store (`/v1/drift?entity=` reads them)."""
+    return f"{model}/retrain_gate/{entity}"
+
+
 @dataclass(frozen=True)
 class GateVerdict:
     ready: bool  # a job may be submitted for this entity now
@@ -147,7 +152,7 @@ class RetrainGate:
         self.min_windows_between = min_windows_between
 
     def _key(self, entity: str) -> str:
-        return f"{self.model}/retrain_gate/{entity}"
+        return gate_key(self.model, entity)
 
     def state(self, entity: str, version: str | None = None) -> dict[str, Any]:
         """{version, streak: consecutive drifted windows, since_id: the first row of the streak,

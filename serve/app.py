@@ -41,6 +41,7 @@ from detect.kinds import FORECASTER
 from detect.state import ServingStore
 from detect.state import state_dir as current_state_dir
 from monitoring.events import DriftEventStore
+from monitoring.trigger import gate_key
 from serve import schemas as S
 from serve.auth import KEYS_FILE_ENV, AuthError, check_admin, feedback_trusted
 from serve.history import AlertBook, ColdStarts, EntityHistory, SpotSeed, fallback_scores
@@ -730,6 +731,8 @@ class RaywatchAPI:
                 "last_skip": self.drift_events.get_state(f"{name}/last_skip"),
                 "decisions": await asyncio.to_thread(self.store.decisions, name, 5),
             }
+            if entity:  # whether the entity's drift has earned a job yet (monitoring/trigger.py RetrainGate)
+                retraining[name]["gate"] = self.drift_events.get_state(gate_key(name, entity))
         return {"events": events, "retraining": retraining, "monitor_queue": self.monitor_feed.status()}
 
     async def _limit(self, client: str) -> None:

@@ -107,6 +107,10 @@ def test_drift_triggers_retraining_job_and_a_recorded_decision(loop):
         "a retraining job submission",
     )
     print(f"drift streamed -> job submitted in {job['submitted'] - started:.1f} s")
+    # the gate's counts for the entity, as /v1/drift shows them: the job restarted them
+    drift_state = client.get("/v1/drift", params={"model": "autoencoder", "entity": entity}).json()
+    gate = drift_state["retraining"]["autoencoder"]["gate"]
+    assert gate == {"version": "1", "streak": 0, "since_id": None, "windows_since_training": 0}, gate
     assert job["job_id"].startswith("raywatch-retrain-autoencoder-") and job["trigger"]
     final = jobs.wait(job["job_id"], timeout_s=300)
     assert final == "SUCCEEDED", jobs.logs(job["job_id"])[-3000:]
