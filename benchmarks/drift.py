@@ -236,11 +236,26 @@ def rate_within(delays: list[int | None], windows: int) -> float | None:
     return round(sum(d is not None and d <= windows for d in delays) / len(delays), 4) if delays else None
 
 
+def with_any(tally: Tally, decision: str) -> tuple[dict, dict, dict]:
+    """The tests' flags and delays per window and episode, plus `any`: the monitor's own decision (a window
+    drifts when any of its tests flags it; an episode is found at the first window any test flags)."""
+    flags = dict(tally.flags[decision])
+    main, beside = (dict(tally.delays[decision][m]) for m in MAGNITUDES)
+    names = [n for n in ("ks", "mmd", "prediction_ks") if n in flags]
+    if len(names) < 2:
+        return flags, main, beside
+    flags["any"] = [any(window) for window in zip(*(flags[n] for n in names), strict=True)]
+    for delays in (main, beside):
+        episodes = zip(*(delays.get(n, []) for n in names), strict=True)
+        delays["any"] = [min((d for d in episode if d is not None), default=None) for episode in episodes]
+    tally.seconds["any"] = [sum(float(np.mean(tally.seconds[n])) for n in names if tally.seconds[n])]
+    return flags, main, beside
+
+
 def summarise(dataset: str, cfg: DriftConfig, tally: Tally, decision: str, note: str = "") -> list[dict]:
     rows = []
-    flags_by_test = tally.flags[decision]
-    main, beside = tally.delays[decision][MAGNITUDES[0]], tally.delays[decision][MAGNITUDES[1]]
-    for name in ("ks", "mmd", "prediction_ks"):
+    flags_by_test, main, beside = with_any(tally, decision)
+    for name in ("ks", "mmd", "prediction_ks", "any"):
         if name not in flags_by_test:
             continue
         flags, delays = flags_by_test[name], main.get(name, [])
@@ -377,6 +392,9 @@ def write(rows: list[dict], out: Path, seconds: float, cpu_seconds: float, comma
         "Window 1 is the window in which the shift starts (partly shifted), window 2 the next.",
         "- prediction_ks: the anomaly score is a stand-in, the mean absolute z-score of a row against the "
         "reference, so no trained model is needed.",
+        "- `any`: the monitor's own decision, which its retraining trigger acts on: a window drifts when any of "
+        "its tests flags it, and an episode is found at the first window any test flags. Its seconds_per_test "
+        "is the sum of the tests'.",
         "",
         "The calibration (`detect/drift_calibration.py`, fitted by `detect.drift.calibrate_drift` at training time "
         "and stored with the reference):",
