@@ -421,8 +421,10 @@ def write(rows: list[dict], out: Path, seconds: float, cpu_seconds: float, comma
         "days flagged by KS), so held-out machines are the fair test.",
         "",
         "Met: KS on both real sets (smd 0 of 24 held-out days, 91.1% of 2-sigma episodes within 2 windows; asd 2 of "
-        "45, 100%) and MMD on asd (1 of 45, 100%); no test flags more than 5% of held-out days. Synthetic: no false "
-        "drift, and the 1-sigma detection of KS and MMD is still 100% (the figure the old table reported).",
+        "45, 100%) and MMD on asd (1 of 45, 100%); no test flags more than 5% of held-out days. The monitor's own "
+        "decision (`any`, what its retraining trigger acts on) meets both on both sets: smd 0 of 24 days, 91.1%; asd "
+        "2 of 45 (4.4%), 100%. Synthetic: no false drift, and the 1-sigma detection of KS, MMD and `any` is still "
+        "100% (the figure the old table reported).",
         "",
         "Not met, measured: (1) MMD on smd detects the 2-sigma shift in 0 of 45 episodes: its null from 8 days is "
         "dominated by a few metrics whose days differ a lot, and with 8 days the 99% bound puts the critical value "
