@@ -317,12 +317,11 @@ class DriftMonitor:
         return [(r, i) for r, i in zip(results, ids) if r.is_drift and r.detector in self.config.retrain_on]
 
     def _after_window(self, entity: str, results: list[Any], ids: list[int], first_id: int) -> None:
-        """A tested window of served rows: a job only when the gate says the drift earned one."""
-        if not self.config.retrain:
-            return
+        """A tested window of served rows: a job only when the gate says the drift earned one. The gate counts
+        every window, with retraining on or off, so that turning it on later finds the counts current."""
         drifted = self._drifted(results, ids)
         verdict = self.gate.observe(entity, self.version, bool(drifted), first_id)
-        if not drifted:
+        if not drifted or not self.config.retrain:
             return
         if not verdict.ready:
             self.trigger.skip(f"{entity}: {verdict.reason}")

@@ -109,3 +109,12 @@ def test_the_monitor_submits_only_what_the_gate_lets_through(tmp_path, monkeypat
     monitor.config.retrain_on = ("mmd",)
     monitor._after_window(ENTITY, [drift("ks", True)], [4], first_id=201)
     assert monitor.gate.state(ENTITY)["streak"] == 0
+
+
+def test_the_gate_counts_windows_while_retraining_is_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monitor = DriftMonitor("autoencoder", {"retrain": False}, str(tmp_path / "state"))
+    monitor._after_window(ENTITY, [drift("ks", True)], [1], first_id=1)
+    state = monitor.gate.state(ENTITY)
+    assert state["streak"] == 1 and state["windows_since_training"] == 1
+    assert monitor.trigger.last_skip() is None  # nothing was asked of the trigger
