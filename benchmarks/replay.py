@@ -453,6 +453,8 @@ def replay_entity(platform_: Platform, dataset: str, name: str, args: argparse.N
                 "drift": drift,
                 "retrain": mode == "loop",
                 "cooldown_s": args.cooldown_s,
+                "retrain_persist_windows": args.persist_windows,
+                "retrain_min_windows_between": args.min_windows_between,
                 "concept_every_s": 10**9,  # no /v1/feedback labels are sent: the operator's view, unlabelled
                 # direct: days pass in minutes here, so a canary's wall-clock hold times would judge nothing
                 # (and wait_for_champion would time out while the canary waited for traffic)
@@ -482,6 +484,8 @@ def replay_entity(platform_: Platform, dataset: str, name: str, args: argparse.N
 
 
 def main(argv: list[str] | None = None) -> int:
+    from monitoring.monitor import MonitorConfig
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=None, help="a folder in the shipped layout (default: the shipped data)")
     parser.add_argument("--entities", help="comma-separated dataset/entity (default: every entity in --data)")
@@ -494,6 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--days", type=int, help="replay only the first N days of each test split")
     parser.add_argument("--rows-per-day", type=int, help="override the per-dataset day length")
     parser.add_argument("--cooldown-s", type=float, default=0.0, help="the trigger's cooldown, wall seconds")
+    gate = "the retraining gate's %s (default: the platform's, %d)"
+    persist, between = MonitorConfig.retrain_persist_windows, MonitorConfig.retrain_min_windows_between
+    parser.add_argument("--persist-windows", type=int, default=persist, help=gate % ("persistence", persist))
+    parser.add_argument("--min-windows-between", type=int, default=between, help=gate % ("budget", between))
     parser.add_argument("--mmd-permutations", type=int, default=100)
     args = parser.parse_args(argv)
 
@@ -536,9 +544,10 @@ def settings(args: argparse.Namespace, chosen: list, started: float) -> dict[str
         "model": f"{args.model}, hidden {args.hidden}, {args.epochs} epochs (initial fit and retraining jobs)",
         "days": f"first {args.days} days of each test split" if args.days else "the whole test split",
         "drift monitors": f"DriftConfig.for_period(train.promotion.drift_window_rows(rows per day)), MMD permutations {args.mmd_permutations}; "
-        f"trigger cooldown {args.cooldown_s} wall s; retraining gate at the platform's defaults (drift in "
-        f"{MonitorConfig.retrain_persist_windows} consecutive windows, one training per "
-        f"{MonitorConfig.retrain_min_windows_between} windows); concept test off (no feedback labels sent)",
+        f"trigger cooldown {args.cooldown_s} wall s; retraining gate: drift in {args.persist_windows} consecutive "
+        f"windows, one training per {args.min_windows_between} windows (the platform's defaults: "
+        f"{MonitorConfig.retrain_persist_windows} and {MonitorConfig.retrain_min_windows_between}); concept test "
+        "off (no feedback labels sent)",
     }
 
 
