@@ -2,8 +2,8 @@
 
 Two gates stand between a drifted window and a job:
 - `RetrainGate`, per entity and in the data's own time (test windows, a day each by default): the drift
-  must persist over consecutive windows, and an entity gets at most one drift-triggered job in a number
-  of windows (a week);
+  must persist over consecutive windows, and an entity gets at most one training in a number of windows
+  (a week), the champion's own included;
 - `RetrainTrigger`, per model and in wall time: at most one job runs at a time and submissions are at
   least a cooldown apart.
 Every outcome (the job submitted, or why none was) and the gate's counts are kept in the drift event
@@ -187,8 +187,8 @@ class RetrainGate:
         if since_training < self.min_windows_between:
             return GateVerdict(
                 False,
-                f"retraining budget: the entity's model was trained {since_training} window(s) ago "
-                f"(at most one training in {self.min_windows_between})",
+                f"retraining budget: {since_training} window(s) since the champion started serving or the "
+                f"entity's last retraining job (at most one in {self.min_windows_between})",
             )
         return GateVerdict(True, f"drift in {streak} consecutive windows", state["since_id"])
 

@@ -45,7 +45,7 @@ def test_at_most_one_training_per_entity_in_the_budget_of_windows(store):
     # a champion drifted from its first window: not retrained before its 7th
     first = windows(gate, [True] * 7)
     assert [v.ready for v in first] == [False] * 6 + [True]
-    assert "retraining budget: the entity's model was trained 2 window(s) ago" in first[1].reason
+    assert "retraining budget: 2 window(s) since the champion started serving" in first[1].reason
     gate.submitted(ENTITY)
     # the challenger was kept and the machine stays drifted: the next job 7 windows after the last one
     later = windows(gate, [True] * 7, first_id=801)
