@@ -325,6 +325,8 @@ class DriftMonitor:
             return
         if not verdict.ready:
             self.trigger.skip(f"{entity}: {verdict.reason}")
+            if self._metrics is not None:
+                self._metrics["held"].inc(tags={"model": self.model, "rule": verdict.held_by or "none"})
             return
         outcome = self.maybe_retrain(
             entity, [r.detector for r, _ in drifted], [i for _, i in drifted], verdict.since_id
@@ -392,6 +394,11 @@ def _monitor_metrics() -> dict[str, Any] | None:
         ),
         "jobs": metrics.Counter(
             "raywatch_retrain_jobs_total", description="retraining jobs submitted", tag_keys=("model",)
+        ),
+        "held": metrics.Counter(
+            "raywatch_retrain_held_total",
+            description="drifted windows the retraining gate held back, by rule (persistence, budget)",
+            tag_keys=("model", "rule"),
         ),
     }
 

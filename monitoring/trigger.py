@@ -127,6 +127,7 @@ class GateVerdict:
     ready: bool  # a job may be submitted for this entity now
     reason: str  # why not, or what earned it
     since_id: int | None = None  # the first served row of the persistent drift: the challenger learns from it on
+    held_by: str | None = None  # which rule held a drifted window back: "persistence" or "budget"
 
 
 class RetrainGate:
@@ -183,12 +184,14 @@ class RetrainGate:
                 False,
                 f"drift in {streak} consecutive window(s) of the {self.persist_windows} that earn a job "
                 "(an incident drifts one window; a changed machine stays changed)",
+                held_by="persistence",
             )
         if since_training < self.min_windows_between:
             return GateVerdict(
                 False,
                 f"retraining budget: {since_training} window(s) since the champion started serving or the "
                 f"entity's last retraining job (at most one in {self.min_windows_between})",
+                held_by="budget",
             )
         return GateVerdict(True, f"drift in {streak} consecutive windows", state["since_id"])
 

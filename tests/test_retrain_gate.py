@@ -30,6 +30,7 @@ def test_an_isolated_drifted_window_earns_no_job_and_a_clean_one_resets_the_stre
     verdicts = windows(gate, [True, False, True, False])
     assert not any(v.ready for v in verdicts)
     assert "drift in 1 consecutive window(s) of the 2" in verdicts[0].reason
+    assert verdicts[0].held_by == "persistence" and verdicts[1].held_by is None  # a clean window holds nothing
     assert gate.state(ENTITY)["streak"] == 0
 
 
@@ -46,6 +47,7 @@ def test_at_most_one_training_per_entity_in_the_budget_of_windows(store):
     first = windows(gate, [True] * 7)
     assert [v.ready for v in first] == [False] * 6 + [True]
     assert "retraining budget: 2 window(s) since the champion started serving" in first[1].reason
+    assert first[1].held_by == "budget" and first[-1].held_by is None
     gate.submitted(ENTITY)
     # the challenger was kept and the machine stays drifted: the next job 7 windows after the last one
     later = windows(gate, [True] * 7, first_id=801)
