@@ -11,6 +11,7 @@ every Ray instance of the user).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -40,6 +41,53 @@ def group_alive(pgid: int | None) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def session_pids(sid: int | None) -> list[int]:
+    """Every process of session `sid` but this one. `ray start --head` runs as a session leader (the head's
+    process group id is its session id), and whatever it spawns stays in the session: Ray's workers too,
+    which move to process groups of their own, and what they spawn, such as Serve's HAProxy."""
+    if not sid:
+        return []
+    if os.path.isdir("/proc"):
+        candidates = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+    else:  # macOS: no /proc
+        listing = subprocess.run(["ps", "-A", "-o", "pid="], capture_output=True, text=True, check=False).stdout
+        candidates = [int(pid) for pid in listing.split()]
+    pids = []
+    for pid in candidates:
+        try:
+            if pid != os.getpid() and os.getsid(pid) == sid and not _zombie(pid):
+                pids.append(pid)
+        except OSError:  # gone meanwhile, or not ours to ask about
+            continue
+    return pids
+
+
+def _zombie(pid: int) -> bool:
+    """A process that has exited and waits for its parent to reap it (Linux; elsewhere: never said)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2 :].startswith("Z")
+
+
+def stop_session(sid: int | None, grace_s: float = 5.0) -> list[int]:
+    """SIGTERM every process left in session `sid`, SIGKILL what is still there after `grace_s`. Returns the
+    processes signalled. What `killpg` of the head's group misses: a Ray worker in a group of its own, and
+    the children it leaves behind (Serve's HAProxy, which would keep its fixed ports from the next head)."""
+    signalled = session_pids(sid)
+    for pid in signalled:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while session_pids(sid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in session_pids(sid):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    return signalled
 
 
 def free_port() -> int:
@@ -204,6 +252,7 @@ class LocalHead:
             else:
                 os.killpg(self.pgid, signal.SIGKILL)
         self._reap()
+        stop_session(self.pgid)  # the head's group is its session's id: what left the group goes too
         self._forget_address()
         if self.client_env is not None:
             self.client_env.unlink(missing_ok=True)

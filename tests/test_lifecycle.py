@@ -144,3 +144,19 @@ def test_joining_a_cluster_without_a_token_says_where_to_put_it(tmp_path):
     assert joined.returncode == 2
     assert "needs its token" in joined.stderr and str(tmp_path / ".ray" / "auth_token") in joined.stderr
     assert not (tmp_path / ".ray").exists(), "joining a cluster must never create a token"
+
+
+def test_stopping_the_head_stops_what_left_its_process_group(tmp_path):
+    """`ray start --head` runs as a session leader; Ray's workers move to process groups of their own and
+    Serve's HAProxy is a worker's child. `killpg` of the head's group alone once left an HAProxy behind
+    after `raywatch down`, holding its fixed ports (9101, 8404) so that the next `raywatch up` failed. A
+    stand-in head here: a session leader whose child moved to a group of its own."""
+    from cluster.local import LocalHead, session_pids
+
+    spawn = "import subprocess, sys, time; print(subprocess.Popen(['sleep', '300'], process_group=0).pid, flush=True); time.sleep(300)"
+    leader = subprocess.Popen([sys.executable, "-c", spawn], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    straggler = int(leader.stdout.readline())
+    assert os.getpgid(straggler) != leader.pid and os.getsid(straggler) == leader.pid  # left the group, not the session
+    assert set(session_pids(leader.pid)) == {leader.pid, straggler}
+    LocalHead(pgid=leader.pid, process=leader).stop(timeout_s=10)
+    assert session_pids(leader.pid) == []  # neither runs (an exited one may linger unreaped: not running)
