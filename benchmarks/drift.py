@@ -236,25 +236,27 @@ def rate_within(delays: list[int | None], windows: int) -> float | None:
     return round(sum(d is not None and d <= windows for d in delays) / len(delays), 4) if delays else None
 
 
-def with_any(tally: Tally, decision: str) -> tuple[dict, dict, dict]:
-    """The tests' flags and delays per window and episode, plus `any`: the monitor's own decision (a window
-    drifts when any of its tests flags it; an episode is found at the first window any test flags)."""
+def with_any(tally: Tally, decision: str) -> tuple[dict, dict, dict, dict]:
+    """The tests' flags and delays per window and episode and their mean seconds per test, plus `any`: the
+    monitor's own decision (a window drifts when any of its tests flags it; an episode is found at the
+    first window any test flags; it costs the tests' seconds together). The tally is left as measured."""
     flags = dict(tally.flags[decision])
     main, beside = (dict(tally.delays[decision][m]) for m in MAGNITUDES)
+    seconds = {name: float(np.mean(times)) for name, times in tally.seconds.items() if times}
     names = [n for n in ("ks", "mmd", "prediction_ks") if n in flags]
     if len(names) < 2:
-        return flags, main, beside
+        return flags, main, beside, seconds
     flags["any"] = [any(window) for window in zip(*(flags[n] for n in names), strict=True)]
     for delays in (main, beside):
         episodes = zip(*(delays.get(n, []) for n in names), strict=True)
         delays["any"] = [min((d for d in episode if d is not None), default=None) for episode in episodes]
-    tally.seconds["any"] = [sum(float(np.mean(tally.seconds[n])) for n in names if tally.seconds[n])]
-    return flags, main, beside
+    seconds["any"] = sum(seconds.get(n, 0.0) for n in names)
+    return flags, main, beside, seconds
 
 
 def summarise(dataset: str, cfg: DriftConfig, tally: Tally, decision: str, note: str = "") -> list[dict]:
     rows = []
-    flags_by_test, main, beside = with_any(tally, decision)
+    flags_by_test, main, beside, seconds = with_any(tally, decision)
     for name in ("ks", "mmd", "prediction_ks", "any"):
         if name not in flags_by_test:
             continue
@@ -274,7 +276,7 @@ def summarise(dataset: str, cfg: DriftConfig, tally: Tally, decision: str, note:
                 "detection_rate_4_windows": rate_within(delays, MAX_WINDOWS),
                 "mean_delay_windows": round(float(np.mean(detected)), 3) if detected else None,
                 "detection_rate_2_windows_1sigma": rate_within(beside.get(name, []), 2),
-                "seconds_per_test": round(float(np.mean(tally.seconds[name])), 4) if tally.seconds[name] else None,
+                "seconds_per_test": round(seconds[name], 4) if name in seconds else None,
                 "calibration_seconds_per_entity": (
                     round(float(np.mean(tally.calibration_seconds)), 2)
                     if decision == "calibrated" and tally.calibration_seconds
