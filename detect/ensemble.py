@@ -4,8 +4,9 @@ Input rows are flat feature vectors from the FeatureSpec (lags, rolling stats, d
 change). Target: an incident is under way or starts within the next `horizon` rows. The vote weights
 are fitted on a validation tail of the training data (time order, never shuffled), as is the
 operational threshold. On the synthetic fleet it also learns the incident kind (root-cause class).
-Labels without any incident never stop it: it then learns from incidents injected into the entity's
-own data in the synthetic generator's shapes (detect/synthetic.py).
+Labels with too few incidents never stop it: where they hold fewer than the two that learning and
+validating need, it adds incidents injected into the entity's own normal rows in the synthetic
+generator's shapes (detect/synthetic.py).
 
 Saved state never needs unpickling: XGBoost as its JSON model, LightGBM as its text model, the
 forest as an ONNX graph (skl2onnx), the logistic model and scaler as arrays.
@@ -25,7 +26,7 @@ from scipy.special import softmax
 from detect.base import Detector
 from detect.config import config_dataclass
 from detect.features import FeatureSpec, entity_features
-from detect.metrics import best_f1
+from detect.metrics import best_f1, segments
 from detect.synthetic import inject_incidents
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,25 @@ def incident_target(labels: np.ndarray, horizon: int) -> np.ndarray:
     padded = np.concatenate([y, np.zeros(horizon, dtype=np.int8)])
     window = np.lib.stride_tricks.sliding_window_view(padded, horizon + 1)
     return window.max(axis=1).astype(np.int8)
+
+
+def split_with_incidents_on_both_sides(target: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, validation) masks: the newest `val_fraction` of the rows for validation when both parts then
+    hold an incident; otherwise every third tenth of the rows (interleaved blocks), with the first incident
+    moved to the fit part or the last to the validation part where one of them would hold none. Both
+    parts hold an incident whenever `target` holds two."""
+    n = len(target)
+    rows = np.arange(n)
+    val = rows >= int(n * (1 - val_fraction))
+    if target[val].any() and target[~val].any():
+        return ~val, val
+    val = (rows // max(n // 10, 1)) % 3 == 2
+    runs = segments(target)
+    if runs and not target[val].any():
+        val[slice(*runs[-1])] = True
+    if runs and not target[~val].any():
+        val[slice(*runs[0])] = False
+    return ~val, val
 
 
 @config_dataclass
@@ -101,7 +121,12 @@ class EnsembleDetector(Detector):
 
     # -- training ----------------------------------------------------------------------------------
     def prepare(self, X: np.ndarray, labels: np.ndarray, metrics: list[str] | None = None):
-        """Features and lead target, split in time order into (fit, validation) parts."""
+        """Features and lead target, split in time order into (fit, validation) parts.
+
+        Real incidents are learnt where there are any. The fit and the validation part each need one, so
+        where the labels hold fewer than two incidents (none, or one that a split cannot share), incidents
+        injected into this entity's own normal rows in the synthetic generator's shapes are added; the
+        rows of a real incident are left as they are."""
         X = self._check(X, fitting=True)
         labels = np.asarray(labels)
         if labels.shape != (len(X),):
@@ -110,20 +135,28 @@ class EnsembleDetector(Detector):
         names = tuple(metrics) if metrics else tuple(f"m{i:02d}" for i in range(X.shape[1]))
         self.spec_ = FeatureSpec(metrics=names, lags=self.config.lags, rolling=self.config.rolling)
         self.injected_incidents_ = 0
-        if not labels.any():
-            # no real incident to learn from: learn from incidents injected into this entity's own data
-            X, labels = inject_incidents(X, max(MIN_INJECTED, len(X) // ROWS_PER_INJECTED), seed=self.config.seed)
-            self.injected_incidents_ = int((np.diff(labels, prepend=0) == 1).sum())
-            log.info("no labelled incident: learning from injected ones", extra={"count": self.injected_incidents_})
+        if len(segments(incident_target(labels, self.config.horizon))) < 2:
+            X, labels = self._with_injected(X, labels)
         features = entity_features(X, self.spec_).astype(np.float32)
         target = incident_target(labels, self.config.horizon)
-        cut = int(len(X) * (1 - self.config.val_fraction))
-        if target[cut:].sum() == 0 or target[:cut].sum() == 0:
-            # incidents only on one side of the split: fall back to an interleaved block split
-            blocks = (np.arange(len(X)) // max(len(X) // 10, 1)) % 3 == 2
-            return features, target, ~blocks, blocks
-        idx = np.arange(len(X))
-        return features, target, idx < cut, idx >= cut
+        fit_mask, val_mask = split_with_incidents_on_both_sides(target, self.config.val_fraction)
+        if not (target[fit_mask].any() and target[val_mask].any()):
+            raise ValueError(f"ensemble: {len(X)} rows hold too few incidents to learn and validate on")
+        return features, target, fit_mask, val_mask
+
+    def _with_injected(self, X: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """X and labels with incidents injected into the rows that no real incident holds."""
+        injected_X, injected = inject_incidents(
+            X, max(MIN_INJECTED, len(X) // ROWS_PER_INJECTED), seed=self.config.seed
+        )
+        real = labels.astype(bool)
+        injected = injected.astype(bool) & ~real
+        self.injected_incidents_ = len(segments(injected))
+        log.info(
+            "too few labelled incidents to learn and validate on: adding injected ones",
+            extra={"labelled": len(segments(real)), "injected": self.injected_incidents_},
+        )
+        return np.where(injected[:, None], injected_X, X), (real | injected).astype(np.int8)
 
     def fit(
         self,

@@ -135,7 +135,7 @@ def test_evaluate_completes_on_entities_without_an_incident_in_the_first_half(tm
     # its 300 validation scores are too few for a tail fit: those figures are null, and say so
     assert late["event_recall"] is None and "too few" in late["null_reason"]["event_recall"]
     early = records["early-incident", "ensemble"]  # it learns, but has no incident left to be judged on
-    assert early["injected_incidents"] == 0
+    assert early["injected_incidents"] >= 1  # one real incident: injected ones are added to validate on
     assert early["f1"] is None and early["null_reason"]["f1"] == "no incident in the evaluated rows"
     tiny = records["tiny", "ensemble"]  # it cannot learn at all: a null record with the reason, and on
     assert all(tiny[c] is None for c in ("f1", "pr_auc", "f1_operational", "event_precision"))

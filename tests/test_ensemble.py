@@ -1,0 +1,74 @@
+"""The ensemble learns from whatever labels an entity has: never fails for want of incidents."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from detect.ensemble import EnsembleDetector, incident_target, split_with_incidents_on_both_sides
+from detect.metrics import segments
+
+ROWS = 1000  # split in tenths: rows 200-299, 500-599 and 800-899 are the interleaved validation blocks
+
+
+def telemetry(incidents: list[tuple[int, int]], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    t = np.arange(ROWS)
+    X = np.sin(2 * np.pi * t[:, None] / 200 + np.arange(4)) + rng.normal(0, 0.1, (ROWS, 4))
+    labels = np.zeros(ROWS, dtype=np.int8)
+    for a, b in incidents:
+        X[a:b, 1] += 4.0
+        labels[a:b] = 1
+    return X, labels
+
+
+def small() -> EnsembleDetector:
+    return EnsembleDetector(rf_trees=20, xgb_rounds=20, lgbm_rounds=20)
+
+
+def test_the_split_gives_both_parts_an_incident_when_the_blocks_would_not():
+    # both incidents fall in validation blocks and none in the newest 30%: the first goes to the fit part
+    target = incident_target(telemetry([(520, 560), (830, 870)])[1], horizon=10)
+    target[800:] = 0
+    target[210:250] = 1
+    fit, val = split_with_incidents_on_both_sides(target, 0.3)
+    assert target[fit].any() and target[val].any()
+    assert fit[210:250].all()  # the first incident, moved to the fit part
+    assert not (fit & val).any() and (fit | val).all()
+
+
+def test_two_real_incidents_in_validation_blocks_are_learnt_without_injection():
+    X, labels = telemetry([(210, 250), (520, 560)])
+    det = small().fit(X, labels)
+    assert det.injected_incidents_ == 0
+    assert det.validation_["positives"] > 0
+
+
+def test_one_real_incident_is_kept_and_injected_ones_are_added():
+    """One incident, in a validation block: before, the fit part held no positive and the logistic member
+    raised ("needs samples of at least 2 classes"), so `evaluate` lost the entity."""
+    X, labels = telemetry([(520, 560)])
+    det = small()
+    features, target, fit, val = det.prepare(X, labels)
+    assert det.injected_incidents_ >= 1
+    assert target[fit].any() and target[val].any()
+    assert target[510:560].all()  # the real incident (and its lead rows) is still an incident
+    det.fit(X, labels)
+    scores = det.score(X)
+    assert np.isfinite(scores).all()
+    assert scores[520:560].mean() > np.median(scores)  # and it learnt what an incident looks like here
+
+
+def test_rows_too_few_to_inject_into_say_so():
+    X, labels = telemetry([])
+    with pytest.raises(ValueError, match="too few to inject"):
+        small().fit(X[:40], labels[:40])
+
+
+def test_injected_incidents_never_overwrite_real_ones():
+    X, labels = telemetry([(520, 560)])
+    det = small()
+    injected_X, injected = det._with_injected(X, labels)
+    assert np.array_equal(injected_X[520:560], X[520:560])  # the real incident's rows, untouched
+    assert injected[520:560].all()  # and still labelled
+    assert det.injected_incidents_ >= 1 and len(segments(injected)) >= 2
