@@ -2,6 +2,7 @@
 synthetic machines, snapshot by snapshot, beside the same models scoring the same rows in this process.
 
     python benchmarks/scale.py [--sizes 10,100,1000,10000] [--workdir runs/bench-scale]   # or: make bench-scale
+    python benchmarks/scale.py --in-ingress autoencoder    # the ingress runs the models: no hop (scale_in_ingress.*)
 
 The first `--own` machines (100) have a model of their own; every other machine is scored by the fleet
 model of its metrics from its first row (detect/fleet.py). Both are trained once, for every N: the fleet
@@ -18,7 +19,8 @@ Ray tasks, one in-process fit each. Per N, on a freshly deployed app (new replic
 - the RSS of every Serve replica (ingress included) and of the drift monitors, from their processes;
 - the models each detector replica holds.
 
-Writes benchmarks/results/scale.json (a list of records, one per N) and scale.md.
+Writes benchmarks/results/scale.json (a list of records, one per N) and scale.md; with `--in-ingress`,
+scale_in_ingress.{json,md}.
 """
 
 from __future__ import annotations
@@ -169,7 +171,14 @@ def process_rss_mb() -> dict[str, float]:
 
 
 def measure_platform(
-    serve: Any, machines: Machines, metrics: list[str], n: int, warmup: int, measured: int, workdir: Path
+    serve: Any,
+    machines: Machines,
+    metrics: list[str],
+    n: int,
+    warmup: int,
+    measured: int,
+    workdir: Path,
+    in_ingress: list[str],
 ) -> dict[str, Any]:
     from serve.app import build_app
 
@@ -179,6 +188,7 @@ def measure_platform(
         {
             "state_dir": str(workdir / f"state-{n}"),
             "monitor": {"config": {"retrain": False, "concept_every_s": 3600}},
+            "in_ingress": in_ingress,
         }
     )
     serve.run(app, name="raywatch", route_prefix="/")
@@ -274,7 +284,13 @@ def write_results(records: list[dict[str, Any]], trained: dict[str, float], args
         f"{args.own} machines with a model of their own, the rest scored by the fleet model from their first "
         f"row; {args.warmup} warm-up snapshots, then {args.measured} measured ones per N; "
         f"load average {load_average()}. The fleet model took {trained['fleet_train_s']} s on Ray Train "
-        f"({FLEET_TRAIN} machines x {TRAIN_ROWS} rows), the {args.own} own models {trained['own_train_s']} s.",
+        f"({FLEET_TRAIN} machines x {TRAIN_ROWS} rows), the {args.own} own models {trained['own_train_s']} s."
+        + (
+            f" `in_ingress: {args.in_ingress}`: the ingress replica runs those models itself, with no call to a"
+            " detector deployment (its RSS then holds them)."
+            if args.in_ingress
+            else ""
+        ),
         "",
         "| N | snapshot p50 ms | p99 ms | rows/s (platform) | rows/s (in process) | ratio | cold start ms "
         "| largest replica MB | ingress MB | monitor MB | models per replica |",
@@ -287,7 +303,12 @@ def write_results(records: list[dict[str, Any]], trained: dict[str, float], args
             f"| {r['cold_start_ms']} | {r['replica_rss_mb']} | {r['ingress_rss_mb']} | {r['monitor_rss_mb']} "
             f"| {r['models_loaded_per_replica']} |"
         )
-    save_tables("scale", records, md, show=True)
+    save_tables(results_name(args.in_ingress), records, md, show=True)
+
+
+def results_name(in_ingress: list[str]) -> str:
+    """scale.{json,md} for the app as shipped; scale_in_ingress.{json,md} with models in the ingress."""
+    return "scale_in_ingress" if in_ingress else "scale"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measured", type=int, default=20, help="timed snapshots per N")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--workdir", default="runs/bench-scale")
+    parser.add_argument(
+        "--in-ingress",
+        default="",
+        type=lambda s: [k for k in s.split(",") if k],
+        help="detector kinds the ingress runs itself (no hop), e.g. autoencoder; results in scale_in_ingress.*",
+    )
     args = parser.parse_args(argv)
     workdir = use_workdir(args.workdir)
     metrics = metric_names()
@@ -306,8 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     with local_serve("high_throughput", workdir) as serve:
         trained = train_models(machines, metrics, args.own, args.epochs)
         for n in args.sizes:
-            record = {"entities": n, "lru_capacity": None, **trained}
-            record.update(measure_platform(serve, machines, metrics, n, args.warmup, args.measured, workdir))
+            record = {"entities": n, "lru_capacity": None, "in_ingress": args.in_ingress, **trained}
+            record.update(
+                measure_platform(serve, machines, metrics, n, args.warmup, args.measured, workdir, args.in_ingress)
+            )
             record.update(measure_inprocess(machines, metrics, n, args.warmup, args.measured))
             log(f"N={n}: {json.dumps({k: v for k, v in record.items() if k != 'rss_mb'})}")
             records.append(record)
