@@ -280,7 +280,8 @@ def write_results(records: list[dict[str, Any]], trained: dict[str, float], args
     md = [
         "# Scale: fleets of N synthetic machines on one Serve app",
         "",
-        f"`python benchmarks/scale.py --sizes {','.join(map(str, args.sizes))}`: high-throughput mode, "
+        f"`python benchmarks/scale.py --sizes {','.join(map(str, args.sizes))}"
+        f"{' --in-ingress ' + ','.join(args.in_ingress) if args.in_ingress else ''}`: high-throughput mode, "
         f"{args.own} machines with a model of their own, the rest scored by the fleet model from their first "
         f"row; {args.warmup} warm-up snapshots, then {args.measured} measured ones per N; "
         f"load average {load_average()}. The fleet model took {trained['fleet_train_s']} s on Ray Train "
