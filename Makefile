@@ -56,7 +56,7 @@ bench-replay: $(STAMP)
 	$(BIN)/python benchmarks/replay.py --data $(abspath $(DATA)) $(if $(ENTITIES),--entities $(ENTITIES))
 
 # fleets of 10 to 10,000 synthetic machines on one Serve app, beside the same models in process (about
-# 20 minutes on 2 cores; SIZES=10,100 for a quick look): benchmarks/results/scale.{json,md}
+# 25 minutes on 2 cores; SIZES=10,100 for a quick look): benchmarks/results/scale.{json,md}
 bench-scale: $(STAMP)
 	$(BIN)/python benchmarks/scale.py --workdir runs/bench-scale $(if $(SIZES),--sizes $(SIZES))
 

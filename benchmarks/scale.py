@@ -10,7 +10,9 @@ model on Ray Train (`fit_windows_with_ray_train`, what `raywatch train --fleet` 
 Ray tasks, one in-process fit each. Per N, on a freshly deployed app (new replica processes):
 
 - `--warmup` snapshots (one row per machine, `POST /v1/score/fleet`, what a Prometheus scrape delivers),
-  so every machine is past its statistics checkpoints and its history is full, then `--measured` timed
+  so every machine is grown: past its statistics checkpoints, its history full, and its requests needing
+  one set of statistics, so the fleet model scores it on the vectorised path (from about row 275; with
+  200, the default until 2026-12-02, every measured machine was still young), then `--measured` timed
   snapshots: p50 and p99 latency, and rows/s = N x snapshots / their summed latency;
 - `inprocess_rows_per_s`: the same measured snapshots scored in this process by the same models
   (`serve.detectors.load_slot`), with the same per-entity bookkeeping as the ingress (history, fleet
@@ -316,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--own", type=int, default=OWN, help="machines with a model of their own")
-    parser.add_argument("--warmup", type=int, default=200, help="snapshots before the measured ones")
+    parser.add_argument(
+        "--warmup", type=int, default=300, help="snapshots before the measured ones (300: every machine grown)"
+    )
     parser.add_argument("--measured", type=int, default=20, help="timed snapshots per N")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--workdir", default="runs/bench-scale")
