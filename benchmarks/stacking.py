@@ -6,8 +6,8 @@ learns from, by PR-AUC (and best F1). Side by side, in one run, on the same rows
 - `autoencoder`, `lstm`: the unsupervised detectors as `raywatch evaluate` fits them (train series);
 - `evidence`: label-free combination of the two, max over detectors of score / the 99th percentile of its
   own calibration scores (what each detector calls unusual, on one scale);
-- `ensemble`: the shipped ensemble (window features), learning from the first half's labels (or from
-  injected incidents where it holds none), vote weights on its validation tail;
+- `ensemble`: the shipped ensemble (window features), learning from the first half's labels (with
+  injected incidents where they hold fewer than two), vote weights on its validation tail;
 - `stacked`: the same members learning from the window features plus the evidence column, weights on
   the validation tail;
 - `stacked_oof`: `stacked` with a fifth member (the evidence, calibrated by a logistic fit) and vote
@@ -35,16 +35,19 @@ from typing import Any
 
 import numpy as np
 from attribution import shipped_cases, synthetic_cases
-from scipy.optimize import minimize
-from scipy.special import softmax
 from serving import log, save_tables
 from sklearn.linear_model import LogisticRegression
 
 from detect import metrics as M
-from detect.ensemble import MIN_INJECTED, ROWS_PER_INJECTED, EnsembleDetector, incident_target
+from detect.ensemble import (
+    EnsembleConfig,
+    EnsembleDetector,
+    split_with_incidents_on_both_sides,
+    vote_weights,
+    with_enough_incidents,
+)
 from detect.evaluate import detector_factories
-from detect.features import entity_features
-from detect.synthetic import inject_incidents
+from detect.features import FeatureSpec, entity_features
 
 VARIANTS = ("autoencoder", "lstm", "evidence", "ensemble", "stacked", "stacked_oof")
 FOLDS = 4
@@ -69,27 +72,26 @@ def evidence_of(detectors: list[Any]):
     return evidence
 
 
-def learning_rows(test: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The first half, as the ensemble learns from it: with injected incidents where it holds none."""
-    half = len(test) // 2
-    X, y = test[:half], labels[:half]
-    if not y.any():
-        X, y = inject_incidents(X, max(MIN_INJECTED, len(X) // ROWS_PER_INJECTED), seed=0)
-    return X, y
+def learning_rows(case: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first half, as the ensemble learns from it (`with_enough_incidents`): rows, labels, lead target."""
+    half = len(case["test"]) // 2
+    cfg = EnsembleConfig()
+    X, y, target, _ = with_enough_incidents(case["test"][:half], case["labels"][:half], cfg.horizon, cfg.seed)
+    return X, y, target
 
 
 def stacked_scores(case: dict[str, Any], evidence, with_oof: bool) -> np.ndarray:
     """Scores of every test row from members fitted on the first half's stacked features."""
-    X, y = learning_rows(case["test"], case["labels"])
+    X, _, target = learning_rows(case)
     stack = EvidenceStack()
-    _, _, fit_mask, val_mask = stack.prepare(X, y, case["metrics"])  # its FeatureSpec and time-order split
+    spec = FeatureSpec(metrics=tuple(case["metrics"]), lags=stack.config.lags, rolling=stack.config.rolling)
 
     def features(rows: np.ndarray) -> np.ndarray:
-        return np.column_stack([entity_features(rows, stack.spec_), evidence(rows)]).astype(np.float32)
+        return np.column_stack([entity_features(rows, spec), evidence(rows)]).astype(np.float32)
 
-    F, target = features(X), incident_target(y, stack.config.horizon)
-    test_F = features(case["test"])
+    F, test_F = features(X), features(case["test"])
     if not with_oof:
+        fit_mask, val_mask = split_with_incidents_on_both_sides(target, stack.config.val_fraction)
         stack.fit_members(F[fit_mask], target[fit_mask], {})
         stack.fit_vote(F[val_mask], target[val_mask])
         return stack.member_matrix(test_F) @ stack.weights_
@@ -100,7 +102,7 @@ def stacked_scores(case: dict[str, Any], evidence, with_oof: bool) -> np.ndarray
         if target[~held].any() and target[held].any():
             out_of_fold[held] = five_members(F[~held], target[~held])(F[held])
     known = ~np.isnan(out_of_fold[:, 0])
-    weights = vote_weights(out_of_fold[known], target[known])
+    weights, _ = vote_weights(np.clip(out_of_fold[known], 1e-6, 1 - 1e-6), target[known], maxiter=600)
     return five_members(F, target)(test_F) @ weights
 
 
@@ -110,17 +112,6 @@ def five_members(F: np.ndarray, y: np.ndarray):
     members.fit_members(F, y, {})
     calibration = LogisticRegression(class_weight="balanced").fit(F[:, -1:], y)
     return lambda rows: np.column_stack([members.member_matrix(rows), calibration.predict_proba(rows[:, -1:])[:, 1]])
-
-
-def vote_weights(P: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Non-negative weights summing to 1 that minimise the log-loss of the weighted vote (as the ensemble's)."""
-    P = np.clip(P, 1e-6, 1 - 1e-6)
-
-    def loss(theta: np.ndarray) -> float:
-        p = np.clip(P @ softmax(theta), 1e-6, 1 - 1e-6)
-        return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-
-    return softmax(minimize(loss, np.zeros(P.shape[1]), method="Nelder-Mead", options={"maxiter": 600}).x)
 
 
 def measure(case: dict[str, Any]) -> list[dict[str, Any]]:
@@ -134,7 +125,7 @@ def measure(case: dict[str, Any]) -> list[dict[str, Any]]:
         warnings.simplefilter("ignore")
         detectors = [factories[name]().fit(case["train"], case["metrics"]) for name in ("autoencoder", "lstm")]
         evidence = evidence_of(detectors)
-        X, y = learning_rows(test, labels)
+        X, y, first = learning_rows(case)
         scores = {
             "autoencoder": detectors[0].score(test),
             "lstm": detectors[1].score(test),
@@ -143,7 +134,6 @@ def measure(case: dict[str, Any]) -> list[dict[str, Any]]:
             "stacked": stacked_scores(case, evidence, with_oof=False),
             "stacked_oof": stacked_scores(case, evidence, with_oof=True),
         }
-    first = incident_target(y, 10)
     first_ap = M.pr_auc(first, evidence(X)) if first.any() else None
     return [
         {

@@ -44,6 +44,40 @@ def incident_target(labels: np.ndarray, horizon: int) -> np.ndarray:
     return window.max(axis=1).astype(np.int8)
 
 
+def with_enough_incidents(
+    X: np.ndarray, labels: np.ndarray, horizon: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(X, labels, lead target, incidents injected) as the ensemble learns from them. Real incidents are
+    learnt where there are any; the fit and the validation part each need one, so where the labels hold
+    fewer than two (none, or one that no split can share), incidents injected into the rows that no real
+    incident holds are added in the synthetic generator's shapes. A real incident's rows stay as they are."""
+    target = incident_target(labels, horizon)
+    if len(segments(target)) >= 2:
+        return X, labels, target, 0
+    injected_X, injected = inject_incidents(X, max(MIN_INJECTED, len(X) // ROWS_PER_INJECTED), seed=seed)
+    real = np.asarray(labels).astype(bool)
+    injected = injected.astype(bool) & ~real
+    count = len(segments(injected))
+    log.info(
+        "too few labelled incidents to learn and validate on: adding injected ones",
+        extra={"labelled": len(segments(real)), "injected": count},
+    )
+    labels = (real | injected).astype(np.int8)
+    return np.where(injected[:, None], injected_X, X), labels, incident_target(labels, horizon), count
+
+
+def vote_weights(P: np.ndarray, y: np.ndarray, maxiter: int = 400) -> tuple[np.ndarray, float]:
+    """Non-negative weights summing to 1 over the columns of member probabilities `P` that minimise the
+    log-loss of the weighted vote against `y`, and that log-loss."""
+
+    def loss(theta: np.ndarray) -> float:
+        p = np.clip(P @ softmax(theta), 1e-6, 1 - 1e-6)
+        return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+    res = minimize(loss, np.zeros(P.shape[1]), method="Nelder-Mead", options={"maxiter": maxiter})
+    return softmax(res.x), float(res.fun)
+
+
 def split_with_incidents_on_both_sides(target: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """(fit, validation) masks: the newest `val_fraction` of the rows for validation when both parts then
     hold an incident; otherwise every third tenth of the rows (interleaved blocks), with the first incident
@@ -121,12 +155,8 @@ class EnsembleDetector(Detector):
 
     # -- training ----------------------------------------------------------------------------------
     def prepare(self, X: np.ndarray, labels: np.ndarray, metrics: list[str] | None = None):
-        """Features and lead target, split in time order into (fit, validation) parts.
-
-        Real incidents are learnt where there are any. The fit and the validation part each need one, so
-        where the labels hold fewer than two incidents (none, or one that a split cannot share), incidents
-        injected into this entity's own normal rows in the synthetic generator's shapes are added; the
-        rows of a real incident are left as they are."""
+        """Features and lead target of the labels with enough incidents (`with_enough_incidents`), split in
+        time order into (fit, validation) parts that each hold one (`split_with_incidents_on_both_sides`)."""
         X = self._check(X, fitting=True)
         labels = np.asarray(labels)
         if labels.shape != (len(X),):
@@ -134,29 +164,14 @@ class EnsembleDetector(Detector):
         self.n_metrics_ = X.shape[1]
         names = tuple(metrics) if metrics else tuple(f"m{i:02d}" for i in range(X.shape[1]))
         self.spec_ = FeatureSpec(metrics=names, lags=self.config.lags, rolling=self.config.rolling)
-        self.injected_incidents_ = 0
-        if len(segments(incident_target(labels, self.config.horizon))) < 2:
-            X, labels = self._with_injected(X, labels)
+        X, labels, target, self.injected_incidents_ = with_enough_incidents(
+            X, labels, self.config.horizon, self.config.seed
+        )
         features = entity_features(X, self.spec_).astype(np.float32)
-        target = incident_target(labels, self.config.horizon)
         fit_mask, val_mask = split_with_incidents_on_both_sides(target, self.config.val_fraction)
         if not (target[fit_mask].any() and target[val_mask].any()):
             raise ValueError(f"ensemble: {len(X)} rows hold too few incidents to learn and validate on")
         return features, target, fit_mask, val_mask
-
-    def _with_injected(self, X: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """X and labels with incidents injected into the rows that no real incident holds."""
-        injected_X, injected = inject_incidents(
-            X, max(MIN_INJECTED, len(X) // ROWS_PER_INJECTED), seed=self.config.seed
-        )
-        real = labels.astype(bool)
-        injected = injected.astype(bool) & ~real
-        self.injected_incidents_ = len(segments(injected))
-        log.info(
-            "too few labelled incidents to learn and validate on: adding injected ones",
-            extra={"labelled": len(segments(real)), "injected": self.injected_incidents_},
-        )
-        return np.where(injected[:, None], injected_X, X), (real | injected).astype(np.int8)
 
     def fit(
         self,
@@ -210,19 +225,13 @@ class EnsembleDetector(Detector):
         return np.concatenate([lr.coef_[0], lr.intercept_]).astype(np.float64)
 
     def fit_vote(self, F: np.ndarray, y: np.ndarray) -> None:
-        """Non-negative weights summing to 1 that minimise validation log-loss; threshold = best val F1."""
+        """Vote weights that minimise validation log-loss (`vote_weights`); threshold = best validation F1."""
         P = np.clip(self.member_matrix(F), 1e-6, 1 - 1e-6)
-
-        def loss(theta: np.ndarray) -> float:
-            p = np.clip(P @ softmax(theta), 1e-6, 1 - 1e-6)
-            return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-
-        res = minimize(loss, np.zeros(len(MEMBERS)), method="Nelder-Mead", options={"maxiter": 400})
-        self.weights_ = softmax(res.x)
+        self.weights_, log_loss = vote_weights(P, y)
         val_scores = self.calibration_scores_ = P @ self.weights_
         f1, thr = best_f1(y, val_scores)
         self.threshold_ = thr if np.isfinite(thr) else 0.5
-        self.validation_ = {"f1": f1, "log_loss": float(res.fun), "rows": int(len(y)), "positives": int(y.sum())}
+        self.validation_ = {"f1": f1, "log_loss": log_loss, "rows": int(len(y)), "positives": int(y.sum())}
 
     def fit_kinds(self, features: np.ndarray, kinds: np.ndarray, target: np.ndarray) -> None:
         """Incident kind (root-cause class) of rows inside incidents: LightGBM multiclass."""

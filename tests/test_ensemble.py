@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from detect.ensemble import EnsembleDetector, incident_target, split_with_incidents_on_both_sides
+from detect.ensemble import EnsembleDetector, split_with_incidents_on_both_sides, with_enough_incidents
 from detect.metrics import segments
 
 ROWS = 1000  # split in tenths: rows 200-299, 500-599 and 800-899 are the interleaved validation blocks
@@ -28,9 +28,9 @@ def small() -> EnsembleDetector:
 
 def test_the_split_gives_both_parts_an_incident_when_the_blocks_would_not():
     # both incidents fall in validation blocks and none in the newest 30%: the first goes to the fit part
-    target = incident_target(telemetry([(520, 560), (830, 870)])[1], horizon=10)
-    target[800:] = 0
+    target = np.zeros(ROWS, dtype=np.int8)
     target[210:250] = 1
+    target[510:560] = 1
     fit, val = split_with_incidents_on_both_sides(target, 0.3)
     assert target[fit].any() and target[val].any()
     assert fit[210:250].all()  # the first incident, moved to the fit part
@@ -67,8 +67,7 @@ def test_rows_too_few_to_inject_into_say_so():
 
 def test_injected_incidents_never_overwrite_real_ones():
     X, labels = telemetry([(520, 560)])
-    det = small()
-    injected_X, injected = det._with_injected(X, labels)
+    injected_X, injected, _, count = with_enough_incidents(X, labels, horizon=10, seed=0)
     assert np.array_equal(injected_X[520:560], X[520:560])  # the real incident's rows, untouched
     assert injected[520:560].all()  # and still labelled
-    assert det.injected_incidents_ >= 1 and len(segments(injected)) >= 2
+    assert count >= 1 and len(segments(injected)) >= 2
