@@ -261,6 +261,27 @@ class SequenceDetector(Detector):
         self.n_metrics_ = X.shape[1]
         self.scaler_ = Scaler.fit(X)
         self.spec_ = self._sequence_spec(metrics)
+        return self._split_windows(X)
+
+    def prepare_continued(self, start: SequenceDetector, X: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """`prepare` for training that continues from `start`'s weights on recent rows X (the retraining
+        job's warm start): X's per-metric means with `start`'s spreads. A level the recent rows settled at
+        becomes normal; a spread from a few days of rows is not trusted over the training period's (a
+        metric flat for two days would otherwise get a floor-sized spread and alarm on its first move)."""
+        if start.normaliser_ is not None:
+            raise ValueError("a fleet model's weights do not continue on one entity's rows")
+        X = self._check(X, fitting=True)
+        if X.shape[1] != start.n_metrics_ or self.config.window != start.config.window:
+            raise ValueError(
+                f"cannot continue a model of {start.n_metrics_} metrics and window {start.config.window} on "
+                f"{X.shape[1]} metrics and window {self.config.window}"
+            )
+        self.n_metrics_, self.spec_ = X.shape[1], start.spec_
+        self.scaler_ = Scaler(X.mean(axis=0), start.scaler_.std.copy())
+        return self._split_windows(X)
+
+    def _split_windows(self, X: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled windows of X, split in time order into (train, validation)."""
         windows = torch.from_numpy(entity_windows(self.scaler_.transform(X), self.spec_))
         n_val = int(len(windows) * self.config.val_fraction)
         return windows[: len(windows) - n_val], windows[len(windows) - n_val :]

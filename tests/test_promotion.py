@@ -23,11 +23,15 @@ ROWS, CUT, METRICS = 2000, 1200, 6
 class ZScoreModel:
     """A detector stand-in: the largest |z| over the columns it watches, plus optional noise."""
 
-    def __init__(self, columns: list[int], threshold: float = 3.5, noise: float = 0.0, seed: int = 0) -> None:
+    def __init__(
+        self, columns: list[int], threshold: float = 3.5, noise: float = 0.0, seed: int = 0, centre: float = 0.0
+    ) -> None:
         self.columns, self.threshold_, self.noise, self.seed = columns, threshold, noise, seed
+        self.centre = np.zeros(METRICS)
+        self.centre[0] = centre  # the level of metric 0 it learnt as normal
 
     def score(self, X: np.ndarray) -> np.ndarray:
-        z = np.abs(X[:, self.columns]).max(axis=1)
+        z = np.abs(X[:, self.columns] - self.centre[self.columns]).max(axis=1)
         return z + self.noise * np.random.default_rng(self.seed).normal(size=len(X))
 
 
@@ -109,6 +113,41 @@ def test_a_challenger_whose_tied_scores_cannot_meet_the_budget_is_refused():
     assert figures["challenger"]["alert_rate"] == 0.0 and figures["challenger"]["incident_rows_flagged"] > 0
     assert figures["refused"].startswith("always alerts at the budget")
     assert figures["challenger"]["budget_alert_rate"] == 1.0  # every normal row ties at the budget threshold
+
+
+def shifted(rows: np.ndarray, by: float = 6.0) -> np.ndarray:
+    """The recent rows after a persistent level shift on metric 0."""
+    moved = rows.copy()
+    moved[:, 0] += by
+    return moved
+
+
+def test_a_flooding_champion_is_replaced_by_a_challenger_no_worse_at_the_budget():
+    # after a shift the champion flags every recent row at the threshold it serves with; a challenger
+    # that learnt the new level ranks incidents as well at the budget and alerts at a sane rate
+    rows, labels = recent()
+    champion = ZScoreModel(ALL)
+    challenger = ZScoreModel(ALL, centre=6.0)  # learnt the new level
+    figures = compare(champion, challenger, shifted(rows), labels)
+    assert figures["champion"]["alert_rate"] > 0.9 and figures["challenger"]["alert_rate"] < 0.05
+    decision = decide({"e": figures}, PromotionRule())
+    assert decision["promoted"], decision["reason"]
+    assert decision["hypothesis"] == "non-inferiority by 0.1" and "champion floods" in decision["reason"]
+    # the same two models without the flood: no significant win, so the champion is kept
+    calm = decide({"e": compare(champion, ZScoreModel(ALL))}, PromotionRule())
+    assert not calm["promoted"] and calm["hypothesis"] == "superiority"
+
+
+def test_a_flooding_champion_is_kept_against_a_clearly_worse_or_silent_challenger():
+    rows, labels = recent()
+    flooding = ZScoreModel(ALL, threshold=0.0)  # flags every row at its own threshold
+    worse = compare(flooding, NARROW, rows, labels)  # finds far fewer of the incident rows at the budget
+    assert worse["champion"]["alert_rate"] == 1.0 and worse["refused"] is None
+    decision = decide({"e": worse}, PromotionRule())
+    assert not decision["promoted"] and decision["hypothesis"] == "non-inferiority by 0.1"
+    silent = compare(flooding, ZScoreModel(ALL, threshold=np.inf), rows, labels)
+    decision = decide({"e": silent}, PromotionRule())
+    assert not decision["promoted"] and "never alerts" in decision["reason"]
 
 
 def test_a_win_by_noise_is_kept_out_by_the_significance_gate():

@@ -49,6 +49,25 @@ def test_sequence_detector_learns_on_ray_train(cls, omi2, ray_cluster, tmp_path)
     assert np.all(explained.sum(axis=1) >= scores[:50] - 1e-9) and np.isclose(explained[0].sum(), scores[0])
 
 
+def test_a_retraining_fit_continues_from_the_champion_on_ray_train(omi2, ray_cluster, tmp_path):
+    """The retraining job's warm start: Ray Train starts from the champion's weights, the recent rows give
+    the means (a settled level is the new normal) and the champion keeps the spreads."""
+    from train.torch_train import continue_with_ray_train
+
+    champion = AutoencoderDetector(epochs=2, hidden=16).fit(omi2.train[omi2.metrics].to_numpy()[:3000])
+    recent = omi2.test[omi2.metrics].to_numpy()[:1500].copy()
+    recent[:, 0] += 2 * champion.scaler_.std[0]  # a level shift on one metric
+    # a learning rate too small to move the weights: what the run ends with is what it started from
+    warm = continue_with_ray_train(
+        AutoencoderDetector(champion.config, epochs=1, lr=1e-9), champion, recent, storage_path=tmp_path
+    )
+    for name, value in champion.network_.state_dict().items():
+        np.testing.assert_allclose(warm.network_.state_dict()[name].numpy(), value.numpy(), atol=1e-5)
+    np.testing.assert_allclose(warm.scaler_.mean, recent.mean(axis=0))
+    np.testing.assert_array_equal(warm.scaler_.std, champion.scaler_.std)
+    assert warm.spec_ == champion.spec_ and np.isfinite(warm.threshold_)
+
+
 def test_lstm_forecasts_h_steps_ahead(omi2):
     det = LSTMDetector(epochs=2, hidden=16).fit(omi2.train[omi2.metrics].to_numpy()[:3000])
     future = det.forecast(omi2.test[omi2.metrics].to_numpy()[:200], horizon=5)

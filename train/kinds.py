@@ -29,7 +29,7 @@ from detect.sequence import SEQUENCE_DETECTORS, SequenceConfig, train_epochs
 from train.boosters import train_boosters_with_ray
 from train.distill import StudentConfig, distill_ensemble, distill_sequence
 from train.export import export_ensemble, export_sequence
-from train.torch_train import fit_with_ray_train
+from train.torch_train import continue_with_ray_train, fit_with_ray_train
 
 MIN_LABELLED_ROWS = 300  # fewest labelled rows a supervised kind learns from
 
@@ -71,9 +71,17 @@ class DetectorKind:
         return [], {}
 
     def fit_on_ray(
-        self, det: Detector, rows: np.ndarray, labels: np.ndarray | None, metrics: list[str], **ray: Any
+        self,
+        det: Detector,
+        rows: np.ndarray,
+        labels: np.ndarray | None,
+        metrics: list[str],
+        start_from: Detector | None = None,
+        **ray: Any,
     ) -> Detector:
-        """Fit `det` through Ray Train (`ray`: num_workers, use_gpu, run_name, cpus_per_worker)."""
+        """Fit `det` through Ray Train (`ray`: num_workers, use_gpu, run_name, cpus_per_worker). With
+        `start_from` (a fitted detector of this kind: the retraining job's champion) a kind that can
+        continue training from it does; one that cannot fits afresh."""
         raise NotImplementedError
 
     def export_graphs(self, det: Detector) -> dict[str, bytes]:
@@ -142,7 +150,9 @@ class SequenceKind(DetectorKind):
     def training_data(self, series):
         return series.train[series.metrics].to_numpy(), None
 
-    def fit_on_ray(self, det, rows, labels, metrics, **ray):
+    def fit_on_ray(self, det, rows, labels, metrics, start_from=None, **ray):
+        if start_from is not None and start_from.normaliser_ is None:  # a fleet model fits afresh
+            return continue_with_ray_train(det, start_from, rows, **ray)
         return fit_with_ray_train(det, rows, metrics, **ray)
 
     def evaluate(self, series, det):

@@ -50,6 +50,9 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         opt_state, resumed_from, history = state["optimizer"], int(state["epoch"]), state["history"]
         start_epoch = resumed_from + 1
         log.warning("resuming from checkpoint", extra={"rank": rank, "epoch": start_epoch})
+    elif config.get("initial_weights_ref") is not None:  # a warm start: continue from a fitted model
+        weights = ray.get(config["initial_weights_ref"])
+        network.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
 
     model = ray.train.torch.prepare_model(network)  # device placement, DDP when world > 1
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -101,6 +104,17 @@ def fit_with_ray_train(
     return fit_windows_with_ray_train(detector, train_w, val_w, **options)
 
 
+def continue_with_ray_train(
+    detector: SequenceDetector, start: SequenceDetector, X: np.ndarray, **options: Any
+) -> SequenceDetector:
+    """Fit `detector` on recent rows X through `TorchTrainer`, starting from `start`'s weights and
+    spreads (`SequenceDetector.prepare_continued`): the retraining job's warm start, which keeps what
+    the champion learnt from its long training period and moves it to the recent normal."""
+    train_w, val_w = detector.prepare_continued(start, X)
+    weights = {k: v.detach().cpu().numpy() for k, v in start.network_.state_dict().items()}
+    return fit_windows_with_ray_train(detector, train_w, val_w, initial_weights=weights, **options)
+
+
 def fit_windows_with_ray_train(
     detector: SequenceDetector,
     train_w: torch.Tensor,
@@ -111,9 +125,11 @@ def fit_windows_with_ray_train(
     run_name: str | None = None,
     max_failures: int = 2,
     cpus_per_worker: float | None = None,
+    initial_weights: dict[str, np.ndarray] | None = None,
 ) -> SequenceDetector:
     """Fit a sequence detector through `TorchTrainer` on windows it has prepared (`prepare`, or
-    `prepare_fleet` for a fleet model over many entities); returns the fitted detector."""
+    `prepare_fleet` for a fleet model over many entities); returns the fitted detector. With
+    `initial_weights` (a state dict as arrays) training starts from them instead of a new network."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -124,7 +140,12 @@ def fit_windows_with_ray_train(
     storage = Path(storage_path or Path.cwd() / "runs" / "ray_train").resolve()
     trainer = TorchTrainer(
         _train_loop_per_worker,
-        train_loop_config={"kind": detector.name, "model_config": detector.config.__dict__, "data_ref": data_ref},
+        train_loop_config={
+            "kind": detector.name,
+            "model_config": detector.config.__dict__,
+            "data_ref": data_ref,
+            "initial_weights_ref": ray.put(initial_weights) if initial_weights is not None else None,
+        },
         scaling_config=ScalingConfig(
             num_workers=num_workers,
             use_gpu=use_gpu,
