@@ -504,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-windows-between", type=int, default=between, help=gate % ("budget", between))
     parser.add_argument("--mmd-permutations", type=int, default=100)
     args = parser.parse_args(argv)
+    args.gate_defaults = (persist, between)  # the platform's, for the report
 
     from detect.data import default_data_dir, list_entities
 
@@ -533,8 +534,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def settings(args: argparse.Namespace, chosen: list, started: float) -> dict[str, Any]:
-    from monitoring.monitor import MonitorConfig
-
+    persist, between = args.gate_defaults
     return {
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d"),
@@ -546,7 +546,7 @@ def settings(args: argparse.Namespace, chosen: list, started: float) -> dict[str
         "drift monitors": f"DriftConfig.for_period(train.promotion.drift_window_rows(rows per day)), MMD permutations {args.mmd_permutations}; "
         f"trigger cooldown {args.cooldown_s} wall s; retraining gate: drift in {args.persist_windows} consecutive "
         f"windows, one training per {args.min_windows_between} windows (the platform's defaults: "
-        f"{MonitorConfig.retrain_persist_windows} and {MonitorConfig.retrain_min_windows_between}); concept test "
+        f"{persist} and {between}); concept test "
         "off (no feedback labels sent)",
     }
 

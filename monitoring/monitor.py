@@ -326,7 +326,8 @@ class DriftMonitor:
         if not verdict.ready:
             self.trigger.skip(f"{entity}: {verdict.reason}")
             if self._metrics is not None:
-                self._metrics["held"].inc(tags={"model": self.model, "rule": verdict.held_by or "none"})
+                # a held drifted window always names its rule
+                self._metrics["held"].inc(tags={"model": self.model, "rule": verdict.held_by})
             return
         outcome = self.maybe_retrain(
             entity, [r.detector for r, _ in drifted], [i for _, i in drifted], verdict.since_id
