@@ -12,6 +12,7 @@ from train.promotion import (
     PromotionRule,
     compare_entity,
     decide,
+    flooding,
     paired_p_value,
     suspected_anomalies,
     training_rows,
@@ -122,32 +123,16 @@ def shifted(rows: np.ndarray, by: float = 6.0) -> np.ndarray:
     return moved
 
 
-def test_a_flooding_champion_is_replaced_by_a_challenger_no_worse_at_the_budget():
-    # after a shift the champion flags every recent row at the threshold it serves with; a challenger
-    # that learnt the new level ranks incidents as well at the budget and alerts at a sane rate
+def test_a_flooding_champion_is_told_apart_and_still_needs_a_significant_win_to_be_replaced():
+    # after a shift the champion flags nearly every recent row at the threshold it serves with
     rows, labels = recent()
-    champion = ZScoreModel(ALL)
-    challenger = ZScoreModel(ALL, centre=6.0)  # learnt the new level
-    figures = compare(champion, challenger, shifted(rows), labels)
+    figures = compare(ZScoreModel(ALL), ZScoreModel(ALL, centre=6.0), shifted(rows), labels)
     assert figures["champion"]["alert_rate"] > 0.9 and figures["challenger"]["alert_rate"] < 0.05
+    assert flooding(figures, PromotionRule())
+    assert not flooding(compare(ZScoreModel(ALL), ZScoreModel(ALL)), PromotionRule())
+    # the flood does not lower the bar for a challenger: the retraining job recalibrates the champion instead
     decision = decide({"e": figures}, PromotionRule())
-    assert decision["promoted"], decision["reason"]
-    assert decision["hypothesis"] == "non-inferiority by 0.1" and "champion floods" in decision["reason"]
-    # the same two models without the flood: no significant win, so the champion is kept
-    calm = decide({"e": compare(champion, ZScoreModel(ALL))}, PromotionRule())
-    assert not calm["promoted"] and calm["hypothesis"] == "superiority"
-
-
-def test_a_flooding_champion_is_kept_against_a_clearly_worse_or_silent_challenger():
-    rows, labels = recent()
-    flooding = ZScoreModel(ALL, threshold=0.0)  # flags every row at its own threshold
-    worse = compare(flooding, NARROW, rows, labels)  # finds far fewer of the incident rows at the budget
-    assert worse["champion"]["alert_rate"] == 1.0 and worse["refused"] is None
-    decision = decide({"e": worse}, PromotionRule())
-    assert not decision["promoted"] and decision["hypothesis"] == "non-inferiority by 0.1"
-    silent = compare(flooding, ZScoreModel(ALL, threshold=np.inf), rows, labels)
-    decision = decide({"e": silent}, PromotionRule())
-    assert not decision["promoted"] and "never alerts" in decision["reason"]
+    assert decision["gain"] < PromotionRule().margin and not decision["promoted"]
 
 
 def test_a_win_by_noise_is_kept_out_by_the_significance_gate():
@@ -265,6 +250,45 @@ def test_the_retraining_job_learns_only_rows_believed_normal_and_records_the_tes
     assert decision["budget"] == 0.01 and decision["challenger"] == "2"
     recorded = store.decisions("autoencoder", 1)[0]
     assert recorded["details"]["p_value"] == decision["p_value"] and recorded["reason"] == decision["reason"]
+
+
+def test_a_flooding_champion_that_no_challenger_beats_is_recalibrated_and_promoted(mlflow_store, monkeypatch):
+    """The retraining job (train.retrain.retrain) on a machine that moved for good: the champion flags every
+    recent row, the challenger does no better at the budget, so the champion's own networks are registered
+    again with a threshold and SPOT fitted on their recent scores, and promoted."""
+    from detect.sequence import AutoencoderDetector
+    from detect.state import ServingStore
+    from detect.synthetic import machine_days
+    from train import registry
+    from train import retrain as job
+    from train.pipeline import register_fitted
+
+    monkeypatch.setenv("RAYWATCH_STATE_DIR", str(mlflow_store / "state"))
+    entity, metrics, values = machine_days(2, seed=3)
+    champion = AutoencoderDetector(epochs=2, hidden=16).fit(values[:1440], metrics)
+    register_fitted("autoencoder", {entity: champion}, {entity: metrics}, {entity: values[:1440]})
+    served = values[1440:2440].copy()
+    served[:, metrics.index("cpu")] += 8 * values[:1440, metrics.index("cpu")].std()  # a level shift, for good
+    ServingStore().add_observations(
+        "autoencoder", [{"entity": entity, "timestamp": float(i), "values": v} for i, v in enumerate(served.tolist())]
+    )
+    monkeypatch.setattr(job, "init_ray", lambda: None)
+    monkeypatch.setattr(job, "_fit_challenger", lambda model, old, rows, labels, metrics, options: old)  # no better
+
+    decision = job.retrain("autoencoder", [entity], promote_via="direct", progress=print)
+    figures = decision["entities"][entity]
+    assert figures["champion"]["alert_rate"] >= PromotionRule().max_normal_alert_rate  # it floods
+    assert decision["promoted"] and decision["recalibrated"] == [entity], decision["reason"]
+    assert "recalibrated" in decision["reason"] and decision["challenger"] == "2"
+    assert registry.alias_version("autoencoder", registry.CHAMPION) == decision["promoted_version"] == "3"
+
+    recalibrated = registry.load_bundle("autoencoder", registry.CHAMPION)[0].detectors[entity]
+    window = served[int(len(served) * 0.6) :]
+    scores = champion.score(served)[int(len(served) * 0.6) :]
+    np.testing.assert_allclose(recalibrated.score(served), champion.score(served), rtol=1e-6)  # the same model
+    assert recalibrated.threshold_ > champion.threshold_
+    assert np.mean(scores >= recalibrated.threshold_) == pytest.approx(0.01, abs=0.01)  # alerting at the budget
+    assert np.mean(scores >= champion.threshold_) > 0.5 and len(window) == len(scores)
 
 
 @pytest.mark.parametrize("promote_via", ["rollout", "direct"])

@@ -20,11 +20,11 @@ challenger that never alerts would always win. Here neither model can win by bei
 4. **A paired test.** One-sided Wilcoxon signed-rank test (scipy) of challenger against champion over
    the incidents of every compared entity. Promoted when p < alpha (0.05) and the mean gain is at least
    `margin`; otherwise the champion is kept, with the reason and the figures.
-   One exception: where the champion **floods** on every compared entity (at the threshold it serves
-   with it flags `max_normal_alert_rate` or more of the recent normal rows, the bound that refuses an
-   always-alerting challenger; a persistent shift leaves a static model there, its alerts worth nothing),
-   the test is one of non-inferiority: promoted when it finds the challenger worse per incident by less
-   than `noninferiority_margin` (0.1), at the same level. A challenger still has to pass the refusals.
+   A champion that **floods** (`flooding`: at the threshold it serves with it flags
+   `max_normal_alert_rate` or more of the recent normal rows, the bound that refuses an always-alerting
+   challenger; a persistent shift leaves a static model there) and is not beaten is recalibrated
+   instead (`train/retrain.py`): its own threshold and SPOT are fitted again on its scores of the
+   evaluation window's normal rows, so that it ranks as before and alerts at the budget again.
 5. **Refusals.** A challenger is refused on an entity, whatever the test says, when at the threshold it
    would serve with it flags no incident row (it never alerts), flags `max_normal_alert_rate` or more of
    the rows not labelled as incidents (it always alerts), or when its scores tie so that no threshold holds it to
@@ -72,8 +72,6 @@ class PromotionRule:
     max_suspect_share: float = 0.1  # most of the recent rows the champion's flags may withhold from learning
     max_normal_alert_rate: float = 0.5  # at its own threshold: at or above this, a challenger always alerts
     max_budget_overshoot: float = 2.0  # flagging more than this x budget at the budget threshold: ties
-    # a flooding champion (`flooding`) is replaced by a challenger at most this much worse per incident
-    noninferiority_margin: float = 0.1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -243,12 +241,7 @@ def flooding(figures: dict[str, Any], rule: PromotionRule) -> bool:
 
 
 def decide(compared: dict[str, dict[str, Any]], rule: PromotionRule) -> dict[str, Any]:
-    """Promote or keep, from every entity's `compare_entity` figures; the decision carries its evidence.
-
-    The challenger must find significantly more of the incident rows at the budget (superiority), except
-    where the champion floods on every compared entity: there its alerts are worth nothing to an operator,
-    and a challenger that is not refused replaces it when the test finds it worse by less than
-    `noninferiority_margin` (non-inferiority, at the same level)."""
+    """Promote or keep, from every entity's `compare_entity` figures; the decision carries its evidence."""
     refused = {e: f["refused"] for e, f in compared.items() if f["refused"]}
     usable = [f for e, f in compared.items() if e not in refused]
     decision: dict[str, Any] = {
@@ -264,10 +257,8 @@ def decide(compared: dict[str, dict[str, Any]], rule: PromotionRule) -> dict[str
         return decision | {"promoted": False, "reason": f"challenger refused ({refusals})", "p_value": None}
     champion = np.concatenate([f["champion"]["per_incident"] for f in usable])
     challenger = np.concatenate([f["challenger"]["per_incident"] for f in usable])
-    flooded = all(flooding(f, rule) for f in usable)
-    allowance = rule.noninferiority_margin if flooded else 0.0
-    p_value, gain = paired_p_value(challenger + allowance, champion), float(np.mean(challenger - champion))
-    promoted = p_value < rule.alpha and (flooded or gain >= rule.margin)
+    p_value, gain = paired_p_value(challenger, champion), float(np.mean(challenger - champion))
+    promoted = p_value < rule.alpha and gain >= rule.margin
     evidence = "+".join(sorted({f["evidence"] for f in usable}))
     verdict = (
         "promoted"
@@ -276,22 +267,17 @@ def decide(compared: dict[str, dict[str, Any]], rule: PromotionRule) -> dict[str
         if p_value >= rule.alpha
         else f"champion kept: gain below the {rule.margin} margin"
     )
-    hypothesis = f"non-inferiority by {allowance}" if flooded else "superiority"
     reason = (
         f"{len(champion)} {evidence} incidents at a {rule.budget:.1%} alert budget: challenger flags "
         f"{challenger.mean():.3f} of their rows vs champion {champion.mean():.3f} (gain {gain:+.3f}), "
-        f"Wilcoxon p={p_value:.3g} ({hypothesis}): {verdict}"
+        f"Wilcoxon p={p_value:.3g}: {verdict}"
     )
-    if flooded:
-        rates = ", ".join(f"{f['champion']['alert_rate']:.0%}" for f in usable)
-        reason = f"champion floods (flags {rates} of the recent normal rows at its own threshold); " + reason
     if refused:
         reason += f"; refused, champion's detector kept on {refusals}"
     return decision | {
         "promoted": promoted,
         "reason": reason,
         "p_value": p_value,
-        "hypothesis": hypothesis,
         "incidents": len(champion),
         "evidence": evidence,
         "champion_value": float(champion.mean()),

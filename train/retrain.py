@@ -19,19 +19,22 @@ is the evaluation window, which neither model has learned from. The rule is `tra
 
 - the challenger learns only from rows believed normal: rows labelled as incidents and rows the champion
   flags are left out (for the label-learning ensemble: its labels, incidents learnt as incidents);
-- the autoencoder and the LSTM continue from the champion's weights and spreads, with the recent rows'
-  means (`SequenceDetector.prepare_continued`): a network trained afresh on a few days of rows found about
-  half as many injected incident rows as the champion on the shipped SMD entities, so it never won; a
-  fleet model's entity and the ensemble fit afresh;
+- the challenger is fitted afresh; with `--warm-start` the autoencoder and the LSTM continue from the
+  champion's weights and spreads, with the recent rows' means (`SequenceDetector.prepare_continued`).
+  Measured in `benchmarks/replay.py` on smd/machine-1-6 (README, "Does the loop help?"), a warm-started
+  challenger beat the champion on injected incidents and was promoted, and the served PR-AUC fell from
+  0.851 to 0.384: hence opt-in;
 - each model's threshold is set to flag the same share (`budget`, default 1%) of the evaluation window's
   rows not labelled as incidents, so that neither wins by being quiet;
 - both are scored on the window's labelled incidents when there are enough for the test, otherwise on
   incidents in the synthetic generator's shapes injected into copies of the window's real rows; per
   incident, the share of its rows flagged at the budget;
 - promoted when a one-sided Wilcoxon signed-rank test over those paired incidents (all entities) gives
-  p < alpha (default 0.05) and the mean gain is at least `margin` (default 0.02); otherwise kept; where
-  the champion floods at its own threshold on every compared entity, non-inferiority (worse by less than
-  0.1 per incident, at the same level) is enough;
+  p < alpha (default 0.05) and the mean gain is at least `margin` (default 0.02); otherwise kept;
+- a kept champion that floods on an entity (at its own threshold it flags half the evaluation window's
+  normal rows or more: a persistent shift) is recalibrated there: its threshold and served SPOT are fitted
+  again on its scores of those rows, and that version is promoted. The same networks rank the rows as
+  before; only where they alert moves (`recalibrate`);
 - a challenger that never alerts on an incident, or alerts on half the normal rows or more, at the
   threshold it would serve with (or whose tied scores cannot be held to the budget) is refused on that
   entity, which keeps the champion's detector inside the challenger version, as an entity without
@@ -60,10 +63,19 @@ from detect.fleet import is_fleet_key
 from detect.kinds import DETECTOR_KINDS
 from detect.state import ServingStore
 from train import registry
-from train.assemble import fitted_bundle, with_unchanged_entities
+from train.assemble import fitted_bundle, with_recalibrated, with_unchanged_entities
 from train.jobs import init_ray
 from train.kinds import kind_named
-from train.promotion import MIN_ROWS, TEST, PromotionRule, compare_entity, decide, suspected_anomalies, training_rows
+from train.promotion import (
+    MIN_ROWS,
+    TEST,
+    PromotionRule,
+    compare_entity,
+    decide,
+    flooding,
+    suspected_anomalies,
+    training_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +86,9 @@ def _fit_challenger(
     kind = kind_named(model)
     overrides = kind.checked_config({"epochs": options["epochs"]} if options.get("epochs") else {})
     det = kind.new(champion.config, **overrides)
-    # a kind that can continues from the champion's weights: a few days of rows do not teach a new
-    # network what the champion learnt from its whole training period
+    start_from = champion if options.get("warm_start") else None  # a kind that can continues from its weights
     return kind.fit_on_ray(
-        det, rows, labels, metrics, start_from=champion, cpus_per_worker=options.get("cpus_per_worker")
+        det, rows, labels, metrics, start_from=start_from, cpus_per_worker=options.get("cpus_per_worker")
     )
 
 
@@ -90,6 +101,7 @@ def retrain(
     since_id: int | None = None,
     epochs: int | None = None,
     cpus_per_worker: float | None = None,
+    warm_start: bool = False,
     job_id: str | None = None,
     alpha: float = 0.05,
     budget: float | None = None,
@@ -118,6 +130,7 @@ def retrain(
     registry.setup()
     challengers: dict[str, Any] = {}
     fitted_on: dict[str, np.ndarray] = {}
+    windows: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}  # per entity: (recent rows, labels, cut)
     figures: dict[str, Any] = {}
     with mlflow.start_run(run_name=f"retrain-{model}") as run:
         mlflow.set_tags(
@@ -156,7 +169,7 @@ def retrain(
                     fit_rows,
                     fit_labels,
                     champion.metrics[current[entity]],
-                    {"epochs": epochs, "cpus_per_worker": cpus_per_worker},
+                    {"epochs": epochs, "cpus_per_worker": cpus_per_worker, "warm_start": warm_start},
                 )
                 compared = compare_entity(old, new, rows, labels, cut, rule)
             except ValueError as exc:
@@ -168,6 +181,7 @@ def retrain(
                 "withheld_rows": cut - len(fit_rows),  # labelled incidents and rows the champion flagged
                 "fit_seconds": round(time.perf_counter() - t0, 1),
             }
+            windows[entity] = (rows, labels, cut)
             if not compared["refused"]:  # a refused challenger leaves the champion's detector in the version
                 challengers[entity], fitted_on[entity] = new, fit_rows
             for side in ("champion", "challenger"):
@@ -208,12 +222,19 @@ def retrain(
             }
             version = registry.register_bundle(bundle, run.info.run_id, tags)
             registry.set_alias(model, registry.CHALLENGER, version)
+            decision["challenger"] = version
+            if not decision["promoted"]:
+                flooded = {e: f for e, f in compared_entities.items() if current[e] == e and flooding(f, rule)}
+                recalibrated = recalibrate(model, champion, flooded, windows)
+                if recalibrated:
+                    version = register_recalibrated(champion, champion_version, recalibrated, run.info.run_id, job_id)
+                    decision |= {"promoted": True, "recalibrated": sorted(recalibrated), "promoted_version": version}
+                    decision["reason"] += "; " + recalibration_reason(flooded, recalibrated, version)
             if decision["promoted"] and promote_via == "rollout":
-                registry.request_rollout(model, version)
+                registry.request_rollout(model, decision.get("promoted_version", version))
                 decision["reason"] += "; rolling out as a canary (raywatch rollout)"
             elif decision["promoted"]:
-                registry.promote(model, version)
-            decision["challenger"] = version
+                registry.promote(model, decision.get("promoted_version", version))
         mlflow.set_tags(
             {
                 "raywatch.retrain.promoted": str(decision["promoted"]),
@@ -235,12 +256,51 @@ def retrain(
         job_id,
         decision["promoted"],
         champion_version,
-        decision.get("challenger"),
+        decision.get("promoted_version", decision.get("challenger")),  # what became champion, when it did
         decision["reason"],
         {k: v for k, v in decision.items() if k not in ("reason", "promoted", "challenger")},
     )
     progress(("promoted" if decision["promoted"] else "kept champion") + f": {decision['reason']}")
     return decision
+
+
+def recalibrate(
+    model: str,
+    champion: Any,
+    flooded: dict[str, dict[str, Any]],
+    windows: dict[str, tuple[np.ndarray, np.ndarray, int]],
+) -> dict[str, Any]:
+    """The flooding champion's detectors, recalibrated on their scores of the evaluation window's rows not
+    labelled as incidents (rows the champion never learnt from; the same rows its budget threshold came
+    from). Entities of a kind that cannot be recalibrated are left out."""
+    kind, out = kind_named(model), {}
+    for entity in flooded:
+        rows, labels, cut = windows[entity]
+        det = champion.detectors[entity]
+        scores = np.asarray(det.score(rows), dtype=np.float64)[cut:][np.asarray(labels[cut:]) != 1]
+        new = kind.recalibrated(det, scores)
+        if new is not None:
+            out[entity] = new
+    return out
+
+
+def register_recalibrated(
+    champion: Any, champion_version: str, detectors: dict[str, Any], run_id: str, job_id: str | None
+) -> str:
+    """Register the champion with `detectors` recalibrated, as a new version (the promotion's target)."""
+    info = {"recalibrated_from": champion_version, "recalibrated": sorted(detectors), "job_id": job_id}
+    bundle = with_recalibrated(champion, detectors, info)
+    tags = {"raywatch.retrain.decision": "champion recalibrated", "recalibrated_from": champion_version}
+    return registry.register_bundle(bundle, run_id, tags)
+
+
+def recalibration_reason(flooded: dict[str, dict[str, Any]], recalibrated: dict[str, Any], version: str) -> str:
+    rates = ", ".join(f"{e} {flooded[e]['champion']['alert_rate']:.0%}" for e in sorted(recalibrated))
+    return (
+        f"the champion floods (share of the recent normal rows it flags at its own threshold: {rates}), so it "
+        f"is recalibrated on its scores of those rows and promoted as v{version}: the same model, alerting at "
+        "the budget again"
+    )
 
 
 def fleet_model_of(champion: Any, store: ServingStore, model: str, entity: str) -> str | None:
@@ -269,6 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--entities", help="comma-separated entities (default: every one serving observed)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument(
+        "--warm-start",
+        action="store_true",
+        help="the autoencoder and the LSTM continue from the champion's weights (see the README: it can "
+        "win on injected incidents and lose on real ones)",
+    )
+    parser.add_argument(
         "--margin", type=float, default=0.02, help="smallest mean gain in the share of incident rows flagged to promote"
     )
     parser.add_argument("--alpha", type=float, default=0.05, help="level of the paired test a promotion must pass")
@@ -291,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         recent_rows=args.recent_rows,
         since_id=args.since_id,
         epochs=args.epochs,
+        warm_start=args.warm_start,
         cpus_per_worker=args.cpus_per_worker,
         job_id=job_id_from_env(),
         alpha=args.alpha,
