@@ -256,7 +256,7 @@ def retrain(
         job_id,
         decision["promoted"],
         champion_version,
-        decision.get("promoted_version", decision.get("challenger")),  # what became champion, when it did
+        decision.get("challenger"),  # the fitted challenger; a recalibrated champion is `promoted_version`
         decision["reason"],
         {k: v for k, v in decision.items() if k not in ("reason", "promoted", "challenger")},
     )
