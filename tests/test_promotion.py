@@ -130,7 +130,7 @@ def test_a_flooding_champion_is_told_apart_and_still_needs_a_significant_win_to_
     assert figures["champion"]["alert_rate"] > 0.9 and figures["challenger"]["alert_rate"] < 0.05
     assert flooding(figures, PromotionRule())
     assert not flooding(compare(ZScoreModel(ALL), ZScoreModel(ALL)), PromotionRule())
-    # the flood does not lower the bar for a challenger: the retraining job recalibrates the champion instead
+    # the flood does not lower the bar for a challenger
     decision = decide({"e": figures}, PromotionRule())
     assert decision["gain"] < PromotionRule().margin and not decision["promoted"]
 
@@ -252,10 +252,13 @@ def test_the_retraining_job_learns_only_rows_believed_normal_and_records_the_tes
     assert recorded["details"]["p_value"] == decision["p_value"] and recorded["reason"] == decision["reason"]
 
 
-def test_a_flooding_champion_that_no_challenger_beats_is_recalibrated_and_promoted(mlflow_store, monkeypatch):
-    """The retraining job (train.retrain.retrain) on a machine that moved for good: the champion flags every
-    recent row, the challenger does no better at the budget, so the champion's own networks are registered
-    again with a threshold and SPOT fitted on their recent scores, and promoted."""
+def test_a_flooding_champion_that_no_challenger_beats_is_kept_and_the_decision_says_it_floods(
+    mlflow_store, monkeypatch
+):
+    """The retraining job (train.retrain.retrain) on a machine that moved for good: the champion flags most
+    recent rows at its own threshold and the challenger does no better at the budget, so the champion is
+    kept, and the operator is told that it floods (recalibrating it lost in the replay:
+    docs/experiments/flooding-recalibration.md)."""
     from detect.sequence import AutoencoderDetector
     from detect.state import ServingStore
     from detect.synthetic import machine_days
@@ -278,17 +281,12 @@ def test_a_flooding_champion_that_no_challenger_beats_is_recalibrated_and_promot
     decision = job.retrain("autoencoder", [entity], promote_via="direct", progress=print)
     figures = decision["entities"][entity]
     assert figures["champion"]["alert_rate"] >= PromotionRule().max_normal_alert_rate  # it floods
-    assert decision["promoted"] and decision["recalibrated"] == [entity], decision["reason"]
-    assert "recalibrated" in decision["reason"] and decision["challenger"] == "2"
-    assert registry.alias_version("autoencoder", registry.CHAMPION) == decision["promoted_version"] == "3"
-
-    recalibrated = registry.load_bundle("autoencoder", registry.CHAMPION)[0].detectors[entity]
-    window = served[int(len(served) * 0.6) :]
-    scores = champion.score(served)[int(len(served) * 0.6) :]
-    np.testing.assert_allclose(recalibrated.score(served), champion.score(served), rtol=1e-6)  # the same model
-    assert recalibrated.threshold_ > champion.threshold_
-    assert np.mean(scores >= recalibrated.threshold_) == pytest.approx(0.01, abs=0.01)  # alerting at the budget
-    assert np.mean(scores >= champion.threshold_) > 0.5 and len(window) == len(scores)
+    assert not decision["promoted"] and decision["flooding"] == [entity], decision["reason"]
+    assert (
+        f"the kept champion floods (share of the recent normal rows it flags at its own threshold: {entity}"
+        in (decision["reason"])
+    )
+    assert registry.alias_version("autoencoder", registry.CHAMPION) == "1" and decision["challenger"] == "2"
 
 
 @pytest.mark.parametrize("promote_via", ["rollout", "direct"])

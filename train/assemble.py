@@ -65,21 +65,3 @@ def with_unchanged_entities(bundle: ModelBundle, base: ModelBundle) -> ModelBund
         if entity in base.info.get("data_sha256", {}):
             bundle.info.setdefault("data_sha256", {})[entity] = base.info["data_sha256"][entity]
     return bundle
-
-
-def with_recalibrated(base: ModelBundle, detectors: dict[str, Any], info: dict[str, Any]) -> ModelBundle:
-    """`base` with some entities' detectors replaced by recalibrated copies (`DetectorKind.recalibrated`: the
-    same networks, a threshold and served SPOT fitted on recent scores). Graphs, drift references and
-    lineage stay `base`'s: the model is the same, only where it raises alerts moved."""
-    bundle = ModelBundle(
-        base.kind,
-        dict(detectors),
-        {entity: base.metrics[entity] for entity in detectors},
-        evaluation=dict(base.evaluation),
-        info={**base.info, **info},
-    )
-    for entity in detectors:
-        for part in ("references", "reference_scores", "graphs"):
-            if entity in getattr(base, part):
-                getattr(bundle, part)[entity] = getattr(base, part)[entity]
-    return with_unchanged_entities(bundle, base)

@@ -14,7 +14,6 @@ above it, look kinds up here.
 
 from __future__ import annotations
 
-import copy
 from typing import Any, ClassVar
 
 import numpy as np
@@ -88,13 +87,6 @@ class DetectorKind:
     def export_graphs(self, det: Detector) -> dict[str, bytes]:
         """The FP32 ONNX graphs serving runs."""
         raise NotImplementedError
-
-    def recalibrated(self, det: Detector, normal_scores: np.ndarray) -> Detector | None:
-        """A copy of `det` whose operational threshold and served SPOT are fitted on `normal_scores` (its own
-        scores of recent rows believed normal), as training fitted them on validation scores; the retraining
-        job's answer to a champion that floods. None for a kind whose threshold is not a tail of normal
-        scores (the ensemble's is its best F1 on labelled validation rows)."""
-        return None
 
     def runtime(
         self,
@@ -227,12 +219,6 @@ class SequenceKind(DetectorKind):
 
     def export_graphs(self, det):
         return {"scorer": export_sequence(det)}
-
-    def recalibrated(self, det, normal_scores):
-        out = copy.deepcopy(det)
-        out.calibration_scores_ = np.asarray(normal_scores, dtype=np.float64)
-        out.threshold_ = M.operational_threshold(out.calibration_scores_, out.threshold_quantile)
-        return out
 
     def runtime(self, det, graphs, threshold=None, threads=1, parallel_rows=None):
         thr = det.threshold_ if threshold is None else threshold

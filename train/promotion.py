@@ -22,9 +22,8 @@ challenger that never alerts would always win. Here neither model can win by bei
    `margin`; otherwise the champion is kept, with the reason and the figures.
    A champion that **floods** (`flooding`: at the threshold it serves with it flags
    `max_normal_alert_rate` or more of the recent normal rows, the bound that refuses an always-alerting
-   challenger; a persistent shift leaves a static model there) and is not beaten is recalibrated
-   instead (`train/retrain.py`): its own threshold and SPOT are fitted again on its scores of the
-   evaluation window's normal rows, so that it ranks as before and alerts at the budget again.
+   challenger; a persistent shift leaves a static model there) needs the same win: the flood does not
+   lower the bar. The decision says that it floods (`train/retrain.py`).
 5. **Refusals.** A challenger is refused on an entity, whatever the test says, when at the threshold it
    would serve with it flags no incident row (it never alerts), flags `max_normal_alert_rate` or more of
    the rows not labelled as incidents (it always alerts), or when its scores tie so that no threshold holds it to

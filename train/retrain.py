@@ -32,9 +32,9 @@ is the evaluation window, which neither model has learned from. The rule is `tra
 - promoted when a one-sided Wilcoxon signed-rank test over those paired incidents (all entities) gives
   p < alpha (default 0.05) and the mean gain is at least `margin` (default 0.02); otherwise kept;
 - a kept champion that floods on an entity (at its own threshold it flags half the evaluation window's
-  normal rows or more: a persistent shift) is recalibrated there: its threshold and served SPOT are fitted
-  again on its scores of those rows, and that version is promoted. The same networks rank the rows as
-  before; only where they alert moves (`recalibrate`);
+  normal rows or more: a persistent shift) is still kept; the decision names the entities (`flooding`)
+  and its reason says so. Recalibrating it instead was measured and lost (docs/experiments/
+  flooding-recalibration.md);
 - a challenger that never alerts on an incident, or alerts on half the normal rows or more, at the
   threshold it would serve with (or whose tied scores cannot be held to the budget) is refused on that
   entity, which keeps the champion's detector inside the challenger version, as an entity without
@@ -63,7 +63,7 @@ from detect.fleet import is_fleet_key
 from detect.kinds import DETECTOR_KINDS
 from detect.state import ServingStore
 from train import registry
-from train.assemble import fitted_bundle, with_recalibrated, with_unchanged_entities
+from train.assemble import fitted_bundle, with_unchanged_entities
 from train.jobs import init_ray
 from train.kinds import kind_named
 from train.promotion import (
@@ -130,7 +130,6 @@ def retrain(
     registry.setup()
     challengers: dict[str, Any] = {}
     fitted_on: dict[str, np.ndarray] = {}
-    windows: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}  # per entity: (recent rows, labels, cut)
     figures: dict[str, Any] = {}
     with mlflow.start_run(run_name=f"retrain-{model}") as run:
         mlflow.set_tags(
@@ -181,7 +180,6 @@ def retrain(
                 "withheld_rows": cut - len(fit_rows),  # labelled incidents and rows the champion flagged
                 "fit_seconds": round(time.perf_counter() - t0, 1),
             }
-            windows[entity] = (rows, labels, cut)
             if not compared["refused"]:  # a refused challenger leaves the champion's detector in the version
                 challengers[entity], fitted_on[entity] = new, fit_rows
             for side in ("champion", "challenger"):
@@ -223,18 +221,15 @@ def retrain(
             version = registry.register_bundle(bundle, run.info.run_id, tags)
             registry.set_alias(model, registry.CHALLENGER, version)
             decision["challenger"] = version
-            if not decision["promoted"]:
-                flooded = {e: f for e, f in compared_entities.items() if current[e] == e and flooding(f, rule)}
-                recalibrated = recalibrate(model, champion, flooded, windows)
-                if recalibrated:
-                    version = register_recalibrated(champion, champion_version, recalibrated, run.info.run_id, job_id)
-                    decision |= {"promoted": True, "recalibrated": sorted(recalibrated), "promoted_version": version}
-                    decision["reason"] += "; " + recalibration_reason(flooded, recalibrated, version)
+            flooded = {e: f for e, f in compared_entities.items() if flooding(f, rule)}
+            if flooded and not decision["promoted"]:
+                decision["flooding"] = sorted(flooded)
+                decision["reason"] += "; " + flooding_notice(flooded)
             if decision["promoted"] and promote_via == "rollout":
-                registry.request_rollout(model, decision.get("promoted_version", version))
+                registry.request_rollout(model, version)
                 decision["reason"] += "; rolling out as a canary (raywatch rollout)"
             elif decision["promoted"]:
-                registry.promote(model, decision.get("promoted_version", version))
+                registry.promote(model, version)
         mlflow.set_tags(
             {
                 "raywatch.retrain.promoted": str(decision["promoted"]),
@@ -256,7 +251,7 @@ def retrain(
         job_id,
         decision["promoted"],
         champion_version,
-        decision.get("challenger"),  # the fitted challenger; a recalibrated champion is `promoted_version`
+        decision.get("challenger"),
         decision["reason"],
         {k: v for k, v in decision.items() if k not in ("reason", "promoted", "challenger")},
     )
@@ -264,42 +259,13 @@ def retrain(
     return decision
 
 
-def recalibrate(
-    model: str,
-    champion: Any,
-    flooded: dict[str, dict[str, Any]],
-    windows: dict[str, tuple[np.ndarray, np.ndarray, int]],
-) -> dict[str, Any]:
-    """The flooding champion's detectors, recalibrated on their scores of the evaluation window's rows not
-    labelled as incidents (rows the champion never learnt from; the same rows its budget threshold came
-    from). Entities of a kind that cannot be recalibrated are left out."""
-    kind, out = kind_named(model), {}
-    for entity in flooded:
-        rows, labels, cut = windows[entity]
-        det = champion.detectors[entity]
-        scores = np.asarray(det.score(rows), dtype=np.float64)[cut:][np.asarray(labels[cut:]) != 1]
-        new = kind.recalibrated(det, scores)
-        if new is not None:
-            out[entity] = new
-    return out
-
-
-def register_recalibrated(
-    champion: Any, champion_version: str, detectors: dict[str, Any], run_id: str, job_id: str | None
-) -> str:
-    """Register the champion with `detectors` recalibrated, as a new version (the promotion's target)."""
-    info = {"recalibrated_from": champion_version, "recalibrated": sorted(detectors), "job_id": job_id}
-    bundle = with_recalibrated(champion, detectors, info)
-    tags = {"raywatch.retrain.decision": "champion recalibrated", "recalibrated_from": champion_version}
-    return registry.register_bundle(bundle, run_id, tags)
-
-
-def recalibration_reason(flooded: dict[str, dict[str, Any]], recalibrated: dict[str, Any], version: str) -> str:
-    rates = ", ".join(f"{e} {flooded[e]['champion']['alert_rate']:.0%}" for e in sorted(recalibrated))
+def flooding_notice(flooded: dict[str, dict[str, Any]]) -> str:
+    """What a kept champion that floods (`train.promotion.flooding`) means for the operator."""
+    rates = ", ".join(f"{e} {f['champion']['alert_rate']:.0%}" for e, f in sorted(flooded.items()))
     return (
-        f"the champion floods (share of the recent normal rows it flags at its own threshold: {rates}), so it "
-        f"is recalibrated on its scores of those rows and promoted as v{version}: the same model, alerting at "
-        "the budget again"
+        f"the kept champion floods (share of the recent normal rows it flags at its own threshold: {rates}); "
+        "no challenger beat it at the same alert budget, so its alerts there say little until a challenger "
+        "does or its served SPOT threshold catches up"
     )
 
 
