@@ -81,13 +81,21 @@ def stop_session(sid: int | None, grace_s: float = 5.0) -> list[int]:
     for pid in signalled:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while session_pids(sid) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: not session_pids(sid), grace_s, poll_s=0.2)
     for pid in session_pids(sid):
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     return signalled
+
+
+def wait_until(done: Callable[[], bool], timeout_s: float, poll_s: float) -> bool:
+    """Poll `done` every `poll_s` until it holds or `timeout_s` passes; whether it held."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
+    return True
 
 
 def free_port() -> int:
@@ -243,13 +251,7 @@ class LocalHead:
         self._reap()
         if group_alive(self.pgid):
             os.killpg(self.pgid, signal.SIGKILL if kill else signal.SIGTERM)
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                self._reap()
-                if not group_alive(self.pgid):
-                    break
-                time.sleep(0.5)
-            else:
+            if not wait_until(self._group_gone, timeout_s, poll_s=0.5):
                 os.killpg(self.pgid, signal.SIGKILL)
         self._reap()
         stop_session(self.pgid)  # the head's group is its session's id: what left the group goes too
@@ -257,6 +259,10 @@ class LocalHead:
         if self.client_env is not None:
             self.client_env.unlink(missing_ok=True)
         self._remove_temp_dir()
+
+    def _group_gone(self) -> bool:
+        self._reap()
+        return not group_alive(self.pgid)
 
     def _remove_temp_dir(self) -> None:
         """The head's private temp dir (sockets, session logs) goes with it, so that stopped heads do not
