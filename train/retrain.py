@@ -54,6 +54,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import mlflow
@@ -92,6 +93,20 @@ def _fit_challenger(
     )
 
 
+@dataclass(frozen=True)
+class RecentWindow:
+    """Which served rows a job reads per entity, and where it splits them: the older `fit_fraction`
+    trains the challenger, the newer part is the evaluation window."""
+
+    fit_fraction: float = 0.6
+    recent_rows: int = 5000
+    since_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fit_fraction < 1:
+            raise ValueError(f"fit_fraction must be in (0, 1), got {self.fit_fraction}")
+
+
 def retrain(
     model: str,
     entities: list[str] | None = None,
@@ -110,138 +125,26 @@ def retrain(
 ) -> dict[str, Any]:
     """Train, compare, register, and promote or keep; returns the decision with its figures. A promotion
     goes through a canary rollout (`promote_via="rollout"`, serve/rollout.py) or at once ("direct")."""
-    if not 0 < fit_fraction < 1:
-        raise ValueError(f"fit_fraction must be in (0, 1), got {fit_fraction}")
+    window = RecentWindow(fit_fraction, recent_rows, since_id)
     rule = PromotionRule(margin=margin, alpha=alpha, **({"budget": budget} if budget is not None else {}))
+    fit_options = {"epochs": epochs, "cpus_per_worker": cpus_per_worker, "warm_start": warm_start}
     store = ServingStore()
     champion, champion_version = registry.load_bundle(model, registry.CHAMPION)
-    observed = store.observed_entities(model)
-    wanted = [e for e in (entities or sorted(observed)) if not is_fleet_key(e)]
-    # a new entity served by a fleet model: its own model is fitted, and compared with the fleet model
-    newcomers = {e: fleet_model_of(champion, store, model, e) for e in wanted if e not in champion.detectors}
-    unknown = [e for e, key in newcomers.items() if key is None]
-    if unknown:
-        raise ValueError(
-            f"{model} champion v{champion_version} has no entity {unknown} and no fleet model for its served rows; "
-            f"it serves {sorted(champion.detectors)}"
-        )
-    current = {e: newcomers.get(e) or e for e in wanted}  # each entity's model in the champion
+    current = entity_models(champion, champion_version, store, model, entities)
     init_ray()
     registry.setup()
-    challengers: dict[str, Any] = {}
-    fitted_on: dict[str, np.ndarray] = {}
-    figures: dict[str, Any] = {}
     with mlflow.start_run(run_name=f"retrain-{model}") as run:
-        mlflow.set_tags(
-            {"raywatch.model": model, "raywatch.retrain.job_id": job_id or "", "raywatch.champion": champion_version}
-        )
-        mlflow.log_params(
-            {
-                "model": model,
-                "entities": ",".join(wanted),
-                "margin": margin,
-                "fit_fraction": fit_fraction,
-                "alpha": rule.alpha,
-                "budget": rule.budget,
-            }
-        )
-        for entity in wanted:
-            obs = store.observations(model, entity, after_id=max((since_id or 0) - 1, 0), limit=recent_rows)
-            n = len(obs["ids"])
-            if n < MIN_ROWS:
-                figures[entity] = {"skipped": f"{n} recent rows (< {MIN_ROWS})"}
-                progress(f"{entity}: skipped, {n} recent rows")
-                continue
-            # only authenticated feedback steers what is learnt and what is promoted
-            rows, labels = obs["values"], store.labels(entity, obs["timestamps"], trusted_only=True)
-            cut = int(n * fit_fraction)
-            old = champion.detectors[current[entity]]
-            suspected = suspected_anomalies(old.score(rows), old.threshold_, labels, rule.max_suspect_share)
-            fit_rows, fit_labels = training_rows(
-                rows[:cut], labels[:cut], suspected[:cut], kind_named(model).learns_from_labels
-            )
-            t0 = time.perf_counter()
-            try:
-                new = _fit_challenger(
-                    model,
-                    old,
-                    fit_rows,
-                    fit_labels,
-                    champion.metrics[current[entity]],
-                    {"epochs": epochs, "cpus_per_worker": cpus_per_worker, "warm_start": warm_start},
-                )
-                compared = compare_entity(old, new, rows, labels, cut, rule)
-            except ValueError as exc:
-                figures[entity] = {"skipped": str(exc)}
-                progress(f"{entity}: skipped, {exc}")
-                continue
-            figures[entity] = compared | {
-                "fit_rows": len(fit_rows),
-                "withheld_rows": cut - len(fit_rows),  # labelled incidents and rows the champion flagged
-                "fit_seconds": round(time.perf_counter() - t0, 1),
-            }
-            if not compared["refused"]:  # a refused challenger leaves the champion's detector in the version
-                challengers[entity], fitted_on[entity] = new, fit_rows
-            for side in ("champion", "challenger"):
-                fig = compared[side]
-                mlflow.log_metrics({f"{entity}/{side}_{k}": v for k, v in fig.items() if isinstance(v, float)})
-            progress(
-                f"{entity}: {compared['incidents']} {compared['evidence']} incidents, share of their rows flagged at "
-                f"the budget: champion {compared['champion']['value']:.3f}, challenger "
-                f"{compared['challenger']['value']:.3f}"
-                + (f"; refused: {compared['refused']}" if compared["refused"] else "")
-            )
-        compared_entities = {e: f for e, f in figures.items() if "challenger" in f}
-        if not compared_entities:
-            skipped = "; ".join(f"{e}: {f['skipped']}" for e, f in figures.items() if "skipped" in f)
-            decision = {
-                "promoted": False,
-                "reason": f"no challenger trained ({skipped or 'no recent data'})",
-                "challenger": None,
-            }
-        else:
-            decision = decide(compared_entities, rule)
-            info = {
-                "run_id": run.info.run_id,
-                "retrained_from": champion_version,
-                "job_id": job_id,
-                "config": champion.info.get("config", {}),
-            }
-            metrics = {entity: champion.metrics[current[entity]] for entity in challengers}
-            bundle = fitted_bundle(model, challengers, metrics, fitted_on, {"retrain": figures}, info)
-            bundle = with_unchanged_entities(bundle, champion)
-            with tempfile.TemporaryDirectory() as folder:
-                bundle.save(folder)
-                mlflow.log_artifacts(folder, "model")
-            tags = {
-                "raywatch.retrain.decision": "promoted" if decision["promoted"] else "kept champion",
-                "raywatch.retrain.p_value": str(decision["p_value"]),
-                "retrained_from": champion_version,
-            }
-            version = registry.register_bundle(bundle, run.info.run_id, tags)
-            registry.set_alias(model, registry.CHALLENGER, version)
-            decision["challenger"] = version
-            flooded = {e: f for e, f in compared_entities.items() if flooding(f, rule)}
-            if flooded and not decision["promoted"]:
-                decision["flooding"] = sorted(flooded)
-                decision["reason"] += "; " + flooding_notice(flooded)
-            if decision["promoted"] and promote_via == "rollout":
-                registry.request_rollout(model, version)
-                decision["reason"] += "; rolling out as a canary (raywatch rollout)"
-            elif decision["promoted"]:
-                registry.promote(model, version)
-        mlflow.set_tags(
-            {
-                "raywatch.retrain.promoted": str(decision["promoted"]),
-                "raywatch.retrain.reason": decision["reason"],
-                "raywatch.retrain.test": TEST,
-                "raywatch.retrain.p_value": str(decision.get("p_value")),
-                "raywatch.retrain.alpha": str(rule.alpha),
-                "raywatch.retrain.budget": str(rule.budget),
-                "raywatch.retrain.evidence": str(decision.get("evidence")),
-            }
-        )
-        mlflow.log_dict(figures, "retrain_figures.json")
+        log_job(model, job_id, champion_version, list(current), window, rule)
+        figures: dict[str, Any] = {}
+        fitted: dict[str, tuple[Any, np.ndarray]] = {}
+        for entity, key in current.items():
+            figures[entity], new = challenge(model, champion, key, entity, store, window, rule, fit_options, progress)
+            if new is not None:
+                fitted[entity] = new
+        decision = decide_and_register(model, champion, champion_version, current, figures, fitted, rule, job_id)
+        if decision["promoted"]:
+            decision["reason"] += promote(model, decision["challenger"], promote_via)
+        log_decision(decision, figures, rule)
     decision.update(
         model=model, champion_before=champion_version, margin=margin, entities=figures, run_id=run.info.run_id
     )
@@ -257,6 +160,173 @@ def retrain(
     )
     progress(("promoted" if decision["promoted"] else "kept champion") + f": {decision['reason']}")
     return decision
+
+
+def entity_models(
+    champion: Any, champion_version: str, store: ServingStore, model: str, entities: list[str] | None
+) -> dict[str, str]:
+    """Each entity to retrain (`entities`, or every one serving observed) -> the key of its model in the
+    champion: its own, or, for a new entity served by a fleet model, that fleet model (its own model is
+    then fitted and compared with the fleet model)."""
+    wanted = [e for e in (entities or sorted(store.observed_entities(model))) if not is_fleet_key(e)]
+    newcomers = {e: fleet_model_of(champion, store, model, e) for e in wanted if e not in champion.detectors}
+    unknown = [e for e, key in newcomers.items() if key is None]
+    if unknown:
+        raise ValueError(
+            f"{model} champion v{champion_version} has no entity {unknown} and no fleet model for its served rows; "
+            f"it serves {sorted(champion.detectors)}"
+        )
+    return {e: newcomers.get(e) or e for e in wanted}
+
+
+def challenge(
+    model: str,
+    champion: Any,
+    key: str,
+    entity: str,
+    store: ServingStore,
+    window: RecentWindow,
+    rule: PromotionRule,
+    fit_options: dict[str, Any],
+    progress: Callable[[str], None],
+) -> tuple[dict[str, Any], tuple[Any, np.ndarray] | None]:
+    """One entity's challenger, fitted on the older part of its recent rows believed normal and compared
+    with the champion's detector `key` on the newer part: (its figures, (challenger, the rows it learnt
+    from) or None when it was skipped or refused)."""
+    after_id = max((window.since_id or 0) - 1, 0)
+    obs = store.observations(model, entity, after_id=after_id, limit=window.recent_rows)
+    n = len(obs["ids"])
+    if n < MIN_ROWS:
+        progress(f"{entity}: skipped, {n} recent rows")
+        return {"skipped": f"{n} recent rows (< {MIN_ROWS})"}, None
+    # only authenticated feedback steers what is learnt and what is promoted
+    rows, labels = obs["values"], store.labels(entity, obs["timestamps"], trusted_only=True)
+    cut = int(n * window.fit_fraction)
+    old = champion.detectors[key]
+    suspected = suspected_anomalies(old.score(rows), old.threshold_, labels, rule.max_suspect_share)
+    fit_rows, fit_labels = training_rows(
+        rows[:cut], labels[:cut], suspected[:cut], kind_named(model).learns_from_labels
+    )
+    t0 = time.perf_counter()
+    try:
+        new = _fit_challenger(model, old, fit_rows, fit_labels, champion.metrics[key], fit_options)
+        compared = compare_entity(old, new, rows, labels, cut, rule)
+    except ValueError as exc:
+        progress(f"{entity}: skipped, {exc}")
+        return {"skipped": str(exc)}, None
+    for side in ("champion", "challenger"):
+        mlflow.log_metrics({f"{entity}/{side}_{k}": v for k, v in compared[side].items() if isinstance(v, float)})
+    progress(
+        f"{entity}: {compared['incidents']} {compared['evidence']} incidents, share of their rows flagged at "
+        f"the budget: champion {compared['champion']['value']:.3f}, challenger {compared['challenger']['value']:.3f}"
+        + (f"; refused: {compared['refused']}" if compared["refused"] else "")
+    )
+    figures = compared | {
+        "fit_rows": len(fit_rows),
+        "withheld_rows": cut - len(fit_rows),  # labelled incidents and rows the champion flagged
+        "fit_seconds": round(time.perf_counter() - t0, 1),
+    }
+    # a refused challenger leaves the champion's detector in the version
+    return figures, None if compared["refused"] else (new, fit_rows)
+
+
+def decide_and_register(
+    model: str,
+    champion: Any,
+    champion_version: str,
+    current: dict[str, str],
+    figures: dict[str, Any],
+    fitted: dict[str, tuple[Any, np.ndarray]],
+    rule: PromotionRule,
+    job_id: str | None,
+) -> dict[str, Any]:
+    """The rule's decision over every compared entity; the challenger version (its fitted detectors, the
+    champion's elsewhere) registered under the `challenger` alias whatever the decision."""
+    compared = {e: f for e, f in figures.items() if "challenger" in f}
+    if not compared:
+        skipped = "; ".join(f"{e}: {f['skipped']}" for e, f in figures.items() if "skipped" in f)
+        return {
+            "promoted": False,
+            "reason": f"no challenger trained ({skipped or 'no recent data'})",
+            "challenger": None,
+        }
+    decision = decide(compared, rule)
+    run_id = mlflow.active_run().info.run_id
+    info = {
+        "run_id": run_id,
+        "retrained_from": champion_version,
+        "job_id": job_id,
+        "config": champion.info.get("config", {}),
+    }
+    detectors = {entity: det for entity, (det, _) in fitted.items()}
+    metrics = {entity: champion.metrics[current[entity]] for entity in fitted}
+    fitted_on = {entity: rows for entity, (_, rows) in fitted.items()}
+    bundle = with_unchanged_entities(
+        fitted_bundle(model, detectors, metrics, fitted_on, {"retrain": figures}, info), champion
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        bundle.save(folder)
+        mlflow.log_artifacts(folder, "model")
+    tags = {
+        "raywatch.retrain.decision": "promoted" if decision["promoted"] else "kept champion",
+        "raywatch.retrain.p_value": str(decision["p_value"]),
+        "retrained_from": champion_version,
+    }
+    decision["challenger"] = registry.register_bundle(bundle, run_id, tags)
+    registry.set_alias(model, registry.CHALLENGER, decision["challenger"])
+    flooded = {e: f for e, f in compared.items() if flooding(f, rule)}
+    if flooded and not decision["promoted"]:
+        decision["flooding"] = sorted(flooded)
+        decision["reason"] += "; " + flooding_notice(flooded)
+    return decision
+
+
+def promote(model: str, version: str, promote_via: str) -> str:
+    """Hand a promoted version to the serving app's canary rollout, or make it champion at once; what to add
+    to the decision's reason."""
+    if promote_via == "rollout":
+        registry.request_rollout(model, version)
+        return "; rolling out as a canary (raywatch rollout)"
+    registry.promote(model, version)
+    return ""
+
+
+def log_job(
+    model: str,
+    job_id: str | None,
+    champion_version: str,
+    entities: list[str],
+    window: RecentWindow,
+    rule: PromotionRule,
+) -> None:
+    mlflow.set_tags(
+        {"raywatch.model": model, "raywatch.retrain.job_id": job_id or "", "raywatch.champion": champion_version}
+    )
+    mlflow.log_params(
+        {
+            "model": model,
+            "entities": ",".join(entities),
+            "margin": rule.margin,
+            "fit_fraction": window.fit_fraction,
+            "alpha": rule.alpha,
+            "budget": rule.budget,
+        }
+    )
+
+
+def log_decision(decision: dict[str, Any], figures: dict[str, Any], rule: PromotionRule) -> None:
+    mlflow.set_tags(
+        {
+            "raywatch.retrain.promoted": str(decision["promoted"]),
+            "raywatch.retrain.reason": decision["reason"],
+            "raywatch.retrain.test": TEST,
+            "raywatch.retrain.p_value": str(decision.get("p_value")),
+            "raywatch.retrain.alpha": str(rule.alpha),
+            "raywatch.retrain.budget": str(rule.budget),
+            "raywatch.retrain.evidence": str(decision.get("evidence")),
+        }
+    )
+    mlflow.log_dict(figures, "retrain_figures.json")
 
 
 def flooding_notice(flooded: dict[str, dict[str, Any]]) -> str:
