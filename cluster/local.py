@@ -202,12 +202,10 @@ class LocalHead:
             env=self._head_env(env),
         )
         self.pgid = self.process.pid
-        deadline = time.monotonic() + timeout_s
-        while "Ray runtime started" not in self.log_path.read_text():
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                self.stop(kill=True)
-                raise RuntimeError(f"`ray start --head` did not start: {self.log_path.read_text()[-2000:]}")
-            time.sleep(0.5)
+        wait_until(lambda: self._started() or self.process.poll() is not None, timeout_s, poll_s=0.5)
+        if not self._started():
+            self.stop(kill=True)
+            raise RuntimeError(f"`ray start --head` did not start: {self.log_path.read_text()[-2000:]}")
         if self.client_env is not None:
             self.write_client_env()
         return self
@@ -259,6 +257,9 @@ class LocalHead:
         if self.client_env is not None:
             self.client_env.unlink(missing_ok=True)
         self._remove_temp_dir()
+
+    def _started(self) -> bool:
+        return "Ray runtime started" in self.log_path.read_text()
 
     def _group_gone(self) -> bool:
         self._reap()
