@@ -141,7 +141,9 @@ def retrain(
             figures[entity], new = challenge(model, champion, key, entity, store, window, rule, fit_options, progress)
             if new is not None:
                 fitted[entity] = new
-        decision = decide_and_register(model, champion, champion_version, current, figures, fitted, rule, job_id)
+        decision = decide_and_register(
+            model, champion, champion_version, current, figures, fitted, rule, run.info.run_id, job_id
+        )
         if decision["promoted"]:
             decision["reason"] += promote(model, decision["challenger"], promote_via)
         log_decision(decision, figures, rule)
@@ -238,6 +240,7 @@ def decide_and_register(
     figures: dict[str, Any],
     fitted: dict[str, tuple[Any, np.ndarray]],
     rule: PromotionRule,
+    run_id: str,
     job_id: str | None,
 ) -> dict[str, Any]:
     """The rule's decision over every compared entity; the challenger version (its fitted detectors, the
@@ -251,7 +254,6 @@ def decide_and_register(
             "challenger": None,
         }
     decision = decide(compared, rule)
-    run_id = mlflow.active_run().info.run_id
     info = {
         "run_id": run_id,
         "retrained_from": champion_version,
