@@ -4,9 +4,9 @@ A 10,000-row snapshot makes tens of thousands of small Python and numpy objects 
 items, answers); once it is answered they are freed, but glibc's allocator keeps most of the pages, so a
 replica's RSS stays at its largest request's high-water mark (the ingress grew 2.4x from 100 to 10,000
 machines in benchmarks/results/scale.md). `MemoryTrim.after` asks glibc to return free pages
-(`malloc_trim(0)`) after a big request, at most once every `every_s` seconds, on a worker thread that waits
-`delay_s` first (the request's objects are freed once its answer is sent). Elsewhere (no glibc) it does
-nothing.
+(`malloc_trim(0)`) after a big request, at most once every `every_s` seconds and always once after the last
+big one, on a timer thread that waits `delay_s` at least (the request's objects are freed once its answer
+is sent). Elsewhere (no glibc) it does nothing.
 """
 
 from __future__ import annotations
@@ -31,28 +31,37 @@ def _malloc_trim() -> Any:
 
 
 class MemoryTrim:
-    """Rate-limited `malloc_trim(0)` after big requests."""
+    """Rate-limited `malloc_trim(0)` after big requests: at most one per `every_s`, and always one after
+    the last big request (a big request inside the interval schedules the trim for the interval's end), so
+    a replica's RSS between scrapes is what it holds, not its last snapshot's high-water mark."""
 
     def __init__(self, rows: int = TRIM_ROWS, every_s: float = TRIM_EVERY_S, delay_s: float = TRIM_DELAY_S) -> None:
         self.rows, self.every_s, self.delay_s = rows, every_s, delay_s
         self._trim = _malloc_trim()
-        self._last = 0.0
+        self._last = -float("inf")
+        self._scheduled = False
         self._lock = threading.Lock()
         self.trims = 0
 
     def after(self, rows: int) -> bool:
-        """Called after a request of `rows` rows: starts a trim when it was big and none ran lately."""
+        """Called after a request of `rows` rows: schedules a trim when it was big and none is scheduled
+        (in `delay_s`, or at the end of the interval of the last trim). True when it scheduled one."""
         if self._trim is None or rows < self.rows:
             return False
         with self._lock:
-            now = time.monotonic()
-            if now - self._last < self.every_s:
+            if self._scheduled:
                 return False
-            self._last = now
-        threading.Thread(target=self._run, daemon=True, name="raywatch-malloc-trim").start()
+            self._scheduled = True
+            wait = max(self.delay_s, self._last + self.every_s - time.monotonic())
+        timer = threading.Timer(wait, self._run)
+        timer.daemon = True
+        timer.name = "raywatch-malloc-trim"
+        timer.start()
         return True
 
     def _run(self) -> None:
-        time.sleep(self.delay_s)
+        with self._lock:
+            self._scheduled = False
+            self._last = time.monotonic()
         self._trim(0)
         self.trims += 1

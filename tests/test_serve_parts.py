@@ -234,18 +234,24 @@ def test_served_rows_are_judged_against_spot_learning_as_evaluate_judges_them():
     assert judged[0] == pytest.approx(SPOT().fit(calibration * 3).threshold_)
 
 
-def test_freed_memory_is_given_back_after_big_requests_at_most_once_an_interval():
+def test_freed_memory_is_given_back_after_big_requests_at_most_once_an_interval_and_after_the_last():
+    import time
+
     from serving_fixtures import wait_for
 
     from serve.memory import MemoryTrim
 
-    trim = MemoryTrim(rows=100, every_s=60, delay_s=0)
+    trim = MemoryTrim(rows=100, every_s=1.0, delay_s=0)
     if trim._trim is None:
         pytest.skip("no glibc malloc_trim on this system")
     assert not trim.after(99)  # a small request leaves little behind
     assert trim.after(100)
-    assert not trim.after(5000)  # one trim per interval, however big the requests
-    wait_for(lambda: trim.trims == 1, 5, "the trim", poll=0.05)
+    wait_for(lambda: trim.trims == 1, 5, "the first trim", poll=0.01)
+    first = time.monotonic()
+    assert trim.after(5000)  # inside the interval: scheduled for its end, not dropped
+    assert not trim.after(5000)  # one trim per interval, however many big requests
+    wait_for(lambda: trim.trims == 2, 5, "the trim after the last big request", poll=0.01)
+    assert time.monotonic() - first >= 0.9  # not before the interval was over
 
 
 def test_a_policy_written_in_the_same_clock_tick_as_a_read_is_still_seen(tmp_path):
