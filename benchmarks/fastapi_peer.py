@@ -27,41 +27,42 @@ from pydantic import ValidationError
 from pydantic_core import to_json
 
 from serve import schemas as S
-from serve.detectors import ModelSlot, load_slot
+from serve.detectors import EntityModel, load_models, load_slot
 from serve.history import HISTORY_ROWS
 
 
 def create_app(detectors: tuple[str, ...] = S.DETECTORS) -> FastAPI:
-    slots: dict[str, ModelSlot] = {}
+    refs: dict[str, dict[str, Any]] = {}
+    models: dict[str, dict[str, EntityModel]] = {}
     for name in detectors:
         slot = load_slot(name, "champion")
         if slot is not None:
-            slots[name] = slot
-    if not slots:
+            refs[name], models[name] = slot.ref, load_models(name)
+    if not models:
         raise SystemExit(f"no champion registered for {list(detectors)}: train first")
     known: dict[str, list[str]] = {}
-    for slot in slots.values():
-        for entity, model in slot.entities.items():
+    for by_entity in models.values():
+        for entity, model in by_entity.items():
             known.setdefault(entity, model.metrics)
     history: dict[str, deque] = {}
     app = FastAPI(title="raywatch FastAPI peer")
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "detectors": {name: slot.ref for name, slot in slots.items()}}
+        return {"status": "ok", "detectors": refs}
 
     def score_new(entity: str, new: np.ndarray, names: list[str]) -> dict[str, tuple[str, dict, dict]]:
         """One entity's new rows after its history, by each detector: (path, model ref, arrays)."""
         hist = history.setdefault(entity, deque(maxlen=HISTORY_ROWS))
-        context = max(slots[name].entities[entity].context_rows for name in names)
+        context = max(models[name][entity].context_rows for name in names)
         prior = list(islice(hist, max(0, len(hist) - context), None))
         rows = np.concatenate([np.asarray(prior, dtype=np.float64), new]) if prior else new
         hist.extend(new)
         out = {}
         for name in names:
-            model = slots[name].entities[entity]
+            model = models[name][entity]
             arrays = model.score_arrays([(rows[-(len(new) + model.context_rows) :], len(new))])[0]
-            out[name] = ("champion", slots[name].ref, arrays)
+            out[name] = ("champion", refs[name], arrays)
         return out
 
     def parse(model: type[S.BaseModel], body: bytes) -> Any:
@@ -72,7 +73,7 @@ def create_app(detectors: tuple[str, ...] = S.DETECTORS) -> FastAPI:
 
     def served(requested: list[str] | None) -> list[str]:
         names = list(dict.fromkeys(requested or S.DETECTORS))
-        missing = [n for n in names if n not in slots]
+        missing = [n for n in names if n not in models]
         if missing:
             raise HTTPException(503, f"detectors: no model is loaded for {missing}")
         return names

@@ -15,11 +15,13 @@ Ray tasks, one in-process fit each. Per N, on a freshly deployed app (new replic
   200, the default until 2026-12-02, every measured machine was still young), then `--measured` timed
   snapshots: p50 and p99 latency, and rows/s = N x snapshots / their summed latency;
 - `inprocess_rows_per_s`: the same measured snapshots scored in this process by the same models
-  (`serve.detectors.load_slot`), with the same per-entity bookkeeping as the ingress (history, fleet
+  (`serve.detectors.load_models`), with the same per-entity bookkeeping as the ingress (history, fleet
   statistics) and no HTTP, JSON or Serve: the ceiling the platform is compared with;
 - `cold_start_ms`: the first `POST /v1/score` of machines never seen before (median of 5);
-- the RSS of every Serve replica (ingress included) and of the drift monitors, from their processes;
-- the models each detector replica holds.
+- the RSS of every Serve replica (ingress included) and of the drift monitors, from their processes, read
+  once the replicas have given back what the last snapshot freed (serve/memory.py): between scrapes;
+- the models each detector replica holds (`models_held` of /v1/models), against its LRU capacity (`--lru`,
+  the app's `models_per_replica`).
 
 Writes benchmarks/results/scale.json (a list of records, one per N) and scale.md; with `--in-ingress`,
 scale_in_ingress.{json,md}.
@@ -38,6 +40,8 @@ from typing import Any
 
 import numpy as np
 from serving import SERVE_PORT, load_average, local_serve, log, save_tables, use_workdir, wait_http
+
+from serve.settings import ServeSettings
 
 SIZES = (10, 100, 1000, 10_000)
 OWN = 100  # machines with a model of their own (the first ones)
@@ -181,8 +185,10 @@ def measure_platform(
     measured: int,
     workdir: Path,
     in_ingress: list[str],
+    lru: int,
 ) -> dict[str, Any]:
     from serve.app import build_app
+    from serve.memory import TRIM_DELAY_S, TRIM_EVERY_S
 
     base = f"http://127.0.0.1:{SERVE_PORT}"
     t0 = time.perf_counter()
@@ -191,6 +197,7 @@ def measure_platform(
             "state_dir": str(workdir / f"state-{n}"),
             "monitor": {"config": {"retrain": False, "concept_every_s": 3600}},
             "in_ingress": in_ingress,
+            "models_per_replica": lru,
         }
     )
     serve.run(app, name="raywatch", route_prefix="/")
@@ -214,7 +221,8 @@ def measure_platform(
         assert "autoencoder" in answer["results"][0]["detectors"], answer
         cold.append(seconds * 1000)
     models = json.loads(urllib.request.urlopen(f"{base}/v1/models", timeout=60).read())["models"]
-    loaded = len(models["autoencoder"]["slots"]["champion"]["entities"])
+    loaded = len(models["autoencoder"]["models_held"])
+    time.sleep(TRIM_EVERY_S + TRIM_DELAY_S + 1)  # the trim after the last snapshot: RSS between scrapes
     rss = process_rss_mb()
     ms = np.array(latencies) * 1000
     return {
@@ -235,17 +243,17 @@ def measure_inprocess(machines: Machines, metrics: list[str], n: int, warmup: in
     """The measured snapshots scored here by the champion's models, with the ingress's bookkeeping: each
     machine's last rows, and for fleet-scored ones the statistics and their place (detect/fleet.py)."""
     from detect.fleet import MAX_WINDOW, Sampler, fleet_key, is_fleet_key
-    from serve.detectors import load_slot
+    from serve.detectors import load_models
     from serve.history import HISTORY_ROWS
 
-    slot = load_slot("autoencoder", "champion")
+    loaded = load_models("autoencoder")
     key = fleet_key(metrics)
-    models = [slot.entities.get(entity(e)) or slot.entities[key] for e in range(n)]
+    models = [loaded.get(entity(e)) or loaded[key] for e in range(n)]
     warm = machines.span(n, 0, warmup)  # (n, warmup, M)
     history = [warm[e, -HISTORY_ROWS:] for e in range(n)]
     samplers = {}
     for e in range(n):
-        if models[e] is slot.entities[key]:
+        if models[e] is loaded[key]:
             samplers[e] = Sampler(len(metrics))
             samplers[e].add(warm[e])
     del warm
@@ -270,7 +278,7 @@ def measure_inprocess(machines: Machines, metrics: list[str], n: int, warmup: in
         for model, items in groups.values():
             model.score_arrays(items)
         seconds.append(time.perf_counter() - started)
-    assert any(is_fleet_key(k) for k in slot.entities)
+    assert any(is_fleet_key(k) for k in loaded)
     return {
         "inprocess_rows_per_s": round(n * len(seconds) / sum(seconds), 1),
         "inprocess_p50_ms": round(float(np.percentile(np.array(seconds) * 1000, 50)), 1),
@@ -296,7 +304,7 @@ def write_results(records: list[dict[str, Any]], trained: dict[str, float], args
         ),
         "",
         "| N | snapshot p50 ms | p99 ms | rows/s (platform) | rows/s (in process) | ratio | cold start ms "
-        "| largest replica MB | ingress MB | monitor MB | models per replica |",
+        "| largest replica MB | ingress MB | monitor MB | models per replica (LRU capacity) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
@@ -304,7 +312,7 @@ def write_results(records: list[dict[str, Any]], trained: dict[str, float], args
             f"| {r['entities']:,} | {r['snapshot_p50_ms']} | {r['snapshot_p99_ms']} | {r['snapshot_rows_per_s']:,} "
             f"| {r['inprocess_rows_per_s']:,} | {r['snapshot_rows_per_s'] / r['inprocess_rows_per_s']:.2f} "
             f"| {r['cold_start_ms']} | {r['replica_rss_mb']} | {r['ingress_rss_mb']} | {r['monitor_rss_mb']} "
-            f"| {r['models_loaded_per_replica']} |"
+            f"| {r['models_loaded_per_replica']} ({r['lru_capacity']}) |"
         )
     save_tables(results_name(args.in_ingress), records, md, show=True)
 
@@ -322,6 +330,12 @@ def main(argv: list[str] | None = None) -> int:
         "--warmup", type=int, default=300, help="snapshots before the measured ones (300: every machine grown)"
     )
     parser.add_argument("--measured", type=int, default=20, help="timed snapshots per N")
+    parser.add_argument(
+        "--lru",
+        type=int,
+        default=ServeSettings().models_per_replica,
+        help="models a detector replica holds (models_per_replica); it must cover the own models and fleet model",
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--workdir", default="runs/bench-scale")
     parser.add_argument(
@@ -338,9 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     with local_serve("high_throughput", workdir) as serve:
         trained = train_models(machines, metrics, args.own, args.epochs)
         for n in args.sizes:
-            record = {"entities": n, "lru_capacity": None, "in_ingress": args.in_ingress, **trained}
+            record = {"entities": n, "lru_capacity": args.lru, "in_ingress": args.in_ingress, **trained}
             record.update(
-                measure_platform(serve, machines, metrics, n, args.warmup, args.measured, workdir, args.in_ingress)
+                measure_platform(
+                    serve, machines, metrics, n, args.warmup, args.measured, workdir, args.in_ingress, args.lru
+                )
             )
             record.update(measure_inprocess(machines, metrics, n, args.warmup, args.measured))
             log(f"N={n}: {json.dumps({k: v for k, v in record.items() if k != 'rss_mb'})}")

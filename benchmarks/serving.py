@@ -438,14 +438,14 @@ def inprocess(
     """The registered champion's ONNX Runtime scorer (one thread, as in a replica), called in process;
     `only` (work, mode) pairs; `serve_mode` labels a reference measured inside that mode's run."""
     from detect import runtime as runtime_module
-    from serve.detectors import load_slot
+    from serve.detectors import load_models
 
     parallel_rows = runtime_module.PARALLEL_ROWS
 
     _, values = test_values()
     rows = []
     for name in DETECTORS:
-        model = load_slot(name, "champion").entities[ENTITY]
+        model = load_models(name)[ENTITY]
         runtime = model.runtime
         history = values[: BATCH_ROWS + model.context_rows]  # context rows, then the rows scored
         inputs = runtime.graph_inputs(history)[-BATCH_ROWS:]

@@ -76,6 +76,11 @@ class Detector(ABC):
                 raise ValueError(f"{self.name}: trained on {self.n_metrics_} metrics, got {X.shape[1]}")
         return X
 
+    def context_rows(self) -> int:
+        """Rows before a served row that its score depends on: the history a caller must send, or the
+        ingress keep, to score a row exactly as the batch path does (0: each row on its own)."""
+        return 0
+
     def served_spot(self) -> dict[str, Any] | None:
         """The state of SPOT fitted on this detector's calibration scores (`detect.thresholds.SPOT.state`),
         saved with it: the serving ingress judges each served row against SPOT's threshold and keeps it

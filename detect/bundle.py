@@ -2,7 +2,8 @@
 
 Layout of a bundle directory:
 
-    manifest.json                 kind, entities (metrics, threshold, folder), evaluation, checksums
+    manifest.json                 kind, entities (metrics, threshold, context rows, served SPOT state,
+                                  folder), evaluation, checksums
     entities/<dataset>__<entity>/ detector.json + arrays.npz (the detector's own save format)
     onnx/<dataset>__<entity>/     <graph>.onnx: what serving runs (FP32, INT8 or a distilled student)
     reference/<...>.npz           reference sample of training inputs (and the model's scores on them),
@@ -10,6 +11,9 @@ Layout of a bundle directory:
 
 Every file's SHA-256 is recorded in the manifest at save time and checked at load time; files other
 than JSON, NPZ and ONNX are refused, so loading a bundle never unpickles anything.
+
+Each entity's model is addressable on its own (`entity_files`, `load_entity`): a Serve replica reads the
+manifest of a version, then loads only the entities it serves (serve/detectors.py).
 """
 
 from __future__ import annotations
@@ -83,7 +87,14 @@ class ModelBundle:
         for entity, det in self.detectors.items():
             folder = f"entities/{entity_folder(entity)}"
             det.save(root / folder)
-            entities[entity] = {"folder": folder, "metrics": self.metrics[entity], "threshold": det.threshold_}
+            entities[entity] = {
+                "folder": folder,
+                "metrics": self.metrics[entity],
+                "threshold": det.threshold_,
+                # what the serving ingress needs to know of a model without loading it (serve/detectors.py)
+                "context_rows": det.context_rows(),
+                "spot": det.served_spot(),
+            }
             for name, graph in self.graphs.get(entity, {}).items():
                 target = root / "onnx" / entity_folder(entity) / f"{name}.onnx"
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -115,16 +126,12 @@ class ModelBundle:
             raise BundleError(f"{root}: not a raywatch bundle (no manifest.json)")
         manifest = json.loads(manifest_path.read_text())
         verify(root, manifest)
-        classes = detector_classes()
-        if manifest["kind"] not in classes:
-            raise BundleError(f"{root}: unknown detector kind {manifest['kind']!r}")
-        det_cls = classes[manifest["kind"]]
         detectors, metrics, references, graphs, reference_scores = {}, {}, {}, {}, {}
         for entity, entry in manifest["entities"].items():
-            detectors[entity] = det_cls.load(root / entry["folder"])
-            metrics[entity] = entry["metrics"]
-            if entry.get("graphs"):
-                graphs[entity] = {name: (root / rel).read_bytes() for name, rel in entry["graphs"].items()}
+            model = _read_entity(root, manifest, entity)
+            detectors[entity], metrics[entity] = model.detector, model.metrics
+            if model.graphs:
+                graphs[entity] = model.graphs
             if "reference" in entry:
                 with np.load(root / entry["reference"], allow_pickle=False) as npz:
                     references[entity] = DriftReference.from_arrays(npz)
@@ -142,12 +149,68 @@ class ModelBundle:
         )
 
 
+@dataclass
+class EntityModelFiles:
+    """One entity's model read from its own files of a bundle: what a server needs to score it."""
+
+    detector: Detector
+    metrics: list[str]
+    graphs: dict[str, bytes]  # graph name -> ONNX (empty: export them from the detector)
+
+
+def entity_files(manifest: dict[str, Any], entity: str) -> list[str]:
+    """The files that hold one entity's model in a bundle: its detector folder and its ONNX graphs, not its
+    drift reference (the monitors read that). A server downloads these, and only these, for the entity."""
+    try:
+        entry = manifest["entities"][entity]
+    except KeyError:
+        raise KeyError(f"the bundle has no model for entity {entity!r}") from None
+    folder = entry["folder"].rstrip("/") + "/"
+    return sorted(
+        {rel for rel in manifest["checksums"] if rel.startswith(folder)} | set(entry.get("graphs", {}).values())
+    )
+
+
+def load_entity(root: str | Path, manifest: dict[str, Any], entity: str) -> EntityModelFiles:
+    """One entity's model from a folder holding (at least) its files laid out as in the bundle, checked
+    against `manifest` (which the caller has checked): every file of the entity's folders must be listed
+    and match its checksum, as `verify` asks of a whole bundle."""
+    root = Path(root)
+    files = entity_files(manifest, entity)
+    folders = {root / Path(rel).parent for rel in files}
+    present = sorted(p for folder in folders if folder.is_dir() for p in folder.iterdir())
+    _check_files(root, manifest, present)
+    missing = [rel for rel in files if not (root / rel).is_file()]
+    if missing:
+        raise BundleError(f"{root}: artifacts listed in the manifest are missing: {missing}")
+    return _read_entity(root, manifest, entity)
+
+
+def _read_entity(root: Path, manifest: dict[str, Any], entity: str) -> EntityModelFiles:
+    classes = detector_classes()
+    if manifest["kind"] not in classes:
+        raise BundleError(f"{root}: unknown detector kind {manifest['kind']!r}")
+    entry = manifest["entities"][entity]
+    graphs = {name: (root / rel).read_bytes() for name, rel in entry.get("graphs", {}).items()}
+    return EntityModelFiles(classes[manifest["kind"]].load(root / entry["folder"]), entry["metrics"], graphs)
+
+
 def verify(root: Path, manifest: dict[str, Any]) -> None:
     """Refuse files that are not JSON/NPZ/ONNX, symbolic links, files not in the manifest, and checksum
     mismatches. NPZ arrays are always read with `allow_pickle=False`, so an object array is refused too."""
     recorded = manifest.get("checksums", {})
-    for p in sorted(root.rglob("*")):
-        rel = str(p.relative_to(root))
+    _check_files(root, manifest, sorted(root.rglob("*")))
+    missing = [rel for rel in recorded if not (root / rel).is_file()]
+    if missing:
+        raise BundleError(f"{root}: artifacts listed in the manifest are missing: {missing}")
+
+
+def _check_files(root: Path, manifest: dict[str, Any], paths: list[Path]) -> None:
+    """Refuse, among `paths` (under `root`), links, files that are not JSON/NPZ/ONNX, files the manifest
+    does not list and checksum mismatches."""
+    recorded = manifest.get("checksums", {})
+    for p in paths:
+        rel = p.relative_to(root).as_posix()
         if p.is_symlink():  # a link could point anywhere outside the checked set
             raise BundleError(f"{root}: refusing {rel}: symbolic links are not loaded")
         if not p.is_file() or p.name == "manifest.json":
@@ -158,6 +221,3 @@ def verify(root: Path, manifest: dict[str, Any]) -> None:
             raise BundleError(f"{root}: refusing {rel}: not listed in the manifest")
         if sha256(p) != recorded[rel]:
             raise BundleError(f"{root}: checksum mismatch for {rel}: the artifact was modified after registration")
-    missing = [rel for rel in recorded if not (root / rel).is_file()]
-    if missing:
-        raise BundleError(f"{root}: artifacts listed in the manifest are missing: {missing}")

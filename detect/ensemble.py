@@ -299,6 +299,9 @@ class EnsembleDetector(Detector):
         gain = gain / max(gain.sum(), 1e-12) + lg / max(lg.sum(), 1e-12)
         return gain
 
+    def context_rows(self) -> int:
+        return self.spec_.history - 1
+
     def explain(self, X: np.ndarray) -> np.ndarray:
         """Per-metric contribution: importance x |standardised value| summed over each metric's features."""
         F = self.features(X)

@@ -359,6 +359,9 @@ class SequenceDetector(Detector):
     def score(self, X: np.ndarray) -> np.ndarray:
         return smooth_causal(self._normalised_error(X), self.config.smooth).sum(axis=1)
 
+    def context_rows(self) -> int:
+        return self.config.window + self.config.smooth - 2
+
     def explain(self, X: np.ndarray) -> np.ndarray:
         """Per-metric contributions of each row, held over the episode (`detect.attribution`)."""
         return hold_peaks(

@@ -57,6 +57,7 @@ log = logging.getLogger("raywatch.serve")
 
 META_TTL_S = 2.0
 CALL_ITEMS = 2048  # items of a many-entity request sent to a detector in one call (chunks go side by side)
+ROUTED_HANDLES = 4096  # handles with a multiplexed model id kept for reuse (dropped all at once beyond)
 BASELINE_ROWS = 1440  # newest kept rows an operator's /v1/admin/baseline makes the drift reference
 MAX_BODY_ENV = "RAYWATCH_MAX_BODY_BYTES"
 MAX_FLEET_BODY_ENV = "RAYWATCH_MAX_FLEET_BODY_BYTES"
@@ -299,6 +300,7 @@ class RaywatchAPI:
         from ray.util import metrics
 
         self.handles = dict(detectors)  # kind name -> its deployment, or its models in this replica (in_ingress)
+        self.routed_handles: dict[tuple[str, str], Any] = {}  # (kind, model key) -> handle with that routing id
         if self.settings.in_ingress:
             from serve.detectors import InProcessHandle  # torch and ONNX Runtime: only when models run here
 
@@ -661,9 +663,26 @@ class RaywatchAPI:
     async def _call(self, name: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One `score_items` call to a detector deployment; a failed call fails each of its items."""
         try:
-            return await self.handles[name].score_items.remote(items)
+            return await self._routed(name, items).score_items.remote(items)
         except Exception as exc:
             return [{"ok": False, "error": f"{type(exc).__name__}: {exc}"}] * len(items)
+
+    def _routed(self, name: str, items: list[dict[str, Any]]) -> Any:
+        """The handle for a call of `items`: when they all want one model key (one entity's rows, or new
+        entities of one fleet model), it carries the key as Serve's multiplexed model id, so the call goes
+        to a replica that holds that model; a call of many keys (a fleet snapshot) goes to any replica."""
+        handle = self.handles[name]
+        if name in self.settings.in_ingress:
+            return handle
+        first = items[0].get("model_key") or items[0]["entity"]
+        if any((item.get("model_key") or item["entity"]) != first for item in items[1:]):
+            return handle
+        routed = self.routed_handles.get((name, first))
+        if routed is None:
+            if len(self.routed_handles) >= ROUTED_HANDLES:
+                self.routed_handles.clear()
+            routed = self.routed_handles[(name, first)] = handle.options(multiplexed_model_id=first)
+        return routed
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -673,7 +692,7 @@ class RaywatchAPI:
     async def _shadow(self, name: str, item: dict[str, Any], champion: dict[str, Any]) -> None:
         """Score a copy with the challenger; compare and count, never return it."""
         try:
-            result = await self.handles[name].score.remote(item)
+            result = await self._routed(name, [item]).score.remote(item)
         except Exception as exc:
             log.warning("shadow call failed", extra={"detector": name, "error": str(exc)})
             return
@@ -986,6 +1005,9 @@ class RaywatchAPI:
                 "challenger_circuit": self.breakers[(name, "challenger")].state,
                 "rollout": await asyncio.to_thread(self.rollouts.get, name),
                 "load_error": info.get("load_error"),
+                # the model keys loaded in the replica that answered (Serve's multiplexed LRU), and its bound
+                "models_held": info.get("models_held", []),
+                "model_capacity": info.get("model_capacity"),
                 "retraining": (await asyncio.to_thread(self.store.decisions, name, 1) or [None])[0],
             }
         return {"models": out, "replica": serve.get_replica_context().replica_id.unique_id}

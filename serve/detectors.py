@@ -1,10 +1,13 @@
 """Detector deployments: EnsembleDetector, LSTMDetector, AutoencoderDetector.
 
-Each replica holds ONNX Runtime scorers for the model versions that the MLflow aliases `champion`
-and (when set) `challenger` point to, one per entity. A watcher thread polls the aliases and loads a
-new version beside the old one before swapping the reference, so in-flight requests finish on the
-version they started with. Single requests are grouped by `@serve.batch` into one ONNX Runtime call
-per entity model.
+Each replica serves the model versions that the MLflow aliases `champion` and (when set) `challenger`
+point to. It reads each version's manifest, and loads an entity's model (ONNX Runtime scorers) from
+that entity's own artifacts when a request first needs it: Serve's model multiplexing keeps at most
+`models_per_replica` model keys per replica (least recently used evicted first) and routes a key's
+single-entity calls to a replica that holds it. A watcher thread polls the aliases and loads a new
+version's models of the keys the replica holds beside the old ones before swapping the reference, so
+in-flight requests finish on the version they started with. Single requests are grouped by
+`@serve.batch` into one ONNX Runtime call per model.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,18 +92,30 @@ class EntityModel:
         return np.asarray(steps)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelSlot:
-    """One loaded model version."""
+    """One model version a replica serves (the version an alias points to): its checked manifest, which
+    says per entity what the ingress needs (metrics, context rows, threshold, served SPOT state). The
+    entities' models load on demand, each from its own files (`entity_model`)."""
 
-    name: str
-    version: str
-    variant: str
-    entities: dict[str, EntityModel]
+    kind: str
+    manifest: registry.VersionManifest
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def entities(self) -> dict[str, dict[str, Any]]:
+        return self.manifest.entities
 
     @property
     def ref(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "variant": self.variant}
+        return {"name": self.name, "version": self.version, "variant": self.manifest.variant}
 
 
 def _model_input(item: dict[str, Any]) -> tuple:
@@ -112,21 +128,60 @@ def _model_input(item: dict[str, Any]) -> tuple:
     return item["rows"], int(item["n_new"]), (stats, int(item["offset"]))
 
 
-def load_slot(kind: str, alias: str, parallel_rows: int | None = None) -> ModelSlot | None:
+def entity_model(slot: ModelSlot, key: str, parallel_rows: int | None = None) -> EntityModel:
+    """Load one entity's (or fleet model's) model of `slot`'s version from its own artifacts."""
+    files = registry.load_entity(slot.manifest, key)
+    det = files.detector
+    plugin = kind_of(det)
+    runtime = plugin.runtime(det, files.graphs or plugin.export_graphs(det), parallel_rows=parallel_rows)
+    return EntityModel(files.metrics, runtime, det, det.threshold_, det.context_rows(), det.served_spot())
+
+
+def load_slot(kind: str, alias: str) -> ModelSlot | None:
+    """The version `alias` points to, its manifest checked, no model loaded; None when the alias is unset.
+    A manifest from before the manifest said what a served entity needs gets it from the entity's model."""
     version = registry.alias_version(kind, alias)
     if version is None:
         return None
-    bundle, version = registry.load_bundle(kind, version)
-    entities = {}
-    for entity, det in bundle.detectors.items():
-        plugin = kind_of(det)
-        graphs = bundle.graphs.get(entity) or plugin.export_graphs(det)
-        runtime = plugin.runtime(det, graphs, parallel_rows=parallel_rows)
-        context = plugin.context_rows(det)
-        if context > HISTORY_ROWS:  # refused: the ingress could not send it what it reads
-            raise ValueError(f"{entity}: the model reads {context} rows of history; the ingress keeps {HISTORY_ROWS}")
-        entities[entity] = EntityModel(bundle.metrics[entity], runtime, det, det.threshold_, context, det.served_spot())
-    return ModelSlot(registry.model_name(kind), version, bundle.variant, entities)
+    slot = ModelSlot(kind, registry.load_manifest(kind, version))
+    for key, meta in slot.entities.items():
+        if "context_rows" not in meta:  # registered before round 2's per-entity loading
+            model = entity_model(slot, key)
+            meta.update(context_rows=model.context_rows, spot=model.spot)
+        if meta["context_rows"] > HISTORY_ROWS:  # refused: the ingress could not send it what it reads
+            raise ValueError(
+                f"{key}: the model reads {meta['context_rows']} rows of history; the ingress keeps {HISTORY_ROWS}"
+            )
+    return slot
+
+
+def load_models(kind: str, alias: str = "champion") -> dict[str, EntityModel]:
+    """Every entity's model of the version `alias` points to, loaded now (tests, benchmarks, peers)."""
+    slot = load_slot(kind, alias)
+    if slot is None:
+        raise KeyError(f"{kind} has no version with alias {alias!r}")
+    return {key: entity_model(slot, key) for key in slot.entities}
+
+
+class EntityModels:
+    """One model key's loaded models in a replica, per version (champion, challenger): the value that
+    Serve's multiplexed LRU keeps per key, so that a promotion does not need a second cache entry."""
+
+    def __init__(self, key: str, parallel_rows: int | None) -> None:
+        self.key = key
+        self.parallel_rows = parallel_rows
+        self.by_version: dict[str, EntityModel] = {}
+
+    def of(self, slot: ModelSlot) -> EntityModel:
+        model = self.by_version.get(slot.version)
+        if model is None:
+            model = self.by_version[slot.version] = entity_model(slot, self.key, self.parallel_rows)
+        return model
+
+    def keep(self, versions: set[str]) -> None:
+        for version in list(self.by_version):
+            if version not in versions:
+                self.by_version.pop(version, None)
 
 
 def _store_stamp() -> tuple[int, ...] | None:
@@ -169,6 +224,16 @@ class DetectorServer:
         self.fault = False
         self.memory = MemoryTrim()  # freed pages back to the system after big calls (a fleet snapshot)
         self.load_error: str | None = None
+        # the entity models this replica holds: Serve's multiplexed LRU of `EntityModels` per model key (it
+        # reports the keys to the routers, which send a key's single-entity calls to a replica holding it);
+        # `held` sees the same entries without owning them, for the version swap and /v1/models
+        self.capacity = self.settings.models_per_replica
+        self.held: weakref.WeakValueDictionary[str, EntityModels] = weakref.WeakValueDictionary()
+
+        async def load_entity_models(key: str) -> EntityModels:
+            return await asyncio.to_thread(self._entity_models, key)
+
+        self._models = serve.multiplexed(max_num_models_per_replica=self.capacity)(load_entity_models)
         self._stamp = settled(_store_stamp())  # before loading: a write during the load is seen by the watcher
         self._reload()
         self.score_batch.set_max_batch_size(max_batch_size)
@@ -190,9 +255,9 @@ class DetectorServer:
                 if wanted is None:
                     self.slots[alias] = None
                 elif current is None or current.version != wanted:
-                    self.slots[alias] = load_slot(
-                        self.kind, alias, self.settings.big_batch_rows
-                    )  # one reference swap: no request sees half a model
+                    slot = load_slot(self.kind, alias)
+                    self._load_held(slot)
+                    self.slots[alias] = slot  # one reference swap: no request sees half a model
                     log.info(f"{self.kind}: loaded {alias} v{wanted}")
             except Exception as exc:  # keep serving what is loaded
                 error = f"{alias}: {type(exc).__name__}: {exc}"
@@ -201,14 +266,40 @@ class DetectorServer:
                 if alias == "champion" and self.slots["champion"] is None:
                     self._load_previous()
         self.load_error = "; ".join(errors) or None
+        served = {slot.version for slot in self.slots.values() if slot}
+        for models in list(self.held.values()):
+            models.keep(served)
         for alias, slot in self.slots.items():
             self.version_gauge.set(float(slot.version) if slot else 0.0, tags={"detector": self.kind, "alias": alias})
         return self.versions()
 
+    def _load_held(self, slot: ModelSlot) -> None:
+        """Load `slot`'s models of the keys this replica holds before it serves that version, so a promotion
+        neither refuses a request nor makes it wait for a download; a replica holding none loads one model as
+        a probe. A model that fails its checks refuses the whole version, as a bundle that fails them would."""
+        keys = [key for key in list(self.held) if key in slot.entities] or list(slot.entities)[:1]
+        for key in keys:
+            models = self.held.get(key)
+            if models is not None:
+                models.of(slot)
+            else:
+                entity_model(slot, key, self.settings.big_batch_rows)
+
+    def _entity_models(self, key: str) -> EntityModels:
+        """A new cache entry for `key`, with the champion's model of it loaded (what most calls want)."""
+        models = EntityModels(key, self.settings.big_batch_rows)
+        champion = self.slots["champion"]
+        if champion is not None and key in champion.entities:
+            models.of(champion)
+        self.held[key] = models
+        return models
+
     def _load_previous(self) -> None:
         """A replica that starts while the champion is refused serves the previous champion meanwhile."""
         try:
-            slot = load_slot(self.kind, registry.PREVIOUS, self.settings.big_batch_rows)
+            slot = load_slot(self.kind, registry.PREVIOUS)
+            if slot is not None:
+                self._load_held(slot)
         except Exception as exc:
             log.warning(f"{self.kind}: previous champion not loadable either: {type(exc).__name__}: {exc}")
             return
@@ -237,16 +328,18 @@ class DetectorServer:
                 slots[alias] = {
                     **slot.ref,
                     "entities": {
-                        e: {
-                            "metrics": m.metrics,
-                            "context_rows": m.context_rows,
-                            "threshold": m.threshold,
-                            "spot": m.spot,
-                        }
-                        for e, m in slot.entities.items()
+                        key: {name: meta.get(name) for name in ("metrics", "context_rows", "threshold", "spot")}
+                        for key, meta in slot.entities.items()
                     },
                 }
-        return {"detector": self.kind, "slots": slots, "load_error": self.load_error, "fault": self.fault}
+        return {
+            "detector": self.kind,
+            "slots": slots,
+            "load_error": self.load_error,
+            "fault": self.fault,
+            "models_held": sorted(self.held),
+            "model_capacity": self.capacity,
+        }
 
     def set_fault(self, on: bool) -> bool:
         """Fault injection for resilience tests: every model call fails while on."""
@@ -259,19 +352,20 @@ class DetectorServer:
         Big ones (PARALLEL_ROWS new rows or more) are scored on a worker thread, so the replica takes the
         next call in meanwhile and two big batches use two cores (numpy and ONNX Runtime release the GIL);
         small ones stay on the event loop, where a thread hand-off would cost more than the scoring."""
+        models = await self._models_of(items)
         if sum(int(item.get("n_new", 1)) for item in items) >= self.settings.big_batch_rows:
             if self._big is None:
                 self._big = asyncio.Semaphore(self.settings.big_at_once)  # in the replica's event loop
             async with self._big:
-                return await asyncio.to_thread(self._score_items, items)
-        return self._score_items(items)
+                return await asyncio.to_thread(self._score_items, items, models)
+        return self._score_items(items, models)
 
-    def _score_items(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Score a list of items, grouped by (model version, entity): one ONNX Runtime call per group.
-        `score` gathers single callers into such lists with `@serve.batch`."""
-        out: list[dict[str, Any] | None] = [None] * len(items)
-        groups: dict[tuple[int, str], tuple[ModelSlot, EntityModel, list[int]]] = {}
-        for i, item in enumerate(items):
+    async def _models_of(self, items: list[dict[str, Any]]) -> list[tuple[ModelSlot, EntityModel] | Exception]:
+        """Per item: the version that serves it and its model there, loaded through the replica's LRU when it
+        is not held; or why it cannot be scored (reported per item: one bad item must not fail the others)."""
+        out: list[tuple[ModelSlot, EntityModel] | Exception] = []
+        entries: dict[str, EntityModels] = {}  # one LRU lookup per key and call (a snapshot: thousands of items)
+        for item in items:
             try:
                 if self.fault:
                     raise RuntimeError("injected model failure")
@@ -281,14 +375,34 @@ class DetectorServer:
                         f"no {self.kind} model is loaded ({self.load_error or 'no champion registered'})"
                     )
                 key = item.get("model_key") or item["entity"]  # a fleet model's key for a new entity
-                model = slot.entities.get(key)
-                if model is None:
+                if key not in slot.entities:
                     raise KeyError(f"{slot.name} v{slot.version} has no model for entity {item['entity']!r}")
+                if key not in entries:
+                    entries[key] = await self._models(key)
+                out.append((slot, entries[key].of(slot)))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    def _score_items(
+        self, items: list[dict[str, Any]], models: list[tuple[ModelSlot, EntityModel] | Exception]
+    ) -> list[dict[str, Any]]:
+        """Score a list of items with their models (`_models_of`), grouped by model: one ONNX Runtime call
+        per group. `score` gathers single callers into such lists with `@serve.batch`."""
+        out: list[dict[str, Any] | None] = [None] * len(items)
+        groups: dict[int, tuple[ModelSlot, EntityModel, list[int]]] = {}
+        for i, (item, found) in enumerate(zip(items, models)):
+            if isinstance(found, Exception):
+                out[i] = {"ok": False, "error": f"{type(found).__name__}: {found}"}
+                continue
+            try:
                 item["rows"] = np.asarray(item["rows"], dtype=np.float64)
-                # one ONNX Runtime call per model: a fleet model's items from many entities go together
-                groups.setdefault((id(slot), key), (slot, model, []))[2].append(i)
-            except Exception as exc:  # reported per item: one bad item must not fail its batch-mates
+            except Exception as exc:
                 out[i] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                continue
+            slot, model = found
+            # one ONNX Runtime call per model: a fleet model's items from many entities go together
+            groups.setdefault(id(model), (slot, model, []))[2].append(i)
         for slot, model, idx in groups.values():
             pairs = [_model_input(items[i]) for i in idx]
             try:
@@ -311,7 +425,7 @@ class DetectorServer:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
     async def score_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return self._score_items(items)
+        return self._score_items(items, await self._models_of(items))
 
     async def score(self, item: dict[str, Any]) -> dict[str, Any]:
         return await self.score_batch(item)
@@ -320,7 +434,7 @@ class DetectorServer:
         slot = self.slots["champion"]
         if slot is None or entity not in slot.entities:
             raise KeyError(f"no forecasting model for entity {entity!r}")
-        model = slot.entities[entity]
+        model = (await self._models(entity)).of(slot)
         steps = model.forecast(np.asarray(rows, dtype=np.float64), horizon)
         return {"model": slot.ref, "metrics": model.metrics, "steps": steps.tolist()}
 

@@ -18,6 +18,15 @@ class ServeSettings(BaseSettings):
     min_replicas: int = Field(1, ge=0, description="each detector deployment's autoscaling floor")
     max_replicas: int = Field(2, ge=1, description="each detector deployment's autoscaling ceiling")
     detector_access_log: bool = Field(False, description="a log line per internal model call (costs CPU)")
+    models_per_replica: int = Field(
+        128,
+        ge=1,
+        description=(
+            "entity models a detector replica keeps loaded (Serve's multiplexed LRU, per model key: an entity's "
+            "own model, or a fleet model); a call for another key loads it from its own artifacts and evicts the "
+            "least recently used"
+        ),
+    )
     big_at_once: int = Field(2, ge=1, description="big batches a detector replica scores at a time")
     parallel_rows: int = Field(256, ge=0, description="rows from which a batch is big (0: never)")
     in_ingress: list[str] = Field(

@@ -78,7 +78,7 @@ def autoencoder_scores(response: httpx.Response) -> list[float]:
 
 def test_a_new_entity_is_scored_on_its_first_request_through_the_fleet_model(cold):
     from detect.fleet import OWN_QUANTILE, OWN_THRESHOLD_ROWS
-    from serve.detectors import load_slot
+    from serve.detectors import load_models
 
     client, metrics, values, key = cold
     first = client.post("/v1/score", json={"rows": rows_of(NEW, metrics, values[:1], 0)})
@@ -97,7 +97,7 @@ def test_a_new_entity_is_scored_on_its_first_request_through_the_fleet_model(col
         served += autoencoder_scores(
             client.post("/v1/score", json={"rows": rows_of(NEW, metrics, values[i : i + 150], i)})
         )
-    fleet = load_slot("autoencoder", "champion").entities[key]
+    fleet = load_models("autoencoder")[key]
     np.testing.assert_allclose(served, fleet.runtime.score_series(values[:900]), rtol=1e-5, atol=1e-6)
     # its own threshold, learnt from its first 720 scores, in force from the request after them (rows 750..)
     last = client.post("/v1/score", json={"rows": rows_of(NEW, metrics, values[900:901], 900)})

@@ -104,3 +104,47 @@ def test_bundle_refuses_tampering_and_pickles(data_dir, tmp_path):
     meta.write_text(json.dumps(data))
     with pytest.raises(BundleError, match="checksum mismatch for entities/asd__omi-3/detector.json"):
         ModelBundle.load(path)
+
+
+def test_an_entity_model_loads_from_its_own_artifacts_alone(data_dir, mlflow_store):
+    """What a Serve replica does for a model key (serve/detectors.py): the version's manifest, then that
+    entity's own files, checked like a whole bundle. The other entities' files are never read: with them
+    gone from the artifact store, the whole bundle is refused and this entity still loads."""
+    import shutil
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from serve.detectors import entity_model, load_slot
+    from train import registry
+    from train.pipeline import register_fitted
+
+    detectors, metrics, rows = {}, {}, {}
+    for name in ("omi-2", "omi-3"):
+        series = load_series("asd", name, data_dir)
+        rows[series.name] = series.train[series.metrics].to_numpy()[:1200]
+        detectors[series.name] = AutoencoderDetector(epochs=1, hidden=8).fit(rows[series.name], series.metrics)
+        metrics[series.name] = series.metrics
+    version = register_fitted("autoencoder", detectors, metrics, rows)
+    source = MlflowClient(registry.tracking_uri()).get_model_version(registry.model_name("autoencoder"), version).source
+    folder = Path(source.removeprefix("file://"))
+
+    slot = load_slot("autoencoder", "champion")
+    assert slot.version == version and set(slot.entities) == {"asd/omi-2", "asd/omi-3"}
+    assert slot.entities["asd/omi-3"]["context_rows"] == detectors["asd/omi-3"].context_rows()
+    for sub in ("entities", "onnx"):
+        shutil.rmtree(folder / sub / "asd__omi-2")
+    with pytest.raises(BundleError, match="missing"):
+        registry.load_bundle("autoencoder", version)
+    model = entity_model(slot, "asd/omi-3")
+    X = rows["asd/omi-3"][:300]
+    np.testing.assert_allclose(model.runtime.score_series(X), detectors["asd/omi-3"].score(X), rtol=1e-4, atol=1e-5)
+
+    meta = folder / "entities" / "asd__omi-3" / "detector.json"
+    (meta.parent / "model.pkl").write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(BundleError, match="refusing entities/asd__omi-3/model.pkl: only JSON, NPZ and ONNX"):
+        entity_model(slot, "asd/omi-3")
+    (meta.parent / "model.pkl").unlink()
+    meta.write_text(meta.read_text().replace('"threshold"', '"threshold" ', 1))
+    with pytest.raises(BundleError, match="checksum mismatch for entities/asd__omi-3/detector.json"):
+        entity_model(slot, "asd/omi-3")

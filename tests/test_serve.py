@@ -100,13 +100,13 @@ def test_scores_with_all_three_detectors(served):
 
 def test_batched_scoring_equals_one_by_one_and_the_batch_path(served):
     """What dynamic batching does (several requests' rows in one ONNX Runtime call) changes no score."""
-    from serve.detectors import load_slot
+    from serve.detectors import load_models
     from serve.schemas import result_rows
 
     _, series = served
     X = series.test[series.metrics].to_numpy()[:200]
     for kind in ("ensemble", "lstm", "autoencoder"):
-        model = load_slot(kind, "champion").entities[series.name]
+        model = load_models(kind)[series.name]
         items = [(X[max(0, k - model.context_rows) : k + 1], 1) for k in range(100, 130)]
         items += [(X[:140], 40), (X[:3], 2)]  # several new rows; a history shorter than a window
         together = [result_rows(arrays) for arrays in model.score_arrays(items)]
@@ -241,7 +241,7 @@ def test_fleet_snapshot_scores_good_rows_and_rejects_bad_ones_by_index(served):
 def test_batch_matrix_route_scores_as_the_batch_path_and_feeds_history(served):
     """/v1/score/batch (one entity's rows as a matrix, columns in any order) gives the offline batch
     path's scores, answers column-wise, and its rows join the entity's history for later requests."""
-    from serve.detectors import load_slot
+    from serve.detectors import load_models
 
     client, series = served
     X = series.test[series.metrics].to_numpy()[500:801]
@@ -260,7 +260,7 @@ def test_batch_matrix_route_scores_as_the_batch_path_and_feeds_history(served):
     assert set(out["detectors"]) == {"ensemble", "lstm", "autoencoder"}
     flagged = np.zeros(300, dtype=bool)
     for kind, columns in out["detectors"].items():
-        model = load_slot(kind, "champion").entities[series.name]
+        model = load_models(kind)[series.name]
         assert columns["path"] == "champion" and columns["model"]["version"] == "1"
         scores = np.asarray(columns["anomaly_score"])
         # rows past the models' context depend on this batch alone: the offline batch path's scores
@@ -275,7 +275,7 @@ def test_batch_matrix_route_scores_as_the_batch_path_and_feeds_history(served):
     assert out["incident_probability"] == out["detectors"]["ensemble"]["incident_probability"]
     # the next single row is scored after the batch's rows, as if they had come one by one
     nxt = client.post("/v1/score", json={"rows": [row(series, 800)], "detectors": ["autoencoder"]}).json()
-    model = load_slot("autoencoder", "champion").entities[series.name]
+    model = load_models("autoencoder")[series.name]
     expected = model.runtime.score_series(X)[-1]
     assert nxt["results"][0]["detectors"]["autoencoder"]["anomaly_score"] == pytest.approx(expected, rel=1e-6)
 

@@ -99,10 +99,6 @@ class DetectorKind:
         """An ONNX Runtime scorer for `graphs` (FP32, INT8 or a student)."""
         raise NotImplementedError
 
-    def context_rows(self, det: Detector) -> int:
-        """Rows before a served row that its score depends on (history a caller must send or the ingress keep)."""
-        raise NotImplementedError
-
     # -- tuning ----------------------------------------------------------------------------------------
     def search_space(self) -> dict[str, Any]:
         """Ray Tune distributions over this kind's config."""
@@ -224,9 +220,6 @@ class SequenceKind(DetectorKind):
         thr = det.threshold_ if threshold is None else threshold
         return SequenceRuntime(graphs["scorer"], det.spec_, det.config.smooth, thr, threads, det.normaliser_)
 
-    def context_rows(self, det):
-        return det.config.window + det.config.smooth - 2
-
 
 class EnsembleKind(DetectorKind):
     """Boosters, forest and logistic baseline over engineered features, learning from incident labels."""
@@ -324,9 +317,6 @@ class EnsembleKind(DetectorKind):
         weights = None if "student" in graphs else dict(zip(MEMBERS, det.weights_.tolist()))
         explain = (det.mean_, np.abs(det.importance_ / det.std_))  # per-metric contributions of served rows
         return EnsembleRuntime(graphs, det.spec_, weights, thr, threads, parallel_rows, explain)
-
-    def context_rows(self, det):
-        return det.spec_.history - 1
 
 
 KINDS: dict[str, DetectorKind] = {

@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,7 +30,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from detect.bundle import BundleError, ModelBundle, sha256
+from detect.bundle import BundleError, EntityModelFiles, ModelBundle, entity_files, sha256
+from detect.bundle import load_entity as load_entity_files
 from detect.kinds import DETECTOR_KINDS
 
 log = logging.getLogger(__name__)
@@ -187,37 +189,93 @@ def rollback(model: str) -> dict[str, Any]:
     return {"model": name, "champion": previous, "previous": current}
 
 
+def _model_version(model: str, ref: str) -> tuple[str, Any]:
+    """(registered name, MLflow model version) of a version number or an alias."""
+    client, name = setup(), model_name(model)
+    get = client.get_model_version if ref.isdigit() else client.get_model_version_by_alias
+    mv = _lookup(lambda: get(name, ref))
+    if mv is None:
+        raise RegistryError(f"{name} has no version or alias {ref!r}")
+    return name, mv
+
+
+def _checked_manifest(name: str, mv: Any, manifest: Path) -> dict[str, Any]:
+    """The downloaded manifest of `mv`, once its SHA-256 matches the one recorded at registration."""
+    recorded = (mv.tags or {}).get(CHECKSUM_TAG)
+    if not recorded:  # integrity fails closed: a manifest alone can be rewritten with the files it lists
+        raise BundleError(
+            f"{name} version {mv.version} has no {CHECKSUM_TAG} tag (the manifest's checksum recorded at"
+            " registration): refusing the version; register it again with `raywatch train` or register_bundle"
+        )
+    if not manifest.is_file() or sha256(manifest) != recorded:
+        raise BundleError(
+            f"{name} version {mv.version}: manifest.json does not match the checksum recorded at registration"
+            f" ({CHECKSUM_TAG}); refusing the version"
+        )
+    return json.loads(manifest.read_text())
+
+
 def load_bundle(model: str, ref: str = CHAMPION, dst: str | Path | None = None) -> tuple[ModelBundle, str]:
     """Download and load the bundle of a version number or an alias; returns (bundle, version).
 
     Raises `BundleError` when the download does not match the checksums recorded at registration
     (the `bundle_sha256` tag, then the manifest's per-file SHA-256) or holds a file that is not JSON,
     NPZ or ONNX."""
-    client, name = setup(), model_name(model)
-    get = client.get_model_version if ref.isdigit() else client.get_model_version_by_alias
-    mv = _lookup(lambda: get(name, ref))
-    if mv is None:
-        raise RegistryError(f"{name} has no version or alias {ref!r}")
+    name, mv = _model_version(model, ref)
     scratch = dst is None  # a download of our own: removed once loaded (a bundle loads into memory)
     folder = Path(dst or tempfile.mkdtemp(prefix="raywatch-bundle-"))
     try:
         path = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(folder)))
-        recorded = (mv.tags or {}).get(CHECKSUM_TAG)
-        if not recorded:  # integrity fails closed: a manifest alone can be rewritten with the files it lists
-            raise BundleError(
-                f"{name} version {mv.version} has no {CHECKSUM_TAG} tag (the manifest's checksum recorded at"
-                " registration): refusing the version; register it again with `raywatch train` or register_bundle"
-            )
-        manifest = path / "manifest.json"
-        if not manifest.is_file() or sha256(manifest) != recorded:
-            raise BundleError(
-                f"{name} version {mv.version}: manifest.json does not match the checksum recorded at registration"
-                f" ({CHECKSUM_TAG}); refusing the version"
-            )
+        _checked_manifest(name, mv, path / "manifest.json")
         return ModelBundle.load(path), str(mv.version)
     finally:
         if scratch:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class VersionManifest:
+    """A registered version's checked manifest: what it holds per entity, without any model loaded."""
+
+    name: str
+    version: str
+    source: str  # the version's artifact location (its bundle folder)
+    manifest: dict[str, Any]
+
+    @property
+    def entities(self) -> dict[str, dict[str, Any]]:
+        return self.manifest["entities"]
+
+    @property
+    def variant(self) -> str:
+        return self.manifest.get("info", {}).get("variant", "fp32")
+
+
+def load_manifest(model: str, ref: str = CHAMPION) -> VersionManifest:
+    """Download only the manifest of a version number or an alias, checked against the SHA-256 recorded
+    at registration; the entities' models are then loaded one by one (`load_entity`)."""
+    name, mv = _model_version(model, ref)
+    with tempfile.TemporaryDirectory(prefix="raywatch-manifest-") as folder:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=f"{mv.source}/manifest.json", dst_path=folder)
+        return VersionManifest(name, str(mv.version), mv.source, _checked_manifest(name, mv, Path(path)))
+
+
+def load_entity(version: VersionManifest, entity: str) -> EntityModelFiles:
+    """One entity's model of a version: downloads the entity's own folders of the bundle (its detector and
+    its ONNX graphs) and nothing else, and refuses them as `load_bundle` would refuse the whole bundle (a
+    checksum mismatch, a file the manifest does not list, a file that is not JSON, NPZ or ONNX)."""
+    folders = sorted({Path(rel).parent.as_posix() for rel in entity_files(version.manifest, entity)})
+    with tempfile.TemporaryDirectory(prefix="raywatch-entity-") as scratch:
+        root = Path(scratch)
+        for folder in folders:
+            (root / folder).parent.mkdir(parents=True, exist_ok=True)
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{version.source}/{folder}", dst_path=str((root / folder).parent)
+            )
+        try:
+            return load_entity_files(root, version.manifest, entity)
+        except BundleError as exc:
+            raise BundleError(f"{version.name} version {version.version}: {exc}") from None
 
 
 def versions(model: str) -> list[dict[str, Any]]:
