@@ -60,7 +60,7 @@ def test_served_windows_of_a_new_entity_equal_the_batch_path(fleet_model):
 
     det, _, X = fleet_model
     runtime = kind_of(det).runtime(det, export_graphs(det))
-    context = kind_of(det).context_rows(det)
+    context = det.context_rows()
     batch = runtime.score_series(X)
     np.testing.assert_allclose(batch, det.score(X), rtol=1e-4, atol=1e-4)
     for end in (0, 3, 4, 17, 70, 80, 500, 899):
@@ -79,7 +79,7 @@ def test_a_snapshot_of_many_grown_entities_scores_as_each_alone(fleet_model):
 
     det, _, X = fleet_model
     runtime = kind_of(det).runtime(det, export_graphs(det))
-    context = kind_of(det).context_rows(det)
+    context = det.context_rows()
     entities = [X + shift for shift in np.linspace(-3, 3, GROWN_AT_ONCE + 4)]
     items, expected = [], []
     for k, series in enumerate(entities):
