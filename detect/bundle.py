@@ -179,10 +179,7 @@ def load_entity(root: str | Path, manifest: dict[str, Any], entity: str) -> Enti
     files = entity_files(manifest, entity)
     folders = {root / Path(rel).parent for rel in files}
     present = sorted(p for folder in folders if folder.is_dir() for p in folder.iterdir())
-    _check_files(root, manifest, present)
-    missing = [rel for rel in files if not (root / rel).is_file()]
-    if missing:
-        raise BundleError(f"{root}: artifacts listed in the manifest are missing: {missing}")
+    _check_files(root, manifest, present, files)
     return _read_entity(root, manifest, entity)
 
 
@@ -198,16 +195,12 @@ def _read_entity(root: Path, manifest: dict[str, Any], entity: str) -> EntityMod
 def verify(root: Path, manifest: dict[str, Any]) -> None:
     """Refuse files that are not JSON/NPZ/ONNX, symbolic links, files not in the manifest, and checksum
     mismatches. NPZ arrays are always read with `allow_pickle=False`, so an object array is refused too."""
-    recorded = manifest.get("checksums", {})
-    _check_files(root, manifest, sorted(root.rglob("*")))
-    missing = [rel for rel in recorded if not (root / rel).is_file()]
-    if missing:
-        raise BundleError(f"{root}: artifacts listed in the manifest are missing: {missing}")
+    _check_files(root, manifest, sorted(root.rglob("*")), list(manifest.get("checksums", {})))
 
 
-def _check_files(root: Path, manifest: dict[str, Any], paths: list[Path]) -> None:
+def _check_files(root: Path, manifest: dict[str, Any], paths: list[Path], expected: list[str]) -> None:
     """Refuse, among `paths` (under `root`), links, files that are not JSON/NPZ/ONNX, files the manifest
-    does not list and checksum mismatches."""
+    does not list and checksum mismatches; then refuse the set if a file of `expected` is missing."""
     recorded = manifest.get("checksums", {})
     for p in paths:
         rel = p.relative_to(root).as_posix()
@@ -221,3 +214,6 @@ def _check_files(root: Path, manifest: dict[str, Any], paths: list[Path]) -> Non
             raise BundleError(f"{root}: refusing {rel}: not listed in the manifest")
         if sha256(p) != recorded[rel]:
             raise BundleError(f"{root}: checksum mismatch for {rel}: the artifact was modified after registration")
+    missing = [rel for rel in expected if not (root / rel).is_file()]
+    if missing:
+        raise BundleError(f"{root}: artifacts listed in the manifest are missing: {missing}")

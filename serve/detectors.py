@@ -98,7 +98,6 @@ class ModelSlot:
     says per entity what the ingress needs (metrics, context rows, threshold, served SPOT state). The
     entities' models load on demand, each from its own files (`entity_model`)."""
 
-    kind: str
     manifest: registry.VersionManifest
 
     @property
@@ -137,13 +136,14 @@ def entity_model(slot: ModelSlot, key: str, parallel_rows: int | None = None) ->
     return EntityModel(files.metrics, runtime, det, det.threshold_, det.context_rows(), det.served_spot())
 
 
-def load_slot(kind: str, alias: str) -> ModelSlot | None:
-    """The version `alias` points to, its manifest checked, no model loaded; None when the alias is unset.
-    A manifest from before the manifest said what a served entity needs gets it from the entity's model."""
-    version = registry.alias_version(kind, alias)
+def load_slot(kind: str, ref: str) -> ModelSlot | None:
+    """The version `ref` names (a version number, or an alias), its manifest checked, no model loaded; None
+    when the alias is unset. A manifest from before the manifest said what a served entity needs gets it
+    from the entity's model."""
+    version = ref if ref.isdigit() else registry.alias_version(kind, ref)
     if version is None:
         return None
-    slot = ModelSlot(kind, registry.load_manifest(kind, version))
+    slot = ModelSlot(registry.load_manifest(kind, version))
     for key, meta in slot.entities.items():
         if "context_rows" not in meta:  # registered before round 2's per-entity loading
             model = entity_model(slot, key)
@@ -255,7 +255,7 @@ class DetectorServer:
                 if wanted is None:
                     self.slots[alias] = None
                 elif current is None or current.version != wanted:
-                    slot = load_slot(self.kind, alias)
+                    slot = load_slot(self.kind, wanted)  # the version just read: one alias query
                     self._load_held(slot)
                     self.slots[alias] = slot  # one reference swap: no request sees half a model
                     log.info(f"{self.kind}: loaded {alias} v{wanted}")
