@@ -52,6 +52,7 @@ from serve.rollout import RolloutPlan, RolloutStore, StepCounter
 from serve.router import CircuitBreaker, TrafficPolicy
 from serve.settings import ServeSettings
 from serve.traffic import TrafficStore
+from serve.wire import PACK_FROM, pack, unpack
 
 log = logging.getLogger("raywatch.serve")
 
@@ -663,7 +664,10 @@ class RaywatchAPI:
     async def _call(self, name: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One `score_items` call to a detector deployment; a failed call fails each of its items."""
         try:
-            return await self._routed(name, items).score_items.remote(items)
+            handle = self._routed(name, items)
+            if len(items) < PACK_FROM or name in self.settings.in_ingress:  # no hop: nothing to serialise
+                return await handle.score_items.remote(items)
+            return unpack(await handle.score_items.remote(pack(items)))  # a snapshot's chunk, as columns
         except Exception as exc:
             return [{"ok": False, "error": f"{type(exc).__name__}: {exc}"}] * len(items)
 
@@ -804,24 +808,19 @@ class RaywatchAPI:
         by_entity: dict[str, list[int]] = {}
         for i, row in enumerate(rows):
             by_entity.setdefault(row.entity, []).append(i)
+        values = S.entity_values(rows, by_entity, known)
         batch = [
-            (
-                entity,
-                np.array([[rows[i].metrics[m] for m in known[entity]] for i in idx], dtype=np.float64),
-                known[entity],
-                [rows[i].timestamp for i in idx],
-            )
+            (entity, values[entity], known[entity], [rows[i].timestamp for i in idx])
             for entity, idx in by_entity.items()
         ]
         scored = await self._score_entities(batch, detectors)
-        results: list[dict[str, Any] | None] = [None] * len(rows)
-        for (entity, idx), per_detector in zip(by_entity.items(), scored):
+        results: list[dict[str, Any]] = [
+            {"entity": row.entity, "timestamp": row.timestamp, "detectors": {}} for row in rows
+        ]
+        for idx, per_detector in zip(by_entity.values(), scored):
             for name, (path, model, arrays) in per_detector.items():
-                for k, row_out in enumerate(S.result_rows(arrays)):
-                    i = idx[k]
-                    row = results[i] or {"entity": entity, "timestamp": rows[i].timestamp, "detectors": {}}
-                    row["detectors"][name] = {**row_out, "model": model, "path": path}
-                    results[i] = row
+                for i, row_out in zip(idx, S.result_rows(arrays, model=model, path=path)):
+                    results[i]["detectors"][name] = row_out
         anomalies = dict.fromkeys(detectors, 0)
         for row in results:
             flagged, probability = False, None
@@ -897,6 +896,7 @@ class RaywatchAPI:
                 self.monitor_feed.offer(plan.name, entity, timestamps, new, path, arrays, plan.item.get("model_key"))
                 self._count_alerts(plan.name, arrays["alerts"])
             out.append(scored)
+        self.m_alerts_firing.set(self.alerts.firing())  # once per request, not per entity of a snapshot
         self.memory.after(sum(len(new) for _, new, _, _ in batch))
         return out
 
@@ -915,7 +915,6 @@ class RaywatchAPI:
             count = sum(a is not None and a["state"] == transition for a in alerts)
             if count:
                 self.m_alerts.inc(count, tags={"detector": detector, "transition": transition})
-        self.m_alerts_firing.set(self.alerts.firing())
 
     @api.post("/v1/score/batch", response_model=S.ScoreBatchResponse, openapi_extra=_json_body(S.ScoreBatchRequest))
     async def score_batch(self, body: bytes = Depends(_raw_body), client: str = Depends(_client)) -> Response:

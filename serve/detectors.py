@@ -30,6 +30,7 @@ from serve.history import HISTORY_ROWS
 from serve.memory import MemoryTrim
 from serve.schemas import result_rows
 from serve.settings import ServeSettings
+from serve.wire import is_packed, pack, unpack
 from train import registry
 from train.kinds import kind_of
 
@@ -347,9 +348,15 @@ class DetectorServer:
         return self.fault
 
     # -- scoring ---------------------------------------------------------------------------------------
-    async def score_items(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Score a list of items in one call (what the ingress sends: the requests it has gathered).
-        Big ones (PARALLEL_ROWS new rows or more) are scored on a worker thread, so the replica takes the
+    async def score_items(self, items: list[dict[str, Any]] | dict[str, Any]) -> list[dict[str, Any]] | dict:
+        """Score a list of items in one call (what the ingress sends: the requests it has gathered), or the
+        items packed as columns (`serve.wire`: a snapshot's chunk), answered packed."""
+        if is_packed(items):
+            return pack(await self._score_list(unpack(items)))
+        return await self._score_list(items)
+
+    async def _score_list(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """`score_items` of a list. Big ones (PARALLEL_ROWS new rows or more) are scored on a worker thread, so the replica takes the
         next call in meanwhile and two big batches use two cores (numpy and ONNX Runtime release the GIL);
         small ones stay on the event loop, where a thread hand-off would cost more than the scoring."""
         models = await self._models_of(items)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from detect.kinds import DETECTOR_KINDS
 from serve.rollout import RolloutPlan
@@ -183,6 +184,28 @@ def entity_metric_names(request: BaseModel) -> list[tuple[str, list[str]]]:
     return out
 
 
+def entity_values(
+    rows: list[TelemetryRow], by_entity: dict[str, list[int]], known: dict[str, list[str]]
+) -> dict[str, np.ndarray]:
+    """Each entity's rows (`by_entity`: its row indices, in order) as a (rows, metrics) float64 array in its
+    model's metric order (`known`): one array per metric schema, of which each entity gets its slice (a
+    snapshot has one row for each of thousands of entities, and a small array each costs more than its
+    values)."""
+    schemas: dict[tuple[str, ...], list[str]] = {}
+    for entity in by_entity:
+        schemas.setdefault(tuple(known[entity]), []).append(entity)
+    out: dict[str, np.ndarray] = {}
+    for schema, entities in schemas.items():
+        get = itemgetter(*schema)
+        order = [i for entity in entities for i in by_entity[entity]]
+        block = np.array([get(rows[i].metrics) for i in order], dtype=np.float64).reshape(len(order), len(schema))
+        at = 0
+        for entity in entities:
+            n = len(by_entity[entity])
+            out[entity], at = block[at : at + n], at + n
+    return out
+
+
 def row_problem(row: TelemetryRow, known: dict[str, list[str]]) -> tuple[str, str] | None:
     """Why a valid row cannot be scored by the served models ((field, message)), or None."""
     metrics = known.get(row.entity)
@@ -202,17 +225,22 @@ def fleet_rows(
     request: FleetSnapshotRequest, known: dict[str, list[str]]
 ) -> tuple[list[TelemetryRow], list[int], list[dict[str, Any]]]:
     """Split a snapshot into the rows to score (with their indices) and the rejected ones (index, entity,
-    field, message): each row validated alone, one row per entity, entities served, the model's metrics."""
+    field, message): each row validated alone, one row per entity, entities served, the model's metrics.
+    A row without a timestamp takes the snapshot's."""
+    if request.timestamp is not None:
+        for raw in request.rows:
+            if isinstance(raw, dict) and raw.get("timestamp") is None:
+                raw["timestamp"] = request.timestamp
+    valid, errors = _validated_rows(request.rows)
     accepted: list[TelemetryRow] = []
     where: list[int] = []
     rejected: list[dict[str, Any]] = []
     first_at: dict[str, int] = {}
     for i, raw in enumerate(request.rows):
-        entity = raw.get("entity") if isinstance(raw, dict) and isinstance(raw.get("entity"), str) else None
-        try:
-            row = TelemetryRow.model_validate(raw)
-        except ValidationError as exc:
-            error = exc.errors(include_url=False)[0]
+        row = valid.get(i)
+        if row is None:
+            entity = raw.get("entity") if isinstance(raw, dict) and isinstance(raw.get("entity"), str) else None
+            error = errors[i]
             place = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
             rejected.append({"index": i, "entity": entity, "field": f"rows[{i}]{place}", "message": error["msg"]})
             continue
@@ -227,11 +255,31 @@ def fleet_rows(
             )
             continue
         first_at[row.entity] = i  # only a scored row claims its entity
-        if row.timestamp is None and request.timestamp is not None:
-            row = row.model_copy(update={"timestamp": request.timestamp})
         accepted.append(row)
         where.append(i)
     return accepted, where, rejected
+
+
+_ROW_LIST = TypeAdapter(list[TelemetryRow])
+
+
+def _validated_rows(raws: list[Any]) -> tuple[dict[int, TelemetryRow], dict[int, dict[str, Any]]]:
+    """Every raw row validated as a `TelemetryRow` in one pydantic call, not one call per row (a snapshot
+    has thousands): (index -> row) of the valid rows, (index -> its first error, `loc` within the row) of
+    the others. A list with a bad row fails as a whole, so the valid ones are validated again without it:
+    two calls at most, as each row is validated on its own."""
+    errors: dict[int, dict[str, Any]] = {}
+    positions = list(range(len(raws)))
+    while positions:
+        try:
+            return dict(zip(positions, _ROW_LIST.validate_python([raws[i] for i in positions]))), errors
+        except ValidationError as exc:
+            bad: dict[int, dict[str, Any]] = {}
+            for error in exc.errors(include_url=False):
+                bad.setdefault(error["loc"][0], {**error, "loc": error["loc"][1:]})
+            errors.update((positions[k], error) for k, error in bad.items())
+            positions = [i for k, i in enumerate(positions) if k not in bad]
+    return {}, errors
 
 
 class DetectorColumns(BaseModel):
@@ -349,8 +397,8 @@ def row_thresholds(arrays: dict[str, Any]) -> np.ndarray:
     return np.broadcast_to(np.asarray(arrays["threshold"], dtype=np.float64), scores.shape)
 
 
-def result_rows(arrays: dict[str, Any]) -> list[dict[str, Any]]:
-    """The API's per-row results from `EntityModel.score_arrays` output."""
+def result_rows(arrays: dict[str, Any], **also: Any) -> list[dict[str, Any]]:
+    """The API's per-row results from `EntityModel.score_arrays` output, each with the fields `also`."""
     scores = arrays["scores"].tolist()
     thresholds = row_thresholds(arrays).tolist()
     probs = arrays["probability"].tolist() if arrays["probability"] is not None else [None] * len(scores)
@@ -366,6 +414,7 @@ def result_rows(arrays: dict[str, Any]) -> list[dict[str, Any]]:
             "incident_probability": probs[i],
             "top_metrics": [{"metric": m, "contribution": c} for m, c in zip(names[i], values[i])],
             "alert": alerts[i],
+            **also,
         }
         for i in range(len(scores))
     ]

@@ -111,6 +111,27 @@ def test_a_new_entity_is_scored_on_its_first_request_through_the_fleet_model(col
     assert odd.json()["field"] == "rows[0].entity"
 
 
+def test_a_snapshot_of_many_new_entities_scores_each_as_the_batch_path(cold):
+    """/v1/score/fleet with 20 never-trained entities a snapshot (a chunk sent to the detector packed as
+    columns, serve/wire.py), 300 snapshots: through the statistics checkpoints to the vectorised path of
+    grown entities. Each entity's served scores are the fleet model's batch scores of its own series."""
+    from serve.detectors import load_models
+
+    client, metrics, values, key = cold
+    entities = [f"fleet-snapshot-{i}" for i in range(20)]
+    series = {e: values[7 * i : 7 * i + 300] for i, e in enumerate(entities)}
+    served: dict[str, list[float]] = {e: [] for e in entities}
+    for t in range(300):
+        rows = [{"entity": e, "metrics": dict(zip(metrics, series[e][t].tolist()))} for e in entities]
+        answer = client.post("/v1/score/fleet", json={"timestamp": float(t), "rows": rows})
+        assert answer.status_code == 200 and answer.json()["scored"] == len(entities), answer.text[:300]
+        for result in answer.json()["results"]:
+            served[result["entity"]].append(result["detectors"]["autoencoder"]["anomaly_score"])
+    fleet = load_models("autoencoder")[key]
+    for e in entities:
+        np.testing.assert_allclose(served[e], fleet.runtime.score_series(series[e]), rtol=1e-5, atol=1e-6)
+
+
 def test_its_own_model_takes_over_after_the_retraining_job(cold):
     from train import jobs
 

@@ -326,3 +326,40 @@ def test_served_top_metrics_hold_each_metrics_peak_across_requests_as_explain_do
         else:
             np.testing.assert_array_equal(served, top)
             assert firsts.count(2) < 48
+
+
+def test_a_packed_call_carries_each_field_as_one_array_and_unpacks_to_the_same_items():
+    """serve/wire.py: a snapshot chunk's items (and the answers) travel as columns: every field that is an
+    array of one shape in every item is one stacked array; the rest (strings, arrays of other shapes,
+    missing fields) come back as they were."""
+    from serve.wire import PACK_FROM, is_packed, pack, unpack
+
+    rng = np.random.default_rng(0)
+    items = [
+        {"entity": f"e{i}", "rows": rng.random((9, 4)), "n_new": 1, "stats": (np.array([192]), rng.random((1, 2, 4)))}
+        for i in range(PACK_FROM)
+    ]
+    items[3]["rows"] = rng.random((5, 4))  # another shape: sent as it is
+    del items[5]["stats"]  # an entity's own model: no statistics
+    answers = [{"ok": True, "arrays": {"scores": rng.random(1), "metrics": ["a", "b"]}} for _ in items]
+    answers[2] = {"ok": False, "error": "boom"}
+    for payload in (items, answers):
+        packed = pack(payload)
+        assert is_packed(packed) and not is_packed(payload)
+        back = unpack(packed)
+        assert [sorted(b) for b in back] == [sorted(p) for p in payload]
+        for got, sent in zip(back, payload):
+            for field, value in sent.items():
+                if isinstance(value, dict):
+                    np.testing.assert_array_equal(got[field]["scores"], value["scores"])
+                    assert got[field]["metrics"] == value["metrics"]
+                elif isinstance(value, tuple):
+                    assert all(np.array_equal(g, v) for g, v in zip(got[field], value))
+                else:
+                    np.testing.assert_array_equal(got[field], value)
+    packed = pack(items)
+    assert isinstance(packed["columns"]["n_new"][1], list)
+    assert isinstance(packed["columns"]["rows"][1], list)  # one item's rows differ in shape
+    stats_rows, stats_values = packed["tuples"]["stats"][1]
+    assert stats_values.shape == (PACK_FROM - 1, 1, 2, 4) and stats_rows.shape == (PACK_FROM - 1, 1)
+    assert pack(answers)["nested"]["arrays"][1]["columns"]["scores"][1].shape == (PACK_FROM - 1, 1)
