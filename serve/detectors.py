@@ -356,9 +356,10 @@ class DetectorServer:
         return await self._score_list(items)
 
     async def _score_list(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """`score_items` of a list. Big ones (PARALLEL_ROWS new rows or more) are scored on a worker thread, so the replica takes the
-        next call in meanwhile and two big batches use two cores (numpy and ONNX Runtime release the GIL);
-        small ones stay on the event loop, where a thread hand-off would cost more than the scoring."""
+        """`score_items` of a list. Big ones (PARALLEL_ROWS new rows or more) are scored on a worker thread,
+        so the replica takes the next call in meanwhile and two big batches use two cores (numpy and ONNX
+        Runtime release the GIL); small ones stay on the event loop, where a thread hand-off would cost more
+        than the scoring."""
         models = await self._models_of(items)
         if sum(int(item.get("n_new", 1)) for item in items) >= self.settings.big_batch_rows:
             if self._big is None:

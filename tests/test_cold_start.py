@@ -112,7 +112,7 @@ def test_a_new_entity_is_scored_on_its_first_request_through_the_fleet_model(col
 
 
 def test_a_snapshot_of_many_new_entities_scores_each_as_the_batch_path(cold):
-    """/v1/score/fleet with 20 never-trained entities a snapshot (a chunk sent to the detector packed as
+    """/v1/score/fleet with 20 never-trained entities per snapshot (a chunk sent to the detector packed as
     columns, serve/wire.py), 300 snapshots: through the statistics checkpoints to the vectorised path of
     grown entities. Each entity's served scores are the fleet model's batch scores of its own series."""
     from serve.detectors import load_models
