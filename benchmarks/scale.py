@@ -157,12 +157,29 @@ def post(url: str, body: bytes) -> tuple[float, dict]:
     return time.perf_counter() - started, answer
 
 
-def process_rss_mb() -> dict[str, float]:
-    """RSS (MB) of every Serve replica and drift monitor of this cluster, by actor."""
+def rss_parts_mb(pid: int) -> dict[str, float]:
+    """A process's resident memory by kind (MB), from /proc/PID/status: `anon` is its own heap (Python
+    objects, numpy arrays), `shmem` the pages of shared memory it touched (Ray's object store: a large
+    argument or answer is read in place there, and such pages count in its RSS while they are mapped),
+    `file` its mapped files (libraries). Empty where /proc has no such lines (not Linux)."""
+    parts = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile", "RssShmem"):
+                parts[key.removeprefix("Rss").lower()] = round(int(value.split()[0]) / 1024, 1)
+    except OSError:
+        return {}
+    return parts
+
+
+def process_rss_mb() -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """RSS (MB) of every Serve replica and drift monitor of this cluster, by actor, and its parts
+    (`rss_parts_mb`)."""
     import psutil
     from ray.util.state import list_actors
 
-    out = {}
+    out, parts = {}, {}
     for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000):
         name = actor.class_name or ""
         if not (name.startswith("ServeReplica:raywatch") or "Monitor" in name) or not actor.pid:
@@ -173,7 +190,8 @@ def process_rss_mb() -> dict[str, float]:
             continue
         label = name.removeprefix("ServeReplica:raywatch:") + f"#{actor.pid}"
         out[label] = round(rss, 1)
-    return out
+        parts[label] = rss_parts_mb(actor.pid)
+    return out, parts
 
 
 def measure_platform(
@@ -223,7 +241,7 @@ def measure_platform(
     models = json.loads(urllib.request.urlopen(f"{base}/v1/models", timeout=60).read())["models"]
     loaded = len(models["autoencoder"]["models_held"])
     time.sleep(TRIM_EVERY_S + TRIM_DELAY_S + 1)  # the trim after the last snapshot: RSS between scrapes
-    rss = process_rss_mb()
+    rss, rss_parts = process_rss_mb()
     ms = np.array(latencies) * 1000
     return {
         "snapshot_p50_ms": round(float(np.percentile(ms, 50)), 1),
@@ -232,6 +250,7 @@ def measure_platform(
         "cold_start_ms": round(statistics.median(cold), 1),
         "models_loaded_per_replica": loaded,
         "rss_mb": rss,
+        "rss_parts_mb": rss_parts,
         "replica_rss_mb": max(v for k, v in rss.items() if "Monitor" not in k),
         "ingress_rss_mb": max(v for k, v in rss.items() if k.startswith("RaywatchAPI")),
         "monitor_rss_mb": max([v for k, v in rss.items() if "Monitor" in k], default=None),
@@ -304,17 +323,25 @@ def write_results(records: list[dict[str, Any]], trained: dict[str, float], args
         ),
         "",
         "| N | snapshot p50 ms | p99 ms | rows/s (platform) | rows/s (in process) | ratio | cold start ms "
-        "| largest replica MB | ingress MB | monitor MB | models per replica (LRU capacity) |",
+        "| largest replica MB | ingress MB (anon / shmem) | monitor MB | models per replica (LRU capacity) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         md.append(
             f"| {r['entities']:,} | {r['snapshot_p50_ms']} | {r['snapshot_p99_ms']} | {r['snapshot_rows_per_s']:,} "
             f"| {r['inprocess_rows_per_s']:,} | {r['snapshot_rows_per_s'] / r['inprocess_rows_per_s']:.2f} "
-            f"| {r['cold_start_ms']} | {r['replica_rss_mb']} | {r['ingress_rss_mb']} | {r['monitor_rss_mb']} "
+            f"| {r['cold_start_ms']} | {r['replica_rss_mb']} | {r['ingress_rss_mb']} ({ingress_parts(r)}) "
+            f"| {r['monitor_rss_mb']} "
             f"| {r['models_loaded_per_replica']} ({r['lru_capacity']}) |"
         )
     save_tables(results_name(args.in_ingress), records, md, show=True)
+
+
+def ingress_parts(record: dict[str, Any]) -> str:
+    """The ingress replica's own heap and touched shared memory (`rss_parts_mb`), as "anon / shmem"."""
+    label = max((k for k in record["rss_mb"] if k.startswith("RaywatchAPI")), key=record["rss_mb"].get)
+    parts = record.get("rss_parts_mb", {}).get(label, {})
+    return f"{parts.get('anon', '?')} / {parts.get('shmem', '?')}"
 
 
 def results_name(in_ingress: list[str]) -> str:

@@ -55,9 +55,13 @@ class _Open:
     contribution: np.ndarray | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class AlertGrouper:
-    """Streaming k-of-n alert grouping with a quiet-period hysteresis. Feed rows in time order."""
+    """Streaming k-of-n alert grouping with a quiet-period hysteresis. Feed rows in time order.
+
+    The last n rows live in place (row r at slot r % n: a score array, a bit per row at or above its
+    threshold, their contributions), so a row fed allocates nothing that outlives it: serving keeps one
+    grouper per (detector, entity), tens of thousands of them, fed a row each per snapshot."""
 
     k: int = DEFAULT_K
     n: int = DEFAULT_N
@@ -65,7 +69,10 @@ class AlertGrouper:
     top: int = DEFAULT_TOP
     row_: int = field(init=False, default=-1)
     current_: _Open | None = field(init=False, default=None)
-    _window: deque = field(init=False, repr=False)
+    _scores: np.ndarray = field(init=False, repr=False)  # the window's scores, row r at slot r % n
+    _contributions: list = field(init=False, repr=False)  # the window's contributions (None: not given)
+    _hot: int = field(init=False, default=0, repr=False)  # bit r % n set: row r at or above its threshold
+    _size: int = field(init=False, default=0, repr=False)  # rows in the window: up to n, 0 after a close
     _quiet: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
@@ -73,7 +80,8 @@ class AlertGrouper:
             raise ValueError(f"alerting: need 1 <= k <= n, got k={self.k}, n={self.n}")
         if self.clear < 1:
             raise ValueError(f"alerting: clear must be >= 1 row, got {self.clear}")
-        self._window = deque(maxlen=self.n)  # (row, score, contributions) of the last n rows
+        self._scores = np.zeros(self.n)
+        self._contributions = [None] * self.n
 
     @property
     def firing(self) -> Alert | None:
@@ -87,7 +95,11 @@ class AlertGrouper:
         self.row_ += 1
         above = score >= threshold
         contrib = None if contributions is None else np.asarray(contributions, dtype=np.float64)
-        self._window.append((self.row_, float(score), contrib, above))
+        slot = self.row_ % self.n
+        self._scores[slot] = score
+        self._contributions[slot] = contrib
+        self._hot = self._hot | (1 << slot) if above else self._hot & ~(1 << slot)
+        self._size = min(self._size + 1, self.n)
         if self.current_ is None:
             return self._maybe_open()
         if above:
@@ -99,17 +111,20 @@ class AlertGrouper:
             return None
         alert = self._snapshot(self.row_)
         self.current_, self._quiet = None, 0
-        self._window.clear()  # the rows that closed it must not count towards the next alert
+        self._hot, self._size = 0, 0  # the rows that closed it must not count towards the next alert
+        for slot in range(self.n):
+            self._contributions[slot] = None
         return "closed", alert
 
     def _maybe_open(self) -> tuple[Transition, Alert] | None:
-        hot = [(r, s, c) for r, s, c, a in self._window if a]
-        if len(hot) < self.k:
+        if self._hot.bit_count() < self.k:
             return None
+        hot = [r for r in range(self.row_ - self._size + 1, self.row_ + 1) if self._hot >> (r % self.n) & 1]
         first = hot[0]
-        self.current_ = _Open(start=first[0], opened=self.row_, end=first[0], peak_score=first[1], peak_row=first[0])
-        for r, s, c in hot:
-            self._extend(r, s, c)
+        score = float(self._scores[first % self.n])
+        self.current_ = _Open(start=first, opened=self.row_, end=first, peak_score=score, peak_row=first)
+        for r in hot:
+            self._extend(r, float(self._scores[r % self.n]), self._contributions[r % self.n])
         self._quiet = 0
         return "opened", self._snapshot(None)
 

@@ -120,48 +120,83 @@ def own_thresholds(scores: np.ndarray, fleet_threshold: float) -> np.ndarray:
 
 
 class OwnThreshold:
-    """`own_thresholds` as serving keeps it for one new entity: its first OWN_THRESHOLD_ROWS scores (one
-    float64 array), then one number. The threshold changes between requests: a request's rows share the one
-    in force when it came."""
+    """`own_thresholds` as serving keeps it for one new entity, with the same thresholds: of its first
+    OWN_THRESHOLD_ROWS scores only the largest TAIL_ROWS, all that their OWN_QUANTILE reads, in one small
+    array updated in place (a few hundred bytes a young entity, not 720 scores; nothing allocated per
+    request outlives it), then one number. The threshold changes between requests: a request's rows share
+    the one in force when it came."""
 
-    __slots__ = ("_scores", "_seen", "value")
+    __slots__ = ("_largest", "_seen", "value")
+
+    #: the quantile interpolates between the sorted scores at positions floor(h) and floor(h) + 1,
+    #: h = (OWN_THRESHOLD_ROWS - 1) x OWN_QUANTILE: the largest this many scores hold both
+    TAIL_ROWS = OWN_THRESHOLD_ROWS - int((OWN_THRESHOLD_ROWS - 1) * OWN_QUANTILE)
 
     def __init__(self) -> None:
-        self._scores: np.ndarray | None = np.empty(OWN_THRESHOLD_ROWS)
+        self._largest: np.ndarray | None = np.full(self.TAIL_ROWS, -np.inf)  # -inf: not a score yet
         self._seen, self.value = 0, None
+
+    @property
+    def kept(self) -> int:
+        """Scores held while it learns (TAIL_ROWS; 0 once learnt)."""
+        return 0 if self._largest is None else len(self._largest)
 
     def observe(self, scores: np.ndarray, fleet_threshold: float) -> float:
         """The threshold for a request's rows with these `scores`; counts them toward learning it."""
         threshold = float(fleet_threshold) if self.value is None else max(self.value, float(fleet_threshold))
-        if self._scores is not None:
+        if self._largest is not None:
             take = np.asarray(scores, dtype=np.float64)[: OWN_THRESHOLD_ROWS - self._seen]
-            self._scores[self._seen : self._seen + len(take)] = take
+            held = np.concatenate([self._largest, take])
+            self._largest[:] = np.partition(held, len(take))[len(take) :]  # the largest TAIL_ROWS of both
             self._seen += len(take)
             if self._seen == OWN_THRESHOLD_ROWS:
-                self.value, self._scores = float(np.quantile(self._scores, OWN_QUANTILE)), None
+                self.value, self._largest = self._quantile(), None
         return threshold
+
+    def _quantile(self) -> float:
+        """OWN_QUANTILE of the first OWN_THRESHOLD_ROWS scores, from their largest: the smaller ones stand in
+        as copies of the smallest kept, which leaves the sorted positions the quantile reads as they were."""
+        below = np.full(OWN_THRESHOLD_ROWS - self.TAIL_ROWS, self._largest.min())
+        return float(np.quantile(np.concatenate([below, self._largest]), OWN_QUANTILE))
 
 
 class Sampler:
     """What the ingress keeps of a young entity for its coming checkpoints: each checkpoint's sample rows
-    (every `stride(c)`-th row before it) as they arrive. `add` returns the statistics with the
-    checkpoints the new rows complete; a grown entity's sampler holds nothing."""
+    (every `stride(c)`-th row before it) as they arrive, in one array allocated at its first row and
+    dropped at its last checkpoint (no small object per row to outlive a request). `add` returns the
+    statistics with the checkpoints the new rows complete; a grown entity's sampler holds nothing."""
 
-    __slots__ = ("stats", "rows", "_samples")
+    __slots__ = ("stats", "rows", "_samples", "_filled")
+
+    #: where each checkpoint's sample rows start in the array, and how many it has
+    _SIZES = tuple(len(range(0, c, stride(c))) for c in CHECKPOINTS)
+    _STARTS = tuple(int(x) for x in np.cumsum((0,) + _SIZES[:-1]))
 
     def __init__(self, metrics: int) -> None:
         self.stats, self.rows = EntityStats.empty(metrics), 0
-        self._samples: dict[int, list[np.ndarray]] = {c: [] for c in CHECKPOINTS}
+        self._samples: np.ndarray | None = np.empty((sum(self._SIZES), metrics))
+        self._filled = [0] * len(CHECKPOINTS)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of sample rows it holds: one array of each checkpoint's rows while young, 0 once grown."""
+        return 0 if self._samples is None else self._samples.nbytes
 
     def add(self, new: np.ndarray) -> EntityStats:
-        if self._samples:
+        if self._samples is not None:
             index = np.arange(self.rows, self.rows + len(new))
-            for c in list(self._samples):
-                take = (index < c) & (index % stride(c) == 0)
-                if take.any():
-                    self._samples[c].append(np.array(new[take], dtype=np.float64))
+            for k, c in enumerate(CHECKPOINTS):
+                if c <= self.rows:
+                    continue  # reached before these rows
+                take = np.flatnonzero((index < c) & (index % stride(c) == 0))
+                at = self._STARTS[k] + self._filled[k]
+                self._samples[at : at + len(take)] = new[take]
+                self._filled[k] += len(take)
                 if self.rows + len(new) >= c:
-                    self.stats = self.stats.with_checkpoint(c, np.concatenate(self._samples.pop(c)))
+                    sample = self._samples[self._STARTS[k] : self._STARTS[k] + self._filled[k]]
+                    self.stats = self.stats.with_checkpoint(c, sample)
+            if self.rows + len(new) >= CHECKPOINTS[-1]:
+                self._samples = self._filled = None
         self.rows += len(new)
         return self.stats
 

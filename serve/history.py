@@ -8,7 +8,7 @@ and `tail_features`, the same functions the batch path is tested equal to), so w
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -167,13 +167,13 @@ def fallback_scores(rows: np.ndarray, n_new: int, metrics: list[str]) -> dict[st
     }
 
 
-@dataclass
+@dataclass(slots=True)
 class _Tracked:
     """One (detector, entity)'s alert grouping, with the timestamps of the rows it may still refer to, and
     the SPOT its rows are judged against (with the model it was seeded for)."""
 
     grouper: AlertGrouper
-    recent: deque  # (row number, timestamp) of the last n rows: where an alert that opens may have started
+    recent: list  # timestamps of the last n rows, row r's at r % n: where an alert that opens may have started
     started: Any = None  # timestamp of the open alert's first above-threshold row
     opened: Any = None  # timestamp of the row it was raised at
     spot: AlertAwareSpot | None = None
@@ -223,7 +223,7 @@ class AlertBook:
         threshold = float(arrays["threshold"])  # every row's, unless SPOT judges them (set per row below)
         thresholds = arrays["threshold"] if learning is None else np.empty(len(scores))
         top, top_values = self._hold_peaks(tracked, arrays, len(metrics))
-        out = []
+        n, out = tracked.grouper.n, []
         for i, score in enumerate(scores.tolist()):
             if learning is not None:
                 threshold = thresholds[i] = learning.threshold
@@ -231,13 +231,12 @@ class AlertBook:
             if score >= threshold:
                 contribution = np.zeros(len(metrics))
                 contribution[top[i]] = top_values[i]
-            row = tracked.grouper.row_ + 1
-            tracked.recent.append((row, timestamps[i]))
+            tracked.recent[(tracked.grouper.row_ + 1) % n] = timestamps[i]
             change = tracked.grouper.update(score, threshold, contribution)
             if learning is not None:  # an alert's rows must not raise the bar that detects it
                 learning.after(score, threshold, tracked.grouper)
-            if change and change[0] == "opened":
-                tracked.started = dict(tracked.recent).get(change[1].start, timestamps[i])
+            if change and change[0] == "opened":  # it started within the grouper's window: the last n rows
+                tracked.started = tracked.recent[change[1].start % n]
                 tracked.opened = timestamps[i]
                 self._open += 1
             if change and change[0] == "closed":
@@ -264,7 +263,11 @@ class AlertBook:
         each = np.arange(len(top))[:, None]
         rows[each, top] = values
         before = tracked.held if tracked.held is not None and len(tracked.held) == n_metrics else None
-        held, tracked.held = hold_peaks(rows, half_life, before)
+        held, last = hold_peaks(rows, half_life, before)
+        if before is None:  # its own copy (`last` may be a view of this request's rows)
+            tracked.held = np.array(last, dtype=np.float64)
+        else:  # in place: an array made per request must not outlive it (it would pin the request's memory)
+            before[:] = last
         top = np.argsort(-held, axis=1, kind="stable")[:, : top.shape[1]]
         arrays["top"], arrays["top_values"] = top, held[each, top]
         return top, arrays["top_values"]
@@ -288,7 +291,7 @@ class AlertBook:
     def _of(self, detector: str, entity: str) -> _Tracked:
         def new() -> _Tracked:
             grouper = AlertGrouper()
-            return _Tracked(grouper, deque(maxlen=grouper.n))
+            return _Tracked(grouper, [None] * grouper.n)
 
         tracked, evicted = lru_entry(self._tracked, (detector, entity), self.max_entities, new)
         if evicted is not None and evicted.grouper.firing is not None:

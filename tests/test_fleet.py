@@ -105,7 +105,15 @@ def test_a_new_entity_gets_its_own_threshold_from_its_first_scores_not_from_labe
     assert np.all(batch[:OWN_THRESHOLD_ROWS] == fleet_threshold) and np.all(batch[OWN_THRESHOLD_ROWS:] == learnt)
     assert np.mean(scores >= fleet_threshold) > 0.8 and np.mean(scores[OWN_THRESHOLD_ROWS:] >= learnt) < 0.05
     served = OwnThreshold()  # streamed one row a request, as a scrape sends them: the batch path's thresholds
-    np.testing.assert_array_equal([served.observe(scores[i : i + 1], fleet_threshold) for i in range(2000)], batch)
+    streamed, kept = [], []
+    for i in range(2000):
+        streamed.append(served.observe(scores[i : i + 1], fleet_threshold))
+        kept.append(served.kept)
+    np.testing.assert_array_equal(streamed, batch)
+    # what a young entity costs the ingress: its few largest scores, not all of its first 720
+    assert max(kept) == OwnThreshold.TAIL_ROWS <= 10 and kept[OWN_THRESHOLD_ROWS - 1 :] == [0] * (
+        2001 - OWN_THRESHOLD_ROWS
+    )
     bulk = OwnThreshold()  # a request's rows share the threshold in force when it came
     assert bulk.observe(scores[:1000], fleet_threshold) == fleet_threshold
     assert bulk.observe(scores[1000:1001], fleet_threshold) == learnt
@@ -130,10 +138,10 @@ def test_the_ingress_sampler_reaches_the_batch_statistics_in_any_request_sizes()
             at += size
         np.testing.assert_array_equal(stats.rows, expected.rows)
         np.testing.assert_allclose(stats.values, expected.values)
-        assert not sampler._samples  # grown: it keeps no rows
+        assert sampler.held_bytes == 0  # grown: it keeps no rows
     young = Sampler(3)
-    young.add(values[:150])
-    assert sum(len(np.concatenate(rows)) for rows in young._samples.values() if rows) <= SAMPLE_ROWS
+    young.add(values[:150])  # a young entity: at most SAMPLE_ROWS rows for each checkpoint, in one array
+    assert 0 < young.held_bytes <= len(CHECKPOINTS) * SAMPLE_ROWS * 3 * 8
     assert expected.for_windows_from(400).rows.tolist() == [CHECKPOINTS[-1]]  # a grown entity's request carries one
     assert expected.for_windows_from(-5).rows.tolist() == list(CHECKPOINTS)
 

@@ -173,6 +173,41 @@ def _arrays(scores: list[float], hot_metric: int = 1, metrics: tuple[str, ...] =
     }
 
 
+def test_the_ingress_keeps_a_few_kilobytes_per_machine_and_nothing_per_row():
+    """What a fleet-scored machine costs the ingress once its statistics are grown: its 64-row history
+    (4 KB at 8 metrics) and a few small objects, whatever else it sent (its young sample rows are dropped,
+    its own threshold keeps 9 scores of 720, its alert window lives in place). 10,000 machines hold
+    their state in every ingress replica, so a kilobyte per machine is 10 MB a replica."""
+    import tracemalloc
+
+    from detect.fleet import MAX_WINDOW
+    from serve.history import ColdStarts
+
+    machines, rows, metrics = 200, 200, tuple(f"m{i}" for i in range(8))
+    values = np.random.default_rng(0).normal(size=(rows, machines, len(metrics)))
+    history, cold, book = EntityHistory(), ColdStarts(), AlertBook()
+
+    def snapshot(t: int) -> None:  # one row per machine, as `RaywatchAPI._score_entities` feeds the state
+        for e in range(machines):
+            entity, new = f"m-{e}", values[t, e : e + 1]
+            cold.admit(entity, new)
+            history.context_and_new(entity, new, MAX_WINDOW)
+            arrays = _arrays([float(abs(new[0, 0])) * 2], metrics=metrics) | {"attribution_half_life_rows": 8}
+            arrays["threshold"] = cold.threshold("autoencoder", entity, arrays["scores"], 1.0)
+            book.observe("autoencoder", entity, arrays, [f"t{t}"])
+
+    tracemalloc.start()
+    for t in range(rows - 1):
+        snapshot(t)
+    grown = tracemalloc.get_traced_memory()[0]
+    snapshot(rows - 1)
+    per_row = (tracemalloc.get_traced_memory()[0] - grown) / machines
+    tracemalloc.stop()
+    per_machine = grown / machines
+    assert per_machine < 10 * 1024, f"{per_machine:.0f} bytes per machine"  # 18 KB before the in-place state
+    assert per_row < 64, f"{per_row:.0f} bytes per machine kept from one more row"
+
+
 def test_the_alert_book_turns_served_rows_into_one_alert_per_episode():
     """3 of 5 rows above the threshold open an alert (not one spike), the episode carries its first row's
     timestamp, peak and top metric, and 10 quiet rows close it; each detector has its own."""
