@@ -19,8 +19,6 @@ benchmarks/results/ingress_memory.{json,md}. `benchmarks/scale.py` measures the 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import gc
 import json
 import multiprocessing
@@ -30,27 +28,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from serving import log, save_tables
+from serving import log, rss_parts_mb, save_tables
 
 METRICS = 8
 DETECTOR = "autoencoder"
 
 
 def _rss_anon_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")  # not Linux
+    return rss_parts_mb().get("anon", float("nan"))  # nan: not Linux
 
 
 def _trim() -> None:
+    from serve.memory import libc_malloc_trim
+
     gc.collect()
-    name = ctypes.util.find_library("c")
-    if name:
-        try:
-            ctypes.CDLL(name).malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
+    trim = libc_malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def drive(machines: int, snapshots: int, with_requests: bool, on_state=None) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from serving import SERVE_PORT, load_average, local_serve, log, save_tables, use_workdir, wait_http
+from serving import SERVE_PORT, load_average, local_serve, log, rss_parts_mb, save_tables, use_workdir, wait_http
 
 from serve.settings import ServeSettings
 
@@ -155,22 +155,6 @@ def post(url: str, body: bytes) -> tuple[float, dict]:
     with urllib.request.urlopen(request, timeout=120) as response:
         answer = json.loads(response.read())
     return time.perf_counter() - started, answer
-
-
-def rss_parts_mb(pid: int) -> dict[str, float]:
-    """A process's resident memory by kind (MB), from /proc/PID/status: `anon` is its own heap (Python
-    objects, numpy arrays), `shmem` the pages of shared memory it touched (Ray's object store: a large
-    argument or answer is read in place there, and such pages count in its RSS while they are mapped),
-    `file` its mapped files (libraries). Empty where /proc has no such lines (not Linux)."""
-    parts = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("RssAnon", "RssFile", "RssShmem"):
-                parts[key.removeprefix("Rss").lower()] = round(int(value.split()[0]) / 1024, 1)
-    except OSError:
-        return {}
-    return parts
 
 
 def process_rss_mb() -> tuple[dict[str, float], dict[str, dict[str, float]]]:

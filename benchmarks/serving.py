@@ -90,6 +90,22 @@ def save_tables(name: str, result: dict[str, Any], md: list[str], show: bool = F
         print("\n".join(md))
 
 
+def rss_parts_mb(pid: int | str = "self") -> dict[str, float]:
+    """A process's resident memory by kind (MB), from /proc/PID/status: `anon` is its own heap (Python
+    objects, numpy arrays), `shmem` the pages of shared memory it touched (Ray's object store: a large
+    argument or answer is read in place there, and such pages count in its RSS while they are mapped),
+    `file` its mapped files (libraries). Empty where /proc has no such lines (not Linux)."""
+    parts = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile", "RssShmem"):
+                parts[key.removeprefix("Rss").lower()] = round(int(value.split()[0]) / 1024, 1)
+    except OSError:
+        return {}
+    return parts
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 

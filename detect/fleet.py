@@ -166,16 +166,15 @@ class Sampler:
     dropped at its last checkpoint (no small object per row to outlive a request). `add` returns the
     statistics with the checkpoints the new rows complete; a grown entity's sampler holds nothing."""
 
-    __slots__ = ("stats", "rows", "_samples", "_filled")
+    __slots__ = ("stats", "rows", "_samples")
 
-    #: where each checkpoint's sample rows start in the array, and how many it has
+    #: where each checkpoint's sample rows start in the array, and how many it takes
     _SIZES = tuple(len(range(0, c, stride(c))) for c in CHECKPOINTS)
     _STARTS = tuple(int(x) for x in np.cumsum((0,) + _SIZES[:-1]))
 
     def __init__(self, metrics: int) -> None:
         self.stats, self.rows = EntityStats.empty(metrics), 0
         self._samples: np.ndarray | None = np.empty((sum(self._SIZES), metrics))
-        self._filled = [0] * len(CHECKPOINTS)
 
     @property
     def held_bytes(self) -> int:
@@ -189,14 +188,13 @@ class Sampler:
                 if c <= self.rows:
                     continue  # reached before these rows
                 take = np.flatnonzero((index < c) & (index % stride(c) == 0))
-                at = self._STARTS[k] + self._filled[k]
+                at = self._STARTS[k] + -(-self.rows // stride(c))  # rows 0, stride, ... before self.rows: taken
                 self._samples[at : at + len(take)] = new[take]
-                self._filled[k] += len(take)
                 if self.rows + len(new) >= c:
-                    sample = self._samples[self._STARTS[k] : self._STARTS[k] + self._filled[k]]
+                    sample = self._samples[self._STARTS[k] : self._STARTS[k] + self._SIZES[k]]
                     self.stats = self.stats.with_checkpoint(c, sample)
             if self.rows + len(new) >= CHECKPOINTS[-1]:
-                self._samples = self._filled = None
+                self._samples = None
         self.rows += len(new)
         return self.stats
 

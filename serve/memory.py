@@ -22,7 +22,8 @@ TRIM_EVERY_S = 5.0
 TRIM_DELAY_S = 0.5
 
 
-def _malloc_trim() -> Any:
+def libc_malloc_trim() -> Any:
+    """glibc's `malloc_trim`, or None where the C library is not glibc."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return libc.malloc_trim
@@ -37,7 +38,7 @@ class MemoryTrim:
 
     def __init__(self, rows: int = TRIM_ROWS, every_s: float = TRIM_EVERY_S, delay_s: float = TRIM_DELAY_S) -> None:
         self.rows, self.every_s, self.delay_s = rows, every_s, delay_s
-        self._trim = _malloc_trim()
+        self._trim = libc_malloc_trim()
         self._last = -float("inf")
         self._scheduled = False
         self._lock = threading.Lock()
