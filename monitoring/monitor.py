@@ -28,6 +28,7 @@ from detect.drift import DriftConfig, EntityDriftDetectors, as_drift_reference
 from detect.kinds import DETECTOR_KINDS
 from detect.state import ServingStore, state_dir
 from monitoring.events import DriftEventStore
+from monitoring.served import ServedColumns
 from monitoring.trigger import RetrainGate, RetrainTrigger
 
 log = logging.getLogger("raywatch.monitor")
@@ -196,8 +197,11 @@ class DriftMonitor:
         return {"model": self.model, "entity": entity, "reference_rows": len(rows)}
 
     # -- observing and testing ---------------------------------------------------------------------------
-    def observe(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """Take a batch of served rows ({entity, timestamp, values, score, is_anomaly, path}); test full windows."""
+    def observe(self, items: list[dict[str, Any]] | ServedColumns) -> dict[str, Any]:
+        """Take a batch of served rows ({entity, timestamp, values, score, is_anomaly, path}, or the ingress's
+        columns of them); test full windows."""
+        if isinstance(items, ServedColumns):
+            items = items.rows()
         now = time.monotonic()
         if now - self._checked_version > self.config.version_check_s:
             self._checked_version = now

@@ -41,6 +41,7 @@ from detect.kinds import FORECASTER
 from detect.state import ServingStore
 from detect.state import state_dir as current_state_dir
 from monitoring.events import DriftEventStore
+from monitoring.served import ServedColumns, ServedColumnsBuilder
 from monitoring.trigger import gate_key
 from serve import schemas as S
 from serve.auth import KEYS_FILE_ENV, AuthError, check_admin, feedback_trusted
@@ -716,7 +717,7 @@ class RaywatchAPI:
         )
 
     # -- drift monitors -----------------------------------------------------------------------------------
-    async def _deliver_to_monitor(self, name: str, items: list[dict[str, Any]]) -> None:
+    async def _deliver_to_monitor(self, name: str, rows: ServedColumns) -> None:
         """Hand served rows to the model's monitor actor (created on first use, detached, restartable)."""
         # deferred, like the registry below: the monitor module brings MLflow and torch, which an ingress
         # replica would otherwise load at start (slower restarts) and never use
@@ -727,7 +728,7 @@ class RaywatchAPI:
                 monitors.get_or_create, name, self.monitor_config, str(self.state_root), _registry().tracking_uri()
             )
         try:
-            await self.monitors[name].observe.remote(items)
+            await self.monitors[name].observe.remote(rows)
         except Exception:
             self.monitors.pop(name, None)  # asked for again on the next batch
             raise
@@ -880,6 +881,7 @@ class RaywatchAPI:
         started = time.perf_counter()
         flat = [plan for _, plans in planned for plan in plans]
         results = iter(await self._results(flat, gather=len(batch) == 1))
+        served = ServedColumnsBuilder()  # for the drift monitors: one set of columns per model, not a dict per row
         out = []
         for (entity, new, metrics, timestamps), (rows, plans) in zip(batch, planned):
             scored = {}
@@ -893,9 +895,14 @@ class RaywatchAPI:
                     )
                 spot = self._served_spot(infos[plan.name], plan, path, ref)
                 arrays["alerts"], arrays["threshold"] = self.alerts.observe(plan.name, entity, arrays, timestamps, spot)
-                self.monitor_feed.offer(plan.name, entity, timestamps, new, path, arrays, plan.item.get("model_key"))
+                thresholds = S.row_thresholds(arrays)
+                served.add(
+                    plan.name, entity, timestamps, new, path, arrays["scores"], thresholds, plan.item.get("model_key")
+                )
                 self._count_alerts(plan.name, arrays["alerts"])
             out.append(scored)
+        for model, rows in served.batches():
+            self.monitor_feed.offer(model, rows)
         self.m_alerts_firing.set(self.alerts.firing())  # once per request, not per entity of a snapshot
         self.memory.after(sum(len(new) for _, new, _, _ in batch))
         return out

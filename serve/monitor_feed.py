@@ -10,22 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
 
-import numpy as np
-
-from serve.schemas import row_thresholds
+from monitoring.served import ServedColumns
 
 log = logging.getLogger(__name__)
 
 MONITOR_BATCH_ROWS = 5_000  # rows per call to a monitor
 
-Deliver = Callable[[str, list[dict[str, Any]]], Awaitable[None]]  # (model, rows) -> the model's monitor has them
+Deliver = Callable[[str, ServedColumns], Awaitable[None]]  # (model, rows) -> the model's monitor has them
 Count = Callable[[str, int, str | None], None]  # (model, rows, reason or None for delivered)
 
 
 class MonitorFeed:
+    """A bounded queue of served rows (counted in rows, held as columns: monitoring/served.py) and the task
+    that drains it into each model's monitor."""
+
     def __init__(
         self,
         deliver: Deliver,
@@ -41,72 +42,66 @@ class MonitorFeed:
             count,
             enabled,
         )
-        self.queue: asyncio.Queue | None = None  # created on first use, in the replica's event loop
+        self.queue: deque[tuple[str, ServedColumns]] = deque()
+        self.pending = 0  # rows in the queue
         self.dropped = 0
+        self._ready: asyncio.Event | None = None  # created on first use, in the replica's event loop
         self._task: asyncio.Task | None = None
 
-    def offer(
-        self,
-        model: str,
-        entity: str,
-        timestamps: list,
-        values: np.ndarray,
-        path: str,
-        arrays: dict[str, Any],
-        model_key: str | None = None,
-    ) -> None:
-        """Queue what `model` served for `entity`; never waits. Scores count only when the champion served
-        them: a challenger's or the fallback's say nothing about the champion's drift. `model_key` names the
-        fleet model that scored a new entity: the monitor keeps its rows for the job that trains its own."""
-        if not self.enabled:
+    def offer(self, model: str, rows: ServedColumns) -> None:
+        """Queue what `model` served (`monitoring.served.ServedColumnsBuilder`); never waits. What does not fit
+        is counted as dropped."""
+        if not self.enabled or not len(rows):
             return
-        if self.queue is None:
-            self.queue = asyncio.Queue(maxsize=self.queue_rows)
+        if self._ready is None:
+            self._ready = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self.run())
-        champion = path == "champion"
-        thresholds = row_thresholds(arrays).tolist()
-        scores = np.asarray(arrays["scores"], dtype=np.float64).tolist()
-        for ts, row, score, threshold in zip(timestamps, values.tolist(), scores, thresholds):
-            item = {
-                "entity": entity,
-                "timestamp": ts,
-                "values": row,
-                "score": score if champion else None,
-                "is_anomaly": score >= threshold if champion else None,
-                "path": path,
-            }
-            if model_key and model_key != entity:
-                item["model_key"] = model_key
-            try:
-                self.queue.put_nowait((model, item))
-            except asyncio.QueueFull:
-                self._lost(model, 1, "queue_full")
+        room = self.queue_rows - self.pending
+        if len(rows) > room:
+            self._lost(model, len(rows) - room, "queue_full")
+            rows = rows.split(room)[0]
+        if len(rows):
+            self.queue.append((model, rows))
+            self.pending += len(rows)
+            self._ready.set()
+
+    def take(self, limit: int = MONITOR_BATCH_ROWS) -> dict[str, list[ServedColumns]]:
+        """Up to `limit` queued rows, oldest first, grouped by model and metric count (one monitor call each)."""
+        taken: dict[tuple[str, int], list[ServedColumns]] = {}
+        while self.queue and limit:
+            model, rows = self.queue.popleft()
+            if len(rows) > limit:
+                rows, rest = rows.split(limit)
+                self.queue.appendleft((model, rest))
+            self.pending -= len(rows)
+            limit -= len(rows)
+            taken.setdefault((model, rows.width), []).append(rows)
+        out: dict[str, list[ServedColumns]] = {}
+        for (model, _), parts in taken.items():
+            out.setdefault(model, []).append(ServedColumns.concat(parts))
+        return out
 
     async def run(self) -> None:
-        """Drain the queue: wait for a row, let more gather for `flush_s` (one monitor call and commit per
-        flush), then deliver up to MONITOR_BATCH_ROWS rows, grouped by model."""
-        queue = self.queue
+        """Drain the queue: wait for rows, let more gather for `flush_s` (one monitor call and commit per
+        flush), then deliver up to MONITOR_BATCH_ROWS rows."""
+        assert self._ready is not None
         while True:
-            batches: dict[str, list[dict[str, Any]]] = {}
-            model, item = await queue.get()
-            batches.setdefault(model, []).append(item)
+            await self._ready.wait()
             await asyncio.sleep(self.flush_s)
-            taken = 1
-            while not queue.empty() and taken < MONITOR_BATCH_ROWS:
-                model, item = queue.get_nowait()
-                batches.setdefault(model, []).append(item)
-                taken += 1
-            for model, items in batches.items():
-                try:
-                    await self.deliver(model, items)
-                    self.count(model, len(items), None)
-                except Exception as exc:  # the monitor is down for good: count the loss, keep serving
-                    self._lost(model, len(items), "monitor_error")
-                    log.warning("monitor call failed", extra={"detector": model, "error": str(exc)})
+            for model, batches in self.take().items():
+                for rows in batches:
+                    try:
+                        await self.deliver(model, rows)
+                        self.count(model, len(rows), None)
+                    except Exception as exc:  # the monitor is down for good: count the loss, keep serving
+                        self._lost(model, len(rows), "monitor_error")
+                        log.warning("monitor call failed", extra={"detector": model, "error": str(exc)})
+            if not self.queue:
+                self._ready.clear()
 
     def _lost(self, model: str, rows: int, reason: str) -> None:
         self.dropped += rows
         self.count(model, rows, reason)
 
     def status(self) -> dict[str, int]:
-        return {"pending": self.queue.qsize() if self.queue else 0, "dropped": self.dropped}
+        return {"pending": self.pending, "dropped": self.dropped}

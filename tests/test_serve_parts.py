@@ -5,11 +5,13 @@ blocks, counts what it cannot deliver)."""
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 
 import numpy as np
 import pytest
 
 from detect.state import ServingStore, connect
+from monitoring.served import ServedColumns, ServedColumnsBuilder
 from serve.auth import KEYS_FILE_ENV, AuthError, feedback_trusted
 from serve.history import FALLBACK_THRESHOLD, AlertBook, EntityHistory, fallback_scores
 from serve.monitor_feed import MonitorFeed
@@ -60,15 +62,17 @@ def test_fallback_flags_a_row_far_from_the_recent_history():
 
 def _offer(feed: MonitorFeed, model: str, n: int, path: str) -> None:
     """`n` rows served by `model` along `path`, scored 0, 1, ..., n-1 against a threshold of 1.5."""
-    arrays = {"scores": np.arange(n, dtype=float), "threshold": 1.5}
-    feed.offer(model, "e", list(range(n)), np.ones((n, 2)), path, arrays)
+    served = ServedColumnsBuilder()
+    served.add(model, "e", list(range(n)), np.ones((n, 2)), path, np.arange(n, dtype=float), np.full(n, 1.5))
+    for model, rows in served.batches():
+        feed.offer(model, rows)
 
 
 def test_feed_delivers_served_rows_in_batches_with_champion_scores_only():
     delivered: list[tuple[str, list]] = []
 
-    async def deliver(model, items):
-        delivered.append((model, items))
+    async def deliver(model, rows):
+        delivered.append((model, rows.rows()))
 
     async def scenario():
         feed = MonitorFeed(deliver, queue_rows=100, flush_s=0.01)
@@ -114,6 +118,68 @@ def test_a_disabled_feed_takes_nothing():
         return feed.status()
 
     assert asyncio.run(scenario()) == {"pending": 0, "dropped": 0}
+
+
+def test_served_columns_give_the_monitor_its_rows_per_model_and_width():
+    served = ServedColumnsBuilder()
+    at = np.full(2, 1.5)
+    served.add("lstm", "a", ["t0", "t1"], np.array([[1.0, 2.0], [3.0, 4.0]]), "champion", np.array([1.0, 2.0]), at)
+    served.add("lstm", "new", ["t0"], np.array([[5.0, 6.0]]), "champion", np.array([0.5]), at[:1], model_key="fleet:x")
+    served.add("lstm", "b", ["t0"], np.array([[7.0, 8.0, 9.0]]), "fallback", np.array([9.0]), at[:1])
+    batches = served.batches()
+    assert [(model, len(rows), rows.width) for model, rows in batches] == [("lstm", 3, 2), ("lstm", 1, 3)]
+    rows = batches[0][1].rows()
+    assert [r["entity"] for r in rows] == ["a", "a", "new"] and rows[1]["values"] == [3.0, 4.0]
+    assert [r["is_anomaly"] for r in rows] == [False, True, False] and rows[0]["score"] == 1.0
+    assert rows[2]["model_key"] == "fleet:x" and "model_key" not in rows[0]
+    fallback = batches[1][1].rows()[0]
+    assert fallback["score"] is None and fallback["is_anomaly"] is None and fallback["path"] == "fallback"
+
+
+def test_feed_hands_a_monitor_at_most_a_batch_of_rows_oldest_first():
+    async def scenario():
+        feed = MonitorFeed(_never_called, queue_rows=100, flush_s=60)
+        _offer(feed, "lstm", 7, "champion")
+        _offer(feed, "lstm", 4, "champion")
+        first, second = feed.take(limit=5), feed.take(limit=100)
+        return feed, first, second
+
+    feed, first, second = asyncio.run(scenario())
+    assert [r["timestamp"] for part in first["lstm"] for r in part.rows()] == [0, 1, 2, 3, 4]
+    assert [r["timestamp"] for part in second["lstm"] for r in part.rows()] == [5, 6, 0, 1, 2, 3]
+    assert len(second["lstm"]) == 1  # the same model and width: one monitor call
+    assert feed.status() == {"pending": 0, "dropped": 0}
+
+
+def test_a_full_feed_holds_a_snapshot_as_columns_not_objects_per_row():
+    """At a 10,000-machine snapshot the queue is full between monitor calls: it must hold its rows in a
+    few arrays (about 100 bytes a row here), not the dict, list and floats per row it once held (about 670)."""
+    n, width = 20_000, 8
+    entities = [f"machine-{i}" for i in range(n)]
+    values, scores = np.random.default_rng(0).normal(size=(n, width)), np.arange(n, dtype=float)
+    threshold = np.full(1, 10.0)
+
+    async def scenario():
+        feed = MonitorFeed(_never_called, queue_rows=n, flush_s=60)
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        served = ServedColumnsBuilder()
+        for i, entity in enumerate(entities):
+            served.add("autoencoder", entity, [1.0e9], values[i : i + 1], "champion", scores[i : i + 1], threshold)
+        for model, rows in served.batches():
+            feed.offer(model, rows)
+        del served
+        held = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        return feed, held
+
+    feed, held = asyncio.run(scenario())
+    assert feed.status() == {"pending": n, "dropped": 0}
+    assert held / n < 200, f"{held / n:.0f} bytes per queued row"
+
+
+async def _never_called(model: str, rows: ServedColumns) -> None:
+    pytest.fail("delivered before the flush")
 
 
 def test_feedback_trust_follows_the_policy_and_the_key(tmp_path, monkeypatch):
