@@ -9,7 +9,7 @@ snapshot, and measured two ways:
 - **RssAnon growth** (`/proc/self/status`, after `gc.collect()` and `malloc_trim(0)`, as the replica trims
   after a big request) for `--large` machines: once with the state alone, once with the objects a request
   makes around it (the parsed rows, the detector items and answers, the response rows, the monitor feed's
-  rows), freed after each snapshot. The gap between live bytes and RSS is memory the allocators cannot give
+  columns), freed after each snapshot. The gap between live bytes and RSS is memory the allocators cannot give
   back: pages that a few long-lived objects, made while a request's short-lived ones were about, keep.
 
 `python benchmarks/ingress_memory.py` (about 6 minutes on 2 cores; `make bench-ingress-memory`) writes
@@ -52,6 +52,7 @@ def drive(machines: int, snapshots: int, with_requests: bool, on_state=None) -> 
     `_score_entities` does; with `with_requests`, a request's own objects are made around each snapshot's
     updates and freed after it. Calls `on_state(state)` once the state exists (tracemalloc's baseline)."""
     from detect.fleet import MAX_WINDOW
+    from monitoring.served import ServedColumnsBuilder
     from serve.history import AlertBook, ColdStarts, EntityHistory
 
     rng = np.random.default_rng(0)
@@ -76,7 +77,7 @@ def drive(machines: int, snapshots: int, with_requests: bool, on_state=None) -> 
                 }
             )
             parsed = json.loads(body)["rows"]
-        request_objects = []
+        request_objects, served = [], ServedColumnsBuilder()
         for e, entity in enumerate(names):
             new = values[e : e + 1]
             timestamp = parsed[e]["timestamp"] if parsed else stamp
@@ -94,16 +95,18 @@ def drive(machines: int, snapshots: int, with_requests: bool, on_state=None) -> 
             }
             arrays["threshold"] = cold.threshold(DETECTOR, entity, arrays["scores"], arrays["threshold"])
             arrays["alerts"], arrays["threshold"] = alerts.observe(DETECTOR, entity, arrays, [timestamp])
-            if with_requests:  # the detector item, its answer, the response row, the monitor feed's row
+            if with_requests:  # the detector item, its answer, the response row, the monitor feed's columns
                 item = {"entity": entity, "path": "champion", "rows": rows[-65:], "n_new": 1}
                 item["stats"] = (needed.rows, needed.values)
                 score = float(arrays["scores"][0])
                 result = {"score": score, "threshold": float(arrays["threshold"]), "path": "champion"}
                 result["top_metrics"] = [metrics[j] for j in arrays["top"][0]]
                 response = {"entity": entity, "timestamp": timestamp, "detectors": {DETECTOR: result}}
-                monitor = {"entity": entity, "timestamp": timestamp, "values": new[0].tolist(), "score": score}
-                request_objects.append((item, dict(arrays), response, monitor))
-        del request_objects, parsed
+                thresholds = np.broadcast_to(np.asarray(arrays["threshold"], dtype=np.float64), 1)
+                served.add(DETECTOR, entity, [timestamp], new, "champion", arrays["scores"], thresholds)
+                request_objects.append((item, dict(arrays), response))
+        monitor_rows = served.batches()  # queued until the monitor takes them: freed with the request here
+        del request_objects, parsed, served, monitor_rows
         _trim()
     return {"rss_anon_growth_mb": round(_rss_anon_mb() - start, 1), "state": (history, cold, alerts)}
 
