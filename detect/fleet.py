@@ -84,21 +84,12 @@ class EntityStats:
     values: np.ndarray  # (K, 2, M)
 
     @classmethod
-    def empty(cls, metrics: int) -> EntityStats:
-        return cls(np.zeros(0, dtype=np.int64), np.zeros((0, 2, metrics)))
-
-    @classmethod
     def of_series(cls, values: np.ndarray) -> EntityStats:
         """The checkpoints a series from its first row reaches."""
         values = np.asarray(values, dtype=np.float64)
         reached = [c for c in CHECKPOINTS if c <= len(values)]
         stats = [robust_stats(values[: c : stride(c)]) for c in reached]
         return cls(np.array(reached, dtype=np.int64), np.stack(stats) if stats else np.zeros((0, 2, values.shape[1])))
-
-    def with_checkpoint(self, checkpoint: int, sample: np.ndarray) -> EntityStats:
-        """These statistics and the next checkpoint's, from its `sample` (rows 0, stride, 2 x stride, ...)."""
-        values = robust_stats(sample)[None]
-        return EntityStats(np.append(self.rows, checkpoint), np.concatenate([self.values, values]))
 
     def for_windows_from(self, start: int) -> EntityStats:
         """The checkpoints that windows starting at row `start` or later can use (what a request sends)."""
