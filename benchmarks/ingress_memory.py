@@ -54,6 +54,7 @@ def drive(machines: int, snapshots: int, with_requests: bool, on_state=None) -> 
     from detect.fleet import MAX_WINDOW
     from monitoring.served import ServedColumnsBuilder
     from serve.history import AlertBook, ColdStarts, EntityHistory
+    from serve.schemas import row_thresholds
 
     rng = np.random.default_rng(0)
     metrics = [f"m{i}" for i in range(METRICS)]
@@ -102,7 +103,7 @@ def drive(machines: int, snapshots: int, with_requests: bool, on_state=None) -> 
                 result = {"score": score, "threshold": float(arrays["threshold"]), "path": "champion"}
                 result["top_metrics"] = [metrics[j] for j in arrays["top"][0]]
                 response = {"entity": entity, "timestamp": timestamp, "detectors": {DETECTOR: result}}
-                thresholds = np.broadcast_to(np.asarray(arrays["threshold"], dtype=np.float64), 1)
+                thresholds = row_thresholds(arrays)
                 served.add(DETECTOR, entity, [timestamp], new, "champion", arrays["scores"], thresholds)
                 request_objects.append((item, dict(arrays), response))
         monitor_rows = served.batches()  # queued until the monitor takes them: freed with the request here

@@ -157,24 +157,26 @@ class Sampler:
     dropped at its last checkpoint (no small object per row to outlive a request). `add` returns the
     statistics with the checkpoints the new rows complete; a grown entity's sampler holds nothing."""
 
-    __slots__ = ("rows", "_samples", "_reached", "_stats_rows", "_stats_values")
+    __slots__ = ("rows", "_samples", "_reached", "_stats_values")
 
     #: where each checkpoint's sample rows start in the array, and how many it takes
     _SIZES = tuple(len(range(0, c, stride(c))) for c in CHECKPOINTS)
     _STARTS = tuple(int(x) for x in np.cumsum((0,) + _SIZES[:-1]))
+    #: the checkpoints as an array, shared by every sampler's statistics (read-only)
+    _CHECKPOINT_ROWS = np.array(CHECKPOINTS, dtype=np.int64)
+    _CHECKPOINT_ROWS.flags.writeable = False
 
     def __init__(self, metrics: int) -> None:
         self.rows, self._reached = 0, 0
         self._samples: np.ndarray | None = np.empty((sum(self._SIZES), metrics))
         # every checkpoint's statistics, allocated at the first row: nothing of the entity's is allocated later,
         # while some later request's short-lived objects are about
-        self._stats_rows = np.array(CHECKPOINTS, dtype=np.int64)
         self._stats_values = np.zeros((len(CHECKPOINTS), 2, metrics))
 
     @property
     def stats(self) -> EntityStats:
         """The statistics at the checkpoints reached (views: made per call, kept by nothing)."""
-        return EntityStats(self._stats_rows[: self._reached], self._stats_values[: self._reached])
+        return EntityStats(self._CHECKPOINT_ROWS[: self._reached], self._stats_values[: self._reached])
 
     @property
     def held_bytes(self) -> int:
