@@ -59,6 +59,8 @@ log = logging.getLogger("raywatch.serve")
 
 META_TTL_S = 2.0
 CALL_ITEMS = 2048  # items of a many-entity request sent to a detector in one call (chunks go side by side)
+SNAPSHOT_CHUNK = 1000  # a snapshot's entities planned, called, settled and answered as one step
+SNAPSHOT_STEPS_AT_ONCE = 2  # one step planned or settled here while the detectors score the other
 ROUTED_HANDLES = 4096  # handles with a multiplexed model id kept for reuse (dropped all at once beyond)
 BASELINE_ROWS = 1440  # newest kept rows an operator's /v1/admin/baseline makes the drift reference
 MAX_BODY_ENV = "RAYWATCH_MAX_BODY_BYTES"
@@ -848,12 +850,31 @@ class RaywatchAPI:
         if not accepted:
             first = rejected[0]
             raise ApiError(422, first["field"], f"no row could be scored: {first['message']}")
-        results = await self._score_rows(accepted, known, detectors)
-        for index, result in zip(where, results):
-            result["index"] = index
+        del request  # its raw rows: `accepted` holds the checked ones
+        parts = await self._snapshot_parts(accepted, where, known, detectors)
         self._observe(S.FLEET_PATH, 200, started)
-        out = {"results": results, "rejected": rejected, "scored": len(results)}
-        return Response(content=to_json(out), media_type="application/json")
+        body = b'{"results":[%s],"rejected":%s,"scored":%d}' % (b",".join(parts), to_json(rejected), len(accepted))
+        return Response(content=body, media_type="application/json")
+
+    async def _snapshot_parts(
+        self, rows: list[S.TelemetryRow], where: list[int], known: dict[str, list[str]], detectors: list[str]
+    ) -> list[bytes]:
+        """A snapshot's answer rows as JSON (each part a list's items without its brackets), scored
+        SNAPSHOT_CHUNK entities at a time with SNAPSHOT_STEPS_AT_ONCE steps under way: one chunk is planned
+        or settled here while the detectors score another, and a chunk's short-lived objects (context rows,
+        calls, answers, result dicts) are freed once its part is written. So a 10,000-entity snapshot never
+        holds all of them at once: what it holds is what the ingress's heap keeps afterwards."""
+        steps = asyncio.Semaphore(SNAPSHOT_STEPS_AT_ONCE)
+
+        async def part(start: int) -> bytes:
+            async with steps:
+                chunk = slice(start, start + SNAPSHOT_CHUNK)
+                results = await self._score_rows(rows[chunk], known, detectors)
+                for index, result in zip(where[chunk], results):
+                    result["index"] = index
+                return to_json(results)[1:-1]
+
+        return await asyncio.gather(*(part(start) for start in range(0, len(rows), SNAPSHOT_CHUNK)))
 
     async def _score_entities(
         self, batch: list[tuple[str, np.ndarray, list[str], list]], detectors: list[str]

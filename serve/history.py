@@ -76,7 +76,7 @@ class RecentRows:
         if self._buf is not None and self._buf.shape[1] != rows.shape[1]:
             self._buf, self._n = None, 0
         total = self._n + len(rows)
-        if self._buf is None or total > len(self._buf):
+        if self._buf is None or (total > len(self._buf) and len(self._buf) < self.maxlen):
             size = min(self.maxlen, 1 << max(total - 1, 0).bit_length())
             grown = np.empty((size, rows.shape[1]))
             keep = min(self._n, size - len(rows))

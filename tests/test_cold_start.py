@@ -132,6 +132,42 @@ def test_a_snapshot_of_many_new_entities_scores_each_as_the_batch_path(cold):
         np.testing.assert_allclose(served[e], fleet.runtime.score_series(series[e]), rtol=1e-5, atol=1e-6)
 
 
+def test_a_snapshot_wider_than_a_step_is_answered_in_order_with_its_bad_rows_by_index(cold):
+    """A 2,500-entity snapshot is scored in steps of `SNAPSHOT_CHUNK` entities (serve/app.py), two under way
+    at once, and its answer written a step at a time. The answer is still one list in the snapshot's order,
+    each row with its index, the bad rows rejected by theirs wherever they fall, and each entity's scores the
+    fleet model's batch scores of its own rows."""
+    from serve.app import SNAPSHOT_CHUNK
+    from serve.detectors import load_models
+
+    client, metrics, values, key = cold
+    n, bad = 2500, {3, SNAPSHOT_CHUNK + 1, 2 * SNAPSHOT_CHUNK + 7}
+    assert n > 2 * SNAPSHOT_CHUNK
+    entities = [f"fleet-wide-{i}" for i in range(n)]
+    served: dict[str, list[float]] = {e: [] for e in entities}
+    for t in range(2):
+        rows = [
+            {"entity": e, "metrics": dict(zip(metrics, values[i % 500 + t].tolist()))} for i, e in enumerate(entities)
+        ]
+        for i in bad:
+            rows[i] = {"entity": entities[i], "metrics": {}}  # no metric: rejected by its index
+        answer = client.post("/v1/score/fleet", json={"timestamp": float(t), "rows": rows})
+        assert answer.status_code == 200, answer.text[:300]
+        body = answer.json()
+        assert body["scored"] == n - len(bad)
+        assert [r["index"] for r in body["results"]] == [i for i in range(n) if i not in bad]
+        assert [r["entity"] for r in body["results"]] == [e for i, e in enumerate(entities) if i not in bad]
+        assert sorted(r["index"] for r in body["rejected"]) == sorted(bad)
+        assert all(r["field"].startswith(f"rows[{r['index']}].metrics") for r in body["rejected"]), body["rejected"]
+        for result in body["results"]:
+            served[result["entity"]].append(result["detectors"]["autoencoder"]["anomaly_score"])
+    fleet = load_models("autoencoder")[key]
+    for i in range(0, n, 97):
+        if i not in bad:
+            expected = fleet.runtime.score_series(values[i % 500 : i % 500 + 2])
+            np.testing.assert_allclose(served[entities[i]], expected, rtol=1e-5, atol=1e-6)
+
+
 def test_its_own_model_takes_over_after_the_retraining_job(cold):
     from train import jobs
 

@@ -51,6 +51,22 @@ def test_history_keeps_copies_of_its_rows_not_views_pinning_the_whole_request():
     assert sum(b.nbytes for b in buffers.values()) <= 16 * 38 * 8
 
 
+def test_a_full_history_takes_new_rows_in_its_own_buffer_not_a_new_one_per_row():
+    """Once an entity has `rows` samples, each new one is shifted into the same buffer. A new buffer per row
+    would be a long-lived allocation made among every request's short-lived objects: the heap fragmentation
+    that made the ingress's memory grow with the fleet (issue 20)."""
+    history = EntityHistory(rows=8)
+    rows = np.arange(40, dtype=float).reshape(20, 2)
+    for row in rows[:8]:
+        history.context_and_new("e", row[None], context=0)
+    buffer = np.asarray(history.of("e").array()).base
+    for row in rows[8:]:
+        history.context_and_new("e", row[None], context=0)
+    kept = history.of("e").array()
+    assert kept.base is buffer
+    np.testing.assert_array_equal(kept, rows[-8:])
+
+
 def test_fallback_flags_a_row_far_from_the_recent_history():
     rng = np.random.default_rng(0)
     rows = np.vstack([rng.normal(0, 1, (50, 3)), [[0.0, 0.0, 0.0], [40.0, 0.0, 0.0]]])
