@@ -33,7 +33,9 @@ from ingest.prometheus import SourceError, align, fetch_frame, load_source, pars
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "cluster" / "prometheus" / "source.example.yaml"
 RULES = REPO / "cluster" / "prometheus" / "rules.yml"
-PROM_PORT, NODE_PORT, AM_PORT, EXPORTER_PORT, SERVE_PORT = 19090, 19100, 19093, 19110, 8140
+# Fixed ports between Ray's worker ports (10002-19999 by default: a worker of this session's cluster may hold
+# any of them, as 19110 once was in CI) and Linux's ephemeral ports (32768 and up: outgoing connections)
+PROM_PORT, NODE_PORT, AM_PORT, EXPORTER_PORT, SERVE_PORT = 29090, 29100, 29093, 29110, 8140
 PACKAGES = ("prometheus", "prometheus-node-exporter", "prometheus-alertmanager")
 BINARIES = {"prometheus": "prometheus", "node_exporter": "prometheus-node-exporter"}
 BINARIES |= {"alertmanager": "prometheus-alertmanager", "promtool": "promtool"}
