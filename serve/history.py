@@ -41,7 +41,8 @@ def lru_entry(table: OrderedDict, key: Any, bound: int, create: Callable[[], Any
 class RecentRows:
     """One entity's last `maxlen` samples as one float64 array (oldest first), not a row object each: about
     M x 8 bytes a row, what keeps 10,000 entities' histories small. Its buffer grows by doubling up to
-    `maxlen` rows; a sample of another width (the entity's metrics changed) starts it again."""
+    `maxlen` rows, then takes new rows in place (the oldest shifted out); a sample of another width (the
+    entity's metrics changed) starts it again."""
 
     __slots__ = ("maxlen", "_buf", "_n")
 
