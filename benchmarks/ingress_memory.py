@@ -32,6 +32,7 @@ from serving import log, rss_parts_mb, save_tables
 
 METRICS = 8
 DETECTOR = "autoencoder"
+CONTEXT = 15  # rows the fleet autoencoder reads before a new row (its 16-row window, the shipped default)
 
 
 def _rss_anon_mb() -> float:
@@ -83,7 +84,7 @@ def drive(machines: int, snapshots: int, with_requests: bool, on_state=None) -> 
             new = values[e : e + 1]
             timestamp = parsed[e]["timestamp"] if parsed else stamp
             stats, first = cold.admit(entity, new)
-            rows = history.context_and_new(entity, new, MAX_WINDOW)
+            rows = history.context_and_new(entity, new, CONTEXT)
             needed = stats.for_windows_from(first + 1 - len(rows) - MAX_WINDOW + 1)
             top = np.argsort(-np.abs(new), axis=1)[:, :3]
             arrays = {
@@ -97,7 +98,7 @@ def drive(machines: int, snapshots: int, with_requests: bool, on_state=None) -> 
             arrays["threshold"] = cold.threshold(DETECTOR, entity, arrays["scores"], arrays["threshold"])
             arrays["alerts"], arrays["threshold"] = alerts.observe(DETECTOR, entity, arrays, [timestamp])
             if with_requests:  # the detector item, its answer, the response row, the monitor feed's columns
-                item = {"entity": entity, "path": "champion", "rows": rows[-65:], "n_new": 1}
+                item = {"entity": entity, "path": "champion", "rows": rows[-(CONTEXT + 1) :], "n_new": 1}
                 item["stats"] = (needed.rows, needed.values)
                 score = float(arrays["scores"][0])
                 result = {"score": score, "threshold": float(arrays["threshold"]), "path": "champion"}

@@ -20,7 +20,8 @@ from detect.attribution import hold_peaks
 from detect.fleet import EntityStats, OwnThreshold, Sampler
 from detect.thresholds import SPOT
 
-HISTORY_ROWS = 64  # raw samples kept per entity: every served model's context and the fallback's baseline
+HISTORY_ROWS = 64  # the most raw samples kept per entity: the longest context a served model may read
+HISTORY_FLOOR = 32  # the fewest kept (when its models read fewer): the fallback baseline's reference rows
 MAX_ENTITIES = 100_000
 FALLBACK_THRESHOLD = 3.0  # mean robust z-score above which the baseline flags a row
 
@@ -93,18 +94,27 @@ class RecentRows:
 
 
 class EntityHistory:
-    """The last `rows` samples of up to `max_entities` entities; the least recently seen entity goes first."""
+    """The recent samples of up to `max_entities` entities; the least recently seen entity goes first. Each
+    keeps what the models that score it read before a new row, at least `floor` rows (the fallback
+    baseline's reference) and at most `rows`: a machine scored by a 16-row model keeps 32 rows, not 64
+    (2 KB less at 8 metrics; 20 MB of the ingress's heap at 10,000 machines)."""
 
-    def __init__(self, rows: int = HISTORY_ROWS, max_entities: int = MAX_ENTITIES) -> None:
-        self.rows, self.max_entities = rows, max_entities
+    def __init__(self, rows: int = HISTORY_ROWS, max_entities: int = MAX_ENTITIES, floor: int = HISTORY_FLOOR) -> None:
+        self.rows, self.max_entities, self.floor = rows, max_entities, min(floor, rows)
         self._entities: OrderedDict[str, RecentRows] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entities)
 
-    def of(self, entity: str) -> RecentRows:
-        """The entity's samples (oldest first), created empty on first sight; marks it recently seen."""
-        return lru_entry(self._entities, entity, self.max_entities, lambda: RecentRows(self.rows))[0]
+    def of(self, entity: str, context: int | None = None) -> RecentRows:
+        """The entity's samples (oldest first), created empty on first sight; marks it recently seen. With
+        `context` (the rows its models read before a new row), it keeps at least that many from now on;
+        without, a new entity keeps `rows`."""
+        keep = self.rows if context is None else min(self.rows, max(self.floor, context))
+        hist = lru_entry(self._entities, entity, self.max_entities, lambda: RecentRows(keep))[0]
+        if context is not None and hist.maxlen < keep:
+            hist.maxlen = keep  # a model that reads more now serves it: its buffer grows from the next row
+        return hist
 
     def peek(self, entity: str) -> RecentRows | None:
         """The entity's samples if it has any, without creating or touching it."""
@@ -112,7 +122,7 @@ class EntityHistory:
 
     def context_and_new(self, entity: str, new: np.ndarray, context: int) -> np.ndarray:
         """The last `context` stored samples followed by `new` (what the detectors score), then store `new`."""
-        hist = self.of(entity)
+        hist = self.of(entity, context)
         prior = hist.last(context)
         rows = np.concatenate([prior, new]) if len(prior) else new
         hist.extend(new)  # copied into the entity's own buffer: no view pins the request's array

@@ -67,6 +67,22 @@ def test_a_full_history_takes_new_rows_in_its_own_buffer_not_a_new_one_per_row()
     np.testing.assert_array_equal(kept, rows[-8:])
 
 
+def test_an_entity_keeps_what_its_models_read_at_least_the_floor_and_more_when_a_model_reads_more():
+    """A machine scored by a model that reads 15 rows before a new one keeps the floor's 32 rows, in a
+    buffer of 32 rows, not 64; once a model that reads 40 serves it, it keeps 40 from then on."""
+    history = EntityHistory(rows=64, floor=32)
+    rows = np.arange(200, dtype=float).reshape(100, 2)
+    for row in rows[:50]:
+        history.context_and_new("e", row[None], context=15)
+    kept = history.of("e").array()
+    np.testing.assert_array_equal(kept, rows[18:50])
+    assert kept.base.nbytes == 32 * 2 * 8
+    for row in rows[50:]:
+        context = history.context_and_new("e", row[None], context=40)
+    assert len(context) == 41
+    np.testing.assert_array_equal(history.of("e").array(), rows[-40:])
+
+
 def test_fallback_flags_a_row_far_from_the_recent_history():
     rng = np.random.default_rng(0)
     rows = np.vstack([rng.normal(0, 1, (50, 3)), [[0.0, 0.0, 0.0], [40.0, 0.0, 0.0]]])
