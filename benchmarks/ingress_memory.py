@@ -30,9 +30,11 @@ from typing import Any
 import numpy as np
 from serving import log, rss_parts_mb, save_tables
 
+from detect.sequence import SequenceConfig
+
 METRICS = 8
 DETECTOR = "autoencoder"
-CONTEXT = 15  # rows the fleet autoencoder reads before a new row (its 16-row window, the shipped default)
+CONTEXT = SequenceConfig().window - 1  # rows the fleet autoencoder reads before a new row (the shipped window)
 
 
 def _rss_anon_mb() -> float:
