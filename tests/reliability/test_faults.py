@@ -41,13 +41,14 @@ def test_kill_one_replica_of_each_deployment_under_load(served, figures):
     import ray
 
     bound = recovery_bound(figures)
+    rate = kill_load_rps(figures)
 
     victims = {}
     for name in DEPLOYMENTS:
         alive = served.replicas(name)
         assert len(alive) == REPLICAS, f"{name}: {len(alive)} replicas, the test needs {REPLICAS}"
         victims[name] = alive[0]
-    gen = LoadGenerator(served, rate=KILL_LOAD_RPS, concurrency=16).start()
+    gen = LoadGenerator(served, rate=rate, concurrency=16).start()
     time.sleep(3.0)
     killed_at = time.monotonic()
     for victim in victims.values():
@@ -70,7 +71,7 @@ def test_kill_one_replica_of_each_deployment_under_load(served, figures):
     gen.stop()
     summary = summarize(gen.outcomes)
     figures["replica_kill"] = {
-        "load_rps": KILL_LOAD_RPS,
+        "load_rps": rate,
         "killed": {name: victims[name].pid for name in DEPLOYMENTS},
         "noticed_s": noticed,
         "recovery_s": recovered,
@@ -80,7 +81,7 @@ def test_kill_one_replica_of_each_deployment_under_load(served, figures):
     }
     errors = [o.error for o in gen.outcomes if not 200 <= o.status < 300][:5]
     assert set(recovered) == set(DEPLOYMENTS), f"not back to {REPLICAS} replicas: {set(DEPLOYMENTS) - set(recovered)}"
-    assert summary["requests"] >= 10 * KILL_LOAD_RPS, summary
+    assert summary["requests"] >= 10 * rate, summary
     assert summary["error_rate"] < MAX_ERROR_RATE, (summary, errors)
     assert max(recovered.values()) <= bound and full_service <= bound, figures["replica_kill"]
 
@@ -88,6 +89,13 @@ def test_kill_one_replica_of_each_deployment_under_load(served, figures):
 def recovery_bound(figures: dict) -> float:
     """RECOVERY_S, or the time the session's deploy took where this machine was slower than that."""
     return max(RECOVERY_S, figures.get("deploy_s", 0.0))
+
+
+def kill_load_rps(figures: dict) -> float:
+    """KILL_LOAD_RPS, scaled down by as much as the session's deploy took longer than RECOVERY_S: on a machine
+    that slow (a CI run at 2-4x its usual time) 20 requests/s are more than the surviving replicas answer
+    while their replacements start, and the test would measure the overload, not the failover."""
+    return round(KILL_LOAD_RPS * min(1.0, RECOVERY_S / max(figures.get("deploy_s", 0.0), RECOVERY_S)), 1)
 
 
 def test_feedback_acknowledged_survives_ingress_crash(served, figures):
