@@ -95,7 +95,7 @@ def kill_load_rps(figures: dict) -> float:
     """KILL_LOAD_RPS, scaled down by as much as the session's deploy took longer than RECOVERY_S: on a machine
     that slow (a CI run at 2-4x its usual time) 20 requests/s are more than the surviving replicas answer
     while their replacements start, and the test would measure the overload, not the failover."""
-    return round(KILL_LOAD_RPS * min(1.0, RECOVERY_S / max(figures.get("deploy_s", 0.0), RECOVERY_S)), 1)
+    return round(KILL_LOAD_RPS * RECOVERY_S / recovery_bound(figures), 1)
 
 
 def test_feedback_acknowledged_survives_ingress_crash(served, figures):
