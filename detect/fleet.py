@@ -137,8 +137,13 @@ class OwnThreshold:
         threshold = float(fleet_threshold) if self.value is None else max(self.value, float(fleet_threshold))
         if self._largest is not None:
             take = np.asarray(scores, dtype=np.float64)[: OWN_THRESHOLD_ROWS - self._seen]
-            held = np.concatenate([self._largest, take])
-            self._largest[:] = np.partition(held, len(take))[len(take) :]  # the largest TAIL_ROWS of both
+            if len(take) == 1:  # a snapshot's one row: it replaces the smallest held if larger (no new array)
+                smallest = int(self._largest.argmin())
+                if not take[0] <= self._largest[smallest]:  # NaN too, as `np.partition` sorts it last
+                    self._largest[smallest] = take[0]
+            else:
+                held = np.concatenate([self._largest, take])
+                self._largest[:] = np.partition(held, len(take))[len(take) :]  # the largest TAIL_ROWS of both
             self._seen += len(take)
             if self._seen == OWN_THRESHOLD_ROWS:
                 self.value, self._largest = self._quantile(), None

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from detect.alerting import Alert, AlertAwareSpot, AlertGrouper
-from detect.attribution import hold_peaks
+from detect.attribution import hold_peak_row, hold_peaks
 from detect.fleet import EntityStats, OwnThreshold, Sampler
 from detect.thresholds import SPOT
 
@@ -270,6 +270,8 @@ class AlertBook:
         half_life = arrays.get("attribution_half_life_rows") or 0
         if not half_life or top.size == 0:
             return top, values
+        if len(top) == 1:
+            return AlertBook._hold_peak_row(tracked, arrays, n_metrics, half_life)
         rows = np.zeros((len(top), n_metrics))
         each = np.arange(len(top))[:, None]
         rows[each, top] = values
@@ -282,6 +284,25 @@ class AlertBook:
         top = np.argsort(-held, axis=1, kind="stable")[:, : top.shape[1]]
         arrays["top"], arrays["top_values"] = top, held[each, top]
         return top, arrays["top_values"]
+
+    @staticmethod
+    def _hold_peak_row(
+        tracked: _Tracked, arrays: dict[str, Any], n_metrics: int, half_life: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`_hold_peaks` for a request of one row (each entity of a snapshot), in Python floats
+        (`detect.attribution.hold_peak_row`): the same held values and ranking, at a fraction of the cost."""
+        row = [0.0] * n_metrics
+        for j, value in zip(arrays["top"][0].tolist(), arrays["top_values"][0].tolist()):
+            row[j] = value
+        before = tracked.held if tracked.held is not None and len(tracked.held) == n_metrics else None
+        out, last = hold_peak_row(row, half_life, None if before is None else before.tolist())
+        if before is None:
+            tracked.held = np.array(last, dtype=np.float64)
+        else:  # in place, as `_hold_peaks`
+            before[:] = last
+        order = sorted(range(n_metrics), key=lambda j: -out[j])[: len(arrays["top"][0])]  # stable, as argsort's
+        arrays["top"], arrays["top_values"] = np.array([order]), np.array([[out[j] for j in order]])
+        return arrays["top"], arrays["top_values"]
 
     @staticmethod
     def _spot(tracked: _Tracked, seed: SpotSeed | None) -> AlertAwareSpot | None:

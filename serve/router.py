@@ -31,6 +31,8 @@ class TrafficPolicy:
     step_key: str | None = None
 
     def path_for(self, entity: str, has_challenger: bool) -> str:
+        if not has_challenger or self.challenger_percent <= 0:
+            return "champion"  # nothing to split: no hash or draw (a snapshot asks this for every entity)
         position = random.random() * 100 if self.split == "request" else bucket(entity)
         if has_challenger and position < self.challenger_percent:
             return "challenger"

@@ -393,8 +393,10 @@ def batch_result(
 def row_thresholds(arrays: dict[str, Any]) -> np.ndarray:
     """The threshold each row of `EntityModel.score_arrays` output was judged against: one stored threshold,
     or one per row where the ingress's SPOT learnt between rows (serve.history.AlertBook.observe)."""
-    scores = np.asarray(arrays["scores"])
-    return np.broadcast_to(np.asarray(arrays["threshold"], dtype=np.float64), scores.shape)
+    threshold, rows = arrays["threshold"], len(arrays["scores"])
+    if isinstance(threshold, (float, int, np.number)):  # one for every row (np.full: a third of broadcast's cost)
+        return np.full(rows, float(threshold))
+    return np.broadcast_to(np.asarray(threshold, dtype=np.float64), (rows,))
 
 
 def result_rows(arrays: dict[str, Any], **also: Any) -> list[dict[str, Any]]:

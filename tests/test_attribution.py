@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from detect.attribution import CAP, hold_peaks
+from detect.attribution import CAP, HALF_LIFE_ROWS, hold_peak_row, hold_peaks
 
 
 def test_a_peak_fades_by_half_each_half_life_and_a_higher_one_takes_over():
@@ -46,3 +46,17 @@ def test_a_non_finite_contribution_neither_poisons_the_hold_nor_hides_its_metric
     held, last = hold_peaks(rows)
     assert np.isfinite(held).all() and np.isfinite(last).all()
     assert held[2].argmax() == 1 and held[4, 0] == pytest.approx(1.0, abs=1e-5)  # inf: at the cap, first
+
+
+def test_one_row_in_python_floats_holds_exactly_what_hold_peaks_holds():
+    """`hold_peak_row` (the ingress's path for a snapshot's one row per entity) gives `hold_peaks`' values bit
+    for bit, row after row, with NaN, infinities and values past the cap among them."""
+    rows = np.random.default_rng(3).exponential(1.0, (400, 5))
+    rows[10, 0], rows[50, 1], rows[51, 2], rows[200, 3] = np.nan, np.inf, 1e9, -np.inf
+    expected, expected_last = hold_peaks(rows)
+    held = None
+    for t, row in enumerate(rows):
+        out, held = hold_peak_row(row.tolist(), HALF_LIFE_ROWS, held)
+        np.testing.assert_array_equal(out, expected[t])
+    np.testing.assert_array_equal(held, expected_last)
+    assert hold_peak_row([1.0, 2.0], half_life_rows=0) == ([1.0, 2.0], [1.0, 2.0])

@@ -444,17 +444,25 @@ def test_served_top_metrics_hold_each_metrics_peak_across_requests_as_explain_do
 
     sparse = np.zeros_like(contributions)
     np.put_along_axis(sparse, top, np.take_along_axis(contributions, top, axis=1), axis=1)
-    expected = np.argsort(-hold_peaks(sparse, 60)[0], axis=1, kind="stable")[:, :3]
-    for half_life in (60, 0):
-        book, served = AlertBook(), []
-        cuts = np.cumsum(rng.integers(1, 30, 100))
+    held = hold_peaks(sparse, 60)[0]
+    expected = np.argsort(-held, axis=1, kind="stable")[:, :3]
+    # requests of 1 to 29 rows, and one row a request (a snapshot's entity: its own path, in Python floats)
+    for half_life, sizes in (
+        (60, rng.integers(1, 30, 100)),
+        (60, np.ones(n, dtype=int)),
+        (0, rng.integers(1, 30, 100)),
+    ):
+        book, served, values = AlertBook(), [], []
+        cuts = np.cumsum(sizes)
         for part in np.split(np.arange(n), cuts[cuts < n]):
             sent = arrays(part, half_life)
             book.observe("lstm", "web-1", sent, part.tolist())
             served.extend(sent["top"].tolist())
+            values.extend(sent["top_values"].tolist())
         firsts = [row[0] for row in served[104:200]]
         if half_life:
             np.testing.assert_array_equal(served, expected)
+            np.testing.assert_array_equal(values, np.take_along_axis(held, expected, axis=1))
             assert firsts == [2] * 96  # an hour later, disk is still the first suspect
         else:
             np.testing.assert_array_equal(served, top)
