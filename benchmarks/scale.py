@@ -178,6 +178,26 @@ def process_rss_mb() -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     return out, parts
 
 
+def replica_cpu_s() -> dict[str, float]:
+    """CPU seconds (user + system) each kind of Serve replica of this cluster has used so far, summed over its
+    replicas: what a snapshot costs each process, whatever runs beside it on the machine."""
+    import psutil
+    from ray.util.state import list_actors
+
+    out: dict[str, float] = {}
+    for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000):
+        name = actor.class_name or ""
+        if not name.startswith("ServeReplica:raywatch") or not actor.pid:
+            continue
+        try:
+            times = psutil.Process(actor.pid).cpu_times()
+        except psutil.Error:
+            continue
+        kind = name.removeprefix("ServeReplica:raywatch:")
+        out[kind] = out.get(kind, 0.0) + times.user + times.system
+    return out
+
+
 def measure_platform(
     serve: Any,
     machines: Machines,
@@ -206,8 +226,10 @@ def measure_platform(
     wait_http(f"{base}/readyz", lambda body: bool(body.get("detectors", {}).get("autoencoder")))
     log(f"N={n}: app deployed in {time.perf_counter() - t0:.0f} s; {warmup} warm-up snapshots")
     url = f"{base}/v1/score/fleet"
-    latencies = []
+    latencies, cpu_before = [], {}
     for t in range(warmup + measured):
+        if t == warmup:
+            cpu_before = replica_cpu_s()
         seconds, answer = post(url, snapshot_body(machines.rows(t, n), metrics, t))
         if answer["scored"] != n:
             raise RuntimeError(f"snapshot {t}: {answer['scored']} of {n} rows scored: {answer['rejected'][:3]}")
@@ -215,6 +237,9 @@ def measure_platform(
             latencies.append(seconds)
         elif t % 50 == 0:
             log(f"N={n}: snapshot {t}: {seconds * 1000:.0f} ms")
+    cpu_ms = {
+        kind: round((used - cpu_before.get(kind, 0.0)) / measured * 1000, 1) for kind, used in replica_cpu_s().items()
+    }
     cold = []
     for j in range(5):  # machines never seen: scored by the fleet model on their first request
         row = machines.rows(warmup + measured, n)[j % n]
@@ -233,6 +258,7 @@ def measure_platform(
         "snapshot_rows_per_s": round(n * len(latencies) / sum(latencies), 1),
         "cold_start_ms": round(statistics.median(cold), 1),
         "models_loaded_per_replica": loaded,
+        "replica_cpu_ms_per_snapshot": cpu_ms,  # by replica kind, over the measured snapshots
         "rss_mb": rss,
         "rss_parts_mb": rss_parts,
         "replica_rss_mb": max(v for k, v in rss.items() if "Monitor" not in k),
@@ -307,8 +333,9 @@ def write_results(records: list[dict[str, Any]], trained: dict[str, float], args
         ),
         "",
         "| N | snapshot p50 ms | p99 ms | rows/s (platform) | rows/s (in process) | ratio | cold start ms "
-        "| largest replica MB | ingress MB (anon / shmem) | monitor MB | models per replica (LRU capacity) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| largest replica MB | ingress MB (anon / shmem) | monitor MB | models per replica (LRU capacity) "
+        "| CPU ms a snapshot: ingress / autoencoder replica / in process |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         md.append(
@@ -316,9 +343,16 @@ def write_results(records: list[dict[str, Any]], trained: dict[str, float], args
             f"| {r['inprocess_rows_per_s']:,} | {r['snapshot_rows_per_s'] / r['inprocess_rows_per_s']:.2f} "
             f"| {r['cold_start_ms']} | {r['replica_rss_mb']} | {r['ingress_rss_mb']} ({ingress_parts(r)}) "
             f"| {r['monitor_rss_mb']} "
-            f"| {r['models_loaded_per_replica']} ({r['lru_capacity']}) |"
+            f"| {r['models_loaded_per_replica']} ({r['lru_capacity']}) | {cpu_parts(r)} |"
         )
     save_tables(results_name(args.in_ingress), records, md, show=True)
+
+
+def cpu_parts(record: dict[str, Any]) -> str:
+    """CPU a measured snapshot cost the ingress and the autoencoder replica, beside the in-process control's
+    time for the same rows (one thread: its time is its CPU)."""
+    cpu = record.get("replica_cpu_ms_per_snapshot", {})
+    return f"{cpu.get('RaywatchAPI', '?')} / {cpu.get('AutoencoderDetector', '?')} / {record['inprocess_p50_ms']}"
 
 
 def ingress_parts(record: dict[str, Any]) -> str:
