@@ -35,6 +35,7 @@ import statistics
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -161,39 +162,47 @@ def process_rss_mb() -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """RSS (MB) of every Serve replica and drift monitor of this cluster, by actor, and its parts
     (`rss_parts_mb`)."""
     import psutil
-    from ray.util.state import list_actors
 
     out, parts = {}, {}
-    for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000):
-        name = actor.class_name or ""
-        if not (name.startswith("ServeReplica:raywatch") or "Monitor" in name) or not actor.pid:
-            continue
+    for kind, process in raywatch_processes(monitors=True):
         try:
-            rss = psutil.Process(actor.pid).memory_info().rss / 2**20
+            rss = process.memory_info().rss / 2**20
         except psutil.Error:
             continue
-        label = name.removeprefix("ServeReplica:raywatch:") + f"#{actor.pid}"
+        label = f"{kind}#{process.pid}"
         out[label] = round(rss, 1)
-        parts[label] = rss_parts_mb(actor.pid)
+        parts[label] = rss_parts_mb(process.pid)
     return out, parts
+
+
+def raywatch_processes(monitors: bool) -> Iterator[tuple[str, Any]]:
+    """(kind, psutil.Process) of every live Serve replica of the raywatch app (kind: its deployment), and
+    with `monitors` every drift monitor actor (kind: its class)."""
+    import psutil  # Ray's vendored copy: importable once ray is
+    from ray.util.state import list_actors
+
+    for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000):
+        name = actor.class_name or ""
+        if not actor.pid or not (name.startswith("ServeReplica:raywatch") or (monitors and "Monitor" in name)):
+            continue
+        try:
+            process = psutil.Process(actor.pid)
+        except psutil.Error:  # gone since the listing
+            continue
+        yield name.removeprefix("ServeReplica:raywatch:"), process
 
 
 def replica_cpu_s() -> dict[str, float]:
     """CPU seconds (user + system) each kind of Serve replica of this cluster has used so far, summed over its
     replicas: what a snapshot costs each process, whatever runs beside it on the machine."""
     import psutil
-    from ray.util.state import list_actors
 
     out: dict[str, float] = {}
-    for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000):
-        name = actor.class_name or ""
-        if not name.startswith("ServeReplica:raywatch") or not actor.pid:
-            continue
+    for kind, process in raywatch_processes(monitors=False):
         try:
-            times = psutil.Process(actor.pid).cpu_times()
+            times = process.cpu_times()
         except psutil.Error:
             continue
-        kind = name.removeprefix("ServeReplica:raywatch:")
         out[kind] = out.get(kind, 0.0) + times.user + times.system
     return out
 

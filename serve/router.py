@@ -34,7 +34,7 @@ class TrafficPolicy:
         if not has_challenger or self.challenger_percent <= 0:
             return "champion"  # nothing to split: no hash or draw (a snapshot asks this for every entity)
         position = random.random() * 100 if self.split == "request" else bucket(entity)
-        if has_challenger and position < self.challenger_percent:
+        if position < self.challenger_percent:
             return "challenger"
         return "champion"
 
