@@ -16,7 +16,12 @@ Ray tasks, one in-process fit each. Per N, on a freshly deployed app (new replic
   snapshots: p50 and p99 latency, and rows/s = N x snapshots / their summed latency;
 - `inprocess_rows_per_s`: the same measured snapshots scored in this process by the same models
   (`serve.detectors.load_models`), with the same per-entity bookkeeping as the ingress (history, fleet
-  statistics) and no HTTP, JSON or Serve: the ceiling the platform is compared with;
+  statistics) and no HTTP, JSON or Serve: the ceiling the platform is compared with. Each measured
+  snapshot goes to the platform and then to this control, each starting once the replicas and monitors
+  are idle (`wait_quiet`), as between scrapes; so both figures come from the same minutes (until
+  2026-12-04 the control ran after all the platform's snapshots, and the machine's speed drifted between);
+- `replica_cpu_ms_per_snapshot`: CPU each replica kind and the drift monitors used per measured snapshot,
+  until idle again (the monitors' testing of its rows included);
 - `cold_start_ms`: the first `POST /v1/score` of machines never seen before (median of 5);
 - the RSS of every Serve replica (ingress included) and of the drift monitors, from their processes, read
   once the replicas have given back what the last snapshot freed (serve/memory.py): between scrapes;
@@ -48,6 +53,7 @@ SIZES = (10, 100, 1000, 10_000)
 OWN = 100  # machines with a model of their own (the first ones)
 FLEET_TRAIN = 64  # machines the fleet model learns from
 TRAIN_ROWS = 2880  # two days of 1-minute samples per training machine
+QUIET_S = 0.6  # the window in which replicas count as idle: longer than the ingress's monitor flush (0.5 s)
 DAY = 1440
 SEED = 20
 
@@ -150,6 +156,14 @@ def snapshot_body(rows: np.ndarray, metrics: list[str], t: int) -> bytes:
     return to_json(body)
 
 
+def post_snapshot(url: str, machines: Machines, metrics: list[str], n: int, t: int) -> tuple[float, dict]:
+    """Snapshot `t` of `n` machines through the fleet route: (seconds, answer); every row must be scored."""
+    seconds, answer = post(url, snapshot_body(machines.rows(t, n), metrics, t))
+    if answer["scored"] != n:
+        raise RuntimeError(f"snapshot {t}: {answer['scored']} of {n} rows scored: {answer['rejected'][:3]}")
+    return seconds, answer
+
+
 def post(url: str, body: bytes) -> tuple[float, dict]:
     request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
     started = time.perf_counter()
@@ -192,19 +206,35 @@ def raywatch_processes(monitors: bool) -> Iterator[tuple[str, Any]]:
         yield name.removeprefix("ServeReplica:raywatch:"), process
 
 
-def replica_cpu_s() -> dict[str, float]:
-    """CPU seconds (user + system) each kind of Serve replica of this cluster has used so far, summed over its
-    replicas: what a snapshot costs each process, whatever runs beside it on the machine."""
+def replica_cpu_s(processes: list[tuple[str, Any]]) -> dict[str, float]:
+    """CPU seconds (user + system) each kind among `processes` ((kind, psutil.Process) of the Serve replicas
+    and drift monitors, `raywatch_processes`) has used so far, summed over its processes: what a snapshot
+    costs each process, whatever runs beside it on the machine."""
     import psutil
 
     out: dict[str, float] = {}
-    for kind, process in raywatch_processes(monitors=False):
+    for kind, process in processes:
         try:
             times = process.cpu_times()
         except psutil.Error:
             continue
         out[kind] = out.get(kind, 0.0) + times.user + times.system
     return out
+
+
+def wait_quiet(processes: list[tuple[str, Any]], timeout_s: float = 10.0) -> None:
+    """Until the replicas and monitors use under a fifth of a core over QUIET_S (the last snapshot's rows
+    handed to the monitors and tested, its memory trimmed): as between two scrapes 15 s apart, which is
+    where each measured snapshot and the control's come in."""
+    deadline = time.monotonic() + timeout_s
+    before = sum(replica_cpu_s(processes).values())
+    while time.monotonic() < deadline:
+        time.sleep(QUIET_S)
+        now = sum(replica_cpu_s(processes).values())
+        if now - before < 0.2 * QUIET_S:
+            return
+        before = now
+    log(f"the replicas were still busy {timeout_s:.0f} s after a snapshot")
 
 
 def measure_platform(
@@ -218,6 +248,8 @@ def measure_platform(
     in_ingress: list[str],
     lru: int,
 ) -> dict[str, Any]:
+    """The platform's figures for N machines, and the in-process control's (`InProcessControl`): each
+    measured snapshot is scored by the control right after the platform answered it."""
     from serve.app import build_app
     from serve.memory import TRIM_DELAY_S, TRIM_EVERY_S
 
@@ -235,20 +267,22 @@ def measure_platform(
     wait_http(f"{base}/readyz", lambda body: bool(body.get("detectors", {}).get("autoencoder")))
     log(f"N={n}: app deployed in {time.perf_counter() - t0:.0f} s; {warmup} warm-up snapshots")
     url = f"{base}/v1/score/fleet"
-    latencies, cpu_before = [], {}
-    for t in range(warmup + measured):
-        if t == warmup:
-            cpu_before = replica_cpu_s()
-        seconds, answer = post(url, snapshot_body(machines.rows(t, n), metrics, t))
-        if answer["scored"] != n:
-            raise RuntimeError(f"snapshot {t}: {answer['scored']} of {n} rows scored: {answer['rejected'][:3]}")
-        if t >= warmup:
-            latencies.append(seconds)
-        elif t % 50 == 0:
+    latencies, cpu_ms = [], {}
+    for t in range(warmup):
+        seconds, _ = post_snapshot(url, machines, metrics, n, t)
+        if t % 50 == 0:
             log(f"N={n}: snapshot {t}: {seconds * 1000:.0f} ms")
-    cpu_ms = {
-        kind: round((used - cpu_before.get(kind, 0.0)) / measured * 1000, 1) for kind, used in replica_cpu_s().items()
-    }
+    control = InProcessControl(machines, metrics, n, warmup)
+    processes = list(raywatch_processes(monitors=True))
+    for t in range(warmup, warmup + measured):
+        wait_quiet(processes)
+        cpu_before = replica_cpu_s(processes)
+        latencies.append(post_snapshot(url, machines, metrics, n, t)[0])
+        wait_quiet(processes)  # the CPU the snapshot cost, the monitors' testing of its rows included
+        for kind, used in replica_cpu_s(processes).items():
+            cpu_ms[kind] = cpu_ms.get(kind, 0.0) + (used - cpu_before.get(kind, 0.0)) * 1000 / measured
+        control.step(t)
+    cpu_ms = {kind: round(ms, 1) for kind, ms in cpu_ms.items()}
     cold = []
     for j in range(5):  # machines never seen: scored by the fleet model on their first request
         row = machines.rows(warmup + measured, n)[j % n]
@@ -262,6 +296,7 @@ def measure_platform(
     rss, rss_parts = process_rss_mb()
     ms = np.array(latencies) * 1000
     return {
+        **control.figures(),
         "snapshot_p50_ms": round(float(np.percentile(ms, 50)), 1),
         "snapshot_p99_ms": round(float(np.percentile(ms, 99)), 1),
         "snapshot_rows_per_s": round(n * len(latencies) / sum(latencies), 1),
@@ -277,50 +312,61 @@ def measure_platform(
 
 
 # -- in process --------------------------------------------------------------------------------------------
-def measure_inprocess(machines: Machines, metrics: list[str], n: int, warmup: int, measured: int) -> dict[str, Any]:
-    """The measured snapshots scored here by the champion's models, with the ingress's bookkeeping: each
-    machine's last rows, and for fleet-scored ones the statistics and their place (detect/fleet.py)."""
-    from detect.fleet import MAX_WINDOW, Sampler, fleet_key, is_fleet_key
-    from serve.detectors import load_models
-    from serve.history import HISTORY_ROWS
+class InProcessControl:
+    """The champion's models scoring the platform's snapshots here, with the ingress's bookkeeping: each
+    machine's last rows, and for fleet-scored ones the statistics and their place (detect/fleet.py). It
+    scores each measured snapshot right after the platform has answered it (`step`), so that both figures
+    come from the same minutes of a machine whose speed drifts (one run had its in-process time per
+    1,000-machine snapshot at 322 ms, the next at 761 ms)."""
 
-    loaded = load_models("autoencoder")
-    key = fleet_key(metrics)
-    models = [loaded.get(entity(e)) or loaded[key] for e in range(n)]
-    warm = machines.span(n, 0, warmup)  # (n, warmup, M)
-    history = [warm[e, -HISTORY_ROWS:] for e in range(n)]
-    samplers = {}
-    for e in range(n):
-        if models[e] is loaded[key]:
-            samplers[e] = Sampler(len(metrics))
-            samplers[e].add(warm[e])
-    del warm
-    seconds = []
-    for t in range(warmup, warmup + measured):
-        rows = machines.rows(t, n)
+    def __init__(self, machines: Machines, metrics: list[str], n: int, warmup: int) -> None:
+        from detect.fleet import Sampler, fleet_key
+        from serve.detectors import load_models
+        from serve.history import HISTORY_ROWS
+
+        loaded = load_models("autoencoder")
+        fleet = loaded[fleet_key(metrics)]
+        self.machines, self.n, self.seconds = machines, n, []
+        self.models = [loaded.get(entity(e)) or fleet for e in range(n)]
+        warm = machines.span(n, 0, warmup)  # (n, warmup, M)
+        self.history = [warm[e, -HISTORY_ROWS:] for e in range(n)]
+        self.samplers = {}
+        for e in range(n):
+            if self.models[e] is fleet:
+                self.samplers[e] = Sampler(len(metrics))
+                self.samplers[e].add(warm[e])
+
+    def step(self, t: int) -> None:
+        """Score snapshot `t` (the next one after the last scored) and time it."""
+        from detect.fleet import MAX_WINDOW
+        from serve.history import HISTORY_ROWS
+
+        rows = self.machines.rows(t, self.n)
         started = time.perf_counter()
         groups: dict[int, tuple[Any, list]] = {}
-        for e in range(n):
-            model = models[e]
-            context = history[e][-model.context_rows :]
+        for e in range(self.n):
+            model = self.models[e]
+            context = self.history[e][-model.context_rows :]
             item_rows = np.concatenate([context, rows[e : e + 1]])
-            if e in samplers:
-                before = samplers[e].rows
-                stats = samplers[e].add(rows[e : e + 1])
+            if e in self.samplers:
+                before = self.samplers[e].rows
+                stats = self.samplers[e].add(rows[e : e + 1])
                 offset = before + 1 - len(item_rows)
                 item = (item_rows, 1, (stats.for_windows_from(offset - MAX_WINDOW + 1), offset))
             else:
                 item = (item_rows, 1)
             groups.setdefault(id(model), (model, []))[1].append(item)
-            history[e] = np.concatenate([history[e][1 - HISTORY_ROWS :], rows[e : e + 1]])
+            self.history[e] = np.concatenate([self.history[e][1 - HISTORY_ROWS :], rows[e : e + 1]])
         for model, items in groups.values():
             model.score_arrays(items)
-        seconds.append(time.perf_counter() - started)
-    assert any(is_fleet_key(k) for k in loaded)
-    return {
-        "inprocess_rows_per_s": round(n * len(seconds) / sum(seconds), 1),
-        "inprocess_p50_ms": round(float(np.percentile(np.array(seconds) * 1000, 50)), 1),
-    }
+        self.seconds.append(time.perf_counter() - started)
+
+    def figures(self) -> dict[str, Any]:
+        assert self.samplers, "no machine was scored by the fleet model"
+        return {
+            "inprocess_rows_per_s": round(self.n * len(self.seconds) / sum(self.seconds), 1),
+            "inprocess_p50_ms": round(float(np.percentile(np.array(self.seconds) * 1000, 50)), 1),
+        }
 
 
 # -- the run -----------------------------------------------------------------------------------------------
@@ -343,7 +389,7 @@ def write_results(records: list[dict[str, Any]], trained: dict[str, float], args
         "",
         "| N | snapshot p50 ms | p99 ms | rows/s (platform) | rows/s (in process) | ratio | cold start ms "
         "| largest replica MB | ingress MB (anon / shmem) | monitor MB | models per replica (LRU capacity) "
-        "| CPU ms a snapshot: ingress / autoencoder replica / in process |",
+        "| CPU ms a snapshot: ingress / autoencoder replica / drift monitors / in process |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
@@ -358,10 +404,14 @@ def write_results(records: list[dict[str, Any]], trained: dict[str, float], args
 
 
 def cpu_parts(record: dict[str, Any]) -> str:
-    """CPU a measured snapshot cost the ingress and the autoencoder replica, beside the in-process control's
-    time for the same rows (one thread: its time is its CPU)."""
+    """CPU a measured snapshot cost the ingress, the autoencoder replica and the drift monitors, beside the
+    in-process control's time for the same rows (one thread: its time is its CPU)."""
     cpu = record.get("replica_cpu_ms_per_snapshot", {})
-    return f"{cpu.get('RaywatchAPI', '?')} / {cpu.get('AutoencoderDetector', '?')} / {record['inprocess_p50_ms']}"
+    monitors = sum(ms for kind, ms in cpu.items() if "Monitor" in kind) if cpu else "?"
+    return (
+        f"{cpu.get('RaywatchAPI', '?')} / {cpu.get('AutoencoderDetector', '?')} / {monitors}"
+        f" / {record['inprocess_p50_ms']}"
+    )
 
 
 def ingress_parts(record: dict[str, Any]) -> str:
@@ -412,7 +462,6 @@ def main(argv: list[str] | None = None) -> int:
                     serve, machines, metrics, n, args.warmup, args.measured, workdir, args.in_ingress, args.lru
                 )
             )
-            record.update(measure_inprocess(machines, metrics, n, args.warmup, args.measured))
             log(f"N={n}: {json.dumps({k: v for k, v in record.items() if k != 'rss_mb'})}")
             records.append(record)
             serve.delete("raywatch")

@@ -166,19 +166,41 @@ class ServingStore:
     # -- served observations (what the drift monitors saw; what retraining learns from) -------------------------
     def add_observations(self, model: str, items: list[dict[str, Any]]) -> int:
         """items: {entity, timestamp, values, score?, is_anomaly?, path?}; returns the last row id."""
+        return self.add_observation_columns(
+            model,
+            [it["entity"] for it in items],
+            [it.get("timestamp") for it in items],
+            [np.asarray(it["values"], dtype=np.float64).tobytes() for it in items],  # float64 bytes: no JSON per row
+            [it.get("score") for it in items],
+            [it.get("is_anomaly") for it in items],
+            [it.get("path") for it in items],
+        )
+
+    def add_observation_columns(
+        self,
+        model: str,
+        entities: list[str],
+        timestamps: list[Any],
+        values: list[bytes],
+        scores: list[float | None],
+        anomalies: list[bool | None],
+        paths: list[str | None],
+    ) -> int:
+        """`add_observations` of rows given as columns (what a drift monitor receives from the ingress), each
+        row's values as float64 bytes; returns the last row id."""
         now = time.time()
         rows = [
             (
                 now,
                 model,
-                it["entity"],
-                None if it.get("timestamp") is None else str(it["timestamp"]),
-                np.asarray(it["values"], dtype=np.float64).tobytes(),  # float64 bytes: no JSON per row
-                it.get("score"),
-                None if it.get("is_anomaly") is None else int(bool(it["is_anomaly"])),
-                it.get("path"),
+                entity,
+                None if ts is None else str(ts),
+                vals,
+                score,
+                None if flag is None else int(flag),
+                path,
             )
-            for it in items
+            for entity, ts, vals, score, flag, path in zip(entities, timestamps, values, scores, anomalies, paths)
         ]
         with self._lock, self._connect() as db:
             db.executemany(

@@ -200,26 +200,37 @@ class DriftMonitor:
     def observe(self, items: list[dict[str, Any]] | ServedColumns) -> dict[str, Any]:
         """Take a batch of served rows ({entity, timestamp, values, score, is_anomaly, path}, or the ingress's
         columns of them); test full windows."""
-        if isinstance(items, ServedColumns):
-            items = items.rows()
         now = time.monotonic()
         if now - self._checked_version > self.config.version_check_s:
             self._checked_version = now
             self._check_version()
-        # an entity with a model of its own, or a new one scored by a fleet model (its rows train its own)
-        known = [it for it in items if it.get("entity") in self.metrics or it.get("model_key") in self.metrics]
-        if known:
-            self.store.add_observations(self.model, known)
-            for it in known:
-                if it["entity"] in self._pending:
-                    self._pending[it["entity"]] += 1
+        entities = self._store(items)
+        for entity in entities:
+            if entity in self._pending:
+                self._pending[entity] += 1
         results: list[dict[str, Any]] = []
-        for entity in sorted({it["entity"] for it in known}):
+        for entity in sorted(set(entities)):
             results += self._test_windows(entity)
         if now - self._checked_concept > self.config.concept_every_s:
             self._checked_concept = now
             results += self.check_concept()
-        return {"accepted": len(known), "ignored": len(items) - len(known), "events": results}
+        return {"accepted": len(entities), "ignored": len(items) - len(entities), "events": results}
+
+    def _store(self, items: list[dict[str, Any]] | ServedColumns) -> list[str]:
+        """Keep the rows of entities this monitor watches: with a model of their own, or new ones scored by a
+        fleet model (their rows train their own). Returns the kept rows' entities."""
+        if isinstance(items, ServedColumns):
+            keep = [i for i, (e, key) in enumerate(zip(items.entities, items.model_keys)) if self._watches(e, key)]
+            if keep:
+                self.store.add_observation_columns(self.model, *items.stored(keep))
+            return [items.entities[i] for i in keep]
+        known = [it for it in items if self._watches(it.get("entity"), it.get("model_key"))]
+        if known:
+            self.store.add_observations(self.model, known)
+        return [it["entity"] for it in known]
+
+    def _watches(self, entity: str | None, model_key: str | None) -> bool:
+        return entity in self.metrics or model_key in self.metrics
 
     def _check_version(self) -> None:
         registry = _registry()
@@ -235,6 +246,8 @@ class DriftMonitor:
             self._graduate(entity)
             return []
         span = self.drift_config.span
+        if self._pending.get(entity, span) < span:
+            return []  # no full window yet: known without reading the cursors (a SQLite read per entity and batch)
         cursors = self.events.get_state(self._key("cursors"), {})
         after = int(cursors.get(entity, 0))
         if entity not in self._pending:

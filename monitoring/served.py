@@ -66,6 +66,23 @@ class ServedColumns:
             [k for p in parts for k in p.model_keys],
         )
 
+    def stored(self, keep: list[int]) -> tuple[list, list, list[bytes], list, list, list]:
+        """Rows `keep` as `ServingStore.add_observation_columns` takes them (entities, timestamps, each row's
+        values as float64 bytes, scores, verdicts, paths; score and verdict None where the champion did not
+        serve the row): no dict or float object per row."""
+        width = self.values.shape[1] * 8
+        blob = np.ascontiguousarray(self.values, dtype=np.float64).tobytes()
+        scores, anomalies = self.scores.tolist(), self.anomalies.tolist()
+        champion = [self.paths[i] == "champion" for i in keep]
+        return (
+            [self.entities[i] for i in keep],
+            [self.timestamps[i] for i in keep],
+            [blob[i * width : (i + 1) * width] for i in keep],
+            [scores[i] if ok else None for i, ok in zip(keep, champion)],
+            [anomalies[i] if ok else None for i, ok in zip(keep, champion)],
+            [self.paths[i] for i in keep],
+        )
+
     def rows(self) -> list[dict[str, Any]]:
         """The monitor's rows: {entity, timestamp, values, score, is_anomaly, path[, model_key]}; `score`
         and `is_anomaly` are None where the champion did not serve the row."""

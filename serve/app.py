@@ -59,7 +59,9 @@ log = logging.getLogger("raywatch.serve")
 
 META_TTL_S = 2.0
 CALL_ITEMS = 2048  # items of a many-entity request sent to a detector in one call (chunks go side by side)
-SNAPSHOT_CHUNK = 1000  # a snapshot's entities planned, called, settled and answered as one step
+SNAPSHOT_CHUNK = 1000  # a snapshot's entities planned, called, settled and answered as one step, at most
+SNAPSHOT_STEPS = 4  # steps a snapshot is cut into at least, so that they overlap (SNAPSHOT_STEPS_AT_ONCE) ...
+MIN_SNAPSHOT_CHUNK = 128  # ... unless its steps would be smaller than this: a call's own cost would outweigh it
 SNAPSHOT_STEPS_AT_ONCE = 2  # one step planned or settled here while the detectors score the other
 ROUTED_HANDLES = 4096  # handles with a multiplexed model id kept for reuse (dropped all at once beyond)
 BASELINE_ROWS = 1440  # newest kept rows an operator's /v1/admin/baseline makes the drift reference
@@ -93,6 +95,20 @@ def _registry() -> Any:
 
 
 api = FastAPI(title="raywatch", version="1.0", description="Incident detection for server telemetry on Ray.")
+
+
+def snapshot_chunk(entities: int) -> int:
+    """Entities per step of a snapshot of `entities`: SNAPSHOT_CHUNK at most, and few enough for SNAPSHOT_STEPS
+    steps, so that a 1,000-machine snapshot's steps overlap too (the ingress plans one while a detector scores
+    another) instead of going through the ingress, the detector and the ingress again one after the other."""
+    return max(MIN_SNAPSHOT_CHUNK, min(SNAPSHOT_CHUNK, -(-entities // SNAPSHOT_STEPS)))
+
+
+def _tally_alert_changes(changes: dict[tuple[str, str], int], detector: str, alerts: list[dict | None]) -> None:
+    """Add the alerts that opened or closed among one entity's served rows to `changes`."""
+    for alert in alerts:
+        if alert is not None and alert["state"] in ("opened", "closed"):
+            changes[detector, alert["state"]] = changes.get((detector, alert["state"]), 0) + 1
 
 
 @dataclass
@@ -867,21 +883,21 @@ class RaywatchAPI:
         self, rows: list[S.TelemetryRow], where: list[int], known: dict[str, list[str]], detectors: list[str]
     ) -> list[bytes]:
         """A snapshot's answer rows as JSON (each part a list's items without its brackets), scored
-        SNAPSHOT_CHUNK entities at a time with SNAPSHOT_STEPS_AT_ONCE steps under way: one chunk is planned
+        `snapshot_chunk` entities at a time with SNAPSHOT_STEPS_AT_ONCE steps under way: one chunk is planned
         or settled here while the detectors score another, and a chunk's short-lived objects (context rows,
         calls, answers, result dicts) are freed once its part is written. So a 10,000-entity snapshot never
         holds all of them at once: what it holds is what the ingress's heap keeps afterwards."""
-        steps = asyncio.Semaphore(SNAPSHOT_STEPS_AT_ONCE)
+        steps, size = asyncio.Semaphore(SNAPSHOT_STEPS_AT_ONCE), snapshot_chunk(len(rows))
 
         async def part(start: int) -> bytes:
             async with steps:
-                chunk = slice(start, start + SNAPSHOT_CHUNK)
+                chunk = slice(start, start + size)
                 results = await self._score_rows(rows[chunk], known, detectors)
                 for index, result in zip(where[chunk], results):
                     result["index"] = index
                 return to_json(results)[1:-1]
 
-        return await asyncio.gather(*(part(start) for start in range(0, len(rows), SNAPSHOT_CHUNK)))
+        return await asyncio.gather(*(part(start) for start in range(0, len(rows), size)))
 
     async def _score_entities(
         self, batch: list[tuple[str, np.ndarray, list[str], list]], detectors: list[str]
@@ -916,6 +932,7 @@ class RaywatchAPI:
         results = iter(await self._results(flat, gather=len(batch) == 1))
         served = ServedColumnsBuilder()  # for the drift monitors: one set of columns per model, not a dict per row
         served_rows: dict[tuple[str, str], int] = {}  # (detector, path served) -> rows
+        alert_changes: dict[tuple[str, str], int] = {}  # (detector, "opened" | "closed") -> alerts
         out = []
         for (entity, new, metrics, timestamps), (rows, plans) in zip(batch, planned):
             scored = {}
@@ -934,11 +951,12 @@ class RaywatchAPI:
                 served.add(
                     plan.name, entity, timestamps, new, path, arrays["scores"], thresholds, plan.item.get("model_key")
                 )
-                self._count_alerts(plan.name, arrays["alerts"])
+                _tally_alert_changes(alert_changes, plan.name, arrays["alerts"])
             out.append(scored)
         for model, rows in served.batches():
             self.monitor_feed.offer(model, rows)
         self._count_served(served_rows)
+        self._count_alert_changes(alert_changes)
         self.m_alerts_firing.set(self.alerts.firing())  # once per request, not per entity of a snapshot
         self.memory.after(sum(len(new) for _, new, _, _ in batch))
         return out
@@ -962,11 +980,10 @@ class RaywatchAPI:
             else:
                 self.m_rows.inc(rows, tags={"detector": detector, "path": path})
 
-    def _count_alerts(self, detector: str, alerts: list[dict[str, Any] | None]) -> None:
-        for transition in ("opened", "closed"):
-            count = sum(a is not None and a["state"] == transition for a in alerts)
-            if count:
-                self.m_alerts.inc(count, tags={"detector": detector, "transition": transition})
+    def _count_alert_changes(self, changes: dict[tuple[str, str], int]) -> None:
+        """One request's alerts opened and closed, per detector: a metric update each, as `_count_served`."""
+        for (detector, transition), count in changes.items():
+            self.m_alerts.inc(count, tags={"detector": detector, "transition": transition})
 
     @api.post("/v1/score/batch", response_model=S.ScoreBatchResponse, openapi_extra=_json_body(S.ScoreBatchRequest))
     async def score_batch(self, body: bytes = Depends(_raw_body), client: str = Depends(_client)) -> Response:
@@ -1059,6 +1076,7 @@ class RaywatchAPI:
                 # the model keys loaded in the replica that answered (Serve's multiplexed LRU), and its bound
                 "models_held": info.get("models_held", []),
                 "model_capacity": info.get("model_capacity"),
+                "model_ids_report_s": info.get("model_ids_report_s"),  # how stale the routers' view of it can be
                 "retraining": (await asyncio.to_thread(self.store.decisions, name, 1) or [None])[0],
             }
         return {"models": out, "replica": serve.get_replica_context().replica_id.unique_id}

@@ -254,7 +254,7 @@ class AlertBook:
                 out.append(self._report("closed", change[1], tracked, metrics, timestamps[i]))
                 tracked.started = tracked.opened = None
                 self._open -= 1
-            elif tracked.grouper.firing is not None:
+            elif tracked.grouper.current_ is not None:  # `firing` is built on each read: read it once
                 state = "opened" if change else "firing"
                 out.append(self._report(state, tracked.grouper.firing, tracked, metrics, None))
             else:

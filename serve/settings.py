@@ -27,6 +27,15 @@ class ServeSettings(BaseSettings):
             "least recently used"
         ),
     )
+    model_ids_report_s: float = Field(
+        1.0,
+        gt=0,
+        description=(
+            "how often a detector replica reports the model keys it holds to Serve (routing and the "
+            "serve_registered_multiplexed_model_id gauge); Serve's own 0.1 s sets one gauge per held model each "
+            "time, about a tenth of a core with a hundred held"
+        ),
+    )
     big_at_once: int = Field(2, ge=1, description="big batches a detector replica scores at a time")
     parallel_rows: int = Field(256, ge=0, description="rows from which a batch is big (0: never)")
     in_ingress: list[str] = Field(

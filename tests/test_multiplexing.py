@@ -13,6 +13,7 @@ pytestmark = pytest.mark.slow
 
 PORT = 8127
 CAPACITY = 2
+REPORT_S = 2.5  # how often the replica reports its held model keys (Serve's own: every 0.1 s)
 ENTITIES = ("asd/omi-1", "asd/omi-2", "asd/omi-3")
 
 
@@ -52,6 +53,7 @@ def multiplexed(ray_cluster, data_dir, tmp_path_factory):
             "state_dir": str(workdir / "state"),
             "reload_interval_s": 0.5,
             "models_per_replica": CAPACITY,
+            "model_ids_report_s": REPORT_S,
             "min_replicas": 1,
             "max_replicas": 1,
             "monitor": {"enabled": False},
@@ -99,6 +101,8 @@ def test_a_replica_holds_at_most_its_capacity_and_scores_every_entity_as_in_proc
         keys, capacity = held(client)
         assert capacity == CAPACITY and len(keys) <= CAPACITY and name in keys, keys
     assert sorted(held(client)[0]) == sorted(ENTITIES[1:])  # the least recently used one was evicted
+    # the LRU reports its keys at the configured interval, not Serve's 0.1 s (a gauge per held model each time)
+    assert client.get("/v1/models").json()["models"]["autoencoder"]["model_ids_report_s"] == REPORT_S
     score(client, series[ENTITIES[0]], 40)  # loaded again, evicting the next least recently used
     assert sorted(held(client)[0]) == sorted([ENTITIES[0], ENTITIES[2]])
 

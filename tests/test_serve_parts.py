@@ -168,6 +168,30 @@ def test_served_columns_give_the_monitor_its_rows_per_model_and_width():
     assert fallback["score"] is None and fallback["is_anomaly"] is None and fallback["path"] == "fallback"
 
 
+def test_served_columns_are_stored_as_the_same_observations_as_their_rows(tmp_path):
+    """The monitor stores a batch's columns without making its row dicts (`ServedColumns.stored`): the store
+    must then hold what storing those dicts held, challenger and fallback rows (no score, no verdict) too."""
+    from detect.state import ServingStore
+
+    served = ServedColumnsBuilder()
+    values = np.array([[1.0, 2.5], [3.0, -4.0], [np.nan, 6.0], [7.0, 8.0]])
+    scores, at = np.array([1.0, 2.0, 0.5, 9.0]), np.full(4, 1.5)
+    served.add("lstm", "a", ["t0", "t1"], values[:2], "champion", scores[:2], at[:2])
+    served.add("lstm", "b", [None], values[2:3], "challenger", scores[2:3], at[:1])
+    served.add("lstm", "a", [3], values[3:], "fallback", scores[3:], at[:1])
+    [(_, columns)] = served.batches()
+    by_rows, by_columns = ServingStore(tmp_path / "rows.db"), ServingStore(tmp_path / "columns.db")
+    keep = [0, 1, 3]  # the rows a monitor watches: here not entity b's
+    by_rows.add_observations("lstm", [columns.rows()[i] for i in keep])
+    by_columns.add_observation_columns("lstm", *columns.stored(keep))
+    for entity in ("a", "b"):
+        want, got = by_rows.observations("lstm", entity), by_columns.observations("lstm", entity)
+        assert want.keys() == got.keys() and want["ids"] == got["ids"]
+        for key in want:
+            np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=key)
+    assert by_columns.observations("lstm", "a")["is_anomaly"] == [False, True, None]
+
+
 def test_feed_hands_a_monitor_at_most_a_batch_of_rows_oldest_first():
     async def scenario():
         feed = MonitorFeed(_never_called, queue_rows=100, flush_s=60)
@@ -504,3 +528,11 @@ def test_a_packed_call_carries_each_field_as_one_array_and_unpacks_to_the_same_i
     stats_rows, stats_values = packed["tuples"]["stats"][1]
     assert stats_values.shape == (PACK_FROM - 1, 1, 2, 4) and stats_rows.shape == (PACK_FROM - 1, 1)
     assert pack(answers)["nested"]["arrays"][1]["columns"]["scores"][1].shape == (PACK_FROM - 1, 1)
+
+
+def test_a_snapshot_is_cut_into_overlapping_steps_of_bounded_size():
+    from serve.app import MIN_SNAPSHOT_CHUNK, SNAPSHOT_CHUNK, SNAPSHOT_STEPS, snapshot_chunk
+
+    assert snapshot_chunk(1) == MIN_SNAPSHOT_CHUNK  # one step: no call smaller than the floor
+    assert snapshot_chunk(1000) == 250 and -(-1000 // snapshot_chunk(1000)) == SNAPSHOT_STEPS  # 4 steps overlap
+    assert snapshot_chunk(10_000) == SNAPSHOT_CHUNK  # a big fleet: bounded steps (the ingress's peak memory)
