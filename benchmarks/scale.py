@@ -178,7 +178,7 @@ def process_rss_mb() -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     import psutil
 
     out, parts = {}, {}
-    for kind, process in raywatch_processes(monitors=True):
+    for kind, process in raywatch_processes():
         try:
             rss = process.memory_info().rss / 2**20
         except psutil.Error:
@@ -189,15 +189,15 @@ def process_rss_mb() -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     return out, parts
 
 
-def raywatch_processes(monitors: bool) -> Iterator[tuple[str, Any]]:
-    """(kind, psutil.Process) of every live Serve replica of the raywatch app (kind: its deployment), and
-    with `monitors` every drift monitor actor (kind: its class)."""
+def raywatch_processes() -> Iterator[tuple[str, Any]]:
+    """(kind, psutil.Process) of every live Serve replica of the raywatch app (kind: its deployment) and drift
+    monitor actor (kind: its class)."""
     import psutil  # Ray's vendored copy: importable once ray is
     from ray.util.state import list_actors
 
     for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000):
         name = actor.class_name or ""
-        if not actor.pid or not (name.startswith("ServeReplica:raywatch") or (monitors and "Monitor" in name)):
+        if not actor.pid or not (name.startswith("ServeReplica:raywatch") or "Monitor" in name):
             continue
         try:
             process = psutil.Process(actor.pid)
@@ -273,7 +273,7 @@ def measure_platform(
         if t % 50 == 0:
             log(f"N={n}: snapshot {t}: {seconds * 1000:.0f} ms")
     control = InProcessControl(machines, metrics, n, warmup)
-    processes = list(raywatch_processes(monitors=True))
+    processes = list(raywatch_processes())
     for t in range(warmup, warmup + measured):
         wait_quiet(processes)
         cpu_before = replica_cpu_s(processes)
