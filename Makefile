@@ -10,7 +10,7 @@ DATA ?= data
 TORCH_INDEX ?=
 PIP_TORCH_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
-.PHONY: install demo test lint clean bench-attribution bench-stacking bench-compression bench-drift bench-replay bench-rate-limit bench-scale bench-ingress-memory bench-no-hop bench bench-tools soak
+.PHONY: install demo test lint clean bench-attribution bench-stacking bench-compression bench-drift bench-replay bench-rate-limit bench-spot bench-scale bench-ingress-memory bench-no-hop bench bench-tools soak
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ soak: $(STAMP)
 # HitRate of the held root-cause attribution for several half-lives, shipped and synthetic entities (about 3 min)
 bench-attribution: $(STAMP)
 	$(BIN)/python benchmarks/attribution.py --data $(abspath $(DATA))
+
+# SPOT's tail refit against the fit it replaced, on the same tails (a few seconds)
+bench-spot: $(STAMP)
+	$(BIN)/python benchmarks/spot_refit.py
 
 # the ensemble against the sequence detectors and stacked variants of it, PR-AUC on second halves (about 10 min)
 bench-stacking: $(STAMP)

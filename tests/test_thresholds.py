@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from detect.thresholds import SPOT, fit_gpd
+from detect.thresholds import SPOT, _profile, _profile_at, fit_gpd
 
 
 @pytest.mark.parametrize("gamma", [-0.3, 0.0, 0.3])
@@ -22,6 +22,12 @@ def test_gpd_fit_recovers_shape_and_scale(gamma):
     ref = stats.genpareto.fit(peaks, floc=0)
     ours = stats.genpareto.logpdf(peaks, fitted_gamma, scale=sigma).sum()
     assert ours >= stats.genpareto.logpdf(peaks, ref[0], scale=ref[2]).sum() - 1e-3
+
+
+def test_the_refinement_profile_is_the_grid_profile_at_one_point():
+    y = stats.genpareto.rvs(0.2, scale=1.5, size=700, random_state=3)
+    for theta in (-0.9 / y.max(), -1e-3, -1e-8, 1e-8, 0.4, 30.0):
+        assert _profile_at(theta, y) == _profile(np.array([theta]), y)[0]
 
 
 @pytest.mark.parametrize(
