@@ -34,7 +34,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     data_dir = Path(args.data) if args.data else default_data_dir()
     n_entities = len(args.entities.split(",")) if args.entities else len(list_entities(data_dir))
     entities = args.entities.split(",") if args.entities else None
-    report = evaluate(data_dir, detectors, entities, progress=_progress(n_entities * len(detectors)))
+    progress = _progress(n_entities * len(detectors))
+    report = evaluate(data_dir, detectors, entities, progress=progress, jobs=args.jobs)
     json_path, md_path = write_report(report, args.out)
     print(markdown_table(report))
     print(f"wrote {json_path} and {md_path}")
@@ -58,24 +59,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_sets(pairs: list[str] | None) -> dict[str, object]:
-    """`--set key=value` overrides; values parsed as JSON when they can be (numbers, lists)."""
-    out: dict[str, object] = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise ValueError(f"--set expects key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from train.pipeline import train_model
+    from train.pipeline import parse_sets, train_model
 
-    overrides = _parse_sets(args.set)
+    overrides = parse_sets(args.set)
     if args.epochs:
         overrides["epochs"] = args.epochs
     use_gpu = {"auto": None, "yes": True, "no": False}[args.gpu]
@@ -471,6 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--detectors", default="pca,iforest,ecod", help="comma-separated detector names")
     ev.add_argument("--entities", help="comma-separated entities (dataset/entity or entity); default all")
     ev.add_argument("--out", default="evaluation.json", help="JSON report path; the markdown table goes beside it")
+    ev.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="(entity, detector) pairs evaluated at once, each in a process of its own; the same figures",
+    )
     ev.set_defaults(func=cmd_evaluate)
 
     tr = sub.add_parser("train", help="train a detector per entity on Ray Train, log to MLflow, register a version")
@@ -549,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ro = sub.add_parser(
         "rollout",
-        help="roll a version out as a canary (5% -> 25% -> 100%), rolled back by itself on a breached guard",
+        help="roll a version out as a canary (5%% -> 25%% -> 100%%), rolled back by itself on a breached guard",
         description="With VERSION: start a rollout (admin key from RAYWATCH_ADMIN_KEYS_FILE or RAYWATCH_ADMIN_KEYS). "
         "Without: print the model's rollout. Steps, guards and the test: README, 'Rollouts'.",
     )

@@ -44,6 +44,21 @@ def best_config_path(model: str) -> Path:
     return Path(os.environ.get("RAYWATCH_HOME", ".")) / BEST_CONFIG_DIR / f"{model}.json"
 
 
+def parse_sets(pairs: list[str] | None) -> dict[str, Any]:
+    """`--set key=value` overrides (of `raywatch train` and this job entry point); values parsed as JSON
+    when they can be (numbers, lists), else kept as strings. The kind's config checks the keys."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def resolve_config(
     model: str, overrides: dict[str, Any] | None = None, use_tuned: bool = True
 ) -> tuple[dict[str, Any], str]:
@@ -204,10 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--entities")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     entities = args.entities.split(",") if args.entities else None
-    overrides = {"epochs": args.epochs} if args.epochs else {}
+    overrides = parse_sets(args.set)
+    if args.epochs:
+        overrides["epochs"] = args.epochs
     result = train_model(
         args.model,
         args.data,

@@ -225,8 +225,9 @@ class LoadGenerator:
     """Single-row `POST /v1/score` requests (all three detectors) from a thread with its own event loop.
 
     Open loop at `rate` requests/s (at most `concurrency` in flight; a send that finds them all busy
-    waits, and is counted in `late`), or closed loop (`rate=None`: `concurrency` clients back to back).
-    Every outcome is recorded with its send time."""
+    waits, and is counted in `late`), or closed loop (`rate=None`: `concurrency` clients back to back,
+    each waiting `think_s` after an answer before its next request). Every outcome is recorded with its
+    send time."""
 
     def __init__(
         self,
@@ -237,8 +238,10 @@ class LoadGenerator:
         path: str = "/v1/score",
         body=None,
         local_address: str | None = None,
+        think_s: float = 0.0,
     ) -> None:
         self.served, self.rate, self.concurrency, self.timeout = served, rate, concurrency, timeout
+        self.think_s = think_s
         self.path = path
         self.body = body or served.score_body
         self.local_address = local_address
@@ -297,6 +300,8 @@ class LoadGenerator:
     async def _closed(self, client: httpx.AsyncClient) -> None:
         while not self._stop.is_set():
             await self._one(client)
+            if self.think_s:
+                await asyncio.sleep(self.think_s)
 
     async def _open(self, client: httpx.AsyncClient) -> None:
         slots = asyncio.Semaphore(self.concurrency)
