@@ -19,7 +19,7 @@ from typing import Any
 
 from cluster.auth_token import require_token
 from cluster.local import RAY_DASHBOARD_PORT, RAY_GCS_PORT, LocalHead, group_alive, preferred_port
-from detect.kinds import traits_of
+from detect.kinds import DETECTOR_KINDS, traits_of
 from detect.state import state_dir
 
 APP = "raywatch"
@@ -195,8 +195,7 @@ def status() -> dict[str, Any]:
 
     from monitoring.events import DriftEventStore
     from serve.rollout import RolloutStore
-    from train import jobs, registry
-    from train.pipeline import MODELS
+    from train import jobs, registry  # not train.pipeline: torch is not needed to list versions
 
     out: dict[str, Any] = {"state": state}
     try:
@@ -208,10 +207,10 @@ def status() -> dict[str, Any]:
         )
     except Exception as exc:
         out["deployments"] = {"error": str(exc)}
-    out["models"] = {m: registry.versions(m) for m in MODELS}
+    out["models"] = {m: registry.versions(m) for m in DETECTOR_KINDS}
     out["drift_events"] = DriftEventStore(Path(state["state_dir"]) / "drift.db").events(only_drift=True, limit=10)
     rollouts = RolloutStore(Path(state["state_dir"]) / "traffic.db")
-    out["rollouts"] = {m: rollouts.get(m) for m in MODELS}
+    out["rollouts"] = {m: rollouts.get(m) for m in DETECTOR_KINDS}
     if state.get("watcher"):
         import ray  # deferred: see _connect
 

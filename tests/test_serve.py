@@ -595,27 +595,40 @@ def test_two_replicas_share_one_rate_limit_through_the_actor(ray_cluster):
     limit = RateLimit(requests_per_s=40, burst=40)
     replicas = [SharedRateLimiter(limit), SharedRateLimiter(limit)]
 
-    async def flood(seconds: float, per_round: int = 10) -> tuple[int, int, float]:
+    def ceiling(elapsed: float) -> float:  # one limit; per replica it would be twice
+        return limit.burst + limit.requests_per_s * elapsed + 1
+
+    async def flood(
+        min_seconds: float, per_round: int = 10, max_seconds: float = 30.0
+    ) -> tuple[int, int, float, float]:
         # a client's requests come in bursts of `per_round` to each replica: a local answer takes
         # microseconds and an actor call milliseconds (more on a loaded machine), so the checks per actor
-        # call depend on the burst, not on how fast this machine is
-        allowed, checks, started = 0, 0, time.monotonic()
-        while time.monotonic() - started < seconds:
+        # call depend on the burst, not on how fast this machine is. It goes on until it has asked for
+        # more than both replicas' limits together (a loaded machine answers fewer checks a second), and
+        # counts the time it asked nothing for longer than a full bucket lasts (refill past the burst is
+        # lost then, and the floor below excludes it)
+        allowed, checks, stalled, started = 0, 0, 0.0, time.monotonic()
+        last = started
+        while (elapsed := time.monotonic() - started) < min_seconds or checks <= 2 * ceiling(elapsed):
+            if elapsed > max_seconds:
+                break
             for replica in replicas:
                 for _ in range(per_round):
                     allowed += await replica.check("ip:203.0.113.5") == 0.0
                     checks += 1
+                    now = time.monotonic()
+                    stalled += max(0.0, now - last - limit.burst / limit.requests_per_s)
+                    last = now
             await asyncio.sleep(0.002)
-        return allowed, checks, time.monotonic() - started
+        return allowed, checks, elapsed, stalled  # elapsed: when it stopped asking
 
     try:
         # the budget actor's start (a worker process: seconds on a loaded machine) is not part of the flood
         for replica in replicas:
             assert asyncio.run(replica.check("ip:192.0.2.1")) == 0.0
-        allowed, checks, elapsed = asyncio.run(flood(1.5))
-        ceiling = limit.burst + limit.requests_per_s * elapsed + 1  # one limit; per replica it would be twice
-        assert checks > 2 * ceiling, checks  # the flood asked for more than both replicas' limits together
-        assert limit.requests_per_s * elapsed <= allowed <= ceiling, (allowed, ceiling)
+        allowed, checks, elapsed, stalled = asyncio.run(flood(1.5))
+        assert checks > 2 * ceiling(elapsed), checks  # the flood asked for more than both replicas' limits together
+        assert limit.requests_per_s * (elapsed - stalled) <= allowed <= ceiling(elapsed), (allowed, elapsed, stalled)
         assert sum(r.actor_calls for r in replicas) < checks / 2, [r.actor_calls for r in replicas]
         assert asyncio.run(SharedRateLimiter(limit).check("ip:198.51.100.1")) == 0.0  # another client
     finally:
