@@ -83,12 +83,14 @@ def alibi(module: str) -> types.ModuleType:
 
 
 class _NotLoaded:
+    REFUSAL = "raywatch imports alibi-detect without transformers (detect.drift.alibi)"
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise ImportError("raywatch imports alibi-detect without transformers (detect.drift.alibi)")
+        raise ImportError(self.REFUSAL)
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
-        raise ImportError("raywatch imports alibi-detect without transformers (detect.drift.alibi)")
+        raise ImportError(cls.REFUSAL)
 
 
 DetectorName = Literal["ks", "mmd", "prediction_ks", "concept"]

@@ -206,10 +206,7 @@ def evaluate(
     in a process of its own; the records are the same and come in the same order as one at a time."""
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
-    factories = detector_factories()
-    unknown = [name for name in detectors if name not in factories]
-    if unknown:
-        raise ValueError(f"unknown detector(s) {unknown}; choose from {sorted(factories)}")
+    detectors = parse_detectors(detectors)
     pairs = [(series, name) for series in load_benchmark(data_dir, entities) for name in detectors]
     if jobs == 1 or len(pairs) < 2:
         results = []
