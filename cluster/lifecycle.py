@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -140,22 +141,23 @@ def up(
     from monitoring import monitor as monitors
     from serve.app import build_app
     from train import registry
-    from train.pipeline import MODELS, train_model
 
     state["dashboard"] = state.get("dashboard") or dashboard
-    for model in MODELS:
+    for model in DETECTOR_KINDS:
         if registry.alias_version(model, registry.CHAMPION) is None:
             if source and traits_of(model).learns_from_labels:
                 progress(f"no {model} champion: not trained from a Prometheus source (it needs incident labels)")
                 continue
             progress(f"no {model} champion in {registry.tracking_uri()}: training one")
+            from train.pipeline import train_model  # torch: only when a model is trained here
+
             overrides = {"epochs": epochs} if epochs else {}
             train_model(model, data_dir, entities, overrides, progress=progress, source=source, since=since)
     progress(f"deploying the Serve app on 127.0.0.1:{port} ({mode} mode)")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app_args = {"reload_interval_s": 1.0, "state_dir": str(state_dir()), "monitor": monitor or {}}
     serve.run(build_app(app_args), name=APP, route_prefix="/")
-    for model in MODELS:
+    for model in DETECTOR_KINDS:
         monitors.get_or_create(model, (monitor or {}).get("config"), str(state_dir()))
     if source:
         import ray  # deferred: see _connect
@@ -258,8 +260,9 @@ def down(progress: Callable[[str], None] = print) -> dict[str, Any]:
             progress(f"could not reach the cluster to stop Serve: {exc}")
     if head_alive:
         temp_dir = Path(state["temp_dir"]) if state.get("temp_dir") else None
+        began = time.monotonic()
         LocalHead(port=state["port"], pgid=state["pgid"], temp_dir=temp_dir).stop()
-        stopped.append(f"ray head {state['address']}")
+        stopped.append(f"ray head {state['address']} in {time.monotonic() - began:.1f} s")
     if state.get("client_env"):
         Path(state["client_env"]).unlink(missing_ok=True)
         progress(f"removed {state['client_env']}")

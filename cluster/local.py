@@ -73,6 +73,12 @@ def _zombie(pid: int) -> bool:
     return stat[stat.rindex(")") + 2 :].startswith("Z")
 
 
+# Ray 2.60's `ray start --block` answers SIGTERM by draining its node for up to this many seconds (default 30)
+# so that a multi-node cluster's Serve proxies stop routing to it first. A local head that `raywatch down` stops
+# has nothing left to drain (Serve is shut down before it), and its raylet sat out the whole 30 s: 0 turns it off.
+DRAIN_ON_STOP_ENV = "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"
+
+
 def stop_session(sid: int | None, grace_s: float = 5.0) -> list[int]:
     """SIGTERM every process left in session `sid`, SIGKILL what is still there after `grace_s`. Returns the
     processes signalled. What `killpg` of the head's group misses: a Ray worker in a group of its own, and
@@ -212,13 +218,15 @@ class LocalHead:
 
     def _head_env(self, extra: dict[str, str] | None) -> dict[str, str]:
         """The head's environment, inherited by every worker and job: token mode on, raywatch's
-        interpreter first on PATH (a job's plain `python` is raywatch's), no stale RAY_ADDRESS."""
+        interpreter first on PATH (a job's plain `python` is raywatch's), no stale RAY_ADDRESS, and no
+        drain on SIGTERM unless the caller's environment asks for one (DRAIN_ON_STOP_ENV)."""
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env.update(
             RAY_AUTH_MODE="token",
             FORWARDED_ALLOW_IPS=_forwarded_allow_ips(),
             PATH=os.pathsep.join([venv_bin(), env.get("PATH", os.defpath)]),
         )
+        env.setdefault(DRAIN_ON_STOP_ENV, "0")
         return {**env, **(extra or {})}
 
     def write_client_env(self) -> Path:

@@ -9,6 +9,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+from serving_fixtures import wait_for
 
 from detect.data import load_series
 from serve.router import CircuitBreaker, TrafficPolicy, bucket
@@ -458,14 +459,17 @@ def test_promote_switches_version_without_failed_requests(served):
 
     worker = threading.Thread(target=load)
     worker.start()
-    time.sleep(1.0)
+    wait_for(lambda: len(versions) >= 5, 30, "the load's first answers")
     response = client.post(
         "/v1/admin/promote",
         json={"model": "autoencoder", "version": "2"},
         headers={"Authorization": f"Bearer {KEYS[1]}"},
     )
     assert response.status_code == 200 and response.json()["serving"]["champion"] == "2"
-    time.sleep(1.5)
+    # every ingress replica reads the new champion on its next reload: waited for, not a fixed 1.5 s
+    wait_for(lambda: versions[-1] == ("champion", "2"), 30, "the load to be answered by version 2")
+    seen = len(versions)
+    wait_for(lambda: len(versions) >= seen + 5, 30, "more answers after the switch")
     stop.set()
     worker.join()
     assert statuses and set(statuses) == {200}, statuses
