@@ -36,7 +36,6 @@ from train.retrain import main as retrain_main
 
 log = logging.getLogger(__name__)
 
-MODELS = DETECTOR_KINDS
 BEST_CONFIG_DIR = Path(".raywatch") / "best_config"
 
 
@@ -117,7 +116,7 @@ def train_model(
     config = kind.checked_config(config)  # a bad --set fails here, named, before Ray starts
     if source is not None:
         if kind.learns_from_labels:
-            unsupervised = [k for k in MODELS if not kind_named(k).learns_from_labels]
+            unsupervised = [k for k in DETECTOR_KINDS if not kind_named(k).learns_from_labels]
             raise ValueError(
                 f"the {model} learns from labelled incidents; a Prometheus source has none (use {' or '.join(unsupervised)})"
             )
@@ -212,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--retrain" in argv:  # the older spelling of `python -m train.retrain`, kept for submitted jobs
         return retrain_main([a for a in argv if a != "--retrain"])
     parser = argparse.ArgumentParser(prog="python -m train.pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=MODELS, required=True)
+    parser.add_argument("--model", choices=DETECTOR_KINDS, required=True)
     parser.add_argument("--data")
     parser.add_argument("--source", help="a Prometheus source config (YAML): learn from its history instead of --data")
     parser.add_argument("--since", default="6h", help="with --source: how much history to learn from (e.g. 6h)")
