@@ -17,7 +17,7 @@ from typing import Literal
 
 import numpy as np
 
-from detect.thresholds import SPOT
+from detect.thresholds import DSPOT, SPOT
 
 #: k of n: 3 of the last 5 rows above threshold raise an alert
 DEFAULT_K, DEFAULT_N = 3, 5
@@ -166,15 +166,17 @@ def group_alerts(
 
 @dataclass
 class AlertAwareSpot:
-    """SPOT learning from a stream whose rows are grouped into alerts: what it may learn from and when.
+    """SPOT (or DSPOT) learning from a stream whose rows are grouped into alerts: what it may learn from
+    and when.
 
     A row of an alert (firing, or in the window that opened it) is never learnt: an incident must not
     raise the bar that detects it. A row above the bar that opens no alert is a normal spike, which a
     steady stream has once in 1 / risk rows; it is learnt once it has left the grouper's window without
     opening one (`n - 1` rows later). Leaving such spikes out for good truncates the tail SPOT fits, and
-    its threshold sinks over a long stream. Every other row is learnt at once, unless an alert fires."""
+    its threshold sinks over a long stream. Every other row is learnt at once, unless an alert fires.
+    For DSPOT "learnt" includes its baseline: an incident's rows never move it."""
 
-    spot: SPOT
+    spot: SPOT | DSPOT
     window: int = DEFAULT_N
     _pending: deque = field(default_factory=deque, repr=False)  # (row, score): above the bar, no alert yet
 
@@ -198,7 +200,7 @@ class AlertAwareSpot:
 
 def online_alerts(
     scores: np.ndarray,
-    spot: SPOT,
+    spot: SPOT | DSPOT,
     contributions: np.ndarray | None = None,
     grouper: AlertGrouper | None = None,
 ) -> tuple[np.ndarray, list[Alert]]:

@@ -82,9 +82,10 @@ class Detector(ABC):
         return 0
 
     def served_spot(self) -> dict[str, Any] | None:
-        """The state of SPOT fitted on this detector's calibration scores (`detect.thresholds.SPOT.state`),
-        saved with it: the serving ingress judges each served row against SPOT's threshold and keeps it
-        learning from there, as `raywatch evaluate` does. None where there is no tail to fit."""
+        """The state of the operational threshold (DSPOT, `detect.thresholds.operational_threshold`) fitted
+        on this detector's calibration scores, saved with it: the serving ingress judges each served row
+        against its threshold and keeps it learning from there, as `raywatch evaluate` does. None where
+        there is no tail to fit."""
         scores = getattr(self, "calibration_scores_", None)
         return spot_state(scores) if scores is not None else getattr(self, "spot_state_", None)
 

@@ -11,6 +11,12 @@ with n scores seen and N_t of them above t. The streaming update learns from unl
 a score above z_q is an alarm and is not learnt from (an incident must not raise its own bar), unless
 the caller groups alarms into alerts and says the score is no alert's (`update`); a score in
 (t, z_q] is a new peak and refits the GPD; any other score only counts in n.
+
+DSPOT (the same paper, section 4.3) is what the platform serves and `raywatch evaluate` judges
+(`operational_threshold`): SPOT on the residuals of the scores over a moving baseline, the mean of the last
+`depth` scores learnt from. A machine whose scores sit higher or lower than on its validation days moves the
+baseline, not the tail; a score far above the recent level still raises an alarm. The residuals' tail is
+fitted on the calibration scores, each over the mean of the `depth` before it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ from scipy.optimize import minimize_scalar
 
 #: probability that a normal score exceeds the threshold (one false-alarm row in 1,000)
 DEFAULT_RISK = 1e-3
+#: scores in DSPOT's moving baseline: an hour of one-minute rows (the attribution's hold fades on the same
+#: scale); chosen by that, not by a sweep (docs/experiments/dspot.md has 10 to 250)
+DEFAULT_DEPTH = 60
 #: quantile of the calibration scores that starts the peaks (as in SPOT's and OmniAnomaly's set-up)
 DEFAULT_LEVEL = 0.98
 #: fewer peaks than this give no usable tail fit: the threshold falls back to an empirical quantile
@@ -197,12 +206,101 @@ class SPOT:
         return np.array([self.update(float(s)) for s in np.asarray(scores, dtype=np.float64)])
 
 
+@dataclass
+class DSPOT:
+    """SPOT with drift: `SPOT` on the residuals over the mean of the last `depth` scores learnt from. It
+    offers what `SPOT` offers a caller that streams (`fit`, `threshold_`, `update`, `state`, `from_state`),
+    so `detect.alerting.AlertAwareSpot` and the serving ingress use either."""
+
+    depth: int = DEFAULT_DEPTH
+    risk: float = DEFAULT_RISK
+    spot_: SPOT = field(init=False)
+    # the baseline's scores, a ring (the newest at `next_ - 1`), and their sum (summed afresh once per ring)
+    window_: array = field(init=False, default_factory=lambda: array("d"))
+    next_: int = field(init=False, default=0)
+    sum_: float = field(init=False, default=0.0)
+
+    def __post_init__(self) -> None:
+        if self.depth < 1:
+            raise ValueError(f"DSPOT: depth must be at least 1 score, got {self.depth}")
+        self.spot_ = SPOT(risk=self.risk)
+
+    def fit(self, initial_scores: np.ndarray) -> DSPOT:
+        """The residuals' tail from calibration scores (each over the mean of the `depth` before it); the
+        baseline starts as their last `depth`."""
+        scores = np.asarray(initial_scores, dtype=np.float64)
+        scores = scores[np.isfinite(scores)]
+        if len(scores) <= self.depth:
+            raise ValueError(f"DSPOT: {len(scores)} calibration scores do not cover a baseline of {self.depth}")
+        sums = np.concatenate([[0.0], np.cumsum(scores)])
+        baselines = (sums[self.depth : -1] - sums[: -self.depth - 1]) / self.depth
+        try:
+            self.spot_.fit(scores[self.depth :] - baselines)
+        except ValueError as exc:
+            raise ValueError(f"DSPOT (baseline of {self.depth} scores): {exc}") from None
+        self.window_, self.next_ = array("d", scores[-self.depth :]), 0
+        self.sum_ = math.fsum(self.window_)
+        return self
+
+    @property
+    def baseline_(self) -> float:
+        return self.sum_ / self.depth
+
+    @property
+    def threshold_(self) -> float:
+        return self.baseline_ + self.spot_.threshold_
+
+    def update(self, score: float, learn: bool | None = None) -> float:
+        """As `SPOT.update`: judge one score, learn from it unless it is an alarm (or `learn` says); a
+        score learnt from joins the baseline too. Returns the threshold it was judged against."""
+        judged_against = self.threshold_
+        if not learn and (learn is not None or score > judged_against):
+            return judged_against
+        self.spot_.update(score - self.baseline_, learn=True)
+        self.sum_ += score - self.window_[self.next_]
+        self.window_[self.next_] = score
+        self.next_ = (self.next_ + 1) % self.depth
+        if self.next_ == 0:  # once per ring: no rounding error builds up over a months-long stream
+            self.sum_ = math.fsum(self.window_)
+        return judged_against
+
+    def state(self) -> dict[str, Any]:
+        """Everything `from_state` needs to continue exactly where this one is (JSON-safe)."""
+        return {
+            "kind": "dspot",
+            "depth": self.depth,
+            "window": self.window_.tolist(),
+            "next": self.next_,
+            "sum": self.sum_,
+            "spot": self.spot_.state(),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> DSPOT:
+        spot = SPOT.from_state(state["spot"])
+        out = cls(depth=int(state["depth"]), risk=spot.risk)
+        out.spot_, out.window_ = spot, array("d", state["window"])
+        out.next_, out.sum_ = int(state["next"]), float(state["sum"])
+        return out
+
+
+def operational_threshold(calibration_scores: np.ndarray) -> DSPOT:
+    """The threshold raywatch serves and `raywatch evaluate` judges, fitted on a model's calibration scores
+    (never test labels). ValueError where they are too few for a tail over a baseline."""
+    return DSPOT().fit(calibration_scores)
+
+
+def threshold_from_state(state: dict[str, Any]) -> SPOT | DSPOT:
+    """A saved threshold, continued: DSPOT's, or plain SPOT's (bundles saved before DSPOT)."""
+    return DSPOT.from_state(state) if state.get("kind") == "dspot" else SPOT.from_state(state)
+
+
 def spot_state(calibration_scores: np.ndarray | None) -> dict[str, Any] | None:
-    """The fitted SPOT's state for a model's calibration scores, or None where they cannot seed one (none
-    kept, or too few for a tail): serving then judges against the model's stored threshold."""
+    """The operational threshold's state for a model's calibration scores, or None where they cannot seed
+    one (none kept, or too few for a tail): serving then judges against the model's stored threshold."""
     if calibration_scores is None:
         return None
     try:
-        return SPOT().fit(calibration_scores).state()
+        return operational_threshold(calibration_scores).state()
     except ValueError:
         return None

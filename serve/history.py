@@ -18,7 +18,7 @@ import numpy as np
 from detect.alerting import Alert, AlertAwareSpot, AlertGrouper
 from detect.attribution import hold_peak_row, hold_peaks
 from detect.fleet import EntityStats, OwnThreshold, Sampler
-from detect.thresholds import SPOT
+from detect.thresholds import threshold_from_state
 
 HISTORY_ROWS = 64  # the most raw samples kept per entity: the longest context a served model may read
 HISTORY_FLOOR = 32  # the fewest kept (when its models read fewer): the fallback baseline's reference rows
@@ -224,7 +224,8 @@ class AlertBook:
         order. Returns (per row, the alert open after it, or the one it closed, as the API reports it, or
         None when no alert is open; the threshold each row was judged against).
 
-        With `spot`, each row is judged against SPOT's threshold, which then learns from what is no alert's
+        With `spot`, each row is judged against its threshold (DSPOT's, or SPOT's for a bundle saved before
+        DSPOT), which then learns from what is no alert's
         (`detect.alerting.AlertAwareSpot`, what `raywatch evaluate` judges): the thresholds
         come back as an array. Without it (a fleet model's new entity, the fallback baseline, a bundle
         saved before served SPOT), every row is judged against `arrays["threshold"]`, returned as it was."""
@@ -311,7 +312,7 @@ class AlertBook:
         if seed is None:
             return None
         if tracked.spot is None or tracked.spot_model != seed.model:
-            tracked.spot = AlertAwareSpot(SPOT.from_state(seed.state), tracked.grouper.n)
+            tracked.spot = AlertAwareSpot(threshold_from_state(seed.state), tracked.grouper.n)
             tracked.spot_model = seed.model
         return tracked.spot
 

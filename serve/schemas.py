@@ -129,7 +129,7 @@ class AlertState(BaseModel):
 class DetectorScore(BaseModel):
     anomaly_score: float
     threshold: float = Field(
-        description="what this row was judged against: SPOT's threshold for the entity's own model, learning "
+        description="what this row was judged against: DSPOT's threshold for the entity's own model, learning "
         "from served rows (detect/thresholds.py); a fleet model's or the fallback's otherwise"
     )
     is_anomaly: bool

@@ -11,7 +11,7 @@ from detect.data import load_series
 from detect.ensemble import MEMBERS, EnsembleDetector
 from detect.features import entity_features, entity_windows
 from detect.sequence import CLIP, AutoencoderDetector, LSTMDetector
-from detect.thresholds import SPOT
+from detect.thresholds import operational_threshold
 from train import compress as C
 from train import distill as D
 from train import kinds as E
@@ -157,11 +157,11 @@ def test_compress_registers_passing_variants_and_logs_failures(
     assert int8_bundle.variant == "int8" and len(int8_bundle.graphs[omi2.name]["scorer"]) < len(
         bundle.graphs[omi2.name]["scorer"]
     )
-    # each version carries the SPOT its served threshold starts from, fitted on its own calibration scores
+    # each version carries the threshold it is served with (DSPOT's state), fitted on its own calibration scores
     fp32_bundle, _ = registry.load_bundle("autoencoder", "1")
-    assert fp32_bundle.detectors[omi2.name].served_spot() == SPOT().fit(det.calibration_scores_).state()
+    assert fp32_bundle.detectors[omi2.name].served_spot() == operational_threshold(det.calibration_scores_).state()
     _, int8_scores = C.calibrate(det, result["graphs"]["int8"][omi2.name], omi2)
-    assert int8_bundle.detectors[omi2.name].served_spot() == SPOT().fit(int8_scores).state()
+    assert int8_bundle.detectors[omi2.name].served_spot() == operational_threshold(int8_scores).state()
     runs = mlflow.search_runs(experiment_names=["raywatch"], filter_string="tags.`raywatch.kind` = 'compress'")
     assert "below the 500% gate" in runs["tags.gate.student"].iloc[0]
     student_pr = result["summary"]["student"]["pr_auc"]

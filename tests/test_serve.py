@@ -61,13 +61,18 @@ def served(data_dir, ray_cluster, tmp_path_factory):
             os.environ[k] = v
 
 
-def without_top_metrics(answer):
-    """A scoring answer without its root causes: those are held across requests (detect/attribution.py),
-    so the same rows sent again may name them with other weights, whatever model scored them."""
+CARRIED = ("top_metrics", "threshold")
+
+
+def without_carried_state(answer):
+    """A scoring answer without what each request carries on from the ones before: its root causes are held
+    across requests (detect/attribution.py), and its threshold learns from every served row (DSPOT's
+    moving baseline, detect/thresholds.py), so the same rows sent again get other values of both,
+    whatever model scored them."""
     if isinstance(answer, dict):
-        return {k: without_top_metrics(v) for k, v in answer.items() if k != "top_metrics"}
+        return {k: without_carried_state(v) for k, v in answer.items() if k not in CARRIED}
     if isinstance(answer, list):
-        return [without_top_metrics(v) for v in answer]
+        return [without_carried_state(v) for v in answer]
     return answer
 
 
@@ -316,12 +321,12 @@ def test_served_rows_come_grouped_into_one_alert_per_episode(served):
 
 
 def test_served_thresholds_are_spot_learning_as_evaluate_judges(served):
-    """Each served row is judged against SPOT's threshold, started from the state the model's bundle was
+    """Each served row is judged against the operational threshold (DSPOT), started from the state the model's bundle was
     saved with and learning from the served rows that are no alert's: over every row a newly promoted
     version serves, across both routes, the thresholds are those `raywatch evaluate` computes over the
-    same scores (`detect.alerting.online_alerts`), and they move as SPOT learns."""
+    same scores (`detect.alerting.online_alerts`), and they move as it learns."""
     from detect.alerting import online_alerts
-    from detect.thresholds import SPOT
+    from detect.thresholds import DSPOT, threshold_from_state
     from train import registry
 
     client, series = served
@@ -350,9 +355,11 @@ def test_served_thresholds_are_spot_learning_as_evaluate_judges(served):
         scores += columns["anomaly_score"]
         thresholds += columns["thresholds"]
         state = registry.load_bundle("lstm", "2")[0].detectors[series.name].served_spot()
-        expected, _ = online_alerts(np.asarray(scores), SPOT.from_state(state))
+        started = threshold_from_state(state)
+        assert isinstance(started, DSPOT)
+        expected, _ = online_alerts(np.asarray(scores), started)
         np.testing.assert_allclose(thresholds, expected, rtol=1e-9)
-        assert len(set(thresholds)) > 1 and thresholds[0] == state["threshold"]
+        assert len(set(thresholds)) > 1 and thresholds[0] == threshold_from_state(state).threshold_
     finally:
         client.post("/v1/admin/rollback", json={"model": "lstm"}, headers=admin)
 
@@ -401,8 +408,8 @@ def test_ab_and_shadow_over_http(served):
     )
     shadowed = client.post("/v1/score", json={"rows": rows}).json()
     # the challenger's outputs are never returned: the same scores, flags, models and paths
-    assert without_top_metrics(shadowed) == without_top_metrics(baseline)
-    assert without_top_metrics(first) != without_top_metrics(baseline)  # (the comparison above can fail)
+    assert without_carried_state(shadowed) == without_carried_state(baseline)
+    assert without_carried_state(first) != without_carried_state(baseline)  # (the comparison above can fail)
     deadline = time.time() + 10
     while time.time() < deadline:
         stats = client.get("/v1/models").json()["models"]["lstm"]["traffic"]

@@ -1,4 +1,5 @@
-"""SPOT thresholds against analytic tail quantiles, and its streaming rule (alarms are not learnt)."""
+"""SPOT thresholds against analytic tail quantiles, and its streaming rule (alarms are not learnt); DSPOT,
+SPOT over a moving baseline: what the platform serves."""
 
 from __future__ import annotations
 
@@ -101,3 +102,86 @@ def test_a_spot_keeps_a_bounded_tail_that_stays_at_the_true_quantile():
     truncated = SPOT(max_peaks=200).fit(calibration)
     truncated.run(stream)
     assert truncated.threshold_ < 0.8 * -math.log(spot.risk)
+
+
+# -- DSPOT: SPOT over a moving baseline (what the platform serves and `raywatch evaluate` judges) ------------
+
+
+def _autocorrelated(rng: np.random.Generator, rows: int, level: float) -> np.ndarray:
+    """Scores as a detector's are: each the mean of 10 exponential draws with the next (exceedances come in
+    runs, so k of n rows above the bar happen in a normal stream too), over `level`."""
+    return level + np.convolve(rng.exponential(1.0, rows + 9), np.ones(10) / 10, mode="valid")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dspot_follows_a_machine_whose_normal_level_moved(seed):
+    """A machine whose normal scores sit higher than on its validation days (here by about 3 of their
+    standard deviations): plain SPOT, fitted on the old level, pages over and over, and what it pages on is
+    never learnt (alert rows are not); DSPOT's baseline moves with the rows it learns, and it raises about
+    as few alerts as on the old level."""
+    from detect.alerting import online_alerts
+    from detect.thresholds import DSPOT
+
+    rng = np.random.default_rng(seed)
+    calibration = _autocorrelated(rng, 5000, 0.0)
+    moved = _autocorrelated(rng, 20_000, 1.0)
+    _, spot_alerts = online_alerts(moved, SPOT().fit(calibration))
+    _, dspot_alerts = online_alerts(moved, DSPOT().fit(calibration))
+    assert len(spot_alerts) >= 20 and 3 * len(dspot_alerts) <= len(spot_alerts), (len(spot_alerts), len(dspot_alerts))
+
+
+def test_dspot_still_alerts_on_a_spike_over_the_recent_level_and_does_not_learn_it():
+    """An incident well above the recent level opens an alert; its rows move neither the baseline nor the
+    tail (an incident must not raise the bar that detects it), so the bar after it is the bar before it."""
+    from detect.alerting import online_alerts
+    from detect.thresholds import DSPOT
+
+    rng = np.random.default_rng(8)
+    dspot = DSPOT().fit(rng.exponential(1.0, 5000))
+    normal = rng.exponential(1.0, 3000)
+    incident = np.full(200, 40.0)
+    thresholds, alerts = online_alerts(np.r_[normal, incident], dspot)
+    assert len(alerts) >= 1 and alerts[-1].start >= len(normal) and alerts[-1].closed is None
+    bar_before = thresholds[len(normal)]
+    assert dspot.threshold_ == pytest.approx(bar_before)  # nothing of the incident was learnt
+    assert bar_before < 40.0
+
+
+def test_dspot_continues_from_its_saved_state_exactly():
+    """A bundle stores the operational threshold's state and the serving ingress continues from it: the
+    same thresholds as the original, over a stream longer than the baseline's ring (its re-summing too)."""
+    from detect.thresholds import DSPOT, operational_threshold, threshold_from_state
+
+    rng = np.random.default_rng(9)
+    original = operational_threshold(rng.gamma(2.0, 1.0, 3000))
+    assert isinstance(original, DSPOT)
+    for value in rng.gamma(2.0, 1.0, 137):  # the ring's start is not its first slot
+        original.update(float(value), learn=True)
+    restored = threshold_from_state(json.loads(json.dumps(original.state())))
+    assert isinstance(restored, DSPOT)
+    later = rng.gamma(2.0, 1.1, 2000)
+    np.testing.assert_array_equal(
+        [original.update(float(s)) for s in later], [restored.update(float(s)) for s in later]
+    )
+    assert restored.baseline_ == pytest.approx(float(np.mean(original.window_)))
+
+
+def test_a_plain_spot_state_still_loads_as_spot():
+    """Bundles saved before DSPOT carry plain SPOT's state: they keep being judged as they were."""
+    from detect.thresholds import threshold_from_state
+
+    state = SPOT().fit(np.random.default_rng(10).exponential(1.0, 3000)).state()
+    restored = threshold_from_state(state)
+    assert type(restored) is SPOT and restored.threshold_ == SPOT.from_state(state).threshold_
+
+
+def test_dspot_refuses_calibration_that_cannot_cover_its_baseline_and_a_tail():
+    from detect.thresholds import DSPOT, spot_state
+
+    with pytest.raises(ValueError, match="do not cover a baseline of 60"):
+        DSPOT().fit(np.arange(60.0))
+    with pytest.raises(ValueError, match="baseline of 60 scores.*too few"):
+        DSPOT().fit(np.arange(300.0))
+    with pytest.raises(ValueError, match="depth must be at least 1"):
+        DSPOT(depth=0)
+    assert spot_state(np.arange(300.0)) is None  # serving then judges against the stored threshold
