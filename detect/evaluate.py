@@ -1,9 +1,9 @@
 """Evaluation harness: fit each detector on an entity's train series, score its labelled test series.
 
 Reports, per (entity, detector): best point-wise F1 and PR-AUC first, then what an operator would
-receive. The operational threshold is DSPOT's (SPOT over a moving baseline, detect/thresholds.py): fitted
-on the detector's calibration scores (training/validation, never test labels) and updated online over the test series
-in time order from its unlabelled scores. Rows above it are grouped into alerts (detect/alerting.py);
+receive. The operational threshold is DSPOT's (SPOT over a moving baseline, detect/thresholds.py):
+fitted on the detector's calibration scores (training/validation, never test labels) and updated online
+over the test series in time order from its unlabelled scores. Rows above it are grouped into alerts (detect/alerting.py);
 event recall/precision and mean time to detect count those alerts. The old rule (the detector's stored
 threshold, the 99th percentile of validation scores) is kept beside it as `*_p99`. Root-cause
 HitRate@100%/150% where interpretation labels exist. A figure that cannot be computed is null, and
@@ -119,7 +119,8 @@ def evaluate_series(series: Series, detector: Detector) -> dict[str, Any]:
 def operational_figures(
     labels: np.ndarray, scores: np.ndarray, contributions: np.ndarray, detector: Detector
 ) -> dict[str, Any]:
-    """What an operator receives: the operational threshold online (DSPOT), the alerts they raise, and the old p99 rule."""
+    """What an operator receives: the operational threshold (DSPOT) online, the alerts it raises, and the
+    old p99 rule."""
     event_recall_p99, event_precision_p99 = M.event_scores(labels, scores, detector.threshold_)
     figures: dict[str, Any] = {
         "f1_operational_p99": M.f1_at(labels, scores, detector.threshold_),
@@ -273,7 +274,8 @@ def markdown_table(report: dict[str, Any]) -> str:
     note = (
         "\nf1, pr_auc, pa_f1: best threshold over the whole PR curve (point-wise; pa_f1 point-adjusted). "
         "f1_operational: rows at or above DSPOT's threshold (SPOT at risk 1e-3 over the mean of the last 60 "
-        "scores learnt from; fitted on validation scores, updated online from unlabelled test scores). event_recall, event_precision, mttd_rows, alerts: "
+        "scores learnt from; fitted on validation scores, updated online from unlabelled test scores). "
+        "event_recall, event_precision, mttd_rows, alerts: "
         "alerts (3 of 5 rows above threshold, resolved after 10 quiet rows), mean rows from incident start "
         "to the alert. *_p99: the old rule (the detector's stored threshold; rows and row runs). "
         "hitrate_*: root-cause ranking. "

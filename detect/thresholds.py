@@ -256,6 +256,8 @@ class DSPOT:
         judged_against = self.threshold_
         if not learn and (learn is not None or score > judged_against):
             return judged_against
+        if not math.isfinite(score):  # one NaN in the baseline's sum would disarm the threshold for good
+            return judged_against
         self.spot_.update(score - self.baseline_, learn=True)
         self.sum_ += score - self.window_[self.next_]
         self.window_[self.next_] = score

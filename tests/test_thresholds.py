@@ -185,3 +185,14 @@ def test_dspot_refuses_calibration_that_cannot_cover_its_baseline_and_a_tail():
     with pytest.raises(ValueError, match="depth must be at least 1"):
         DSPOT(depth=0)
     assert spot_state(np.arange(300.0)) is None  # serving then judges against the stored threshold
+
+
+def test_a_score_that_is_not_a_number_does_not_disarm_dspot():
+    """A model answer that overflowed is judged, and not learnt: the baseline stays a number."""
+    from detect.thresholds import operational_threshold
+
+    dspot = operational_threshold(np.random.default_rng(11).exponential(1.0, 3000))
+    before = dspot.threshold_
+    for bad in (float("nan"), float("inf")):
+        assert dspot.update(bad, learn=True) == before
+    assert dspot.threshold_ == before and math.isfinite(dspot.baseline_)
