@@ -115,7 +115,7 @@ def up(
             log_path=state_dir() / "ray-head.log",
             client_env=client_env_file(),
         )
-        port, moved = preferred_port(port)
+        port, moved = preferred_port(port, avoid=[head.port, head.dashboard_port])
         notes += [f"the Serve port you asked for is taken: the API listens on {port}"] if moved else []
         for note in notes:
             progress(note)

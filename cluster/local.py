@@ -21,8 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.auth_token import TOKEN_PATH_ENV, ensure_token
@@ -30,6 +30,8 @@ from cluster.auth_token import TOKEN_PATH_ENV, ensure_token
 # Ray's own defaults: the GCS (`ray start --head --port`) and the dashboard / job server
 RAY_GCS_PORT = 6379
 RAY_DASHBOARD_PORT = 8265
+#: the head's agents whose fixed default ports would clash with any other Ray on this machine (`ray start --X-port`)
+AGENT_PORTS = ("dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent", "metrics-export")
 
 
 def group_alive(pgid: int | None) -> bool:
@@ -104,10 +106,23 @@ def wait_until(done: Callable[[], bool], timeout_s: float, poll_s: float) -> boo
     return True
 
 
+def free_ports(count: int, avoid: Collection[int] = ()) -> list[int]:
+    """`count` distinct ports free now, none of them in `avoid`. Every socket stays bound until all are
+    chosen: asked one at a time, the system may hand out the same port twice (it once gave a head's GCS
+    and its dashboard both 51189, and `ray start` refused)."""
+    ports: list[int] = []
+    with contextlib.ExitStack() as held:
+        while len(ports) < count:
+            sock = held.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            if port not in avoid and port not in ports:
+                ports.append(port)
+    return ports
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def port_is_free(port: int) -> bool:
@@ -122,9 +137,9 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def preferred_port(port: int) -> tuple[int, bool]:
-    """`port` when it is free, else a free one; and whether it had to fall back."""
-    return (port, False) if port_is_free(port) else (free_port(), True)
+def preferred_port(port: int, avoid: Collection[int] = ()) -> tuple[int, bool]:
+    """`port` when it is free, else a free one not in `avoid`; and whether it had to fall back."""
+    return (port, False) if port_is_free(port) else (free_ports(1, avoid)[0], True)
 
 
 def venv_bin() -> str:
@@ -137,8 +152,8 @@ def venv_bin() -> str:
 class LocalHead:
     num_cpus: int = 2
     log_path: Path | None = None  # default: a new temporary folder, made by start()
-    port: int = field(default_factory=free_port)
-    dashboard_port: int = field(default_factory=free_port)
+    port: int | None = None  # default: a free port (set in __post_init__, never the dashboard's)
+    dashboard_port: int | None = None  # default: a free port other than `port`
     process: subprocess.Popen | None = None
     pgid: int | None = None  # the head's process group: set by start(), or recorded by `raywatch up`
     client_env: Path | None = None  # where start() writes the shell exports for Ray's CLIs (.raywatch/env)
@@ -148,14 +163,22 @@ class LocalHead:
     # Clients find the head through RAY_ADDRESS instead (.raywatch/env).
     temp_dir: Path | None = None
 
+    def __post_init__(self) -> None:
+        if self.port is None:
+            self.port = free_ports(1, avoid=[self.dashboard_port])[0]
+        if self.dashboard_port is None:
+            self.dashboard_port = free_ports(1, avoid=[self.port])[0]
+        if self.port == self.dashboard_port:
+            raise ValueError(f"the Ray head and its dashboard need two ports, got {self.port} for both")
+
     @classmethod
     def on_preferred_ports(
         cls, port: int = RAY_GCS_PORT, dashboard_port: int = RAY_DASHBOARD_PORT, **kwargs
     ) -> tuple[LocalHead, list[str]]:
         """A head on the given ports (Ray's defaults unless told) where they are free; says which ports it
         had to choose instead."""
-        gcs, moved_gcs = preferred_port(port)
-        dashboard, moved_dashboard = preferred_port(dashboard_port)
+        gcs, moved_gcs = preferred_port(port, avoid=[dashboard_port])
+        dashboard, moved_dashboard = preferred_port(dashboard_port, avoid=[gcs])
         notes = [f"port {port} is taken: the Ray head (GCS) listens on {gcs}"] if moved_gcs else []
         if moved_dashboard:
             notes.append(f"port {dashboard_port} is taken: the Ray dashboard listens on {dashboard}")
@@ -183,6 +206,7 @@ class LocalHead:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         if self.temp_dir is None:
             self.temp_dir = Path(tempfile.mkdtemp(prefix="rw-ray-", dir="/tmp"))  # short: Ray's socket paths
+        agent_ports = free_ports(len(AGENT_PORTS), avoid=[self.port, self.dashboard_port])
         command = [
             os.path.join(os.path.dirname(sys.executable), "ray"),
             "start",
@@ -190,11 +214,7 @@ class LocalHead:
             "--block",
             f"--port={self.port}",
             f"--dashboard-port={self.dashboard_port}",
-            # the agents' fixed default ports would clash with any other Ray on this machine
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
+            *(f"--{agent}-port={port}" for agent, port in zip(AGENT_PORTS, agent_ports)),
             f"--num-cpus={self.num_cpus}",
             "--include-dashboard=true",
             "--disable-usage-stats",

@@ -69,15 +69,15 @@ def fresh_user_env(home: Path) -> dict[str, str]:
 def test_up_on_a_fresh_machine_then_ray_tools_as_typed(data_dir, mlflow_store, tmp_path_factory):
     from serving_fixtures import register_small_models
 
-    from cluster.local import free_port
+    from cluster.local import free_ports
     from train import registry
 
     register_small_models(load_series("asd", "omi-2", data_dir))  # every model has a champion: up trains nothing
     home = tmp_path_factory.mktemp("empty-home")
     env = fresh_user_env(home)
     cli = os.path.join(os.path.dirname(sys.executable), "raywatch")
-    port = free_port()
-    ports = ["--port", str(port), "--ray-port", str(free_port()), "--dashboard-port", str(free_port())]
+    port, ray_port, dashboard_port = free_ports(3)  # three distinct ones (asked one by one, two were the same)
+    ports = ["--port", str(port), "--ray-port", str(ray_port), "--dashboard-port", str(dashboard_port)]
     up = subprocess.run([cli, "up", *ports], env=env, capture_output=True, text=True, timeout=600)
     assert up.returncode == 0, up.stderr[-3000:]
     state = json.loads((mlflow_store / ".raywatch" / "up.json").read_text())
@@ -163,3 +163,21 @@ def test_stopping_the_head_stops_what_left_its_process_group(tmp_path):
     assert set(session_pids(leader.pid)) == {leader.pid, straggler}
     LocalHead(pgid=leader.pid, process=leader).stop(timeout_s=10)
     assert session_pids(leader.pid) == []  # neither runs (an exited one may linger unreaped: not running)
+
+
+def test_a_head_gets_distinct_ports_and_refuses_one_port_for_two():
+    """Ports asked for one at a time can come back equal (a CI run once gave a head's GCS and dashboard the
+    same one, and `ray start` refused): a head's ports are chosen apart, and one port for both is refused
+    before Ray is asked."""
+    from cluster.local import LocalHead, free_ports
+
+    taken = free_ports(20)
+    assert len(set(taken)) == 20
+    assert not set(free_ports(20, avoid=taken)) & set(taken)
+    for _ in range(20):
+        head = LocalHead(port=taken[0])
+        assert head.dashboard_port not in (None, taken[0])
+        head = LocalHead(dashboard_port=taken[1])
+        assert head.port not in (None, taken[1])
+    with pytest.raises(ValueError, match=f"two ports, got {taken[0]} for both"):
+        LocalHead(port=taken[0], dashboard_port=taken[0])
