@@ -121,10 +121,6 @@ def free_ports(count: int, avoid: Collection[int] = ()) -> list[int]:
     return ports
 
 
-def free_port() -> int:
-    return free_ports(1)[0]
-
-
 def port_is_free(port: int) -> bool:
     """Whether nothing listens on `port` (any interface: Ray's GCS binds them all). Connections of a
     stopped server that linger in TIME_WAIT do not count (servers, Ray's too, bind with SO_REUSEADDR)."""

@@ -3,9 +3,10 @@
 Reports, per (entity, detector): best point-wise F1 and PR-AUC first, then what an operator would
 receive. The operational threshold is DSPOT's (SPOT over a moving baseline, detect/thresholds.py):
 fitted on the detector's calibration scores (training/validation, never test labels) and updated online
-over the test series in time order from its unlabelled scores. Rows above it are grouped into alerts (detect/alerting.py);
-event recall/precision and mean time to detect count those alerts. The old rule (the detector's stored
-threshold, the 99th percentile of validation scores) is kept beside it as `*_p99`. Root-cause
+over the test series in time order from its unlabelled scores. Rows above it are grouped into alerts
+(detect/alerting.py); event recall/precision and mean time to detect count those alerts. The old rule
+(the detector's stored threshold, the 99th percentile of validation scores) is kept beside it as
+`*_p99`. Root-cause
 HitRate@100%/150% where interpretation labels exist. A figure that cannot be computed is null, and
 `null_reason` says why; a detector that cannot score an entity leaves a null record, never an abort.
 """

@@ -5,11 +5,12 @@ synthetic fleets (docs/experiments/dspot.md).
 
 DSPOT (Siffer et al., KDD 2017, section 4.3; `detect.thresholds.DSPOT`) models the peaks over a moving local
 baseline: the baseline M_t is the mean of the last `depth` scores learnt from, SPOT runs on the residuals
-X_t - M_t, and row t is judged against M_t + z_q. Both are fitted on the validation scores (DSPOT on their residuals) and run over
-the test scores in time order without labels, with the alert rule and learning of `online_alerts` (an
-alert's rows are learnt by neither the tail nor the baseline). The risk stays at the platform's 1e-3: only
-the depth varies. Scores are computed once per detector and entity (as `raywatch evaluate` fits them) and
-kept in `--cache`, so the thresholds can be judged again without refitting.
+X_t - M_t, and row t is judged against M_t + z_q. Both are fitted on the validation scores (DSPOT on their
+residuals) and run over the test scores in time order without labels, with the alert rule and learning
+of `online_alerts` (an alert's rows are learnt by neither the tail nor the baseline). The risk stays at
+the platform's 1e-3: only the depth varies. Scores are computed once per detector and entity (as
+`raywatch evaluate` fits them) and kept in `--cache`, so the thresholds can be judged again without
+refitting.
 """
 
 from __future__ import annotations
