@@ -6,8 +6,9 @@ learns from, by PR-AUC (and best F1). Side by side, in one run, on the same rows
 - `autoencoder`, `lstm`: the unsupervised detectors as `raywatch evaluate` fits them (train series);
 - `evidence`: label-free combination of the two, max over detectors of score / the 99th percentile of its
   own calibration scores (what each detector calls unusual, on one scale);
-- `ensemble`: the shipped ensemble (window features), learning from the first half's labels (with
-  injected incidents where they hold fewer than two), vote weights on its validation tail;
+- `ensemble`: the window-feature ensemble (`evidence=()`, shipped before the stacking), learning from the
+  first half's labels (with injected incidents where they hold fewer than two), vote weights on its
+  validation tail (the ensemble served now: docs/experiments/monotone-stacking.py);
 - `stacked`: the same members learning from the window features plus the evidence column, weights on
   the validation tail;
 - `stacked_oof`: `stacked` with a fifth member (the evidence, calibrated by a logistic fit) and vote
@@ -83,7 +84,7 @@ def learning_rows(case: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndar
 def stacked_scores(case: dict[str, Any], evidence, with_oof: bool) -> np.ndarray:
     """Scores of every test row from members fitted on the first half's stacked features."""
     X, _, target = learning_rows(case)
-    stack = EvidenceStack()
+    stack = EvidenceStack(evidence=())
     spec = FeatureSpec(metrics=tuple(case["metrics"]), lags=stack.config.lags, rolling=stack.config.rolling)
 
     def features(rows: np.ndarray) -> np.ndarray:
@@ -108,7 +109,7 @@ def stacked_scores(case: dict[str, Any], evidence, with_oof: bool) -> np.ndarray
 
 def five_members(F: np.ndarray, y: np.ndarray):
     """The four members over the stacked features and the evidence column calibrated by a logistic fit."""
-    members = EvidenceStack()
+    members = EvidenceStack(evidence=())
     members.fit_members(F, y, {})
     calibration = LogisticRegression(class_weight="balanced").fit(F[:, -1:], y)
     return lambda rows: np.column_stack([members.member_matrix(rows), calibration.predict_proba(rows[:, -1:])[:, 1]])
@@ -130,7 +131,7 @@ def measure(case: dict[str, Any]) -> list[dict[str, Any]]:
             "autoencoder": detectors[0].score(test),
             "lstm": detectors[1].score(test),
             "evidence": evidence(test),
-            "ensemble": EnsembleDetector().fit(X, y, case["metrics"]).score(test),
+            "ensemble": EnsembleDetector(evidence=()).fit(X, y, case["metrics"]).score(test),
             "stacked": stacked_scores(case, evidence, with_oof=False),
             "stacked_oof": stacked_scores(case, evidence, with_oof=True),
         }

@@ -475,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--data", help="benchmark directory; default $RAYWATCH_DATA or the shipped data/")
     tr.add_argument("--entities", help="comma-separated entities; default all")
-    tr.add_argument("--epochs", type=int, help="epochs (autoencoder, lstm)")
+    tr.add_argument("--epochs", type=int, help="epochs (autoencoder, lstm; the ensemble's evidence detectors)")
     tr.add_argument("--num-workers", type=int, default=1, help="Ray Train workers")
     tr.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto", help="auto: GPU when the cluster has one")
     tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")

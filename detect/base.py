@@ -96,9 +96,9 @@ class Detector(ABC):
     @abstractmethod
     def _restore(self, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> None: ...
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+    def to_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(JSON-able metadata, named arrays): what `save` writes and `from_state` reads back (a detector
+        holding others, the stacked ensemble, saves theirs inside its own)."""
         params, arrays = self._state()
         meta = {
             "detector": self.name,
@@ -107,6 +107,23 @@ class Detector(ABC):
             "spot": self.served_spot(),
             "params": params,
         }
+        return meta, arrays
+
+    @classmethod
+    def from_state(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Detector:
+        if meta["detector"] != cls.name:
+            raise ValueError(f"holds a {meta['detector']!r} detector, not {cls.name!r}")
+        obj = cls.__new__(cls)
+        obj.n_metrics_ = int(meta["n_metrics"])
+        obj.threshold_ = float(meta["threshold"])
+        obj.spot_state_ = meta.get("spot")  # absent in bundles saved before served SPOT: the stored threshold
+        obj._restore(meta["params"], arrays)
+        return obj
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta, arrays = self.to_state()
         (path / "detector.json").write_text(json.dumps(meta, indent=2))
         np.savez(path / "arrays.npz", **arrays)
         return path
@@ -119,9 +136,4 @@ class Detector(ABC):
             raise ValueError(f"{path}: holds a {meta['detector']!r} detector, not {cls.name!r}")
         with np.load(path / "arrays.npz", allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
-        obj = cls.__new__(cls)
-        obj.n_metrics_ = int(meta["n_metrics"])
-        obj.threshold_ = float(meta["threshold"])
-        obj.spot_state_ = meta.get("spot")  # absent in bundles saved before served SPOT: the stored threshold
-        obj._restore(meta["params"], arrays)
-        return obj
+        return cls.from_state(meta, arrays)

@@ -1,7 +1,12 @@
 """Ensemble incident predictor: RandomForest + XGBoost + LightGBM + a logistic baseline, soft vote.
 
-Input rows are flat feature vectors from the FeatureSpec (lags, rolling stats, differences, rates of
-change). Target: an incident is under way or starts within the next `horizon` rows. The vote weights
+Stacked on the sequence detectors (the default, `evidence`): an autoencoder and an LSTM are fitted on
+the entity's normal rows, and the members learn from their evidence (scores, largest per-metric errors
+and their recent maxima: detect/evidence.py), held monotone in it, so that no label set can teach them
+that a large error is normal. With `evidence=()` the members learn from the window features instead
+(FeatureSpec: lags, rolling stats, differences, rates of change), as before round 2's stacking; a
+model saved that way is served that way. Target: an incident is under way or starts within the next
+`horizon` rows. The vote weights
 are fitted on a validation tail of the training data (time order, never shuffled), as is the
 operational threshold. On the synthetic fleet it also learns the incident kind (root-cause class).
 Labels with too few incidents never stop it: where they hold fewer than the two that learning and
@@ -23,6 +28,7 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import softmax
 
+from detect import evidence as E
 from detect.base import Detector
 from detect.config import config_dataclass
 from detect.features import FeatureSpec, entity_features
@@ -115,10 +121,20 @@ class EnsembleConfig:
     # engineered features (detect.features.FeatureSpec)
     lags: tuple[int, ...] = (1, 5)
     rolling: tuple[int, ...] = (10, 30)
+    # the sequence detectors the members are stacked on (detect/evidence.py); () = the window features
+    evidence: tuple[str, ...] = ("autoencoder", "lstm")
+    evidence_epochs: int = 0  # epochs of each evidence detector; 0 = its own default
     seed: int = 0
 
 
-def xgb_params(cfg: EnsembleConfig, pos_weight: float) -> dict[str, Any]:
+def monotone_constraints(cfg: EnsembleConfig, n_features: int) -> list[int] | None:
+    """Per feature, +1 where the members must not fall as it grows: every evidence column; None over
+    window features (a level may mean trouble in either direction)."""
+    return [E.MONOTONE] * n_features if cfg.evidence else None
+
+
+def xgb_params(cfg: EnsembleConfig, pos_weight: float, n_features: int) -> dict[str, Any]:
+    monotone = monotone_constraints(cfg, n_features)
     return {
         "objective": "binary:logistic",
         "eval_metric": "aucpr",
@@ -128,10 +144,12 @@ def xgb_params(cfg: EnsembleConfig, pos_weight: float) -> dict[str, Any]:
         "seed": cfg.seed,
         "nthread": 2,
         "tree_method": "hist",
+        **({"monotone_constraints": "(" + ",".join(map(str, monotone)) + ")"} if monotone else {}),
     }
 
 
-def lgbm_params(cfg: EnsembleConfig, pos_weight: float) -> dict[str, Any]:
+def lgbm_params(cfg: EnsembleConfig, pos_weight: float, n_features: int) -> dict[str, Any]:
+    monotone = monotone_constraints(cfg, n_features)
     return {
         "objective": "binary",
         "num_leaves": cfg.lgbm_leaves,
@@ -140,7 +158,37 @@ def lgbm_params(cfg: EnsembleConfig, pos_weight: float) -> dict[str, Any]:
         "scale_pos_weight": pos_weight,
         "seed": cfg.seed,
         "num_threads": 2,
+        **({"monotone_constraints": monotone} if monotone else {}),
     }
+
+
+def non_negative_logistic(Z: np.ndarray, y: np.ndarray, c: float) -> np.ndarray:
+    """(coefficients, intercept) of a logistic regression with balanced class weights and L2 penalty
+    1 / (2c), its coefficients bounded at zero or above (L-BFGS-B): LogisticRegression's loss, held
+    monotone."""
+    y = np.asarray(y, dtype=np.float64)
+    pos = max(y.sum(), 1.0)
+    weight = np.where(y == 1, len(y) / (2 * pos), len(y) / (2 * max(len(y) - pos, 1.0)))
+
+    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        margin = Z @ theta[:-1] + theta[-1]
+        p = 1 / (1 + np.exp(-np.clip(margin, -50, 50)))
+        value = np.sum(weight * (np.logaddexp(0, margin) - y * margin)) + theta[:-1] @ theta[:-1] / (2 * c)
+        residual = weight * (p - y)
+        return value, np.concatenate([Z.T @ residual + theta[:-1] / c, [residual.sum()]])
+
+    bounds = [(0.0, None)] * Z.shape[1] + [(None, None)]
+    result = minimize(loss, np.zeros(Z.shape[1] + 1), jac=True, method="L-BFGS-B", bounds=bounds)
+    return result.x.astype(np.float64)
+
+
+def _sequence_detector(name: str, epochs: int) -> Detector:
+    from detect.sequence import AutoencoderDetector, LSTMDetector  # deferred: torch only where it is used
+
+    classes = {AutoencoderDetector.name: AutoencoderDetector, LSTMDetector.name: LSTMDetector}
+    if name not in classes:
+        raise ValueError(f"ensemble: unknown evidence detector {name!r}; choose from {sorted(classes)}")
+    return classes[name](**({"epochs": epochs} if epochs else {}))
 
 
 class EnsembleDetector(Detector):
@@ -154,9 +202,13 @@ class EnsembleDetector(Detector):
         self.config = EnsembleConfig.from_dict({**asdict(cfg), **overrides})
 
     # -- training ----------------------------------------------------------------------------------
-    def prepare(self, X: np.ndarray, labels: np.ndarray, metrics: list[str] | None = None):
+    def prepare(
+        self, X: np.ndarray, labels: np.ndarray, metrics: list[str] | None = None, normal: np.ndarray | None = None
+    ):
         """Features and lead target of the labels with enough incidents (`with_enough_incidents`), split in
-        time order into (fit, validation) parts that each hold one (`split_with_incidents_on_both_sides`)."""
+        time order into (fit, validation) parts that each hold one (`split_with_incidents_on_both_sides`).
+        Unless they are fitted already, the evidence detectors are fitted first (`fit_evidence`), on
+        `normal` rows or, without them, on X's rows not labelled as incidents."""
         X = self._check(X, fitting=True)
         labels = np.asarray(labels)
         if labels.shape != (len(X),):
@@ -164,10 +216,13 @@ class EnsembleDetector(Detector):
         self.n_metrics_ = X.shape[1]
         names = tuple(metrics) if metrics else tuple(f"m{i:02d}" for i in range(X.shape[1]))
         self.spec_ = FeatureSpec(metrics=names, lags=self.config.lags, rolling=self.config.rolling)
-        X, labels, target, self.injected_incidents_ = with_enough_incidents(
+        learnt, learnt_labels, target, self.injected_incidents_ = with_enough_incidents(
             X, labels, self.config.horizon, self.config.seed
         )
-        features = entity_features(X, self.spec_).astype(np.float32)
+        if getattr(self, "evidence_", None) is None:
+            self.fit_evidence(X if normal is None else normal, labels if normal is None else None)
+        X, labels = learnt, learnt_labels
+        features = self.features(X)
         fit_mask, val_mask = split_with_incidents_on_both_sides(target, self.config.val_fraction)
         if not (target[fit_mask].any() and target[val_mask].any()):
             raise ValueError(f"ensemble: {len(X)} rows hold too few incidents to learn and validate on")
@@ -180,20 +235,38 @@ class EnsembleDetector(Detector):
         metrics: list[str] | None = None,
         kinds: np.ndarray | None = None,
         train_boosters: Callable[[np.ndarray, np.ndarray], dict[str, Any]] | None = None,
+        normal: np.ndarray | None = None,
     ) -> EnsembleDetector:
-        """Fit every member on the fit part, the vote weights and threshold on the validation part.
+        """Fit the evidence detectors on `normal` rows (default: X's rows not labelled as incidents), then
+        every member on the fit part, the vote weights and threshold on the validation part.
 
         `train_boosters(features, target)` may train the "xgb" / "lgbm" members elsewhere (Ray Train's
         trainers, train/boosters.py); by default they train in-process.
         """
-        features, target, fit_mask, val_mask = self.prepare(X, labels, metrics)
+        self.evidence_ = None  # fitted afresh by `prepare`
+        features, target, fit_mask, val_mask = self.prepare(X, labels, metrics, normal)
         boosters = train_boosters(features[fit_mask], target[fit_mask]) if train_boosters else {}
         self.fit_members(features[fit_mask], target[fit_mask], boosters)
         self.fit_vote(features[val_mask], target[val_mask])
         self.validation_["injected_incidents"] = self.injected_incidents_
         if kinds is not None:
-            self.fit_kinds(features, np.asarray(kinds), target)
+            self.fit_kinds(entity_features(self._check(X), self.spec_), np.asarray(kinds), target)
         return self
+
+    def fit_evidence(self, rows: np.ndarray, labels: np.ndarray | None = None) -> None:
+        """The sequence detectors the members are stacked on, fitted on `rows` (less those labelled as
+        incidents), with their scales (`detect.evidence.evidence_scale`); none over window features."""
+        self.evidence_: list[Detector] = []
+        self.evidence_scales_: list[float] = []
+        if not self.config.evidence:
+            return
+        rows = self._check(rows, fitting=True)
+        if labels is not None:
+            rows = rows[np.asarray(labels) != 1]
+        for name in self.config.evidence:
+            det = _sequence_detector(name, self.config.evidence_epochs).fit(rows)
+            self.evidence_.append(det)
+            self.evidence_scales_.append(E.evidence_scale(det.calibration_scores_))
 
     def pos_weight(self, target: np.ndarray) -> float:
         return float((len(target) - target.sum()) / max(target.sum(), 1))
@@ -203,32 +276,41 @@ class EnsembleDetector(Detector):
         import xgboost as xgb
         from sklearn.ensemble import RandomForestClassifier
 
-        cfg, w = self.config, self.pos_weight(y)
+        cfg, w, n = self.config, self.pos_weight(y), F.shape[1]
+        self.n_features_ = n
         self.mean_, self.std_ = F.mean(axis=0), np.maximum(F.std(axis=0), 1e-6)
-        self.xgb_ = boosters.get("xgb") or xgb.train(xgb_params(cfg, w), xgb.DMatrix(F, label=y), cfg.xgb_rounds)
-        self.lgbm_ = boosters.get("lgbm") or lgb.train(lgbm_params(cfg, w), lgb.Dataset(F, label=y), cfg.lgbm_rounds)
+        self.xgb_ = boosters.get("xgb") or xgb.train(xgb_params(cfg, w, n), xgb.DMatrix(F, label=y), cfg.xgb_rounds)
+        self.lgbm_ = boosters.get("lgbm") or lgb.train(lgbm_params(cfg, w, n), lgb.Dataset(F, label=y), cfg.lgbm_rounds)
         self.rf_ = RandomForestClassifier(
             n_estimators=cfg.rf_trees,
             max_depth=cfg.rf_max_depth,
             n_jobs=2,
             class_weight="balanced_subsample",
             random_state=cfg.seed,
+            monotonic_cst=monotone_constraints(cfg, n),
         ).fit(F, y)
         self.logistic_ = self._fit_logistic((F - self.mean_) / self.std_, y)
         self.rf_onnx_ = None
         self.importance_ = self._metric_importance()
 
     def _fit_logistic(self, Z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Coefficients and intercept of an L2 logistic regression with balanced class weights; over the
+        evidence (monotone) its coefficients are held at zero or above."""
         from sklearn.linear_model import LogisticRegression
 
-        lr = LogisticRegression(C=self.config.logistic_c, class_weight="balanced", max_iter=500).fit(Z, y)
-        return np.concatenate([lr.coef_[0], lr.intercept_]).astype(np.float64)
+        if not any(monotone_constraints(self.config, Z.shape[1]) or ()):
+            lr = LogisticRegression(C=self.config.logistic_c, class_weight="balanced", max_iter=500).fit(Z, y)
+            return np.concatenate([lr.coef_[0], lr.intercept_]).astype(np.float64)
+        return non_negative_logistic(Z, y, self.config.logistic_c)
 
     def fit_vote(self, F: np.ndarray, y: np.ndarray) -> None:
-        """Vote weights that minimise validation log-loss (`vote_weights`); threshold = best validation F1."""
+        """Vote weights that minimise validation log-loss (`vote_weights`); threshold = best validation F1.
+        The calibration scores (where the served DSPOT threshold starts from) are those of the validation
+        rows that are normal: a tail of incident rows would put the bar among the incidents."""
         P = np.clip(self.member_matrix(F), 1e-6, 1 - 1e-6)
         self.weights_, log_loss = vote_weights(P, y)
-        val_scores = self.calibration_scores_ = P @ self.weights_
+        val_scores = P @ self.weights_
+        self.calibration_scores_ = val_scores[y == 0]  # the tail of normal rows: where DSPOT starts from
         f1, thr = best_f1(y, val_scores)
         self.threshold_ = thr if np.isfinite(thr) else 0.5
         self.validation_ = {"f1": f1, "log_loss": log_loss, "rows": int(len(y)), "positives": int(y.sum())}
@@ -280,7 +362,15 @@ class EnsembleDetector(Detector):
         return np.asarray([p[1] for p in probs]) if isinstance(probs, list) else np.asarray(probs)[:, 1]
 
     def features(self, X: np.ndarray) -> np.ndarray:
-        return entity_features(self._check(X), self.spec_).astype(np.float32)
+        """What the members read per row: the evidence (detect/evidence.py) or the window features."""
+        X = self._check(X)
+        if not self.evidence_:
+            return entity_features(X, self.spec_).astype(np.float32)
+        return E.evidence_features(self.evidence_errors(X), self.evidence_scales_)
+
+    def evidence_errors(self, X: np.ndarray) -> list[np.ndarray]:
+        """Each evidence detector's smoothed normalised per-metric errors of every row of X."""
+        return [det.metric_errors(X) for det in self.evidence_]
 
     def member_scores(self, X: np.ndarray) -> dict[str, np.ndarray]:
         P = self.member_matrix(self.features(X))
@@ -292,7 +382,7 @@ class EnsembleDetector(Detector):
 
     def _metric_importance(self) -> np.ndarray:
         """Share of the boosters' gain that each feature carries."""
-        gain = np.zeros(self.spec_.n_features)
+        gain = np.zeros(self.n_features_)
         for key, value in self.xgb_.get_score(importance_type="gain").items():
             gain[int(key[1:])] += value
         lg = self.lgbm_.feature_importance(importance_type="gain")
@@ -300,10 +390,16 @@ class EnsembleDetector(Detector):
         return gain
 
     def context_rows(self) -> int:
+        if self.evidence_:  # the evidence detectors' windows, then the evidence's running maxima
+            return max(det.context_rows() for det in self.evidence_) + E.CONTEXT
         return self.spec_.history - 1
 
     def explain(self, X: np.ndarray) -> np.ndarray:
-        """Per-metric contribution: importance x |standardised value| summed over each metric's features."""
+        """Per-metric contribution. Stacked: the evidence detectors' per-metric errors on one scale
+        (`detect.evidence.contributions`). Over window features: importance x |standardised value| summed
+        over each metric's features."""
+        if self.evidence_:
+            return E.contributions(self.evidence_errors(X), self.evidence_scales_)
         F = self.features(X)
         z = np.abs((F - self.mean_) / self.std_) * self.importance_
         M = self.spec_.n_metrics
@@ -313,7 +409,7 @@ class EnsembleDetector(Detector):
         """Most likely incident kind per row and the class probabilities (rows, kinds)."""
         if getattr(self, "kind_model_", None) is None:
             raise ValueError("ensemble: no incident-kind model (train with kinds, e.g. on the synthetic fleet)")
-        proba = self.kind_model_.predict(self.features(X))
+        proba = self.kind_model_.predict(entity_features(self._check(X), self.spec_).astype(np.float32))
         return [self.kind_names_[i] for i in proba.argmax(axis=1)], proba
 
     # -- persistence ---------------------------------------------------------------------------------
@@ -323,7 +419,7 @@ class EnsembleDetector(Detector):
         if self.rf_onnx_ is None:
             onnx_model = to_onnx(
                 self.rf_,
-                np.zeros((1, self.spec_.n_features), dtype=np.float32),
+                np.zeros((1, self.n_features_), dtype=np.float32),
                 options={id(self.rf_): {"zipmap": False}},
                 target_opset=17,
             )
@@ -340,6 +436,8 @@ class EnsembleDetector(Detector):
             "lgbm": self.lgbm_.model_to_string(),
             "kind_names": getattr(self, "kind_names_", []),
             "kind_model": self.kind_model_.model_to_string() if getattr(self, "kind_model_", None) else None,
+            "evidence": [],
+            "evidence_scales": list(self.evidence_scales_),
         }
         arrays = {
             "mean": self.mean_,
@@ -348,14 +446,29 @@ class EnsembleDetector(Detector):
             "importance": self.importance_,
             "rf_onnx": np.frombuffer(self.export_rf_onnx(), dtype=np.uint8),
         }
+        for i, det in enumerate(self.evidence_):
+            meta, det_arrays = det.to_state()
+            params["evidence"].append(meta)
+            arrays.update({f"evidence{i}.{key}": value for key, value in det_arrays.items()})
         return params, arrays
 
     def _restore(self, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         import lightgbm as lgb
         import xgboost as xgb
 
-        self.config = EnsembleConfig.from_dict(params["config"])
+        from detect.sequence import AutoencoderDetector, LSTMDetector
+
+        stacked = "evidence" in params  # saved before stacking: window features, whatever the config says
+        self.config = EnsembleConfig.from_dict({**params["config"], **({} if stacked else {"evidence": ()})})
         self.spec_ = FeatureSpec.from_json(params["spec"])
+        classes = {cls.name: cls for cls in (AutoencoderDetector, LSTMDetector)}
+        self.evidence_ = [
+            classes[meta["detector"]].from_state(
+                meta, {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(f"evidence{i}.")}
+            )
+            for i, meta in enumerate(params.get("evidence", []))
+        ]
+        self.evidence_scales_ = list(params.get("evidence_scales", []))
         self.weights_ = np.asarray(params["weights"])
         self.validation_ = params["validation"]
         self.xgb_ = xgb.Booster()
@@ -366,3 +479,4 @@ class EnsembleDetector(Detector):
         self.mean_, self.std_, self.logistic_ = arrays["mean"], arrays["std"], arrays["logistic"]
         self.importance_ = arrays["importance"]
         self.rf_, self.rf_onnx_, self._rf_session = None, arrays["rf_onnx"].tobytes(), None
+        self.n_features_ = len(self.mean_)

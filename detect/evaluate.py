@@ -72,7 +72,7 @@ def evaluate_series(series: Series, detector: Detector) -> dict[str, Any]:
     """Fit on train, score test, and compute every quality figure for one entity.
 
     A supervised detector (the ensemble) instead learns from the first half of the labelled test
-    series and every figure of its record covers the second half only (`eval_rows`).
+    series (and normal from the train series) and every figure of its record covers the second half only (`eval_rows`).
     """
     train = series.train[series.metrics].to_numpy()
     test = series.test[series.metrics].to_numpy()
@@ -82,8 +82,8 @@ def evaluate_series(series: Series, detector: Detector) -> dict[str, Any]:
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        if supervised:
-            detector.fit(test[:half], y[:half], series.metrics)
+        if supervised:  # its evidence detectors learn normal from the train series
+            detector.fit(test[:half], y[:half], series.metrics, normal=train)
         else:
             detector.fit(train)
         t1 = time.perf_counter()

@@ -7,7 +7,8 @@ Graph contracts (built by train/compress.py):
   student's graphs share this contract). LSTM graphs add `forecast` (N, M): the row after each window.
 - ensemble graphs `rf`, `xgb`, `lgbm`, `logistic`: input `features` (N, F) float32 -> incident
   probability per member; the soft vote is a weighted sum here. A distilled student is one graph
-  `student`: features -> `probability` (N, 1).
+  `student`: features -> `probability` (N, 1). A stacked ensemble's features are its evidence detectors'
+  (detect/evidence.py): each of their sequence graphs (`evidence.<kind>`) runs first, then the members.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from detect import evidence as E
 from detect.features import FeatureSpec, entity_features, entity_windows, tail_features, tail_windows
 from detect.fleet import EntityStats, WindowNormaliser
 
@@ -183,7 +185,9 @@ class SequenceRuntime:
 
 
 class EnsembleRuntime:
-    """The ensemble's four member graphs and the weighted soft vote (or one distilled student graph)."""
+    """The ensemble's four member graphs and the weighted soft vote (or one distilled student graph),
+    over the window features or, stacked, over its evidence detectors' (`evidence`: their runtimes and
+    scales, detect/evidence.py)."""
 
     def __init__(
         self,
@@ -194,9 +198,13 @@ class EnsembleRuntime:
         threads: int = 1,
         parallel_rows: int | None = None,
         explain: tuple[np.ndarray, np.ndarray] | None = None,
+        evidence: list[tuple[SequenceRuntime, float]] | None = None,
     ) -> None:
-        """`explain`: (feature means, |importance| / std), for per-metric contributions of served rows."""
+        """`explain`: (feature means, |importance| / std), for per-metric contributions of served rows over
+        window features (the stacked ensemble's come from its evidence)."""
         self.spec, self.threshold, self.parallel_rows, self.explain = spec, threshold, parallel_rows, explain
+        self.evidence = evidence or []
+        self.scales = [scale for _, scale in self.evidence]
         self.sessions = {name: session(g, threads) for name, g in graphs.items()}
         self.weights = weights or {}
         if "student" not in self.sessions and set(self.weights) != set(self.sessions):
@@ -227,7 +235,9 @@ class EnsembleRuntime:
         return sum(self.weights[name] * members[name].astype(np.float64) for name in self.weights)
 
     def graph_inputs(self, X: np.ndarray) -> np.ndarray:
-        """What the graphs read for every row of a series: its engineered features."""
+        """What the graphs read for every row of a series: its evidence, or its engineered features."""
+        if self.evidence:
+            return E.evidence_features([rt.explain_series(X) for rt, _ in self.evidence], self.scales)
         return entity_features(np.asarray(X, dtype=np.float64), self.spec).astype(np.float32)
 
     def run_graphs(self, inputs: np.ndarray) -> np.ndarray:
@@ -239,9 +249,25 @@ class EnsembleRuntime:
 
     def score_tails(self, items: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(scores, incident probability (the same), per-metric contributions) of each item's last n rows."""
+        if self.evidence:
+            return self._score_evidence_tails(items)
         features = np.concatenate([tail_features(rows, self.spec, n) for rows, n in items])
         probability = self.probability(features)
         return probability, probability, self.contributions(features)
+
+    def _score_evidence_tails(self, items: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Stacked: each evidence graph scores every item's last n + CONTEXT rows (fewer at a series' start)
+        in one call, then the evidence features of each item's last n rows go to the members."""
+        spans = [min(n + E.CONTEXT, len(rows)) for rows, n in items]
+        errors = [rt.score_tails([(rows, k) for (rows, _), k in zip(items, spans)])[2] for rt, _ in self.evidence]
+        features, contributions, at = [], [], 0
+        for (_, n), k in zip(items, spans):
+            own = [err[at : at + k] for err in errors]
+            features.append(E.evidence_features(own, self.scales)[-n:])
+            contributions.append(E.contributions(own, self.scales)[-n:])
+            at += k
+        probability = self.probability(np.concatenate(features))
+        return probability, probability, np.concatenate(contributions)
 
     def contributions(self, features: np.ndarray) -> np.ndarray:
         """Per metric: the sum over its features of |standardised value| x the feature's importance."""

@@ -356,17 +356,19 @@ class SequenceDetector(Detector):
     def _score_from_error(self, err: np.ndarray) -> np.ndarray:
         return smooth_causal(err.sum(axis=1), self.config.smooth)
 
+    def metric_errors(self, X: np.ndarray) -> np.ndarray:
+        """Smoothed normalised per-metric errors of every row (rows, metrics): what `score` sums."""
+        return smooth_causal(self._normalised_error(X), self.config.smooth)
+
     def score(self, X: np.ndarray) -> np.ndarray:
-        return smooth_causal(self._normalised_error(X), self.config.smooth).sum(axis=1)
+        return self.metric_errors(X).sum(axis=1)
 
     def context_rows(self) -> int:
         return self.config.window + self.config.smooth - 2
 
     def explain(self, X: np.ndarray) -> np.ndarray:
         """Per-metric contributions of each row, held over the episode (`detect.attribution`)."""
-        return hold_peaks(
-            smooth_causal(self._normalised_error(X), self.config.smooth), self.attribution_half_life_rows
-        )[0]
+        return hold_peaks(self.metric_errors(X), self.attribution_half_life_rows)[0]
 
     def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         arrays = {f"w.{k}": v.detach().cpu().numpy() for k, v in self.network_.state_dict().items()}

@@ -24,8 +24,8 @@ def register_small_models(
     for v in range(versions):
         for kind in kinds:
             if kind == "ensemble":
-                det = EnsembleDetector(rf_trees=20, xgb_rounds=20, lgbm_rounds=20, seed=v).fit(
-                    test[:half], series.labels[:half], series.metrics
+                det = EnsembleDetector(rf_trees=20, xgb_rounds=20, lgbm_rounds=20, evidence_epochs=1, seed=v).fit(
+                    test[:half], series.labels[:half], series.metrics, normal=train
                 )
             else:
                 cls = AutoencoderDetector if kind == "autoencoder" else LSTMDetector

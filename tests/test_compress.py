@@ -9,7 +9,7 @@ import torch
 from detect.bundle import ModelBundle
 from detect.data import load_series
 from detect.ensemble import MEMBERS, EnsembleDetector
-from detect.features import entity_features, entity_windows
+from detect.features import entity_windows
 from detect.sequence import CLIP, AutoencoderDetector, LSTMDetector
 from detect.thresholds import operational_threshold
 from train import compress as C
@@ -32,7 +32,8 @@ def sequence_models(omi2):
 def ensemble(data_dir):
     s = load_series("asd", "omi-1", data_dir)
     test = s.test[s.metrics].to_numpy()
-    det = EnsembleDetector(rf_trees=40, xgb_rounds=40, lgbm_rounds=40).fit(test[:2160], s.labels[:2160], s.metrics)
+    det = EnsembleDetector(rf_trees=40, xgb_rounds=40, lgbm_rounds=40, evidence_epochs=2)
+    det.fit(test[:2160], s.labels[:2160], s.metrics, normal=s.train[s.metrics].to_numpy()[:5000])
     return det, test
 
 
@@ -79,13 +80,31 @@ def test_lstm_onnx_forecast_matches_detector(sequence_models, omi2):
 
 def test_ensemble_onnx_matches_framework_on_1000_rows(ensemble):
     det, test = ensemble
-    features = entity_features(test[:1000], det.spec_).astype(np.float32)
+    features = det.features(test[:1000])
     runtime = E.runtime_for(det, E.export_graphs(det))
     members = runtime.member_probabilities(features)
     expected = det.member_matrix(features)
     for i, name in enumerate(MEMBERS):
         assert np.abs(members[name] - expected[:, i]).max() <= 1e-4, name
     assert np.abs(runtime.probability(features) - expected @ det.weights_).max() <= 1e-4
+
+
+def test_stacked_ensemble_runtime_scores_as_the_detector_and_tails_as_the_series(ensemble):
+    det, test = ensemble
+    graphs = E.export_graphs(det)
+    assert {"evidence.autoencoder", "evidence.lstm"} <= set(graphs)  # its evidence detectors' graphs travel with it
+    runtime = E.runtime_for(det, graphs)
+    assert set(runtime.sessions) == set(MEMBERS) and len(runtime.evidence) == 2
+    series = runtime.score_series(test[:1000])
+    # ONNX float32 evidence against torch: a tree's split may fall either side of a hair's difference
+    gap = np.abs(series - det.score(test[:1000]))
+    assert np.median(gap) <= 1e-4 and gap.max() <= 0.05
+    # a served request's rows (the model's context, then new ones) score as the same rows of the series,
+    # at the series' start too
+    ctx = det.context_rows()
+    tails, probability, contributions = runtime.score_tails([(test[600 - ctx - 4 : 600], 4), (test[:10], 10)])
+    np.testing.assert_allclose(tails, np.concatenate([series[596:600], series[:10]]), atol=1e-5)
+    assert probability is tails and contributions.shape == (14, test.shape[1])
 
 
 def test_int8_is_smaller_and_keeps_quality(sequence_models, omi2):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from detect.ensemble import EnsembleDetector, split_with_incidents_on_both_sides, with_enough_incidents
+from detect.evidence import n_features
 from detect.metrics import segments
 
 ROWS = 1000  # split in tenths: rows 200-299, 500-599 and 800-899 are the interleaved validation blocks
@@ -71,3 +74,61 @@ def test_injected_incidents_never_overwrite_real_ones():
     assert np.array_equal(injected_X[520:560], X[520:560])  # the real incident's rows, untouched
     assert injected[520:560].all()  # and still labelled
     assert count >= 1 and len(segments(injected)) >= 2
+
+
+def stacked() -> EnsembleDetector:
+    return EnsembleDetector(rf_trees=20, xgb_rounds=20, lgbm_rounds=20, evidence_epochs=2)
+
+
+def test_stacked_members_learn_from_the_evidence_and_never_fall_as_it_grows():
+    X, labels = telemetry([(300, 360), (700, 760)])
+    normal, _ = telemetry([], seed=1)
+    det = stacked().fit(X, labels, normal=normal)
+    assert [d.name for d in det.evidence_] == ["autoencoder", "lstm"]
+    F = det.features(X)
+    assert F.shape == (ROWS, n_features(2))
+    raised = F + np.random.default_rng(0).uniform(0, 2, F.shape).astype(np.float32)
+    # every member, not only the vote: a label set cannot teach any of them that more error is normal
+    assert (det.member_matrix(raised) >= det.member_matrix(F) - 1e-9).all()
+    assert (det.logistic_[:-1] >= 0).all()
+    scores = det.score(X)
+    assert scores[labels == 1].mean() > 3 * scores[labels == 0].mean()
+    assert det.explain(X).shape == X.shape  # which metrics the evidence comes from
+    assert det.explain(X)[320:340].mean(axis=0).argmax() == 1  # the incidents moved m01
+
+
+def test_evidence_detectors_learn_normal_from_the_rows_not_labelled_as_incidents():
+    X, labels = telemetry([(300, 360), (700, 760)])  # incidents move m01 by +4
+    det = stacked()
+    det.fit_evidence(X, labels)
+    normal_mean, all_mean = X[labels == 0, 1].mean(), X[:, 1].mean()
+    assert all_mean - normal_mean > 0.3
+    for evidence in det.evidence_:
+        assert abs(evidence.scaler_.mean[1] - normal_mean) < 1e-6, evidence.name
+    assert len(det.evidence_scales_) == 2 and min(det.evidence_scales_) > 0
+
+
+def test_a_window_feature_ensemble_saved_before_stacking_loads_as_one(tmp_path):
+    X, labels = telemetry([(300, 360), (700, 760)])
+    det = EnsembleDetector(rf_trees=20, xgb_rounds=20, lgbm_rounds=20, evidence=()).fit(X, labels)
+    det.save(tmp_path)
+    meta = json.loads((tmp_path / "detector.json").read_text())
+    for key in ("evidence", "evidence_scales"):  # what a bundle saved before the stacking lacks
+        del meta["params"][key]
+    for key in ("evidence", "evidence_epochs"):
+        del meta["params"]["config"][key]
+    (tmp_path / "detector.json").write_text(json.dumps(meta))
+    old = EnsembleDetector.load(tmp_path)
+    assert old.config.evidence == () and old.evidence_ == []
+    assert old.context_rows() == det.context_rows() == det.spec_.history - 1
+    np.testing.assert_allclose(old.score(X), det.score(X), atol=1e-4)
+
+
+def test_a_stacked_ensemble_saves_and_loads_its_evidence_detectors(tmp_path):
+    X, labels = telemetry([(300, 360), (700, 760)])
+    det = stacked().fit(X, labels)
+    det.save(tmp_path)
+    loaded = EnsembleDetector.load(tmp_path)
+    assert [d.name for d in loaded.evidence_] == ["autoencoder", "lstm"]
+    assert loaded.evidence_scales_ == det.evidence_scales_ and loaded.context_rows() == det.context_rows()
+    np.testing.assert_allclose(loaded.score(X), det.score(X), atol=1e-4)

@@ -23,7 +23,7 @@ def test_raywatch_train_registers_a_version(model, data_dir, ray_cluster, mlflow
     args += (
         ["--epochs", "2", "--set", "hidden=32"]
         if model != "ensemble"
-        else ["--set", "rf_trees=30", "--set", "xgb_rounds=30", "--set", "lgbm_rounds=30"]
+        else ["--set", "rf_trees=30", "--set", "xgb_rounds=30", "--set", "lgbm_rounds=30", "--epochs", "2"]
     )
     assert main(args) == 0
     out = capsys.readouterr().out

@@ -84,7 +84,7 @@ def test_ensemble_with_ray_boosters_learns_incidents_and_their_kind(ray_cluster,
     X, y, kinds = frame[fleet.metrics].to_numpy(), frame.label.to_numpy(), frame.incident_kind.to_numpy()
     cut = 8000  # time-ordered split: learn from the first two thirds
     boost = partial(train_boosters_with_ray, num_workers=2, storage_path=tmp_path, run_name="test")
-    det = EnsembleDetector(rf_trees=50, xgb_rounds=60, lgbm_rounds=60, horizon=5)
+    det = EnsembleDetector(rf_trees=50, xgb_rounds=60, lgbm_rounds=60, horizon=5, evidence_epochs=2)
     det.fit(X[:cut], y[:cut], fleet.metrics, kinds=kinds[:cut], train_boosters=lambda F, t: boost(F, t, det.config))
     scores = det.score(X)[cut:]
     lead = incident_target(y, 5)[cut:]

@@ -145,12 +145,12 @@ def train_boosters_with_ray(
     from ray.train.lightgbm import LightGBMTrainer
     from ray.train.xgboost import XGBoostTrainer
 
-    pos_weight = float((len(target) - target.sum()) / max(target.sum(), 1))
+    pos_weight, n = float((len(target) - target.sum()) / max(target.sum(), 1)), features.shape[1]
     data_ref = _put(features, target)
     # (trainer, its loop, params with one thread per worker, rounds) for each booster
     plans = {
-        "xgb": (XGBoostTrainer, _xgb_loop, {**xgb_params(cfg, pos_weight), "nthread": 1}, cfg.xgb_rounds),
-        "lgbm": (LightGBMTrainer, _lgbm_loop, {**lgbm_params(cfg, pos_weight), "num_threads": 1}, cfg.lgbm_rounds),
+        "xgb": (XGBoostTrainer, _xgb_loop, {**xgb_params(cfg, pos_weight, n), "nthread": 1}, cfg.xgb_rounds),
+        "lgbm": (LightGBMTrainer, _lgbm_loop, {**lgbm_params(cfg, pos_weight, n), "num_threads": 1}, cfg.lgbm_rounds),
     }
     xgb_file, lgbm_file = (
         _fit(trainer, loop, data_ref, params, rounds, num_workers, storage_path, f"{run_name}-{name}")

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from detect.ensemble import EnsembleDetector
-from detect.features import entity_features, entity_windows
+from detect.features import entity_windows
 from detect.sequence import CLIP, SequenceDetector
 from train.boosters import train_lgbm_with_ray
 from train.export import SequenceScoringGraph, compact_graph, torch_to_onnx
@@ -227,9 +227,7 @@ def distill_ensemble(det: EnsembleDetector, transfer: list[np.ndarray], cfg: Stu
     from onnxmltools import convert_lightgbm
     from onnxmltools.convert.common.data_types import FloatTensorType
 
-    features = np.concatenate([entity_features(np.asarray(X, dtype=np.float64), det.spec_) for X in transfer]).astype(
-        np.float32
-    )
+    features = np.concatenate([det.features(np.asarray(X, dtype=np.float64)) for X in transfer]).astype(np.float32)
     teacher = np.clip(det.member_matrix(features) @ det.weights_, 1e-5, 1 - 1e-5)
     soft = 1 / (1 + np.exp(-np.log(teacher / (1 - teacher)) / cfg.temperature))  # sigmoid(logit(p) / T)
     params = {

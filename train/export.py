@@ -113,7 +113,7 @@ def export_ensemble(det: EnsembleDetector) -> dict[str, bytes]:
     from onnxmltools import convert_lightgbm, convert_xgboost
     from onnxmltools.convert.common.data_types import FloatTensorType
 
-    n = det.spec_.n_features
+    n = det.n_features_
     types = [("features", FloatTensorType([None, n]))]
     graphs = {
         "rf": det.export_rf_onnx(),
@@ -121,5 +121,14 @@ def export_ensemble(det: EnsembleDetector) -> dict[str, bytes]:
         "xgb": convert_xgboost(det.xgb_, initial_types=types, target_opset=15).SerializeToString(),
         "lgbm": convert_lightgbm(det.lgbm_, initial_types=types, target_opset=15, zipmap=False).SerializeToString(),
         "logistic": torch_to_onnx(LogisticGraph(det), torch.zeros(2, n), "features", ["probability"]),
+        **evidence_graphs(det),
     }
     return {name: compact_graph(g) for name, g in graphs.items()}
+
+
+EVIDENCE_PREFIX = "evidence."  # a stacked ensemble's evidence detectors' graphs: `evidence.<kind>`
+
+
+def evidence_graphs(det: EnsembleDetector) -> dict[str, bytes]:
+    """The sequence graphs of a stacked ensemble's evidence detectors (none over window features)."""
+    return {f"{EVIDENCE_PREFIX}{e.name}": export_sequence(e) for e in det.evidence_}

@@ -28,7 +28,7 @@ from detect.runtime import EnsembleRuntime, SequenceRuntime, smooth_causal
 from detect.sequence import SEQUENCE_DETECTORS, SequenceConfig, train_epochs
 from train.boosters import train_boosters_with_ray
 from train.distill import StudentConfig, distill_ensemble, distill_sequence
-from train.export import export_ensemble, export_sequence
+from train.export import EVIDENCE_PREFIX, evidence_graphs, export_ensemble, export_sequence
 from train.torch_train import continue_with_ray_train, fit_with_ray_train
 
 MIN_LABELLED_ROWS = 300  # fewest labelled rows a supervised kind learns from
@@ -57,6 +57,10 @@ class DetectorKind:
     def training_data(self, series: Series) -> tuple[np.ndarray, np.ndarray | None]:
         """What a detector of this kind learns from in a benchmark series: (rows, labels or None)."""
         raise NotImplementedError
+
+    def normal_rows(self, series: Series) -> np.ndarray | None:
+        """Rows believed normal that a kind learning from labels also reads (None: it reads none)."""
+        return None
 
     def judged_rows(self, series: Series, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(scores, labels) of the test rows this kind is judged on: the rows it never learnt from."""
@@ -287,16 +291,32 @@ class EnsembleKind(DetectorKind):
         return [series.train[series.metrics].to_numpy(), self.training_data(series)[0]]
 
     def distill(self, det, transfer, cfg, **ray):
-        return {"student": distill_ensemble(det, transfer, cfg, **ray)}
+        # a stacked student still reads its teacher's evidence: their graphs go with it
+        return {"student": distill_ensemble(det, transfer, cfg, **ray), **evidence_graphs(det)}
 
     def calibrate_threshold(self, det, runtime, series):
         X, y = self.training_data(series)
         _, target, _, val_mask = det.prepare(X, y, series.metrics)
         val_scores = runtime.score_series(X)[val_mask]
         _, thr = M.best_f1(target[val_mask], val_scores)
-        return (thr if np.isfinite(thr) else 0.5), val_scores
+        # as the teacher's: the served SPOT starts from the tail of the validation rows that are normal
+        return (thr if np.isfinite(thr) else 0.5), val_scores[target[val_mask] == 0]
 
-    def fit_on_ray(self, det, rows, labels, metrics, num_workers=1, run_name="ensemble", **_unused):
+    def checked_config(self, config):
+        """As every kind's, with `epochs` (as `raywatch up --epochs` hands it to every kind) read as the
+        epochs of the evidence detectors, the ensemble's only part trained in epochs."""
+        config = dict(config)
+        if "epochs" in config:
+            config.setdefault("evidence_epochs", config.pop("epochs"))
+        return super().checked_config(config)
+
+    def normal_rows(self, series):
+        """The unlabelled train series: what the stacked ensemble's evidence detectors learn normal from."""
+        return series.train[series.metrics].to_numpy()
+
+    def fit_on_ray(self, det, rows, labels, metrics, num_workers=1, run_name="ensemble", normal=None, **_unused):
+        """The boosters on Ray Train; the evidence detectors on `normal` rows, by default the rows not
+        labelled as incidents (a retraining job's served rows, unlabelled ones included)."""
         known = labels >= 0
         if known.sum() < MIN_LABELLED_ROWS:  # with no incident among them it learns from injected ones
             raise ValueError(
@@ -306,7 +326,8 @@ class EnsembleKind(DetectorKind):
         def boosters(features, target):
             return train_boosters_with_ray(features, target, det.config, num_workers=num_workers, run_name=run_name)
 
-        det.fit(rows[known], labels[known], metrics, train_boosters=boosters)
+        normal = rows[labels != 1] if normal is None else normal
+        det.fit(rows[known], labels[known], metrics, train_boosters=boosters, normal=normal)
         return det
 
     def export_graphs(self, det):
@@ -314,9 +335,25 @@ class EnsembleKind(DetectorKind):
 
     def runtime(self, det, graphs, threshold=None, threads=1, parallel_rows=None):
         thr = det.threshold_ if threshold is None else threshold
-        weights = None if "student" in graphs else dict(zip(MEMBERS, det.weights_.tolist()))
+        members = {name: g for name, g in graphs.items() if not name.startswith(EVIDENCE_PREFIX)}
+        weights = None if "student" in members else dict(zip(MEMBERS, det.weights_.tolist()))
         explain = (det.mean_, np.abs(det.importance_ / det.std_))  # per-metric contributions of served rows
-        return EnsembleRuntime(graphs, det.spec_, weights, thr, threads, parallel_rows, explain)
+        stacked = (
+            graphs
+            if all(f"{EVIDENCE_PREFIX}{e.name}" in graphs for e in det.evidence_)
+            else {
+                **evidence_graphs(det),  # graphs registered without them
+                **graphs,
+            }
+        )
+        evidence = [
+            (
+                SequenceRuntime(stacked[f"{EVIDENCE_PREFIX}{e.name}"], e.spec_, e.config.smooth, e.threshold_, threads),
+                scale,
+            )
+            for e, scale in zip(det.evidence_, det.evidence_scales_)
+        ]
+        return EnsembleRuntime(members, det.spec_, weights, thr, threads, parallel_rows, explain, evidence)
 
 
 KINDS: dict[str, DetectorKind] = {

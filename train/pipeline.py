@@ -149,6 +149,7 @@ def train_model(
             t0 = time.perf_counter()
             run_name = f"{model}-{entity_folder(key)}-{run_id[:8]}"
             rows, labels = kind.training_data(series)
+            normal = kind.normal_rows(series)
             det = kind.fit_on_ray(
                 kind.new(config),
                 rows,
@@ -157,6 +158,7 @@ def train_model(
                 num_workers=num_workers,
                 use_gpu=use_gpu,
                 run_name=run_name,
+                **({} if normal is None else {"normal": normal}),
             )
             steps, artifacts = kind.fit_records(det)
             for step, figures in steps:
