@@ -6,15 +6,15 @@ and their recent maxima: detect/evidence.py), held monotone in it, so that no la
 that a large error is normal. With `evidence=()` the members learn from the window features instead
 (FeatureSpec: lags, rolling stats, differences, rates of change), as before round 2's stacking; a
 model saved that way is served that way. Target: an incident is under way or starts within the next
-`horizon` rows. The vote weights
-are fitted on a validation tail of the training data (time order, never shuffled), as is the
-operational threshold. On the synthetic fleet it also learns the incident kind (root-cause class).
-Labels with too few incidents never stop it: where they hold fewer than the two that learning and
-validating need, it adds incidents injected into the entity's own normal rows in the synthetic
-generator's shapes (detect/synthetic.py).
+`horizon` rows. The vote weights are fitted on a validation tail of the training data (time order,
+never shuffled), as is the operational threshold. On the synthetic fleet it also learns the incident
+kind (root-cause class, over the window features). Labels with too few incidents never stop it: where
+they hold fewer than the two that learning and validating need, it adds incidents injected into the
+entity's own normal rows in the synthetic generator's shapes (detect/synthetic.py).
 
 Saved state never needs unpickling: XGBoost as its JSON model, LightGBM as its text model, the
-forest as an ONNX graph (skl2onnx), the logistic model and scaler as arrays.
+forest as an ONNX graph (skl2onnx), the logistic model and scaler as arrays, the evidence detectors
+as theirs (nested in the ensemble's own).
 """
 
 from __future__ import annotations
