@@ -183,12 +183,11 @@ def non_negative_logistic(Z: np.ndarray, y: np.ndarray, c: float) -> np.ndarray:
 
 
 def _sequence_detector(name: str, epochs: int) -> Detector:
-    from detect.sequence import AutoencoderDetector, LSTMDetector  # deferred: torch only where it is used
+    from detect.sequence import SEQUENCE_DETECTORS  # deferred: torch only where it is used
 
-    classes = {AutoencoderDetector.name: AutoencoderDetector, LSTMDetector.name: LSTMDetector}
-    if name not in classes:
-        raise ValueError(f"ensemble: unknown evidence detector {name!r}; choose from {sorted(classes)}")
-    return classes[name](**({"epochs": epochs} if epochs else {}))
+    if name not in SEQUENCE_DETECTORS:
+        raise ValueError(f"ensemble: unknown evidence detector {name!r}; choose from {sorted(SEQUENCE_DETECTORS)}")
+    return SEQUENCE_DETECTORS[name](**({"epochs": epochs} if epochs else {}))
 
 
 class EnsembleDetector(Detector):
@@ -456,14 +455,13 @@ class EnsembleDetector(Detector):
         import lightgbm as lgb
         import xgboost as xgb
 
-        from detect.sequence import AutoencoderDetector, LSTMDetector
+        from detect.sequence import SEQUENCE_DETECTORS
 
         stacked = "evidence" in params  # saved before stacking: window features, whatever the config says
         self.config = EnsembleConfig.from_dict({**params["config"], **({} if stacked else {"evidence": ()})})
         self.spec_ = FeatureSpec.from_json(params["spec"])
-        classes = {cls.name: cls for cls in (AutoencoderDetector, LSTMDetector)}
         self.evidence_ = [
-            classes[meta["detector"]].from_state(
+            SEQUENCE_DETECTORS[meta["detector"]].from_state(
                 meta, {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(f"evidence{i}.")}
             )
             for i, meta in enumerate(params.get("evidence", []))

@@ -6,8 +6,7 @@ fitted on the detector's calibration scores (training/validation, never test lab
 over the test series in time order from its unlabelled scores. Rows above it are grouped into alerts
 (detect/alerting.py); event recall/precision and mean time to detect count those alerts. The old rule
 (the detector's stored threshold, the 99th percentile of validation scores) is kept beside it as
-`*_p99`. Root-cause
-HitRate@100%/150% where interpretation labels exist. A figure that cannot be computed is null, and
+`*_p99`. Root-cause HitRate@100%/150% where interpretation labels exist. A figure that cannot be computed is null, and
 `null_reason` says why; a detector that cannot score an entity leaves a null record, never an abort.
 """
 
@@ -72,7 +71,8 @@ def evaluate_series(series: Series, detector: Detector) -> dict[str, Any]:
     """Fit on train, score test, and compute every quality figure for one entity.
 
     A supervised detector (the ensemble) instead learns from the first half of the labelled test
-    series (and normal from the train series) and every figure of its record covers the second half only (`eval_rows`).
+    series (and normal from the train series) and every figure of its record covers the second half
+    only (`eval_rows`).
     """
     train = series.train[series.metrics].to_numpy()
     test = series.test[series.metrics].to_numpy()

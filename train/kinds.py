@@ -333,25 +333,20 @@ class EnsembleKind(DetectorKind):
     def export_graphs(self, det):
         return export_ensemble(det)
 
+    @staticmethod
+    def _evidence_runtime(evidence, graphs, threads):
+        """An evidence detector's runtime as its own kind builds it, from its graph in `graphs` (exported
+        here for a version registered without it)."""
+        graph = graphs.get(f"{EVIDENCE_PREFIX}{evidence.name}") or export_sequence(evidence)
+        return kind_of(evidence).runtime(evidence, {"scorer": graph}, threads=threads)
+
     def runtime(self, det, graphs, threshold=None, threads=1, parallel_rows=None):
         thr = det.threshold_ if threshold is None else threshold
         members = {name: g for name, g in graphs.items() if not name.startswith(EVIDENCE_PREFIX)}
         weights = None if "student" in members else dict(zip(MEMBERS, det.weights_.tolist()))
         explain = (det.mean_, np.abs(det.importance_ / det.std_))  # per-metric contributions of served rows
-        stacked = (
-            graphs
-            if all(f"{EVIDENCE_PREFIX}{e.name}" in graphs for e in det.evidence_)
-            else {
-                **evidence_graphs(det),  # graphs registered without them
-                **graphs,
-            }
-        )
         evidence = [
-            (
-                SequenceRuntime(stacked[f"{EVIDENCE_PREFIX}{e.name}"], e.spec_, e.config.smooth, e.threshold_, threads),
-                scale,
-            )
-            for e, scale in zip(det.evidence_, det.evidence_scales_)
+            (self._evidence_runtime(e, graphs, threads), s) for e, s in zip(det.evidence_, det.evidence_scales_)
         ]
         return EnsembleRuntime(members, det.spec_, weights, thr, threads, parallel_rows, explain, evidence)
 
