@@ -16,7 +16,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from detect.metrics import operational_threshold
-from detect.thresholds import spot_state
+from detect.thresholds import DSPOT, DecisionThreshold, spot_state
+from detect.thresholds import operational_threshold as tail_threshold
 
 
 class NotFittedError(RuntimeError):
@@ -80,6 +81,12 @@ class Detector(ABC):
         """Rows before a served row that its score depends on: the history a caller must send, or the
         ingress keep, to score a row exactly as the batch path does (0: each row on its own)."""
         return 0
+
+    def online_threshold(self) -> DSPOT | DecisionThreshold:
+        """The operational threshold as `raywatch evaluate` judges it and the ingress serves it, fresh: DSPOT
+        fitted on the calibration scores (`detect.thresholds.operational_threshold`). ValueError where they
+        are too few for a tail."""
+        return tail_threshold(self.calibration_scores_)
 
     def served_spot(self) -> dict[str, Any] | None:
         """The state of the operational threshold (DSPOT, `detect.thresholds.operational_threshold`) fitted

@@ -3,10 +3,11 @@
 Reports, per (entity, detector): best point-wise F1 and PR-AUC first, then what an operator would
 receive. The operational threshold is DSPOT's (SPOT over a moving baseline, detect/thresholds.py):
 fitted on the detector's calibration scores (training/validation, never test labels) and updated online
-over the test series in time order from its unlabelled scores. Rows above it are grouped into alerts
+over the test series in time order from its unlabelled scores; the supervised ensemble's is the decision
+threshold it learnt on its labelled validation rows (the first half's), which no score moves. Rows above it are grouped into alerts
 (detect/alerting.py); event recall/precision and mean time to detect count those alerts. The old rule
-(the detector's stored threshold, the 99th percentile of validation scores) is kept beside it as
-`*_p99`. Root-cause HitRate@100%/150% where interpretation labels exist. A figure that cannot be computed is null, and
+(the detector's stored threshold, the 99th percentile of validation scores; the ensemble's decision
+threshold) is kept beside it as `*_p99`. Root-cause HitRate@100%/150% where interpretation labels exist. A figure that cannot be computed is null, and
 `null_reason` says why; a detector that cannot score an entity leaves a null record, never an abort.
 """
 
@@ -28,7 +29,6 @@ from detect.alerting import online_alerts
 from detect.base import Detector
 from detect.bundle import detector_classes
 from detect.data import Series, load_benchmark
-from detect.thresholds import operational_threshold
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,8 @@ def evaluate_series(series: Series, detector: Detector) -> dict[str, Any]:
 def operational_figures(
     labels: np.ndarray, scores: np.ndarray, contributions: np.ndarray, detector: Detector
 ) -> dict[str, Any]:
-    """What an operator receives: the operational threshold (DSPOT) online, the alerts it raises, and the
-    old p99 rule."""
+    """What an operator receives: the operational threshold online (`Detector.online_threshold`: DSPOT, or
+    the incident predictor's decision threshold), the alerts it raises, and the old p99 rule."""
     event_recall_p99, event_precision_p99 = M.event_scores(labels, scores, detector.threshold_)
     figures: dict[str, Any] = {
         "f1_operational_p99": M.f1_at(labels, scores, detector.threshold_),
@@ -131,7 +131,7 @@ def operational_figures(
         "null_reason": {},
     }
     try:
-        spot = operational_threshold(detector.calibration_scores_)
+        spot = detector.online_threshold()
     except ValueError as exc:  # too few calibration scores for a tail fit: these figures cannot exist
         for key in ("f1_operational", "event_recall", "event_precision", "mttd_rows", "alerts"):
             figures[key] = None

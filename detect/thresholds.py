@@ -17,6 +17,10 @@ DSPOT (the same paper, section 4.3) is what the platform serves and `raywatch ev
 `depth` scores learnt from. A machine whose scores sit higher or lower than on its validation days moves the
 baseline, not the tail; a score far above the recent level still raises an alarm. The residuals' tail is
 fitted on the calibration scores, each over the mean of the `depth` before it.
+
+A supervised detector (the incident predictor) is the exception: its score is a probability, and where an
+incident begins was learnt from labelled rows, not from the tail of normal ones. It serves the decision
+threshold chosen on its labelled validation rows (`DecisionThreshold`), which no served score moves.
 """
 
 from __future__ import annotations
@@ -286,15 +290,36 @@ class DSPOT:
         return out
 
 
+@dataclass(frozen=True)
+class DecisionThreshold:
+    """A supervised model's decision threshold, chosen with labels on its own validation rows (never on
+    the rows it is judged on), served as is: the online-threshold interface of `SPOT` / `DSPOT` for
+    `detect.alerting.AlertAwareSpot`, with nothing to learn from the stream."""
+
+    threshold_: float
+
+    def update(self, score: float, learn: bool | None = None) -> float:
+        return self.threshold_
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": "decision", "threshold": self.threshold_}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> DecisionThreshold:
+        return cls(float(state["threshold"]))
+
+
 def operational_threshold(calibration_scores: np.ndarray) -> DSPOT:
     """The threshold raywatch serves and `raywatch evaluate` judges, fitted on a model's calibration scores
     (never test labels). ValueError where they are too few for a tail over a baseline."""
     return DSPOT().fit(calibration_scores)
 
 
-def threshold_from_state(state: dict[str, Any]) -> SPOT | DSPOT:
-    """A saved threshold, continued: DSPOT's, or plain SPOT's (bundles saved before DSPOT)."""
-    return DSPOT.from_state(state) if state.get("kind") == "dspot" else SPOT.from_state(state)
+def threshold_from_state(state: dict[str, Any]) -> SPOT | DSPOT | DecisionThreshold:
+    """A saved threshold, continued: DSPOT's, a supervised model's decision threshold, or plain SPOT's
+    (bundles saved before DSPOT)."""
+    kinds = {"dspot": DSPOT, "decision": DecisionThreshold}
+    return kinds.get(state.get("kind"), SPOT).from_state(state)
 
 
 def spot_state(calibration_scores: np.ndarray | None) -> dict[str, Any] | None:

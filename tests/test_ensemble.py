@@ -132,3 +132,20 @@ def test_a_stacked_ensemble_saves_and_loads_its_evidence_detectors(tmp_path):
     assert [d.name for d in loaded.evidence_] == ["autoencoder", "lstm"]
     assert loaded.evidence_scales_ == det.evidence_scales_ and loaded.context_rows() == det.context_rows()
     np.testing.assert_allclose(loaded.score(X), det.score(X), atol=1e-4)
+
+
+def test_the_ensemble_serves_the_decision_threshold_it_learnt_on_labelled_validation_rows(tmp_path):
+    """Its operational threshold is the validation-F1 one (`fit_vote`), not a tail of normal scores: the
+    same object `raywatch evaluate` judges, saved with the model for the ingress, and it survives a load."""
+    from detect.alerting import online_alerts
+    from detect.thresholds import DecisionThreshold, threshold_from_state
+
+    X, labels = telemetry([(300, 360), (700, 760)])
+    det = small().fit(X, labels)
+    assert det.online_threshold() == DecisionThreshold(det.threshold_)
+    assert det.served_spot() == {"kind": "decision", "threshold": det.threshold_}
+    det.save(tmp_path)
+    assert threshold_from_state(EnsembleDetector.load(tmp_path).served_spot()) == det.online_threshold()
+    scores = det.score(X)
+    thresholds, alerts = online_alerts(scores, det.online_threshold())
+    assert (thresholds == det.threshold_).all() and alerts  # the incidents alert; the bar never moved

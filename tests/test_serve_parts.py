@@ -536,3 +536,18 @@ def test_a_snapshot_is_cut_into_overlapping_steps_of_bounded_size():
     assert snapshot_chunk(1) == MIN_SNAPSHOT_CHUNK  # one step: no call smaller than the floor
     assert snapshot_chunk(1000) == 250 and -(-1000 // snapshot_chunk(1000)) == SNAPSHOT_STEPS  # 4 steps overlap
     assert snapshot_chunk(10_000) == SNAPSHOT_CHUNK  # a big fleet: bounded steps (the ingress's peak memory)
+
+
+def test_the_alert_book_serves_a_decision_threshold_as_is():
+    """An incident predictor's saved threshold (`DecisionThreshold`, learnt on labelled validation rows)
+    reaches the alert book through its state and judges every served row: no score moves it, not a long
+    run of low ones, and an alert still opens on rows above it."""
+    from detect.thresholds import DecisionThreshold
+    from serve.history import SpotSeed
+
+    seed = SpotSeed(("champion", "1", "fp32"), DecisionThreshold(0.62).state())
+    book = AlertBook()
+    served = [0.05] * 300 + [0.9] * 6
+    alerts, judged = book.observe("ensemble", "web-1", _arrays(served), list(range(len(served))), seed)
+    assert np.asarray(judged).tolist() == [0.62] * len(served)
+    assert any(a is not None and a["state"] == "opened" for a in alerts)

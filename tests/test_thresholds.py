@@ -175,6 +175,16 @@ def test_a_plain_spot_state_still_loads_as_spot():
     assert type(restored) is SPOT and restored.threshold_ == SPOT.from_state(state).threshold_
 
 
+def test_a_decision_threshold_continues_from_its_state_and_learns_nothing():
+    from detect.thresholds import DecisionThreshold, threshold_from_state
+
+    restored = threshold_from_state(json.loads(json.dumps(DecisionThreshold(0.37).state())))
+    assert isinstance(restored, DecisionThreshold)
+    for score in (0.0, 0.99, 5.0, float("nan")):
+        assert restored.update(score, learn=True) == 0.37
+    assert restored.threshold_ == 0.37
+
+
 def test_dspot_refuses_calibration_that_cannot_cover_its_baseline_and_a_tail():
     from detect.thresholds import DSPOT, spot_state
 
