@@ -48,6 +48,7 @@ from detect.ensemble import (
     with_enough_incidents,
 )
 from detect.evaluate import detector_factories
+from detect.evidence import evidence_scale
 from detect.features import FeatureSpec, entity_features
 
 VARIANTS = ("autoencoder", "lstm", "evidence", "ensemble", "stacked", "stacked_oof")
@@ -64,7 +65,7 @@ class EvidenceStack(EnsembleDetector):
 
 def evidence_of(detectors: list[Any]):
     """Label-free: max over detectors of score / the 99th percentile of its calibration scores, logged."""
-    scales = [float(np.quantile(d.calibration_scores_, 0.99)) for d in detectors]
+    scales = [evidence_scale(d.calibration_scores_) for d in detectors]  # the served ensemble's scale
 
     def evidence(X: np.ndarray) -> np.ndarray:
         ratio = np.max([d.score(X) / s for d, s in zip(detectors, scales)], axis=0)
