@@ -275,7 +275,8 @@ def markdown_table(report: dict[str, Any]) -> str:
     note = (
         "\nf1, pr_auc, pa_f1: best threshold over the whole PR curve (point-wise; pa_f1 point-adjusted). "
         "f1_operational: rows at or above DSPOT's threshold (SPOT at risk 1e-3 over the mean of the last 60 "
-        "scores learnt from; fitted on validation scores, updated online from unlabelled test scores). "
+        "scores learnt from; fitted on validation scores, updated online from unlabelled test scores); the "
+        "ensemble's: the decision threshold it learnt on its labelled validation rows, served as is. "
         "event_recall, event_precision, mttd_rows, alerts: "
         "alerts (3 of 5 rows above threshold, resolved after 10 quiet rows), mean rows from incident start "
         "to the alert. *_p99: the old rule (the detector's stored threshold; rows and row runs). "
