@@ -61,14 +61,15 @@ def served(data_dir, ray_cluster, tmp_path_factory):
             os.environ[k] = v
 
 
-CARRIED = ("top_metrics", "threshold")
+CARRIED = ("top_metrics", "threshold", "alert")
 
 
 def without_carried_state(answer):
     """A scoring answer without what each request carries on from the ones before: its root causes are held
-    across requests (detect/attribution.py), and its threshold learns from every served row (DSPOT's
-    moving baseline, detect/thresholds.py), so the same rows sent again get other values of both,
-    whatever model scored them."""
+    across requests (detect/attribution.py), its threshold learns from every served row (DSPOT's moving
+    baseline, detect/thresholds.py), and an alert open when the request came goes on through its rows (its
+    row count and peak grow), so the same rows sent again get other values of these, whatever model scored
+    them."""
     if isinstance(answer, dict):
         return {k: without_carried_state(v) for k, v in answer.items() if k not in CARRIED}
     if isinstance(answer, list):
