@@ -451,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     workdir = use_workdir(args.workdir)
     metrics = metric_names()
-    machines = Machines(max(args.sizes) + 10, metrics)
+    # the fleet model trains on FLEET_TRAIN machines and --own get models of their own, whatever the sizes
+    machines = Machines(max(*args.sizes, FLEET_TRAIN, args.own) + 10, metrics)
     records = []
     with local_serve("high_throughput", workdir) as serve:
         trained = train_models(machines, metrics, args.own, args.epochs)
