@@ -306,7 +306,8 @@ class EnsembleDetector(Detector):
     def fit_vote(self, F: np.ndarray, y: np.ndarray) -> None:
         """Vote weights that minimise validation log-loss (`vote_weights`); threshold = best validation F1,
         which is also the operational threshold (`online_threshold`). The calibration scores are those of
-        the validation rows that are normal (the scores' normal tail, reported, not served)."""
+        the validation rows that are normal: not served, kept so that tail rules can be compared with it
+        (docs/experiments/ensemble-threshold.py)."""
         P = np.clip(self.member_matrix(F), 1e-6, 1 - 1e-6)
         self.weights_, log_loss = vote_weights(P, y)
         val_scores = P @ self.weights_

@@ -4,11 +4,12 @@ Reports, per (entity, detector): best point-wise F1 and PR-AUC first, then what 
 receive. The operational threshold is DSPOT's (SPOT over a moving baseline, detect/thresholds.py):
 fitted on the detector's calibration scores (training/validation, never test labels) and updated online
 over the test series in time order from its unlabelled scores; the supervised ensemble's is the decision
-threshold it learnt on its labelled validation rows (the first half's), which no score moves. Rows above it are grouped into alerts
-(detect/alerting.py); event recall/precision and mean time to detect count those alerts. The old rule
-(the detector's stored threshold, the 99th percentile of validation scores; the ensemble's decision
-threshold) is kept beside it as `*_p99`. Root-cause HitRate@100%/150% where interpretation labels exist. A figure that cannot be computed is null, and
-`null_reason` says why; a detector that cannot score an entity leaves a null record, never an abort.
+threshold it learnt on its labelled validation rows (the first half's), which no score moves. Rows above it
+are grouped into alerts (detect/alerting.py); event recall/precision and mean time to detect count those
+alerts. The old rule (the detector's stored threshold, the 99th percentile of validation scores; the
+ensemble's decision threshold) is kept beside it as `*_p99`. Root-cause HitRate@100%/150% where
+interpretation labels exist. A figure that cannot be computed is null, and `null_reason` says why; a
+detector that cannot score an entity leaves a null record, never an abort.
 """
 
 from __future__ import annotations
