@@ -7,7 +7,9 @@ measured in the same run, then the Done-when checks of the benchmark issue, then
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -97,6 +99,43 @@ def serving_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _round_median(rounds: list[dict[str, dict[str, Any]]], target: str, key: str) -> float:
+    return statistics.median(r[target][key] for r in rounds)
+
+
+def paired_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per Serve mode, issue 20's single-row line from paired rounds (`serving.paired_rounds`): raywatch's
+    requests/s over the FastAPI peer's and its p99 over the echo deployment's, each taken within a round,
+    as the median over the rounds and their range."""
+    out = []
+    for mode in sorted({row["serve_mode"] for row in rows}):
+        by_round: dict[int, dict[str, dict[str, Any]]] = {}
+        for row in _find_all(rows, serve_mode=mode):
+            by_round.setdefault(row["paired_round"], {})[row["target"]] = row
+        complete = [r for r in by_round.values() if {"ray_serve", "fastapi", "echo"} <= set(r)]
+        if not complete:
+            continue
+        x_peer = [r["ray_serve"]["requests_per_s"] / r["fastapi"]["requests_per_s"] for r in complete]
+        x_echo = [r["ray_serve"]["p99_ms"] / r["echo"]["p99_ms"] for r in complete]
+        median = functools.partial(_round_median, complete)
+        out.append(
+            {
+                "serve_mode": mode,
+                "rounds": len(complete),
+                "raywatch_req_s": median("ray_serve", "requests_per_s"),
+                "fastapi_req_s": median("fastapi", "requests_per_s"),
+                "x_fastapi_median": ratio(statistics.median(x_peer), 1),
+                "x_fastapi_range": f"{min(x_peer):.2f}-{max(x_peer):.2f}",
+                "raywatch_p99_ms": median("ray_serve", "p99_ms"),
+                "echo_p99_ms": median("echo", "p99_ms"),
+                "fastapi_p99_ms": median("fastapi", "p99_ms"),
+                "x_echo_p99_median": ratio(statistics.median(x_echo), 1),
+                "x_echo_p99_range": f"{min(x_echo):.2f}-{max(x_echo):.2f}",
+            }
+        )
+    return out
+
+
 def where(result: dict[str, Any]) -> str:
     """Machine, date and the load other jobs put on it, as each result file records them."""
     load = result.get("load_average")
@@ -171,7 +210,11 @@ def _check(label: str, passed: bool | None, figures: str) -> dict[str, Any]:
 
 
 def checks(
-    serving: dict | None, batching: dict | None, tune: dict | None, wall_s: float | None
+    serving: dict | None,
+    batching: dict | None,
+    tune: dict | None,
+    wall_s: float | None,
+    paired: dict | None = None,
 ) -> list[dict[str, Any]]:
     out = []
     if wall_s is not None:
@@ -200,6 +243,28 @@ def checks(
                     f"{serve['p99_ms']} vs {echo['p99_ms']} ms ({ratio(serve['p99_ms'], echo['p99_ms'])}x)",
                 )
             )
+    for summary in paired_summary(paired["rows"]) if paired else []:
+        if summary["serve_mode"] != "high_throughput":
+            continue
+        rounds = f"median of {summary['rounds']} paired rounds"
+        out.append(
+            _check(
+                "issue 20: same point in paired rounds: requests/s >= 0.8x the FastAPI peer",
+                summary["x_fastapi_median"] >= 0.8,
+                f"{summary['raywatch_req_s']:,.0f} vs {summary['fastapi_req_s']:,.0f} req/s; {rounds}: "
+                f"{summary['x_fastapi_median']}x (range {summary['x_fastapi_range']})",
+            )
+        )
+        out.append(
+            _check(
+                "issue 20: same point in paired rounds: p99 <= 2x the echo deployment's",
+                summary["x_echo_p99_median"] <= 2,
+                f"{summary['raywatch_p99_ms']} vs {summary['echo_p99_ms']} ms; {rounds}: "
+                f"{summary['x_echo_p99_median']}x (range {summary['x_echo_p99_range']})",
+            )
+        )
+    if serving:
+        rows = serving["rows"]
         batch = _find_all(rows, target="ray_serve", serve_mode="high_throughput", detector="ensemble", mode="batch")
         ort = ort_reference(rows, "high_throughput", detector="ensemble", mode="batch", work="onnx")
         if batch and ort:
@@ -250,7 +315,8 @@ def write_readme(started: float | None = None) -> Path:
     ]
     if wall_s is not None:
         md += [f"`make bench` wall time: {wall_s / 60:.1f} min ({time.strftime('%Y-%m-%d %H:%M')}).", ""]
-    md += ["## Done-when checks", "", table(checks(serving, batching, tune, wall_s)), ""]
+    paired = _load("serving_paired.json")
+    md += ["## Done-when checks", "", table(checks(serving, batching, tune, wall_s, paired)), ""]
     if serving:
         md += [
             "## Serving: Ray Serve against its own ceiling, the compute limit and the usual alternative",

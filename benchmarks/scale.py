@@ -366,6 +366,7 @@ class InProcessControl:
             "inprocess_fleet_scored": len(self.samplers),
             "inprocess_rows_per_s": round(self.n * len(self.seconds) / sum(self.seconds), 1),
             "inprocess_p50_ms": round(float(np.percentile(np.array(self.seconds) * 1000, 50)), 1),
+            "inprocess_ms": [round(s * 1000, 1) for s in self.seconds],  # each measured snapshot's, in order
         }
 
 

@@ -21,8 +21,14 @@ warm-up) against:
 - `fastapi`: `benchmarks/fastapi_peer.py`, one uvicorn process serving the same model with the
   same contract and the same per-entity history.
 
+Then, in high-throughput mode, issue 20's single-row line in paired rounds (`paired_rounds`): the ensemble's
+single rows at 8 clients against the FastAPI peer, raywatch and the echo deployment, all up at once and
+driven one after another in each round, so that a shared machine's changing speed touches the three alike
+(the peer is otherwise measured minutes before the Serve modes). `run --only-paired` runs these alone.
+
 Rows/s = requests/s x rows per request. Writes benchmarks/results/serving.json (one row per point) and
-serving.md. Helpers used by the other benchmarks (wrk runner, Serve modes, the local head) live here.
+serving.md, and the paired rounds to serving_paired.{json,md}. Helpers used by the other benchmarks (wrk
+runner, Serve modes, the local head) live here.
 """
 
 from __future__ import annotations
@@ -59,6 +65,13 @@ POINTS = (
     ("batch", "rows", BATCH_CONCURRENCY, BATCH_ROWS, "/v1/score"),
     ("single", "rows", CONCURRENCY, 1, "/v1/score"),
 )
+#: issue 20's single-row line (ensemble, single rows, 8 clients), measured again in rounds with the FastAPI
+#: peer, raywatch and the echo deployment all up at once and driven one after another within each round
+#: (the order turned by one each round), so that the shared machine's changing speed touches the three
+#: alike; the line is read from the median of the rounds' ratios (`report.paired_summary`)
+PAIRED_MODES = ("high_throughput",)
+PAIRED_ROUNDS = 5
+PAIRED_CONCURRENCY = 8
 SERVE_PORT = 8150  # Serve HTTP (the proxy or HAProxy)
 HAPROXY_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": "8158", "RAY_SERVE_HAPROXY_METRICS_PORT": "8159"}
 PEER_PORT = 8160
@@ -406,8 +419,11 @@ def all_ready(body: dict) -> bool:
     return all(body.get("detectors", {}).get(name) for name in DETECTORS)
 
 
-def run_mode(mode: str, workdir: Path, bodies: Path, duration_s: int, warmup_s: int) -> list[dict[str, Any]]:
-    """Runs in a subprocess per mode: deploy raywatch and echo on one Serve instance, drive both."""
+def run_mode(
+    mode: str, workdir: Path, bodies: Path, duration_s: int, warmup_s: int, rounds: int = 0, only_paired: bool = False
+) -> list[dict[str, Any]]:
+    """Runs in a subprocess per mode: deploy raywatch and echo on one Serve instance, drive both; then
+    `rounds` paired rounds with the FastAPI peer (`paired_rounds`). `only_paired` skips everything else."""
     from serve.app import build_app
 
     files = {(n, m, b): bodies / f"{n}-{m}-{b}.jsonl" for n in DETECTORS for m, b, *_ in POINTS}
@@ -421,17 +437,51 @@ def run_mode(mode: str, workdir: Path, bodies: Path, duration_s: int, warmup_s: 
         serve.run_many([serve.RunTarget(app, "raywatch", "/"), serve.RunTarget(echo_app(), "echo", "/echo")])
         wait_http(f"{base}/readyz", all_ready)
         log(f"{mode}: raywatch and echo deployed in {time.perf_counter() - t0:.0f} s")
-        label = {"target": "ray_serve", "serve_mode": mode}
-        log(f"{mode}: the compute limit again, beside this mode's batch points")
-        rows += inprocess(1, serve_mode=mode, only={("onnx", "batch")})
-        rows += measure_http(base, files, duration_s, warmup_s, label, replica_counts)
-        # the echo gets the ensemble's bodies: the same bytes in, the same bytes back
-        for mode_, body, levels, size, _ in POINTS:
-            for connections in levels:
-                point = wrk(f"{base}/echo/", files[("ensemble", mode_, body)], connections, duration_s, warmup_s, size)
-                row = {"target": "echo", "serve_mode": mode, "detector": None, "mode": mode_, "body": body, **point}
-                log(_describe(row))
-                rows.append(row)
+        if not only_paired:
+            rows += every_point(mode, base, files, duration_s, warmup_s)
+        if rounds:
+            with fastapi_peer(workdir) as peer:
+                urls = {"fastapi": f"{peer}/v1/score", "ray_serve": f"{base}/v1/score", "echo": f"{base}/echo/"}
+                rows += paired_rounds(urls, files[("ensemble", "single", "rows")], rounds, duration_s, warmup_s, mode)
+    return rows
+
+
+def every_point(
+    mode: str, base: str, files: dict[tuple[str, str, str], Path], duration_s: int, warmup_s: int
+) -> list[dict[str, Any]]:
+    """Every point of one Serve mode: the compute limit again beside its batches, raywatch, the echo."""
+    log(f"{mode}: the compute limit again, beside this mode's batch points")
+    rows = inprocess(1, serve_mode=mode, only={("onnx", "batch")})
+    rows += measure_http(base, files, duration_s, warmup_s, {"target": "ray_serve", "serve_mode": mode}, replica_counts)
+    # the echo gets the ensemble's bodies: the same bytes in, the same bytes back
+    for mode_, body, levels, size, _ in POINTS:
+        for connections in levels:
+            point = wrk(f"{base}/echo/", files[("ensemble", mode_, body)], connections, duration_s, warmup_s, size)
+            row = {"target": "echo", "serve_mode": mode, "detector": None, "mode": mode_, "body": body, **point}
+            log(_describe(row))
+            rows.append(row)
+    return rows
+
+
+def paired_rounds(
+    urls: dict[str, str], bodies: Path, rounds: int, duration_s: int, warmup_s: int, mode: str
+) -> list[dict[str, Any]]:
+    """Single-row ensemble requests at PAIRED_CONCURRENCY clients against each target of `urls` (name ->
+    URL) one after another, `rounds` times, the order turned by one each round; a point per target and
+    round, `paired_round` its round."""
+    first = bodies.read_text().splitlines()[0]
+    for name, url in urls.items():  # fill the entity's history on both apps and warm every replica
+        for _ in range(3 if name != "echo" else 0):
+            post(url, first)
+    names = list(urls)
+    rows = []
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            point = wrk(urls[name], bodies, PAIRED_CONCURRENCY, duration_s, warmup_s)
+            detector = None if name == "echo" else "ensemble"
+            row = {"target": name, "serve_mode": mode, "detector": detector, "mode": "single", "body": "rows"}
+            rows.append({**row, "paired_round": r, **point})
+            log(f"round {r + 1}/{rounds}: {_describe(rows[-1])}")
     return rows
 
 
@@ -528,30 +578,73 @@ def run_peer(workdir: Path, files: dict[tuple[str, str], Path], duration_s: int,
 
 
 # -- the run -----------------------------------------------------------------------------------------------
-def run(workdir: str | Path, modes: list[str], duration_s: int, warmup_s: int) -> list[dict[str, Any]]:
+def run(
+    workdir: str | Path,
+    modes: list[str],
+    duration_s: int,
+    warmup_s: int,
+    rounds: int = PAIRED_ROUNDS,
+    only_paired: bool = False,
+) -> list[dict[str, Any]]:
+    """Every point, then the paired rounds in PAIRED_MODES; `only_paired`: the paired rounds alone (written
+    to results/serving_paired.* only, leaving serving.* as they are)."""
     path = use_workdir(workdir)
     bodies = path / "bodies"
     files = write_bodies(bodies)
     started, load_start = time.strftime("%Y-%m-%d %H:%M"), load_average()
-    rows = inprocess(seconds=2)
-    rows += run_peer(path, files, duration_s, warmup_s)
-    for mode in modes:
+    rows = [] if only_paired else inprocess(seconds=2) + run_peer(path, files, duration_s, warmup_s)
+    for mode in [m for m in modes if m in PAIRED_MODES] if only_paired else modes:
         out = path / f"serving-{mode}.json"
         out.unlink(missing_ok=True)
         env = {**os.environ, **serve_modes()[mode]}
         command = [sys.executable, __file__, "mode", "--mode", mode, "--workdir", str(path), "--out", str(out)]
         command += ["--duration", str(duration_s), "--warmup", str(warmup_s)]
+        command += ["--rounds", str(rounds if mode in PAIRED_MODES else 0)] + (["--only-paired"] if only_paired else [])
         subprocess.run(command, env=env, check=True)
         rows += json.loads(out.read_text())
-    write_results(rows, started, {"start": load_start, "end": load_average()}, duration_s, warmup_s)
+    load = {"start": load_start, "end": load_average()}
+    write_paired(rows, started, load, duration_s, warmup_s)
+    if not only_paired:
+        write_results(rows, started, load, duration_s, warmup_s)
     return rows
+
+
+def write_paired(
+    rows: list[dict[str, Any]], started: str, load: dict[str, str], duration_s: int, warmup_s: int
+) -> None:
+    from report import paired_summary, table
+
+    paired = [row for row in rows if "paired_round" in row]
+    if not paired:
+        return
+    meta = {"machine": machine(), "date": started, "load_average": load, "entity": ENTITY}
+    meta["load_generator"] = f"wrk, 1 thread, {duration_s:g} s per point after a {warmup_s:g} s warm-up"
+    columns = ["paired_round", "serve_mode", "target", "requests_per_s", "p50_ms", "p99_ms", "errors"]
+    md = [
+        f"Paired rounds, measured on {meta['machine']} ({started}, load average {load['start']} at the start, "
+        f"{load['end']} at the end); entity {ENTITY}; {meta['load_generator']}.",
+        "",
+        f"Ensemble, single rows, {PAIRED_CONCURRENCY} clients: the FastAPI peer, raywatch and the echo deployment "
+        "up at once, driven one after another in each round (the order turned by one each round). Ratios are "
+        "taken within a round; the line is read from their median.",
+        "",
+        table(paired_summary(paired)),
+        "",
+        "Every point:",
+        "",
+        table(paired, columns),
+    ]
+    save_tables("serving_paired", {**meta, "rows": paired}, md)
+    log(f"wrote {RESULTS / 'serving_paired.json'} and serving_paired.md")
 
 
 def write_results(
     rows: list[dict[str, Any]], started: str, load: dict[str, str], duration_s: int, warmup_s: int
 ) -> None:
-    from report import batch_split, serving_ratios, table, time_split
+    from report import batch_split, paired_summary, serving_ratios, table, time_split
 
+    paired = [row for row in rows if "paired_round" in row]
+    rows = [row for row in rows if "paired_round" not in row]
     meta = {
         "machine": machine(),
         "date": started,
@@ -589,6 +682,11 @@ def write_results(
         "",
         table(batch_split(rows)),
         "",
+        f"Issue 20's single-row line in paired rounds (ensemble, single rows, {PAIRED_CONCURRENCY} clients; "
+        "[serving_paired.md](serving_paired.md) has every point):",
+        "",
+        table(paired_summary(paired)),
+        "",
         "Every point:",
         "",
         table(rows, columns),
@@ -608,12 +706,16 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--modes", default="default,high_throughput")
     r.add_argument("--duration", type=int, default=5, help="measured seconds per point (wrk takes whole seconds)")
     r.add_argument("--warmup", type=int, default=1, help="unmeasured seconds before each point")
+    r.add_argument("--rounds", type=int, default=PAIRED_ROUNDS, help="paired rounds (PAIRED_MODES; 0: none)")
+    r.add_argument("--only-paired", action="store_true", help="the paired rounds alone (results/serving_paired.*)")
     m = sub.add_parser("mode", help="(internal) one Serve mode, run in its own process")
     m.add_argument("--mode", choices=["default", "high_throughput"], required=True)
     m.add_argument("--workdir", required=True)
     m.add_argument("--out", required=True)
     m.add_argument("--duration", type=int, default=5)
     m.add_argument("--warmup", type=int, default=1)
+    m.add_argument("--rounds", type=int, default=0)
+    m.add_argument("--only-paired", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "prepare":
         prepare(args.workdir, args.epochs)
@@ -622,10 +724,10 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(modes) - set(serve_modes())
         if unknown:
             parser.error(f"--modes: unknown {sorted(unknown)}; choose from {sorted(serve_modes())}")
-        run(args.workdir, modes, args.duration, args.warmup)
+        run(args.workdir, modes, args.duration, args.warmup, args.rounds, args.only_paired)
     else:
         path = use_workdir(args.workdir)
-        rows = run_mode(args.mode, path, path / "bodies", args.duration, args.warmup)
+        rows = run_mode(args.mode, path, path / "bodies", args.duration, args.warmup, args.rounds, args.only_paired)
         Path(args.out).write_text(json.dumps(rows))
     return 0
 
