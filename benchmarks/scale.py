@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
@@ -317,7 +318,11 @@ class InProcessControl:
     machine's last rows, and for fleet-scored ones the statistics and their place (detect/fleet.py). It
     scores each measured snapshot right after the platform has answered it (`step`), so that both figures
     come from the same minutes of a machine whose speed drifts (one run had its in-process time per
-    1,000-machine snapshot at 322 ms, the next at 761 ms)."""
+    1,000-machine snapshot at 322 ms, the next at 761 ms). Each model's items are scored SNAPSHOT_CHUNK at a
+    time, as the ingress sends them to a replica: scored in one call, 9,900 fleet-scored machines' windows
+    made float64 temporaries of about 150 MB a step, and in two runs the control spent 1.1-1.5 s a 10,000-
+    machine snapshot (0.3-0.4 s in a process of its own), most of it on the line that makes them. It also
+    records its system CPU time and page faults per step, so that a run shows such a cost."""
 
     def __init__(self, machines: Machines, metrics: list[str], n: int, warmup: int) -> None:
         from detect.fleet import Sampler, fleet_key
@@ -326,7 +331,7 @@ class InProcessControl:
 
         loaded = load_models("autoencoder")
         fleet = loaded[fleet_key(metrics)]
-        self.machines, self.n, self.seconds = machines, n, []
+        self.machines, self.n, self.seconds, self.sys_ms, self.faults = machines, n, [], [], []
         self.models = [loaded.get(entity(e)) or fleet for e in range(n)]
         warm = machines.span(n, 0, warmup)  # (n, warmup, M)
         self.history = [warm[e, -HISTORY_ROWS:] for e in range(n)]
@@ -339,9 +344,11 @@ class InProcessControl:
     def step(self, t: int) -> None:
         """Score snapshot `t` (the next one after the last scored) and time it."""
         from detect.fleet import MAX_WINDOW
+        from serve.app import SNAPSHOT_CHUNK
         from serve.history import HISTORY_ROWS
 
         rows = self.machines.rows(t, self.n)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
         groups: dict[int, tuple[Any, list]] = {}
         for e in range(self.n):
@@ -358,8 +365,12 @@ class InProcessControl:
             groups.setdefault(id(model), (model, []))[1].append(item)
             self.history[e] = np.concatenate([self.history[e][1 - HISTORY_ROWS :], rows[e : e + 1]])
         for model, items in groups.values():
-            model.score_arrays(items)
+            for at in range(0, len(items), SNAPSHOT_CHUNK):
+                model.score_arrays(items[at : at + SNAPSHOT_CHUNK])
         self.seconds.append(time.perf_counter() - started)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        self.sys_ms.append((after.ru_stime - usage.ru_stime) * 1000)
+        self.faults.append(after.ru_minflt - usage.ru_minflt)
 
     def figures(self) -> dict[str, Any]:
         return {  # at N <= --own every machine has a model of its own: none is fleet-scored
@@ -367,6 +378,8 @@ class InProcessControl:
             "inprocess_rows_per_s": round(self.n * len(self.seconds) / sum(self.seconds), 1),
             "inprocess_p50_ms": round(float(np.percentile(np.array(self.seconds) * 1000, 50)), 1),
             "inprocess_ms": [round(s * 1000, 1) for s in self.seconds],  # each measured snapshot's, in order
+            "inprocess_sys_ms": [round(ms, 1) for ms in self.sys_ms],  # its system CPU time (page faults...)
+            "inprocess_page_faults": self.faults,  # minor page faults during each step
         }
 
 
