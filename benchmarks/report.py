@@ -243,6 +243,47 @@ def checks(
                     f"{serve['p99_ms']} vs {echo['p99_ms']} ms ({ratio(serve['p99_ms'], echo['p99_ms'])}x)",
                 )
             )
+        batch = _find_all(rows, target="ray_serve", serve_mode="high_throughput", detector="ensemble", mode="batch")
+        ort = ort_reference(rows, "high_throughput", detector="ensemble", mode="batch", work="onnx")
+        if batch and ort:
+            for body in sorted({r.get("body") for r in batch}, key=str):
+                best = max((r for r in batch if r.get("body") == body), key=lambda r: r["rows_per_s"])
+                out.append(
+                    _check(
+                        f"1,000-row batches ({BODY_NAMES.get(body, body)}), ensemble (high-throughput, best "
+                        "concurrency): >= 50% of in-process ONNX Runtime rows/s",
+                        best["rows_per_s"] >= 0.5 * ort["rows_per_s"],
+                        f"{best['rows_per_s']:,.0f} rows/s at {best['concurrency']} clients vs "
+                        f"{ort['rows_per_s']:,.0f} ({100 * best['rows_per_s'] / ort['rows_per_s']:.1f}%)",
+                    )
+                )
+    out += paired_checks(paired)
+    if batching:
+        for name, row in batching.get("handle", {}).items():
+            x = ratio(row["batched_rows_per_s"], row["unbatched_rows_per_s"])
+            out.append(
+                _check(
+                    f"handle path, {name}, 32 callers: batching >= 3x max_batch_size=1",
+                    x is not None and x >= 3,
+                    f"{row['batched_rows_per_s']:,.0f} vs {row['unbatched_rows_per_s']:,.0f} rows/s ({x}x)",
+                )
+            )
+    if tune:
+        out.append(
+            _check(
+                "ASHA: same or better best score with at most half the trial-epochs",
+                tune["asha_best"] <= tune["full_best"] and tune["asha_trial_epochs"] <= 0.5 * tune["full_trial_epochs"],
+                f"best val_loss {tune['asha_best']:.5g} vs {tune['full_best']:.5g}; trial-epochs "
+                f"{tune['asha_trial_epochs']} vs {tune['full_trial_epochs']}",
+            )
+        )
+    return out
+
+
+def paired_checks(paired: dict | None) -> list[dict[str, Any]]:
+    """Issue 20's single-row lines read from the paired rounds (high-throughput mode): the medians of the
+    rounds' ratios to the FastAPI peer's requests/s and to the echo deployment's p99."""
+    out = []
     for summary in paired_summary(paired["rows"]) if paired else []:
         if summary["serve_mode"] != "high_throughput":
             continue
@@ -261,41 +302,6 @@ def checks(
                 summary["x_echo_p99_median"] <= 2,
                 f"{summary['raywatch_p99_ms']} vs {summary['echo_p99_ms']} ms; {rounds}: "
                 f"{summary['x_echo_p99_median']}x (range {summary['x_echo_p99_range']})",
-            )
-        )
-    if serving:
-        rows = serving["rows"]
-        batch = _find_all(rows, target="ray_serve", serve_mode="high_throughput", detector="ensemble", mode="batch")
-        ort = ort_reference(rows, "high_throughput", detector="ensemble", mode="batch", work="onnx")
-        if batch and ort:
-            for body in sorted({r.get("body") for r in batch}, key=str):
-                best = max((r for r in batch if r.get("body") == body), key=lambda r: r["rows_per_s"])
-                out.append(
-                    _check(
-                        f"1,000-row batches ({BODY_NAMES.get(body, body)}), ensemble (high-throughput, best "
-                        "concurrency): >= 50% of in-process ONNX Runtime rows/s",
-                        best["rows_per_s"] >= 0.5 * ort["rows_per_s"],
-                        f"{best['rows_per_s']:,.0f} rows/s at {best['concurrency']} clients vs "
-                        f"{ort['rows_per_s']:,.0f} ({100 * best['rows_per_s'] / ort['rows_per_s']:.1f}%)",
-                    )
-                )
-    if batching:
-        for name, row in batching.get("handle", {}).items():
-            x = ratio(row["batched_rows_per_s"], row["unbatched_rows_per_s"])
-            out.append(
-                _check(
-                    f"handle path, {name}, 32 callers: batching >= 3x max_batch_size=1",
-                    x is not None and x >= 3,
-                    f"{row['batched_rows_per_s']:,.0f} vs {row['unbatched_rows_per_s']:,.0f} rows/s ({x}x)",
-                )
-            )
-    if tune:
-        out.append(
-            _check(
-                "ASHA: same or better best score with at most half the trial-epochs",
-                tune["asha_best"] <= tune["full_best"] and tune["asha_trial_epochs"] <= 0.5 * tune["full_trial_epochs"],
-                f"best val_loss {tune['asha_best']:.5g} vs {tune['full_best']:.5g}; trial-epochs "
-                f"{tune['asha_trial_epochs']} vs {tune['full_trial_epochs']}",
             )
         )
     return out

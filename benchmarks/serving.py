@@ -609,6 +609,26 @@ def run(
     return rows
 
 
+def run_meta(started: str, load: dict[str, str], duration_s: int, warmup_s: int) -> dict[str, Any]:
+    """What every serving result file records of its run: machine, start, load, entity, load generator."""
+    return {
+        "machine": machine(),
+        "date": started,
+        "load_average": load,
+        "entity": ENTITY,
+        "load_generator": f"wrk, 1 thread, {duration_s:g} s per point after a {warmup_s:g} s warm-up",
+    }
+
+
+def measured_on(title: str, meta: dict[str, Any]) -> str:
+    """A result file's first line, from `run_meta`."""
+    load = meta["load_average"]
+    return (
+        f"{title}, measured on {meta['machine']} ({meta['date']}, load average {load['start']} at the start, "
+        f"{load['end']} at the end); entity {meta['entity']}; {meta['load_generator']}."
+    )
+
+
 def write_paired(
     rows: list[dict[str, Any]], started: str, load: dict[str, str], duration_s: int, warmup_s: int
 ) -> None:
@@ -617,12 +637,10 @@ def write_paired(
     paired = [row for row in rows if "paired_round" in row]
     if not paired:
         return
-    meta = {"machine": machine(), "date": started, "load_average": load, "entity": ENTITY}
-    meta["load_generator"] = f"wrk, 1 thread, {duration_s:g} s per point after a {warmup_s:g} s warm-up"
+    meta = run_meta(started, load, duration_s, warmup_s)
     columns = ["paired_round", "serve_mode", "target", "requests_per_s", "p50_ms", "p99_ms", "errors"]
     md = [
-        f"Paired rounds, measured on {meta['machine']} ({started}, load average {load['start']} at the start, "
-        f"{load['end']} at the end); entity {ENTITY}; {meta['load_generator']}.",
+        measured_on("Paired rounds", meta),
         "",
         f"Ensemble, single rows, {PAIRED_CONCURRENCY} clients: the FastAPI peer, raywatch and the echo deployment "
         "up at once, driven one after another in each round (the order turned by one each round). Ratios are "
@@ -646,11 +664,7 @@ def write_results(
     paired = [row for row in rows if "paired_round" in row]
     rows = [row for row in rows if "paired_round" not in row]
     meta = {
-        "machine": machine(),
-        "date": started,
-        "load_average": load,
-        "entity": ENTITY,
-        "load_generator": f"wrk, 1 thread, {duration_s:g} s per point after a {warmup_s:g} s warm-up",
+        **run_meta(started, load, duration_s, warmup_s),
         "notes": [
             "ray_serve: the raywatch app with drift monitors off (monitor.enabled=false), autoscaling as shipped",
             "onnxruntime_inprocess work=onnx: the ONNX graph(s) alone on precomputed features/windows "
@@ -665,8 +679,7 @@ def write_results(
     columns = ["target", "serve_mode", "detector", "mode", "body", "concurrency", "work", "rows_per_s"]
     columns += ["p50_ms", "p95_ms", "p99_ms", "errors", "replicas"]
     md = [
-        f"Serving, measured on {meta['machine']} ({started}, load average {load['start']} at the start, "
-        f"{load['end']} at the end); entity {ENTITY}; {meta['load_generator']}.",
+        measured_on("Serving", meta),
         "",
         *[f"- {note}" for note in meta["notes"]],
         "",
