@@ -5,10 +5,11 @@
 Single-row ensemble requests (`POST /v1/score`, one row, `"detectors": ["ensemble"]`, the bodies of
 `benchmarks/serving.py`), driven by wrk, against, per Serve mode, on one Serve instance:
 
-- `hop`: the raywatch app as shipped: the ingress gathers concurrent requests' rows and calls the
-  ensemble's deployment (`score_items`);
+- `hop`: the raywatch app with `single_rows_in_ingress: []` (as shipped until 2026-12-06): the ingress
+  gathers concurrent requests' rows and calls the ensemble's deployment (`score_items`);
 - `in_ingress`: the same app with `in_ingress: ["ensemble"]`: the ingress replica runs the ensemble's
-  models itself (`serve.detectors.InProcessHandle`), with no ensemble deployment;
+  models itself (`serve.detectors.InProcessHandle`), with no ensemble deployment (for single rows, what
+  the app now ships: `single_rows_in_ingress: ["ensemble"]`);
 - `echo`: Serve's own path, a deployment that returns its body: the floor for any Serve app;
 
 and, before the Serve modes, the FastAPI peer (`benchmarks/fastapi_peer.py`: one process doing the same
@@ -76,7 +77,7 @@ def run_mode(mode: str, workdir: Path, bodies: Path, levels: list[int], duration
     rows: list[dict[str, Any]] = []
     with local_serve(mode, workdir) as serve:
         common = {"monitor": {"enabled": False}}  # as in serving.py: no drift jobs during the measurement
-        hop = build_app({**common, "state_dir": str(workdir / "state")})
+        hop = build_app({**common, "state_dir": str(workdir / "state"), "single_rows_in_ingress": []})
         here = build_app({**common, "state_dir": str(workdir / "state-in-ingress"), "in_ingress": [DETECTOR]})
         serve.run_many(
             [
@@ -103,8 +104,8 @@ def write_results(rows: list[dict[str, Any]], started: str, load: dict[str, str]
         "",
         f"`python benchmarks/no_hop.py --modes {args.modes} --concurrency {args.concurrency}`, {started}, load "
         f"average {load['start']} at the start and {load['end']} at the end; single-row `{DETECTOR}` requests, "
-        f"wrk with 1 thread, {args.duration} s per point after {args.warmup} s of warm-up. `hop`: the app as shipped "
-        "(ingress -> ensemble deployment); `in_ingress`: `in_ingress: [ensemble]` (the ingress runs the models); "
+        f"wrk with 1 thread, {args.duration} s per point after {args.warmup} s of warm-up. `hop`: the app with "
+        "`single_rows_in_ingress: []` (ingress -> ensemble deployment); `in_ingress`: `in_ingress: [ensemble]` (the ingress runs the models); "
         "`echo`: a Serve deployment returning its body; `fastapi`: one FastAPI + ONNX Runtime process doing the same "
         "model work (benchmarks/fastapi_peer.py).",
         "",

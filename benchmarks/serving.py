@@ -419,6 +419,20 @@ def all_ready(body: dict) -> bool:
     return all(body.get("detectors", {}).get(name) for name in DETECTORS)
 
 
+def single_rows_settled(base: str, body: str, timeout_s: float = 180) -> dict[str, str]:
+    """Send one single-row request, then wait until no detector's single-row models are still being made
+    in the ingress (`single_rows_in_ingress`: made on the first single-row call, the hop meanwhile), so
+    that no measured point straddles the switch. Returns where each detector's single rows are scored."""
+    post(f"{base}/v1/score", body)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with urllib.request.urlopen(f"{base}/v1/models", timeout=30) as response:
+            where = {name: m.get("single_rows") for name, m in json.loads(response.read())["models"].items()}
+        if "loading" not in where.values() or time.monotonic() > deadline:
+            return where
+        time.sleep(0.5)
+
+
 def run_mode(
     mode: str, workdir: Path, bodies: Path, duration_s: int, warmup_s: int, rounds: int = 0, only_paired: bool = False
 ) -> list[dict[str, Any]]:
@@ -436,7 +450,8 @@ def run_mode(
         app = build_app({"state_dir": str(workdir / "state"), "monitor": {"enabled": False}})
         serve.run_many([serve.RunTarget(app, "raywatch", "/"), serve.RunTarget(echo_app(), "echo", "/echo")])
         wait_http(f"{base}/readyz", all_ready)
-        log(f"{mode}: raywatch and echo deployed in {time.perf_counter() - t0:.0f} s")
+        where = single_rows_settled(base, files[("ensemble", "single", "rows")].read_text().splitlines()[0])
+        log(f"{mode}: raywatch and echo deployed in {time.perf_counter() - t0:.0f} s; single rows scored in {where}")
         if not only_paired:
             rows += every_point(mode, base, files, duration_s, warmup_s)
         if rounds:

@@ -17,6 +17,7 @@ the response path; rows dropped when it is full are counted (`raywatch_monitor_d
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import math
@@ -321,13 +322,12 @@ class RaywatchAPI:
 
         self.handles = dict(detectors)  # kind name -> its deployment, or its models in this replica (in_ingress)
         self.routed_handles: dict[tuple[str, str], Any] = {}  # (kind, model key) -> handle with that routing id
-        if self.settings.in_ingress:
-            from serve.detectors import InProcessHandle  # torch and ONNX Runtime: only when models run here
-
-            for kind in self.settings.in_ingress:
-                self.handles[kind] = InProcessHandle(
-                    kind, tracking_uri=tracking_uri, settings=self.settings, **(detector_args or {})
-                )
+        # kind -> its models in this replica: those of `in_ingress` now, those of `single_rows_in_ingress` on
+        # their first single-row call (`_single_rows_here`)
+        self._local_args = {"tracking_uri": tracking_uri, "settings": self.settings, **(detector_args or {})}
+        self.local = {kind: self._local_models(kind) for kind in self.settings.in_ingress}
+        self.local_loads: dict[str, asyncio.Task] = {}
+        self.handles.update(self.local)
         self.limiter = SharedRateLimiter(rate_limit or RateLimit())  # one limit for all the replicas
         self.history = EntityHistory()
         self.cold_starts = ColdStarts()  # entities scored by a fleet model: rows seen, statistics, thresholds
@@ -410,6 +410,51 @@ class RaywatchAPI:
             description="served rows not handed to the drift monitors (queue full or monitor unavailable)",
             tag_keys=("detector", "reason"),
         )
+
+    def _local_models(self, kind: str) -> Any:
+        """A detector kind's models run by this replica: its `DetectorServer`, called in process."""
+        from serve.detectors import InProcessHandle  # torch and ONNX Runtime: only when models run here
+
+        return InProcessHandle(kind, **self._local_args)
+
+    def _single_rows_here(self, name: str, path: str) -> bool:
+        """Whether this replica scores a single-row call of `name` on `path` itself now: a kind of
+        `in_ingress`, or one of `single_rows_in_ingress` once its models are ready here and hold the version
+        that the metadata the call was planned with names for `path` (after a promotion or a new challenger,
+        the deployment or these models may load it first; the call takes the hop until both hold it). The
+        models are made on the kind's first single-row call, on a worker thread (importing torch and ONNX
+        Runtime takes seconds and about 250 MB): until they are ready its calls take the hop, and an ingress
+        that only serves snapshots never makes them. A failed start leaves the kind on the hop, logged."""
+        if name in self.settings.in_ingress:
+            return True
+        if name in self.local:
+            held = self.local[name].server.slots.get(path)
+            planned = self.meta.get(name, {}).get("slots", {}).get(path) or {}
+            return held is not None and held.version == planned.get("version")
+        if name in self.settings.single_rows_in_ingress and name not in self.local_loads:
+            self.local_loads[name] = asyncio.get_running_loop().create_task(self._start_local(name))
+        return False
+
+    def _single_rows_where(self, name: str) -> str:
+        """Where this replica's single-row calls of `name` are scored: "ingress", "loading" (its models are
+        being made here, the hop meanwhile) or "deployment"."""
+        if name in self.local:
+            return "ingress"
+        task = self.local_loads.get(name)
+        return "loading" if task is not None and not task.done() else "deployment"
+
+    async def _start_local(self, name: str) -> None:
+        try:
+            self.local[name] = await asyncio.to_thread(self._local_models, name)
+            # the models' objects (and everything the ingress made before) out of the garbage collector's
+            # scans: its full collections over them stalled the event loop, the single-row p99 at 8 clients
+            # 69-104 ms in 3 of 5 rounds without, 35-42 ms in 4 of 4 with (2026-12-06, notes of issue 20)
+            gc.collect()
+            gc.freeze()
+        except Exception as exc:
+            log.warning(
+                "single rows stay on the hop", extra={"detector": name, "error": f"{type(exc).__name__}: {exc}"}
+            )
 
     # -- model metadata ----------------------------------------------------------------------------------
     async def _info(self, name: str, force: bool = False) -> dict[str, Any]:
@@ -533,7 +578,7 @@ class RaywatchAPI:
                 continue
             if plan.item["n_new"] >= self.settings.big_batch_rows:
                 jobs.append(([i], self._call(plan.name, [plan.item])))
-            elif gather and plan.name in self.settings.in_ingress:
+            elif gather and self._single_rows_here(plan.name, plan.path):
                 jobs.append(([i], self._single(self._in_process_call((plan.name, plan.item)))))
             elif gather:
                 jobs.append(([i], self._single(self._model_call((plan.name, plan.item)))))
@@ -669,29 +714,32 @@ class RaywatchAPI:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0)
     async def _in_process_call(self, calls: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
-        """The same gathering for the models this replica runs itself (`in_ingress`), without the wait: a
-        call costs no hop here, so a request does not wait for company, and the requests that queued up
-        while the models were busy still go to them together."""
-        return await self._calls_by_detector(calls)
+        """The same gathering for the models this replica runs itself (`in_ingress`, and the single-row calls
+        of `single_rows_in_ingress`), without the wait: a call costs no hop here, so a request does not wait
+        for company, and the requests that queued up while the models were busy still go to them together."""
+        return await self._calls_by_detector(calls, local=True)
 
-    async def _calls_by_detector(self, calls: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    async def _calls_by_detector(
+        self, calls: list[tuple[str, dict[str, Any]]], local: bool = False
+    ) -> list[dict[str, Any]]:
         by_name: dict[str, list[int]] = {}
         for i, (name, _) in enumerate(calls):
             by_name.setdefault(name, []).append(i)
         out: list[dict[str, Any]] = [{}] * len(calls)
 
         async def one(name: str, idx: list[int]) -> None:
-            for i, result in zip(idx, await self._call(name, [calls[i][1] for i in idx])):
+            for i, result in zip(idx, await self._call(name, [calls[i][1] for i in idx], local)):
                 out[i] = result
 
         await asyncio.gather(*(one(name, idx) for name, idx in by_name.items()))
         return out
 
-    async def _call(self, name: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """One `score_items` call to a detector deployment; a failed call fails each of its items."""
+    async def _call(self, name: str, items: list[dict[str, Any]], local: bool = False) -> list[dict[str, Any]]:
+        """One `score_items` call to a detector deployment, or to this replica's own models of that kind
+        (`local`); a failed call fails each of its items."""
         try:
-            handle = self._routed(name, items)
-            if len(items) < PACK_FROM or name in self.settings.in_ingress:  # no hop: nothing to serialise
+            handle = self.local[name] if local else self._routed(name, items)
+            if local or len(items) < PACK_FROM or name in self.settings.in_ingress:  # no hop: nothing to serialise
                 return await handle.score_items.remote(items)
             return unpack(await handle.score_items.remote(pack(items)))  # a snapshot's chunk, as columns
         except Exception as exc:
@@ -1077,6 +1125,7 @@ class RaywatchAPI:
                 "models_held": info.get("models_held", []),
                 "model_capacity": info.get("model_capacity"),
                 "model_ids_report_s": info.get("model_ids_report_s"),  # how stale the routers' view of it can be
+                "single_rows": self._single_rows_where(name),  # in the replica that answered
                 "retraining": (await asyncio.to_thread(self.store.decisions, name, 1) or [None])[0],
             }
         return {"models": out, "replica": serve.get_replica_context().replica_id.unique_id}
@@ -1108,6 +1157,8 @@ class RaywatchAPI:
 
     async def _reload(self, name: str) -> dict[str, Any]:
         versions = await self.handles[name].reload.remote()
+        if name in self.local and self.local[name] is not self.handles[name]:  # its single-row models too
+            await self.local[name].reload.remote()
         await self._info(name, force=True)
         return versions
 

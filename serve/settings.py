@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -46,6 +46,15 @@ class ServeSettings(BaseSettings):
             "models' memory in every ingress replica and of their CPU on its event loop"
         ),
     )
+    single_rows_in_ingress: list[str] = Field(
+        ["ensemble"],
+        description=(
+            "detector kinds whose single-row calls (one entity's request of fewer than `parallel_rows` new rows) "
+            "the ingress replica scores with its own copy of the models, with no call to the deployment; "
+            "snapshots, requests of many entities and big batches still go to the deployment, which stays "
+            "deployed. The models it serves single rows for take memory in every ingress replica"
+        ),
+    )
     monitor_queue: int = Field(20_000, ge=1, description="served rows waiting for the drift monitors")
     monitor_flush_s: float = Field(0.5, gt=0, description="how long served rows gather before a monitor call")
     feedback_auth: Literal["untrusted", "require"] = Field(
@@ -56,14 +65,14 @@ class ServeSettings(BaseSettings):
         ),
     )
 
-    @field_validator("in_ingress")
+    @field_validator("in_ingress", "single_rows_in_ingress")
     @classmethod
-    def _known_kinds(cls, kinds: list[str]) -> list[str]:
+    def _known_kinds(cls, kinds: list[str], info: ValidationInfo) -> list[str]:
         from detect.kinds import DETECTOR_KINDS
 
         unknown = sorted(set(kinds) - set(DETECTOR_KINDS))
         if unknown:
-            raise ValueError(f"in_ingress: unknown detector kind(s) {unknown}; known: {sorted(DETECTOR_KINDS)}")
+            raise ValueError(f"{info.field_name}: unknown detector kind(s) {unknown}; known: {sorted(DETECTOR_KINDS)}")
         return kinds
 
     @property

@@ -13,6 +13,7 @@ from serving_fixtures import wait_for
 
 from detect.data import load_series
 from serve.router import CircuitBreaker, TrafficPolicy, bucket
+from serve.settings import ServeSettings
 
 pytestmark = pytest.mark.slow
 
@@ -524,37 +525,76 @@ def test_lineage_resolves_a_served_answer_to_version_run_and_data_hash(served, t
 
 
 def test_models_run_in_the_ingress_score_as_their_deployment_does(served, tmp_path):
-    """`in_ingress`: the ingress replica runs the ensemble's models itself (no hop, no ensemble deployment).
-    The same rows get the same answers as through the deployment, model version and path included."""
+    """The ensemble's models in the ingress answer as through its deployment, model version and path included:
+    for single-row calls (`single_rows_in_ingress`, the default: the app of `served`) and for every call
+    (`in_ingress`: no ensemble deployment), against an app that sends every call over the hop. The two
+    other apps are deployed one at a time (the test cluster's 2 CPUs hold one beside `served`'s)."""
     from ray import serve
 
     from serve.app import build_app
 
     client, series = served
-    local = build_app({"state_dir": str(tmp_path / "state"), "monitor": {"enabled": False}, "in_ingress": ["ensemble"]})
-    serve.run(local, name="raywatch-local", route_prefix="/local")
-    try:
-        deployments = serve.status().applications["raywatch-local"].deployments
-        assert "EnsembleDetector" not in deployments and "LSTMDetector" in deployments
-        rows = [row(series, i) for i in range(2000, 2104)]
-        answers = {}
-        for prefix in ("", "/local"):
-            url = f"{prefix}/v1/score"
-            warm = client.post(url, json={"rows": rows[:64], "detectors": ["ensemble", "lstm"]})  # same history
-            assert warm.status_code == 200, warm.text
-            answers[prefix] = [  # 39 rows, then one more: the single-row path after them
-                client.post(url, json={"rows": rows[64:103], "detectors": ["ensemble", "lstm"]}).json(),
-                client.post(url, json={"rows": rows[103:], "detectors": ["ensemble"]}).json(),
-            ]
-        for hop, here in zip(answers[""], answers["/local"]):
-            for a, b in zip(hop["results"], here["results"]):
+    rows = [row(series, i) for i in range(2000, 2104)]
+
+    def answers(prefix: str) -> list[dict]:
+        url = f"{prefix}/v1/score"
+        warm = client.post(url, json={"rows": rows[:64], "detectors": ["ensemble", "lstm"]})  # same history
+        assert warm.status_code == 200, warm.text
+        return [  # 39 rows, then one more: the single-row path after them
+            client.post(url, json={"rows": rows[64:103], "detectors": ["ensemble", "lstm"]}).json(),
+            client.post(url, json={"rows": rows[103:], "detectors": ["ensemble"]}).json(),
+        ]
+
+    def deployed(prefix: str, settings: dict) -> tuple[list[dict], dict]:
+        name = f"raywatch{prefix.replace('/', '-')}"
+        args = {"state_dir": str(tmp_path / name), "monitor": {"enabled": False}, **settings}
+        serve.run(build_app(args), name=name, route_prefix=prefix)
+        try:
+            return answers(prefix), serve.status().applications[name].deployments
+        finally:
+            serve.delete(name)
+
+    hop, hop_deployments = deployed("/hop", {"single_rows_in_ingress": []})
+    local, local_deployments = deployed("/local", {"in_ingress": ["ensemble"]})
+    assert "EnsembleDetector" in hop_deployments
+    assert "EnsembleDetector" not in local_deployments and "LSTMDetector" in local_deployments
+    for here in (answers(""), local):
+        for a_hop, a_here in zip(hop, here):
+            for a, b in zip(a_hop["results"], a_here["results"]):
                 for name, d in a["detectors"].items():
                     assert b["detectors"][name]["model"] == d["model"] and b["detectors"][name]["path"] == "champion"
                     assert b["detectors"][name]["anomaly_score"] == pytest.approx(d["anomaly_score"], rel=1e-6)
-        models = client.get("/local/v1/models").json()["models"]["ensemble"]
-        assert models["slots"]["champion"]["version"] == "1"
+
+
+def test_single_rows_skip_the_hop_and_big_batches_take_it(served):
+    """By default the ensemble's single-row calls are scored in the ingress (its models made there on the first
+    one, the hop meanwhile), and a big batch still goes to its deployment: with the deployment failing, the
+    single row is served by the champion, the batch falls back."""
+    from ray import serve
+
+    client, series = served
+    before = client.get("/v1/models").json()["models"]
+    assert before["lstm"]["single_rows"] == "deployment"  # not in single_rows_in_ingress
+    client.post("/v1/score", json={"rows": [row(series, 399)], "detectors": ["ensemble"]})  # starts the models
+    wait_for(
+        lambda: client.get("/v1/models").json()["models"]["ensemble"]["single_rows"] == "ingress",
+        120,
+        "the ensemble's single-row models in the ingress",
+    )
+    handle = serve.get_deployment_handle("EnsembleDetector", app_name="raywatch")
+    handle.set_fault.remote(True).result()
+    try:
+        single = client.post("/v1/score", json={"rows": [row(series, 400)], "detectors": ["ensemble"]})
+        assert single.status_code == 200, single.text
+        assert single.json()["results"][0]["detectors"]["ensemble"]["path"] == "champion"
+        batch = [row(series, i) for i in range(500, 500 + ServeSettings().big_batch_rows)]
+        big = client.post("/v1/score", json={"rows": batch, "detectors": ["ensemble"]})
+        assert big.status_code == 200, big.text
+        assert {r["detectors"]["ensemble"]["path"] for r in big.json()["results"]} == {"fallback"}
     finally:
-        serve.delete("raywatch-local")
+        handle.set_fault.remote(False).result()
+    again = client.post("/v1/score", json={"rows": [row(series, 900)], "detectors": ["ensemble"]})
+    assert again.json()["results"][0]["detectors"]["ensemble"]["path"] == "champion"
 
 
 def test_circuit_breaker_rules():
