@@ -428,8 +428,10 @@ def single_rows_settled(base: str, body: str, timeout_s: float = 180) -> dict[st
     while True:
         with urllib.request.urlopen(f"{base}/v1/models", timeout=30) as response:
             where = {name: m.get("single_rows") for name, m in json.loads(response.read())["models"].items()}
-        if "loading" not in where.values() or time.monotonic() > deadline:
+        if "loading" not in where.values():
             return where
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"single-row models still loading in the ingress after {timeout_s:.0f} s: {where}")
         time.sleep(0.5)
 
 

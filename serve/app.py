@@ -124,6 +124,7 @@ class _Planned:
     has_challenger: bool
     breaker: CircuitBreaker
     called: bool  # False: the circuit is open, the baseline answers
+    local: bool = False  # scored by this replica's own models (a single-row call, `_single_rows_here`)
 
 
 class ApiError(Exception):
@@ -340,6 +341,9 @@ class RaywatchAPI:
             for name in S.DETECTORS
             for slot in ("champion", "challenger")
         }
+        # and one per model and slot for the single-row calls this replica scores itself
+        # (`single_rows_in_ingress`): a failing deployment must not open them, nor their successes close it
+        self.ingress_breakers = {key: CircuitBreaker(cooldown_s=breaker_cooldown_s) for key in self.breakers}
         self.rollouts = RolloutStore(self.state_root / "traffic.db")  # canary rollouts, beside the policy they drive
         self.step_counts = StepCounter(self.rollouts)
         self.rollout_tick: asyncio.Task | None = None
@@ -436,8 +440,9 @@ class RaywatchAPI:
         return False
 
     def _single_rows_where(self, name: str) -> str:
-        """Where this replica's single-row calls of `name` are scored: "ingress", "loading" (its models are
-        being made here, the hop meanwhile) or "deployment"."""
+        """Where this replica's single-row calls of `name` are scored: "ingress" (its models are ready here;
+        a call still takes the hop while they hold another version than the one it was planned with),
+        "loading" (they are being made, the hop meanwhile) or "deployment"."""
         if name in self.local:
             return "ingress"
         task = self.local_loads.get(name)
@@ -448,7 +453,8 @@ class RaywatchAPI:
             self.local[name] = await asyncio.to_thread(self._local_models, name)
             # the models' objects (and everything the ingress made before) out of the garbage collector's
             # scans: its full collections over them stalled the event loop, the single-row p99 at 8 clients
-            # 69-104 ms in 3 of 5 rounds without, 35-42 ms in 4 of 4 with (2026-12-06, notes of issue 20)
+            # 69-104 ms in 3 of 5 paired rounds without, 34-42 ms in every round of two runs with (2026-12-06,
+            # notes of issue 20). Models loaded later are scanned again; this is the bulk, once
             gc.collect()
             gc.freeze()
         except Exception as exc:
@@ -544,11 +550,14 @@ class RaywatchAPI:
         metrics: list[str],
         place: tuple[EntityStats, int] | None,
         policy: TrafficPolicy,
+        single: bool = False,
     ) -> _Planned:
         """One detector's call for one entity's new rows (the last `n_new` of `rows`; the rest is context):
-        the path the traffic policy picks, the item for the detector, and whether the circuit lets it go. An
-        entity without a model of its own is scored by the fleet model of its metrics, with `place`: its
-        statistics and the row of its life that its first new row is (`ColdStarts.admit`)."""
+        the path the traffic policy picks, the item for the detector, where it is scored (this replica's own
+        models for a `single` entity's request of fewer than `parallel_rows` rows, `_single_rows_here`) and
+        whether that circuit lets it go. An entity without a model of its own is scored by the fleet model
+        of its metrics, with `place`: its statistics and the row of its life that its first new row is
+        (`ColdStarts.admit`)."""
         has_challenger = "challenger" in info["slots"]
         path = policy.path_for(entity, has_challenger)
         if path != "champion" and self._model_key(info["slots"].get(path), entity, metrics) is None:
@@ -562,14 +571,17 @@ class RaywatchAPI:
             offset = first_new + n_new - len(item["rows"])  # the row of its life that the item's rows start at
             needed = stats.for_windows_from(offset - MAX_WINDOW + 1)
             item.update(model_key=key, offset=offset, stats=(needed.rows, needed.values))
-        breaker = self.breakers[(name, path)]
-        return _Planned(name, entity, path, item, policy, has_challenger, breaker, breaker.allow())
+        local = single and n_new < self.settings.big_batch_rows and self._single_rows_here(name, path)
+        ingress_only = local and name not in self.settings.in_ingress  # a deployment serves its other calls
+        breaker = (self.ingress_breakers if ingress_only else self.breakers)[(name, path)]
+        return _Planned(name, entity, path, item, policy, has_challenger, breaker, breaker.allow(), local)
 
     async def _results(self, plans: list[_Planned], gather: bool) -> list[dict[str, Any]]:
         """The detectors' answers to the planned calls, in order (a call the circuit held back: not called).
         Big items go alone (gathering them would only serialise their scoring in one call). Small ones go
         through the ingress's dynamic batching when `gather` (one entity's request: concurrent requests
-        share a call), else straight to each detector in chunks of CALL_ITEMS (a snapshot of many entities)."""
+        share a call), to this replica's own models when planned `local`, else straight to each detector in
+        chunks of CALL_ITEMS (a snapshot of many entities)."""
         out: list[dict[str, Any]] = [{"ok": False, "called": False}] * len(plans)
         chunks: dict[str, list[list[int]]] = {}
         jobs = []
@@ -578,7 +590,7 @@ class RaywatchAPI:
                 continue
             if plan.item["n_new"] >= self.settings.big_batch_rows:
                 jobs.append(([i], self._call(plan.name, [plan.item])))
-            elif gather and self._single_rows_here(plan.name, plan.path):
+            elif gather and plan.local:
                 jobs.append(([i], self._single(self._in_process_call((plan.name, plan.item)))))
             elif gather:
                 jobs.append(([i], self._single(self._model_call((plan.name, plan.item)))))
@@ -971,7 +983,7 @@ class RaywatchAPI:
             place = self.cold_starts.admit(entity, new) if fleet_scored else None  # its statistics and place
             rows = self.history.context_and_new(entity, new, context)
             plans = [
-                self._plan(name, info, entity, rows, len(new), metrics, place, policies[name])
+                self._plan(name, info, entity, rows, len(new), metrics, place, policies[name], len(batch) == 1)
                 for name, info in serving.items()
             ]
             planned.append((rows, plans))
@@ -1157,8 +1169,8 @@ class RaywatchAPI:
 
     async def _reload(self, name: str) -> dict[str, Any]:
         versions = await self.handles[name].reload.remote()
-        if name in self.local and self.local[name] is not self.handles[name]:  # its single-row models too
-            await self.local[name].reload.remote()
+        if name in self.local and self.local[name] is not self.handles[name]:  # its single-row models too,
+            await asyncio.to_thread(self.local[name].server.reload)  # off the event loop, where they load
         await self._info(name, force=True)
         return versions
 

@@ -534,6 +534,12 @@ def test_models_run_in_the_ingress_score_as_their_deployment_does(served, tmp_pa
     from serve.app import build_app
 
     client, series = served
+    client.post("/v1/score", json={"rows": [row(series, 1999)], "detectors": ["ensemble"]})  # starts the models
+    wait_for(
+        lambda: client.get("/v1/models").json()["models"]["ensemble"]["single_rows"] == "ingress",
+        120,
+        "the ensemble's single-row models in the ingress",
+    )
     rows = [row(series, i) for i in range(2000, 2104)]
 
     def answers(prefix: str) -> list[dict]:
@@ -569,7 +575,8 @@ def test_models_run_in_the_ingress_score_as_their_deployment_does(served, tmp_pa
 def test_single_rows_skip_the_hop_and_big_batches_take_it(served):
     """By default the ensemble's single-row calls are scored in the ingress (its models made there on the first
     one, the hop meanwhile), and a big batch still goes to its deployment: with the deployment failing, the
-    single row is served by the champion, the batch falls back."""
+    single row is served by the champion, the batches fall back and open the deployment's circuit, not the
+    one of the single rows scored in the ingress."""
     from ray import serve
 
     client, series = served
@@ -581,20 +588,25 @@ def test_single_rows_skip_the_hop_and_big_batches_take_it(served):
         120,
         "the ensemble's single-row models in the ingress",
     )
+
+    def paths(rows: list[dict]) -> set[str]:
+        answer = client.post("/v1/score", json={"rows": rows, "detectors": ["ensemble"]})
+        assert answer.status_code == 200, answer.text
+        return {r["detectors"]["ensemble"]["path"] for r in answer.json()["results"]}
+
+    batch = [row(series, i) for i in range(500, 500 + ServeSettings().big_batch_rows)]
     handle = serve.get_deployment_handle("EnsembleDetector", app_name="raywatch")
     handle.set_fault.remote(True).result()
     try:
-        single = client.post("/v1/score", json={"rows": [row(series, 400)], "detectors": ["ensemble"]})
-        assert single.status_code == 200, single.text
-        assert single.json()["results"][0]["detectors"]["ensemble"]["path"] == "champion"
-        batch = [row(series, i) for i in range(500, 500 + ServeSettings().big_batch_rows)]
-        big = client.post("/v1/score", json={"rows": batch, "detectors": ["ensemble"]})
-        assert big.status_code == 200, big.text
-        assert {r["detectors"]["ensemble"]["path"] for r in big.json()["results"]} == {"fallback"}
+        assert paths([row(series, 400)]) == {"champion"}
+        for _ in range(5):  # five failed calls in a row open the deployment's circuit
+            assert paths(batch) == {"fallback"}
+        assert client.get("/v1/models").json()["models"]["ensemble"]["circuit"] == "open"
+        assert paths([row(series, 401)]) == {"champion"}  # the single rows' own circuit is closed
     finally:
         handle.set_fault.remote(False).result()
-    again = client.post("/v1/score", json={"rows": [row(series, 900)], "detectors": ["ensemble"]})
-    assert again.json()["results"][0]["detectors"]["ensemble"]["path"] == "champion"
+    wait_for(lambda: paths(batch) == {"champion"}, 30, "the deployment's circuit to close after its cooldown")
+    assert client.get("/v1/models").json()["models"]["ensemble"]["circuit"] == "closed"
 
 
 def test_circuit_breaker_rules():
