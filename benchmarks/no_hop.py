@@ -5,11 +5,11 @@
 Single-row ensemble requests (`POST /v1/score`, one row, `"detectors": ["ensemble"]`, the bodies of
 `benchmarks/serving.py`), driven by wrk, against, per Serve mode, on one Serve instance:
 
-- `hop`: the raywatch app with `single_rows_in_ingress: []` (as shipped until 2026-12-06): the ingress
+- `hop`: the raywatch app as shipped (`single_rows_in_ingress: []`): the ingress
   gathers concurrent requests' rows and calls the ensemble's deployment (`score_items`);
 - `in_ingress`: the same app with `in_ingress: ["ensemble"]`: the ingress replica runs the ensemble's
   models itself (`serve.detectors.InProcessHandle`), with no ensemble deployment (for single rows, what
-  the app now ships: `single_rows_in_ingress: ["ensemble"]`);
+  `single_rows_in_ingress: ["ensemble"]` does);
 - `echo`: Serve's own path, a deployment that returns its body: the floor for any Serve app;
 
 and, before the Serve modes, the FastAPI peer (`benchmarks/fastapi_peer.py`: one process doing the same

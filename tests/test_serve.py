@@ -45,6 +45,7 @@ def served(data_dir, ray_cluster, tmp_path_factory):
             "reload_interval_s": 0.5,
             "admin_keys_file": str(keys_file),
             "breaker_cooldown_s": 1.0,
+            "single_rows_in_ingress": ["ensemble"],  # off by default; on here, for its tests below
         }
     )
     serve.run(app, name="raywatch", route_prefix="/")
@@ -526,7 +527,7 @@ def test_lineage_resolves_a_served_answer_to_version_run_and_data_hash(served, t
 
 def test_models_run_in_the_ingress_score_as_their_deployment_does(served, tmp_path):
     """The ensemble's models in the ingress answer as through its deployment, model version and path included:
-    for single-row calls (`single_rows_in_ingress`, the default: the app of `served`) and for every call
+    for single-row calls (`single_rows_in_ingress: [ensemble]`, the app of `served`) and for every call
     (`in_ingress`: no ensemble deployment), against an app that sends every call over the hop. The two
     other apps are deployed one at a time (the test cluster's 2 CPUs hold one beside `served`'s)."""
     from ray import serve
@@ -573,10 +574,11 @@ def test_models_run_in_the_ingress_score_as_their_deployment_does(served, tmp_pa
 
 
 def test_single_rows_skip_the_hop_and_big_batches_take_it(served):
-    """By default the ensemble's single-row calls are scored in the ingress (its models made there on the first
-    one, the hop meanwhile), and a big batch still goes to its deployment: with the deployment failing, the
-    single row is served by the champion, the batches fall back and open the deployment's circuit, not the
-    one of the single rows scored in the ingress."""
+    """With `single_rows_in_ingress: [ensemble]` (the app of `served`) the ensemble's single-row calls are
+    scored in the ingress (its models made there on the first one, the hop meanwhile), and a big batch still
+    goes to its deployment: with the deployment failing, the single row is served by the champion, the
+    batches fall back and open the deployment's circuit, not the one of the single rows scored in the
+    ingress."""
     from ray import serve
 
     client, series = served
