@@ -525,6 +525,17 @@ def test_lineage_resolves_a_served_answer_to_version_run_and_data_hash(served, t
     assert refused.returncode == 2 and "--model and --version" in refused.stderr
 
 
+def ensemble_single_rows_in_ingress(client, series, i: int) -> None:
+    """Send a single ensemble row (which starts the ingress's own models of the ensemble, `single_rows_in_ingress`)
+    and wait until they score its single rows."""
+    client.post("/v1/score", json={"rows": [row(series, i)], "detectors": ["ensemble"]})
+    wait_for(
+        lambda: client.get("/v1/models").json()["models"]["ensemble"]["single_rows"] == "ingress",
+        120,
+        "the ensemble's single-row models in the ingress",
+    )
+
+
 def test_models_run_in_the_ingress_score_as_their_deployment_does(served, tmp_path):
     """The ensemble's models in the ingress answer as through its deployment, model version and path included:
     for single-row calls (`single_rows_in_ingress: [ensemble]`, the app of `served`) and for every call
@@ -535,12 +546,7 @@ def test_models_run_in_the_ingress_score_as_their_deployment_does(served, tmp_pa
     from serve.app import build_app
 
     client, series = served
-    client.post("/v1/score", json={"rows": [row(series, 1999)], "detectors": ["ensemble"]})  # starts the models
-    wait_for(
-        lambda: client.get("/v1/models").json()["models"]["ensemble"]["single_rows"] == "ingress",
-        120,
-        "the ensemble's single-row models in the ingress",
-    )
+    ensemble_single_rows_in_ingress(client, series, 1999)
     rows = [row(series, i) for i in range(2000, 2104)]
 
     def answers(prefix: str) -> list[dict]:
@@ -584,12 +590,7 @@ def test_single_rows_skip_the_hop_and_big_batches_take_it(served):
     client, series = served
     before = client.get("/v1/models").json()["models"]
     assert before["lstm"]["single_rows"] == "deployment"  # not in single_rows_in_ingress
-    client.post("/v1/score", json={"rows": [row(series, 399)], "detectors": ["ensemble"]})  # starts the models
-    wait_for(
-        lambda: client.get("/v1/models").json()["models"]["ensemble"]["single_rows"] == "ingress",
-        120,
-        "the ensemble's single-row models in the ingress",
-    )
+    ensemble_single_rows_in_ingress(client, series, 399)
 
     def paths(rows: list[dict]) -> set[str]:
         answer = client.post("/v1/score", json={"rows": rows, "detectors": ["ensemble"]})
