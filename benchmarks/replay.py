@@ -67,6 +67,7 @@ RECORD_KEYS = (
     "jobs",
     "promotions",
     "keeps",
+    "recalibrations",
     "decisions",
     "minutes",
 )
@@ -80,6 +81,7 @@ MEAN_KEYS = (
     "jobs",
     "promotions",
     "keeps",
+    "recalibrations",
 )
 
 
@@ -251,7 +253,9 @@ def markdown(records: list[dict[str, Any]], settings: dict[str, Any]) -> str:
         "middle of the replayed rows on (`detect.synthetic.inject_mean_shift`).",
         "- drift_events: events with `is_drift` in `/v1/drift` for the entity; drift_events_normal_days: those "
         "dated to a day (rows_per_day rows) without a labelled incident row; normal_days: such days replayed.",
-        "- jobs: retraining jobs submitted during the replay; promotions / keeps: their decisions.",
+        "- jobs: retraining jobs submitted during the replay; promotions / keeps: their decisions (a challenger "
+        "promoted or not); recalibrations: kept champions whose threshold the job fitted again on the recent rows "
+        "believed normal, served as a new version (`train.retrain.recalibrate`).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -364,15 +368,18 @@ class Platform:
             None,
         )
         done[job["job_id"]] = {"job_id": job["job_id"], "status": state, **_decision_summary(decision)}
+        details = (decision or {}).get("details") or {}
         if decision and decision["promoted"]:
-            self.wait_for_champion(str(decision["details"].get("champion_after") or decision["challenger"]))
+            self.wait_for_champion(str(details.get("champion_after") or decision["challenger"]))
+        elif details.get("recalibrated"):  # the kept champion, its threshold fitted again: served as champion
+            self.wait_for_champion(str(details["recalibrated_version"]))
 
 
 def _decision_summary(decision: dict[str, Any] | None) -> dict[str, Any]:
     if decision is None:
         return {"promoted": None, "reason": "no decision recorded (the job failed?)"}
     details = decision.get("details") or {}
-    keys = ("test", "p_value", "budget", "refused")
+    keys = ("test", "p_value", "budget", "refused", "recalibrated")
     return {"promoted": decision["promoted"], "reason": decision["reason"], **{k: details.get(k) for k in keys}}
 
 
@@ -475,6 +482,7 @@ def replay_entity(platform_: Platform, dataset: str, name: str, args: argparse.N
                 jobs=len(done.jobs),
                 promotions=sum(bool(d["promoted"]) for d in done.decisions),
                 keeps=sum(d["promoted"] is False for d in done.decisions),
+                recalibrations=sum(bool(d.get("recalibrated")) for d in done.decisions),
                 decisions=done.decisions,
                 minutes=round((time.perf_counter() - started) / 60, 1),
             )

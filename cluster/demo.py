@@ -163,6 +163,8 @@ def decision_lines(decision: dict[str, Any]) -> list[str]:
     """A decision as an SRE reads it: what happened and why, then the evidence it rests on."""
     details = decision.get("details") or {}
     verdict = "promoted" if decision["promoted"] else "kept champion"
+    if details.get("recalibrated"):  # kept, with its threshold fitted again on the recent rows (train/retrain.py)
+        verdict += f", its threshold recalibrated as v{details.get('recalibrated_version')}"
     versions = f"v{decision['champion']}" + (
         f" vs challenger v{decision['challenger']}" if decision["challenger"] else ""
     )

@@ -38,3 +38,6 @@ def test_a_decision_prints_with_its_evidence():
     text = "\n".join(decision_lines(decision))
     assert "kept champion" in text and "p_value 0.31" in text and "budget 0.01" in text
     assert "incidents 30" in text and "evidence: injected" in text
+    assert "recalibrated" not in text
+    decision["details"] |= {"recalibrated": ["smd/machine-1-6"], "recalibrated_version": "3"}
+    assert "kept champion, its threshold recalibrated as v3 (v1 vs challenger v2)" in decision_lines(decision)[0]

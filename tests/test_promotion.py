@@ -252,16 +252,16 @@ def test_the_retraining_job_learns_only_rows_believed_normal_and_records_the_tes
     assert recorded["details"]["p_value"] == decision["p_value"] and recorded["reason"] == decision["reason"]
 
 
-def test_a_flooding_champion_that_no_challenger_beats_is_kept_and_the_decision_says_it_floods(
-    mlflow_store, monkeypatch
-):
+def test_a_kept_champion_that_floods_is_recalibrated_on_the_recent_normal_rows_and_promoted(mlflow_store, monkeypatch):
     """The retraining job (train.retrain.retrain) on a machine that moved for good: the champion flags most
-    recent rows at its own threshold and the challenger does no better at the budget, so the champion is
-    kept, and the operator is told that it floods (recalibrating it lost in the replay:
-    docs/experiments/flooding-recalibration.md)."""
+    recent rows at its own threshold and the challenger does no better at the budget, so the challenger is
+    not promoted and the operator is told that the champion floods; the champion's own networks are then
+    registered again with their operational threshold fitted on their scores of the recent rows believed
+    normal, and that version is promoted: the same scores, alerting at the tail of the recent rows."""
     from detect.sequence import AutoencoderDetector
     from detect.state import ServingStore
     from detect.synthetic import machine_days
+    from detect.thresholds import threshold_from_state
     from train import registry
     from train import retrain as job
     from train.pipeline import register_fitted
@@ -283,8 +283,23 @@ def test_a_flooding_champion_that_no_challenger_beats_is_kept_and_the_decision_s
     assert figures["champion"]["alert_rate"] >= PromotionRule().max_normal_alert_rate  # it floods
     assert not decision["promoted"] and decision["flooding"] == [entity], decision["reason"]
     notice = f"the kept champion floods (share of the recent normal rows it flags at its own threshold: {entity}"
-    assert notice in decision["reason"]
-    assert registry.alias_version("autoencoder", registry.CHAMPION) == "1" and decision["challenger"] == "2"
+    assert notice in decision["reason"] and "threshold recalibrated" in decision["reason"]
+    assert decision["challenger"] == "2" and decision["recalibrated"] == [entity]
+    assert registry.alias_version("autoencoder", registry.CHAMPION) == decision["recalibrated_version"] == "3"
+
+    recalibrated = registry.load_bundle("autoencoder", registry.CHAMPION)[0].detectors[entity]
+    scores = champion.score(served)
+    np.testing.assert_allclose(recalibrated.score(served), scores, rtol=1e-5)  # the same model
+    believed_normal = ~suspected_anomalies(
+        scores, champion.threshold_, np.full(len(served), -1), PromotionRule().max_suspect_share
+    )
+    assert np.mean(scores >= champion.threshold_) > 0.5  # the old threshold floods the recent rows
+    assert np.mean(scores[believed_normal] >= recalibrated.threshold_) == pytest.approx(0.01, abs=0.005)
+    # the DSPOT it serves starts from the recent rows' tail (the champion's validation rows were too few for
+    # one: it served its stored threshold)
+    assert champion.served_spot() is None
+    fresh = threshold_from_state(recalibrated.served_spot())
+    assert fresh.threshold_ > champion.threshold_ and np.mean(scores[believed_normal] >= fresh.threshold_) < 0.05
 
 
 @pytest.mark.parametrize("promote_via", ["rollout", "direct"])

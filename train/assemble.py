@@ -65,3 +65,14 @@ def with_unchanged_entities(bundle: ModelBundle, base: ModelBundle) -> ModelBund
         if entity in base.info.get("data_sha256", {}):
             bundle.info.setdefault("data_sha256", {})[entity] = base.info["data_sha256"][entity]
     return bundle
+
+
+def with_recalibrated(base: ModelBundle, detectors: dict[str, Any], info: dict[str, Any]) -> ModelBundle:
+    """`base` with some entities' detectors replaced by recalibrated copies (`DetectorKind.recalibrated`: the
+    same networks, an operational threshold fitted on recent scores). Graphs, drift references and lineage
+    stay `base`'s: the model is the same, only where it raises alerts moved."""
+    bundle = with_unchanged_entities(
+        ModelBundle(base.kind, {}, {}, evaluation=dict(base.evaluation), info={**base.info, **info}), base
+    )
+    bundle.detectors.update(detectors)
+    return bundle

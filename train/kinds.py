@@ -14,6 +14,7 @@ above it, look kinds up here.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar
 
 import numpy as np
@@ -26,6 +27,7 @@ from detect.features import entity_windows
 from detect.kinds import KindTraits, traits_of
 from detect.runtime import EnsembleRuntime, SequenceRuntime, smooth_causal
 from detect.sequence import SEQUENCE_DETECTORS, SequenceConfig, train_epochs
+from detect.thresholds import spot_state
 from train.boosters import train_boosters_with_ray
 from train.distill import StudentConfig, distill_ensemble, distill_sequence
 from train.export import EVIDENCE_PREFIX, evidence_graphs, export_ensemble, export_sequence
@@ -125,6 +127,20 @@ class DetectorKind:
         """A compressed variant's own operational threshold and the calibration scores it came from (what
         its served SPOT starts from), from training data only (as its teacher's)."""
         raise NotImplementedError
+
+    def recalibrated(self, det: Detector, normal_scores: np.ndarray) -> Detector | None:
+        """A copy of `det` whose operational threshold (the DSPOT it serves, and its stored threshold) is
+        fitted on `normal_scores`, its own scores of recent rows believed normal in time order, as training
+        fitted it on calibration scores: the same model, alerting where those rows put its tail. The
+        retraining job's answer when no challenger beats the champion (train/retrain.py). None where the
+        scores are too few for a tail."""
+        scores = np.asarray(normal_scores, dtype=np.float64)
+        if spot_state(scores) is None:
+            return None
+        out = copy.deepcopy(det)
+        out.calibration_scores_ = scores
+        out.threshold_ = M.operational_threshold(scores, det.threshold_quantile)
+        return out
 
     def checked_config(self, config: dict[str, Any]) -> dict[str, Any]:
         """`config` as this kind's config class accepts it (an unknown key fails, named); options meant for
@@ -301,6 +317,11 @@ class EnsembleKind(DetectorKind):
         _, thr = M.best_f1(target[val_mask], val_scores)
         # as the teacher's: the served SPOT starts from the tail of the validation rows that are normal
         return (thr if np.isfinite(thr) else 0.5), val_scores[target[val_mask] == 0]
+
+    def recalibrated(self, det, normal_scores):
+        """None: the incident predictor's threshold is its best F1 on labelled validation rows, not a tail
+        of normal scores (detect/ensemble.py)."""
+        return None
 
     def checked_config(self, config):
         """As every kind's, with `epochs` (as `raywatch up --epochs` hands it to every kind) read as the

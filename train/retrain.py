@@ -33,8 +33,16 @@ is the evaluation window, which neither model has learned from. The rule is `tra
   p < alpha (default 0.05) and the mean gain is at least `margin` (default 0.02); otherwise kept;
 - a kept champion that floods on an entity (at its own threshold it flags half the evaluation window's
   normal rows or more: a persistent shift) is still kept; the decision names the entities (`flooding`)
-  and its reason says so. Recalibrating it instead was measured and lost (docs/experiments/
-  flooding-recalibration.md);
+  and its reason says so;
+- a kept champion is **recalibrated** (`recalibrate`): on each entity with a model of its own, its
+  operational threshold (the DSPOT it serves, and its stored threshold) is fitted again on its scores of
+  every recent row believed normal (those the challenger may learn from, in time order), and that
+  version, the same networks, is promoted as a challenger would be (`promote_via`). The threshold it
+  served was fitted on the rows it was trained on, and after the change that drifted the monitors those
+  say little about where its tail lies now. Measured offline on the replay's shift and on held-out
+  synthetic fleets, and through the platform in `benchmarks/replay.py` (README, "Does the loop help?");
+  the recalibrations of docs/experiments/flooding-recalibration.md (plain SPOT on the window's rows with
+  their incidents) lost;
 - a challenger that never alerts on an incident, or alerts on half the normal rows or more, at the
   threshold it would serve with (or whose tied scores cannot be held to the budget) is refused on that
   entity, which keeps the champion's detector inside the challenger version, as an entity without
@@ -64,7 +72,7 @@ from detect.fleet import is_fleet_key
 from detect.kinds import DETECTOR_KINDS
 from detect.state import ServingStore
 from train import registry
-from train.assemble import fitted_bundle, with_unchanged_entities
+from train.assemble import fitted_bundle, with_recalibrated, with_unchanged_entities
 from train.jobs import init_ray
 from train.kinds import kind_named
 from train.promotion import (
@@ -137,15 +145,26 @@ def retrain(
         log_job(model, job_id, champion_version, list(current), window, rule)
         figures: dict[str, Any] = {}
         fitted: dict[str, tuple[Any, np.ndarray]] = {}
+        normal_scores: dict[str, np.ndarray] = {}  # per entity with a model of its own: the champion's scores
         for entity, key in current.items():
-            figures[entity], new = challenge(model, champion, key, entity, store, window, rule, fit_options, progress)
+            figures[entity], new, scores = challenge(
+                model, champion, key, entity, store, window, rule, fit_options, progress
+            )
             if new is not None:
                 fitted[entity] = new
+            if scores is not None and key == entity:
+                normal_scores[entity] = scores
         decision = decide_and_register(
             model, champion, champion_version, current, figures, fitted, rule, run.info.run_id, job_id
         )
         if decision["promoted"]:
             decision["reason"] += promote(model, decision["challenger"], promote_via)
+        else:
+            recalibrated = recalibrate(model, champion, champion_version, normal_scores, run.info.run_id, job_id)
+            if recalibrated:
+                decision |= recalibrated
+                decision["reason"] += "; " + recalibration_reason(recalibrated, normal_scores)
+                decision["reason"] += promote(model, recalibrated["recalibrated_version"], promote_via)
         log_decision(decision, figures, rule)
     decision.update(
         model=model, champion_before=champion_version, margin=margin, entities=figures, run_id=run.info.run_id
@@ -191,21 +210,24 @@ def challenge(
     rule: PromotionRule,
     fit_options: dict[str, Any],
     progress: Callable[[str], None],
-) -> tuple[dict[str, Any], tuple[Any, np.ndarray] | None]:
+) -> tuple[dict[str, Any], tuple[Any, np.ndarray] | None, np.ndarray | None]:
     """One entity's challenger, fitted on the older part of its recent rows believed normal and compared
     with the champion's detector `key` on the newer part: (its figures, (challenger, the rows it learnt
-    from) or None when it was skipped or refused)."""
+    from) or None when it was skipped or refused, the champion's scores of every recent row believed normal
+    in time order, what `recalibrate` fits its threshold on, or None when the entity was skipped)."""
     after_id = max((window.since_id or 0) - 1, 0)
     obs = store.observations(model, entity, after_id=after_id, limit=window.recent_rows)
     n = len(obs["ids"])
     if n < MIN_ROWS:
         progress(f"{entity}: skipped, {n} recent rows")
-        return {"skipped": f"{n} recent rows (< {MIN_ROWS})"}, None
+        return {"skipped": f"{n} recent rows (< {MIN_ROWS})"}, None, None
     # only authenticated feedback steers what is learnt and what is promoted
     rows, labels = obs["values"], store.labels(entity, obs["timestamps"], trusted_only=True)
     cut = int(n * window.fit_fraction)
     old = champion.detectors[key]
-    suspected = suspected_anomalies(old.score(rows), old.threshold_, labels, rule.max_suspect_share)
+    champion_scores = np.asarray(old.score(rows), dtype=np.float64)
+    suspected = suspected_anomalies(champion_scores, old.threshold_, labels, rule.max_suspect_share)
+    normal_scores = champion_scores[~suspected]
     fit_rows, fit_labels = training_rows(
         rows[:cut], labels[:cut], suspected[:cut], kind_named(model).learns_from_labels
     )
@@ -215,7 +237,7 @@ def challenge(
         compared = compare_entity(old, new, rows, labels, cut, rule)
     except ValueError as exc:
         progress(f"{entity}: skipped, {exc}")
-        return {"skipped": str(exc)}, None
+        return {"skipped": str(exc)}, None, normal_scores
     for side in ("champion", "challenger"):
         mlflow.log_metrics({f"{entity}/{side}_{k}": v for k, v in compared[side].items() if isinstance(v, float)})
     progress(
@@ -229,7 +251,7 @@ def challenge(
         "fit_seconds": round(time.perf_counter() - t0, 1),
     }
     # a refused challenger leaves the champion's detector in the version
-    return figures, None if compared["refused"] else (new, fit_rows)
+    return figures, None if compared["refused"] else (new, fit_rows), normal_scores
 
 
 def decide_and_register(
@@ -281,6 +303,42 @@ def decide_and_register(
         decision["flooding"] = sorted(flooded)
         decision["reason"] += "; " + flooding_notice(flooded)
     return decision
+
+
+def recalibrate(
+    model: str,
+    champion: Any,
+    champion_version: str,
+    normal_scores: dict[str, np.ndarray],
+    run_id: str,
+    job_id: str | None,
+) -> dict[str, Any]:
+    """Where the champion is kept: its detectors' operational thresholds fitted again on their scores of
+    the recent rows believed normal (`DetectorKind.recalibrated`), registered as a new version (the
+    champion's networks, graphs and drift references) for `promote`. The served threshold was fitted on the
+    rows the champion was trained on; after the change that made the monitors drift, those say little
+    about where its tail now lies. What the decision gains: `recalibrated` (entities) and
+    `recalibrated_version`; nothing where no entity could be recalibrated."""
+    kind = kind_named(model)
+    detectors = {
+        entity: new
+        for entity, scores in normal_scores.items()
+        if (new := kind.recalibrated(champion.detectors[entity], scores)) is not None
+    }
+    if not detectors:
+        return {}
+    info = {"recalibrated_from": champion_version, "recalibrated": sorted(detectors), "job_id": job_id}
+    tags = {"raywatch.retrain.decision": "champion recalibrated", "recalibrated_from": champion_version}
+    version = registry.register_bundle(with_recalibrated(champion, detectors, info), run_id, tags)
+    return {"recalibrated": sorted(detectors), "recalibrated_version": version}
+
+
+def recalibration_reason(recalibrated: dict[str, Any], normal_scores: dict[str, np.ndarray]) -> str:
+    rows = ", ".join(f"{e} {len(normal_scores[e])}" for e in recalibrated["recalibrated"])
+    return (
+        "the champion's threshold recalibrated on its scores of the recent rows believed normal "
+        f"({rows} rows) as v{recalibrated['recalibrated_version']}: the same model, alerting where they put its tail"
+    )
 
 
 def promote(model: str, version: str, promote_via: str) -> str:
@@ -336,8 +394,7 @@ def flooding_notice(flooded: dict[str, dict[str, Any]]) -> str:
     rates = ", ".join(f"{e} {f['champion']['alert_rate']:.0%}" for e, f in sorted(flooded.items()))
     return (
         f"the kept champion floods (share of the recent normal rows it flags at its own threshold: {rates}); "
-        "no challenger beat it at the same alert budget, so its alerts there say little until a challenger "
-        "does or its served SPOT threshold catches up"
+        "no challenger beat it at the same alert budget"
     )
 
 
