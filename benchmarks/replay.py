@@ -465,7 +465,8 @@ def replay_entity(platform_: Platform, dataset: str, name: str, args: argparse.N
                 "concept_every_s": 10**9,  # no /v1/feedback labels are sent: the operator's view, unlabelled
                 # direct: days pass in minutes here, so a canary's wall-clock hold times would judge nothing
                 # (and wait_for_champion would time out while the canary waited for traffic)
-                "retrain_args": ["--epochs", str(args.epochs), "--cpus-per-worker", "0.25", "--promote-via", "direct"],
+                "retrain_args": ["--epochs", str(args.epochs), "--cpus-per-worker", "0.25", "--promote-via", "direct"]
+                + (["--recalibrate"] if args.recalibrate else []),
             }
             platform_.deploy(f"{entity.replace('/', '-')}-{variant}-{mode}", version, config)
             done = replay(platform_, entity, series.metrics, rows, day_rows, mode == "loop", log)
@@ -511,6 +512,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--persist-windows", type=int, default=persist, help=gate % ("persistence", persist))
     parser.add_argument("--min-windows-between", type=int, default=between, help=gate % ("budget", between))
     parser.add_argument("--mmd-permutations", type=int, default=100)
+    parser.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="retraining jobs recalibrate a kept champion (train.retrain --recalibrate; off by default)",
+    )
     args = parser.parse_args(argv)
     args.gate_defaults = (persist, between)  # the platform's, for the report
 
@@ -556,6 +562,7 @@ def settings(args: argparse.Namespace, chosen: list, started: float) -> dict[str
         f"windows, one training per {args.min_windows_between} windows (the platform's defaults: "
         f"{persist} and {between}); concept test "
         "off (no feedback labels sent)",
+        "retraining jobs": "recalibrate a kept champion (--recalibrate)" if args.recalibrate else "the defaults",
     }
 
 

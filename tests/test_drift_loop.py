@@ -137,14 +137,7 @@ def test_drift_triggers_retraining_job_and_a_recorded_decision(loop):
         assert rollout["version"] == "2" and rollout["status"] in ("running", "promoting", "completed"), rollout
     else:  # kept: refused, not significant, or below the margin, and the reason says which
         assert figures["refused"] or details["p_value"] >= details["alpha"] or details["gain"] < details["margin"]
-        # and its threshold fitted again on the recent rows believed normal: v3, the same networks, rolled out
-        assert details["recalibrated"] == [entity] and details["recalibrated_version"] == "3", decision["reason"]
-        rollout = wait_for(
-            lambda: client.get("/v1/models").json()["models"]["autoencoder"]["rollout"],
-            30,
-            "the canary rollout of the recalibrated v3",
-        )
-        assert rollout["version"] == "3" and rollout["status"] in ("running", "promoting", "completed"), rollout
+        assert client.get("/v1/models").json()["models"]["autoencoder"]["slots"]["champion"]["version"] == "1"
 
 
 def test_killed_monitor_keeps_events_and_resumes(loop):

@@ -252,12 +252,15 @@ def test_the_retraining_job_learns_only_rows_believed_normal_and_records_the_tes
     assert recorded["details"]["p_value"] == decision["p_value"] and recorded["reason"] == decision["reason"]
 
 
-def test_a_kept_champion_that_floods_is_recalibrated_on_the_recent_normal_rows_and_promoted(mlflow_store, monkeypatch):
+def test_a_flooding_champion_is_kept_and_named_and_with_recalibrate_kept_its_threshold_is_refitted(
+    mlflow_store, monkeypatch
+):
     """The retraining job (train.retrain.retrain) on a machine that moved for good: the champion flags most
     recent rows at its own threshold and the challenger does no better at the budget, so the challenger is
-    not promoted and the operator is told that the champion floods; the champion's own networks are then
-    registered again with their operational threshold fitted on their scores of the recent rows believed
-    normal, and that version is promoted: the same scores, alerting at the tail of the recent rows."""
+    not promoted and the operator is told that the champion floods. By default that is all; with
+    `recalibrate_kept` (`--recalibrate`) the champion's own networks are registered again with their
+    operational threshold fitted on their scores of the recent rows believed normal, and that version is
+    promoted: the same scores, alerting at the tail of the recent rows."""
     from detect.sequence import AutoencoderDetector
     from detect.state import ServingStore
     from detect.synthetic import machine_days
@@ -278,14 +281,18 @@ def test_a_kept_champion_that_floods_is_recalibrated_on_the_recent_normal_rows_a
     monkeypatch.setattr(job, "init_ray", lambda: None)
     monkeypatch.setattr(job, "_fit_challenger", lambda model, old, rows, labels, metrics, options: old)  # no better
 
-    decision = job.retrain("autoencoder", [entity], promote_via="direct", progress=print)
+    kept = job.retrain("autoencoder", [entity], promote_via="direct", progress=print)  # by default: kept as is
+    assert not kept["promoted"] and "recalibrated" not in kept and "threshold recalibrated" not in kept["reason"]
+    assert registry.alias_version("autoencoder", registry.CHAMPION) == "1" and kept["challenger"] == "2"
+
+    decision = job.retrain("autoencoder", [entity], promote_via="direct", recalibrate_kept=True, progress=print)
     figures = decision["entities"][entity]
     assert figures["champion"]["alert_rate"] >= PromotionRule().max_normal_alert_rate  # it floods
     assert not decision["promoted"] and decision["flooding"] == [entity], decision["reason"]
     notice = f"the kept champion floods (share of the recent normal rows it flags at its own threshold: {entity}"
     assert notice in decision["reason"] and "threshold recalibrated" in decision["reason"]
-    assert decision["challenger"] == "2" and decision["recalibrated"] == [entity]
-    assert registry.alias_version("autoencoder", registry.CHAMPION) == decision["recalibrated_version"] == "3"
+    assert decision["challenger"] == "3" and decision["recalibrated"] == [entity]
+    assert registry.alias_version("autoencoder", registry.CHAMPION) == decision["recalibrated_version"] == "4"
 
     recalibrated = registry.load_bundle("autoencoder", registry.CHAMPION)[0].detectors[entity]
     scores = champion.score(served)
