@@ -293,6 +293,7 @@ def test_a_flooding_champion_is_kept_and_named_and_with_recalibrate_kept_its_thr
     assert notice in decision["reason"] and "threshold recalibrated" in decision["reason"]
     assert decision["challenger"] == "3" and decision["recalibrated"] == [entity]
     assert registry.alias_version("autoencoder", registry.CHAMPION) == decision["recalibrated_version"] == "4"
+    assert registry.lineage("autoencoder", "4")["derived_from"] == "1"  # the champion it was recalibrated from
 
     recalibrated = registry.load_bundle("autoencoder", registry.CHAMPION)[0].detectors[entity]
     scores = champion.score(served)

@@ -319,7 +319,10 @@ def recalibrate(
     champion's networks, graphs and drift references) for `promote`. The served threshold was fitted on the
     rows the champion was trained on; after the change that made the monitors drift, those say little
     about where its tail now lies. What the decision gains: `recalibrated` (entities) and
-    `recalibrated_version`; nothing where no entity could be recalibrated."""
+    `recalibrated_version`; nothing where no entity could be recalibrated, or where the champion is a
+    compressed variant (its graphs score on their own scale, not that of the FP32 detectors scored here)."""
+    if champion.variant != "fp32":
+        return {}
     kind = kind_named(model)
     detectors = {
         entity: new
@@ -329,7 +332,11 @@ def recalibrate(
     if not detectors:
         return {}
     info = {"recalibrated_from": champion_version, "recalibrated": sorted(detectors), "job_id": job_id}
-    tags = {"raywatch.retrain.decision": "champion recalibrated", "recalibrated_from": champion_version}
+    tags = {
+        "raywatch.retrain.decision": "champion recalibrated",
+        "recalibrated_from": champion_version,
+        "retrained_from": champion_version,  # its lineage (`registry.lineage`: derived_from)
+    }
     version = registry.register_bundle(with_recalibrated(champion, detectors, info), run_id, tags)
     return {"recalibrated": sorted(detectors), "recalibrated_version": version}
 
@@ -395,7 +402,8 @@ def flooding_notice(flooded: dict[str, dict[str, Any]]) -> str:
     rates = ", ".join(f"{e} {f['champion']['alert_rate']:.0%}" for e, f in sorted(flooded.items()))
     return (
         f"the kept champion floods (share of the recent normal rows it flags at its own threshold: {rates}); "
-        "no challenger beat it at the same alert budget"
+        "no challenger beat it at the same alert budget, so its alerts there say little until a challenger "
+        "does or its served SPOT threshold catches up"
     )
 
 
