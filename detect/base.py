@@ -47,8 +47,16 @@ class Detector(ABC):
         The scores are kept as `calibration_scores_`: a tail-fitted threshold (detect/thresholds.py)
         starts from them. They are not saved with the detector; the SPOT fitted on them is (`served_spot`).
         """
-        self.calibration_scores_ = self.score(X)
-        return operational_threshold(self.calibration_scores_, self.threshold_quantile)
+        return self.calibrate_on(self.score(X))
+
+    def calibrate_on(self, scores: np.ndarray) -> float:
+        """Keep `scores` as the calibration scores (what the served DSPOT is fitted on, `served_spot`) and set
+        the stored threshold to their `threshold_quantile` quantile; returns it. Training calls it with the
+        training or validation scores, a retraining job's recalibration with recent ones
+        (`train.kinds.DetectorKind.recalibrated`)."""
+        self.calibration_scores_ = scores
+        self.threshold_ = operational_threshold(scores, self.threshold_quantile)
+        return self.threshold_
 
     def _fit(self, X: np.ndarray) -> None:
         """Learn from X; detectors that override `fit` itself need not implement it."""

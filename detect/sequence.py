@@ -29,7 +29,6 @@ from detect.base import Detector
 from detect.config import config_dataclass
 from detect.features import FeatureSpec, entity_windows
 from detect.fleet import MAX_WINDOW, WindowNormaliser
-from detect.metrics import operational_threshold
 from detect.runtime import smooth_causal
 
 log = logging.getLogger(__name__)
@@ -332,8 +331,7 @@ class SequenceDetector(Detector):
         self.history_ = history
         val_err = batched_error(self.network_, val_windows)
         self.error_scale_ = np.maximum(val_err.mean(axis=0), 1e-2)
-        self.calibration_scores_ = self._score_from_error(val_err / self.error_scale_)
-        self.threshold_ = operational_threshold(self.calibration_scores_, self.threshold_quantile)
+        self.calibrate_on(self._score_from_error(val_err / self.error_scale_))
         return self
 
     # -- Detector interface --------------------------------------------------------------------------

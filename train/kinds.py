@@ -138,8 +138,7 @@ class DetectorKind:
         if spot_state(scores) is None:
             return None
         out = copy.deepcopy(det)
-        out.calibration_scores_ = scores
-        out.threshold_ = M.operational_threshold(scores, det.threshold_quantile)
+        out.calibrate_on(scores)
         return out
 
     def checked_config(self, config: dict[str, Any]) -> dict[str, Any]:
