@@ -218,6 +218,15 @@ async def _rate_limited(request: Request, exc: RateLimited) -> JSONResponse:
     return JSONResponse(status_code=429, content={"detail": detail}, headers={"Retry-After": str(retry)})
 
 
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """An unexpected failure inside the app: 500 with JSON naming the error's type (never its text, which may
+    carry request data); the traceback goes to the replica's log. So a bare-text 'Internal Server Error' is
+    Serve's proxy's, not the app's: a request lost with a replica that died while it held it."""
+    detail = f"internal error ({type(exc).__name__}); the replica's log has the traceback"
+    return JSONResponse(status_code=500, content={"detail": detail})
+
+
 @api.exception_handler(AuthError)
 async def _auth_error(request: Request, exc: AuthError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None

@@ -551,3 +551,18 @@ def test_the_alert_book_serves_a_decision_threshold_as_is():
     alerts, judged = book.observe("ensemble", "web-1", _arrays(served), list(range(len(served))), seed)
     assert np.asarray(judged).tolist() == [0.62] * len(served)
     assert any(a is not None and a["state"] == "opened" for a in alerts)
+
+
+def test_an_unexpected_error_in_the_app_answers_json_naming_its_type_not_its_text():
+    """A bare-text 'Internal Server Error' then means Serve's proxy lost the request with a dead replica
+    (tests/reliability/test_faults.py tells the two apart)."""
+    import json
+
+    import ray  # noqa: F401  (serve.app's imports want Ray loaded first)
+
+    from serve.app import _internal_error, api
+
+    assert api.exception_handlers.get(Exception) is _internal_error
+    answer = asyncio.run(_internal_error(None, KeyError("a row of secret-ish data")))
+    body = json.loads(answer.body)
+    assert answer.status_code == 500 and "KeyError" in body["detail"] and "secret" not in body["detail"]
