@@ -34,7 +34,7 @@ from detect.config import config_dataclass
 from detect.features import FeatureSpec, entity_features
 from detect.metrics import best_f1, segments
 from detect.synthetic import inject_incidents
-from detect.thresholds import DecisionThreshold
+from detect.thresholds import DecisionThreshold, decision_threshold
 
 log = logging.getLogger(__name__)
 
@@ -304,17 +304,23 @@ class EnsembleDetector(Detector):
         return non_negative_logistic(Z, y, self.config.logistic_c)
 
     def fit_vote(self, F: np.ndarray, y: np.ndarray) -> None:
-        """Vote weights that minimise validation log-loss (`vote_weights`); threshold = best validation F1,
-        which is also the operational threshold (`online_threshold`). The calibration scores are those of
-        the validation rows that are normal: not served, kept so that tail rules can be compared with it
-        (docs/experiments/ensemble-threshold.py)."""
+        """Vote weights that minimise validation log-loss (`vote_weights`); the threshold is the validation
+        rows' decision threshold (`detect.thresholds.decision_threshold`: best F1 unless that flags nearly
+        everything), which is also the operational threshold (`online_threshold`). The calibration scores
+        are those of the validation rows that are normal: not served, kept so that tail rules can be
+        compared with it (docs/experiments/ensemble-threshold.py)."""
         P = np.clip(self.member_matrix(F), 1e-6, 1 - 1e-6)
         self.weights_, log_loss = vote_weights(P, y)
         val_scores = P @ self.weights_
         self.calibration_scores_ = val_scores[y == 0]
-        f1, thr = best_f1(y, val_scores)
-        self.threshold_ = thr if np.isfinite(thr) else 0.5
-        self.validation_ = {"f1": f1, "log_loss": log_loss, "rows": int(len(y)), "positives": int(y.sum())}
+        self.threshold_, rule = decision_threshold(y, val_scores)
+        self.validation_ = {
+            "f1": best_f1(y, val_scores)[0],
+            "log_loss": log_loss,
+            "rows": int(len(y)),
+            "positives": int(y.sum()),
+            "threshold_rule": rule,
+        }
 
     def fit_kinds(self, features: np.ndarray, kinds: np.ndarray, target: np.ndarray) -> None:
         """Incident kind (root-cause class) of rows inside incidents: LightGBM multiclass."""

@@ -20,7 +20,8 @@ fitted on the calibration scores, each over the mean of the `depth` before it.
 
 A supervised detector (the incident predictor) is the exception: its score is a probability, and where an
 incident begins was learnt from labelled rows, not from the tail of normal ones. It serves the decision
-threshold chosen on its labelled validation rows (`DecisionThreshold`), which no served score moves.
+threshold chosen on its labelled validation rows (`decision_threshold`, served as `DecisionThreshold`), which
+no served score moves.
 """
 
 from __future__ import annotations
@@ -288,6 +289,30 @@ class DSPOT:
         out.spot_, out.window_ = spot, array("d", state["window"])
         out.next_, out.sum_ = int(state["next"]), float(state["sum"])
         return out
+
+
+MOST_ROWS = 0.5  # a decision threshold flagging more of its validation rows than this is no decision
+NORMAL_QUANTILE = 0.99  # the quantile of normal validation scores a supervised model falls back to
+
+
+def decision_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, str]:
+    """A supervised model's decision threshold from its labelled validation rows, and the rule that chose it.
+
+    'best_f1': the threshold of the best validation F1. Unless that is no decision: an F1 no better than
+    flagging every row (2p / (1 + p) at a positive share p), or a threshold above which most validation rows
+    lie. Validation days rich in incidents make the best F1 flag nearly everything (on one shipped machine,
+    a third of the validation rows positive, it flagged 99.9% of the rows it was then judged on); a pager
+    that fires on every row is a pager turned off. There 'normal_p99': the 99th percentile of the normal
+    validation rows' scores, the tail rule of every other stored threshold."""
+    from detect.metrics import best_f1
+
+    y, s = np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)
+    f1, threshold = best_f1(y, s)
+    share = float(y.mean()) if len(y) else 0.0
+    no_decision = not np.isfinite(threshold) or f1 <= 2 * share / (1 + share) + 1e-9
+    if (no_decision or float(np.mean(s >= threshold)) > MOST_ROWS) and (~y).any():
+        return float(np.quantile(s[~y], NORMAL_QUANTILE)), "normal_p99"
+    return (float(threshold) if np.isfinite(threshold) else 0.5), "best_f1"
 
 
 @dataclass(frozen=True)

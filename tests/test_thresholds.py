@@ -206,3 +206,23 @@ def test_a_score_that_is_not_a_number_does_not_disarm_dspot():
     for bad in (float("nan"), float("inf")):
         assert dspot.update(bad, learn=True) == before
     assert dspot.threshold_ == before and math.isfinite(dspot.baseline_)
+
+
+def test_a_decision_threshold_that_flags_nearly_every_validation_row_falls_back_to_the_normal_tail():
+    from detect.metrics import best_f1
+    from detect.thresholds import decision_threshold
+
+    rng = np.random.default_rng(0)
+    # validation days a third of whose rows are incidents, scored no better than chance: the best F1
+    # is that of flagging (nearly) everything
+    y = rng.random(3000) < 1 / 3
+    s = rng.random(3000)
+    assert np.mean(s >= best_f1(y, s)[1]) > 0.9
+    threshold, rule = decision_threshold(y, s)
+    assert rule == "normal_p99" and threshold == pytest.approx(np.quantile(s[~y], 0.99))
+    assert np.mean(s >= threshold) < 0.05
+
+    # an informative score keeps the best-F1 threshold
+    s = np.where(y, 0.6, 0.0) + rng.random(3000) * 0.5
+    threshold, rule = decision_threshold(y, s)
+    assert rule == "best_f1" and threshold == best_f1(y, s)[1]

@@ -41,7 +41,10 @@ RULES = {
     "spot": lambda cal, thr, s: (SPOT().fit(cal), s),
     "dspot over log-odds": lambda cal, thr, s: (DSPOT().fit(logit(cal)), logit(s)),
     "spot over log-odds": lambda cal, thr, s: (SPOT().fit(logit(cal)), logit(s)),
-    "decision (validation F1; served now)": lambda cal, thr, s: (DecisionThreshold(thr), s),
+    "decision (validation F1, the normal tail where that flags most rows; served now)": lambda cal, thr, s: (
+        DecisionThreshold(thr),
+        s,
+    ),
     "0.5": lambda cal, thr, s: (DecisionThreshold(0.5), s),
     "99th pct of normal validation": lambda cal, thr, s: (DecisionThreshold(float(np.quantile(cal, 0.99))), s),
     "99.9th pct of normal validation": lambda cal, thr, s: (DecisionThreshold(float(np.quantile(cal, 0.999))), s),
