@@ -303,8 +303,9 @@ def decision_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, s
     lie. Validation days rich in incidents make the best F1 flag nearly everything (on one shipped machine,
     a third of the validation rows positive, it flagged 99.9% of the rows it was then judged on); a pager
     that fires on every row is a pager turned off. There 'normal_p99': the 99th percentile of the normal
-    validation rows' scores, the tail rule of every other stored threshold."""
-    from detect.metrics import best_f1
+    validation rows' scores, the tail rule of every other stored threshold; so too where the validation rows
+    hold no incident (F1 0, no better than flagging all). With no normal row, best F1's (0.5 if none)."""
+    from detect.metrics import best_f1  # here, not at the top: serving imports this module, sklearn it need not
 
     y, s = np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)
     f1, threshold = best_f1(y, s)
