@@ -38,21 +38,14 @@ class Detector(ABC):
         X = self._check(X, fitting=True)
         self.n_metrics_ = X.shape[1]
         self._fit(X)
-        self.threshold_ = self._calibrate(X)
+        self.calibrate_on(self.score(X))  # training scores; detectors with a validation split override `fit`
         return self
 
-    def _calibrate(self, X: np.ndarray) -> float:
-        """Operational threshold from training scores (subclasses with a validation split override).
-
-        The scores are kept as `calibration_scores_`: a tail-fitted threshold (detect/thresholds.py)
-        starts from them. They are not saved with the detector; the SPOT fitted on them is (`served_spot`).
-        """
-        return self.calibrate_on(self.score(X))
-
     def calibrate_on(self, scores: np.ndarray) -> float:
-        """Keep `scores` as the calibration scores (what the served DSPOT is fitted on, `served_spot`) and set
-        the stored threshold to their `threshold_quantile` quantile; returns it. Training calls it with the
-        training or validation scores, a retraining job's recalibration with recent ones
+        """Keep `scores` as the calibration scores and set the stored threshold to their `threshold_quantile`
+        quantile; returns it. A tail-fitted threshold (detect/thresholds.py) starts from the calibration
+        scores; they are not saved with the detector, the DSPOT fitted on them is (`served_spot`). Training
+        calls it with the training or validation scores, a retraining job's recalibration with recent ones
         (`train.kinds.DetectorKind.recalibrated`)."""
         self.calibration_scores_ = scores
         self.threshold_ = operational_threshold(scores, self.threshold_quantile)
