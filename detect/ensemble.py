@@ -32,7 +32,7 @@ from detect import evidence as E
 from detect.base import Detector
 from detect.config import config_dataclass
 from detect.features import FeatureSpec, entity_features
-from detect.metrics import best_f1, segments
+from detect.metrics import segments
 from detect.synthetic import inject_incidents
 from detect.thresholds import DecisionThreshold, decision_threshold
 
@@ -313,13 +313,14 @@ class EnsembleDetector(Detector):
         self.weights_, log_loss = vote_weights(P, y)
         val_scores = P @ self.weights_
         self.calibration_scores_ = val_scores[y == 0]
-        self.threshold_, rule = decision_threshold(y, val_scores)
+        chosen = decision_threshold(y, val_scores)
+        self.threshold_ = chosen.threshold
         self.validation_ = {
-            "f1": best_f1(y, val_scores)[0],
+            "f1": chosen.best_f1,
             "log_loss": log_loss,
             "rows": int(len(y)),
             "positives": int(y.sum()),
-            "threshold_rule": rule,
+            "threshold_rule": chosen.rule,
         }
 
     def fit_kinds(self, features: np.ndarray, kinds: np.ndarray, target: np.ndarray) -> None:

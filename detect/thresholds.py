@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from array import array
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy.optimize import minimize_scalar
@@ -295,8 +295,15 @@ MOST_ROWS = 0.5  # a decision threshold flagging more of its validation rows tha
 NORMAL_QUANTILE = 0.99  # the quantile of normal validation scores a supervised model falls back to
 
 
-def decision_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, str]:
-    """A supervised model's decision threshold from its labelled validation rows, and the rule that chose it.
+class ChosenThreshold(NamedTuple):
+    threshold: float
+    rule: str  # 'best_f1' or 'normal_p99'
+    best_f1: float  # the best validation F1, whichever rule chose
+
+
+def decision_threshold(labels: np.ndarray, scores: np.ndarray) -> ChosenThreshold:
+    """A supervised model's decision threshold from its labelled validation rows, the rule that chose it, and
+    the best validation F1.
 
     'best_f1': the threshold of the best validation F1. Unless that is no decision: an F1 no better than
     flagging every row (2p / (1 + p) at a positive share p), or a threshold above which most validation rows
@@ -312,8 +319,8 @@ def decision_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, s
     share = float(y.mean()) if len(y) else 0.0
     no_decision = not np.isfinite(threshold) or f1 <= 2 * share / (1 + share) + 1e-9
     if (no_decision or float(np.mean(s >= threshold)) > MOST_ROWS) and (~y).any():
-        return float(np.quantile(s[~y], NORMAL_QUANTILE)), "normal_p99"
-    return (float(threshold) if np.isfinite(threshold) else 0.5), "best_f1"
+        return ChosenThreshold(float(np.quantile(s[~y], NORMAL_QUANTILE)), "normal_p99", f1)
+    return ChosenThreshold(float(threshold) if np.isfinite(threshold) else 0.5, "best_f1", f1)
 
 
 @dataclass(frozen=True)

@@ -218,11 +218,11 @@ def test_a_decision_threshold_that_flags_nearly_every_validation_row_falls_back_
     y = rng.random(3000) < 1 / 3
     s = rng.random(3000)
     assert np.mean(s >= best_f1(y, s)[1]) > 0.9
-    threshold, rule = decision_threshold(y, s)
+    threshold, rule, f1 = decision_threshold(y, s)
     assert rule == "normal_p99" and threshold == pytest.approx(np.quantile(s[~y], 0.99))
-    assert np.mean(s >= threshold) < 0.05
+    assert np.mean(s >= threshold) < 0.05 and f1 == best_f1(y, s)[0]
 
     # an informative score keeps the best-F1 threshold
     s = np.where(y, 0.6, 0.0) + rng.random(3000) * 0.5
-    threshold, rule = decision_threshold(y, s)
-    assert rule == "best_f1" and threshold == best_f1(y, s)[1]
+    threshold, rule, f1 = decision_threshold(y, s)
+    assert rule == "best_f1" and (f1, threshold) == best_f1(y, s)
