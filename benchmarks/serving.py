@@ -354,13 +354,13 @@ def local_ray(name: str, log_dir: Path, env: dict[str, str] | None = None, num_c
 
 
 @contextlib.contextmanager
-def local_serve(mode: str, log_dir: Path, num_cpus: int = 2) -> Iterator[Any]:
-    """Serve in `mode` on SERVE_PORT on a fresh local head (`local_ray`)."""
+def local_serve(mode: str, log_dir: Path, num_cpus: int = 2, env: dict[str, str] | None = None) -> Iterator[Any]:
+    """Serve in `mode` on SERVE_PORT on a fresh local head (`local_ray`), with `env` over the mode's."""
     from ray import serve
 
     node_id = None
     try:
-        with local_ray(mode, log_dir, serve_modes()[mode], num_cpus) as node_id:
+        with local_ray(mode, log_dir, {**serve_modes()[mode], **(env or {})}, num_cpus) as node_id:
             try:
                 serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
                 yield serve
