@@ -27,7 +27,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import serving as bench  # noqa: E402
 
-RETRY_ON = "RAY_SERVE_HAPROXY_INGRESS_RETRY_ON"
+# the defaults block's policy, which every app backend inherits (RAY_SERVE_HAPROXY_INGRESS_RETRY_ON sets only
+# the backend of an ingress request router, which the raywatch app does not have: its config kept conn-failure)
+RETRY_ON = "RAY_SERVE_HAPROXY_RETRY_ON"
 VARIANTS = {
     "serve proxy (default mode)": ("default", {}),
     "HAProxy, Ray's retry-on (conn-failure)": ("high_throughput", {}),
@@ -127,38 +129,23 @@ def kill_under_load(url: str, rate: float) -> tuple[list, float, list[float]]:
 
 
 def run_variant(name: str, mode: str, extra: dict[str, str], workdir: Path, rate: float, kills: int) -> dict:
-    import contextlib
-
-    from ray import serve
-
     from serve.app import build_app
 
-    env = {**bench.serve_modes()[mode], **extra}
-    saved = {k: os.environ.get(k) for k in extra}
+    saved = {k: os.environ.get(k) for k in extra}  # local_ray leaves the head's environment in this process's
     base = f"http://127.0.0.1:{bench.SERVE_PORT}"
-    node_id = None
     try:
-        with bench.local_ray(mode, workdir, env) as node_id:
-            serve.start(http_options={"host": "127.0.0.1", "port": bench.SERVE_PORT})
-            try:
-                app = build_app(
-                    {"state_dir": str(workdir / "state"), "monitor": {"enabled": False}, "ingress_replicas": 2}
-                )
-                serve.run(app, name="raywatch", route_prefix="/")
-                bench.wait_http(f"{base}/readyz", bench.all_ready)
-                outcomes, back, failed_at = [], [], []
-                for k in range(kills):
-                    got, seconds, failed = kill_under_load(f"{base}/v1/score", rate)
-                    outcomes += got
-                    back.append(round(seconds, 1))
-                    failed_at.append(failed)
-                    bench.log(f"{name}: kill {k + 1}: {len(got)} requests, back in {seconds:.1f} s")
-            finally:
-                with contextlib.suppress(Exception):
-                    serve.shutdown()
+        with bench.local_serve(mode, workdir, env=extra) as serve:
+            app = build_app({"state_dir": str(workdir / "state"), "monitor": {"enabled": False}, "ingress_replicas": 2})
+            serve.run(app, name="raywatch", route_prefix="/")
+            bench.wait_http(f"{base}/readyz", bench.all_ready)
+            outcomes, back, failed_at = [], [], []
+            for k in range(kills):
+                got, seconds, failed = kill_under_load(f"{base}/v1/score", rate)
+                outcomes += got
+                back.append(round(seconds, 1))
+                failed_at.append(failed)
+                bench.log(f"{name}: kill {k + 1}: {len(got)} requests, back in {seconds:.1f} s")
     finally:
-        if node_id:
-            bench.stop_haproxy(node_id)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
