@@ -64,9 +64,9 @@ def shipped_cases(data: str | None) -> list[dict[str, Any]]:
     return cases
 
 
-def synthetic_cases() -> list[dict[str, Any]]:
+def synthetic_cases(seeds: tuple[int, ...] = SYNTHETIC_SEEDS) -> list[dict[str, Any]]:
     cases = []
-    for seed in SYNTHETIC_SEEDS:
+    for seed in seeds:
         clean = generate_fleet(n_machines=MACHINES, n_steps=6 * DAY, incidents=False, seed=seed)
         fleet = generate_fleet(n_machines=MACHINES, n_steps=6 * DAY, incidents_per_machine=8, seed=seed)
         metrics = fleet.metrics

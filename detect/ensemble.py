@@ -305,8 +305,9 @@ class EnsembleDetector(Detector):
 
     def fit_vote(self, F: np.ndarray, y: np.ndarray) -> None:
         """Vote weights that minimise validation log-loss (`vote_weights`); the threshold is the validation
-        rows' decision threshold (`detect.thresholds.decision_threshold`: best F1 unless that flags nearly
-        everything), which is also the operational threshold (`online_threshold`). The calibration scores
+        rows' decision threshold (`detect.thresholds.decision_threshold`: halfway in log-odds between the
+        best F1's and the normal rows' tail, the tail alone where best F1 flags nearly everything), which is
+        also the operational threshold (`online_threshold`). The calibration scores
         are those of the validation rows that are normal: not served, kept so that tail rules can be
         compared with it (docs/experiments/ensemble-threshold.py)."""
         P = np.clip(self.member_matrix(F), 1e-6, 1 - 1e-6)

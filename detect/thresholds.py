@@ -20,8 +20,8 @@ fitted on the calibration scores, each over the mean of the `depth` before it.
 
 A supervised detector (the incident predictor) is the exception: its score is a probability, and where an
 incident begins was learnt from labelled rows, not from the tail of normal ones. It serves the decision
-threshold chosen on its labelled validation rows (`decision_threshold`, served as `DecisionThreshold`), which
-no served score moves.
+threshold chosen on its labelled validation rows (`decision_threshold`: between the best validation F1's and
+the normal rows' tail, served as `DecisionThreshold`), which no served score moves.
 """
 
 from __future__ import annotations
@@ -297,30 +297,47 @@ NORMAL_QUANTILE = 0.99  # the quantile of normal validation scores a supervised 
 
 class ChosenThreshold(NamedTuple):
     threshold: float
-    rule: str  # 'best_f1' or 'normal_p99'
+    rule: str  # 'f1_tail_midpoint', 'normal_p99' or 'best_f1'
     best_f1: float  # the best validation F1, whichever rule chose
 
 
-def decision_threshold(labels: np.ndarray, scores: np.ndarray) -> ChosenThreshold:
-    """A supervised model's decision threshold from its labelled validation rows, the rule that chose it, and
-    the best validation F1.
+def log_odds(p: float) -> float:
+    p = min(max(float(p), 1e-6), 1 - 1e-6)
+    return math.log(p / (1 - p))
 
-    'best_f1': the threshold of the best validation F1. Unless that is no decision: an F1 no better than
-    flagging every row (2p / (1 + p) at a positive share p), or a threshold above which most validation rows
-    lie. Validation days rich in incidents make the best F1 flag nearly everything (on one shipped machine,
-    a third of the validation rows positive, it flagged 99.9% of the rows it was then judged on); a pager
-    that fires on every row is a pager turned off. There 'normal_p99': the 99th percentile of the normal
-    validation rows' scores, the tail rule of every other stored threshold; so too where the validation rows
-    hold no incident (F1 0, no better than flagging all). With no normal row, best F1's (0.5 if none)."""
+
+def decision_threshold(labels: np.ndarray, scores: np.ndarray) -> ChosenThreshold:
+    """A supervised model's decision threshold from its labelled validation rows (`scores`: incident
+    probabilities), the rule that chose it, and the best validation F1.
+
+    'f1_tail_midpoint': halfway, in log-odds, between the threshold of the best validation F1 and the 99th
+    percentile of the normal validation rows' scores. The validation rows hold a handful of incidents (often
+    one), so the best-F1 threshold alone is a noisy estimate: where an incident happens to be separated
+    from every normal row it lands at the top of the incident's scores, and later incidents that score a
+    little lower are missed; where the incidents overlap the normal rows it lands low and pages on noise.
+    The normal tail reads no label and says what the model calls unusual on this entity. Their midpoint
+    pulls each towards the other (docs/experiments/ensemble-threshold.md: better than either alone on the
+    shipped entities, the held-out fleets, and on fleets looked at once, after the rule was chosen).
+
+    'normal_p99' alone where the best validation F1 is no decision: an F1 no better than flagging every row
+    (2p / (1 + p) at a positive share p), or a threshold above which most validation rows lie. Validation
+    days rich in incidents make the best F1 flag nearly everything (on one shipped machine, a third of the
+    validation rows positive, it flagged 99.9% of the rows it was then judged on); a pager that fires on
+    every row is a pager turned off. So too where the validation rows hold no incident (F1 0, no better
+    than flagging all). 'best_f1' alone where no validation row is normal (0.5 if it has no threshold)."""
     from detect.metrics import best_f1  # here, not at the top: serving imports this module, sklearn it need not
 
     y, s = np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)
     f1, threshold = best_f1(y, s)
-    share = float(y.mean()) if len(y) else 0.0
+    if not (~y).any():
+        return ChosenThreshold(float(threshold) if np.isfinite(threshold) else 0.5, "best_f1", f1)
+    tail = float(np.quantile(s[~y], NORMAL_QUANTILE))
+    share = float(y.mean())
     no_decision = not np.isfinite(threshold) or f1 <= 2 * share / (1 + share) + 1e-9
-    if (no_decision or float(np.mean(s >= threshold)) > MOST_ROWS) and (~y).any():
-        return ChosenThreshold(float(np.quantile(s[~y], NORMAL_QUANTILE)), "normal_p99", f1)
-    return ChosenThreshold(float(threshold) if np.isfinite(threshold) else 0.5, "best_f1", f1)
+    if no_decision or float(np.mean(s >= threshold)) > MOST_ROWS:
+        return ChosenThreshold(tail, "normal_p99", f1)
+    midpoint = (log_odds(threshold) + log_odds(tail)) / 2
+    return ChosenThreshold(1 / (1 + math.exp(-midpoint)), "f1_tail_midpoint", f1)
 
 
 @dataclass(frozen=True)

@@ -222,7 +222,29 @@ def test_a_decision_threshold_that_flags_nearly_every_validation_row_falls_back_
     assert rule == "normal_p99" and threshold == pytest.approx(np.quantile(s[~y], 0.99))
     assert np.mean(s >= threshold) < 0.05 and f1 == best_f1(y, s)[0]
 
-    # an informative score keeps the best-F1 threshold
-    s = np.where(y, 0.6, 0.0) + rng.random(3000) * 0.5
-    threshold, rule, f1 = decision_threshold(y, s)
-    assert rule == "best_f1" and (f1, threshold) == best_f1(y, s)
+
+def test_a_decision_threshold_lies_halfway_in_log_odds_between_the_best_f1_and_the_normal_tail():
+    """One validation incident separated from every normal row puts the best-F1 threshold at the top of
+    that incident's scores; the next incident scoring a little lower would be missed. The rule pulls the
+    threshold towards the normal rows' 99th percentile, halfway in log-odds."""
+    from detect.metrics import best_f1
+    from detect.thresholds import decision_threshold, log_odds
+
+    rng = np.random.default_rng(0)
+    y = np.zeros(3000, dtype=bool)
+    y[2000:2060] = True
+    s = np.where(y, rng.uniform(0.95, 0.99, 3000), rng.uniform(0.0, 0.5, 3000))
+    f1, at = best_f1(y, s)
+    tail = np.quantile(s[~y], 0.99)
+    assert f1 == 1.0 and at > 0.95 and tail < 0.5
+    threshold, rule, chosen_f1 = decision_threshold(y, s)
+    assert rule == "f1_tail_midpoint" and chosen_f1 == f1
+    assert tail < threshold < at
+    assert log_odds(threshold) == pytest.approx((log_odds(at) + log_odds(tail)) / 2)
+    # what it buys: an incident scoring 0.85, below every validation incident row, still alerts
+    assert threshold < 0.85
+
+    # no normal validation row: nothing to pull towards; the best F1's threshold stands
+    y_all = np.ones(50, dtype=bool)
+    s_all = rng.random(50)
+    assert decision_threshold(y_all, s_all) == (best_f1(y_all, s_all)[1], "best_f1", best_f1(y_all, s_all)[0])

@@ -1,8 +1,10 @@
 """The stacked ensemble's operational threshold: DSPOT over its normal validation rows' tail against the
 decision threshold it learnt on its labelled validation rows, and a few other label-free rules, on the
-shipped entities and on held-out synthetic fleets (docs/experiments/ensemble-threshold.md).
+shipped entities, on held-out synthetic fleets, and on fleets of other seeds looked at once, after the
+served rule was chosen (docs/experiments/ensemble-threshold.md).
 
-    .venv/bin/python docs/experiments/ensemble-threshold.py [--data data]   # about a minute on 2 cores
+    .venv/bin/python docs/experiments/ensemble-threshold.py [--data data] [--fresh-seeds 303,404,505]
+    # about two minutes on 2 cores
 
 Per entity the ensemble learns from the first half of the test series (labels) and the train series
 (normal), as `raywatch evaluate` fits it; every rule is then run over the second half's scores in time order
@@ -27,7 +29,7 @@ from attribution import shipped_cases, synthetic_cases  # noqa: E402
 import detect.metrics as M  # noqa: E402
 from detect.alerting import online_alerts  # noqa: E402
 from detect.ensemble import EnsembleDetector  # noqa: E402
-from detect.thresholds import DSPOT, SPOT, DecisionThreshold  # noqa: E402
+from detect.thresholds import DSPOT, MOST_ROWS, NORMAL_QUANTILE, SPOT, DecisionThreshold  # noqa: E402
 
 
 def logit(p: np.ndarray) -> np.ndarray:
@@ -35,32 +37,64 @@ def logit(p: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
-#: rule -> (online threshold, the scores it judges) from (calibration scores, decision threshold, scores)
+def best_f1_or_tail(c: dict) -> float:
+    """The rule served 2026-12-06 to 2026-12-07: the best validation F1's threshold, the normal tail's 99th
+    percentile where that is no decision (`detect.thresholds.decision_threshold` before the midpoint)."""
+    y, s = c["val_labels"].astype(bool), c["val_scores"]
+    f1, threshold = M.best_f1(y, s)
+    share = y.mean()
+    if not np.isfinite(threshold) or f1 <= 2 * share / (1 + share) + 1e-9 or np.mean(s >= threshold) > MOST_ROWS:
+        return float(np.quantile(s[~y], NORMAL_QUANTILE))
+    return float(threshold)
+
+
+#: rule -> (online threshold, the scores it judges) from a fitted case (`fitted`)
 RULES = {
-    "dspot (served before)": lambda cal, thr, s: (DSPOT().fit(cal), s),
-    "spot": lambda cal, thr, s: (SPOT().fit(cal), s),
-    "dspot over log-odds": lambda cal, thr, s: (DSPOT().fit(logit(cal)), logit(s)),
-    "spot over log-odds": lambda cal, thr, s: (SPOT().fit(logit(cal)), logit(s)),
-    "decision (validation F1, the normal tail where that flags most rows; served now)": lambda cal, thr, s: (
-        DecisionThreshold(thr),
-        s,
+    "dspot (served before)": lambda c: (DSPOT().fit(c["cal"]), c["scores"]),
+    "spot": lambda c: (SPOT().fit(c["cal"]), c["scores"]),
+    "dspot over log-odds": lambda c: (DSPOT().fit(logit(c["cal"])), logit(c["scores"])),
+    "spot over log-odds": lambda c: (SPOT().fit(logit(c["cal"])), logit(c["scores"])),
+    "validation F1, the normal tail where that flags most rows (served 2026-12-06)": lambda c: (
+        DecisionThreshold(best_f1_or_tail(c)),
+        c["scores"],
     ),
-    "0.5": lambda cal, thr, s: (DecisionThreshold(0.5), s),
-    "99th pct of normal validation": lambda cal, thr, s: (DecisionThreshold(float(np.quantile(cal, 0.99))), s),
-    "99.9th pct of normal validation": lambda cal, thr, s: (DecisionThreshold(float(np.quantile(cal, 0.999))), s),
+    "**halfway in log-odds between validation F1 and the normal tail (served now)**": lambda c: (
+        DecisionThreshold(c["thr"]),
+        c["scores"],
+    ),
+    "0.5": lambda c: (DecisionThreshold(0.5), c["scores"]),
+    "99th pct of normal validation": lambda c: (DecisionThreshold(float(np.quantile(c["cal"], 0.99))), c["scores"]),
+    "99.9th pct of normal validation": lambda c: (
+        DecisionThreshold(float(np.quantile(c["cal"], 0.999))),
+        c["scores"],
+    ),
 }
 
 
 def fitted(case: dict) -> dict | None:
+    """The ensemble as `EnsembleDetector.fit` fits it, step by step to keep its validation rows' scores."""
     test, labels = case["test"], case["labels"]
     half = len(test) // 2
     if not labels[half:].any():
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        det = EnsembleDetector().fit(test[:half], labels[:half], case["metrics"], normal=case["train"])
+        det = EnsembleDetector()
+        features, target, fit_mask, val_mask = det.prepare(
+            test[:half], labels[:half], case["metrics"], normal=case["train"]
+        )
+        det.fit_members(features[fit_mask], target[fit_mask], {})
+        det.fit_vote(features[val_mask], target[val_mask])
+        val_scores = np.clip(det.member_matrix(features[val_mask]), 1e-6, 1 - 1e-6) @ det.weights_
         scores = det.score(test)[half:]
-    return {"cal": det.calibration_scores_, "thr": det.threshold_, "scores": scores, "labels": labels[half:]}
+    return {
+        "cal": det.calibration_scores_,
+        "thr": det.threshold_,
+        "val_labels": target[val_mask],
+        "val_scores": val_scores,
+        "scores": scores,
+        "labels": labels[half:],
+    }
 
 
 def table(title: str, cases: list[dict]) -> list[str]:
@@ -73,7 +107,7 @@ def table(title: str, cases: list[dict]) -> list[str]:
         rows, per = [], []
         for c in cases:
             try:
-                spot, scores = rule(c["cal"], c["thr"], c["scores"])
+                spot, scores = rule(c)
             except ValueError:  # too few calibration scores for a tail: the figure is null there
                 per.append("null")
                 continue
@@ -94,11 +128,19 @@ def table(title: str, cases: list[dict]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT / "data"))
+    parser.add_argument(
+        "--fresh-seeds", default="303,404,505", help="synthetic fleets no rule was chosen on (comma-separated)"
+    )
     args = parser.parse_args()
+    fresh = tuple(int(seed) for seed in args.fresh_seeds.split(",") if seed)
+    sets = [("shipped", shipped_cases(args.data)), ("held-out synthetic", synthetic_cases())]
+    if fresh:
+        sets.append((f"fresh synthetic, seeds {', '.join(map(str, fresh))}", synthetic_cases(fresh)))
     lines = []
-    for title, cases in (("shipped", shipped_cases(args.data)), ("held-out synthetic", synthetic_cases())):
+    for title, cases in sets:
         judged = [c for c in map(fitted, cases) if c is not None]
         lines += table(f"Second halves, {title} ({len(judged)} entities with an incident there)", judged)
+        print(lines[-1], file=sys.stderr, flush=True)
     print("\n".join(lines))
 
 
