@@ -38,7 +38,7 @@ def logit(p: np.ndarray) -> np.ndarray:
 
 
 def best_f1_or_tail(c: dict) -> float:
-    """The rule served 2026-12-06 to 2026-12-07: the best validation F1's threshold, the normal tail's 99th
+    """The rule served until 2026-12-06: the best validation F1's threshold, the normal tail's 99th
     percentile where that is no decision (`detect.thresholds.decision_threshold` before the midpoint)."""
     y, s = c["val_labels"].astype(bool), c["val_scores"]
     f1, threshold = M.best_f1(y, s)
