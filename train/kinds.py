@@ -318,8 +318,8 @@ class EnsembleKind(DetectorKind):
         return (thr if np.isfinite(thr) else 0.5), val_scores[target[val_mask] == 0]
 
     def recalibrated(self, det, normal_scores):
-        """None: the incident predictor's threshold is its best F1 on labelled validation rows, not a tail
-        of normal scores (detect/ensemble.py)."""
+        """None: the incident predictor's threshold is its decision threshold on labelled validation rows
+        (`detect.thresholds.decision_threshold`), not a tail of normal scores alone (detect/ensemble.py)."""
         return None
 
     def checked_config(self, config):
