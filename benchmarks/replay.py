@@ -379,7 +379,7 @@ def _decision_summary(decision: dict[str, Any] | None) -> dict[str, Any]:
     if decision is None:
         return {"promoted": None, "reason": "no decision recorded (the job failed?)"}
     details = decision.get("details") or {}
-    keys = ("test", "p_value", "budget", "refused", "recalibrated")
+    keys = ("test", "p_value", "budget", "refused", "recalibrated", "recalibrated_bars")
     return {"promoted": decision["promoted"], "reason": decision["reason"], **{k: details.get(k) for k in keys}}
 
 

@@ -308,6 +308,10 @@ def test_a_flooding_champion_is_kept_and_named_and_with_recalibrate_kept_its_thr
     assert champion.served_spot() is None
     fresh = threshold_from_state(recalibrated.served_spot())
     assert fresh.threshold_ > champion.threshold_ and np.mean(scores[believed_normal] >= fresh.threshold_) < 0.05
+    # the decision says where the bar was and where it is now: raised here, past the flood
+    bar = decision["recalibrated_bars"][entity]
+    assert bar == {"before": pytest.approx(champion.threshold_), "after": pytest.approx(fresh.threshold_)}
+    assert f"bar {bar['before']:.4g} -> {bar['after']:.4g}" in decision["reason"]
 
 
 @pytest.mark.parametrize("promote_via", ["rollout", "direct"])

@@ -70,6 +70,7 @@ import numpy as np
 from detect.fleet import is_fleet_key
 from detect.kinds import DETECTOR_KINDS
 from detect.state import ServingStore
+from detect.thresholds import threshold_from_state
 from train import registry
 from train.assemble import fitted_bundle, with_recalibrated, with_unchanged_entities
 from train.jobs import init_ray
@@ -318,9 +319,11 @@ def recalibrate(
     the recent rows believed normal (`DetectorKind.recalibrated`), registered as a new version (the
     champion's networks, graphs and drift references) for `promote`. The served threshold was fitted on the
     rows the champion was trained on; after the change that made the monitors drift, those say little
-    about where its tail now lies. What the decision gains: `recalibrated` (entities) and
-    `recalibrated_version`; nothing where no entity could be recalibrated, or where the champion is a
-    compressed variant (its graphs score on their own scale, not that of the FP32 detectors scored here)."""
+    about where its tail now lies. What the decision gains: `recalibrated` (entities),
+    `recalibrated_version` and `recalibrated_bars` (per entity, the bar its next served row is judged
+    against, `before` and `after`: `served_bar`); nothing where no entity could be recalibrated, or where the
+    champion is a compressed variant (its graphs score on their own scale, not that of the FP32 detectors
+    scored here)."""
     if champion.variant != "fp32":
         return {}
     kind = kind_named(model)
@@ -338,14 +341,30 @@ def recalibrate(
         "retrained_from": champion_version,  # its lineage (`registry.lineage`: derived_from)
     }
     version = registry.register_bundle(with_recalibrated(champion, detectors, info), run_id, tags)
-    return {"recalibrated": sorted(detectors), "recalibrated_version": version}
+    bars = {
+        entity: {"before": served_bar(champion.detectors[entity]), "after": served_bar(new)}
+        for entity, new in sorted(detectors.items())
+    }
+    return {"recalibrated": sorted(detectors), "recalibrated_version": version, "recalibrated_bars": bars}
+
+
+def served_bar(det: Any) -> float:
+    """Where a version starts judging an entity's served rows: the threshold of the DSPOT saved with its
+    detector (`served_spot`), or its stored threshold where it has none. Whether a recalibration raised the
+    bar (fewer alerts) or lowered it (more) is what its decision records."""
+    state = det.served_spot()
+    return float(threshold_from_state(state).threshold_ if state else det.threshold_)
 
 
 def recalibration_reason(recalibrated: dict[str, Any], normal_scores: dict[str, np.ndarray]) -> str:
-    rows = ", ".join(f"{e} {len(normal_scores[e])}" for e in recalibrated["recalibrated"])
+    bars = recalibrated["recalibrated_bars"]
+    rows = ", ".join(
+        f"{e} {len(normal_scores[e])} rows, bar {bars[e]['before']:.4g} -> {bars[e]['after']:.4g}"
+        for e in recalibrated["recalibrated"]
+    )
     return (
         "the champion's threshold recalibrated on its scores of the recent rows believed normal "
-        f"({rows} rows) as v{recalibrated['recalibrated_version']}: the same model, alerting where they put its tail"
+        f"({rows}) as v{recalibrated['recalibrated_version']}: the same model, alerting where they put its tail"
     )
 
 
