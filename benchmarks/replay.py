@@ -449,10 +449,10 @@ def replay_entity(platform_: Platform, dataset: str, name: str, args: argparse.N
     log(f"  {entity}: fitted on {len(train)} train rows in {time.perf_counter() - t0:.0f} s")
     drift = DriftConfig.for_period(drift_window_rows(day_rows), mmd_permutations=args.mmd_permutations).to_dict()
     out = []
-    for variant in VARIANTS:
+    for variant in args.variants:
         shift_row = len(values) // 2 if variant == "shift" else None
         rows = values if shift_row is None else inject_mean_shift(values, series.metrics, shift_row)[0]
-        for mode in MODES:
+        for mode in args.modes:
             started = time.perf_counter()
             log(f"  {entity} {variant} {mode}: {len(rows)} rows ({len(rows) / day_rows:.1f} days)")
             version = register_fitted(args.model, {entity: det}, {entity: series.metrics}, {entity: train})
@@ -517,7 +517,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="retraining jobs recalibrate a kept champion (train.retrain --recalibrate; off by default)",
     )
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)} (default: both)"
+    )
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)} (default: both)"
+    )
     args = parser.parse_args(argv)
+    for name, allowed in (("variants", VARIANTS), ("modes", MODES)):
+        chosen_values = [v for v in getattr(args, name).split(",") if v]
+        unknown = sorted(set(chosen_values) - set(allowed))
+        if unknown or not chosen_values:
+            parser.error(f"--{name}: {', '.join(unknown) or 'none given'}; choose from {', '.join(allowed)}")
+        setattr(args, name, tuple(chosen_values))
     args.gate_defaults = (persist, between)  # the platform's, for the report
 
     from detect.data import default_data_dir, list_entities
