@@ -107,6 +107,26 @@ def test_stacked_ensemble_runtime_scores_as_the_detector_and_tails_as_the_series
     assert probability is tails and contributions.shape == (14, test.shape[1])
 
 
+def test_a_compressed_ensemble_takes_its_threshold_by_its_teachers_rule(ensemble, data_dir):
+    """A variant's decision threshold comes from its own validation scores by `decision_threshold`, the rule
+    the FP32 ensemble learnt its own by (`fit_vote`), not by the best validation F1 alone: on asd/omi-1, a
+    third of whose validation rows are incidents, best F1 would flag nearly every row."""
+    from detect.metrics import best_f1
+    from detect.thresholds import decision_threshold
+
+    det, _ = ensemble
+    series = load_series("asd", "omi-1", data_dir)
+    kind = E.kind_of(det)
+    runtime = E.runtime_for(det, E.export_graphs(det))
+    threshold, normal_scores = kind.calibrate_threshold(det, runtime, series)
+    X, y = kind.training_data(series)
+    _, target, _, val = det.prepare(X, y, series.metrics)
+    scores = runtime.score_series(X)[val]
+    chosen = decision_threshold(target[val], scores)
+    assert threshold == chosen.threshold and threshold != best_f1(target[val], scores)[1]
+    np.testing.assert_array_equal(normal_scores, scores[target[val] == 0])
+
+
 def test_int8_is_smaller_and_keeps_quality(sequence_models, omi2):
     for name, det in sequence_models.items():
         fp32 = E.export_graphs(det)

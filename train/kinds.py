@@ -27,7 +27,7 @@ from detect.features import entity_windows
 from detect.kinds import KindTraits, traits_of
 from detect.runtime import EnsembleRuntime, SequenceRuntime, smooth_causal
 from detect.sequence import SEQUENCE_DETECTORS, SequenceConfig, train_epochs
-from detect.thresholds import spot_state
+from detect.thresholds import decision_threshold, spot_state
 from train.boosters import train_boosters_with_ray
 from train.distill import StudentConfig, distill_ensemble, distill_sequence
 from train.export import EVIDENCE_PREFIX, evidence_graphs, export_ensemble, export_sequence
@@ -313,9 +313,9 @@ class EnsembleKind(DetectorKind):
         X, y = self.training_data(series)
         _, target, _, val_mask = det.prepare(X, y, series.metrics)
         val_scores = runtime.score_series(X)[val_mask]
-        _, thr = M.best_f1(target[val_mask], val_scores)
-        # as the teacher's: the served SPOT starts from the tail of the validation rows that are normal
-        return (thr if np.isfinite(thr) else 0.5), val_scores[target[val_mask] == 0]
+        # by the teacher's rule (`EnsembleDetector.fit_vote`), on the variant's own validation scores
+        chosen = decision_threshold(target[val_mask], val_scores)
+        return chosen.threshold, val_scores[target[val_mask] == 0]
 
     def recalibrated(self, det, normal_scores):
         """None: the incident predictor's threshold is its decision threshold on labelled validation rows
