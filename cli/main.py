@@ -462,7 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--jobs",
         type=int,
         default=1,
-        help="(entity, detector) pairs evaluated at once, each in a process of its own; the same figures",
+        help=(
+            "(entity, detector) pairs evaluated at once, each in a process of its own with its share of the cores; "
+            "torch fits with fewer threads can differ in the last digits (README)"
+        ),
     )
     ev.set_defaults(func=cmd_evaluate)
 

@@ -20,6 +20,7 @@ as theirs (nested in the ensemble's own).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -37,6 +38,22 @@ from detect.synthetic import inject_incidents
 from detect.thresholds import DecisionThreshold, decision_threshold
 
 log = logging.getLogger(__name__)
+
+#: environment variable naming how many threads an in-process fit may use (`fit_threads`)
+FIT_THREADS_ENV = "RAYWATCH_FIT_THREADS"
+
+
+def fit_threads() -> int:
+    """Threads the members' in-process fits use (XGBoost, LightGBM, the forest): `RAYWATCH_FIT_THREADS`, else
+    `OMP_NUM_THREADS` (Ray sets it to a task's CPUs), else 2. Processes that fit side by side must share
+    the cores: `raywatch evaluate --jobs 2` on 2 cores, with 2 threads in each worker's OpenMP pools,
+    took 38 s for two entities where one worker took 20 s (detect.evaluate gives each worker its share)."""
+    for name in (FIT_THREADS_ENV, "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 2
+
 
 MEMBERS = ("rf", "xgb", "lgbm", "logistic")
 # where the labels hold no incident, inject one per this many rows (at least MIN_INJECTED) to learn from
@@ -143,7 +160,7 @@ def xgb_params(cfg: EnsembleConfig, pos_weight: float, n_features: int) -> dict[
         "eta": cfg.xgb_eta,
         "scale_pos_weight": pos_weight,
         "seed": cfg.seed,
-        "nthread": 2,
+        "nthread": fit_threads(),
         "tree_method": "hist",
         **({"monotone_constraints": "(" + ",".join(map(str, monotone)) + ")"} if monotone else {}),
     }
@@ -158,7 +175,7 @@ def lgbm_params(cfg: EnsembleConfig, pos_weight: float, n_features: int) -> dict
         "verbose": -1,
         "scale_pos_weight": pos_weight,
         "seed": cfg.seed,
-        "num_threads": 2,
+        "num_threads": fit_threads(),
         **({"monotone_constraints": monotone} if monotone else {}),
     }
 
@@ -284,7 +301,7 @@ class EnsembleDetector(Detector):
         self.rf_ = RandomForestClassifier(
             n_estimators=cfg.rf_trees,
             max_depth=cfg.rf_max_depth,
-            n_jobs=2,
+            n_jobs=fit_threads(),
             class_weight="balanced_subsample",
             random_state=cfg.seed,
             monotonic_cst=monotone_constraints(cfg, n),
@@ -338,7 +355,7 @@ class EnsembleDetector(Detector):
             "objective": "multiclass",
             "num_class": len(self.kind_names_),
             "verbose": -1,
-            "num_threads": 2,
+            "num_threads": fit_threads(),
             "seed": self.config.seed,
             "learning_rate": 0.1,
             "num_leaves": 15,

@@ -14,12 +14,13 @@ detector that cannot score an entity leaves a null record, never an abort.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -206,7 +207,8 @@ def evaluate(
     jobs: int = 1,
 ) -> dict[str, Any]:
     """Every detector on every entity. With `jobs` > 1 that many (entity, detector) pairs run at once, each
-    in a process of its own; the records are the same and come in the same order as one at a time."""
+    in a process of its own with its share of the cores (`worker_pool`); the records come in the same order
+    as one at a time, and are the same but where torch's fewer threads move a last digit (README)."""
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
     detectors = parse_detectors(detectors)
@@ -236,14 +238,11 @@ def evaluate_pair(series: Series, name: str) -> dict[str, Any]:
 def _evaluate_in_processes(
     pairs: list[tuple[Series, str]], jobs: int, progress: Callable[[str], None] | None
 ) -> list[dict[str, Any]]:
-    """`evaluate_pair` of every pair in `jobs` fresh processes (spawned: a forked copy of a process that
-    has torch's thread pools is not safe), reported as each finishes, returned in the pairs' order."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    """`evaluate_pair` of every pair in `jobs` worker processes (`worker_pool`), reported as each finishes,
+    returned in the pairs' order."""
+    from concurrent.futures import as_completed
 
-    with ProcessPoolExecutor(
-        max_workers=min(jobs, len(pairs)), mp_context=multiprocessing.get_context("spawn")
-    ) as pool:
+    with worker_pool(min(jobs, len(pairs))) as pool:
         futures = {pool.submit(evaluate_pair, series, name): i for i, (series, name) in enumerate(pairs)}
         results: list[dict[str, Any]] = [{} for _ in pairs]
         for future in as_completed(futures):
@@ -252,6 +251,73 @@ def _evaluate_in_processes(
             if progress:
                 progress(f"{pairs[i][0].name}: {pairs[i][1]} done")
     return results
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[Any]:
+    """A pool of `workers` fresh processes (spawned: a forked copy of a process that has torch's thread
+    pools is not safe), each with its share of the cores for its thread pools (`worker_threads`). torch's
+    results differ in their last digits with its thread count, and a threshold can turn that into a
+    different alert: `--jobs 2` reads the same entities with 1 thread each where `--jobs 1` reads them with
+    all the cores (README, Quality)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = worker_threads(workers)
+    with (
+        _environment(worker_thread_environment(threads)),  # inherited by the workers, started by the submits
+        ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_limit_threads,
+            initargs=(threads,),
+        ) as pool,
+    ):
+        yield pool
+
+
+def worker_threads(workers: int) -> int:
+    """Each worker's share of the machine's cores (at least 1), unless the user set OMP_NUM_THREADS."""
+    import os
+
+    user = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(user) if user.isdigit() and int(user) > 0 else max(1, (os.cpu_count() or 1) // workers)
+
+
+def worker_thread_environment(threads: int) -> dict[str, str]:
+    """What a worker process reads its thread pools' sizes from as it starts: OpenMP's and the BLAS
+    libraries' (XGBoost, LightGBM, numpy, torch) and the ensemble's own (`detect.ensemble.fit_threads`).
+    Workers that each start pools as large as the machine, side by side, spin against each other: on 2
+    cores `--jobs 2` was twice as slow as `--jobs 1` (38 s against 20 s for two SMD entities)."""
+    from detect.ensemble import FIT_THREADS_ENV
+
+    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", FIT_THREADS_ENV)
+    return {name: str(threads) for name in names}
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """`values` set in os.environ inside the block (child processes started there inherit them), then
+    restored."""
+    import os
+
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _limit_threads(threads: int) -> None:
+    """A worker's torch intra-op pool to its share of the cores (torch sizes it by the machine's)."""
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _fmt(value: Any) -> str:
