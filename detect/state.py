@@ -55,10 +55,15 @@ def file_stamp(path: str | Path) -> tuple[int, ...] | None:
     """Modification stamp of an SQLite file and its write-ahead log (None when missing): a reader that
     caches what the file holds checks this, a stat call, instead of querying it each time."""
     path = str(path)
-    try:
-        return tuple(os.stat(p).st_mtime_ns for p in (path, path + "-wal") if os.path.exists(p)) or None
-    except OSError:
-        return None
+    stamp = []
+    for p in (path, path + "-wal"):  # one stat each (no exists() first: the ingress calls this per request)
+        try:
+            stamp.append(os.stat(p).st_mtime_ns)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+    return tuple(stamp) or None
 
 
 def create(path: Path, schema: Iterable[str]) -> None:
