@@ -48,11 +48,16 @@ def fit_threads() -> int:
     `OMP_NUM_THREADS` (Ray sets it to a task's CPUs), else 2. Processes that fit side by side must share
     the cores: `raywatch evaluate --jobs 2` on 2 cores, with 2 threads in each worker's OpenMP pools,
     took 38 s for two entities where one worker took 20 s (detect.evaluate gives each worker its share)."""
-    for name in (FIT_THREADS_ENV, "OMP_NUM_THREADS"):
+    return environment_threads(FIT_THREADS_ENV, "OMP_NUM_THREADS") or 2
+
+
+def environment_threads(*names: str) -> int | None:
+    """The first of the environment variables `names` set to a positive whole number, or None."""
+    for name in names:
         value = os.environ.get(name, "").strip()
         if value.isdigit() and int(value) > 0:
             return int(value)
-    return 2
+    return None
 
 
 MEMBERS = ("rf", "xgb", "lgbm", "logistic")

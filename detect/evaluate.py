@@ -258,8 +258,8 @@ def worker_pool(workers: int) -> Iterator[Any]:
     """A pool of `workers` fresh processes (spawned: a forked copy of a process that has torch's thread
     pools is not safe), each with its share of the cores for its thread pools (`worker_threads`). torch's
     results differ in their last digits with its thread count, and a threshold can turn that into a
-    different alert: `--jobs 2` reads the same entities with 1 thread each where `--jobs 1` reads them with
-    all the cores (README, Quality)."""
+    different alert: on 2 cores `--jobs 2` fits with 1 thread in each worker where `--jobs 1` fits with
+    2 (README, Quality)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -280,8 +280,9 @@ def worker_threads(workers: int) -> int:
     """Each worker's share of the machine's cores (at least 1), unless the user set OMP_NUM_THREADS."""
     import os
 
-    user = os.environ.get("OMP_NUM_THREADS", "").strip()
-    return int(user) if user.isdigit() and int(user) > 0 else max(1, (os.cpu_count() or 1) // workers)
+    from detect.ensemble import environment_threads
+
+    return environment_threads("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // workers)
 
 
 def worker_thread_environment(threads: int) -> dict[str, str]:
