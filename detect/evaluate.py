@@ -263,15 +263,9 @@ def worker_pool(workers: int) -> Iterator[Any]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    threads = worker_threads(workers)
     with (
-        _environment(worker_thread_environment(threads)),  # inherited by the workers, started by the submits
-        ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_limit_threads,
-            initargs=(threads,),
-        ) as pool,
+        _environment(worker_thread_environment(worker_threads(workers))),  # inherited by the workers the submits start
+        ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool,
     ):
         yield pool
 
@@ -286,8 +280,9 @@ def worker_threads(workers: int) -> int:
 
 
 def worker_thread_environment(threads: int) -> dict[str, str]:
-    """What a worker process reads its thread pools' sizes from as it starts: OpenMP's and the BLAS
-    libraries' (XGBoost, LightGBM, numpy, torch) and the ensemble's own (`detect.ensemble.fit_threads`).
+    """What a worker process reads its thread pools' sizes from as it starts: OpenMP's, which torch's
+    intra-op pool follows too, the BLAS libraries' (XGBoost, LightGBM, numpy) and the ensemble's own
+    (`detect.ensemble.fit_threads`).
     Workers that each start pools as large as the machine, side by side, spin against each other: on 2
     cores `--jobs 2` was twice as slow as `--jobs 1` (38 s against 20 s for two SMD entities)."""
     from detect.ensemble import FIT_THREADS_ENV
@@ -312,13 +307,6 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-
-
-def _limit_threads(threads: int) -> None:
-    """A worker's torch intra-op pool to its share of the cores (torch sizes it by the machine's)."""
-    import torch
-
-    torch.set_num_threads(threads)
 
 
 def _fmt(value: Any) -> str:
