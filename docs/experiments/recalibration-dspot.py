@@ -84,8 +84,9 @@ def judged(labels: np.ndarray, scores: np.ndarray, thresholds: np.ndarray) -> tu
     return M.f1_at(labels, scores, thresholds), precision, recall
 
 
-def measure(cases) -> dict[tuple[str, str], list[tuple[float, float, float]]]:
-    out: dict[tuple[str, str], list] = {}
+def fitted(cases):
+    """Each case with an incident after its midpoint, with the replay's autoencoder fitted on its train
+    split: (name, detector, train, test, labels, metrics, rows per day, midpoint)."""
     for name, train, test, (labels, metrics, day) in cases:
         half = len(test) // 2
         if not labels[half:].any():
@@ -93,6 +94,12 @@ def measure(cases) -> dict[tuple[str, str], list[tuple[float, float, float]]]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             det = AutoencoderDetector(epochs=3, hidden=32).fit(train, metrics)
+        yield name, det, train, test, labels, metrics, day, half
+
+
+def measure(cases) -> dict[tuple[str, str], list[tuple[float, float, float]]]:
+    out: dict[tuple[str, str], list] = {}
+    for name, det, _, test, labels, metrics, day, half in fitted(cases):
         job = half + 2 * drift_window_rows(day)
         for variant, rows in (("as_is", test), ("shift", inject_mean_shift(test, metrics, half)[0])):
             scores = det.score(rows)

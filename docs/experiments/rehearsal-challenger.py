@@ -24,13 +24,9 @@ spec.loader.exec_module(rd)
 which = sys.argv[1] if len(sys.argv) > 1 else "shipped"
 cases = rd.cases_shipped(str(ROOT / "data")) if which == "shipped" else rd.cases_synthetic()
 rule = PromotionRule()
-for name, train, test, (labels, metrics, day) in cases:
-    half = len(test) // 2
-    if not labels[half:].any():
-        continue
+for name, champ, train, test, labels, metrics, day, half in rd.fitted(cases):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        champ = AutoencoderDetector(epochs=3, hidden=32).fit(train, metrics)
         job = half + 2 * drift_window_rows(day)
         rows = inject_mean_shift(test, metrics, half)[0]
         recent = rows[half:job]
