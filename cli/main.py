@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from detect.data import TelemetryError
 from detect.kinds import DETECTOR_KINDS
@@ -400,13 +401,19 @@ def _relative(path: str) -> str:
         return path
 
 
+def _describe_deployment(dep: dict[str, Any]) -> str:
+    """'HEALTHY, replicas: 2 RUNNING' from `cluster.lifecycle.status`'s entry for a deployment."""
+    replicas = ", ".join(f"{n} {state}" for state, n in dep["replicas"].items()) or "no replicas"
+    return f"{dep['status']}, replicas: {replicas}"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from cluster.lifecycle import status
 
     out = status()
     print(f"Ray: {out['state']['address']}  dashboard: {out['state'].get('dashboard')}")
     for name, dep in out["deployments"].items():
-        print(f"  deployment {name}: {dep}")
+        print(f"  deployment {name}: " + (_describe_deployment(dep) if isinstance(dep, dict) else str(dep)))
     for model, rows in out["models"].items():
         listed = ", ".join(f"v{r['version']}" + (f"[{','.join(r['aliases'])}]" if r["aliases"] else "") for r in rows)
         print(f"  {model}: {listed or 'no versions'}")

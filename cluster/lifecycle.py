@@ -185,6 +185,11 @@ def urls(state: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def _state_name(state: Any) -> str:
+    """A Serve status enum as its value ("HEALTHY", "RUNNING"), not its repr ("DeploymentStatus.HEALTHY")."""
+    return str(getattr(state, "value", state))
+
+
 def status() -> dict[str, Any]:
     """Deployments and replicas, model versions, recent drift events, jobs."""
     state = read_state()
@@ -203,7 +208,13 @@ def status() -> dict[str, Any]:
     try:
         app = serve.status().applications.get(APP)
         out["deployments"] = (
-            {name: {"status": str(d.status), "replicas": dict(d.replica_states)} for name, d in app.deployments.items()}
+            {
+                name: {
+                    "status": _state_name(d.status),
+                    "replicas": {_state_name(k): n for k, n in d.replica_states.items()},
+                }
+                for name, d in app.deployments.items()
+            }
             if app
             else {}
         )

@@ -117,6 +117,7 @@ def test_up_on_a_fresh_machine_then_ray_tools_as_typed(data_dir, mlflow_store, t
         status = subprocess.run([cli, "status"], env=env, capture_output=True, text=True, timeout=300)
         assert status.returncode == 0, status.stderr[-3000:]
         assert "AutoencoderDetector" in status.stdout and "v1[champion]" in status.stdout
+        assert "deployment RaywatchAPI: HEALTHY, replicas: 1 RUNNING" in status.stdout, status.stdout  # no enum reprs
     finally:
         down = subprocess.run([cli, "down"], env=env, capture_output=True, text=True, timeout=300)
     assert down.returncode == 0, down.stderr[-3000:]
