@@ -513,12 +513,14 @@ def build_parser() -> argparse.ArgumentParser:
     wa.set_defaults(func=cmd_watch)
 
     tu = sub.add_parser("tune", help="Ray Tune search (ASHA + Optuna); records the best config for `train`")
-    tu.add_argument("--model", required=True, choices=DETECTOR_KINDS)
-    tu.add_argument("--data")
+    tu.add_argument("--model", required=True, choices=DETECTOR_KINDS, help="the detector kind to search for")
+    tu.add_argument("--data", help="telemetry directory (default: $RAYWATCH_DATA or the shipped data/)")
     tu.add_argument("--entities", help="entities whose training series the search uses; default asd/omi-1")
-    tu.add_argument("--num-samples", type=int, default=8)
-    tu.add_argument("--max-epochs", type=int, default=8)
-    tu.add_argument("--scheduler", choices=["asha", "none"], default="asha")
+    tu.add_argument("--num-samples", type=int, default=8, help="trials (default 8)")
+    tu.add_argument("--max-epochs", type=int, default=8, help="most epochs a trial trains (default 8)")
+    tu.add_argument(
+        "--scheduler", choices=["asha", "none"], default="asha", help="asha stops poor trials early (default)"
+    )
     tu.set_defaults(func=cmd_tune)
 
     # its options are train.compress's own (`raywatch compress --help` prints them): one parser for both commands
@@ -536,18 +538,18 @@ def build_parser() -> argparse.ArgumentParser:
         default="high-throughput",
         help="high-throughput: Ray 2.60's HAProxy ingress and gRPC between replicas",
     )
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--host", default="127.0.0.1", help="the address the HTTP API listens on (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="the HTTP API's port (default 8000)")
     sv.add_argument("--detach", action="store_true", help="return after deploying (with RAY_ADDRESS it always does)")
     sv.set_defaults(func=cmd_serve)
 
     pr = sub.add_parser("promote", help="set the champion alias (the old champion becomes `previous`)")
     pr.add_argument("model", help="autoencoder, lstm, ensemble (or raywatch-<model>)")
-    pr.add_argument("version")
+    pr.add_argument("version", help="the registered version to make champion (`raywatch models` lists them)")
     pr.set_defaults(func=cmd_promote)
 
     rb = sub.add_parser("rollback", help="restore the previous champion")
-    rb.add_argument("model")
+    rb.add_argument("model", help="autoencoder, lstm, ensemble (or raywatch-<model>)")
     rb.set_defaults(func=cmd_rollback)
 
     ro = sub.add_parser(
@@ -556,8 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="With VERSION: start a rollout (admin key from RAYWATCH_ADMIN_KEYS_FILE or RAYWATCH_ADMIN_KEYS). "
         "Without: print the model's rollout. Steps, guards and the test: README, 'Rollouts'.",
     )
-    ro.add_argument("model", choices=DETECTOR_KINDS)
-    ro.add_argument("version", nargs="?")
+    ro.add_argument("model", choices=DETECTOR_KINDS, help="the detector kind")
+    ro.add_argument("version", nargs="?", help="the version to roll out (omit it to print the current rollout)")
     ro.add_argument("--steps", help="challenger shares in %%, comma-separated, ending at 100 (default 5,25,100)")
     ro.add_argument("--hold-s", type=float, help="least time each step is held (default 60)")
     ro.add_argument("--min-requests", type=int, help="least canary calls before a step advances (default 200)")
@@ -577,14 +579,14 @@ def build_parser() -> argparse.ArgumentParser:
         "response", nargs="?", default="-", help="a /v1/score or /v1/score/batch response (JSON); - reads stdin"
     )
     li.add_argument("--model", choices=DETECTOR_KINDS, help="with --version: one version instead of a response")
-    li.add_argument("--version")
+    li.add_argument("--version", help="with --model: the version to resolve")
     li.set_defaults(func=cmd_lineage)
 
     gen = sub.add_parser("generate", help="write a synthetic fleet with labelled incidents to CSV or Parquet")
-    gen.add_argument("--machines", type=int, default=4)
+    gen.add_argument("--machines", type=int, default=4, help="machines in the fleet (default 4)")
     gen.add_argument("--steps", type=int, default=4320, help="samples per machine (1-minute steps)")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--out", default="fleet.csv")
+    gen.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same fleet")
+    gen.add_argument("--out", default="fleet.csv", help="output file; .parquet writes Parquet, else CSV")
     gen.set_defaults(func=cmd_generate)
 
     u = sub.add_parser("up", help="start a local Ray head (or join RAY_ADDRESS), train if needed, serve, monitor")
@@ -595,7 +597,12 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument(
         "--dashboard-port", type=int, default=8265, help="the Ray dashboard and job server (a free port if taken)"
     )
-    u.add_argument("--mode", choices=["high-throughput", "default"], default="high-throughput")
+    u.add_argument(
+        "--mode",
+        choices=["high-throughput", "default"],
+        default="high-throughput",
+        help="high-throughput: Ray 2.60's HAProxy ingress and gRPC between replicas",
+    )
     u.add_argument("--epochs", type=int, help="epochs for models trained by `up`")
     u.add_argument(
         "--source", help="a Prometheus source config: train from its history, and start the watcher (a Ray actor)"
@@ -609,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     de = sub.add_parser("demo", help="the whole platform on this machine: evaluate, up, replay with drift, retrain")
     de.add_argument("--data", help="the shipped benchmark sets (default $RAYWATCH_DATA or the shipped data/)")
     de.add_argument("--workdir", default="runs/demo", help="the demo's own registry, state and data (recreated)")
-    de.add_argument("--port", type=int, default=8000)
+    de.add_argument("--port", type=int, default=8000, help="the Serve API's port (default 8000)")
     de.add_argument("--ray-port", type=int, default=6379, help="the Ray head's GCS (a free port if this one is taken)")
     de.add_argument("--dashboard-port", type=int, default=8265, help="the Ray dashboard and job server (ditto)")
     de.set_defaults(func=cmd_demo)

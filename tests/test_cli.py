@@ -23,6 +23,19 @@ def test_every_help_page_prints(argv, capsys):
     assert "usage: raywatch" in capsys.readouterr().out
 
 
+def test_every_option_and_argument_says_what_it_is_for():
+    """Each subcommand's `--help` explains every option and positional argument it lists (`compress` hands
+    its options to train.compress, whose own parser is tested below)."""
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+    bare = [
+        f"raywatch {name} {action.option_strings[0] if action.option_strings else action.dest}"
+        for name, sub in subparsers.choices.items()
+        for action in sub._actions  # noqa: SLF001
+        if not isinstance(action, argparse._HelpAction) and not action.help  # noqa: SLF001
+    ]
+    assert not bare, f"options without help: {bare}"
+
+
 @pytest.mark.parametrize("module", JOB_ENTRY_POINTS)
 def test_every_job_entry_point_prints_its_help(module, capsys):
     import importlib
