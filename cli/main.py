@@ -616,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     de = sub.add_parser("demo", help="the whole platform on this machine: evaluate, up, replay with drift, retrain")
     de.add_argument("--data", help="the shipped benchmark sets (default $RAYWATCH_DATA or the shipped data/)")
     de.add_argument("--workdir", default="runs/demo", help="the demo's own registry, state and data (recreated)")
-    de.add_argument("--port", type=int, default=8000, help="the Serve API's port (default 8000)")
+    de.add_argument("--port", type=int, default=8000, help="the Serve API (a free port if this one is taken)")
     de.add_argument("--ray-port", type=int, default=6379, help="the Ray head's GCS (a free port if this one is taken)")
     de.add_argument("--dashboard-port", type=int, default=8265, help="the Ray dashboard and job server (ditto)")
     de.set_defaults(func=cmd_demo)

@@ -264,7 +264,8 @@ def run_demo(
     )
     for name, url in urls(state).items():
         progress(f"  {name:10s} {url}")
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+    # `up` moves the API to a free port when the one asked for is taken: talk to the one it chose
+    client = httpx.Client(base_url=f"http://127.0.0.1:{state['serve_port']}", timeout=120)
     before = {
         m: v["slots"].get("champion", {}).get("version") for m, v in client.get("/v1/models").json()["models"].items()
     }
