@@ -389,11 +389,13 @@ def replica_counts() -> dict[str, Any]:
     """Running replicas of the raywatch app's deployments now (autoscaling acts during a run)."""
     from ray import serve
 
+    from cluster.lifecycle import state_name
+
     app = serve.status().applications.get("raywatch")
     if app is None:
         return {}
     counts = {
-        name: sum(n for state, n in d.replica_states.items() if str(getattr(state, "value", state)) == "RUNNING")
+        name: sum(n for state, n in d.replica_states.items() if state_name(state) == "RUNNING")
         for name, d in app.deployments.items()
     }
     return {"replicas": " ".join(f"{name.removesuffix('Detector')}:{n}" for name, n in sorted(counts.items()))}

@@ -185,7 +185,7 @@ def urls(state: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def _state_name(state: Any) -> str:
+def state_name(state: Any) -> str:
     """A Serve status enum as its value ("HEALTHY", "RUNNING"), not its repr ("DeploymentStatus.HEALTHY")."""
     return str(getattr(state, "value", state))
 
@@ -210,8 +210,8 @@ def status() -> dict[str, Any]:
         out["deployments"] = (
             {
                 name: {
-                    "status": _state_name(d.status),
-                    "replicas": {_state_name(k): n for k, n in d.replica_states.items()},
+                    "status": state_name(d.status),
+                    "replicas": {state_name(k): n for k, n in d.replica_states.items()},
                 }
                 for name, d in app.deployments.items()
             }

@@ -102,9 +102,11 @@ def ingress_replicas() -> list:
 def running_ingress() -> int:
     from ray import serve
 
+    from cluster.lifecycle import state_name
+
     app = serve.status().applications["raywatch"]
     states = app.deployments["RaywatchAPI"].replica_states
-    return sum(n for state, n in states.items() if str(getattr(state, "value", state)) == "RUNNING")
+    return sum(n for state, n in states.items() if state_name(state) == "RUNNING")
 
 
 def kill_under_load(url: str, rate: float) -> tuple[list, float, list[float]]:
