@@ -10,7 +10,7 @@ DATA ?= data
 TORCH_INDEX ?=
 PIP_TORCH_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
-.PHONY: install demo test lint clean bench-attribution bench-stacking bench-compression bench-drift bench-replay bench-rate-limit bench-spot bench-scale bench-ingress-memory bench-no-hop bench bench-tools soak
+.PHONY: install demo test lint clean bench-attribution bench-stacking bench-compression bench-drift bench-replay bench-rate-limit bench-spot bench-scale bench-ingress-memory bench-alert-book bench-no-hop bench bench-tools soak
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,9 @@ bench-scale: $(STAMP)
 # what the ingress keeps per machine: live bytes and resident-memory growth of its state, no Serve (about 6 min)
 bench-ingress-memory: $(STAMP)
 	$(BIN)/python benchmarks/ingress_memory.py
+
+bench-alert-book: $(STAMP)
+	$(BIN)/python benchmarks/alert_book.py
 
 # single rows with and without the ingress-to-detector hop (in_ingress), beside echo and the FastAPI peer
 bench-no-hop: $(STAMP) bench-tools

@@ -61,6 +61,24 @@ def hold_peaks(
     return out, current
 
 
+def hold_peaks_across(
+    contributions: np.ndarray, half_life_rows: float = HALF_LIFE_ROWS, held: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`hold_peaks` of one row of each of many series at once: (series, metrics) contributions, row i the
+    next row of series i, and `held` (series, metrics) each series' held values before it (None: nothing
+    held yet). Returns (each row's held contributions, with the tie-break; the held values to pass with the
+    series' next rows). The same operations per element as `hold_peaks`, so the same values: the ingress
+    holds a snapshot's one row per entity in a few numpy calls, not a Python loop per entity and metric."""
+    raw = np.asarray(contributions, dtype=np.float64)
+    decay = decay_per_row(half_life_rows)
+    if decay == 0:
+        return raw, raw.copy()
+    prior = np.zeros(raw.shape) if held is None else decay * np.asarray(held, dtype=np.float64)
+    last = np.fmax(np.minimum(raw, CAP), prior, out=prior)  # a NaN gives way to the held value
+    size = np.where(np.isnan(raw), 0.0, np.fmin(np.abs(raw), 1e300))
+    return last + TIE_BREAK * size / (size + CAP), last
+
+
 def hold_peak_row(
     contribution: list[float], half_life_rows: float = HALF_LIFE_ROWS, held: list[float] | None = None
 ) -> tuple[list[float], list[float]]:

@@ -1002,7 +1002,7 @@ class RaywatchAPI:
         served = ServedColumnsBuilder()  # for the drift monitors: one set of columns per model, not a dict per row
         served_rows: dict[tuple[str, str], int] = {}  # (detector, path served) -> rows
         alert_changes: dict[tuple[str, str], int] = {}  # (detector, "opened" | "closed") -> alerts
-        out = []
+        out, observed = [], []  # per entity, per detector: what was served; the alert book's calls, in order
         for (entity, new, metrics, timestamps), (rows, plans) in zip(batch, planned):
             scored = {}
             for plan in plans:
@@ -1015,13 +1015,18 @@ class RaywatchAPI:
                         plan.name, entity, arrays["scores"], arrays["threshold"]
                     )
                 spot = self._served_spot(infos[plan.name], plan, path, ref)
-                arrays["alerts"], arrays["threshold"] = self.alerts.observe(plan.name, entity, arrays, timestamps, spot)
+                observed.append((plan.name, entity, arrays, timestamps, spot))
+            out.append(scored)
+        book = iter(self.alerts.observe_many(observed))  # a snapshot's held attribution in one pass
+        for (entity, new, _, timestamps), (_, plans), scored in zip(batch, planned, out):
+            for plan in plans:
+                path, _, arrays = scored[plan.name]
+                arrays["alerts"], arrays["threshold"] = next(book)
                 thresholds = S.row_thresholds(arrays)
                 served.add(
                     plan.name, entity, timestamps, new, path, arrays["scores"], thresholds, plan.item.get("model_key")
                 )
                 _tally_alert_changes(alert_changes, plan.name, arrays["alerts"])
-            out.append(scored)
         for model, rows in served.batches():
             self.monitor_feed.offer(model, rows)
         self._count_served(served_rows)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from detect.alerting import Alert, AlertAwareSpot, AlertGrouper
-from detect.attribution import hold_peak_row, hold_peaks
+from detect.attribution import hold_peak_row, hold_peaks, hold_peaks_across
 from detect.fleet import EntityStats, OwnThreshold, Sampler
 from detect.thresholds import threshold_from_state
 
@@ -229,12 +229,36 @@ class AlertBook:
         (`detect.alerting.AlertAwareSpot`, what `raywatch evaluate` judges): the thresholds
         come back as an array. Without it (a fleet model's new entity, the fallback baseline, a bundle
         saved before served SPOT), every row is judged against `arrays["threshold"]`, returned as it was."""
-        tracked = self._of(detector, entity)
+        return self._observe(self._of(detector, entity), arrays, timestamps, spot)
+
+    def observe_many(self, calls: Sequence[tuple[str, str, dict[str, Any], Sequence[Any], SpotSeed | None]]) -> list:
+        """`observe` for many (detector, entity, arrays, timestamps, spot) at once, each pair at most once (a
+        request's entities): the held attribution of every pair's one new row (a snapshot's) is computed in
+        one pass over all of them (`detect.attribution.hold_peaks_across`). The same results as `observe`
+        called for each in turn."""
+        tracked = [self._of(detector, entity) for detector, entity, *_ in calls]
+        held = self._hold_peaks_of_rows([(t, call[2]) for t, call in zip(tracked, calls)])
+        return [
+            self._observe(t, arrays, timestamps, spot, peaks_held)
+            for t, (_, _, arrays, timestamps, spot), peaks_held in zip(tracked, calls, held)
+        ]
+
+    def _observe(
+        self,
+        tracked: _Tracked,
+        arrays: dict[str, Any],
+        timestamps: Sequence[Any],
+        spot: SpotSeed | None,
+        peaks_held: bool = False,
+    ) -> tuple[list, Any]:
         learning = self._spot(tracked, spot)
         scores, metrics = np.asarray(arrays["scores"], dtype=np.float64), arrays["metrics"]
         threshold = float(arrays["threshold"])  # every row's, unless SPOT judges them (set per row below)
         thresholds = arrays["threshold"] if learning is None else np.empty(len(scores))
-        top, top_values = self._hold_peaks(tracked, arrays, len(metrics))
+        if peaks_held:
+            top, top_values = arrays["top"], arrays["top_values"]
+        else:
+            top, top_values = self._hold_peaks(tracked, arrays, len(metrics))
         n, out = tracked.grouper.n, []
         for i, score in enumerate(scores.tolist()):
             if learning is not None:
@@ -285,6 +309,40 @@ class AlertBook:
         top = np.argsort(-held, axis=1, kind="stable")[:, : top.shape[1]]
         arrays["top"], arrays["top_values"] = top, held[each, top]
         return top, arrays["top_values"]
+
+    @staticmethod
+    def _hold_peaks_of_rows(pairs: list[tuple[_Tracked, dict[str, Any]]]) -> list[bool]:
+        """`_hold_peaks` for every pair whose arrays hold one row, in one numpy pass per (metric count,
+        half-life, top width); written back into their arrays and held values. Returns, per pair, whether
+        it was held here (the others, of several rows or without a hold, are held by `_hold_peaks`)."""
+        groups: dict[tuple[int, float, int], list[int]] = {}
+        for i, (_, arrays) in enumerate(pairs):
+            top, half_life = np.asarray(arrays["top"]), arrays.get("attribution_half_life_rows") or 0
+            if half_life and top.ndim == 2 and len(top) == 1 and top.shape[1]:
+                groups.setdefault((len(arrays["metrics"]), half_life, top.shape[1]), []).append(i)
+        done = [False] * len(pairs)
+        for (n_metrics, half_life, width), idx in groups.items():
+            tops = np.concatenate([np.asarray(pairs[i][1]["top"]) for i in idx])
+            values = np.concatenate([np.asarray(pairs[i][1]["top_values"], dtype=np.float64) for i in idx])
+            rows = np.zeros((len(idx), n_metrics))
+            rows[np.arange(len(idx))[:, None], tops] = values
+            before = np.zeros((len(idx), n_metrics))
+            for k, i in enumerate(idx):
+                held = pairs[i][0].held
+                if held is not None and len(held) == n_metrics:
+                    before[k] = held
+            out, last = hold_peaks_across(rows, half_life, before)
+            order = np.argsort(-out, axis=1, kind="stable")[:, :width]
+            order_values = np.take_along_axis(out, order, axis=1)
+            for k, i in enumerate(idx):
+                tracked, arrays = pairs[i]
+                if tracked.held is not None and len(tracked.held) == n_metrics:
+                    tracked.held[:] = last[k]  # in place, as `_hold_peaks`
+                else:
+                    tracked.held = last[k].copy()  # its own array, not a view of this request's
+                arrays["top"], arrays["top_values"] = order[k : k + 1], order_values[k : k + 1]
+                done[i] = True
+        return done
 
     @staticmethod
     def _hold_peak_row(

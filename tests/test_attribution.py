@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from detect.attribution import CAP, HALF_LIFE_ROWS, hold_peak_row, hold_peaks
+from detect.attribution import CAP, HALF_LIFE_ROWS, hold_peak_row, hold_peaks, hold_peaks_across
 
 
 def test_a_peak_fades_by_half_each_half_life_and_a_higher_one_takes_over():
@@ -60,3 +60,23 @@ def test_one_row_in_python_floats_holds_exactly_what_hold_peaks_holds():
         np.testing.assert_array_equal(out, expected[t])
     np.testing.assert_array_equal(held, expected_last)
     assert hold_peak_row([1.0, 2.0], half_life_rows=0) == ([1.0, 2.0], [1.0, 2.0])
+
+
+def test_one_row_of_many_series_at_once_holds_exactly_what_each_series_holds_alone():
+    """`hold_peaks_across` (the ingress's one pass over a snapshot's entities) gives each series the values
+    `hold_peak_row` gives it row by row, bit for bit, whatever the others hold (NaN, infinities, values past
+    the cap among them), from nothing held as from something."""
+    rng = np.random.default_rng(4)
+    series = rng.exponential(1.0, (50, 7, 6))  # rows x series x metrics
+    series[3, 0, 1], series[8, 2, 0], series[9, 4, 5], series[20, 6, 2] = np.nan, np.inf, 1e9, -np.inf
+    alone: list[list[float] | None] = [None] * series.shape[1]
+    held = None
+    for row in series:
+        out, held = hold_peaks_across(row, HALF_LIFE_ROWS, held)
+        for i, contribution in enumerate(row):
+            expected, alone[i] = hold_peak_row(contribution.tolist(), HALF_LIFE_ROWS, alone[i])
+            np.testing.assert_array_equal(out[i], expected)
+    np.testing.assert_array_equal(held, np.array(alone))
+    out, held = hold_peaks_across(series[0], half_life_rows=0)
+    np.testing.assert_array_equal(out, series[0])
+    np.testing.assert_array_equal(held, series[0])

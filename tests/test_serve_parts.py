@@ -310,13 +310,15 @@ def test_the_ingress_keeps_a_few_kilobytes_per_machine_and_nothing_per_row():
     history, cold, book = EntityHistory(), ColdStarts(), AlertBook()
 
     def snapshot(t: int) -> None:  # one row per machine, as `RaywatchAPI._score_entities` feeds the state
+        calls = []
         for e in range(machines):
             entity, new = f"m-{e}", values[t, e : e + 1]
             cold.admit(entity, new)
             history.context_and_new(entity, new, MAX_WINDOW)
             arrays = _arrays([float(abs(new[0, 0])) * 2], metrics=metrics) | {"attribution_half_life_rows": 8}
             arrays["threshold"] = cold.threshold("autoencoder", entity, arrays["scores"], 1.0)
-            book.observe("autoencoder", entity, arrays, [f"t{t}"])
+            calls.append(("autoencoder", entity, arrays, [f"t{t}"], None))
+        book.observe_many(calls)
 
     tracemalloc.start()
     for t in range(rows - 1):
@@ -566,3 +568,44 @@ def test_an_unexpected_error_in_the_app_answers_json_naming_its_type_not_its_tex
     answer = asyncio.run(_internal_error(None, KeyError("a row of secret-ish data")))
     body = json.loads(answer.body)
     assert answer.status_code == 500 and "KeyError" in body["detail"] and "secret" not in body["detail"]
+
+
+def test_a_snapshots_alerts_in_one_pass_are_what_each_entity_gets_alone():
+    """`AlertBook.observe_many` (a request's entities, their one-row attribution held in one numpy pass)
+    answers exactly as `observe` called for each (detector, entity) in turn: the same alerts, thresholds,
+    held top metrics and contributions, snapshot after snapshot, with entities of several metric counts,
+    requests of several rows among them, and SPOT-judged pairs."""
+    from detect.thresholds import SPOT
+    from serve.history import SpotSeed
+
+    rng = np.random.default_rng(5)
+    spot = SpotSeed(("champion", "1", None), SPOT().fit(rng.exponential(1.0, 500)).state())
+    schemas = {f"m-{e}": tuple(f"x{j}" for j in range(3 + e % 3)) for e in range(12)}
+    one_by_one, at_once = AlertBook(), AlertBook()
+
+    def arrays_of(entity: str, rows: int) -> dict:
+        metrics = schemas[entity]
+        scores = rng.exponential(0.8, rows) * (3.0 if rng.random() < 0.2 else 1.0)
+        top = np.argsort(-rng.random((rows, len(metrics))), axis=1)[:, :2]
+        out = _arrays(scores.tolist(), metrics=metrics) | {"top": top, "top_values": rng.exponential(2.0, (rows, 2))}
+        return out | {"attribution_half_life_rows": 8}
+
+    for t in range(60):
+        calls = []
+        for entity in schemas:
+            arrays = arrays_of(entity, 3 if (t + len(entity)) % 7 == 0 else 1)
+            seed = spot if entity.endswith(("1", "4")) else None
+            calls.append(("autoencoder", entity, arrays, [f"t{t}.{r}" for r in range(len(arrays["scores"]))], seed))
+        copies = [
+            (d, e, {k: np.copy(v) if isinstance(v, np.ndarray) else v for k, v in a.items()}, ts, s)
+            for d, e, a, ts, s in calls
+        ]
+        expected = [one_by_one.observe(*call) for call in copies]
+        for (alerts, thresholds), (want_alerts, want_thresholds), (_, _, arrays, _, _), (_, _, want, _, _) in zip(
+            at_once.observe_many(calls), expected, calls, copies
+        ):
+            assert alerts == want_alerts
+            np.testing.assert_array_equal(thresholds, want_thresholds)
+            np.testing.assert_array_equal(arrays["top"], want["top"])
+            np.testing.assert_array_equal(arrays["top_values"], want["top_values"])
+    assert at_once.firing() == one_by_one.firing() > 0
