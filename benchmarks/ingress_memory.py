@@ -81,7 +81,7 @@ def drive(machines: int, snapshots: int, with_requests: bool, on_state=None) -> 
                 }
             )
             parsed = json.loads(body)["rows"]
-        request_objects, served = [], ServedColumnsBuilder()
+        request_objects, served, planned = [], ServedColumnsBuilder(), []
         for e, entity in enumerate(names):
             new = values[e : e + 1]
             timestamp = parsed[e]["timestamp"] if parsed else stamp
@@ -98,7 +98,11 @@ def drive(machines: int, snapshots: int, with_requests: bool, on_state=None) -> 
                 "attribution_half_life_rows": 8,
             }
             arrays["threshold"] = cold.threshold(DETECTOR, entity, arrays["scores"], arrays["threshold"])
-            arrays["alerts"], arrays["threshold"] = alerts.observe(DETECTOR, entity, arrays, [timestamp])
+            kept = (rows, needed) if with_requests else (None, None)  # state alone: no request's objects
+            planned.append((entity, new, timestamp, *kept, arrays))
+        book = alerts.observe_many([(DETECTOR, p[0], p[5], [p[2]], None) for p in planned])  # one pass, as served
+        for (entity, new, timestamp, rows, needed, arrays), observed in zip(planned, book):
+            arrays["alerts"], arrays["threshold"] = observed
             if with_requests:  # the detector item, its answer, the response row, the monitor feed's columns
                 item = {"entity": entity, "path": "champion", "rows": rows[-(CONTEXT + 1) :], "n_new": 1}
                 item["stats"] = (needed.rows, needed.values)
@@ -110,7 +114,7 @@ def drive(machines: int, snapshots: int, with_requests: bool, on_state=None) -> 
                 served.add(DETECTOR, entity, [timestamp], new, "champion", arrays["scores"], thresholds)
                 request_objects.append((item, dict(arrays), response))
         monitor_rows = served.batches()  # queued until the monitor takes them: freed with the request here
-        del request_objects, parsed, served, monitor_rows
+        del request_objects, parsed, served, monitor_rows, planned, book
         _trim()
     return {"rss_anon_growth_mb": round(_rss_anon_mb() - start, 1), "state": (history, cold, alerts)}
 
