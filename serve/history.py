@@ -313,8 +313,9 @@ class AlertBook:
     @staticmethod
     def _hold_peaks_of_rows(pairs: list[tuple[_Tracked, dict[str, Any]]]) -> list[bool]:
         """`_hold_peaks` for every pair whose arrays hold one row, in one numpy pass per (metric count,
-        half-life, top width); written back into their arrays and held values. Returns, per pair, whether
-        it was held here (the others, of several rows or without a hold, are held by `_hold_peaks`)."""
+        half-life, top width) of at least two pairs; written back into their arrays and held values.
+        Returns, per pair, whether it was held here (the others are held by `_hold_peaks`: several rows, no
+        hold, or a group of one, such as a single-row request's, whose Python-float path is cheaper)."""
         groups: dict[tuple[int, float, int], list[int]] = {}
         for i, (_, arrays) in enumerate(pairs):
             top, half_life = np.asarray(arrays["top"]), arrays.get("attribution_half_life_rows") or 0
@@ -322,6 +323,8 @@ class AlertBook:
                 groups.setdefault((len(arrays["metrics"]), half_life, top.shape[1]), []).append(i)
         done = [False] * len(pairs)
         for (n_metrics, half_life, width), idx in groups.items():
+            if len(idx) < 2:
+                continue
             tops = np.concatenate([np.asarray(pairs[i][1]["top"]) for i in idx])
             values = np.concatenate([np.asarray(pairs[i][1]["top_values"], dtype=np.float64) for i in idx])
             rows = np.zeros((len(idx), n_metrics))
