@@ -55,10 +55,16 @@ def hold_peaks(
     out = np.minimum(raw, CAP)  # a NaN stays NaN here and is then ignored: fmax keeps the held value
     for t in range(len(out)):  # in place: row t becomes its held values (serving calls this per request)
         current = np.fmax(out[t], decay * current, out=out[t])
-    current = current.copy()
-    size = np.where(np.isnan(raw), 0.0, np.fmin(np.abs(raw), 1e300))  # np.nan_to_num's, at a third of its cost
-    out += TIE_BREAK * size / (size + CAP)
+    current = current.copy()  # before the tie-break: `current` is a view of the last row of `out`
+    out += _tie_break(raw)
     return out, current
+
+
+def _tie_break(raw: np.ndarray) -> np.ndarray:
+    """What orders metrics held at the same value: a share of `TIE_BREAK` by each one's contribution to the
+    row itself (a NaN's is 0), added to what is returned, never to what is held."""
+    size = np.where(np.isnan(raw), 0.0, np.fmin(np.abs(raw), 1e300))  # np.nan_to_num's, at a third of its cost
+    return TIE_BREAK * size / (size + CAP)
 
 
 def hold_peaks_across(
@@ -75,8 +81,7 @@ def hold_peaks_across(
         return raw, raw.copy()
     prior = np.zeros(raw.shape) if held is None else decay * np.asarray(held, dtype=np.float64)
     last = np.fmax(np.minimum(raw, CAP), prior, out=prior)  # a NaN gives way to the held value
-    size = np.where(np.isnan(raw), 0.0, np.fmin(np.abs(raw), 1e300))
-    return last + TIE_BREAK * size / (size + CAP), last
+    return last + _tie_break(raw), last
 
 
 def hold_peak_row(

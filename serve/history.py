@@ -191,6 +191,20 @@ class _Tracked:
     spot_model: Any = None
     held: np.ndarray | None = None  # each metric's held peak contribution after the last row (detect.attribution)
 
+    def held_before(self, n_metrics: int) -> np.ndarray | None:
+        """The held values to carry into the next rows: None before the first row, or when the entity's
+        metric count changed."""
+        return self.held if self.held is not None and len(self.held) == n_metrics else None
+
+    def keep_held(self, last: Any) -> None:
+        """Keep the held values after the last row: in place when the pair already holds as many (an array made
+        per request must not outlive it: it would pin the request's memory), else as its own copy (`last` may
+        be a view of the request's arrays)."""
+        if self.held is not None and len(self.held) == len(last):
+            self.held[:] = last
+        else:
+            self.held = np.array(last, dtype=np.float64)
+
 
 @dataclass(frozen=True)
 class SpotSeed:
@@ -300,12 +314,8 @@ class AlertBook:
         rows = np.zeros((len(top), n_metrics))
         each = np.arange(len(top))[:, None]
         rows[each, top] = values
-        before = tracked.held if tracked.held is not None and len(tracked.held) == n_metrics else None
-        held, last = hold_peaks(rows, half_life, before)
-        if before is None:  # its own copy (`last` may be a view of this request's rows)
-            tracked.held = np.array(last, dtype=np.float64)
-        else:  # in place: an array made per request must not outlive it (it would pin the request's memory)
-            before[:] = last
+        held, last = hold_peaks(rows, half_life, tracked.held_before(n_metrics))
+        tracked.keep_held(last)
         top = np.argsort(-held, axis=1, kind="stable")[:, : top.shape[1]]
         arrays["top"], arrays["top_values"] = top, held[each, top]
         return top, arrays["top_values"]
@@ -331,18 +341,15 @@ class AlertBook:
             rows[np.arange(len(idx))[:, None], tops] = values
             before = np.zeros((len(idx), n_metrics))
             for k, i in enumerate(idx):
-                held = pairs[i][0].held
-                if held is not None and len(held) == n_metrics:
+                held = pairs[i][0].held_before(n_metrics)
+                if held is not None:
                     before[k] = held
             out, last = hold_peaks_across(rows, half_life, before)
             order = np.argsort(-out, axis=1, kind="stable")[:, :width]
             order_values = np.take_along_axis(out, order, axis=1)
             for k, i in enumerate(idx):
                 tracked, arrays = pairs[i]
-                if tracked.held is not None and len(tracked.held) == n_metrics:
-                    tracked.held[:] = last[k]  # in place, as `_hold_peaks`
-                else:
-                    tracked.held = last[k].copy()  # its own array, not a view of this request's
+                tracked.keep_held(last[k])
                 arrays["top"], arrays["top_values"] = order[k : k + 1], order_values[k : k + 1]
                 done[i] = True
         return done
@@ -356,12 +363,9 @@ class AlertBook:
         row = [0.0] * n_metrics
         for j, value in zip(arrays["top"][0].tolist(), arrays["top_values"][0].tolist()):
             row[j] = value
-        before = tracked.held if tracked.held is not None and len(tracked.held) == n_metrics else None
+        before = tracked.held_before(n_metrics)
         out, last = hold_peak_row(row, half_life, None if before is None else before.tolist())
-        if before is None:
-            tracked.held = np.array(last, dtype=np.float64)
-        else:  # in place, as `_hold_peaks`
-            before[:] = last
+        tracked.keep_held(last)
         order = sorted(range(n_metrics), key=lambda j: -out[j])[: len(arrays["top"][0])]  # stable, as argsort's
         arrays["top"], arrays["top_values"] = np.array([order]), np.array([[out[j] for j in order]])
         return arrays["top"], arrays["top_values"]
