@@ -453,6 +453,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+REGISTERED_MODEL_HELP = "autoencoder, lstm, ensemble (or raywatch-<model>)"  # promote's and rollback's MODEL
+
+
+def _add_mode_argument(parser: argparse.ArgumentParser) -> None:
+    """`--mode`, the Serve mode, as `serve` and `up` both take it."""
+    parser.add_argument(
+        "--mode",
+        choices=["high-throughput", "default"],
+        default="high-throughput",
+        help="high-throughput: Ray 2.60's HAProxy ingress and gRPC between replicas",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raywatch", description="Incident detection for server telemetry on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -532,24 +545,19 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser(
         "serve", help="deploy the Serve app (serve/config.yaml's app) on the current or a local cluster"
     )
-    sv.add_argument(
-        "--mode",
-        choices=["high-throughput", "default"],
-        default="high-throughput",
-        help="high-throughput: Ray 2.60's HAProxy ingress and gRPC between replicas",
-    )
+    _add_mode_argument(sv)
     sv.add_argument("--host", default="127.0.0.1", help="the address the HTTP API listens on (default 127.0.0.1)")
     sv.add_argument("--port", type=int, default=8000, help="the HTTP API's port (default 8000)")
     sv.add_argument("--detach", action="store_true", help="return after deploying (with RAY_ADDRESS it always does)")
     sv.set_defaults(func=cmd_serve)
 
     pr = sub.add_parser("promote", help="set the champion alias (the old champion becomes `previous`)")
-    pr.add_argument("model", help="autoencoder, lstm, ensemble (or raywatch-<model>)")
+    pr.add_argument("model", help=REGISTERED_MODEL_HELP)
     pr.add_argument("version", help="the registered version to make champion (`raywatch models` lists them)")
     pr.set_defaults(func=cmd_promote)
 
     rb = sub.add_parser("rollback", help="restore the previous champion")
-    rb.add_argument("model", help="autoencoder, lstm, ensemble (or raywatch-<model>)")
+    rb.add_argument("model", help=REGISTERED_MODEL_HELP)
     rb.set_defaults(func=cmd_rollback)
 
     ro = sub.add_parser(
@@ -597,12 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument(
         "--dashboard-port", type=int, default=8265, help="the Ray dashboard and job server (a free port if taken)"
     )
-    u.add_argument(
-        "--mode",
-        choices=["high-throughput", "default"],
-        default="high-throughput",
-        help="high-throughput: Ray 2.60's HAProxy ingress and gRPC between replicas",
-    )
+    _add_mode_argument(u)
     u.add_argument("--epochs", type=int, help="epochs for models trained by `up`")
     u.add_argument(
         "--source", help="a Prometheus source config: train from its history, and start the watcher (a Ray actor)"
