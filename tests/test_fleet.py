@@ -200,3 +200,54 @@ def test_train_fleet_registers_a_fleet_model_per_schema_beside_the_champions_ent
     assert bundle.detectors[smd].n_metrics_ == 38 and bundle.detectors[key].normaliser_ is not None
     assert key not in bundle.references and omi1.name in bundle.references
     assert result["schemas"][key]["windows"] > 0 and result["schemas"][key]["fit_seconds"] > 0
+
+
+def _graduating_monitor(fleet_model, tmp_path, monkeypatch, **config):
+    """A drift monitor in process over a champion that holds only a fleet model, with the job API out of
+    reach (nothing listens at its address), and a snapshot of `machines` new machines' served rows."""
+    from monitoring.monitor import DriftMonitor
+    from train.pipeline import register_fitted
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    det, metrics, _ = fleet_model
+    key = fleet_key(metrics)
+    register_fitted("autoencoder", {key: det}, {key: metrics}, {})
+    settings = {"job_address": "http://127.0.0.1:9", "cooldown_s": 0, "own_model_rows": 5, "keep_observations": 20}
+    monitor = DriftMonitor("autoencoder", {**settings, **config}, str(tmp_path / "state"))
+
+    def snapshot(machines: list[str], t: int) -> list[dict]:
+        row = {"values": [float(t)] * len(metrics), "score": 0.1, "is_anomaly": False, "path": "champion"}
+        return [{**row, "entity": e, "timestamp": float(t), "model_key": key} for e in machines]
+
+    return monitor, snapshot
+
+
+def test_a_fleet_of_new_machines_asks_for_its_own_models_once_per_retry_not_once_per_machine(
+    fleet_model, tmp_path, monkeypatch, caplog
+):
+    """New machines reach `own_model_rows` together, and the trigger runs one job at a time. Each ask is a
+    job-API call and a state write: once the trigger turns one down, no machine asks again within
+    GRADUATION_RETRY_S (before, every machine asked in every batch: 200 took a monitor 0.4 s a batch), and
+    each machine's kept rows stay bounded."""
+    import logging
+
+    monitor, snapshot = _graduating_monitor(fleet_model, tmp_path, monkeypatch)
+    machines = [f"fleet-new-{i}" for i in range(50)]
+    with caplog.at_level(logging.ERROR, logger="raywatch.monitor"):
+        for t in range(40):
+            assert monitor.observe(snapshot(machines, t))["accepted"] == len(machines)
+    asked = [r for r in caplog.records if r.getMessage() == "retraining job submission failed"]
+    assert len(asked) == 1, f"{len(asked)} asks for the job API in 40 batches of 50 machines"
+    assert monitor.trigger.last_skip()["reason"].startswith("submission failed")
+    kept = monitor.store.observed_entities("autoencoder")
+    assert set(kept) == set(machines)
+    assert max(kept.values()) <= 20 + 2, kept  # keep_observations, and at most a tenth of it more between prunes
+
+
+def test_a_new_machines_kept_rows_stay_bounded_with_retraining_off(fleet_model, tmp_path, monkeypatch):
+    monitor, snapshot = _graduating_monitor(fleet_model, tmp_path, monkeypatch, retrain=False)
+    for t in range(40):
+        monitor.observe(snapshot(["fleet-new-0"], t))
+    kept = monitor.store.observed_entities("autoencoder")["fleet-new-0"]
+    assert 20 <= kept <= 20 + 2, kept  # before: every row of a fleet-scored machine, kept for good
+    assert monitor.trigger.last_skip() is None  # nothing was asked of the trigger
