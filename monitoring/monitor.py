@@ -117,6 +117,7 @@ class DriftMonitor:
         # new entities scored by a fleet model (`_graduate`): each one's count in `_pending` at its last prune,
         # and when the next may ask for the job that fits its own model
         self._pruned_at: dict[str, int] = {}
+        self._to_prune: list[str] = []
         self._asks_from = 0.0
         self._metrics = _monitor_metrics()
         self.trigger = RetrainTrigger(
@@ -220,6 +221,9 @@ class DriftMonitor:
         results: list[dict[str, Any]] = []
         for entity in sorted(set(entities)):
             results += self._test_windows(entity)
+        if self._to_prune:  # a fleet's new machines reach their prune together: one commit, not one each
+            self.store.prune_observations(self.model, self._to_prune, self.config.keep_observations)
+            self._to_prune = []
         if now - self._checked_concept > self.config.concept_every_s:
             self._checked_concept = now
             results += self.check_concept()
@@ -295,7 +299,7 @@ class DriftMonitor:
         API refusing); at that rate 10,000 would take about 19 s a snapshot, more than a 15 s scrape. So once
         the trigger turns one down (a job running, its cooldown, a failed submission), no entity asks again
         for GRADUATION_RETRY_S, and an entity's rows are pruned once per PRUNE_SHARE of `keep_observations`
-        new ones, with retraining on or off."""
+        new ones, with retraining on or off, together with the batch's other entities due then."""
         if entity in self.metrics:
             return
         if entity not in self._pending:
@@ -308,7 +312,7 @@ class DriftMonitor:
             else:
                 self._asks_from = time.monotonic() + GRADUATION_RETRY_S
         if self._pending[entity] - self._pruned_at.get(entity, 0) >= self.config.keep_observations * PRUNE_SHARE:
-            self.store.prune_observations(self.model, entity, self.config.keep_observations)
+            self._to_prune.append(entity)  # with the batch's others, in one commit (`observe`)
             self._pruned_at[entity] = self._pending[entity]
 
     def check_concept(self) -> list[dict[str, Any]]:
