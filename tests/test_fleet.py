@@ -204,7 +204,7 @@ def test_train_fleet_registers_a_fleet_model_per_schema_beside_the_champions_ent
 
 def _graduating_monitor(fleet_model, tmp_path, monkeypatch, **config):
     """A drift monitor in process over a champion that holds only a fleet model, with the job API out of
-    reach (nothing listens at its address), and a snapshot of `machines` new machines' served rows."""
+    reach (nothing listens at its address), and a function making a snapshot of new machines' served rows."""
     from monitoring.monitor import DriftMonitor
     from train.pipeline import register_fitted
 
@@ -230,14 +230,19 @@ def test_a_fleet_of_new_machines_asks_for_its_own_models_once_per_retry_not_once
     GRADUATION_RETRY_S (before, every machine asked in every batch: 200 took a monitor 0.4 s a batch), and
     each machine's kept rows stay bounded."""
     import logging
+    import time
+
+    from monitoring.monitor import GRADUATION_RETRY_S
 
     monitor, snapshot = _graduating_monitor(fleet_model, tmp_path, monkeypatch)
     machines = [f"fleet-new-{i}" for i in range(50)]
+    started = time.monotonic()
     with caplog.at_level(logging.ERROR, logger="raywatch.monitor"):
         for t in range(40):
             assert monitor.observe(snapshot(machines, t))["accepted"] == len(machines)
+    retries = (time.monotonic() - started) // GRADUATION_RETRY_S  # 0 unless the machine is very slow
     asked = [r for r in caplog.records if r.getMessage() == "retraining job submission failed"]
-    assert len(asked) == 1, f"{len(asked)} asks for the job API in 40 batches of 50 machines"
+    assert 1 <= len(asked) <= 1 + retries, f"{len(asked)} asks for the job API in 40 batches of 50 machines"
     assert monitor.trigger.last_skip()["reason"].startswith("submission failed")
     kept = monitor.store.observed_entities("autoencoder")
     assert set(kept) == set(machines)
