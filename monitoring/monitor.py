@@ -114,10 +114,11 @@ class DriftMonitor:
         self._checked_concept = time.monotonic()
         # rows after each entity's cursor, so a batch short of a window reads nothing
         self._pending: dict[str, int] = {}
+        # entities whose kept rows are pruned at the end of the batch, all in one commit (`observe`)
+        self._to_prune: list[str] = []
         # new entities scored by a fleet model (`_graduate`): each one's count in `_pending` at its last prune,
         # and when the next may ask for the job that fits its own model
         self._pruned_at: dict[str, int] = {}
-        self._to_prune: list[str] = []
         self._asks_from = 0.0
         self._metrics = _monitor_metrics()
         self.trigger = RetrainTrigger(
@@ -221,7 +222,7 @@ class DriftMonitor:
         results: list[dict[str, Any]] = []
         for entity in sorted(set(entities)):
             results += self._test_windows(entity)
-        if self._to_prune:  # a fleet's new machines reach their prune together: one commit, not one each
+        if self._to_prune:  # entities reach their prunes together (a fleet's, a day's windows): one commit
             self.store.prune_observations(self.model, self._to_prune, self.config.keep_observations)
             self._to_prune = []
         if now - self._checked_concept > self.config.concept_every_s:
@@ -285,7 +286,7 @@ class DriftMonitor:
             start = stop
         self._pending[entity] = len(obs["ids"]) - start
         if start:  # rows were consumed by tests: keep the log bounded (not on every batch)
-            self.store.prune_observations(self.model, entity, self.config.keep_observations)
+            self._to_prune.append(entity)
         return out
 
     def _graduate(self, entity: str) -> None:
@@ -308,11 +309,11 @@ class DriftMonitor:
         if asks and self._pending[entity] >= self.config.own_model_rows and time.monotonic() >= self._asks_from:
             if self.maybe_retrain(entity, ["cold_start"], []).get("submitted"):
                 self._pending[entity] = self._pruned_at[entity] = 0
-                self.store.prune_observations(self.model, entity, self.config.keep_observations)
+                self._to_prune.append(entity)
             else:
                 self._asks_from = time.monotonic() + GRADUATION_RETRY_S
         if self._pending[entity] - self._pruned_at.get(entity, 0) >= self.config.keep_observations * PRUNE_SHARE:
-            self._to_prune.append(entity)  # with the batch's others, in one commit (`observe`)
+            self._to_prune.append(entity)
             self._pruned_at[entity] = self._pending[entity]
 
     def check_concept(self) -> list[dict[str, Any]]:

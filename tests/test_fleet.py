@@ -256,3 +256,27 @@ def test_a_new_machines_kept_rows_stay_bounded_with_retraining_off(fleet_model, 
     kept = monitor.store.observed_entities("autoencoder")["fleet-new-0"]
     assert 20 <= kept <= 20 + 2, kept  # before: every row of a fleet-scored machine, kept for good
     assert monitor.trigger.last_skip() is None  # nothing was asked of the trigger
+
+
+def test_an_entity_with_its_own_model_keeps_keep_observations_rows_once_its_windows_are_tested(tmp_path, monkeypatch):
+    """The monitor's other prune, beside the new machines' (`_graduate`): rows consumed by drift tests are
+    pruned to `keep_observations`, at the end of the batch with the others due (one commit)."""
+    from detect.sequence import AutoencoderDetector
+    from detect.synthetic import machine_days
+    from monitoring.monitor import DriftMonitor
+    from train.pipeline import register_fitted
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    entity, metrics, values = machine_days(1, seed=1)
+    register_fitted(
+        "autoencoder",
+        {entity: AutoencoderDetector(epochs=1, hidden=8).fit(values, metrics)},
+        {entity: metrics},
+        {entity: values},
+    )
+    config = {"retrain": False, "keep_observations": 100, "drift": {"window": 50, "thin": 2, "mmd_permutations": 20}}
+    monitor = DriftMonitor("autoencoder", config, str(tmp_path / "state"))
+    row = {"score": 0.1, "is_anomaly": False, "path": "champion"}
+    batch = [{**row, "entity": entity, "timestamp": float(t), "values": values[t].tolist()} for t in range(300)]
+    assert monitor.observe(batch)["events"], "full windows tested"
+    assert monitor.store.observed_entities("autoencoder") == {entity: 100}
