@@ -32,30 +32,22 @@ print("key", key, "context_rows", ctx, "CONTEXT", E.CONTEXT, type(rt).__name__)
 X = np.random.default_rng(0).normal(size=(200, len(m.metrics)))
 
 
-def bench(items, reps=400):
-    rt.score_tails(items)
+def call_ms(runtime, items, reps=400):
+    """Mean ms of `runtime.score_tails(items)` over `reps` calls, after one to warm up."""
+    runtime.score_tails(items)
     start = time.perf_counter()
     for _ in range(reps):
-        rt.score_tails(items)
+        runtime.score_tails(items)
     return (time.perf_counter() - start) / reps * 1e3
 
 
 rows = X[-(ctx + 1) :]
-
-
-def bench_graph(graph, rows, k, reps=400):
-    start = time.perf_counter()
-    for _ in range(reps):
-        graph.score_tails([(rows, k)])
-    return (time.perf_counter() - start) / reps * 1e3
-
-
-print(f"single row, as served: {bench([(rows, 1)]):.3f} ms")
+print(f"single row, as served: {call_ms(rt, [(rows, 1)]):.3f} ms")
 for b in (8, 64):
-    print(f"batch of {b} single rows: {bench([(rows, 1)] * b, 100) / b:.3f} ms per row")
+    print(f"batch of {b} single rows: {call_ms(rt, [(rows, 1)] * b, 100) / b:.3f} ms per row")
 # evidence graphs alone: the span a single row's call scores (the row and CONTEXT rows before it) against the row
 for (ert, _), name in zip(rt.evidence, m.detector.config.evidence):
     k = min(1 + E.CONTEXT, len(rows))
-    full = bench_graph(ert, rows, k)
-    one = bench_graph(ert, rows, 1)
+    full = call_ms(ert, [(rows, k)])
+    one = call_ms(ert, [(rows, 1)])
     print(f"  {name}: {k} rows {full:.3f} ms, 1 row {one:.3f} ms")
