@@ -100,7 +100,8 @@ def drive(machines: int, snapshots: int, with_requests: bool, on_state=None) -> 
             arrays["threshold"] = cold.threshold(DETECTOR, entity, arrays["scores"], arrays["threshold"])
             kept = (rows, needed) if with_requests else (None, None)  # state alone: no request's objects
             planned.append((entity, new, timestamp, *kept, arrays))
-        book = alerts.observe_many([(DETECTOR, p[0], p[5], [p[2]], None) for p in planned])  # one pass, as served
+        calls = [(DETECTOR, entity, arrays, [timestamp], None) for entity, _, timestamp, _, _, arrays in planned]
+        book = alerts.observe_many(calls)  # one pass, as served
         for (entity, new, timestamp, rows, needed, arrays), observed in zip(planned, book):
             arrays["alerts"], arrays["threshold"] = observed
             if with_requests:  # the detector item, its answer, the response row, the monitor feed's columns
@@ -114,7 +115,7 @@ def drive(machines: int, snapshots: int, with_requests: bool, on_state=None) -> 
                 served.add(DETECTOR, entity, [timestamp], new, "champion", arrays["scores"], thresholds)
                 request_objects.append((item, dict(arrays), response))
         monitor_rows = served.batches()  # queued until the monitor takes them: freed with the request here
-        del request_objects, parsed, served, monitor_rows, planned, book
+        del request_objects, parsed, served, monitor_rows, planned, calls, book
         _trim()
     return {"rss_anon_growth_mb": round(_rss_anon_mb() - start, 1), "state": (history, cold, alerts)}
 
