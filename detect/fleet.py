@@ -60,6 +60,13 @@ def is_fleet_key(key: str | None) -> bool:
     return bool(key) and key.startswith(FLEET_PREFIX)
 
 
+def named(entities: Sequence[str], shown: int = 5) -> str:
+    """Entities for a log line or a decision's reason: the first `shown` by name, then how many more (a
+    fleet's list can be thousands long)."""
+    more = len(entities) - shown
+    return ", ".join(entities[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
 def robust_stats(rows: np.ndarray) -> np.ndarray:
     """(2, M): the median and robust spread (interquartile range / 1.349) of each metric of `rows`."""
     q25, q50, q75 = np.percentile(np.asarray(rows, dtype=np.float64), [25, 50, 75], axis=0)

@@ -40,7 +40,7 @@ def monitor_name(model: str) -> str:
     return f"raywatch-drift-{model}"
 
 
-GRADUATION_RETRY_S = 30.0  # after the trigger turned down a new entity's job, the next ask is this much later
+GRADUATION_RETRY_S = 30.0  # after the trigger turned down new entities' job, the next ask is this much later
 PRUNE_SHARE = 0.1  # a new entity's rows are pruned once per this share of `keep_observations` new ones
 
 
@@ -64,6 +64,9 @@ class MonitorConfig:
     # a new entity scored by a fleet model gets a retraining job for its own model once this many of its
     # rows are kept (and again after as many more while its own model has not won); 0: never
     own_model_rows: int = 2000
+    # new entities due their own model at once (a fleet's reach `own_model_rows` together) share one job
+    # of at most this many; each still takes over only on its own win (train.promotion.decide_each)
+    graduates_per_job: int = 100
     job_address: str | None = None  # Ray dashboard address for job submission (default: this cluster)
 
     def __post_init__(self) -> None:
@@ -72,7 +75,11 @@ class MonitorConfig:
         if unknown:
             raise ValueError(f"MonitorConfig.retrain_on: unknown detector(s) {sorted(unknown)}")
         self.retrain_on = tuple(self.retrain_on)
-        for name, least in (("retrain_persist_windows", 1), ("retrain_min_windows_between", 0)):
+        for name, least in (
+            ("retrain_persist_windows", 1),
+            ("retrain_min_windows_between", 0),
+            ("graduates_per_job", 1),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"MonitorConfig.{name} must be an integer >= {least}, got {value!r}")
@@ -117,8 +124,9 @@ class DriftMonitor:
         # entities whose kept rows are pruned at the end of the batch, all in one commit (`observe`)
         self._to_prune: list[str] = []
         # new entities scored by a fleet model (`_graduate`): each one's count in `_pending` at its last prune,
-        # and when the next may ask for the job that fits its own model
+        # those of this batch due their own model, and when they may next ask for the job that fits them
         self._pruned_at: dict[str, int] = {}
+        self._graduates: list[str] = []
         self._asks_from = 0.0
         self._metrics = _monitor_metrics()
         self.trigger = RetrainTrigger(
@@ -222,6 +230,7 @@ class DriftMonitor:
         results: list[dict[str, Any]] = []
         for entity in sorted(set(entities)):
             results += self._test_windows(entity)
+        self._ask_for_own_models()
         if self._to_prune:  # entities reach their prunes together (a fleet's, a day's windows): one commit
             self.store.prune_observations(self.model, self._to_prune, self.config.keep_observations)
             self._to_prune = []
@@ -291,30 +300,37 @@ class DriftMonitor:
 
     def _graduate(self, entity: str) -> None:
         """A new entity scored by a fleet model (no drift reference of its own): once `own_model_rows` of its
-        rows are kept, submit the retraining job that fits its own model; like any challenger it is promoted
-        only on a significant win. Its kept rows are bounded like any entity's.
-
-        A fleet's new machines reach `own_model_rows` together, and the trigger runs one job at a time. Each
-        ask is a job-API call and a state write, and each prune a commit. Asked and pruned for every entity
-        in every batch, 200 such machines took a monitor 0.4 s a batch instead of 2 ms (in process, the job
-        API refusing); at that rate 10,000 would take about 19 s a snapshot, more than a 15 s scrape. So once
-        the trigger turns one down (a job running, its cooldown, a failed submission), no entity asks again
-        for GRADUATION_RETRY_S, and an entity's rows are pruned once per PRUNE_SHARE of `keep_observations`
-        new ones, with retraining on or off, together with the batch's other entities due then."""
+        rows are kept, it is due the retraining job that fits its own model (`_ask_for_own_models`). Its kept
+        rows are bounded like any entity's: pruned once per PRUNE_SHARE of `keep_observations` new ones, with
+        retraining on or off, together with the batch's other entities due then (one commit per batch: each
+        prune a commit of its own took 200 such machines 0.4 s a batch, in process)."""
         if entity in self.metrics:
             return
         if entity not in self._pending:
             self._pending[entity] = self.store.count_observations(self.model, entity)
-        asks = self.config.retrain and self.config.own_model_rows
-        if asks and self._pending[entity] >= self.config.own_model_rows and time.monotonic() >= self._asks_from:
-            if self.maybe_retrain(entity, ["cold_start"], []).get("submitted"):
-                self._pending[entity] = self._pruned_at[entity] = 0
-                self._to_prune.append(entity)
-            else:
-                self._asks_from = time.monotonic() + GRADUATION_RETRY_S
+        if self.config.retrain and self.config.own_model_rows and self._pending[entity] >= self.config.own_model_rows:
+            self._graduates.append(entity)
         if self._pending[entity] - self._pruned_at.get(entity, 0) >= self.config.keep_observations * PRUNE_SHARE:
             self._to_prune.append(entity)
             self._pruned_at[entity] = self._pending[entity]
+
+    def _ask_for_own_models(self) -> None:
+        """One retraining job for the new entities of this batch due their own model, at most
+        `graduates_per_job` of them. A fleet's new machines reach `own_model_rows` together, and the trigger
+        runs one job at a time behind its cooldown: a job per machine would take a 10,000-machine fleet about
+        100 days at the default 15-minute cooldown. Each ask is a job-API call and a state write, so once the
+        trigger turns one down (a job running, its cooldown, a failed submission), none is made for
+        GRADUATION_RETRY_S. The entities of a submitted job start counting again from 0 rows: one whose own
+        model did not win asks again after `own_model_rows` more."""
+        due, self._graduates = self._graduates[: self.config.graduates_per_job], []
+        if not due or time.monotonic() < self._asks_from:
+            return
+        if self.maybe_retrain(due, ["cold_start"], []).get("submitted"):
+            for entity in due:
+                self._pending[entity] = self._pruned_at[entity] = 0
+            self._to_prune += due
+        else:
+            self._asks_from = time.monotonic() + GRADUATION_RETRY_S
 
     def check_concept(self) -> list[dict[str, Any]]:
         """Concept drift per entity from feedback labels joined with what was served."""
@@ -373,7 +389,7 @@ class DriftMonitor:
                 self._metrics["held"].inc(tags={"model": self.model, "rule": verdict.held_by})
             return
         outcome = self.maybe_retrain(
-            entity, [r.detector for r, _ in drifted], [i for _, i in drifted], verdict.since_id
+            [entity], [r.detector for r, _ in drifted], [i for _, i in drifted], verdict.since_id
         )
         if outcome["submitted"]:
             self.gate.submitted(entity)
@@ -382,12 +398,12 @@ class DriftMonitor:
         """Concept drift (labels say the champion got worse): a job at once, past the gate."""
         drifted = self._drifted(results, ids)
         if drifted and self.config.retrain:
-            self.maybe_retrain(entity, [r.detector for r, _ in drifted], [i for _, i in drifted])
+            self.maybe_retrain([entity], [r.detector for r, _ in drifted], [i for _, i in drifted])
 
     def maybe_retrain(
-        self, entity: str, detectors: list[str], event_ids: list[int], since_id: int | None = None
+        self, entities: list[str], detectors: list[str], event_ids: list[int], since_id: int | None = None
     ) -> dict[str, Any]:
-        return self.trigger.maybe_retrain(entity, detectors, event_ids, self.version, since_id)
+        return self.trigger.maybe_retrain(entities, detectors, event_ids, self.version, since_id)
 
     # -- introspection -----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

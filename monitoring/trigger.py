@@ -1,4 +1,5 @@
-"""The retraining trigger: on drift, submit one model's retraining job (`train.retrain`) as a Ray job.
+"""The retraining trigger: on drift, or for new entities due their own model, submit one model's retraining
+job (`train.retrain`) as a Ray job.
 
 Two gates stand between a drifted window and a job:
 - `RetrainGate`, per entity and in the data's own time (test windows, a day each by default): the drift
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from detect.fleet import named
 from detect.state import STATE_DIR_ENV, state_dir
 from monitoring.events import DriftEventStore
 from train import jobs
@@ -71,35 +73,39 @@ class RetrainTrigger:
 
     def maybe_retrain(
         self,
-        entity: str,
+        entities: list[str],
         detectors: list[str],
         event_ids: list[int],
         champion: str | None,
         since_id: int | None = None,
     ) -> dict[str, Any]:
-        """Submit a retraining job unless blocked; the outcome is kept. `since_id`: the first served row of
-        the drifted window; the challenger learns from that row on."""
+        """Submit a retraining job for `entities` (one entity whose drift earned it, or new entities due their
+        own model) unless blocked; the outcome is kept. `since_id`: the first served row of the drifted
+        window; the challenger learns from that row on."""
         now = time.time()
         blocked = self._blocked_by(now)
         if blocked:
             return self.skip(blocked)
         since = ["--since-id", str(since_id)] if since_id else []
-        entrypoint = jobs.retrain_entrypoint(self.model, [entity], [*since, *self.retrain_args])
+        entrypoint = jobs.retrain_entrypoint(self.model, entities, [*since, *self.retrain_args])
         try:
             job_id = jobs.submit(
                 entrypoint,
                 submission_id=f"raywatch-retrain-{self.model}-{int(now * 1000)}",
                 env={STATE_DIR_ENV: str(self.state_root)},
-                metadata={"model": self.model, "entity": entity, "trigger": ",".join(detectors)},
+                metadata={"model": self.model, "entities": ",".join(entities), "trigger": ",".join(detectors)},
                 address=self.job_address,
             )
         except Exception as exc:
-            log.error("retraining job submission failed", extra={"model": self.model, "error": str(exc)})
+            log.error(
+                "retraining job submission failed",
+                extra={"model": self.model, "entities": len(entities), "error": str(exc)},
+            )
             return self.skip(f"submission failed: {type(exc).__name__}: {exc}")
         record = {
             "job_id": job_id,
             "submitted": now,
-            "entity": entity,
+            "entities": entities,
             "trigger": detectors,
             "event_ids": event_ids,
             "champion": champion,
@@ -107,7 +113,10 @@ class RetrainTrigger:
         }
         self.events.set_state(self._key("job"), record)
         self.on_submit()
-        log.warning("retraining job submitted", extra={"model": self.model, "job_id": job_id, "entity": entity})
+        log.warning(
+            "retraining job submitted",
+            extra={"model": self.model, "job_id": job_id, "entities": named(entities)},
+        )
         return {"submitted": True, **record}
 
     def skip(self, reason: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.slow
 
 PORT = 8126
 NEW = "fleet-newcomer-1"  # never trained
+QUIET = "fleet-newcomer-2"  # never trained either, and like the machines the fleet model learnt from
 OWN_MODEL_ROWS = 3600  # rows of a new entity kept before the job that fits its own model
 MONITOR = {
     "config": {
@@ -169,29 +170,53 @@ def test_a_snapshot_wider_than_a_step_is_answered_in_order_with_its_bad_rows_by_
 
 
 def test_its_own_model_takes_over_after_the_retraining_job(cold):
+    """Two new machines reach `own_model_rows` in the same snapshot and share one job, in which each is
+    judged alone against the fleet model (train.promotion.decide_each): the one with a daily cycle, which
+    its own model describes better, takes over; the other is served by its own model only if it won too."""
+    from detect.state import ServingStore
     from train import jobs
 
     client, metrics, values, _ = cold
-    for i in range(901, len(values), 450):  # the rest of its 2.5 days: the monitor keeps them all
-        autoencoder_scores(client.post("/v1/score", json={"rows": rows_of(NEW, metrics, values[i : i + 450], i)}))
+    quiet = np.random.default_rng(4).normal(size=(OWN_MODEL_ROWS, len(metrics)))  # like the fleet's machines
+    for i in range(901, len(values) - 1, 450):  # the rest of its 2.5 days but one row: the monitor keeps them
+        autoencoder_scores(
+            client.post("/v1/score", json={"rows": rows_of(NEW, metrics, values[i : min(i + 450, len(values) - 1)], i)})
+        )
+    for i in range(0, len(quiet) - 1, 450):
+        autoencoder_scores(
+            client.post("/v1/score", json={"rows": rows_of(QUIET, metrics, quiet[i : min(i + 450, len(quiet) - 1)], i)})
+        )
+    store = ServingStore()  # the monitor's (RAYWATCH_STATE_DIR): both one row short, the feed drained
+    wait_for(
+        lambda: all(store.count_observations("autoencoder", e) == OWN_MODEL_ROWS - 1 for e in (NEW, QUIET)),
+        60,
+        "both new machines' rows but one kept by the monitor",
+    )
+    last = [{"entity": e, "metrics": dict(zip(metrics, v[-1].tolist()))} for e, v in ((NEW, values), (QUIET, quiet))]
+    answer = client.post("/v1/score/fleet", json={"timestamp": float(OWN_MODEL_ROWS - 1), "rows": last})
+    assert answer.status_code == 200 and answer.json()["scored"] == 2, answer.text
 
     def submitted():
         return client.get("/v1/drift", params={"model": "autoencoder"}).json()["retraining"]["autoencoder"]["last_job"]
 
-    job = wait_for(submitted, 60, "the job that fits the new entity's own model")
-    assert job["entity"] == NEW and job["trigger"] == ["cold_start"]
+    job = wait_for(submitted, 60, "the job that fits the new machines' own models")
+    assert sorted(job["entities"]) == sorted([NEW, QUIET]) and job["trigger"] == ["cold_start"]
     assert jobs.wait(job["job_id"], timeout_s=300) == "SUCCEEDED", jobs.logs(job["job_id"])[-3000:]
     decision = client.get("/v1/models").json()["models"]["autoencoder"]["retraining"]
-    figures = decision["details"]["entities"][NEW]
     print(f"decision: {decision['reason']}")
-    assert figures["evidence"] == "injected" and not figures["refused"]
-    assert decision["promoted"], decision["reason"]  # by the rule: a significant win at the same alert budget
+    details = decision["details"]
+    for entity in (NEW, QUIET):
+        assert details["entities"][entity]["evidence"] == "injected" and not details["entities"][entity]["refused"]
+        assert details["each"][entity]["promoted"] == (entity in details["graduated"])
+    assert decision["promoted"] and NEW in details["graduated"], decision["reason"]  # a significant win alone
 
-    def served_by_own_model():
-        response = client.post("/v1/score", json={"rows": rows_of(NEW, metrics, values[-1:], len(values))})
-        model = response.json()["results"][0]["detectors"]["autoencoder"]["model"]
-        return model["version"] == decision["challenger"] and model
+    def served_by(entity: str, rows: np.ndarray):
+        response = client.post("/v1/score", json={"rows": rows_of(entity, metrics, rows[-1:], len(rows))})
+        return response.json()["results"][0]["detectors"]["autoencoder"]["model"]
 
-    wait_for(served_by_own_model, 30, "the new entity served by its own model")
+    wait_for(
+        lambda: served_by(NEW, values)["version"] == decision["challenger"], 30, "the new machine on its own model"
+    )
     slots = client.get("/v1/models").json()["models"]["autoencoder"]["slots"]["champion"]
     assert NEW in slots["entities"]
+    assert (QUIET in slots["entities"]) == (QUIET in details["graduated"])  # not carried in by the other's win

@@ -243,10 +243,23 @@ def test_a_fleet_of_new_machines_asks_for_its_own_models_once_per_retry_not_once
     retries = (time.monotonic() - started) // GRADUATION_RETRY_S  # 0 unless the machine is very slow
     asked = [r for r in caplog.records if r.getMessage() == "retraining job submission failed"]
     assert 1 <= len(asked) <= 1 + retries, f"{len(asked)} asks for the job API in 40 batches of 50 machines"
+    assert asked[0].entities == len(machines)  # one job for every machine due (a job each before)
     assert monitor.trigger.last_skip()["reason"].startswith("submission failed")
     kept = monitor.store.observed_entities("autoencoder")
     assert set(kept) == set(machines)
     assert max(kept.values()) <= 20 + 2, kept  # keep_observations, and at most a tenth of it more between prunes
+
+
+def test_a_graduation_job_takes_at_most_graduates_per_job_machines(fleet_model, tmp_path, monkeypatch, caplog):
+    import logging
+
+    monitor, snapshot = _graduating_monitor(fleet_model, tmp_path, monkeypatch, graduates_per_job=20)
+    machines = [f"fleet-new-{i}" for i in range(50)]
+    with caplog.at_level(logging.ERROR, logger="raywatch.monitor"):
+        for t in range(6):
+            monitor.observe(snapshot(machines, t))
+    asked = [r for r in caplog.records if r.getMessage() == "retraining job submission failed"]
+    assert [r.entities for r in asked] == [20]
 
 
 def test_a_new_machines_kept_rows_stay_bounded_with_retraining_off(fleet_model, tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from train.promotion import (
     PromotionRule,
     compare_entity,
     decide,
+    decide_each,
     flooding,
     paired_p_value,
     suspected_anomalies,
@@ -150,6 +151,22 @@ def test_a_win_by_noise_is_kept_out_by_the_significance_gate():
         )
         promoted += decide({"e": figures}, rule)["promoted"]
     assert promoted <= 2  # about alpha (5%) of 20 by chance
+
+
+def test_new_entities_in_one_job_each_take_over_only_on_their_own_win():
+    """A graduation job's entities are judged one by one: pooled, one machine's clear win would carry in
+    another's own model that is no better than the fleet model serving it."""
+    rule = PromotionRule()
+    compared = {
+        "wins": compare(NARROW, ZScoreModel(ALL)),
+        "no-better": compare(ZScoreModel(ALL, noise=0.5, seed=1), ZScoreModel(ALL, noise=0.5, seed=2)),
+    }
+    assert decide(compared, rule)["promoted"]  # pooled: both would take over
+    decision = decide_each(compared, rule)
+    assert decision["promoted"] and decision["graduated"] == ["wins"], decision["reason"]
+    assert not decision["each"]["no-better"]["promoted"]
+    assert decision["reason"].startswith("1 of 2 new entities take over") and "no-better" in decision["reason"]
+    assert not decide_each({"no-better": compared["no-better"]}, rule)["promoted"]
 
 
 def test_the_paired_test_wants_more_than_a_higher_mean():

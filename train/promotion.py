@@ -45,6 +45,7 @@ from scipy import stats
 
 from detect import metrics as M
 from detect.base import Detector
+from detect.fleet import named
 from detect.synthetic import inject_incidents
 
 METRIC = "incident_recall_at_budget"  # the per-incident figure both models are compared on
@@ -239,18 +240,16 @@ def flooding(figures: dict[str, Any], rule: PromotionRule) -> bool:
     return figures["champion"]["alert_rate"] >= rule.max_normal_alert_rate
 
 
+def rule_fields(rule: PromotionRule) -> dict[str, Any]:
+    """What every decision states of the rule it was taken by."""
+    return {"metric": METRIC, "test": TEST, "alpha": rule.alpha, "budget": rule.budget, "margin": rule.margin}
+
+
 def decide(compared: dict[str, dict[str, Any]], rule: PromotionRule) -> dict[str, Any]:
     """Promote or keep, from every entity's `compare_entity` figures; the decision carries its evidence."""
     refused = {e: f["refused"] for e, f in compared.items() if f["refused"]}
     usable = [f for e, f in compared.items() if e not in refused]
-    decision: dict[str, Any] = {
-        "metric": METRIC,
-        "test": TEST,
-        "alpha": rule.alpha,
-        "budget": rule.budget,
-        "margin": rule.margin,
-        "refused": refused,
-    }
+    decision: dict[str, Any] = rule_fields(rule) | {"refused": refused}
     refusals = "; ".join(f"{e}: {why}" for e, why in refused.items())
     if not usable:
         return decision | {"promoted": False, "reason": f"challenger refused ({refusals})", "p_value": None}
@@ -282,4 +281,28 @@ def decide(compared: dict[str, dict[str, Any]], rule: PromotionRule) -> dict[str
         "champion_value": float(champion.mean()),
         "challenger_value": float(challenger.mean()),
         "gain": gain,
+    }
+
+
+def decide_each(compared: dict[str, dict[str, Any]], rule: PromotionRule) -> dict[str, Any]:
+    """New entities' own models, each judged alone (`decide` over that entity) against the fleet model
+    that serves it: a graduation job's decision. The winners (`graduated`) take over with their own model;
+    the others stay on the fleet model. Pooled as `decide` does, one strong entity would carry the others'
+    own models in with it. Promoted when any entity won; each one's decision is under `each`."""
+    each = {entity: decide({entity: figures}, rule) for entity, figures in compared.items()}
+    graduated = sorted(e for e, d in each.items() if d["promoted"])
+    stay = sorted(set(each) - set(graduated))
+    reason = f"{len(graduated)} of {len(each)} new entities take over with their own model"
+    if graduated:
+        reason += f" ({named(graduated)})"
+    if stay:
+        reason += f"; on the fleet model: {named(stay)} ({each[stay[0]]['reason']}{', ...' if len(stay) > 1 else ''})"
+    return rule_fields(rule) | {
+        "refused": {e: r for d in each.values() for e, r in d["refused"].items()},
+        "promoted": bool(graduated),
+        "reason": reason,
+        "p_value": None,
+        "evidence": "+".join(sorted({d["evidence"] for d in each.values() if d.get("evidence")})) or None,
+        "graduated": graduated,
+        "each": {e: {k: d.get(k) for k in ("promoted", "reason", "p_value", "gain")} for e, d in each.items()},
     }

@@ -31,6 +31,9 @@ is the evaluation window, which neither model has learned from. The rule is `tra
   incident, the share of its rows flagged at the budget;
 - promoted when a one-sided Wilcoxon signed-rank test over those paired incidents (all entities) gives
   p < alpha (default 0.05) and the mean gain is at least `margin` (default 0.02); otherwise kept;
+- new entities served by a fleet model (the monitors' graduation jobs, up to `graduates_per_job` of them
+  at once) are each judged alone by that test against the fleet model (`decide_each`): the version holds
+  the own models of the winners only, and the others stay on the fleet model;
 - a kept champion that floods on an entity (at its own threshold it flags half the evaluation window's
   normal rows or more: a persistent shift) is still kept; the decision names the entities (`flooding`)
   and its reason says so;
@@ -81,6 +84,7 @@ from train.promotion import (
     PromotionRule,
     compare_entity,
     decide,
+    decide_each,
     flooding,
     suspected_anomalies,
     training_rows,
@@ -267,8 +271,10 @@ def decide_and_register(
     run_id: str,
     job_id: str | None,
 ) -> dict[str, Any]:
-    """The rule's decision over every compared entity; the challenger version (its fitted detectors, the
-    champion's elsewhere) registered under the `challenger` alias whatever the decision."""
+    """The rule's decision over every compared entity, or over each one alone where all are new entities
+    served by a fleet model (a graduation job, `decide_each`); the challenger version (its fitted detectors,
+    only the winners' in a graduation that promotes; the champion's elsewhere) registered under the
+    `challenger` alias whatever the decision."""
     compared = {e: f for e, f in figures.items() if "challenger" in f}
     if not compared:
         skipped = "; ".join(f"{e}: {f['skipped']}" for e, f in figures.items() if "skipped" in f)
@@ -277,7 +283,10 @@ def decide_and_register(
             "reason": f"no challenger trained ({skipped or 'no recent data'})",
             "challenger": None,
         }
-    decision = decide(compared, rule)
+    graduation = all(current[e] != e for e in compared)  # new entities, each judged against its fleet model
+    decision = decide_each(compared, rule) if graduation else decide(compared, rule)
+    if graduation and decision["promoted"]:  # only the winners' own models go into the version
+        fitted = {e: fitted[e] for e in decision["graduated"]}
     info = {
         "run_id": run_id,
         "retrained_from": champion_version,
