@@ -10,7 +10,7 @@ DATA ?= data
 TORCH_INDEX ?=
 PIP_TORCH_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
-.PHONY: install demo test lint clean bench-attribution bench-stacking bench-compression bench-drift bench-replay bench-rate-limit bench-spot bench-scale bench-ingress-memory bench-alert-book bench-no-hop bench bench-tools soak
+.PHONY: install demo test lint clean bench-attribution bench-stacking bench-compression bench-drift bench-replay bench-rate-limit bench-spot bench-scale bench-graduation bench-ingress-memory bench-alert-book bench-no-hop bench bench-tools soak
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,11 @@ bench-replay: $(STAMP)
 # 25 minutes on 2 cores; SIZES=10,100 for a quick look): benchmarks/results/scale.{json,md}
 bench-scale: $(STAMP)
 	$(BIN)/python benchmarks/scale.py --workdir runs/bench-scale $(if $(SIZES),--sizes $(SIZES))
+
+# a fleet of new machines graduating to their own models: one retraining job each against shared jobs, with
+# real Ray jobs (about 6 min): benchmarks/results/graduation.{json,md}
+bench-graduation: $(STAMP)
+	$(BIN)/python benchmarks/graduation.py --workdir runs/bench-graduation
 
 # what the ingress keeps per machine: live bytes and resident-memory growth of its state, no Serve (about 6 min)
 bench-ingress-memory: $(STAMP)
