@@ -241,12 +241,14 @@ def test_the_retraining_job_learns_only_rows_believed_normal_and_records_the_tes
 
     learnt: list[np.ndarray] = []
 
-    def fit_in_process(model, old, rows, labels, metrics, options):
-        learnt.append(rows)
-        return AutoencoderDetector(old.config, epochs=2).fit(rows, metrics)
+    def fit_in_process(model, champion, recent, options):
+        learnt.extend(data.fit_rows for data in recent.values())
+        return {
+            e: AutoencoderDetector(d.champion.config, epochs=2).fit(d.fit_rows, d.metrics) for e, d in recent.items()
+        }
 
     monkeypatch.setattr(job, "init_ray", lambda: None)
-    monkeypatch.setattr(job, "_fit_challenger", fit_in_process)
+    monkeypatch.setattr(job, "fit_challengers", fit_in_process)
     decision = job.retrain("autoencoder", [entity], progress=print)
 
     labels = np.full(len(served), -1)
@@ -296,7 +298,9 @@ def test_a_flooding_champion_is_kept_and_named_and_with_recalibrate_kept_its_thr
         "autoencoder", [{"entity": entity, "timestamp": float(i), "values": v} for i, v in enumerate(served.tolist())]
     )
     monkeypatch.setattr(job, "init_ray", lambda: None)
-    monkeypatch.setattr(job, "_fit_challenger", lambda model, old, rows, labels, metrics, options: old)  # no better
+    monkeypatch.setattr(  # each challenger is its champion's detector: no better
+        job, "fit_challengers", lambda model, champion, recent, options: {e: d.champion for e, d in recent.items()}
+    )
 
     kept = job.retrain("autoencoder", [entity], promote_via="direct", progress=print)  # by default: kept as is
     assert not kept["promoted"] and "recalibrated" not in kept and "threshold recalibrated" not in kept["reason"]
@@ -351,8 +355,10 @@ def test_a_promotion_by_the_loop_is_a_rollout_request_unless_direct(mlflow_store
     monkeypatch.setattr(job, "init_ray", lambda: None)
     monkeypatch.setattr(
         job,
-        "_fit_challenger",
-        lambda model, old, rows, labels, metrics, options: AutoencoderDetector(old.config, epochs=1).fit(rows, metrics),
+        "fit_challengers",
+        lambda model, champion, recent, options: {
+            e: AutoencoderDetector(d.champion.config, epochs=1).fit(d.fit_rows, d.metrics) for e, d in recent.items()
+        },
     )
     real_decide = job.decide
     monkeypatch.setattr(job, "decide", lambda compared, rule: real_decide(compared, rule) | {"promoted": True})

@@ -137,3 +137,44 @@ def test_killed_ray_train_worker_resumes_from_checkpoint(data_dir, ray_cluster, 
     resumed = max(h["resumed_from"] for h in det.history_)
     assert resumed >= 0, "the run never resumed from a checkpoint"
     assert det.history_[-1]["train_loss"] < det.history_[0]["train_loss"]
+
+
+def test_many_small_models_fit_in_one_ray_train_run_and_resume_after_the_last_finished(data_dir, ray_cluster, tmp_path):
+    """A graduation job's new entities (train/retrain.py): one `TorchTrainer` run fits them one after another,
+    a checkpoint per finished model. A worker killed mid-run: the run restarts after the last finished model,
+    and every model comes back, the ones before the kill from their kept checkpoints."""
+    from ray.util.state import list_actors
+
+    from train.torch_train import fit_many_with_ray_train
+
+    series = load_series("asd", "omi-1", data_dir)
+    rows = series.train[series.metrics].to_numpy()
+    fits = []
+    for i in range(20):  # twenty "machines", by seed; about 0.8 s each on 2 cores, so the kill lands mid-run
+        det = AutoencoderDetector(epochs=4, hidden=256, batch_size=32, seed=i)
+        fits.append((det, *det.prepare(rows, series.metrics)))
+    killed: list[int] = []
+
+    def kill_the_worker_after_two_models() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline and len(glob.glob(f"{tmp_path}/many-test/checkpoint_*")) < 2:
+            time.sleep(0.2)
+        time.sleep(2.5)  # let the controller register the checkpoints
+        workers = list_actors(
+            address=ray_cluster.get_runtime_context().gcs_address,
+            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+            detail=True,
+        )
+        if workers:
+            os.kill(workers[-1].pid, signal.SIGKILL)
+            killed.append(workers[-1].pid)
+
+    threading.Thread(target=kill_the_worker_after_two_models, daemon=True).start()
+    fitted = fit_many_with_ray_train(fits, storage_path=tmp_path, run_name="many-test", max_failures=2)
+    assert killed, "no worker was killed: the run finished before its first checkpoints"
+    assert [det for det, _, _ in fits] == fitted and len({det.ray_result_path_ for det in fitted}) == 1  # one run
+    resumed = [max(h["resumed_from"] for h in det.history_) for det in fitted]
+    assert resumed[0] == -1 and resumed[-1] >= 0, resumed  # fitted before the kill, and after the restart
+    for det in fitted:
+        assert [int(h["epoch"]) for h in det.history_] == [0, 1, 2, 3]
+        assert np.isfinite(det.threshold_) and det.score(rows[:200]).shape == (200,)

@@ -31,7 +31,7 @@ from detect.thresholds import decision_threshold, spot_state
 from train.boosters import train_boosters_with_ray
 from train.distill import StudentConfig, distill_ensemble, distill_sequence
 from train.export import EVIDENCE_PREFIX, evidence_graphs, export_ensemble, export_sequence
-from train.torch_train import continue_with_ray_train, fit_with_ray_train
+from train.torch_train import continue_with_ray_train, fit_many_with_ray_train, fit_with_ray_train
 
 MIN_LABELLED_ROWS = 300  # fewest labelled rows a supervised kind learns from
 
@@ -89,6 +89,20 @@ class DetectorKind:
         `start_from` (a fitted detector of this kind: the retraining job's champion) a kind that can
         continue training from it does; one that cannot fits afresh."""
         raise NotImplementedError
+
+    def fit_many_on_ray(
+        self, fits: dict[str, tuple[Detector, np.ndarray, np.ndarray | None, list[str]]], **ray: Any
+    ) -> dict[str, Detector | ValueError]:
+        """Fit new detectors, one per entity (`fits`: entity -> (detector, rows, labels, metrics)), as
+        `fit_on_ray` fits each; an entity whose rows cannot be fitted gets the ValueError that says why,
+        and the others are fitted still. One Ray run each here; a kind that can fits them in one."""
+        out: dict[str, Detector | ValueError] = {}
+        for entity, (det, rows, labels, metrics) in fits.items():
+            try:
+                out[entity] = self.fit_on_ray(det, rows, labels, metrics, **ray)
+            except ValueError as exc:
+                out[entity] = exc
+        return out
 
     def export_graphs(self, det: Detector) -> dict[str, bytes]:
         """The FP32 ONNX graphs serving runs."""
@@ -169,6 +183,20 @@ class SequenceKind(DetectorKind):
         if start_from is not None and start_from.normaliser_ is None:  # a fleet model fits afresh
             return continue_with_ray_train(det, start_from, rows, **ray)
         return fit_with_ray_train(det, rows, metrics, **ray)
+
+    def fit_many_on_ray(self, fits, **ray):
+        """All in one `TorchTrainer` run (`fit_many_with_ray_train`): a run's start and end cost more
+        than a small model's fit."""
+        out, prepared = {}, {}
+        for entity, (det, rows, _, metrics) in fits.items():
+            try:
+                prepared[entity] = (det, *det.prepare(rows, metrics))
+            except ValueError as exc:
+                out[entity] = exc
+        if prepared:
+            fit_many_with_ray_train(list(prepared.values()), **ray)
+            out |= {entity: det for entity, (det, _, _) in prepared.items()}
+        return out
 
     def evaluate(self, series, det):
         if not len(series.test):

@@ -93,16 +93,32 @@ from train.promotion import (
 log = logging.getLogger(__name__)
 
 
-def _fit_challenger(
-    model: str, champion: Any, rows: np.ndarray, labels: np.ndarray, metrics: list[str], options: dict[str, Any]
-) -> Any:
+def fit_challengers(
+    model: str, champion: Any, recent: dict[str, Recent], options: dict[str, Any]
+) -> dict[str, Any | ValueError]:
+    """Each entity's challenger, a new detector configured as the champion's detector that serves it, fitted
+    on its rows believed normal; an entity that cannot be fitted gets the ValueError that says why. Fresh
+    challengers of several entities are fitted together where the kind can (`DetectorKind.fit_many_on_ray`:
+    one Ray Train run for a graduation job's new entities); one entity's (a drift job's) alone, with a
+    checkpoint every epoch, and warm-started ones each continue from their champion's detector."""
     kind = kind_named(model)
     overrides = kind.checked_config({"epochs": options["epochs"]} if options.get("epochs") else {})
-    det = kind.new(champion.config, **overrides)
-    start_from = champion if options.get("warm_start") else None  # a kind that can continues from its weights
-    return kind.fit_on_ray(
-        det, rows, labels, metrics, start_from=start_from, cpus_per_worker=options.get("cpus_per_worker")
-    )
+    ray = {"cpus_per_worker": options.get("cpus_per_worker")}
+    fits = {
+        entity: (kind.new(data.champion.config, **overrides), data.fit_rows, data.fit_labels, data.metrics)
+        for entity, data in recent.items()
+    }
+    warm = bool(options.get("warm_start"))
+    if len(fits) > 1 and not warm:
+        return kind.fit_many_on_ray(fits, **ray)
+    out: dict[str, Any | ValueError] = {}
+    for entity, (det, rows, labels, metrics) in fits.items():  # with a checkpoint every epoch
+        start_from = recent[entity].champion if warm else None  # a kind that can continues from its weights
+        try:
+            out[entity] = kind.fit_on_ray(det, rows, labels, metrics, start_from=start_from, **ray)
+        except ValueError as exc:
+            out[entity] = exc
+    return out
 
 
 @dataclass(frozen=True)
@@ -152,14 +168,25 @@ def retrain(
         figures: dict[str, Any] = {}
         fitted: dict[str, tuple[Any, np.ndarray]] = {}
         normal_scores: dict[str, np.ndarray] = {}  # per entity with a model of its own: the champion's scores
+        recent: dict[str, Recent] = {}
         for entity, key in current.items():
-            figures[entity], new, scores = challenge(
-                model, champion, key, entity, store, window, rule, fit_options, progress
-            )
+            data = recent_data(model, champion, key, entity, store, window, rule)
+            if isinstance(data, Recent):
+                recent[entity] = data
+            else:
+                figures[entity] = {"skipped": data}
+                progress(f"{entity}: skipped, {data}")
+        t0 = time.perf_counter()
+        if recent:
+            progress(f"fitting {len(recent)} challenger(s) on Ray Train")
+        challengers = fit_challengers(model, champion, recent, fit_options) if recent else {}
+        fit_seconds = round((time.perf_counter() - t0) / max(len(recent), 1), 1)
+        for entity, data in recent.items():
+            figures[entity], new = challenge(entity, data, challengers[entity], rule, fit_seconds, progress)
             if new is not None:
                 fitted[entity] = new
-            if scores is not None and key == entity:
-                normal_scores[entity] = scores
+            if current[entity] == entity:
+                normal_scores[entity] = data.normal_scores
         decision = decide_and_register(
             model, champion, champion_version, current, figures, fitted, rule, run.info.run_id, job_id
         )
@@ -206,7 +233,24 @@ def entity_models(
     return {e: newcomers.get(e) or e for e in wanted}
 
 
-def challenge(
+@dataclass(frozen=True)
+class Recent:
+    """One entity's recent served rows as a job uses them: `rows[:cut]` for fitting (of which `fit_rows`
+    and `fit_labels` are believed normal), `rows[cut:]` the evaluation window, and the champion's detector
+    that serves it, with its scores of every recent row believed normal in time order (`normal_scores`,
+    what `recalibrate` fits its threshold on)."""
+
+    champion: Any
+    metrics: list[str]
+    rows: np.ndarray
+    labels: np.ndarray
+    cut: int
+    fit_rows: np.ndarray
+    fit_labels: np.ndarray | None
+    normal_scores: np.ndarray
+
+
+def recent_data(
     model: str,
     champion: Any,
     key: str,
@@ -214,36 +258,43 @@ def challenge(
     store: ServingStore,
     window: RecentWindow,
     rule: PromotionRule,
-    fit_options: dict[str, Any],
-    progress: Callable[[str], None],
-) -> tuple[dict[str, Any], tuple[Any, np.ndarray] | None, np.ndarray | None]:
-    """One entity's challenger, fitted on the older part of its recent rows believed normal and compared
-    with the champion's detector `key` on the newer part: (its figures, (challenger, the rows it learnt
-    from) or None when it was skipped or refused, the champion's scores of every recent row believed normal
-    in time order, what `recalibrate` fits its threshold on, or None when the entity was skipped)."""
+) -> Recent | str:
+    """`entity`'s recent rows, as the champion's detector `key` sees them, or why it is skipped."""
     after_id = max((window.since_id or 0) - 1, 0)
     obs = store.observations(model, entity, after_id=after_id, limit=window.recent_rows)
     n = len(obs["ids"])
     if n < MIN_ROWS:
-        progress(f"{entity}: skipped, {n} recent rows")
-        return {"skipped": f"{n} recent rows (< {MIN_ROWS})"}, None, None
+        return f"{n} recent rows (< {MIN_ROWS})"
     # only authenticated feedback steers what is learnt and what is promoted
     rows, labels = obs["values"], store.labels(entity, obs["timestamps"], trusted_only=True)
     cut = int(n * window.fit_fraction)
     old = champion.detectors[key]
     champion_scores = np.asarray(old.score(rows), dtype=np.float64)
     suspected = suspected_anomalies(champion_scores, old.threshold_, labels, rule.max_suspect_share)
-    normal_scores = champion_scores[~suspected]
     fit_rows, fit_labels = training_rows(
         rows[:cut], labels[:cut], suspected[:cut], kind_named(model).learns_from_labels
     )
-    t0 = time.perf_counter()
+    return Recent(old, champion.metrics[key], rows, labels, cut, fit_rows, fit_labels, champion_scores[~suspected])
+
+
+def challenge(
+    entity: str,
+    data: Recent,
+    new: Any | ValueError,
+    rule: PromotionRule,
+    fit_seconds: float,
+    progress: Callable[[str], None],
+) -> tuple[dict[str, Any], tuple[Any, np.ndarray] | None]:
+    """One entity's challenger `new` (or the ValueError that kept it from being fitted) compared with the
+    champion's detector on the evaluation window: (its figures, (challenger, the rows it learnt from) or
+    None when it was skipped or refused)."""
     try:
-        new = _fit_challenger(model, old, fit_rows, fit_labels, champion.metrics[key], fit_options)
-        compared = compare_entity(old, new, rows, labels, cut, rule)
+        if isinstance(new, ValueError):
+            raise new
+        compared = compare_entity(data.champion, new, data.rows, data.labels, data.cut, rule)
     except ValueError as exc:
         progress(f"{entity}: skipped, {exc}")
-        return {"skipped": str(exc)}, None, normal_scores
+        return {"skipped": str(exc)}, None
     for side in ("champion", "challenger"):
         mlflow.log_metrics({f"{entity}/{side}_{k}": v for k, v in compared[side].items() if isinstance(v, float)})
     progress(
@@ -252,12 +303,12 @@ def challenge(
         + (f"; refused: {compared['refused']}" if compared["refused"] else "")
     )
     figures = compared | {
-        "fit_rows": len(fit_rows),
-        "withheld_rows": cut - len(fit_rows),  # labelled incidents and rows the champion flagged
-        "fit_seconds": round(time.perf_counter() - t0, 1),
+        "fit_rows": len(data.fit_rows),
+        "withheld_rows": data.cut - len(data.fit_rows),  # labelled incidents and rows the champion flagged
+        "fit_seconds": fit_seconds,  # its share of the job's fitting (fitted together where the kind can)
     }
     # a refused challenger leaves the champion's detector in the version
-    return figures, None if compared["refused"] else (new, fit_rows), normal_scores
+    return figures, None if compared["refused"] else (new, data.fit_rows)
 
 
 def decide_and_register(
