@@ -65,7 +65,7 @@ bench-scale: $(STAMP)
 	$(BIN)/python benchmarks/scale.py --workdir runs/bench-scale $(if $(SIZES),--sizes $(SIZES))
 
 # a fleet of new machines graduating to their own models: one retraining job each against shared jobs, with
-# real Ray jobs (about 6 min): benchmarks/results/graduation.{json,md}
+# real Ray jobs (about 3 min): benchmarks/results/graduation.{json,md}
 bench-graduation: $(STAMP)
 	$(BIN)/python benchmarks/graduation.py --workdir runs/bench-graduation
 

@@ -6,7 +6,8 @@ model, which takes over on a significant win (train/retrain.py). A fleet's new m
 together, and the trigger runs one job at a time, at least `cooldown_s` apart (15 minutes by default).
 With one machine per job (`graduates_per_job` 1, the monitor before 2026-12-07, the control) a fleet waits
 a cooldown per machine; with `graduates_per_job` 100 (the default) one job takes up to 100 of them, each
-still judged alone (`train.promotion.decide_each`).
+still judged alone (`train.promotion.decide_each`), and their own models are fitted one after another in
+one Ray Train run (`train.torch_train.fit_many_with_ray_train`).
 
 Both are run here one after the other on one local `ray start --head` (token auth), with real Ray jobs and
 MLflow: a fleet autoencoder trained on three synthetic machines, then `--machines` new synthetic machines
@@ -18,7 +19,7 @@ a job's fixed cost and its cost per machine, and what a 10,000-machine fleet wou
 cooldown.
 
     python benchmarks/graduation.py [--machines 8] [--rows 1440] [--workdir runs/bench-graduation]
-    # or: make bench-graduation  (about 6 minutes on 2 cores)
+    # or: make bench-graduation  (about 3 minutes on 2 cores)
 
 Writes benchmarks/results/graduation.{json,md}.
 """
@@ -172,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "",
         f"Ratio of wall time, shared jobs against one job each: {shared['wall_s'] / one['wall_s']:.2f}. "
-        f"A job's fixed cost is about {fixed:.1f} s (Ray job start, MLflow, loading the champion) and each machine "
-        f"in it about {per_machine:.1f} s (fitting and comparing its own model), from the two rows above. The last "
+        f"A job's fixed cost is about {fixed:.1f} s (Ray job start, MLflow, the champion, a Ray Train run) and each "
+        f"machine in it about {per_machine:.1f} s (fitting its own model in that run, comparing it), from the two "
+        "rows above. The last "
         f"column is the wait of {FLEET:,} new machines at the default {DEFAULT_COOLDOWN_S:.0f} s cooldown, one job "
         "at a time: jobs x max(cooldown, a job's seconds).",
     ]
