@@ -97,19 +97,18 @@ def test_ensemble_with_ray_boosters_learns_incidents_and_their_kind(ray_cluster,
     assert accuracy > 0.6  # six kinds: chance is about 0.17
 
 
-def test_killed_ray_train_worker_resumes_from_checkpoint(data_dir, ray_cluster, tmp_path):
+def kill_a_worker_after_two_checkpoints(ray_cluster, run_folder: str) -> list[int]:
+    """In a thread: once the run in `run_folder` has two checkpoints (and 2.5 s for the controller to register
+    them), SIGKILL one of its Ray Train workers. Returns the list the killed pid is put in."""
     from ray.util.state import list_actors
 
-    from train.torch_train import fit_with_ray_train
-
-    series = load_series("asd", "omi-1", data_dir)
     killed: list[int] = []
 
-    def kill_one_worker_after_first_checkpoints() -> None:
+    def kill() -> None:
         deadline = time.time() + 240
-        while time.time() < deadline and len(glob.glob(f"{tmp_path}/kill-test/checkpoint_*")) < 2:
+        while time.time() < deadline and len(glob.glob(f"{run_folder}/checkpoint_*")) < 2:
             time.sleep(0.2)
-        time.sleep(2.5)  # let the controller register the checkpoint
+        time.sleep(2.5)  # let the controller register the checkpoints
         workers = list_actors(
             address=ray_cluster.get_runtime_context().gcs_address,
             filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
@@ -119,7 +118,15 @@ def test_killed_ray_train_worker_resumes_from_checkpoint(data_dir, ray_cluster, 
             os.kill(workers[-1].pid, signal.SIGKILL)
             killed.append(workers[-1].pid)
 
-    threading.Thread(target=kill_one_worker_after_first_checkpoints, daemon=True).start()
+    threading.Thread(target=kill, daemon=True).start()
+    return killed
+
+
+def test_killed_ray_train_worker_resumes_from_checkpoint(data_dir, ray_cluster, tmp_path):
+    from train.torch_train import fit_with_ray_train
+
+    series = load_series("asd", "omi-1", data_dir)
+    killed = kill_a_worker_after_two_checkpoints(ray_cluster, f"{tmp_path}/kill-test")
     det = fit_with_ray_train(
         # 16 epochs: the kill (after 2 checkpoints and a 2.5 s wait) must land while epochs remain to
         # resume into, even when another job slows the machine's start and speeds up nothing else
@@ -143,8 +150,6 @@ def test_many_small_models_fit_in_one_ray_train_run_and_resume_after_the_last_fi
     """A graduation job's new entities (train/retrain.py): one `TorchTrainer` run fits them one after another,
     a checkpoint per finished model. A worker killed mid-run: the run restarts after the last finished model,
     and every model comes back, the ones before the kill from their kept checkpoints."""
-    from ray.util.state import list_actors
-
     from train.torch_train import fit_many_with_ray_train
 
     series = load_series("asd", "omi-1", data_dir)
@@ -153,23 +158,7 @@ def test_many_small_models_fit_in_one_ray_train_run_and_resume_after_the_last_fi
     for i in range(20):  # twenty "machines", by seed; about 0.8 s each on 2 cores, so the kill lands mid-run
         det = AutoencoderDetector(epochs=4, hidden=256, batch_size=32, seed=i)
         fits.append((det, *det.prepare(rows, series.metrics)))
-    killed: list[int] = []
-
-    def kill_the_worker_after_two_models() -> None:
-        deadline = time.time() + 240
-        while time.time() < deadline and len(glob.glob(f"{tmp_path}/many-test/checkpoint_*")) < 2:
-            time.sleep(0.2)
-        time.sleep(2.5)  # let the controller register the checkpoints
-        workers = list_actors(
-            address=ray_cluster.get_runtime_context().gcs_address,
-            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-            detail=True,
-        )
-        if workers:
-            os.kill(workers[-1].pid, signal.SIGKILL)
-            killed.append(workers[-1].pid)
-
-    threading.Thread(target=kill_the_worker_after_two_models, daemon=True).start()
+    killed = kill_a_worker_after_two_checkpoints(ray_cluster, f"{tmp_path}/many-test")
     fitted = fit_many_with_ray_train(fits, storage_path=tmp_path, run_name="many-test", max_failures=2)
     assert killed, "no worker was killed: the run finished before its first checkpoints"
     assert [det for det, _, _ in fits] == fitted and len({det.ray_result_path_ for det in fitted}) == 1  # one run

@@ -124,61 +124,68 @@ def fit_windows_with_ray_train(
     detector: SequenceDetector,
     train_w: torch.Tensor,
     val_w: torch.Tensor,
-    num_workers: int = 1,
-    use_gpu: bool | None = None,
-    storage_path: str | Path | None = None,
-    run_name: str | None = None,
-    max_failures: int = 2,
-    cpus_per_worker: float | None = None,
     initial_weights: dict[str, np.ndarray] | None = None,
+    **options: Any,
 ) -> SequenceDetector:
     """Fit a sequence detector through `TorchTrainer` on windows it has prepared (`prepare`, or
     `prepare_fleet` for a fleet model over many entities); returns the fitted detector. With
-    `initial_weights` (a state dict as arrays) training starts from them instead of a new network."""
-    use_gpu = cluster_has_gpus() if use_gpu is None else use_gpu
-    data_ref = ray.put((train_w.numpy(), val_w.numpy()))
+    `initial_weights` (a state dict as arrays) training starts from them instead of a new network.
+    `options` are the run's (`_trainer`: workers, GPU, storage, run name, failures, CPUs per worker)."""
+    _connect()
     config = {
         "kind": detector.name,
         "model_config": detector.config.__dict__,
-        "data_ref": data_ref,
+        "data_ref": ray.put((train_w.numpy(), val_w.numpy())),
         "initial_weights_ref": ray.put(initial_weights) if initial_weights is not None else None,
     }
-    trainer = _trainer(
-        _train_loop_per_worker, config, num_workers, use_gpu, storage_path, run_name, max_failures, cpus_per_worker, 2
-    )
+    trainer, use_gpu = _trainer(_train_loop_per_worker, config, 2, **options)
+    run_name = options.get("run_name")
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"Ray Train run {run_name} failed: {result.error}") from result.error
     with result.checkpoint.as_directory() as folder:
         state = torch.load(os.path.join(folder, _STATE), weights_only=True)
-    network = detector.new_network()
-    network.load_state_dict(state["model"])
     # the checkpoint carries every epoch's metrics: Ray's metrics_dataframe keeps only the
     # reports of retained checkpoints (num_to_keep)
+    return _adopt(detector, state, val_w, result.path, use_gpu)
+
+
+def _connect() -> None:
+    if not ray.is_initialized():
+        ray.init()
+
+
+def _adopt(
+    detector: SequenceDetector, state: dict[str, Any], val_w: torch.Tensor, run_path: Any, used_gpu: bool
+) -> SequenceDetector:
+    """`detector` with the weights and epoch history of a checkpoint `state` of the Ray Train run at `run_path`."""
+    network = detector.new_network()
+    network.load_state_dict(state["model"])
     detector.finish(network, val_w, state["history"])
-    detector.ray_result_path_ = str(result.path)
-    detector.used_gpu_ = bool(use_gpu)
+    detector.ray_result_path_ = str(run_path)
+    detector.used_gpu_ = bool(used_gpu)
     return detector
 
 
 def _trainer(
     loop: Any,
     config: dict[str, Any],
-    num_workers: int,
-    use_gpu: bool,
-    storage_path: str | Path | None,
-    run_name: str | None,
-    max_failures: int,
-    cpus_per_worker: float | None,
     checkpoints_kept: int | None,
-) -> Any:
+    num_workers: int = 1,
+    use_gpu: bool | None = None,
+    storage_path: str | Path | None = None,
+    run_name: str | None = None,
+    max_failures: int = 2,
+    cpus_per_worker: float | None = None,
+) -> tuple[Any, bool]:
+    """A `TorchTrainer` of `loop` with the run options every fit here takes, and whether it uses GPUs (by
+    default: when the cluster has them). `checkpoints_kept`: None keeps every checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init()
+    use_gpu = cluster_has_gpus() if use_gpu is None else use_gpu
     storage = Path(storage_path or Path.cwd() / "runs" / "ray_train").resolve()
-    return TorchTrainer(
+    trainer = TorchTrainer(
         loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(
@@ -194,6 +201,7 @@ def _trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_kept),
         ),
     )
+    return trainer, use_gpu
 
 
 def _fit_many_loop_per_worker(config: dict[str, Any]) -> None:
@@ -241,30 +249,16 @@ def _fit_many_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def fit_many_with_ray_train(
-    fits: list[tuple[SequenceDetector, torch.Tensor, torch.Tensor]],
-    num_workers: int = 1,
-    use_gpu: bool | None = None,
-    storage_path: str | Path | None = None,
-    run_name: str | None = None,
-    max_failures: int = 2,
-    cpus_per_worker: float | None = None,
+    fits: list[tuple[SequenceDetector, torch.Tensor, torch.Tensor]], **options: Any
 ) -> list[SequenceDetector]:
     """Fit many sequence detectors, each on the windows it has prepared, one after another in one
-    `TorchTrainer` run; returns them fitted, in order. A failed worker group restarts after the last
-    finished model (every model's checkpoint is kept until the run ends)."""
-    use_gpu = cluster_has_gpus() if use_gpu is None else use_gpu
+    `TorchTrainer` run; returns them fitted, in order. `options` are the run's, as for
+    `fit_windows_with_ray_train`. A failed worker group restarts after the last finished model (every model's
+    checkpoint is kept until the run ends)."""
+    _connect()
     items = [(det.name, det.config.__dict__, train_w.numpy(), val_w.numpy()) for det, train_w, val_w in fits]
-    trainer = _trainer(
-        _fit_many_loop_per_worker,
-        {"items_ref": ray.put(items)},
-        num_workers,
-        use_gpu,
-        storage_path,
-        run_name,
-        max_failures,
-        cpus_per_worker,
-        None,
-    )
+    trainer, use_gpu = _trainer(_fit_many_loop_per_worker, {"items_ref": ray.put(items)}, None, **options)
+    run_name = options.get("run_name")
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"Ray Train run {run_name} failed: {result.error}") from result.error
@@ -276,10 +270,4 @@ def fit_many_with_ray_train(
     missing = [i for i in range(len(fits)) if i not in states]
     if missing:
         raise RuntimeError(f"Ray Train run {run_name} kept no checkpoint of model(s) {missing} of {len(fits)}")
-    for index, (det, _, val_w) in enumerate(fits):
-        network = det.new_network()
-        network.load_state_dict(states[index]["model"])
-        det.finish(network, val_w, states[index]["history"])
-        det.ray_result_path_ = str(result.path)
-        det.used_gpu_ = bool(use_gpu)
-    return [det for det, _, _ in fits]
+    return [_adopt(det, states[index], val_w, result.path, use_gpu) for index, (det, _, val_w) in enumerate(fits)]
