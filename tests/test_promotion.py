@@ -241,7 +241,7 @@ def test_the_retraining_job_learns_only_rows_believed_normal_and_records_the_tes
 
     learnt: list[np.ndarray] = []
 
-    def fit_in_process(model, champion, recent, options):
+    def fit_in_process(model, recent, options):
         learnt.extend(data.fit_rows for data in recent.values())
         return {
             e: AutoencoderDetector(d.champion.config, epochs=2).fit(d.fit_rows, d.metrics) for e, d in recent.items()
@@ -299,7 +299,7 @@ def test_a_flooding_champion_is_kept_and_named_and_with_recalibrate_kept_its_thr
     )
     monkeypatch.setattr(job, "init_ray", lambda: None)
     monkeypatch.setattr(  # each challenger is its champion's detector: no better
-        job, "fit_challengers", lambda model, champion, recent, options: {e: d.champion for e, d in recent.items()}
+        job, "fit_challengers", lambda model, recent, options: {e: d.champion for e, d in recent.items()}
     )
 
     kept = job.retrain("autoencoder", [entity], promote_via="direct", progress=print)  # by default: kept as is
@@ -356,7 +356,7 @@ def test_a_promotion_by_the_loop_is_a_rollout_request_unless_direct(mlflow_store
     monkeypatch.setattr(
         job,
         "fit_challengers",
-        lambda model, champion, recent, options: {
+        lambda model, recent, options: {
             e: AutoencoderDetector(d.champion.config, epochs=1).fit(d.fit_rows, d.metrics) for e, d in recent.items()
         },
     )

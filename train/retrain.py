@@ -93,9 +93,7 @@ from train.promotion import (
 log = logging.getLogger(__name__)
 
 
-def fit_challengers(
-    model: str, champion: Any, recent: dict[str, Recent], options: dict[str, Any]
-) -> dict[str, Any | ValueError]:
+def fit_challengers(model: str, recent: dict[str, Recent], options: dict[str, Any]) -> dict[str, Any | ValueError]:
     """Each entity's challenger, a new detector configured as the champion's detector that serves it, fitted
     on its rows believed normal; an entity that cannot be fitted gets the ValueError that says why. Fresh
     challengers of several entities are fitted together where the kind can (`DetectorKind.fit_many_on_ray`:
@@ -179,7 +177,7 @@ def retrain(
         t0 = time.perf_counter()
         if recent:
             progress(f"fitting {len(recent)} challenger(s) on Ray Train")
-        challengers = fit_challengers(model, champion, recent, fit_options) if recent else {}
+        challengers = fit_challengers(model, recent, fit_options) if recent else {}
         fit_seconds = round((time.perf_counter() - t0) / max(len(recent), 1), 1)
         for entity, data in recent.items():
             figures[entity], new = challenge(entity, data, challengers[entity], rule, fit_seconds, progress)

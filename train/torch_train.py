@@ -151,6 +151,7 @@ def fit_windows_with_ray_train(
 
 
 def _connect() -> None:
+    """A local Ray unless this process is connected already (a job's driver, a test's cluster)."""
     if not ray.is_initialized():
         ray.init()
 
