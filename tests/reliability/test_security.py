@@ -147,55 +147,59 @@ def test_rate_limit_per_client_on_scoring(served, figures):
     the two ingress replicas share one limit (not one each); another client is served meanwhile, headers
     cannot fake another client, other routes are not limited."""
     limit = {"requests_per_s": 1, "burst": 2}
-    served.redeploy(rate_limit=limit)  # left on: the tests after this one do not score
-    flood = LoadGenerator(served, rate=None, concurrency=4).start()
-    # the other client one request at a time, each sent a second after the last answer: the server checks
-    # its requests at least 1/requests_per_s apart, so its bucket never runs dry however the flood delays
-    # them (open loop at half the limit, a server stall once bunched three requests into one burst: a 429)
-    other = LoadGenerator(served, rate=None, concurrency=1, local_address="127.0.0.2", think_s=1.0).start()
-    time.sleep(4.0)
-    until = time.monotonic() + 60  # two answers to the other client while the flood goes on (slow machines)
-    while len(other.outcomes) < 2 and time.monotonic() < until:
-        time.sleep(0.2)
-    other.stop()
-    flood.stop()
-    statuses = summarize(flood.outcomes)["statuses"]
-    others = summarize(other.outcomes)["statuses"]
-    flood_s = flood.stopped - flood.started
-    shared_ceiling = limit["burst"] + limit["requests_per_s"] * flood_s + 1  # per replica: twice that
-    for _ in range(20):  # drain the bucket again: it has refilled a little since
-        limited = served.client.post("/v1/score", json=served.score_body())
-        if limited.status_code == 429:
-            break
-    spoofed = {"forwarded": 0, "bearer": 0}  # answered 200 of 10: headers any client can set
-    spoof_started = time.monotonic()
-    for i in range(10):  # must not make it another client
-        fake = {"X-Forwarded-For": f"10.9.8.{i}", "X-Real-IP": f"10.9.7.{i}"}
-        for kind, headers in (("forwarded", fake), ("bearer", {"Authorization": f"Bearer {new_key()}"})):
-            r = served.client.post("/v1/score", json=served.score_body(), headers=headers)
-            spoofed[kind] += r.status_code == 200
-    refill = limit["requests_per_s"] * (time.monotonic() - spoof_started) + 2  # one shared bucket
-    unlimited = {path: served.client.get(path).status_code for path in ("/healthz", "/v1/models")}
-    figures["rate_limit"] = {
-        "limit": limit,
-        "ingress_replicas": served.args.get("ingress_replicas"),
-        "flood_statuses": statuses,
-        "allowed_per_s": round(statuses.get("200", 0) / flood_s, 1),
-        "allowed_of_shared_ceiling": [statuses.get("200", 0), round(shared_ceiling, 1)],
-        "other_client": others,
-        "spoofed_headers_200_of_10": spoofed,
-        "retry_after": limited.headers.get("retry-after"),
-    }
-    assert statuses.get("429", 0) > 0 and statuses.get("200", 0) > 0, statuses
-    assert statuses["200"] <= shared_ceiling, (statuses, shared_ceiling)
-    assert limited.status_code == 429, limited.text
-    assert float(limited.headers["retry-after"]) > 0
-    assert "1" in limited.json()["detail"] and "limit" in limited.json()["detail"], limited.json()
-    assert others == {"200": len(other.outcomes)} and len(other.outcomes) >= 2, others
-    assert unlimited == {"/healthz": 200, "/v1/models": 200}
-    time.sleep(float(limited.headers["retry-after"]) + 0.5)
-    assert served.client.post("/v1/score", json=served.score_body()).status_code == 200
-    assert spoofed["forwarded"] + spoofed["bearer"] <= refill, (spoofed, refill)  # what the buckets refilled, no more
+    served.redeploy(rate_limit=limit)
+    try:
+        flood = LoadGenerator(served, rate=None, concurrency=4).start()
+        # the other client one request at a time, each sent a second after the last answer: the server checks
+        # its requests at least 1/requests_per_s apart, so its bucket never runs dry however the flood delays
+        # them (open loop at half the limit, a server stall once bunched three requests into one burst: a 429)
+        other = LoadGenerator(served, rate=None, concurrency=1, local_address="127.0.0.2", think_s=1.0).start()
+        time.sleep(4.0)
+        until = time.monotonic() + 60  # two answers to the other client while the flood goes on (slow machines)
+        while len(other.outcomes) < 2 and time.monotonic() < until:
+            time.sleep(0.2)
+        other.stop()
+        flood.stop()
+        statuses = summarize(flood.outcomes)["statuses"]
+        others = summarize(other.outcomes)["statuses"]
+        flood_s = flood.stopped - flood.started
+        shared_ceiling = limit["burst"] + limit["requests_per_s"] * flood_s + 1  # per replica: twice that
+        for _ in range(20):  # drain the bucket again: it has refilled a little since
+            limited = served.client.post("/v1/score", json=served.score_body())
+            if limited.status_code == 429:
+                break
+        spoofed = {"forwarded": 0, "bearer": 0}  # answered 200 of 10: headers any client can set
+        spoof_started = time.monotonic()
+        for i in range(10):  # must not make it another client
+            fake = {"X-Forwarded-For": f"10.9.8.{i}", "X-Real-IP": f"10.9.7.{i}"}
+            for kind, headers in (("forwarded", fake), ("bearer", {"Authorization": f"Bearer {new_key()}"})):
+                r = served.client.post("/v1/score", json=served.score_body(), headers=headers)
+                spoofed[kind] += r.status_code == 200
+        refill = limit["requests_per_s"] * (time.monotonic() - spoof_started) + 2  # one shared bucket
+        unlimited = {path: served.client.get(path).status_code for path in ("/healthz", "/v1/models")}
+        figures["rate_limit"] = {
+            "limit": limit,
+            "ingress_replicas": served.args.get("ingress_replicas"),
+            "flood_statuses": statuses,
+            "allowed_per_s": round(statuses.get("200", 0) / flood_s, 1),
+            "allowed_of_shared_ceiling": [statuses.get("200", 0), round(shared_ceiling, 1)],
+            "other_client": others,
+            "spoofed_headers_200_of_10": spoofed,
+            "retry_after": limited.headers.get("retry-after"),
+        }
+        assert statuses.get("429", 0) > 0 and statuses.get("200", 0) > 0, statuses
+        assert statuses["200"] <= shared_ceiling, (statuses, shared_ceiling)
+        assert limited.status_code == 429, limited.text
+        assert float(limited.headers["retry-after"]) > 0
+        assert "1" in limited.json()["detail"] and "limit" in limited.json()["detail"], limited.json()
+        assert others == {"200": len(other.outcomes)} and len(other.outcomes) >= 2, others
+        assert unlimited == {"/healthz": 200, "/v1/models": 200}
+        time.sleep(float(limited.headers["retry-after"]) + 0.5)
+        assert served.client.post("/v1/score", json=served.score_body()).status_code == 200
+        # what the buckets refilled, no more
+        assert spoofed["forwarded"] + spoofed["bearer"] <= refill, (spoofed, refill)
+    finally:  # the package shares one app: the tests after this one must not inherit the limit
+        served.redeploy(rate_limit=None)
 
 
 def test_no_secret_in_actor_or_job_metadata(served, figures, monkeypatch):
