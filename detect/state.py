@@ -246,14 +246,13 @@ class ServingStore:
             ).fetchall()
         return {e: int(n) for e, n in rows}
 
-    def prune_observations(self, model: str, entities: list[str], keep: int) -> None:
-        """Keep each entity's newest `keep` observations (each named once however often it is listed), in one
-        transaction (one commit)."""
+    def prune_observations(self, model: str, keep: dict[str, int]) -> None:
+        """Keep each entity's newest `keep[entity]` observations, in one transaction (one commit)."""
         with self._lock, self._connect() as db:
             db.executemany(
                 "DELETE FROM observations WHERE model=? AND entity=? AND id <= "
                 "(SELECT id FROM observations WHERE model=? AND entity=? ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                [(model, entity, model, entity, keep) for entity in dict.fromkeys(entities)],
+                [(model, entity, model, entity, rows) for entity, rows in keep.items()],
             )
 
     # -- retraining decisions --------------------------------------------------------------------------------

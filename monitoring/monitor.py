@@ -41,7 +41,7 @@ def monitor_name(model: str) -> str:
 
 
 GRADUATION_RETRY_S = 30.0  # after the trigger turned down new entities' job, the next ask is this much later
-PRUNE_SHARE = 0.1  # a new entity's rows are pruned once per this share of `keep_observations` new ones
+PRUNE_SHARE = 0.1  # a new entity's rows are pruned once per this share of `keep_new_observations` new ones
 
 
 @dataclass
@@ -60,7 +60,10 @@ class MonitorConfig:
     concept_every_s: float = 30.0
     concept_rows: int = 2000  # newest served rows per entity that the concept test looks at
     version_check_s: float = 5.0
-    keep_observations: int = 20_000  # per entity; older rows are pruned
+    keep_observations: int = 20_000  # per entity with a model of its own; older rows are pruned
+    # per new entity scored by a fleet model: its rows only feed the job that fits its own model, which reads
+    # the newest `--recent-rows` (5,000 by default); at least `own_model_rows`
+    keep_new_observations: int = 5000
     # a new entity scored by a fleet model gets a retraining job for its own model once this many of its
     # rows are kept (and again after as many more while its own model has not won); 0: never
     own_model_rows: int = 2000
@@ -83,6 +86,11 @@ class MonitorConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"MonitorConfig.{name} must be an integer >= {least}, got {value!r}")
+        if self.keep_new_observations < self.own_model_rows:  # else a new entity never holds enough for its job
+            raise ValueError(
+                f"MonitorConfig.keep_new_observations ({self.keep_new_observations}) must be at least "
+                f"own_model_rows ({self.own_model_rows})"
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> MonitorConfig:
@@ -122,7 +130,7 @@ class DriftMonitor:
         # rows after each entity's cursor, so a batch short of a window reads nothing
         self._pending: dict[str, int] = {}
         # entities whose kept rows are pruned at the end of the batch, all in one commit (`observe`)
-        self._to_prune: list[str] = []
+        self._to_prune: dict[str, int] = {}  # entity -> rows it keeps
         # new entities scored by a fleet model (`_graduate`): each one's count in `_pending` at its last prune,
         # those of this batch due their own model, and when they may next ask for the job that fits them
         self._pruned_at: dict[str, int] = {}
@@ -232,8 +240,8 @@ class DriftMonitor:
             results += self._test_windows(entity)
         self._ask_for_own_models()
         if self._to_prune:  # entities reach their prunes together (a fleet's, a day's windows): one commit
-            self.store.prune_observations(self.model, self._to_prune, self.config.keep_observations)
-            self._to_prune = []
+            self.store.prune_observations(self.model, self._to_prune)
+            self._to_prune = {}
         if now - self._checked_concept > self.config.concept_every_s:
             self._checked_concept = now
             results += self.check_concept()
@@ -295,23 +303,26 @@ class DriftMonitor:
             start = stop
         self._pending[entity] = len(obs["ids"]) - start
         if start:  # rows were consumed by tests: keep the log bounded (not on every batch)
-            self._to_prune.append(entity)
+            self._to_prune[entity] = self.config.keep_observations
         return out
 
     def _graduate(self, entity: str) -> None:
         """A new entity scored by a fleet model (no drift reference of its own): once `own_model_rows` of its
         rows are kept, it is due the retraining job that fits its own model (`_ask_for_own_models`). Its kept
-        rows are bounded like any entity's: pruned once per PRUNE_SHARE of `keep_observations` new ones, with
+        rows are bounded: pruned to `keep_new_observations` once per PRUNE_SHARE of it new ones, with
         retraining on or off, together with the batch's other entities due then (one commit per batch: each
-        prune a commit of its own took 200 such machines 0.4 s a batch, in process)."""
+        prune a commit of its own took 200 such machines 0.4 s a batch, in process). They only feed its own
+        model's job, which reads the newest `--recent-rows`: kept to `keep_observations` (20,000), as an
+        entity with a model of its own is, 10,000 new machines would hold about 40 GB at some 200 bytes a row."""
         if entity in self.metrics:
             return
         if entity not in self._pending:
             self._pending[entity] = self.store.count_observations(self.model, entity)
         if self.config.retrain and self.config.own_model_rows and self._pending[entity] >= self.config.own_model_rows:
             self._graduates.append(entity)
-        if self._pending[entity] - self._pruned_at.get(entity, 0) >= self.config.keep_observations * PRUNE_SHARE:
-            self._to_prune.append(entity)
+        keep = self.config.keep_new_observations
+        if self._pending[entity] - self._pruned_at.get(entity, 0) >= keep * PRUNE_SHARE:
+            self._to_prune[entity] = keep
             self._pruned_at[entity] = self._pending[entity]
 
     def _ask_for_own_models(self) -> None:
@@ -328,7 +339,7 @@ class DriftMonitor:
         if self.maybe_retrain(due, ["cold_start"], []).get("submitted"):
             for entity in due:
                 self._pending[entity] = self._pruned_at[entity] = 0
-            self._to_prune += due
+                self._to_prune[entity] = self.config.keep_new_observations
         else:
             self._asks_from = time.monotonic() + GRADUATION_RETRY_S
 

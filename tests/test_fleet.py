@@ -212,7 +212,13 @@ def _graduating_monitor(fleet_model, tmp_path, monkeypatch, **config):
     det, metrics, _ = fleet_model
     key = fleet_key(metrics)
     register_fitted("autoencoder", {key: det}, {key: metrics}, {})
-    settings = {"job_address": "http://127.0.0.1:9", "cooldown_s": 0, "own_model_rows": 5, "keep_observations": 20}
+    settings = {
+        "job_address": "http://127.0.0.1:9",
+        "cooldown_s": 0,
+        "own_model_rows": 5,
+        "keep_new_observations": 20,
+        "keep_observations": 1000,  # for entities with a model of their own: none here
+    }
     monitor = DriftMonitor("autoencoder", {**settings, **config}, str(tmp_path / "state"))
 
     def snapshot(machines: list[str], t: int) -> list[dict]:
@@ -247,7 +253,7 @@ def test_a_fleet_of_new_machines_asks_for_its_own_models_once_per_retry_not_once
     assert monitor.trigger.last_skip()["reason"].startswith("submission failed")
     kept = monitor.store.observed_entities("autoencoder")
     assert set(kept) == set(machines)
-    assert max(kept.values()) <= 20 + 2, kept  # keep_observations, and at most a tenth of it more between prunes
+    assert max(kept.values()) <= 20 + 2, kept  # keep_new_observations, and at most a tenth of it more between prunes
 
 
 def test_a_graduation_job_takes_at_most_graduates_per_job_machines(fleet_model, tmp_path, monkeypatch, caplog):
@@ -293,3 +299,17 @@ def test_an_entity_with_its_own_model_keeps_keep_observations_rows_once_its_wind
     batch = [{**row, "entity": entity, "timestamp": float(t), "values": values[t].tolist()} for t in range(300)]
     assert monitor.observe(batch)["events"], "full windows tested"
     assert monitor.store.observed_entities("autoencoder") == {entity: 100}
+
+
+@pytest.mark.parametrize(
+    "settings, named",
+    [
+        ({"graduates_per_job": 0}, "graduates_per_job"),
+        ({"keep_new_observations": 1000}, "keep_new_observations"),  # fewer than own_model_rows (2,000)
+    ],
+)
+def test_bad_graduation_settings_are_refused_by_name(settings, named):
+    from monitoring.monitor import MonitorConfig
+
+    with pytest.raises(ValueError, match=named):
+        MonitorConfig.from_dict(settings)
