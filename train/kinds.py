@@ -91,15 +91,21 @@ class DetectorKind:
         raise NotImplementedError
 
     def fit_many_on_ray(
-        self, fits: dict[str, tuple[Detector, np.ndarray, np.ndarray | None, list[str]]], **ray: Any
+        self,
+        fits: dict[str, tuple[Detector, np.ndarray, np.ndarray | None, list[str]]],
+        start_from: dict[str, Detector] | None = None,
+        **ray: Any,
     ) -> dict[str, Detector | ValueError]:
         """Fit new detectors, one per entity (`fits`: entity -> (detector, rows, labels, metrics)), as
-        `fit_on_ray` fits each; an entity whose rows cannot be fitted gets the ValueError that says why,
-        and the others are fitted still. One Ray run each here; a kind that can fits them in one."""
+        `fit_on_ray` fits each (from `start_from[entity]` where given); an entity whose rows cannot be
+        fitted gets the ValueError that says why, and the others are fitted still. One Ray run each here;
+        a kind that can fits them in one."""
         out: dict[str, Detector | ValueError] = {}
         for entity, (det, rows, labels, metrics) in fits.items():
             try:
-                out[entity] = self.fit_on_ray(det, rows, labels, metrics, **ray)
+                out[entity] = self.fit_on_ray(
+                    det, rows, labels, metrics, start_from=(start_from or {}).get(entity), **ray
+                )
             except ValueError as exc:
                 out[entity] = exc
         return out
@@ -184,9 +190,12 @@ class SequenceKind(DetectorKind):
             return continue_with_ray_train(det, start_from, rows, **ray)
         return fit_with_ray_train(det, rows, metrics, **ray)
 
-    def fit_many_on_ray(self, fits, **ray):
-        """All in one `TorchTrainer` run (`fit_many_with_ray_train`): a run's start and end cost more
-        than a small model's fit."""
+    def fit_many_on_ray(self, fits, start_from=None, **ray):
+        """Fresh models of several entities in one `TorchTrainer` run (`fit_many_with_ray_train`): a run's
+        start and end cost more than a small model's fit. One model (a drift job's) keeps its own run, with
+        a checkpoint every epoch, and warm starts each continue from their detector's weights."""
+        if start_from or len(fits) < 2:
+            return super().fit_many_on_ray(fits, start_from, **ray)
         out, prepared = {}, {}
         for entity, (det, rows, _, metrics) in fits.items():
             try:

@@ -95,28 +95,17 @@ log = logging.getLogger(__name__)
 
 def fit_challengers(model: str, recent: dict[str, Recent], options: dict[str, Any]) -> dict[str, Any | ValueError]:
     """Each entity's challenger, a new detector configured as the champion's detector that serves it, fitted
-    on its rows believed normal; an entity that cannot be fitted gets the ValueError that says why. Fresh
-    challengers of several entities are fitted together where the kind can (`DetectorKind.fit_many_on_ray`:
-    one Ray Train run for a graduation job's new entities); one entity's (a drift job's) alone, with a
-    checkpoint every epoch, and warm-started ones each continue from their champion's detector."""
+    on its rows believed normal (`DetectorKind.fit_many_on_ray`: one Ray Train run for a graduation job's
+    new entities, where the kind can); with `warm_start`, each continues from the champion's detector. An
+    entity that cannot be fitted gets the ValueError that says why."""
     kind = kind_named(model)
     overrides = kind.checked_config({"epochs": options["epochs"]} if options.get("epochs") else {})
-    ray = {"cpus_per_worker": options.get("cpus_per_worker")}
     fits = {
         entity: (kind.new(data.champion.config, **overrides), data.fit_rows, data.fit_labels, data.metrics)
         for entity, data in recent.items()
     }
-    warm = bool(options.get("warm_start"))
-    if len(fits) > 1 and not warm:
-        return kind.fit_many_on_ray(fits, **ray)
-    out: dict[str, Any | ValueError] = {}
-    for entity, (det, rows, labels, metrics) in fits.items():  # with a checkpoint every epoch
-        start_from = recent[entity].champion if warm else None  # a kind that can continues from its weights
-        try:
-            out[entity] = kind.fit_on_ray(det, rows, labels, metrics, start_from=start_from, **ray)
-        except ValueError as exc:
-            out[entity] = exc
-    return out
+    start_from = {entity: data.champion for entity, data in recent.items()} if options.get("warm_start") else None
+    return kind.fit_many_on_ray(fits, start_from, cpus_per_worker=options.get("cpus_per_worker"))
 
 
 @dataclass(frozen=True)
