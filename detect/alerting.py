@@ -136,6 +136,33 @@ class AlertGrouper:
         if contrib is not None:
             cur.contribution = contrib.copy() if cur.contribution is None else cur.contribution + contrib
 
+    def state(self) -> dict:
+        """Everything it holds, as plain values (the fleet lane keeps many groupers' state as columns)."""
+        cur = self.current_
+        return {
+            "row": self.row_,
+            "hot": self._hot,
+            "size": self._size,
+            "quiet": self._quiet,
+            "scores": self._scores.copy(),
+            "contributions": list(self._contributions),
+            "open": None
+            if cur is None
+            else (cur.start, cur.opened, cur.end, cur.peak_score, cur.peak_row, cur.contribution),
+        }
+
+    @classmethod
+    def of_state(cls, state: dict) -> AlertGrouper:
+        """A grouper (of the default k, n, clear and top) holding `state` (`AlertGrouper.state`'s keys)."""
+        out = cls()
+        out.row_, out._hot, out._size, out._quiet = state["row"], state["hot"], state["size"], state["quiet"]
+        out._scores[:] = state["scores"]
+        out._contributions = list(state["contributions"])
+        if state["open"] is not None:
+            start, opened, end, peak_score, peak_row, contribution = state["open"]
+            out.current_ = _Open(start, opened, end, peak_score, peak_row, contribution)
+        return out
+
     def _snapshot(self, closed: int | None) -> Alert:
         cur = self.current_
         top: tuple[int, ...] = ()

@@ -157,10 +157,27 @@ class OwnThreshold:
         return threshold
 
     def _quantile(self) -> float:
-        """OWN_QUANTILE of the first OWN_THRESHOLD_ROWS scores, from their largest: the smaller ones stand in
-        as copies of the smallest kept, which leaves the sorted positions the quantile reads as they were."""
-        below = np.full(OWN_THRESHOLD_ROWS - self.TAIL_ROWS, self._largest.min())
-        return float(np.quantile(np.concatenate([below, self._largest]), OWN_QUANTILE))
+        return self.learnt_from(self._largest)
+
+    @classmethod
+    def learnt_from(cls, largest: np.ndarray) -> float:
+        """OWN_QUANTILE of the first OWN_THRESHOLD_ROWS scores, from their largest TAIL_ROWS: the smaller ones
+        stand in as copies of the smallest kept, which leaves the sorted positions the quantile reads as
+        they were."""
+        below = np.full(OWN_THRESHOLD_ROWS - cls.TAIL_ROWS, largest.min())
+        return float(np.quantile(np.concatenate([below, largest]), OWN_QUANTILE))
+
+    def state(self) -> tuple[np.ndarray | None, int, float | None]:
+        """(the largest scores held while it learns, or None; scores seen; the learnt value, or None)."""
+        return self._largest, self._seen, self.value
+
+    @classmethod
+    def of_state(cls, largest: np.ndarray | None, seen: int, value: float | None) -> OwnThreshold:
+        """The threshold `state` describes (its arrays copied)."""
+        out = cls()
+        out._largest = None if largest is None else np.array(largest, dtype=np.float64)
+        out._seen, out.value = int(seen), value
+        return out
 
 
 class Sampler:
@@ -189,6 +206,14 @@ class Sampler:
     def stats(self) -> EntityStats:
         """The statistics at the checkpoints reached (views: made per call, kept by nothing)."""
         return EntityStats(self._CHECKPOINT_ROWS[: self._reached], self._stats_values[: self._reached])
+
+    @classmethod
+    def grown(cls, rows: int, stats_values: np.ndarray) -> Sampler:
+        """A grown entity's sampler: `rows` seen, every checkpoint's statistics `stats_values` ((K, 2, M))."""
+        out = cls(stats_values.shape[2])
+        out.rows, out._reached, out._samples = int(rows), len(CHECKPOINTS), None
+        out._stats_values[:] = stats_values
+        return out
 
     @property
     def held_bytes(self) -> int:

@@ -46,6 +46,7 @@ from monitoring.served import ServedColumns, ServedColumnsBuilder
 from monitoring.trigger import gate_key
 from serve import schemas as S
 from serve.auth import KEYS_FILE_ENV, AuthError, check_admin, feedback_trusted
+from serve.fleet_lane import FleetLane, LaneKey, LanePlan
 from serve.history import AlertBook, ColdStarts, EntityHistory, SpotSeed, fallback_scores
 from serve.memory import MemoryTrim
 from serve.monitor_feed import MonitorFeed
@@ -54,7 +55,7 @@ from serve.rollout import RolloutPlan, RolloutStore, StepCounter
 from serve.router import CircuitBreaker, TrafficPolicy
 from serve.settings import ServeSettings
 from serve.traffic import TrafficStore
-from serve.wire import PACK_FROM, pack, unpack
+from serve.wire import PACK_FROM, full_column, is_packed, pack, packed, unpack
 
 log = logging.getLogger("raywatch.serve")
 
@@ -110,6 +111,15 @@ def _tally_alert_changes(changes: dict[tuple[str, str], int], detector: str, ale
     for alert in alerts:
         if alert is not None and alert["state"] in ("opened", "closed"):
             changes[detector, alert["state"]] = changes.get((detector, alert["state"]), 0) + 1
+
+
+def _model_refs(columns: dict[str, Any], count: int) -> list[dict[str, Any]]:
+    """The model references of a packed answer's items: one dict shared by all when they name one model (a
+    lane's call: one version of one fleet model), else one each."""
+    values = {key: value for key, (_, value) in columns["columns"].items()}
+    if not columns["nested"] and not columns["tuples"] and all(len(set(v)) == 1 for v in values.values()):
+        return [{key: value[0] for key, value in values.items()}] * count
+    return unpack(columns)
 
 
 @dataclass
@@ -343,6 +353,7 @@ class RaywatchAPI:
         self.cold_starts = ColdStarts()  # entities scored by a fleet model: rows seen, statistics, thresholds
         self.memory = MemoryTrim()  # freed pages back to the system after big requests
         self.alerts = AlertBook()  # rows grouped into alert episodes per detector and entity
+        self.lane = FleetLane()  # the state of a snapshot's grown fleet-scored machines, as columns
         self.traffic = TrafficStore(self.state_root / "traffic.db")  # shared by the replicas, kept across restarts
         # one breaker per model and slot: a failing challenger must not send the champion's traffic to the fallback
         self.breakers = {
@@ -776,6 +787,11 @@ class RaywatchAPI:
         first = items[0].get("model_key") or items[0]["entity"]
         if any((item.get("model_key") or item["entity"]) != first for item in items[1:]):
             return handle
+        return self._routed_to(name, first)
+
+    def _routed_to(self, name: str, first: str) -> Any:
+        """The handle of `name`'s deployment that routes a call to a replica holding model `first`."""
+        handle = self.handles[name]
         routed = self.routed_handles.get((name, first))
         if routed is None:
             if len(self.routed_handles) >= ROUTED_HANDLES:
@@ -961,12 +977,333 @@ class RaywatchAPI:
         async def part(start: int) -> bytes:
             async with steps:
                 chunk = slice(start, start + size)
-                results = await self._score_rows(rows[chunk], known, detectors)
+                results = await self._score_snapshot(rows[chunk], known, detectors)
                 for index, result in zip(where[chunk], results):
                     result["index"] = index
                 return to_json(results)[1:-1]
 
         return await asyncio.gather(*(part(start) for start in range(0, len(rows), size)))
+
+    # -- the fleet lane (serve/fleet_lane.py) -------------------------------------------------------------
+    def _out_of_lane(self, entity: str) -> None:
+        """Give the entity's state back to the per-entity objects before anything but the lane scores it."""
+        if entity in self.lane:
+            self.lane.release(entity, self.history, self.cold_starts, self.alerts)
+
+    async def _score_snapshot(
+        self, rows: list[S.TelemetryRow], known: dict[str, list[str]], detectors: list[str]
+    ) -> list[dict[str, Any]]:
+        """One step of a snapshot: its grown machines that fleet models score go through the fleet lane, a
+        few array operations for all of them (`_score_in_lane`); the others entity by entity
+        (`_score_rows`, which takes any of them out of the lane first). Results in the rows' order."""
+        lanes, rest = await self._lane_rows(rows, known, detectors)
+        out: list[dict[str, Any]] = [{}] * len(rows)
+
+        async def by_entity(idx: list[int]) -> None:
+            for i, result in zip(idx, await self._score_rows([rows[i] for i in idx], known, detectors)):
+                out[i] = result
+
+        async def in_lane(key: LaneKey, idx: list[int], slots: np.ndarray) -> None:
+            for i, result in zip(idx, await self._score_in_lane(key, [rows[i] for i in idx], slots)):
+                out[i] = result
+
+        jobs = [in_lane(key, idx, slots) for key, (idx, slots) in lanes.items()]
+        if rest:
+            jobs.append(by_entity(rest))
+        await asyncio.gather(*jobs)
+        return out
+
+    async def _lane_rows(
+        self, rows: list[S.TelemetryRow], known: dict[str, list[str]], detectors: list[str]
+    ) -> tuple[dict[LaneKey, tuple[list[int], np.ndarray]], list[int]]:
+        """The rows whose machines the lane scores, per lane (their indices and slots), and the rest."""
+        infos = {name: await self._info(name) for name in detectors}
+        own = [slot["entities"] for info in infos.values() for slot in info["slots"].values()]
+        keys: dict[tuple[str, ...], LaneKey | None] = {}
+        groups: dict[LaneKey, list[int]] = {}
+        rest: list[int] = []
+        for i, row in enumerate(rows):
+            metrics = known[row.entity]
+            schema = tuple(metrics)
+            if any(row.entity in entities for entities in own):  # a model of its own in some slot
+                rest.append(i)
+                continue
+            if schema not in keys:
+                keys[schema] = self._lane_key(infos, row.entity, metrics)
+            if keys[schema] is None:
+                rest.append(i)
+            else:
+                groups.setdefault(keys[schema], []).append(i)
+        lanes = {}
+        for key, idx in groups.items():
+            slots = self.lane.admit(key, [rows[i].entity for i in idx], self.history, self.cold_starts, self.alerts)
+            taken = (slots >= 0).tolist()
+            rest += [i for i, t in zip(idx, taken) if not t]
+            if any(taken):
+                lanes[key] = ([i for i, t in zip(idx, taken) if t], slots[slots >= 0])
+        return lanes, sorted(rest)
+
+    def _lane_key(self, infos: dict[str, dict], entity: str, metrics: list[str]) -> LaneKey | None:
+        """The lane of a new entity with these metrics: the detectors whose champion scores it through the fleet
+        model of its metrics. None where the lane does not go: no fleet model, or a detector with a
+        challenger (an A/B split, a shadow) or a rollout under way, whose per-entity paths count each entity."""
+        serving, fleet_scored, context = self._serving(infos, entity, metrics)
+        if not fleet_scored:
+            return None
+        detectors = []
+        for name, info in serving.items():
+            champion = info["slots"]["champion"]
+            key = self._model_key(champion, entity, metrics)
+            if "challenger" in info["slots"] or self.traffic.get(name).step_key is not None:
+                return None
+            detectors.append((name, key, int(champion["entities"][key].get("context_rows", 64))))
+        return LaneKey(tuple(metrics), tuple(detectors), self.history.keep_for(context))
+
+    async def _score_in_lane(self, key: LaneKey, rows: list[S.TelemetryRow], slots: np.ndarray) -> list[dict[str, Any]]:
+        """`_score_rows` of a lane's rows: one call per detector for all of them, judged as columns."""
+        entities, timestamps = [row.entity for row in rows], [row.timestamp for row in rows]
+        width = len(key.metrics)
+        values = np.array([[row.metrics[m] for m in key.metrics] for row in rows], dtype=np.float64)
+        plan = self.lane.plan(key, entities, timestamps, slots, values.reshape(len(rows), width))
+        answers = await asyncio.gather(
+            *(self._lane_call(plan, name, model_key) for name, model_key, _ in key.detectors)
+        )
+        live = self.lane.live(plan)
+        results = [{"entity": e, "timestamp": ts, "detectors": {}} for e, ts in zip(entities, timestamps)]
+        served_rows: dict[tuple[str, str], int] = {}
+        alert_changes: dict[tuple[str, str], int] = {}
+        for (name, model_key, _), answer in zip(key.detectors, answers):
+            for judged in self._lane_verdicts(plan, name, answer, live):
+                self._settle_lane(plan, name, model_key, judged, results)
+                path = judged["path"]
+                served_rows[name, path] = served_rows.get((name, path), 0) + len(judged["where"])
+                for state, count in (("opened", judged["opened"]), ("closed", judged["closed"])):
+                    if count:
+                        alert_changes[name, state] = alert_changes.get((name, state), 0) + count
+        anomalies = dict.fromkeys([name for name, _, _ in key.detectors], 0)
+        for row in results:
+            flagged, probability = False, None
+            for name, d in row["detectors"].items():
+                if d["is_anomaly"]:
+                    flagged = True
+                    anomalies[name] += 1
+                if probability is None:
+                    probability = d.get("incident_probability")
+            row["is_anomaly"], row["incident_probability"] = flagged, probability
+        for name, count in anomalies.items():
+            if count:
+                self.m_anomalies.inc(count, tags={"detector": name})
+        self._count_served(served_rows)
+        self._count_alert_changes(alert_changes)
+        self.m_alerts_firing.set(self.alerts.firing() + self.lane.firing())
+        self.memory.after(len(rows))
+        return results
+
+    async def _lane_call(self, plan: LanePlan, name: str, model_key: str) -> Any:
+        """One detector's call for a lane's chunk, built as columns (`serve.wire.packed`); the packed answer,
+        or None when the circuit held it back or the call failed (the baseline answers)."""
+        breaker = self.breakers[(name, "champion")]
+        if not breaker.allow():
+            return None
+        count = len(plan.entities)
+        payload = packed(
+            count,
+            {
+                "entity": plan.entities,
+                "path": ["champion"] * count,
+                "rows": plan.rows[name],
+                "n_new": [1] * count,
+                "model_key": [model_key] * count,
+                "offset": plan.offsets[name].tolist(),
+            },
+            {"stats": [plan.stats_rows, plan.stats_values]},
+        )
+        try:
+            handle = self.handles[name] if name in self.settings.in_ingress else self._routed_to(name, model_key)
+            answer = await handle.score_items.remote(payload)
+        except Exception as exc:
+            answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        ok = is_packed(answer) and all(full_column(answer, "ok") or [False])
+        breaker.record(ok)
+        if not ok:
+            log.warning("model call failed", extra={"detector": name, "entities": len(plan.entities)})
+        return answer if is_packed(answer) else None
+
+    def _lane_verdicts(self, plan: LanePlan, name: str, answer: Any, live: np.ndarray) -> list[dict[str, Any]]:
+        """What one detector served a lane's chunk, judged: per path ("champion" where the model answered,
+        "fallback", the baseline, where it did not), the positions and their columns. Machines still in the
+        lane are judged by it in one go (`FleetLane.judge`); one that left while the call was out is judged
+        by the per-entity objects, as `_score_entities` judges it."""
+        metrics = list(plan.store.key.metrics)
+        answered = self._lane_answers(answer, len(plan.entities))
+        baseline = {"name": f"raywatch-{name}", "version": None, "variant": "baseline"}
+        for i, found in enumerate(answered):
+            if found is None:  # the baseline, from the machine's kept rows (its new row last)
+                arrays = fallback_scores(self.lane.kept_rows(plan, i), 1, metrics)
+                answered[i] = (arrays["scores"][0], arrays["threshold"], arrays["top"][0], arrays["top_values"][0])
+                answered[i] += (None, baseline, 0)
+        verdicts = []
+        for path in ("champion", "fallback"):
+            where = np.array([i for i, a in enumerate(answered) if (a[5] is baseline) == (path == "fallback")], int)
+            if len(where):
+                verdicts.append(self._lane_judged(plan, name, path, where, [answered[i] for i in where], live, metrics))
+        return verdicts
+
+    @staticmethod
+    def _lane_answers(answer: Any, count: int) -> list[tuple | None]:
+        """Per item of a packed answer: (score, threshold, top, top_values, probability, model ref, attribution
+        half-life), or None where the model gave none."""
+        if answer is None:
+            return [None] * count
+        scores = full_column(answer, "scores", "arrays")
+        if isinstance(scores, np.ndarray) and scores.shape == (count, 1):  # every item answered, as columns
+            inner = answer["nested"]["arrays"][1]
+            thresholds, tops = full_column(inner, "threshold"), full_column(inner, "top")
+            values, probability = full_column(inner, "top_values"), full_column(inner, "probability")
+            half_life = full_column(inner, "attribution_half_life_rows") or [0] * count
+            refs = _model_refs(answer["nested"]["model"][1], count)
+            return [
+                (
+                    float(scores[i, 0]),
+                    float(thresholds[i]),
+                    tops[i][0],
+                    values[i][0],
+                    None if probability is None or probability[i] is None else float(probability[i][0]),
+                    refs[i],
+                    half_life[i] or 0,
+                )
+                for i in range(count)
+            ]
+        out: list[tuple | None] = []
+        for item in unpack(answer):
+            arrays = item.get("arrays") if item.get("ok") else None
+            if arrays is None:
+                out.append(None)
+                continue
+            probability = arrays.get("probability")
+            out.append(
+                (
+                    float(np.asarray(arrays["scores"])[0]),
+                    float(arrays["threshold"]),
+                    np.asarray(arrays["top"])[0],
+                    np.asarray(arrays["top_values"])[0],
+                    None if probability is None else float(np.asarray(probability)[0]),
+                    item["model"],
+                    arrays.get("attribution_half_life_rows") or 0,
+                )
+            )
+        return out
+
+    def _lane_judged(
+        self,
+        plan: LanePlan,
+        name: str,
+        path: str,
+        where: np.ndarray,
+        served: list[tuple],
+        live: np.ndarray,
+        metrics: list[str],
+    ) -> dict[str, Any]:
+        """Judge the `served` tuples (`_lane_answers`) of the plan's machines at `where` along `path`."""
+        count = len(where)
+        scores = np.array([s[0] for s in served], dtype=np.float64)
+        given = np.array([s[1] for s in served], dtype=np.float64)
+        top = np.array([s[2] for s in served]).reshape(count, -1)
+        top_values = np.array([s[3] for s in served], dtype=np.float64).reshape(count, -1)
+        out = {
+            "path": path,
+            "where": where,
+            "scores": scores,
+            "thresholds": given.copy(),
+            "top": top,
+            "top_values": top_values,
+            "probability": [s[4] for s in served],
+            "refs": [s[5] for s in served],
+            "alerts": [None] * count,
+            "opened": 0,
+            "closed": 0,
+        }
+        own_threshold, half_life = path == "champion", served[0][6]
+        in_lane = np.flatnonzero(live[where])
+        if len(in_lane):
+            timestamps = [plan.timestamps[i] for i in where[in_lane].tolist()]
+            thresholds, held, held_values, alerts, opened, closed = self.lane.judge(
+                plan,
+                name,
+                where[in_lane],
+                scores[in_lane],
+                given[in_lane],
+                top[in_lane],
+                top_values[in_lane],
+                half_life,
+                metrics,
+                timestamps,
+                own_threshold,
+            )
+            out["thresholds"][in_lane], out["top"][in_lane], out["top_values"][in_lane] = thresholds, held, held_values
+            for k, alert in zip(in_lane.tolist(), alerts):
+                out["alerts"][k] = alert
+            out["opened"], out["closed"] = opened, closed
+        for k in np.flatnonzero(~live[where]).tolist():  # left the lane while the call was out
+            i, entity = int(where[k]), plan.entities[int(where[k])]
+            arrays = {
+                "scores": scores[k : k + 1],
+                "threshold": float(given[k]),
+                "probability": None,
+                "top": top[k : k + 1],
+                "top_values": top_values[k : k + 1],
+                "metrics": metrics,
+                "attribution_half_life_rows": half_life,
+            }
+            if own_threshold:
+                arrays["threshold"] = self.cold_starts.threshold(name, entity, arrays["scores"], arrays["threshold"])
+            alerts, threshold = self.alerts.observe(name, entity, arrays, [plan.timestamps[i]])
+            out["thresholds"][k], out["alerts"][k] = float(threshold), alerts[0]
+            out["top"][k], out["top_values"][k] = arrays["top"][0], arrays["top_values"][0]
+            state = alerts[0] and alerts[0]["state"]
+            if state in ("opened", "closed"):
+                out[state] += 1
+        return out
+
+    def _settle_lane(self, plan: LanePlan, name: str, model_key: str, judged: dict[str, Any], results: list) -> None:
+        """Write a detector's judged columns into the chunk's result rows and hand them to its drift monitor."""
+        where, scores, thresholds = judged["where"], judged["scores"], judged["thresholds"]
+        path, metrics = judged["path"], plan.store.key.metrics
+        flagged = scores >= thresholds
+        names = [[metrics[j] for j in row] for row in judged["top"].tolist()]
+        for k, (i, score, threshold, flag, top, values) in enumerate(
+            zip(
+                where.tolist(),
+                scores.tolist(),
+                thresholds.tolist(),
+                flagged.tolist(),
+                names,
+                judged["top_values"].tolist(),
+            )
+        ):
+            results[i]["detectors"][name] = {
+                "anomaly_score": score,
+                "threshold": threshold,
+                "is_anomaly": flag,
+                "incident_probability": judged["probability"][k],
+                "top_metrics": [{"metric": m, "contribution": c} for m, c in zip(top, values)],
+                "alert": judged["alerts"][k],
+                "model": judged["refs"][k],
+                "path": path,
+            }
+        count = len(where)
+        self.monitor_feed.offer(
+            name,
+            ServedColumns(
+                [plan.entities[i] for i in where.tolist()],
+                [plan.timestamps[i] for i in where.tolist()],
+                plan.values[where],
+                scores,
+                flagged & (path == "champion"),
+                [path] * count,
+                [model_key] * count,
+            ),
+        )
 
     async def _score_entities(
         self, batch: list[tuple[str, np.ndarray, list[str], list]], detectors: list[str]
@@ -976,6 +1313,8 @@ class RaywatchAPI:
         the drift monitors and the alert book. Per entity, per detector: (path, model ref, arrays). A new
         entity is served by the detectors with a fleet model of its metrics. One planning pass, the calls
         (gathered per detector for a snapshot of many entities), then one pass over the answers."""
+        for entity, *_ in batch:
+            self._out_of_lane(entity)
         infos = {name: await self._info(name) for name in detectors}
         policies = {name: self.traffic.get(name) for name in detectors}  # one read per request, not per entity
         slots = [slot["entities"] for info in infos.values() for slot in info["slots"].values()]
@@ -1031,7 +1370,7 @@ class RaywatchAPI:
             self.monitor_feed.offer(model, rows)
         self._count_served(served_rows)
         self._count_alert_changes(alert_changes)
-        self.m_alerts_firing.set(self.alerts.firing())  # once per request, not per entity of a snapshot
+        self.m_alerts_firing.set(self.alerts.firing() + self.lane.firing())  # once per request, not per entity
         self.memory.after(sum(len(new) for _, new, _, _ in batch))
         return out
 
@@ -1089,6 +1428,7 @@ class RaywatchAPI:
         metrics = known.get(request.entity)
         if metrics is None:
             raise ApiError(422, "entity", f"unknown entity {request.entity!r} for the {FORECASTER} forecaster")
+        self._out_of_lane(request.entity)
         hist = self.history.of(request.entity)
         for i, row in enumerate(request.rows):
             if row.entity != request.entity:
@@ -1154,7 +1494,9 @@ class RaywatchAPI:
                 "single_rows": self._single_rows_where(name),  # in the replica that answered
                 "retraining": (await asyncio.to_thread(self.store.decisions, name, 1) or [None])[0],
             }
-        return {"models": out, "replica": serve.get_replica_context().replica_id.unique_id}
+        # the replica that answered: machines whose state its fleet lane holds (serve/fleet_lane.py)
+        lane = {"machines": len(self.lane), "alerts_firing": self.lane.firing()}
+        return {"models": out, "fleet_lane": lane, "replica": serve.get_replica_context().replica_id.unique_id}
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -1281,6 +1623,7 @@ class RaywatchAPI:
         monitors kept (up to BASELINE_ROWS), else the ingress's short history."""
         request: S.BaselineRequest = self._admin_request(S.BaselineRequest, body, authorization)
         kept = await asyncio.to_thread(self.store.observations, request.model, request.entity, 0, BASELINE_ROWS)
+        self._out_of_lane(request.entity)
         hist = kept["values"] if len(kept["values"]) >= 10 else np.asarray(self.history.peek(request.entity) or ())
         if len(hist) < 10:
             raise ApiError(409, "entity", f"need at least 10 recent samples of {request.entity!r} to set a baseline")

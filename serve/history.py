@@ -39,6 +39,14 @@ def lru_entry(table: OrderedDict, key: Any, bound: int, create: Callable[[], Any
     return entry, evicted
 
 
+def lru_put(table: OrderedDict, key: Any, value: Any, bound: int) -> Any:
+    """Put `value` at `key` as the most recently used entry; returns the least recently used entry dropped
+    to keep the table within `bound`, or None (how state handed back by the fleet lane rejoins a table)."""
+    table[key] = value
+    table.move_to_end(key)
+    return table.popitem(last=False)[1] if len(table) > bound else None
+
+
 class RecentRows:
     """One entity's last `maxlen` samples as one float64 array (oldest first), not a row object each: about
     M x 8 bytes a row, what keeps 10,000 entities' histories small. Its buffer grows by doubling up to
@@ -110,15 +118,27 @@ class EntityHistory:
         """The entity's samples (oldest first), created empty on first sight; marks it recently seen. With
         `context` (the rows its models read before a new row), it keeps at least that many from now on;
         without, a new entity keeps `rows`."""
-        keep = self.rows if context is None else min(self.rows, max(self.floor, context))
+        keep = self.rows if context is None else self.keep_for(context)
         hist = lru_entry(self._entities, entity, self.max_entities, lambda: RecentRows(keep))[0]
         if context is not None and hist.maxlen < keep:
             hist.maxlen = keep  # a model that reads more now serves it: its buffer grows from the next row
         return hist
 
+    def keep_for(self, context: int) -> int:
+        """Rows kept for an entity whose models read `context` rows before a new one."""
+        return min(self.rows, max(self.floor, context))
+
     def peek(self, entity: str) -> RecentRows | None:
         """The entity's samples if it has any, without creating or touching it."""
         return self._entities.get(entity)
+
+    def take(self, entity: str) -> RecentRows | None:
+        """Remove and return the entity's samples (the fleet lane takes them over), or None."""
+        return self._entities.pop(entity, None)
+
+    def put(self, entity: str, rows: RecentRows) -> None:
+        """Hold `rows` as the entity's samples again, as the most recently seen."""
+        lru_put(self._entities, entity, rows, self.max_entities)
 
     def context_and_new(self, entity: str, new: np.ndarray, context: int) -> np.ndarray:
         """The last `context` stored samples followed by `new` (what the detectors score), then store `new`."""
@@ -157,6 +177,21 @@ class ColdStarts:
             sampler = self._entities[entity] = Sampler(new.shape[1])
         before = sampler.rows
         return sampler.add(new), before
+
+    def peek(self, entity: str) -> Sampler | None:
+        return self._entities.get(entity)
+
+    def take(self, entity: str, detectors: Sequence[str]) -> tuple[Sampler | None, dict[str, OwnThreshold]]:
+        """Remove and return the entity's sampler and its own thresholds under `detectors` (the fleet lane
+        takes them over)."""
+        thresholds = {d: self._thresholds.pop((d, entity)) for d in detectors if (d, entity) in self._thresholds}
+        return self._entities.pop(entity, None), thresholds
+
+    def put(self, entity: str, sampler: Sampler, thresholds: dict[str, OwnThreshold]) -> None:
+        """Hold the entity's sampler and own thresholds again, as the most recently seen."""
+        lru_put(self._entities, entity, sampler, self.max_entities)
+        for detector, threshold in thresholds.items():
+            lru_put(self._thresholds, (detector, entity), threshold, self.max_entities)
 
 
 def fallback_scores(rows: np.ndarray, n_new: int, metrics: list[str]) -> dict[str, Any]:
@@ -380,6 +415,20 @@ class AlertBook:
             tracked.spot = AlertAwareSpot(threshold_from_state(seed.state), tracked.grouper.n)
             tracked.spot_model = seed.model
         return tracked.spot
+
+    def take(self, detector: str, entity: str) -> _Tracked | None:
+        """Remove and return the pair's alert state (the fleet lane takes it over), or None."""
+        tracked = self._tracked.pop((detector, entity), None)
+        if tracked is not None and tracked.grouper.current_ is not None:
+            self._open -= 1
+        return tracked
+
+    def put(self, detector: str, entity: str, tracked: _Tracked) -> None:
+        """Hold the pair's alert state again, as the most recently scored."""
+        evicted = lru_put(self._tracked, (detector, entity), tracked, self.max_entities)
+        self._open += (tracked.grouper.current_ is not None) - (
+            evicted is not None and evicted.grouper.current_ is not None
+        )
 
     def firing(self) -> int:
         """Alerts open now, over every (detector, entity) pair (a count kept as they change: the gauge is

@@ -68,3 +68,28 @@ def _stacked(values: list[Any]) -> Any:
     if all(isinstance(v, np.ndarray) and v.shape == shape and v.dtype == dtype for v in values):
         return np.stack(values)
     return values
+
+
+def packed(n: int, columns: dict[str, Any], tuples: dict[str, list[np.ndarray]] | None = None) -> dict[str, Any]:
+    """What `pack` makes of `n` items whose every field is already a column (an array of n rows, or a list
+    of n values): the fleet lane builds a snapshot's call this way, with no dict per item."""
+    every = list(range(n))
+    return {
+        _PACKED: True,
+        "n": n,
+        "columns": {key: (every, value) for key, value in columns.items()},
+        "nested": {},
+        "tuples": {key: (every, parts) for key, parts in (tuples or {}).items()},
+    }
+
+
+def full_column(payload: dict[str, Any], key: str, nested: str | None = None) -> Any:
+    """The column `key` of a packed answer (of its `nested` dicts' when given) when every item has it, else
+    None: what the fleet lane reads of a detector's answer without a dict per item."""
+    if nested is not None:
+        entry = payload["nested"].get(nested)
+        if entry is None or len(entry[0]) != payload["n"]:
+            return None
+        payload = entry[1]
+    entry = payload["columns"].get(key)
+    return entry[1] if entry is not None and len(entry[0]) == payload["n"] else None

@@ -114,20 +114,30 @@ def test_a_new_entity_is_scored_on_its_first_request_through_the_fleet_model(col
 
 def test_a_snapshot_of_many_new_entities_scores_each_as_the_batch_path(cold):
     """/v1/score/fleet with 20 never-trained entities per snapshot (a chunk sent to the detector packed as
-    columns, serve/wire.py), 300 snapshots: through the statistics checkpoints to the vectorised path of
-    grown entities. Each entity's served scores are the fleet model's batch scores of its own series."""
+    columns, serve/wire.py), 360 snapshots: through the statistics checkpoints to the vectorised path of
+    grown entities, whose state the fleet lane then holds (serve/fleet_lane.py). One entity's row goes to
+    /v1/score instead in one snapshot, which takes it out of the lane, and the next snapshot takes it back.
+    Each entity's served scores are the fleet model's batch scores of its own series."""
     from serve.detectors import load_models
 
     client, metrics, values, key = cold
     entities = [f"fleet-snapshot-{i}" for i in range(20)]
-    series = {e: values[7 * i : 7 * i + 300] for i, e in enumerate(entities)}
+    series = {e: values[7 * i : 7 * i + 360] for i, e in enumerate(entities)}
     served: dict[str, list[float]] = {e: [] for e in entities}
-    for t in range(300):
-        rows = [{"entity": e, "metrics": dict(zip(metrics, series[e][t].tolist()))} for e in entities]
+    lane = []
+    for t in range(360):
+        alone = entities[0] if t == 330 else None  # a per-entity request for it, this once
+        rows = [{"entity": e, "metrics": dict(zip(metrics, series[e][t].tolist()))} for e in entities if e != alone]
         answer = client.post("/v1/score/fleet", json={"timestamp": float(t), "rows": rows})
-        assert answer.status_code == 200 and answer.json()["scored"] == len(entities), answer.text[:300]
+        assert answer.status_code == 200 and answer.json()["scored"] == len(rows), answer.text[:300]
         for result in answer.json()["results"]:
             served[result["entity"]].append(result["detectors"]["autoencoder"]["anomaly_score"])
+        if alone:
+            single = client.post("/v1/score", json={"rows": rows_of(alone, metrics, series[alone][t : t + 1], t)})
+            served[alone] += autoencoder_scores(single)
+        if t in (250, 329, 330, 359):
+            lane.append(client.get("/v1/models").json()["fleet_lane"]["machines"])
+    assert lane == [0, 20, 19, 20]  # grown at row 274 (its next windows read its last statistics only)
     fleet = load_models("autoencoder")[key]
     for e in entities:
         np.testing.assert_allclose(served[e], fleet.runtime.score_series(series[e]), rtol=1e-5, atol=1e-6)
