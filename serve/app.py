@@ -932,6 +932,12 @@ class RaywatchAPI:
             for name, (path, model, arrays) in per_detector.items():
                 for i, row_out in zip(idx, S.result_rows(arrays, model=model, path=path)):
                     results[i]["detectors"][name] = row_out
+        self._sum_up(results, detectors)
+        return results
+
+    def _sum_up(self, results: list[dict[str, Any]], detectors: list[str]) -> None:
+        """Each result row's verdict over its detectors (flagged by any; the first incident probability), and
+        the flagged rows counted per detector in the metrics."""
         anomalies = dict.fromkeys(detectors, 0)
         for row in results:
             flagged, probability = False, None
@@ -945,7 +951,6 @@ class RaywatchAPI:
         for name, count in anomalies.items():
             if count:
                 self.m_anomalies.inc(count, tags={"detector": name})
-        return results
 
     @api.post(S.FLEET_PATH, response_model=S.FleetResponse, openapi_extra=_json_body(S.FleetSnapshotRequest))
     async def score_fleet(self, body: bytes = Depends(_raw_body), client: str = Depends(_client)) -> Response:
@@ -1080,19 +1085,7 @@ class RaywatchAPI:
                 for state, count in (("opened", judged["opened"]), ("closed", judged["closed"])):
                     if count:
                         alert_changes[name, state] = alert_changes.get((name, state), 0) + count
-        anomalies = dict.fromkeys([name for name, _, _ in key.detectors], 0)
-        for row in results:
-            flagged, probability = False, None
-            for name, d in row["detectors"].items():
-                if d["is_anomaly"]:
-                    flagged = True
-                    anomalies[name] += 1
-                if probability is None:
-                    probability = d.get("incident_probability")
-            row["is_anomaly"], row["incident_probability"] = flagged, probability
-        for name, count in anomalies.items():
-            if count:
-                self.m_anomalies.inc(count, tags={"detector": name})
+        self._sum_up(results, [name for name, _, _ in key.detectors])
         self._count_served(served_rows)
         self._count_alert_changes(alert_changes)
         self.m_alerts_firing.set(self.alerts.firing() + self.lane.firing())
