@@ -1119,7 +1119,8 @@ class RaywatchAPI:
         ok = is_packed(answer) and all(full_column(answer, "ok") or [False])
         breaker.record(ok)
         if not ok:
-            log.warning("model call failed", extra={"detector": name, "entities": len(plan.entities)})
+            error = answer.get("error") if not is_packed(answer) else "some items failed"
+            log.warning("model call failed", extra={"detector": name, "entities": len(plan.entities), "error": error})
         return answer if is_packed(answer) else None
 
     def _lane_verdicts(self, plan: LanePlan, name: str, answer: Any, live: np.ndarray) -> list[dict[str, Any]]:

@@ -267,6 +267,8 @@ class FleetLane:
     ) -> np.ndarray:
         """Each entity's slot in `key`'s lane, moving in those that are grown (their state taken from the
         objects); -1 for those that are not yet (the objects keep scoring them)."""
+        if len(self._stores) > 1:  # lanes emptied since (their key no longer served) go
+            self._stores = {k: s for k, s in self._stores.items() if s.slot_of or k == key}
         store = self._stores.get(key)
         if store is None:
             store = self._stores[key] = _Store(key)
@@ -349,8 +351,6 @@ class FleetLane:
             book.recent[slot] = None
             book.started_at[slot] = book.opened_at[slot] = None
         store.free.append(slot)
-        if not store.slot_of and len(self._stores) > 1:  # an emptied lane of a key no longer served
-            self._stores = {k: s for k, s in self._stores.items() if s.slot_of}
 
     def _evict_oldest(self, before: int) -> bool:
         """Forget the least recently scored machine of any lane, if one was last scored before step `before`."""

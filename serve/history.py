@@ -179,6 +179,7 @@ class ColdStarts:
         return sampler.add(new), before
 
     def peek(self, entity: str) -> Sampler | None:
+        """The entity's sampler if it has one, without creating or touching it."""
         return self._entities.get(entity)
 
     def take(self, entity: str, detectors: Sequence[str]) -> tuple[Sampler | None, dict[str, OwnThreshold]]:

@@ -191,3 +191,24 @@ def test_the_lane_is_bounded_and_forgets_the_least_recently_scored_machine():
     _lane_step(lane, objects, key, seen, values[-2, : len(seen)], ["later"] * len(seen), 1.5)
     assert {e for e in entities if e in lane} == set(seen)
     assert all(objects.cold.peek(e) is None for e in quiet)  # forgotten, as an evicted entity is
+
+
+def test_a_machine_moves_to_the_lane_of_its_new_key_when_its_models_change():
+    """A new fleet model that reads more rows (another context) makes another lane for the same metrics: a
+    machine held in the old one moves over at its next snapshot, and the old lane, emptied, goes (one
+    machine: the new lane is still empty when the old one empties)."""
+    machines, steps = 1, 330
+    values = _stream(machines, steps)
+    entities = [f"m-{i}" for i in range(machines)]
+    old = LaneKey(METRICS, (("autoencoder", "fleet:x", CONTEXT),), EntityHistory().keep_for(CONTEXT))
+    new = LaneKey(METRICS, (("autoencoder", "fleet:y", CONTEXT + 4),), EntityHistory().keep_for(CONTEXT + 4))
+    objects, lane = _Objects(), FleetLane()
+    for t in range(steps - 1):
+        _lane_step(lane, objects, old, entities, values[t], [f"t{t}"] * machines, 1.5)
+    assert len(lane) == machines
+    slots = lane.admit(new, entities, objects.history, objects.cold, objects.alerts)
+    assert (slots >= 0).all() and len(lane) == machines
+    plan = lane.plan(new, entities, ["late"] * machines, slots, values[-1])
+    assert plan.rows["autoencoder"].shape == (machines, CONTEXT + 5, len(METRICS)) and lane.live(plan).all()
+    lane.admit(new, entities, objects.history, objects.cold, objects.alerts)  # the next snapshot
+    assert list(lane._stores) == [new]
