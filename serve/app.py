@@ -1002,17 +1002,20 @@ class RaywatchAPI:
         few array operations for all of them (`_score_in_lane`); the others entity by entity
         (`_score_rows`, which takes any of them out of the lane first). Results in the rows' order."""
         lanes, rest = await self._lane_rows(rows, known, detectors)
+        # the lane's new rows go into its rings now, with no await since they were admitted: a request that
+        # takes one of these machines out of the lane meanwhile would free (or another machine reuse) its slot
+        plans = [(idx, self._lane_plan(key, [rows[i] for i in idx], slots)) for key, (idx, slots) in lanes.items()]
         out: list[dict[str, Any]] = [{}] * len(rows)
 
         async def by_entity(idx: list[int]) -> None:
             for i, result in zip(idx, await self._score_rows([rows[i] for i in idx], known, detectors)):
                 out[i] = result
 
-        async def in_lane(key: LaneKey, idx: list[int], slots: np.ndarray) -> None:
-            for i, result in zip(idx, await self._score_in_lane(key, [rows[i] for i in idx], slots)):
+        async def in_lane(idx: list[int], plan: LanePlan) -> None:
+            for i, result in zip(idx, await self._score_in_lane(plan)):
                 out[i] = result
 
-        jobs = [in_lane(key, idx, slots) for key, (idx, slots) in lanes.items()]
+        jobs = [in_lane(idx, plan) for idx, plan in plans]
         if rest:
             jobs.append(by_entity(rest))
         await asyncio.gather(*jobs)
@@ -1064,12 +1067,15 @@ class RaywatchAPI:
             detectors.append((name, key, int(champion["entities"][key].get("context_rows", 64))))
         return LaneKey(tuple(metrics), tuple(detectors), self.history.keep_for(context))
 
-    async def _score_in_lane(self, key: LaneKey, rows: list[S.TelemetryRow], slots: np.ndarray) -> list[dict[str, Any]]:
-        """`_score_rows` of a lane's rows: one call per detector for all of them, judged as columns."""
+    def _lane_plan(self, key: LaneKey, rows: list[S.TelemetryRow], slots: np.ndarray) -> LanePlan:
+        """Take a lane's rows (admitted at `slots`) into its machines' rings: what its calls carry."""
         entities, timestamps = [row.entity for row in rows], [row.timestamp for row in rows]
-        width = len(key.metrics)
         values = np.array([[row.metrics[m] for m in key.metrics] for row in rows], dtype=np.float64)
-        plan = self.lane.plan(key, entities, timestamps, slots, values.reshape(len(rows), width))
+        return self.lane.plan(key, entities, timestamps, slots, values.reshape(len(rows), len(key.metrics)))
+
+    async def _score_in_lane(self, plan: LanePlan) -> list[dict[str, Any]]:
+        """`_score_rows` of a lane's planned rows: one call per detector for all of them, judged as columns."""
+        key, entities, timestamps = plan.store.key, plan.entities, plan.timestamps
         answers = await asyncio.gather(
             *(self._lane_call(plan, name, model_key) for name, model_key, _ in key.detectors)
         )
@@ -1089,7 +1095,7 @@ class RaywatchAPI:
         self._count_served(served_rows)
         self._count_alert_changes(alert_changes)
         self.m_alerts_firing.set(self.alerts.firing() + self.lane.firing())
-        self.memory.after(len(rows))
+        self.memory.after(len(entities))
         return results
 
     async def _lane_call(self, plan: LanePlan, name: str, model_key: str) -> Any:
