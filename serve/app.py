@@ -55,7 +55,7 @@ from serve.rollout import RolloutPlan, RolloutStore, StepCounter
 from serve.router import CircuitBreaker, TrafficPolicy
 from serve.settings import ServeSettings
 from serve.traffic import TrafficStore
-from serve.wire import PACK_FROM, full_column, is_packed, pack, packed, unpack
+from serve.wire import PACK_FROM, full_column, is_packed, nested_items, pack, packed, shared_items, unpack
 
 log = logging.getLogger("raywatch.serve")
 
@@ -111,15 +111,6 @@ def _tally_alert_changes(changes: dict[tuple[str, str], int], detector: str, ale
     for alert in alerts:
         if alert is not None and alert["state"] in ("opened", "closed"):
             changes[detector, alert["state"]] = changes.get((detector, alert["state"]), 0) + 1
-
-
-def _model_refs(columns: dict[str, Any], count: int) -> list[dict[str, Any]]:
-    """The model references of a packed answer's items: one dict shared by all when they name one model (a
-    lane's call: one version of one fleet model), else one each."""
-    values = {key: value for key, (_, value) in columns["columns"].items()}
-    if not columns["nested"] and not columns["tuples"] and all(len(set(v)) == 1 for v in values.values()):
-        return [{key: value[0] for key, value in values.items()}] * count
-    return unpack(columns)
 
 
 @dataclass
@@ -1134,8 +1125,11 @@ class RaywatchAPI:
         "fallback", the baseline, where it did not), the positions and their columns. Machines still in the
         lane are judged by it in one go (`FleetLane.judge`); one that left while the call was out is judged
         by the per-entity objects, as `_score_entities` judges it."""
-        metrics = list(plan.store.key.metrics)
-        answered = self._lane_answers(answer, len(plan.entities))
+        count, metrics = len(plan.entities), list(plan.store.key.metrics)
+        columns = self._answer_columns(answer, count)
+        if columns is not None:  # the usual answer: every machine's, as the columns it came in
+            return [self._lane_judged(plan, name, "champion", np.arange(count), columns, live, metrics)]
+        answered = self._lane_answers(answer, count)
         baseline = {"name": f"raywatch-{name}", "version": None, "variant": "baseline"}
         for i, found in enumerate(answered):
             if found is None:  # the baseline, from the machine's kept rows (its new row last)
@@ -1146,34 +1140,46 @@ class RaywatchAPI:
         for path in ("champion", "fallback"):
             where = np.array([i for i, a in enumerate(answered) if (a[5] is baseline) == (path == "fallback")], int)
             if len(where):
-                verdicts.append(self._lane_judged(plan, name, path, where, [answered[i] for i in where], live, metrics))
+                served = [answered[i] for i in where]
+                columns = {
+                    "scores": np.array([a[0] for a in served], dtype=np.float64),
+                    "thresholds": np.array([a[1] for a in served], dtype=np.float64),
+                    "top": np.array([a[2] for a in served]).reshape(len(where), -1),
+                    "top_values": np.array([a[3] for a in served], dtype=np.float64).reshape(len(where), -1),
+                    "probability": [a[4] for a in served],
+                    "refs": [a[5] for a in served],
+                    "half_life": served[0][6],
+                }
+                verdicts.append(self._lane_judged(plan, name, path, where, columns, live, metrics))
         return verdicts
 
     @staticmethod
+    def _answer_columns(answer: Any, count: int) -> dict[str, Any] | None:
+        """A packed answer's columns when every item was answered (`_lane_judged`'s input), else None."""
+        arrays = None if answer is None else nested_items(answer, "arrays")
+        scores = None if arrays is None else full_column(arrays, "scores")
+        if not isinstance(scores, np.ndarray) or scores.shape != (count, 1):
+            return None
+        top, top_values = full_column(arrays, "top"), full_column(arrays, "top_values")
+        probability = full_column(arrays, "probability")
+        return {
+            "scores": scores[:, 0].astype(np.float64),
+            "thresholds": np.asarray(full_column(arrays, "threshold"), dtype=np.float64),
+            "top": np.asarray(top)[:, 0],
+            "top_values": np.asarray(top_values, dtype=np.float64)[:, 0],
+            "probability": [None if p is None else float(p[0]) for p in probability]
+            if probability is not None
+            else [None] * count,
+            "refs": shared_items(nested_items(answer, "model"), count),
+            "half_life": (full_column(arrays, "attribution_half_life_rows") or [0])[0] or 0,
+        }
+
+    @staticmethod
     def _lane_answers(answer: Any, count: int) -> list[tuple | None]:
-        """Per item of a packed answer: (score, threshold, top, top_values, probability, model ref, attribution
-        half-life), or None where the model gave none."""
+        """Per item of a packed answer that is not every item's (`_answer_columns`): (score, threshold, top,
+        top_values, probability, model ref, attribution half-life), or None where the model gave none."""
         if answer is None:
             return [None] * count
-        scores = full_column(answer, "scores", "arrays")
-        if isinstance(scores, np.ndarray) and scores.shape == (count, 1):  # every item answered, as columns
-            inner = answer["nested"]["arrays"][1]
-            thresholds, tops = full_column(inner, "threshold"), full_column(inner, "top")
-            values, probability = full_column(inner, "top_values"), full_column(inner, "probability")
-            half_life = full_column(inner, "attribution_half_life_rows") or [0] * count
-            refs = _model_refs(answer["nested"]["model"][1], count)
-            return [
-                (
-                    float(scores[i, 0]),
-                    float(thresholds[i]),
-                    tops[i][0],
-                    values[i][0],
-                    None if probability is None or probability[i] is None else float(probability[i][0]),
-                    refs[i],
-                    half_life[i] or 0,
-                )
-                for i in range(count)
-            ]
         out: list[tuple | None] = []
         for item in unpack(answer):
             arrays = item.get("arrays") if item.get("ok") else None
@@ -1200,16 +1206,14 @@ class RaywatchAPI:
         name: str,
         path: str,
         where: np.ndarray,
-        served: list[tuple],
+        columns: dict[str, Any],
         live: np.ndarray,
         metrics: list[str],
     ) -> dict[str, Any]:
-        """Judge the `served` tuples (`_lane_answers`) of the plan's machines at `where` along `path`."""
-        count = len(where)
-        scores = np.array([s[0] for s in served], dtype=np.float64)
-        given = np.array([s[1] for s in served], dtype=np.float64)
-        top = np.array([s[2] for s in served]).reshape(count, -1)
-        top_values = np.array([s[3] for s in served], dtype=np.float64).reshape(count, -1)
+        """Judge what was served (`columns`: `_answer_columns`' keys) to the plan's machines at `where` along
+        `path`."""
+        count, scores, given = len(where), columns["scores"], columns["thresholds"]
+        top, top_values, half_life = columns["top"].copy(), columns["top_values"].copy(), columns["half_life"]
         out = {
             "path": path,
             "where": where,
@@ -1217,13 +1221,13 @@ class RaywatchAPI:
             "thresholds": given.copy(),
             "top": top,
             "top_values": top_values,
-            "probability": [s[4] for s in served],
-            "refs": [s[5] for s in served],
+            "probability": columns["probability"],
+            "refs": columns["refs"],
             "alerts": [None] * count,
             "opened": 0,
             "closed": 0,
         }
-        own_threshold, half_life = path == "champion", served[0][6]
+        own_threshold = path == "champion"
         in_lane = np.flatnonzero(live[where])
         if len(in_lane):
             timestamps = [plan.timestamps[i] for i in where[in_lane].tolist()]

@@ -83,13 +83,26 @@ def packed(n: int, columns: dict[str, Any], tuples: dict[str, list[np.ndarray]] 
     }
 
 
-def full_column(payload: dict[str, Any], key: str, nested: str | None = None) -> Any:
-    """The column `key` of a packed answer (of its `nested` dicts' when given) when every item has it, else
-    None: what the fleet lane reads of a detector's answer without a dict per item."""
-    if nested is not None:
-        entry = payload["nested"].get(nested)
-        if entry is None or len(entry[0]) != payload["n"]:
-            return None
-        payload = entry[1]
+def full_column(payload: dict[str, Any], key: str) -> Any:
+    """The column `key` of a packed payload when every item has it, else None: what the fleet lane reads of
+    a detector's answer without a dict per item."""
     entry = payload["columns"].get(key)
     return entry[1] if entry is not None and len(entry[0]) == payload["n"] else None
+
+
+def nested_items(payload: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """The packed dicts under `key` (an answer's `arrays`, its model references) when every item has one,
+    else None."""
+    entry = payload["nested"].get(key)
+    return entry[1] if entry is not None and len(entry[0]) == payload["n"] else None
+
+
+def shared_items(payload: dict[str, Any] | None, count: int) -> list[Any]:
+    """The `count` items of a packed payload as dicts, one dict shared by all when every field has one value
+    (a lane's call: one version of one fleet model for every machine), else `unpack`'s; Nones without it."""
+    if payload is None:
+        return [None] * count
+    values = {key: value for key, (_, value) in payload["columns"].items()}
+    if not payload["nested"] and not payload["tuples"] and all(len(set(v)) == 1 for v in values.values()):
+        return [{key: value[0] for key, value in values.items()}] * count
+    return unpack(payload)
