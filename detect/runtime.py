@@ -143,12 +143,18 @@ class SequenceRuntime:
         contributions = np.concatenate(parts)
         return contributions.sum(axis=1), None, contributions
 
+    @property
+    def grown_rows(self) -> int | None:
+        """The rows of a grown item (`_grown`): the context and its new row; None for a model without
+        per-entity statistics (not a fleet model)."""
+        return None if self.normaliser is None else self.spec.window + self.smooth - 1
+
     def _grown(self, items: list[tuple]) -> list[int]:
         """Indices of the fleet items that `_score_grown` takes: one new row after exactly the context, and
         one set of statistics for all its windows (an entity past its checkpoints)."""
-        if self.normaliser is None:
+        rows = self.grown_rows
+        if rows is None:
             return []
-        rows = self.spec.window + self.smooth - 1
         return [
             i
             for i, item in enumerate(items)
@@ -160,19 +166,26 @@ class SequenceRuntime:
         ]
 
     def _score_grown(self, items: list[tuple]) -> np.ndarray:
-        """`score_tails`' per-metric contributions for `_grown` items, as arrays over all of them at once:
-        the `smooth` windows ending at each item's new row, normalised by its statistics, in one ONNX call,
-        then their mean (the causal smoothing of the newest row)."""
-        window, smooth = self.spec.window, self.smooth
-        stacked = np.stack([item[0] for item in items]).astype(np.float64)  # (k, window + smooth - 1, M)
-        windows = np.lib.stride_tricks.sliding_window_view(stacked, window, axis=1).transpose(0, 1, 3, 2)
-        centre = np.stack([item[2][0].values[0, 0] for item in items])
-        scale = self.normaliser.scale(
-            np.stack([item[2][0].values[0, 1] for item in items]), np.array([item[2][0].rows[0] for item in items])
+        """`score_tails`' per-metric contributions for `_grown` items (`score_grown` of them stacked)."""
+        return self.score_grown(
+            np.stack([item[0] for item in items]),
+            np.stack([item[2][0].values[0, 0] for item in items]),
+            np.stack([item[2][0].values[0, 1] for item in items]),
+            np.array([item[2][0].rows[0] for item in items]),
         )
+
+    def score_grown(self, rows: np.ndarray, centre: np.ndarray, spread: np.ndarray, counted: np.ndarray) -> np.ndarray:
+        """Per-metric contributions of the new row of k grown entities given as columns: `rows` (k,
+        `grown_rows`, M) each one's context and new row, `centre` and `spread` (k, M) its frozen statistics,
+        measured on `counted` (k,) rows. The `smooth` windows ending at each new row, normalised, go in one
+        ONNX call; their mean is the causal smoothing of the newest row."""
+        window, smooth = self.spec.window, self.smooth
+        stacked = np.asarray(rows, dtype=np.float64)  # (k, window + smooth - 1, M)
+        windows = np.lib.stride_tricks.sliding_window_view(stacked, window, axis=1).transpose(0, 1, 3, 2)
+        scale = self.normaliser.scale(spread, counted)
         z = ((windows - centre[:, None, None, :]) / scale[:, None, None, :]).astype(np.float32)
         errors = self.errors(z.reshape(-1, window, z.shape[-1])).astype(np.float64)
-        return errors.reshape(len(items), smooth, -1).mean(axis=1)
+        return errors.reshape(len(stacked), smooth, -1).mean(axis=1)
 
     def explain_series(self, X: np.ndarray, batch: int = 4096) -> np.ndarray:
         """Smoothed per-metric errors for every row of one entity's series (T, M)."""

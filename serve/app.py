@@ -24,6 +24,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +176,13 @@ async def _raw_body(request: Request) -> bytes:
 
 def _parse(model: type[BaseModel], body: bytes) -> Any:
     """Parse and validate in one pass (pydantic's JSON parser: several times faster than json.loads and
-    validate on 1,000-row batches); errors answer 422 like FastAPI's own, naming the field."""
+    validate on 1,000-row batches); errors answer 422 like FastAPI's own, naming the field. A model with a
+    faster parse when everything in it is valid (`S.ALL_ROWS_VALID`) tries that first."""
+    if (all_valid := S.ALL_ROWS_VALID.get(model)) is not None:
+        try:
+            return all_valid.model_validate_json(body)
+        except ValidationError:
+            pass  # the request model says what is wrong, and where
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
@@ -1061,7 +1068,7 @@ class RaywatchAPI:
     def _lane_plan(self, key: LaneKey, rows: list[S.TelemetryRow], slots: np.ndarray) -> LanePlan:
         """Take a lane's rows (admitted at `slots`) into its machines' rings: what its calls carry."""
         entities, timestamps = [row.entity for row in rows], [row.timestamp for row in rows]
-        values = np.array([[row.metrics[m] for m in key.metrics] for row in rows], dtype=np.float64)
+        values = np.array([*map(itemgetter(*key.metrics), (row.metrics for row in rows))], dtype=np.float64)
         return self.lane.plan(key, entities, timestamps, slots, values.reshape(len(rows), len(key.metrics)))
 
     async def _score_in_lane(self, plan: LanePlan) -> list[dict[str, Any]]:
@@ -1274,7 +1281,7 @@ class RaywatchAPI:
         where, scores, thresholds = judged["where"], judged["scores"], judged["thresholds"]
         path, metrics = judged["path"], plan.store.key.metrics
         flagged = scores >= thresholds
-        names = [[metrics[j] for j in row] for row in judged["top"].tolist()]
+        names = np.array(metrics, dtype=object)[judged["top"]].tolist()
         for k, (i, score, threshold, flag, top, values) in enumerate(
             zip(
                 where.tolist(),

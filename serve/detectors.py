@@ -25,12 +25,13 @@ from ray import serve
 from detect.features import entity_windows
 from detect.fleet import EntityStats
 from detect.kinds import DETECTOR_KINDS, traits_of
+from detect.runtime import GROWN_AT_ONCE
 from detect.state import file_stamp, settled
 from serve.history import HISTORY_ROWS
 from serve.memory import MemoryTrim
 from serve.schemas import result_rows
 from serve.settings import ServeSettings
-from serve.wire import is_packed, pack, unpack
+from serve.wire import full_column, full_tuple, is_packed, pack, packed, unpack
 from train import registry
 from train.kinds import kind_of
 
@@ -63,8 +64,7 @@ class EntityModel:
         Per item: numpy arrays (cheap to send between replicas; `result_rows` makes the JSON rows)."""
         counts = [int(item[1]) for item in items]
         scores, probability, contributions = self.runtime.score_tails(items)
-        top = np.argsort(-contributions, axis=1)[:, :TOP_METRICS]
-        top_values = np.take_along_axis(contributions, top, axis=1)
+        top, top_values = _explained(contributions)
         out, at = [], 0
         for n in counts:
             part = slice(at, at + n)
@@ -82,6 +82,36 @@ class EntityModel:
             )
             at += n
         return out
+
+    def grown_columns(self, rows: np.ndarray, stats_rows: np.ndarray, stats_values: np.ndarray) -> dict[str, Any]:
+        """`score_arrays` of many grown entities of a fleet model with one new row each (a fleet lane's
+        call: `rows` (k, context + 1, M), their statistics' one checkpoint `stats_rows` (k, 1) and
+        `stats_values` (k, 1, 2, M)), answered as the columns `serve.wire.pack` makes of its per-item
+        dicts, with no dict per entity."""
+        contributions = self.runtime.score_grown(rows, stats_values[:, 0, 0], stats_values[:, 0, 1], stats_rows[:, 0])
+        top, top_values = _explained(contributions)
+        k = len(contributions)
+        return {
+            "scores": contributions.sum(axis=1)[:, None],
+            "threshold": [float(self.threshold)] * k,
+            "probability": [None] * k,
+            "top": top[:, None],
+            "top_values": top_values[:, None],
+            "metrics": [self.metrics] * k,
+            "attribution_half_life_rows": [self.detector.attribution_half_life_rows] * k,
+        }
+
+    def takes_grown_columns(self, rows: np.ndarray, stats_rows: np.ndarray) -> bool:
+        """Whether `grown_columns` scores these items as `score_arrays` would: enough of them for its
+        vectorised path, each exactly its context and one new row, with one checkpoint of statistics."""
+        grown_rows = getattr(self.runtime, "grown_rows", None)
+        return (
+            grown_rows is not None
+            and len(rows) >= GROWN_AT_ONCE
+            and rows.ndim == 3
+            and rows.shape[1:] == (grown_rows, len(self.metrics))
+            and stats_rows.shape == (len(rows), 1)
+        )
 
     def forecast(self, rows: np.ndarray, horizon: int) -> np.ndarray:
         window = entity_windows(rows, self.runtime.spec)[-1:]
@@ -116,6 +146,13 @@ class ModelSlot:
     @property
     def ref(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "variant": self.manifest.variant}
+
+
+def _explained(contributions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The TOP_METRICS metrics that explain each row's score most (indices, first first) and their
+    contributions."""
+    top = np.argsort(-contributions, axis=1)[:, :TOP_METRICS]
+    return top, np.take_along_axis(contributions, top, axis=1)
 
 
 def _model_input(item: dict[str, Any]) -> tuple:
@@ -362,8 +399,74 @@ class DetectorServer:
         """Score a list of items in one call (what the ingress sends: the requests it has gathered), or the
         items packed as columns (`serve.wire`: a snapshot's chunk), answered packed."""
         if is_packed(items):
-            return pack(await self._score_list(unpack(items)))
+            answer = await self._score_lane_call(items)
+            return answer if answer is not None else pack(await self._score_list(unpack(items)))
         return await self._score_list(items)
+
+    async def _score_lane_call(self, payload: dict[str, Any]) -> dict[str, Any] | None:
+        """A fleet lane's call (serve/fleet_lane.py: one new row of many grown entities, one fleet model, one
+        path), scored and answered as columns (`EntityModel.grown_columns`): what `pack` would make of the
+        per-item path's answer, without a dict per entity either way. None for any other call, or where
+        anything is amiss: the per-item path takes it, and reports each item's error."""
+        lane = self._lane_input(payload)
+        if lane is None:
+            return None
+        try:
+            slot, model, rows, stats_rows, stats_values = await self._lane_model(*lane)
+        except Exception:  # a fault, a key the version lacks: the per-item path says so item by item
+            return None
+        if not model.takes_grown_columns(rows, stats_rows):
+            return None
+        try:
+            if len(rows) >= self.settings.big_batch_rows:  # as `_score_list`: on a worker thread
+                if self._big is None:
+                    self._big = asyncio.Semaphore(self.settings.big_at_once)
+                async with self._big:
+                    arrays = await asyncio.to_thread(model.grown_columns, rows, stats_rows, stats_values)
+            else:
+                arrays = model.grown_columns(rows, stats_rows, stats_values)
+        except Exception as exc:
+            log.warning("lane call failed as columns; scoring it item by item", extra={"error": str(exc)})
+            return None
+        n = len(rows)
+        ref = packed(n, {key: [value] * n for key, value in slot.ref.items()})
+        self.batch_sizes.observe(n, tags={"detector": self.kind})
+        self.memory.after(n)
+        return packed(n, {"ok": [True] * n}, nested={"model": ref, "arrays": packed(n, arrays)})
+
+    @staticmethod
+    def _lane_input(payload: dict[str, Any]) -> tuple | None:
+        """(path, model key, rows, statistics' rows and values) of a packed call with one path and one model
+        key for all its items, each with one new row; else None."""
+        columns = {key: full_column(payload, key) for key in ("path", "model_key", "n_new", "rows")}
+        stats = full_tuple(payload, "stats")
+        if any(value is None for value in columns.values()) or stats is None or len(stats) != 2:
+            return None
+        paths, keys = set(columns["path"]), set(columns["model_key"])
+        if len(paths) != 1 or len(keys) != 1 or set(columns["n_new"]) != {1}:
+            return None
+        rows, (stats_rows, stats_values) = columns["rows"], stats
+        if not all(isinstance(a, np.ndarray) for a in (rows, stats_rows, stats_values)):
+            return None
+        return paths.pop(), keys.pop(), rows, stats_rows, stats_values
+
+    async def _lane_model(
+        self, path: str, key: str, rows: np.ndarray, stats_rows: np.ndarray, stats_values: np.ndarray
+    ) -> tuple[ModelSlot, EntityModel, np.ndarray, np.ndarray, np.ndarray]:
+        """The version and model that serve a lane call (`_models_of`' checks, once for all its items)."""
+        if self.fault:
+            raise RuntimeError("injected model failure")
+        slot = self.slots[path] or self.slots["champion"]
+        if slot is None or key not in slot.entities:
+            raise KeyError(key)
+        model = (await self._models(key)).of(slot)
+        return (
+            slot,
+            model,
+            np.asarray(rows, dtype=np.float64),
+            np.asarray(stats_rows, dtype=np.int64),
+            np.asarray(stats_values, dtype=np.float64),
+        )
 
     async def _score_list(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """`score_items` of a list. Big ones (PARALLEL_ROWS new rows or more) are scored on a worker thread,

@@ -53,6 +53,17 @@ class FleetSnapshotRequest(Strict):
     detectors: list[DetectorName] | None = Field(default=None, description="default: every served detector")
 
 
+class ValidSnapshot(FleetSnapshotRequest):
+    """A snapshot whose every row is valid (the usual case), parsed straight into `TelemetryRow` objects in
+    one pass instead of into dicts checked one by one after (`fleet_rows`). A bad row fails it as a whole,
+    and the snapshot is parsed as a `FleetSnapshotRequest`, which rejects that row by index."""
+
+    rows: list[TelemetryRow] = Field(min_length=1, max_length=MAX_FLEET_ROWS)  # type: ignore[assignment]
+
+
+ALL_ROWS_VALID = {FleetSnapshotRequest: ValidSnapshot}  # a request model -> its faster parse when all is well
+
+
 class ScoreBatchRequest(Strict):
     """One entity's rows as a matrix: the metric names once, then one list of values per row, oldest
     first. The bulk path (replays, backfills, big batches): parsed about 4x faster than the same
@@ -229,9 +240,15 @@ def fleet_rows(
     A row without a timestamp takes the snapshot's."""
     if request.timestamp is not None:
         for raw in request.rows:
-            if isinstance(raw, dict) and raw.get("timestamp") is None:
+            if isinstance(raw, TelemetryRow):
+                if raw.timestamp is None:
+                    raw.timestamp = request.timestamp
+            elif isinstance(raw, dict) and raw.get("timestamp") is None:
                 raw["timestamp"] = request.timestamp
-    valid, errors = _validated_rows(request.rows)
+    if isinstance(request, ValidSnapshot):
+        valid, errors = dict(enumerate(request.rows)), {}
+    else:
+        valid, errors = _validated_rows(request.rows)
     accepted: list[TelemetryRow] = []
     where: list[int] = []
     rejected: list[dict[str, Any]] = []

@@ -70,17 +70,29 @@ def _stacked(values: list[Any]) -> Any:
     return values
 
 
-def packed(n: int, columns: dict[str, Any], tuples: dict[str, list[np.ndarray]] | None = None) -> dict[str, Any]:
+def packed(
+    n: int,
+    columns: dict[str, Any],
+    tuples: dict[str, list[np.ndarray]] | None = None,
+    nested: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """What `pack` makes of `n` items whose every field is already a column (an array of n rows, or a list
-    of n values): the fleet lane builds a snapshot's call this way, with no dict per item."""
+    of n values; `nested`: packed dicts, `tuples`: arrays of n rows): the fleet lane builds a snapshot's
+    call this way, and a detector replica its answer, with no dict per item."""
     every = list(range(n))
     return {
         _PACKED: True,
         "n": n,
         "columns": {key: (every, value) for key, value in columns.items()},
-        "nested": {},
+        "nested": {key: (every, inner) for key, inner in (nested or {}).items()},
         "tuples": {key: (every, parts) for key, parts in (tuples or {}).items()},
     }
+
+
+def full_tuple(payload: dict[str, Any], key: str) -> list[Any] | None:
+    """The parts of the tuple column `key` of a packed payload when every item has it, else None."""
+    entry = payload["tuples"].get(key)
+    return entry[1] if entry is not None and len(entry[0]) == payload["n"] else None
 
 
 def full_column(payload: dict[str, Any], key: str) -> Any:

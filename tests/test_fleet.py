@@ -95,6 +95,45 @@ def test_a_snapshot_of_many_grown_entities_scores_as_each_alone(fleet_model):
     np.testing.assert_allclose(together, expected, rtol=1e-6)
 
 
+def test_a_lane_call_answered_as_columns_equals_the_per_item_answer(fleet_model):
+    """A detector replica answers a fleet lane's call (many grown entities, one new row each) as columns
+    (`EntityModel.grown_columns`), with no dict per entity: the same answer, item by item and field by
+    field, as scoring the items one dict each and packing them (`serve.wire.pack`)."""
+    from detect.runtime import GROWN_AT_ONCE
+    from serve.detectors import EntityModel
+    from serve.wire import pack, packed, unpack
+    from train.kinds import export_graphs, kind_of
+
+    det, metrics, X = fleet_model
+    model = EntityModel(list(metrics), kind_of(det).runtime(det, export_graphs(det)), det, 2.5, det.context_rows())
+    context, count = det.context_rows(), GROWN_AT_ONCE + 5
+    items = []
+    for k, series in enumerate(X + shift for shift in np.linspace(-3, 3, count)):
+        end = 300 + 7 * k
+        first = end - context
+        items.append(
+            (series[first : end + 1], 1, (EntityStats.of_series(series[: end + 1]).for_windows_from(first - 63), first))
+        )
+    rows = np.stack([item[0] for item in items])
+    stats_rows = np.stack([item[2][0].rows for item in items])
+    stats_values = np.stack([item[2][0].values for item in items])
+    assert model.takes_grown_columns(rows, stats_rows)
+    assert not model.takes_grown_columns(rows[: GROWN_AT_ONCE - 1], stats_rows[: GROWN_AT_ONCE - 1])  # too few
+    assert not model.takes_grown_columns(rows[:, 1:], stats_rows)  # not exactly the context and a new row
+
+    as_columns = unpack(packed(count, model.grown_columns(rows, stats_rows, stats_values)))
+    per_item = unpack(pack(model.score_arrays(items)))
+    assert len(as_columns) == len(per_item) == count
+    for got, expected in zip(as_columns, per_item):
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            if isinstance(value, np.ndarray):
+                assert got[key].shape == value.shape and got[key].dtype == value.dtype, key
+                np.testing.assert_array_equal(got[key], value, err_msg=key)
+            else:
+                assert got[key] == value, key
+
+
 def test_a_new_entity_gets_its_own_threshold_from_its_first_scores_not_from_labels():
     from detect.fleet import OWN_QUANTILE, OWN_THRESHOLD_ROWS, OwnThreshold, own_thresholds
 

@@ -609,3 +609,39 @@ def test_a_snapshots_alerts_in_one_pass_are_what_each_entity_gets_alone():
             np.testing.assert_array_equal(arrays["top"], want["top"])
             np.testing.assert_array_equal(arrays["top_values"], want["top_values"])
     assert at_once.firing() == one_by_one.firing() > 0
+
+
+def test_a_valid_snapshot_is_parsed_in_one_pass_and_a_bad_row_is_named_by_its_index():
+    """A snapshot whose rows are all valid is parsed straight into rows (`schemas.ValidSnapshot`), and they
+    are checked as the row-by-row parse checks them (the snapshot's timestamp, one row per entity); one bad
+    row sends the snapshot through the row-by-row parse, which rejects that row by index and scores the rest."""
+    import json
+
+    from fastapi.exceptions import RequestValidationError
+
+    from serve import schemas as S
+    from serve.app import _parse
+
+    known = {"a": ["x", "y"], "b": ["x", "y"], "c": ["x", "y"]}
+    rows = [
+        {"entity": "a", "metrics": {"x": 1, "y": 2.5}},
+        {"entity": "b", "timestamp": "2026-01-01T00:00:00Z", "metrics": {"y": 2, "x": "1.5"}},
+        {"entity": "a", "metrics": {"x": 1.0, "y": 2.0}},
+        {"entity": "c", "timestamp": None, "metrics": {"x": 3.0, "y": 4.0}},
+    ]
+    body = json.dumps({"timestamp": 7, "rows": rows}).encode()
+    request = _parse(S.FleetSnapshotRequest, body)
+    assert isinstance(request, S.ValidSnapshot)
+    accepted, where, rejected = S.fleet_rows(request, known)
+    by_row = S.fleet_rows(S.FleetSnapshotRequest.model_validate_json(body), known)
+    assert [r.model_dump() for r in accepted] == [r.model_dump() for r in by_row[0]]
+    assert [r.timestamp for r in accepted] == [7.0, "2026-01-01T00:00:00Z", 7.0] and where == by_row[1] == [0, 1, 3]
+    assert rejected == by_row[2] and rejected[0]["field"] == "rows[2].entity"
+
+    rows[1]["metrics"]["x"] = "not a number"
+    request = _parse(S.FleetSnapshotRequest, json.dumps({"rows": rows}).encode())
+    assert not isinstance(request, S.ValidSnapshot)
+    accepted, where, rejected = S.fleet_rows(request, known)
+    assert where == [0, 3] and [r["field"] for r in rejected] == ["rows[1].metrics.x", "rows[2].entity"]
+    with pytest.raises(RequestValidationError):  # what is wrong with the snapshot itself still answers 422
+        _parse(S.FleetSnapshotRequest, json.dumps({"rows": rows, "detectors": ["nope"]}).encode())
