@@ -16,6 +16,7 @@ import asyncio
 import logging
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -418,13 +419,7 @@ class DetectorServer:
         if not model.takes_grown_columns(rows, stats_rows):
             return None
         try:
-            if len(rows) >= self.settings.big_batch_rows:  # as `_score_list`: on a worker thread
-                if self._big is None:
-                    self._big = asyncio.Semaphore(self.settings.big_at_once)
-                async with self._big:
-                    arrays = await asyncio.to_thread(model.grown_columns, rows, stats_rows, stats_values)
-            else:
-                arrays = model.grown_columns(rows, stats_rows, stats_values)
+            arrays = await self._scored(len(rows), model.grown_columns, rows, stats_rows, stats_values)
         except Exception as exc:
             log.warning("lane call failed as columns; scoring it item by item", extra={"error": str(exc)})
             return None
@@ -469,17 +464,22 @@ class DetectorServer:
         )
 
     async def _score_list(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """`score_items` of a list. Big ones (PARALLEL_ROWS new rows or more) are scored on a worker thread,
-        so the replica takes the next call in meanwhile and two big batches use two cores (numpy and ONNX
-        Runtime release the GIL); small ones stay on the event loop, where a thread hand-off would cost more
-        than the scoring."""
+        """`score_items` of a list."""
         models = await self._models_of(items)
-        if sum(int(item.get("n_new", 1)) for item in items) >= self.settings.big_batch_rows:
-            if self._big is None:
-                self._big = asyncio.Semaphore(self.settings.big_at_once)  # in the replica's event loop
-            async with self._big:
-                return await asyncio.to_thread(self._score_items, items, models)
-        return self._score_items(items, models)
+        new_rows = sum(int(item.get("n_new", 1)) for item in items)
+        return await self._scored(new_rows, self._score_items, items, models)
+
+    async def _scored(self, new_rows: int, score: Callable[..., Any], *args: Any) -> Any:
+        """`score(*args)`, the scoring of `new_rows` rows. Big work (PARALLEL_ROWS new rows or more) runs on a
+        worker thread, so the replica takes the next call in meanwhile and two big batches use two cores
+        (numpy and ONNX Runtime release the GIL); small work stays on the event loop, where a thread hand-off
+        would cost more than the scoring."""
+        if new_rows < self.settings.big_batch_rows:
+            return score(*args)
+        if self._big is None:
+            self._big = asyncio.Semaphore(self.settings.big_at_once)  # in the replica's event loop
+        async with self._big:
+            return await asyncio.to_thread(score, *args)
 
     async def _models_of(self, items: list[dict[str, Any]]) -> list[tuple[ModelSlot, EntityModel] | Exception]:
         """Per item: the version that serves it and its model there, loaded through the replica's LRU when it
