@@ -1282,9 +1282,10 @@ class RaywatchAPI:
         path, metrics = judged["path"], plan.store.key.metrics
         flagged = scores >= thresholds
         names = np.array(metrics, dtype=object)[judged["top"]].tolist()
+        at = where.tolist()
         for k, (i, score, threshold, flag, top, values) in enumerate(
             zip(
-                where.tolist(),
+                at,
                 scores.tolist(),
                 thresholds.tolist(),
                 flagged.tolist(),
@@ -1306,8 +1307,8 @@ class RaywatchAPI:
         self.monitor_feed.offer(
             name,
             ServedColumns(
-                [plan.entities[i] for i in where.tolist()],
-                [plan.timestamps[i] for i in where.tolist()],
+                [plan.entities[i] for i in at],
+                [plan.timestamps[i] for i in at],
                 plan.values[where],
                 scores,
                 flagged & (path == "champion"),

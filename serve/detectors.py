@@ -412,10 +412,11 @@ class DetectorServer:
         lane = self._lane_input(payload)
         if lane is None:
             return None
-        try:
-            slot, model, rows, stats_rows, stats_values = await self._lane_model(*lane)
-        except Exception:  # a fault, a key the version lacks: the per-item path says so item by item
+        path, key, rows, stats_rows, stats_values = lane
+        found = (await self._models_of([{"path": path, "model_key": key, "entity": key}]))[0]
+        if isinstance(found, Exception):  # a fault, a key the version lacks: the per-item path says so per item
             return None
+        slot, model = found
         if not model.takes_grown_columns(rows, stats_rows):
             return None
         try:
@@ -443,21 +444,9 @@ class DetectorServer:
         rows, (stats_rows, stats_values) = columns["rows"], stats
         if not all(isinstance(a, np.ndarray) for a in (rows, stats_rows, stats_values)):
             return None
-        return paths.pop(), keys.pop(), rows, stats_rows, stats_values
-
-    async def _lane_model(
-        self, path: str, key: str, rows: np.ndarray, stats_rows: np.ndarray, stats_values: np.ndarray
-    ) -> tuple[ModelSlot, EntityModel, np.ndarray, np.ndarray, np.ndarray]:
-        """The version and model that serve a lane call (`_models_of`' checks, once for all its items)."""
-        if self.fault:
-            raise RuntimeError("injected model failure")
-        slot = self.slots[path] or self.slots["champion"]
-        if slot is None or key not in slot.entities:
-            raise KeyError(key)
-        model = (await self._models(key)).of(slot)
         return (
-            slot,
-            model,
+            paths.pop(),
+            keys.pop(),
             np.asarray(rows, dtype=np.float64),
             np.asarray(stats_rows, dtype=np.int64),
             np.asarray(stats_values, dtype=np.float64),

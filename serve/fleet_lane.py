@@ -222,19 +222,6 @@ class LanePlan:
     stats_values: np.ndarray  # (B, 1, 2, M)
 
 
-@dataclass
-class Judged:
-    """One detector's verdict on a plan's machines that were still in the lane (`live`)."""
-
-    live: np.ndarray  # (B,) bool
-    thresholds: np.ndarray
-    top: np.ndarray
-    top_values: np.ndarray
-    alerts: list[dict[str, Any] | None]
-    opened: int
-    closed: int
-
-
 class FleetLane:
     """Every lane's slots, and which lane holds each machine. Bounded: past `max_entities` machines, the
     least recently scored are forgotten (they start again at their first row, as an evicted entity does)."""
@@ -423,11 +410,11 @@ class FleetLane:
         timestamps: Sequence[Any],
         own_threshold: bool,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any] | None], int, int]:
-        """Judge one detector's new scores of the plan's machines at `where` (live ones: `live`), as
-        `ColdStarts.threshold` and `AlertBook.observe` judge each: the threshold each row is held to (the
-        machine's own once learnt, with `own_threshold`; else `threshold`), the top metrics held at their
-        recent peaks, and each row's alert report. `thresholds`: the model's, per machine. Returns (thresholds, top, top_values, reports, alerts
-        opened, alerts closed)."""
+        """Judge one detector's new scores of the plan's machines at `where` (those still in the lane:
+        `live`), as `ColdStarts.threshold` and `AlertBook.observe` judge each: the threshold each row is held
+        to (the machine's own once learnt, with `own_threshold`; else the model's, `thresholds`), the top
+        metrics held at their recent peaks, and each row's alert report. Returns (thresholds, top,
+        top_values, reports, alerts opened, alerts closed)."""
         book = plan.store.books[detector]
         slots = plan.slots[where]
         count = len(slots)
