@@ -89,24 +89,28 @@ def packed(
     }
 
 
+def _every_items(payload: dict[str, Any], section: str, key: str) -> Any:
+    """What `section` ("columns", "tuples", "nested") of a packed payload holds under `key` when every item
+    has it, else None."""
+    entry = payload[section].get(key)
+    return entry[1] if entry is not None and len(entry[0]) == payload["n"] else None
+
+
 def full_tuple(payload: dict[str, Any], key: str) -> list[Any] | None:
     """The parts of the tuple column `key` of a packed payload when every item has it, else None."""
-    entry = payload["tuples"].get(key)
-    return entry[1] if entry is not None and len(entry[0]) == payload["n"] else None
+    return _every_items(payload, "tuples", key)
 
 
 def full_column(payload: dict[str, Any], key: str) -> Any:
     """The column `key` of a packed payload when every item has it, else None: what the fleet lane reads of
     a detector's answer without a dict per item."""
-    entry = payload["columns"].get(key)
-    return entry[1] if entry is not None and len(entry[0]) == payload["n"] else None
+    return _every_items(payload, "columns", key)
 
 
 def nested_items(payload: dict[str, Any], key: str) -> dict[str, Any] | None:
     """The packed dicts under `key` (an answer's `arrays`, its model references) when every item has one,
     else None."""
-    entry = payload["nested"].get(key)
-    return entry[1] if entry is not None and len(entry[0]) == payload["n"] else None
+    return _every_items(payload, "nested", key)
 
 
 def shared_items(payload: dict[str, Any] | None, count: int) -> list[Any]:
