@@ -239,6 +239,21 @@ class Sampler:
         return self.stats
 
 
+def as_deviations(rows: np.ndarray, stats_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Grown entities' rows as a fleet model reads them, for a call: their deviations from their centre in
+    float32, and their statistics with a centre of 0. `rows` (k, R, M) are each entity's context and new
+    row, `stats_values` (k, 1, 2, M) its one (frozen) checkpoint. A fleet model reads rows only as
+    (row - centre) / scale, so it scores both alike, to float32's rounding of each deviation (a relative
+    6e-8 of the move, not of the level: a metric at 5e11 that moves by 10 keeps its moves, which float32
+    levels would round away), in half the bytes through Ray's object store."""
+    if stats_values.ndim != 4 or stats_values.shape[1] != 1:
+        raise ValueError(f"deviations take (k, 1, 2, M) statistics (one checkpoint each), not {stats_values.shape}")
+    deviations = (rows - stats_values[:, 0, 0][:, None, :]).astype(np.float32)
+    centred = stats_values.copy()
+    centred[:, :, 0] = 0.0
+    return deviations, centred
+
+
 @dataclass
 class WindowNormaliser:
     """Puts each window of an entity's series in that entity's units (see the module docstring)."""

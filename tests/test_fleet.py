@@ -134,6 +134,51 @@ def test_a_lane_call_answered_as_columns_equals_the_per_item_answer(fleet_model)
                 assert got[key] == value, key
 
 
+def test_a_fleet_model_scores_deviations_in_float32_as_the_rows_themselves(fleet_model):
+    """What a fleet lane's call carries for a fleet model (`detect.fleet.as_deviations`): each machine's rows
+    as float32 deviations from its centre, with a centre of 0. The model scores them as the float64 rows,
+    by either of the replica's paths, even for a metric at a level float32 cannot hold to its moves (5e11
+    bytes moving by tens), where float32 rows themselves would not do."""
+    from detect.fleet import as_deviations
+    from detect.runtime import GROWN_AT_ONCE
+    from serve.detectors import EntityModel
+    from train.kinds import export_graphs, kind_of
+
+    det, metrics, X = fleet_model
+    model = EntityModel(list(metrics), kind_of(det).runtime(det, export_graphs(det)), det, 2.5, det.context_rows())
+    context, count = det.context_rows(), GROWN_AT_ONCE + 5
+    level = np.zeros(X.shape[1])
+    level[0] = 5e11  # the first metric's level: float32 holds it to about 3e4, its moves are far smaller
+    rows, stats = [], []
+    for k, series in enumerate(X * (1 + 0.2 * k / count) + level for k in range(count)):
+        end = 300 + 7 * k
+        rows.append(series[end - context : end + 1])
+        stats.append(EntityStats.of_series(series[: end + 1]).for_windows_from(end - context - 63))
+    rows = np.stack(rows)
+    stats_rows, stats_values = np.stack([s.rows for s in stats]), np.stack([s.values for s in stats])
+    assert stats_rows.shape == (count, 1)
+
+    expected = model.grown_columns(rows, stats_rows, stats_values)
+    deviations, centred = as_deviations(rows, stats_values)
+    assert deviations.dtype == np.float32 and deviations.nbytes * 2 == rows.nbytes
+    assert np.all(centred[:, :, 0] == 0) and np.array_equal(centred[:, :, 1], stats_values[:, :, 1])
+    got = model.grown_columns(deviations, stats_rows, centred)
+    np.testing.assert_allclose(got["scores"], expected["scores"], rtol=1e-5)
+    np.testing.assert_array_equal(got["top"], expected["top"])
+    np.testing.assert_allclose(got["top_values"], expected["top_values"], rtol=1e-5)
+    items = [
+        (deviations[k].astype(np.float64), 1, (EntityStats(stats_rows[k], centred[k]), 300 + 7 * k - context))
+        for k in range(count)
+    ]  # the per-item path, which a call with too few items takes, reads them alike
+    per_item = np.array([answer["scores"][0] for answer in model.score_arrays(items)])
+    np.testing.assert_allclose(per_item, expected["scores"][:, 0], rtol=1e-5)
+
+    levels = model.grown_columns(rows.astype(np.float32).astype(np.float64), stats_rows, stats_values)
+    assert not np.allclose(levels["scores"], expected["scores"], rtol=1e-2)  # why deviations, not float32 rows
+    with pytest.raises(ValueError, match="one checkpoint"):
+        as_deviations(rows, np.concatenate([stats_values, stats_values], axis=1))
+
+
 def test_a_new_entity_gets_its_own_threshold_from_its_first_scores_not_from_labels():
     from detect.fleet import OWN_QUANTILE, OWN_THRESHOLD_ROWS, OwnThreshold, own_thresholds
 
