@@ -1098,9 +1098,9 @@ class RaywatchAPI:
 
     async def _lane_call(self, plan: LanePlan, name: str, model_key: str) -> Any:
         """One detector's call for a lane's chunk, built as columns (`serve.wire.packed`), a fleet model's rows
-        as float32 deviations from each machine's centre (`detect.fleet.as_deviations`: a 10,000-machine
-        snapshot's calls touch half the pages of Ray's object store); the packed answer, or None when the
-        circuit held it back or the call failed (the baseline answers)."""
+        as float32 deviations from each machine's centre (`detect.fleet.as_deviations`: half the bytes through
+        Ray's object store); the packed answer, or None when the circuit held it back or the call failed (the
+        baseline answers)."""
         breaker = self.breakers[(name, "champion")]
         if not breaker.allow():
             return None
