@@ -438,10 +438,19 @@ def single_rows_settled(base: str, body: str, timeout_s: float = 180) -> dict[st
 
 
 def run_mode(
-    mode: str, workdir: Path, bodies: Path, duration_s: int, warmup_s: int, rounds: int = 0, only_paired: bool = False
+    mode: str,
+    workdir: Path,
+    bodies: Path,
+    duration_s: int,
+    warmup_s: int,
+    rounds: int = 0,
+    only_paired: bool = False,
+    app_args: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Runs in a subprocess per mode: deploy raywatch and echo on one Serve instance, drive both; then
-    `rounds` paired rounds with the FastAPI peer (`paired_rounds`). `only_paired` skips everything else."""
+    `rounds` paired rounds with the FastAPI peer (`paired_rounds`). `only_paired` skips everything else.
+    `app_args`: the app's arguments over the benchmark's own (`serve.settings.ServeSettings`), for a knob
+    measured against the shipped app."""
     from serve.app import build_app
 
     files = {(n, m, b): bodies / f"{n}-{m}-{b}.jsonl" for n in DETECTORS for m, b, *_ in POINTS}
@@ -451,7 +460,7 @@ def run_mode(
         t0 = time.perf_counter()
         # drift monitors off: the FastAPI peer has none, and on a replayed test series they would
         # flag drift and start retraining jobs in the middle of the measurement
-        app = build_app({"state_dir": str(workdir / "state"), "monitor": {"enabled": False}})
+        app = build_app({"state_dir": str(workdir / "state"), "monitor": {"enabled": False}, **(app_args or {})})
         serve.run_many([serve.RunTarget(app, "raywatch", "/"), serve.RunTarget(echo_app(), "echo", "/echo")])
         wait_http(f"{base}/readyz", all_ready)
         where = single_rows_settled(base, files[("ensemble", "single", "rows")].read_text().splitlines()[0])
@@ -604,9 +613,11 @@ def run(
     warmup_s: int,
     rounds: int = PAIRED_ROUNDS,
     only_paired: bool = False,
+    app_args: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Every point, then the paired rounds in PAIRED_MODES; `only_paired`: the paired rounds alone (written
-    to results/serving_paired.* only, leaving serving.* as they are)."""
+    to results/serving_paired.* only, leaving serving.* as they are). `app_args`: see `run_mode`; the
+    result files record them."""
     path = use_workdir(workdir)
     bodies = path / "bodies"
     files = write_bodies(bodies)
@@ -619,23 +630,28 @@ def run(
         command = [sys.executable, __file__, "mode", "--mode", mode, "--workdir", str(path), "--out", str(out)]
         command += ["--duration", str(duration_s), "--warmup", str(warmup_s)]
         command += ["--rounds", str(rounds if mode in PAIRED_MODES else 0)] + (["--only-paired"] if only_paired else [])
+        command += ["--app-args", json.dumps(app_args)] if app_args else []
         subprocess.run(command, env=env, check=True)
         rows += json.loads(out.read_text())
     load = {"start": load_start, "end": load_average()}
-    write_paired(rows, started, load, duration_s, warmup_s)
+    write_paired(rows, started, load, duration_s, warmup_s, app_args)
     if not only_paired:
-        write_results(rows, started, load, duration_s, warmup_s)
+        write_results(rows, started, load, duration_s, warmup_s, app_args)
     return rows
 
 
-def run_meta(started: str, load: dict[str, str], duration_s: int, warmup_s: int) -> dict[str, Any]:
-    """What every serving result file records of its run: machine, start, load, entity, load generator."""
+def run_meta(
+    started: str, load: dict[str, str], duration_s: int, warmup_s: int, app_args: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What every serving result file records of its run: machine, start, load, entity, load generator, and
+    the app arguments it set over the shipped ones (`--app-args`), if any."""
     return {
         "machine": machine(),
         "date": started,
         "load_average": load,
         "entity": ENTITY,
         "load_generator": f"wrk, 1 thread, {duration_s:g} s per point after a {warmup_s:g} s warm-up",
+        **({"app_args": app_args} if app_args else {}),
     }
 
 
@@ -645,18 +661,28 @@ def measured_on(title: str, meta: dict[str, Any]) -> str:
     return (
         f"{title}, measured on {meta['machine']} ({meta['date']}, load average {load['start']} at the start, "
         f"{load['end']} at the end); entity {meta['entity']}; {meta['load_generator']}."
+        + (
+            f" raywatch with the app arguments {json.dumps(meta['app_args'])} over the shipped ones."
+            if "app_args" in meta
+            else ""
+        )
     )
 
 
 def write_paired(
-    rows: list[dict[str, Any]], started: str, load: dict[str, str], duration_s: int, warmup_s: int
+    rows: list[dict[str, Any]],
+    started: str,
+    load: dict[str, str],
+    duration_s: int,
+    warmup_s: int,
+    app_args: dict[str, Any] | None = None,
 ) -> None:
     from report import paired_summary, table
 
     paired = [row for row in rows if "paired_round" in row]
     if not paired:
         return
-    meta = run_meta(started, load, duration_s, warmup_s)
+    meta = run_meta(started, load, duration_s, warmup_s, app_args)
     columns = ["paired_round", "serve_mode", "target", "requests_per_s", "p50_ms", "p99_ms", "errors"]
     md = [
         measured_on("Paired rounds", meta),
@@ -676,14 +702,19 @@ def write_paired(
 
 
 def write_results(
-    rows: list[dict[str, Any]], started: str, load: dict[str, str], duration_s: int, warmup_s: int
+    rows: list[dict[str, Any]],
+    started: str,
+    load: dict[str, str],
+    duration_s: int,
+    warmup_s: int,
+    app_args: dict[str, Any] | None = None,
 ) -> None:
     from report import batch_split, paired_summary, serving_ratios, table, time_split
 
     paired = [row for row in rows if "paired_round" in row]
     rows = [row for row in rows if "paired_round" not in row]
     meta = {
-        **run_meta(started, load, duration_s, warmup_s),
+        **run_meta(started, load, duration_s, warmup_s, app_args),
         "notes": [
             "ray_serve: the raywatch app with drift monitors off (monitor.enabled=false), autoscaling as shipped",
             "onnxruntime_inprocess work=onnx: the ONNX graph(s) alone on precomputed features/windows "
@@ -727,6 +758,26 @@ def write_results(
     log(f"wrote {RESULTS / 'serving.json'} and serving.md")
 
 
+def app_arguments(text: str) -> dict[str, Any]:
+    """`--app-args`: a JSON object of `ServeSettings` fields (the serving knobs), checked here before Ray starts."""
+    from serve.settings import ServeSettings
+
+    try:
+        args = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(args, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object of app arguments, not {type(args).__name__}")
+    unknown = set(args) - set(ServeSettings.model_fields)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"not ServeSettings fields: {sorted(unknown)}")
+    try:
+        ServeSettings.from_app_args(args)
+    except ValueError as exc:  # pydantic's ValidationError names the field and what is wrong with it
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -740,6 +791,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--warmup", type=int, default=1, help="unmeasured seconds before each point")
     r.add_argument("--rounds", type=int, default=PAIRED_ROUNDS, help="paired rounds (PAIRED_MODES; 0: none)")
     r.add_argument("--only-paired", action="store_true", help="the paired rounds alone (results/serving_paired.*)")
+    r.add_argument(
+        "--app-args",
+        type=app_arguments,
+        default=None,
+        help="JSON object of serving settings (serve.settings.ServeSettings fields) over the shipped ones, to "
+        "measure a knob; e.g. '{\"ingress_replicas\": 2}'",
+    )
     m = sub.add_parser("mode", help="(internal) one Serve mode, run in its own process")
     m.add_argument("--mode", choices=["default", "high_throughput"], required=True)
     m.add_argument("--workdir", required=True)
@@ -748,6 +806,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--warmup", type=int, default=1)
     m.add_argument("--rounds", type=int, default=0)
     m.add_argument("--only-paired", action="store_true")
+    m.add_argument("--app-args", type=app_arguments, default=None)
     args = parser.parse_args(argv)
     if args.command == "prepare":
         prepare(args.workdir, args.epochs)
@@ -756,10 +815,12 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(modes) - set(serve_modes())
         if unknown:
             parser.error(f"--modes: unknown {sorted(unknown)}; choose from {sorted(serve_modes())}")
-        run(args.workdir, modes, args.duration, args.warmup, args.rounds, args.only_paired)
+        run(args.workdir, modes, args.duration, args.warmup, args.rounds, args.only_paired, args.app_args)
     else:
         path = use_workdir(args.workdir)
-        rows = run_mode(args.mode, path, path / "bodies", args.duration, args.warmup, args.rounds, args.only_paired)
+        rows = run_mode(
+            args.mode, path, path / "bodies", args.duration, args.warmup, args.rounds, args.only_paired, args.app_args
+        )
         Path(args.out).write_text(json.dumps(rows))
     return 0
 
