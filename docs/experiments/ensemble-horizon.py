@@ -1,0 +1,75 @@
+"""The stacked ensemble's lead horizon against point-wise F1 at its served threshold (issue 19; see
+docs/experiments/ensemble-threshold.md, "The lead horizon").
+
+    .venv/bin/python docs/experiments/ensemble-horizon.py [--horizons 10,0,3] [--sets shipped,held-out,fresh]
+
+Per entity the ensemble learns from the first half of the test series (labels) and the train series
+(normal), as `raywatch evaluate` fits it, with the given `horizon` (its target: an incident under way or
+starting within that many rows); its decision threshold (`detect.thresholds.decision_threshold`, chosen
+on its own validation rows) is run over the second half's scores in time order, and judged there against
+the incident labels. No threshold sees a label of the rows it is judged on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from attribution import shipped_cases, synthetic_cases  # noqa: E402
+
+import detect.metrics as M  # noqa: E402
+from detect.alerting import online_alerts  # noqa: E402
+from detect.ensemble import EnsembleDetector  # noqa: E402
+from detect.thresholds import DecisionThreshold  # noqa: E402
+
+SETS = {
+    "shipped": lambda: shipped_cases(str(ROOT / "data")),
+    "held-out": synthetic_cases,  # seeds 101 and 202
+    "fresh": lambda: synthetic_cases((303, 404, 505)),
+}
+
+
+def judged(case: dict, horizon: int) -> tuple[float, float, float, float] | None:
+    """(f1_operational, event precision, event recall, PR-AUC) on the second half; None without an incident there."""
+    test, labels = case["test"], case["labels"]
+    half = len(test) // 2
+    if not labels[half:].any():
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        det = EnsembleDetector(horizon=horizon).fit(test[:half], labels[:half], case["metrics"], normal=case["train"])
+        scores = det.score(test)[half:]
+    y = labels[half:]
+    thresholds, alerts = online_alerts(scores, DecisionThreshold(det.threshold_))
+    recall, precision, _ = M.alert_scores(y, alerts)
+    return M.f1_at(y, scores, thresholds), precision, recall, M.pr_auc(y, scores)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--horizons", default="10,0,3")
+    parser.add_argument("--sets", default=",".join(SETS))
+    args = parser.parse_args()
+    print("| set | horizon | f1_operational | event_precision | event_recall | pr_auc | per entity f1_operational |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.sets.split(","):
+        cases = SETS[name]()
+        for horizon in map(int, args.horizons.split(",")):
+            rows = [r for r in (judged(c, horizon) for c in cases) if r is not None]
+            mean = np.mean(rows, axis=0)
+            per = " ".join(f"{r[0]:.2f}" for r in rows)
+            print(
+                f"| {name} | {horizon} | {mean[0]:.3f} | {mean[1]:.3f} | {mean[2]:.3f} | {mean[3]:.3f} | {per} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
