@@ -633,10 +633,10 @@ def run(
         command += ["--app-args", json.dumps(app_args)] if app_args else []
         subprocess.run(command, env=env, check=True)
         rows += json.loads(out.read_text())
-    load = {"start": load_start, "end": load_average()}
-    write_paired(rows, started, load, duration_s, warmup_s, app_args)
+    meta = run_meta(started, {"start": load_start, "end": load_average()}, duration_s, warmup_s, app_args)
+    write_paired(rows, meta)
     if not only_paired:
-        write_results(rows, started, load, duration_s, warmup_s, app_args)
+        write_results(rows, meta)
     return rows
 
 
@@ -669,20 +669,13 @@ def measured_on(title: str, meta: dict[str, Any]) -> str:
     )
 
 
-def write_paired(
-    rows: list[dict[str, Any]],
-    started: str,
-    load: dict[str, str],
-    duration_s: int,
-    warmup_s: int,
-    app_args: dict[str, Any] | None = None,
-) -> None:
+def write_paired(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    """results/serving_paired.*: the paired rounds among `rows`, with the run's `meta` (`run_meta`)."""
     from report import paired_summary, table
 
     paired = [row for row in rows if "paired_round" in row]
     if not paired:
         return
-    meta = run_meta(started, load, duration_s, warmup_s, app_args)
     columns = ["paired_round", "serve_mode", "target", "requests_per_s", "p50_ms", "p99_ms", "errors"]
     md = [
         measured_on("Paired rounds", meta),
@@ -701,20 +694,14 @@ def write_paired(
     log(f"wrote {RESULTS / 'serving_paired.json'} and serving_paired.md")
 
 
-def write_results(
-    rows: list[dict[str, Any]],
-    started: str,
-    load: dict[str, str],
-    duration_s: int,
-    warmup_s: int,
-    app_args: dict[str, Any] | None = None,
-) -> None:
+def write_results(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    """results/serving.*: every point among `rows`, with the run's `meta` (`run_meta`)."""
     from report import batch_split, paired_summary, serving_ratios, table, time_split
 
     paired = [row for row in rows if "paired_round" in row]
     rows = [row for row in rows if "paired_round" not in row]
     meta = {
-        **run_meta(started, load, duration_s, warmup_s, app_args),
+        **meta,
         "notes": [
             "ray_serve: the raywatch app with drift monitors off (monitor.enabled=false), autoscaling as shipped",
             "onnxruntime_inprocess work=onnx: the ONNX graph(s) alone on precomputed features/windows "

@@ -13,8 +13,8 @@ the incident labels. No threshold sees a label of the rows it is judged on.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +26,12 @@ from attribution import shipped_cases, synthetic_cases  # noqa: E402
 
 import detect.metrics as M  # noqa: E402
 from detect.alerting import online_alerts  # noqa: E402
-from detect.ensemble import EnsembleDetector  # noqa: E402
 from detect.thresholds import DecisionThreshold  # noqa: E402
+
+# the ensemble fitted as in ensemble-threshold.py (`fitted`), with a horizon of its own
+_spec = importlib.util.spec_from_file_location("ensemble_threshold", Path(__file__).with_name("ensemble-threshold.py"))
+threshold_experiment = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(threshold_experiment)
 
 SETS = {
     "shipped": lambda: shipped_cases(str(ROOT / "data")),
@@ -38,18 +42,12 @@ SETS = {
 
 def judged(case: dict, horizon: int) -> tuple[float, float, float, float] | None:
     """(f1_operational, event precision, event recall, PR-AUC) on the second half; None without an incident there."""
-    test, labels = case["test"], case["labels"]
-    half = len(test) // 2
-    if not labels[half:].any():
+    c = threshold_experiment.fitted(case, horizon=horizon)
+    if c is None:
         return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        det = EnsembleDetector(horizon=horizon).fit(test[:half], labels[:half], case["metrics"], normal=case["train"])
-        scores = det.score(test)[half:]
-    y = labels[half:]
-    thresholds, alerts = online_alerts(scores, DecisionThreshold(det.threshold_))
-    recall, precision, _ = M.alert_scores(y, alerts)
-    return M.f1_at(y, scores, thresholds), precision, recall, M.pr_auc(y, scores)
+    thresholds, alerts = online_alerts(c["scores"], DecisionThreshold(c["thr"]))
+    recall, precision, _ = M.alert_scores(c["labels"], alerts)
+    return M.f1_at(c["labels"], c["scores"], thresholds), precision, recall, M.pr_auc(c["labels"], c["scores"])
 
 
 def main() -> None:

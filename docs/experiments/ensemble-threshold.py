@@ -71,15 +71,16 @@ RULES = {
 }
 
 
-def fitted(case: dict) -> dict | None:
-    """The ensemble as `EnsembleDetector.fit` fits it, step by step to keep its validation rows' scores."""
+def fitted(case: dict, **config) -> dict | None:
+    """The ensemble as `EnsembleDetector.fit` fits it (with `config` over its defaults), step by step to keep
+    its validation rows' scores."""
     test, labels = case["test"], case["labels"]
     half = len(test) // 2
     if not labels[half:].any():
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        det = EnsembleDetector()
+        det = EnsembleDetector(**config)
         features, target, fit_mask, val_mask = det.prepare(
             test[:half], labels[:half], case["metrics"], normal=case["train"]
         )
