@@ -24,7 +24,9 @@ warm-up) against:
 Then, in high-throughput mode, issue 20's single-row line in paired rounds (`paired_rounds`): the ensemble's
 single rows at 8 clients against the FastAPI peer, raywatch and the echo deployment, all up at once and
 driven one after another in each round, so that a shared machine's changing speed touches the three alike
-(the peer is otherwise measured minutes before the Serve modes). `run --only-paired` runs these alone.
+(the peer is otherwise measured minutes before the Serve modes). `run --only-paired` runs these alone;
+`run --app-args '{"ingress_replicas": 2}'` measures raywatch with serving settings of its own (any
+`serve.settings.ServeSettings` field), which the result files record.
 
 Rows/s = requests/s x rows per request. Writes benchmarks/results/serving.json (one row per point) and
 serving.md, and the paired rounds to serving_paired.{json,md}. Helpers used by the other benchmarks (wrk
