@@ -86,15 +86,18 @@ def fitted(case: dict, **config) -> dict | None:
         )
         det.fit_members(features[fit_mask], target[fit_mask], {})
         det.fit_vote(features[val_mask], target[val_mask])
-        val_scores = np.clip(det.member_matrix(features[val_mask]), 1e-6, 1 - 1e-6) @ det.weights_
-        scores = det.score(test)[half:]
+        val_members = np.clip(det.member_matrix(features[val_mask]), 1e-6, 1 - 1e-6)
+        members = det.member_matrix(det.features(test))[half:]
     return {
         "cal": det.calibration_scores_,
         "thr": det.threshold_,
         "val_labels": target[val_mask],
-        "val_scores": val_scores,
-        "scores": scores,
+        "val_scores": val_members @ det.weights_,
+        "scores": members @ det.weights_,  # = det.score(test)[half:]
         "labels": labels[half:],
+        "val_members": val_members,  # (rows, 4) member probabilities, for other votes (ensemble-variants.py)
+        "members": members,
+        "weights": det.weights_,
     }
 
 
