@@ -305,6 +305,8 @@ def test_a_flooding_champion_is_kept_and_named_and_with_recalibrate_kept_its_thr
     kept = job.retrain("autoencoder", [entity], promote_via="direct", progress=print)  # by default: kept as is
     assert not kept["promoted"] and "recalibrated" not in kept and "threshold recalibrated" not in kept["reason"]
     assert registry.alias_version("autoencoder", registry.CHAMPION) == "1" and kept["challenger"] == "2"
+    # registered, not served: no replica loads a challenger the rule kept out (what an A/B split would follow)
+    assert registry.alias_version("autoencoder", registry.CHALLENGER) is None
 
     decision = job.retrain("autoencoder", [entity], promote_via="direct", recalibrate_kept=True, progress=print)
     figures = decision["entities"][entity]

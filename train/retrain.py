@@ -311,8 +311,12 @@ def decide_and_register(
 ) -> dict[str, Any]:
     """The rule's decision over every compared entity, or over each one alone where all are new entities
     served by a fleet model (a graduation job, `decide_each`); the challenger version (its fitted detectors,
-    only the winners' in a graduation that promotes; the champion's elsewhere) registered under the
-    `challenger` alias whatever the decision."""
+    only the winners' in a graduation that promotes; the champion's elsewhere) registered whatever the
+    decision. The `challenger` alias is left where it was: serving loads what it points to into every
+    replica (a few seconds of slow requests on a small machine, and the memory of a second version), an
+    operator's A/B or shadow split or a running canary follows it, and a challenger the rule did not promote
+    has no place there. A promoted one becomes the challenger through its canary rollout (`promote`); a kept
+    one can still be shadowed by its version (`POST /v1/admin/traffic` with `challenger_version`)."""
     compared = {e: f for e, f in figures.items() if "challenger" in f}
     if not compared:
         skipped = "; ".join(f"{e}: {f['skipped']}" for e, f in figures.items() if "skipped" in f)
@@ -346,7 +350,6 @@ def decide_and_register(
         "retrained_from": champion_version,
     }
     decision["challenger"] = registry.register_bundle(bundle, run_id, tags)
-    registry.set_alias(model, registry.CHALLENGER, decision["challenger"])
     flooded = {e: f for e, f in compared.items() if flooding(f, rule)}
     if flooded and not decision["promoted"]:
         decision["flooding"] = sorted(flooded)
