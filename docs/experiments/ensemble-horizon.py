@@ -40,14 +40,19 @@ SETS = {
 }
 
 
-def judged(case: dict, horizon: int) -> tuple[float, float, float, float] | None:
-    """(f1_operational, event precision, event recall, PR-AUC) on the second half; None without an incident there."""
-    c = threshold_experiment.fitted(case, horizon=horizon)
-    if c is None:
-        return None
-    thresholds, alerts = online_alerts(c["scores"], DecisionThreshold(c["thr"]))
+def figures(c: dict, scores: np.ndarray, threshold: float) -> tuple[float, float, float, float]:
+    """(f1_operational, event precision, event recall, PR-AUC) of a fitted case's second-half `scores` at
+    `threshold`, run over them in time order."""
+    thresholds, alerts = online_alerts(scores, DecisionThreshold(threshold))
     recall, precision, _ = M.alert_scores(c["labels"], alerts)
-    return M.f1_at(c["labels"], c["scores"], thresholds), precision, recall, M.pr_auc(c["labels"], c["scores"])
+    return M.f1_at(c["labels"], scores, thresholds), precision, recall, M.pr_auc(c["labels"], scores)
+
+
+def judged(case: dict, horizon: int) -> tuple[float, float, float, float] | None:
+    """`figures` of the ensemble fitted with `horizon` at its served threshold; None without an incident in
+    the second half."""
+    c = threshold_experiment.fitted(case, horizon=horizon)
+    return None if c is None else figures(c, c["scores"], c["thr"])
 
 
 def main() -> None:

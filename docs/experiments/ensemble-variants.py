@@ -20,31 +20,23 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-
-from attribution import shipped_cases, synthetic_cases  # noqa: E402
+# the sets, the fit (ensemble-threshold.py's `fitted`) and the figures of ensemble-horizon.py
+_spec = importlib.util.spec_from_file_location("ensemble_horizon", Path(__file__).with_name("ensemble-horizon.py"))
+horizon_experiment = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(horizon_experiment)  # also puts the repository on sys.path
+SETS, fitted, figures = (
+    horizon_experiment.SETS,
+    horizon_experiment.threshold_experiment.fitted,
+    horizon_experiment.figures,
+)
 
 import detect.evidence as E  # noqa: E402
-import detect.metrics as M  # noqa: E402
-from detect.alerting import online_alerts  # noqa: E402
-from detect.thresholds import DecisionThreshold, decision_threshold  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("ensemble_threshold", Path(__file__).with_name("ensemble-threshold.py"))
-threshold_experiment = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(threshold_experiment)
-
-SETS = {
-    "shipped": lambda: shipped_cases(str(ROOT / "data")),
-    "held-out": synthetic_cases,  # seeds 101 and 202
-    "fresh": lambda: synthetic_cases((303, 404, 505)),
-}
+from detect.thresholds import decision_threshold  # noqa: E402
 
 
 def log_odds(p: np.ndarray) -> np.ndarray:
@@ -74,16 +66,9 @@ REFITS: dict[str, tuple[dict, dict]] = {
 }
 
 
-def judged(c: dict, scores: np.ndarray, threshold: float) -> tuple[float, float, float, float]:
-    """(f1_operational, event precision, event recall, PR-AUC) of `scores` (the second half) at `threshold`."""
-    thresholds, alerts = online_alerts(scores, DecisionThreshold(threshold))
-    recall, precision, _ = M.alert_scores(c["labels"], alerts)
-    return M.f1_at(c["labels"], scores, thresholds), precision, recall, M.pr_auc(c["labels"], scores)
-
-
 def by_vote(c: dict, vote: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> tuple[float, float, float, float]:
     threshold = decision_threshold(c["val_labels"], vote(c["val_members"], c["weights"])).threshold
-    return judged(c, vote(c["members"], c["weights"]), threshold)
+    return figures(c, vote(c["members"], c["weights"]), threshold)
 
 
 def refitted(cases: list[dict], config: dict, constants: dict) -> list[dict]:
@@ -92,7 +77,7 @@ def refitted(cases: list[dict], config: dict, constants: dict) -> list[dict]:
         for name, value in constants.items():
             setattr(E, name, value)
         E.CONTEXT = max(E.ROLLING) - 1
-        return [c for c in (threshold_experiment.fitted(case, **config) for case in cases) if c is not None]
+        return [c for c in (fitted(case, **config) for case in cases) if c is not None]
     finally:
         for name, value in saved.items():
             setattr(E, name, value)
@@ -117,7 +102,7 @@ def main() -> None:
             print(row(set_name, variant, [by_vote(c, vote) for c in served]), flush=True)
         for variant, (config, constants) in REFITS.items():
             fits = refitted(cases, config, constants)
-            print(row(set_name, variant, [judged(c, c["scores"], c["thr"]) for c in fits]), flush=True)
+            print(row(set_name, variant, [figures(c, c["scores"], c["thr"]) for c in fits]), flush=True)
 
 
 if __name__ == "__main__":
