@@ -313,7 +313,7 @@ def decide_and_register(
     served by a fleet model (a graduation job, `decide_each`); the challenger version (its fitted detectors,
     only the winners' in a graduation that promotes; the champion's elsewhere) registered whatever the
     decision. The `challenger` alias is left where it was: serving loads what it points to into every
-    replica (a few seconds of slow requests on a small machine, and the memory of a second version), an
+    replica (seconds of slow requests on a small machine, and the memory of a second version), an
     operator's A/B or shadow split or a running canary follows it, and a challenger the rule did not promote
     has no place there. A promoted one becomes the challenger through its canary rollout (`promote`); a kept
     one can still be shadowed by its version (`POST /v1/admin/traffic` with `challenger_version`)."""
