@@ -1613,6 +1613,10 @@ class RaywatchAPI:
             state = await asyncio.to_thread(self.rollouts.start, request.model, request.version, request.plan)
         except ValueError as exc:
             raise ApiError(409, "model", str(exc)) from None
+        try:  # marked as the loop's rollouts are: a retraining job then leaves the slot to it (`rollout_in_progress`)
+            await asyncio.to_thread(registry.mark_rollout, request.model, request.version, "started")
+        except Exception as exc:  # the rollout runs all the same; say what a job will not see
+            log.warning("rollout not marked in the registry", extra={"detector": request.model, "error": str(exc)})
         self.m_rollout_percent.set(state["percent"], tags={"detector": request.model})
         log.info("rollout started", extra={"detector": request.model, "version": request.version})
         return state

@@ -148,3 +148,43 @@ def test_an_entity_model_loads_from_its_own_artifacts_alone(data_dir, mlflow_sto
     meta.write_text(meta.read_text().replace('"threshold"', '"threshold" ', 1))
     with pytest.raises(BundleError, match="checksum mismatch for entities/asd__omi-3/detector.json"):
         entity_model(slot, "asd/omi-3")
+
+
+def test_a_promoted_challenger_leaves_a_running_rollout_its_slot(data_dir, mlflow_store):
+    """The canary's share is scored by whatever the `challenger` alias points to: a retraining job that
+    promotes while a rollout is under way must not move it (the rollout would judge another version's
+    calls and promote its own). Its decision says so; once the rollout ended, a request goes through."""
+    import mlflow
+
+    from train import registry
+    from train import retrain as job
+
+    series = load_series("asd", "omi-3", data_dir)
+    registry.setup()
+    for seed in (1, 2, 3):
+        with mlflow.start_run() as run:
+            registry.register_bundle(_tiny_bundle(series, seed), run.info.run_id)
+    registry.promote("autoencoder", "1")
+    registry.request_rollout("autoencoder", "2")
+    registry.mark_rollout("autoencoder", "2", "started")  # what the ingress does when it starts it
+    assert registry.rollout_in_progress("autoencoder") == "2"
+
+    reason = job.promote("autoencoder", "3", "rollout")
+    assert "not rolled out" in reason and "a rollout of version 2 holds the challenger slot" in reason, reason
+    assert "raywatch rollout autoencoder 3" in reason
+    assert registry.alias_version("autoencoder", registry.CHALLENGER) == "2"
+    assert registry.rollout_request("autoencoder", "3") is None
+    with pytest.raises(registry.RolloutBusy):
+        registry.request_rollout("autoencoder", "3")
+
+    registry.clear_alias("autoencoder", registry.CHALLENGER, "2")  # the rollout ended: the ingress empties the slot
+    assert registry.rollout_in_progress("autoencoder") is None
+    assert job.promote("autoencoder", "3", "rollout") == "; rolling out as a canary (raywatch rollout)"
+    assert registry.alias_version("autoencoder", registry.CHALLENGER) == "3"
+    assert registry.rollout_request("autoencoder", "3")["status"] == "requested"
+    # a challenger with no rollout under way holds no slot: an operator's A/B split, or a rollout that ended
+    registry.set_alias("autoencoder", registry.CHALLENGER, "1")  # untagged
+    assert registry.rollout_in_progress("autoencoder") is None
+    registry.set_alias("autoencoder", registry.CHALLENGER, "2")
+    registry.mark_rollout("autoencoder", "2", "rolled_back")
+    assert registry.rollout_in_progress("autoencoder") is None

@@ -300,10 +300,33 @@ def versions(model: str) -> list[dict[str, Any]]:
     return out
 
 
+class RolloutBusy(RegistryError):
+    """A rollout holds the challenger slot: another one cannot be requested until it ends."""
+
+
+ROLLOUT_HOLDS_SLOT = ("requested", "started")  # ROLLOUT_TAG statuses of a challenger whose rollout is under way
+
+
+def rollout_in_progress(model: str) -> str | None:
+    """The challenger's version while its rollout is requested or running, else None. The serving app marks
+    a started rollout's version (`mark_rollout`) and empties the challenger slot when the rollout ends
+    (completed, rolled back or aborted), so a challenger whose tag says so holds a rollout under way."""
+    held = alias_version(model, CHALLENGER)
+    request = rollout_request(model, held) if held is not None else None
+    return held if request and request.get("status") in ROLLOUT_HOLDS_SLOT else None
+
+
 def request_rollout(model: str, version: str | int, plan: dict[str, Any] | None = None) -> None:
     """Ask the serving app to roll `version` out as a canary (serve/rollout.py): it becomes the challenger
     and its ROLLOUT_TAG says "requested" (with the plan, default steps when None). The ingress starts the
-    rollout when it loads the challenger and marks the tag "started", so it starts once."""
+    rollout when it loads the challenger and marks the tag "started", so it starts once.
+
+    Refused (`RolloutBusy`), the alias untouched, while a rollout holds the challenger slot: the canary's
+    share is scored by whatever the alias points to, so moving it would hand a running rollout's traffic to
+    another version, which the rollout would then judge, and promote its own."""
+    running = rollout_in_progress(model)
+    if running is not None:
+        raise RolloutBusy(f"{model_name(model)}: a rollout of version {running} holds the challenger slot")
     set_alias(model, CHALLENGER, version)
     request = json.dumps({"status": "requested", "plan": plan or {}})
     setup().set_model_version_tag(model_name(model), str(version), ROLLOUT_TAG, request)

@@ -422,7 +422,10 @@ def promote(model: str, version: str, promote_via: str) -> str:
     """Hand a promoted version to the serving app's canary rollout, or make it champion at once; what to add
     to the decision's reason."""
     if promote_via == "rollout":
-        registry.request_rollout(model, version)
+        try:
+            registry.request_rollout(model, version)
+        except registry.RolloutBusy as busy:  # a running canary keeps its traffic; an operator decides
+            return f"; not rolled out: {busy}; once it ends: raywatch rollout {model} {version}"
         return "; rolling out as a canary (raywatch rollout)"
     registry.promote(model, version)
     return ""

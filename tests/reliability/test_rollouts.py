@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from .support import INGRESS, REPLICAS, LoadGenerator, summarize, wait_for
 
 RECOVERY_S = 60.0
@@ -110,6 +112,11 @@ def test_canary_rollback_of_a_degraded_challenger_and_promotion_of_a_good_one(se
         assert answer.status_code == 200 and answer.json()["percent"] == 10, answer.text
         busy = served.client.post("/v1/admin/rollout", json={"model": MODEL, "version": good}, headers=served.admin())
         assert busy.status_code == 409 and "in progress" in busy.json()["detail"], busy.text
+        # nor may the retraining loop take the slot from it (what the canary's share is scored by)
+        assert registry.rollout_in_progress(MODEL) == degraded
+        with pytest.raises(registry.RolloutBusy):
+            registry.request_rollout(MODEL, good)
+        assert registry.alias_version(MODEL, registry.CHALLENGER) == degraded
         rolled_back = _rollout_status(served, "rolled_back", 120)
         rollback_s = time.monotonic() - started
         assert [h["step"] for h in rolled_back["history"]] == [0], rolled_back["history"]  # at the first step
