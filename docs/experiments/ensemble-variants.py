@@ -25,35 +25,28 @@ from pathlib import Path
 
 import numpy as np
 
-# the sets, the fit (ensemble-threshold.py's `fitted`) and the figures of ensemble-horizon.py
+# the sets, the fit and log-odds (ensemble-threshold.py's `fitted`, `logit`) and the figures of ensemble-horizon.py
 _spec = importlib.util.spec_from_file_location("ensemble_horizon", Path(__file__).with_name("ensemble-horizon.py"))
 horizon_experiment = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(horizon_experiment)  # also puts the repository on sys.path
-SETS, fitted, figures = (
+SETS, fitted, logit, figures = (
     horizon_experiment.SETS,
     horizon_experiment.threshold_experiment.fitted,
+    horizon_experiment.threshold_experiment.logit,
     horizon_experiment.figures,
 )
 
+from scipy.special import expit  # noqa: E402
+
 import detect.evidence as E  # noqa: E402
 from detect.thresholds import decision_threshold  # noqa: E402
-
-
-def log_odds(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
-
-
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1 / (1 + np.exp(-z))
-
 
 #: vote name -> (member probabilities (rows, 4), fitted weights) -> incident probability per row
 VOTES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "weights fitted on validation log-loss (served)": lambda P, w: P @ w,
     "equal weights": lambda P, w: P.mean(axis=1),
-    "equal weights, in log-odds": lambda P, w: sigmoid(log_odds(P).mean(axis=1)),
-    "fitted weights, in log-odds": lambda P, w: sigmoid(log_odds(P) @ w),
+    "equal weights, in log-odds": lambda P, w: expit(logit(P).mean(axis=1)),
+    "fitted weights, in log-odds": lambda P, w: expit(logit(P) @ w),
 }
 
 #: refit name -> (EnsembleConfig fields, detect.evidence constants)
