@@ -512,6 +512,7 @@ class RaywatchAPI:
             log.warning(
                 "requested rollout not started", extra={"detector": name, "version": version, "error": str(exc)}
             )
+            await self._refuse_rollout_request(name, version, str(exc)[:500])
             return
         except Exception as exc:  # the registry is unreachable: look again after the next change
             self.rollout_seen.discard((name, version))
@@ -519,6 +520,15 @@ class RaywatchAPI:
             return
         self.m_rollout_percent.set(state["percent"], tags={"detector": name})
         log.info("rollout started (retraining loop)", extra={"detector": name, "version": version})
+
+    @staticmethod
+    async def _refuse_rollout_request(name: str, version: str, reason: str) -> None:
+        """Mark a requested rollout that will not start "refused", with the reason: left "requested", it would
+        hold the challenger slot for good (`registry.rollout_in_progress`) and refuse every later request."""
+        try:
+            await asyncio.to_thread(_registry().mark_rollout, name, version, "refused", reason)
+        except Exception as exc:  # the registry is unreachable: the tag stays "requested"
+            log.warning("rollout request not marked refused", extra={"detector": name, "error": str(exc)})
 
     async def _entity_metrics(self, detectors: list[str]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
         """(entity -> metrics of the entities with a model of their own, fleet key -> metrics of the fleet

@@ -339,9 +339,12 @@ def rollout_request(model: str, version: str | int) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
-def mark_rollout(model: str, version: str | int, status: str) -> None:
+def mark_rollout(model: str, version: str | int, status: str, reason: str | None = None) -> None:
+    """Set the status of the version's rollout request ("started", "refused" with the reason, ...)."""
     request = rollout_request(model, version) or {"plan": {}}
     request["status"] = status
+    if reason is not None:
+        request["reason"] = reason
     setup().set_model_version_tag(model_name(model), str(version), ROLLOUT_TAG, json.dumps(request))
 
 

@@ -147,6 +147,19 @@ def test_canary_rollback_of_a_degraded_challenger_and_promotion_of_a_good_one(se
             "the promoted version serving as champion",
         )
 
+        # a requested rollout the ingress cannot start (here a plan that does not end at 100%) is marked
+        # refused with the reason; left "requested", it would hold the challenger slot and refuse the next
+        refused = _register_variant(served, always_alert=False)
+        registry.request_rollout(MODEL, refused, {**TEST_PLAN, "steps": [10, 50]})
+        marked = wait_for(
+            lambda: (r := registry.rollout_request(MODEL, refused)) and r["status"] != "requested" and r,
+            60,
+            "the unstartable rollout request marked",
+            poll=0.5,
+        )
+        assert marked["status"] == "refused" and "100" in marked["reason"], marked
+        assert registry.rollout_in_progress(MODEL) is None
+
         # the retraining loop's way: it registers a challenger and asks for a rollout; the ingress starts it
         started = time.monotonic()
         retrained = _register_variant(served, always_alert=False)
@@ -170,5 +183,6 @@ def test_canary_rollback_of_a_degraded_challenger_and_promotion_of_a_good_one(se
         "degraded": {"rolled_back_after_s": round(rollback_s, 1), "step": rolled_back["history"][-1]},
         "good": {"promoted_after_s": round(promote_s, 1), "steps": [h["percent"] for h in completed["history"]]},
         "requested_by_the_loop": {"promoted_after_s": round(loop_s, 1), "steps": len(by_loop["history"])},
+        "unstartable_request": {"status": marked["status"], "reason": marked["reason"][:200]},
     }
     assert outcome["statuses"] == {"200": outcome["requests"]}, outcome  # the champion never stopped serving
