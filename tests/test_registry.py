@@ -188,3 +188,11 @@ def test_a_promoted_challenger_leaves_a_running_rollout_its_slot(data_dir, mlflo
     registry.set_alias("autoencoder", registry.CHALLENGER, "2")
     registry.mark_rollout("autoencoder", "2", "rolled_back")
     assert registry.rollout_in_progress("autoencoder") is None
+    # nor does one the ingress refused (serve/app.py), which says why; a later status drops that reason
+    registry.set_alias("autoencoder", registry.CHALLENGER, "3")
+    registry.mark_rollout("autoencoder", "3", "refused", "a rollout of version 2 is in progress; abort it first")
+    assert registry.rollout_in_progress("autoencoder") is None
+    assert registry.rollout_request("autoencoder", "3")["reason"].startswith("a rollout of version 2")
+    registry.mark_rollout("autoencoder", "3", "started")  # an operator's rollout of it, once the other ended
+    assert registry.rollout_request("autoencoder", "3") == {"status": "started", "plan": {}}
+    assert registry.rollout_in_progress("autoencoder") == "3"

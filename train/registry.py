@@ -340,9 +340,11 @@ def rollout_request(model: str, version: str | int) -> dict[str, Any] | None:
 
 
 def mark_rollout(model: str, version: str | int, status: str, reason: str | None = None) -> None:
-    """Set the status of the version's rollout request ("started", "refused" with the reason, ...)."""
+    """Set the status of the version's rollout request ("started", "refused" with the reason, ...); a
+    reason given for an earlier status goes with it."""
     request = rollout_request(model, version) or {"plan": {}}
     request["status"] = status
+    request.pop("reason", None)
     if reason is not None:
         request["reason"] = reason
     setup().set_model_version_tag(model_name(model), str(version), ROLLOUT_TAG, json.dumps(request))
