@@ -521,13 +521,16 @@ class RaywatchAPI:
         self.m_rollout_percent.set(state["percent"], tags={"detector": name})
         log.info("rollout started (retraining loop)", extra={"detector": name, "version": version})
 
-    @staticmethod
-    async def _refuse_rollout_request(name: str, version: str, reason: str) -> None:
+    async def _refuse_rollout_request(self, name: str, version: str, reason: str) -> None:
         """Mark a requested rollout that will not start "refused", with the reason: left "requested", it would
-        hold the challenger slot for good (`registry.rollout_in_progress`) and refuse every later request."""
+        hold the challenger slot for good (`registry.rollout_in_progress`) and refuse every later request.
+        Not when the rollout under way is this version's: another ingress replica started it, and marks it."""
         try:
+            running = await asyncio.to_thread(self.rollouts.in_progress, name)
+            if running is not None and str(running["version"]) == str(version):
+                return
             await asyncio.to_thread(_registry().mark_rollout, name, version, "refused", reason)
-        except Exception as exc:  # the registry is unreachable: the tag stays "requested"
+        except Exception as exc:  # the store or the registry is unreadable: the tag stays "requested"
             log.warning("rollout request not marked refused", extra={"detector": name, "error": str(exc)})
 
     async def _entity_metrics(self, detectors: list[str]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:

@@ -143,3 +143,60 @@ def test_with_trusted_labels_a_canary_whose_alerts_are_false_is_rolled_back_on_p
         untrusted.add_feedback("e1", str(t), 0, None, trusted=False)
     anonymous = lambda entity, stamps: untrusted.labels(entity, stamps, trusted_only=True)  # noqa: E731
     assert "false_alarm" not in judge(plan, canary, champion, 1.0, labels=anonymous).guards
+
+
+def test_an_ingress_refuses_a_rollout_request_it_cannot_start_but_not_one_another_replica_started(
+    mlflow_store, tmp_path
+):
+    """The ingress's start of a requested rollout (serve/app.py `_start_requested_rollout`) with the real
+    registry and store, as two ingress replicas meet it: a request that cannot start (a plan that does not
+    end at 100%, or another version's rollout under way) is marked refused, with the reason, and holds no
+    slot; the second replica to read a request the first has just started leaves it alone."""
+    import asyncio
+    from types import MethodType, SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    from serve.app import RaywatchAPI
+    from train import registry
+
+    registry.setup()
+    client, name = MlflowClient(), registry.model_name("autoencoder")
+    client.create_registered_model(name)
+    for _ in range(3):
+        client.create_model_version(name, source=str(tmp_path))
+    store, ingress = RolloutStore(tmp_path / "traffic.db"), RaywatchAPI.func_or_class
+
+    def replica_sees(version: str) -> None:
+        """One ingress replica's first look at `version` in the challenger slot."""
+        replica = SimpleNamespace(
+            rollout_seen=set(), rollouts=store, m_rollout_percent=SimpleNamespace(set=lambda *a, **k: None)
+        )
+        replica._refuse_rollout_request = MethodType(ingress._refuse_rollout_request, replica)
+        asyncio.run(
+            ingress._start_requested_rollout(replica, "autoencoder", {"slots": {"challenger": {"version": version}}})
+        )
+
+    def status(version: str) -> dict:
+        return registry.rollout_request("autoencoder", version)
+
+    registry.request_rollout("autoencoder", "1")
+    replica_sees("1")
+    assert status("1")["status"] == "started" and store.in_progress("autoencoder")["version"] == "1"
+    # a second replica that read the tag before the first one marked it: the rollout is this version's
+    registry.mark_rollout("autoencoder", "1", "requested")
+    replica_sees("1")
+    assert status("1")["status"] == "requested", status("1")  # not refused: the first replica marks it
+
+    # another version requested while version 1's rollout runs (the tags had missed it): refused, and why
+    registry.set_alias("autoencoder", registry.CHALLENGER, "2")
+    registry.mark_rollout("autoencoder", "2", "requested")
+    replica_sees("2")
+    assert status("2")["status"] == "refused" and "version 1 is in progress" in status("2")["reason"], status("2")
+    assert registry.rollout_in_progress("autoencoder") is None  # a refused request holds no slot
+
+    store.finish("autoencoder", "aborted", "test")
+    registry.request_rollout("autoencoder", "3", {"steps": [10, 50]})  # a plan the ingress cannot run
+    replica_sees("3")
+    assert status("3")["status"] == "refused" and "end at 100" in status("3")["reason"], status("3")
+    assert store.get("autoencoder")["version"] == "1"  # nothing started
