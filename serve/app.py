@@ -522,16 +522,19 @@ class RaywatchAPI:
         log.info("rollout started (retraining loop)", extra={"detector": name, "version": version})
 
     async def _refuse_rollout_request(self, name: str, version: str, reason: str) -> None:
-        """Mark a requested rollout that will not start "refused", with the reason: left "requested", it would
-        hold the challenger slot for good (`registry.rollout_in_progress`) and refuse every later request.
-        Not when the rollout under way is this version's: another ingress replica started it, and marks it."""
+        """Refuse a requested rollout that will not start (`registry.refuse_rollout`): left "requested", it
+        would hold the challenger slot for good (`registry.rollout_in_progress`) and refuse every later
+        request; the slot goes back to the rollout under way, or is emptied. Not when the rollout under way
+        is this version's: another ingress replica started it, and marks it."""
         try:
             running = await asyncio.to_thread(self.rollouts.in_progress, name)
             if running is not None and str(running["version"]) == str(version):
                 return
-            await asyncio.to_thread(_registry().mark_rollout, name, version, "refused", reason)
-        except Exception as exc:  # the store or the registry is unreadable: the tag stays "requested"
-            log.warning("rollout request not marked refused", extra={"detector": name, "error": str(exc)})
+            held = None if running is None else str(running["version"])
+            await asyncio.to_thread(_registry().refuse_rollout, name, version, reason, held)
+            await self._reload(name)
+        except Exception as exc:  # the store or the registry is unreadable: the tag may stay "requested"
+            log.warning("rollout request not refused", extra={"detector": name, "error": str(exc)})
 
     async def _entity_metrics(self, detectors: list[str]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
         """(entity -> metrics of the entities with a model of their own, fleet key -> metrics of the fleet

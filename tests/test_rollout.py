@@ -149,9 +149,10 @@ def test_an_ingress_refuses_a_rollout_request_it_cannot_start_but_not_one_anothe
     mlflow_store, tmp_path
 ):
     """The ingress's start of a requested rollout (serve/app.py `_start_requested_rollout`) with the real
-    registry and store, as two ingress replicas meet it: a request that cannot start (a plan that does not
-    end at 100%, or another version's rollout under way) is marked refused, with the reason, and holds no
-    slot; the second replica to read a request the first has just started leaves it alone."""
+    registry and store, as two ingress replicas meet it: a request that cannot start is marked refused, with
+    the reason, and holds no slot. The challenger slot goes back to the rollout under way that the tags had
+    missed (the request had taken it), or is emptied after a bad plan. The second replica to read a request
+    the first has just started leaves it alone."""
     import asyncio
     from types import MethodType, SimpleNamespace
 
@@ -167,18 +168,25 @@ def test_an_ingress_refuses_a_rollout_request_it_cannot_start_but_not_one_anothe
         client.create_model_version(name, source=str(tmp_path))
     store, ingress = RolloutStore(tmp_path / "traffic.db"), RaywatchAPI.func_or_class
 
+    async def reloaded(name: str) -> dict:
+        return {}
+
     def replica_sees(version: str) -> None:
         """One ingress replica's first look at `version` in the challenger slot."""
         replica = SimpleNamespace(
             rollout_seen=set(), rollouts=store, m_rollout_percent=SimpleNamespace(set=lambda *a, **k: None)
         )
         replica._refuse_rollout_request = MethodType(ingress._refuse_rollout_request, replica)
+        replica._reload = reloaded
         asyncio.run(
             ingress._start_requested_rollout(replica, "autoencoder", {"slots": {"challenger": {"version": version}}})
         )
 
     def status(version: str) -> dict:
         return registry.rollout_request("autoencoder", version)
+
+    def challenger() -> str | None:
+        return registry.alias_version("autoencoder", registry.CHALLENGER)
 
     registry.request_rollout("autoencoder", "1")
     replica_sees("1")
@@ -187,16 +195,22 @@ def test_an_ingress_refuses_a_rollout_request_it_cannot_start_but_not_one_anothe
     registry.mark_rollout("autoencoder", "1", "requested")
     replica_sees("1")
     assert status("1")["status"] == "requested", status("1")  # not refused: the first replica marks it
+    assert challenger() == "1"
 
-    # another version requested while version 1's rollout runs (the tags had missed it): refused, and why
-    registry.set_alias("autoencoder", registry.CHALLENGER, "2")
-    registry.mark_rollout("autoencoder", "2", "requested")
+    # version 1's rollout runs, but its tag is gone (as for a rollout started before the tags existed): a job's
+    # request takes the slot; the ingress refuses it, says why, and gives the slot back to the rollout
+    client.delete_model_version_tag(name, "1", registry.ROLLOUT_TAG)
+    registry.request_rollout("autoencoder", "2")
+    assert challenger() == "2"
     replica_sees("2")
     assert status("2")["status"] == "refused" and "version 1 is in progress" in status("2")["reason"], status("2")
-    assert registry.rollout_in_progress("autoencoder") is None  # a refused request holds no slot
+    assert challenger() == "1" and status("1")["status"] == "started"
+    assert registry.rollout_in_progress("autoencoder") == "1"  # the rollout holds its slot again
 
     store.finish("autoencoder", "aborted", "test")
+    registry.clear_alias("autoencoder", registry.CHALLENGER, "1")  # what the ingress does when a rollout ends
     registry.request_rollout("autoencoder", "3", {"steps": [10, 50]})  # a plan the ingress cannot run
     replica_sees("3")
     assert status("3")["status"] == "refused" and "end at 100" in status("3")["reason"], status("3")
     assert store.get("autoencoder")["version"] == "1"  # nothing started
+    assert challenger() is None and registry.rollout_in_progress("autoencoder") is None  # nobody serves it

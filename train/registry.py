@@ -350,6 +350,22 @@ def mark_rollout(model: str, version: str | int, status: str, reason: str | None
     setup().set_model_version_tag(model_name(model), str(version), ROLLOUT_TAG, json.dumps(request))
 
 
+def refuse_rollout(model: str, version: str | int, reason: str, running: str | None = None) -> None:
+    """Mark a rollout request that cannot start "refused", with the reason, and give the challenger slot back
+    what the request took from it: the rollout under way (`running`, whose canary share the slot scores; the
+    request moved the alias because the tags missed it, now marked "started"), else nothing, so that no
+    replica keeps loading a version nobody will serve. A slot moved again since is left alone."""
+    mark_rollout(model, version, "refused", reason)
+    if alias_version(model, CHALLENGER) != str(version):
+        return
+    if running is None:
+        clear_alias(model, CHALLENGER, version)
+        return
+    set_alias(model, CHALLENGER, running)
+    if (rollout_request(model, running) or {}).get("status") not in ROLLOUT_HOLDS_SLOT:
+        mark_rollout(model, running, "started")
+
+
 def clear_alias(model: str, alias: str, version: str | int | None = None) -> None:
     """Remove an alias (e.g. `challenger`); no-op when it is not set, or when `version` is given and the
     alias points elsewhere (a late cleanup of one version must not remove the next one's alias)."""

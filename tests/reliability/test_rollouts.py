@@ -159,6 +159,7 @@ def test_canary_rollback_of_a_degraded_challenger_and_promotion_of_a_good_one(se
         )
         assert marked["status"] == "refused" and "100" in marked["reason"], marked
         assert registry.rollout_in_progress(MODEL) is None
+        wait_for(lambda: "challenger" not in _rollout(served)["slots"], 60, "the refused version's slot emptied")
 
         # the retraining loop's way: it registers a challenger and asks for a rollout; the ingress starts it
         started = time.monotonic()
