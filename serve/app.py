@@ -524,15 +524,15 @@ class RaywatchAPI:
     async def _refuse_rollout_request(self, name: str, version: str, reason: str) -> None:
         """Refuse a requested rollout that will not start (`registry.refuse_rollout`): left "requested", it
         would hold the challenger slot for good (`registry.rollout_in_progress`) and refuse every later
-        request; the slot goes back to the rollout under way, or is emptied. Not when the rollout under way
-        is this version's: another ingress replica started it, and marks it."""
+        request; the slot goes back to the rollout under way, or is emptied (every replica's registry watcher
+        then loads what the alias says). Not when the rollout under way is this version's: another ingress
+        replica started it, and marks it."""
         try:
             running = await asyncio.to_thread(self.rollouts.in_progress, name)
             if running is not None and str(running["version"]) == str(version):
                 return
             held = None if running is None else str(running["version"])
             await asyncio.to_thread(_registry().refuse_rollout, name, version, reason, held)
-            await self._reload(name)
         except Exception as exc:  # the store or the registry is unreadable: the tag may stay "requested"
             log.warning("rollout request not refused", extra={"detector": name, "error": str(exc)})
 

@@ -168,16 +168,12 @@ def test_an_ingress_refuses_a_rollout_request_it_cannot_start_but_not_one_anothe
         client.create_model_version(name, source=str(tmp_path))
     store, ingress = RolloutStore(tmp_path / "traffic.db"), RaywatchAPI.func_or_class
 
-    async def reloaded(name: str) -> dict:
-        return {}
-
     def replica_sees(version: str) -> None:
         """One ingress replica's first look at `version` in the challenger slot."""
         replica = SimpleNamespace(
             rollout_seen=set(), rollouts=store, m_rollout_percent=SimpleNamespace(set=lambda *a, **k: None)
         )
         replica._refuse_rollout_request = MethodType(ingress._refuse_rollout_request, replica)
-        replica._reload = reloaded
         asyncio.run(
             ingress._start_requested_rollout(replica, "autoencoder", {"slots": {"challenger": {"version": version}}})
         )

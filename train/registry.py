@@ -341,7 +341,7 @@ def rollout_request(model: str, version: str | int) -> dict[str, Any] | None:
 
 def mark_rollout(model: str, version: str | int, status: str, reason: str | None = None) -> None:
     """Set the status of the version's rollout request ("started", "refused" with the reason, ...); a
-    reason given for an earlier status goes with it."""
+    reason given with an earlier status is dropped."""
     request = rollout_request(model, version) or {"plan": {}}
     request["status"] = status
     request.pop("reason", None)
