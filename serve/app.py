@@ -52,7 +52,7 @@ from serve.history import AlertBook, ColdStarts, EntityHistory, SpotSeed, fallba
 from serve.memory import MemoryTrim
 from serve.monitor_feed import MonitorFeed
 from serve.rate_limit import RateLimit, SharedRateLimiter, client_id
-from serve.rollout import RolloutPlan, RolloutStore, StepCounter
+from serve.rollout import RolloutAlreadyStarted, RolloutPlan, RolloutStore, StepCounter
 from serve.router import CircuitBreaker, TrafficPolicy
 from serve.settings import ServeSettings
 from serve.traffic import TrafficStore
@@ -495,7 +495,9 @@ class RaywatchAPI:
 
     async def _start_requested_rollout(self, name: str, info: dict[str, Any]) -> None:
         """A challenger the retraining loop asked to roll out (`registry.request_rollout`) starts its rollout
-        here, once: each challenger version is looked at once per replica, and the tag then says "started"."""
+        here, once: each challenger version is looked at once per replica, the tag then says "started", and
+        the store starts one rollout per request id, so a replica that read the tag before another replica
+        started it (and perhaps ended it) does not start it again."""
         version = (info.get("slots", {}).get("challenger") or {}).get("version")
         if version is None or (name, version) in self.rollout_seen:
             return
@@ -506,8 +508,10 @@ class RaywatchAPI:
             if not request or request.get("status") != "requested":
                 return
             plan = RolloutPlan(**request.get("plan", {}))
-            state = await asyncio.to_thread(self.rollouts.start, name, version, plan)
+            state = await asyncio.to_thread(self.rollouts.start, name, version, plan, None, request.get("id"))
             await asyncio.to_thread(registry.mark_rollout, name, version, "started")
+        except RolloutAlreadyStarted:  # another replica started it after this one read the tag; it marks it
+            return
         except ValueError as exc:  # a rollout is running, or the plan is bad: say so, start nothing
             log.warning(
                 "requested rollout not started", extra={"detector": name, "version": version, "error": str(exc)}

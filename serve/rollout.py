@@ -70,6 +70,11 @@ _STATS_SCHEMA = (
 STATS_FILE = "rollout_stats.db"  # beside traffic.db
 
 
+class RolloutAlreadyStarted(Exception):
+    """The rollout request was started before (by this or another ingress replica), whether or not that
+    rollout has ended: a request starts one rollout at most."""
+
+
 class RolloutPlan(BaseModel):
     """How a rollout steps and what it guards; every field can be set per rollout (unknown keys refused)."""
 
@@ -263,11 +268,16 @@ class RolloutStore:
         state = self.get(model)
         return state if state and state["status"] in IN_PROGRESS else None
 
-    def start(self, model: str, version: str, plan: RolloutPlan, now: float | None = None) -> dict[str, Any]:
-        """Begin a rollout at the plan's first step; refused (ValueError) while one is running."""
+    def start(
+        self, model: str, version: str, plan: RolloutPlan, now: float | None = None, request: str | None = None
+    ) -> dict[str, Any]:
+        """Begin a rollout at the plan's first step; refused (ValueError) while one is running. `request`,
+        the id of the retraining loop's request it answers (`registry.request_rollout`), starts it once:
+        `RolloutAlreadyStarted` when the model's newest rollout answered it, even one that has ended."""
         now = time.time() if now is None else now
         state = {
             "id": uuid.uuid4().hex[:12],
+            "request": request,
             "model": model,
             "version": str(version),
             "plan": plan.model_dump(),
@@ -283,6 +293,8 @@ class RolloutStore:
         with connect(self.path) as db:
             db.execute("BEGIN IMMEDIATE")
             current = self._read(db, model)
+            if request is not None and current and current.get("request") == request:
+                raise RolloutAlreadyStarted(f"request {request} started rollout {current['id']} ({current['status']})")
             if current and current["status"] in IN_PROGRESS:
                 raise ValueError(f"a rollout of version {current['version']} is in progress; abort it first")
             self._write(db, state, now)

@@ -370,7 +370,8 @@ def test_a_promotion_by_the_loop_is_a_rollout_request_unless_direct(mlflow_store
     if promote_via == "rollout":
         assert registry.alias_version("autoencoder", registry.CHAMPION) == "1"  # not yet: the canary decides
         assert registry.alias_version("autoencoder", registry.CHALLENGER) == "2"
-        assert registry.rollout_request("autoencoder", "2") == {"status": "requested", "plan": {}}
+        request = registry.rollout_request("autoencoder", "2")
+        assert request["status"] == "requested" and request["plan"] == {} and request["id"], request
         assert decision["reason"].endswith("rolling out as a canary (raywatch rollout)")
         registry.mark_rollout("autoencoder", "2", "started")
         assert registry.rollout_request("autoencoder", "2")["status"] == "started"

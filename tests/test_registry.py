@@ -194,5 +194,6 @@ def test_a_promoted_challenger_leaves_a_running_rollout_its_slot(data_dir, mlflo
     assert registry.rollout_in_progress("autoencoder") is None
     assert registry.rollout_request("autoencoder", "3")["reason"].startswith("a rollout of version 2")
     registry.mark_rollout("autoencoder", "3", "started")  # an operator's rollout of it, once the other ended
-    assert registry.rollout_request("autoencoder", "3") == {"status": "started", "plan": {}}
+    request = registry.rollout_request("autoencoder", "3")
+    assert request["status"] == "started" and "reason" not in request, request
     assert registry.rollout_in_progress("autoencoder") == "3"

@@ -152,7 +152,7 @@ def test_an_ingress_refuses_a_rollout_request_it_cannot_start_but_not_one_anothe
     registry and store, as two ingress replicas meet it: a request that cannot start is marked refused, with
     the reason, and holds no slot. The challenger slot goes back to the rollout under way that the tags had
     missed (the request had taken it), or is emptied after a bad plan. The second replica to read a request
-    the first has just started leaves it alone."""
+    the first has just started leaves it alone, even once that rollout has ended."""
     import asyncio
     from types import MethodType, SimpleNamespace
 
@@ -210,3 +210,15 @@ def test_an_ingress_refuses_a_rollout_request_it_cannot_start_but_not_one_anothe
     assert status("3")["status"] == "refused" and "end at 100" in status("3")["reason"], status("3")
     assert store.get("autoencoder")["version"] == "1"  # nothing started
     assert challenger() is None and registry.rollout_in_progress("autoencoder") is None  # nobody serves it
+
+    # a replica that read a request as "requested" before another replica started it, and only acts on it once
+    # that rollout has ended, does not start it again: the store starts one rollout per request
+    registry.request_rollout("autoencoder", "2")
+    replica_sees("2")
+    started = store.get("autoencoder")
+    assert started["version"] == "2" and started["status"] == "running"
+    store.finish("autoencoder", "rolled_back", "test")
+    registry.mark_rollout("autoencoder", "2", "requested")  # what the late replica read
+    replica_sees("2")
+    assert store.get("autoencoder")["id"] == started["id"] and store.in_progress("autoencoder") is None
+    assert status("2")["status"] == "requested"  # not refused either: nothing was wrong with it

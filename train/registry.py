@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -319,7 +320,8 @@ def rollout_in_progress(model: str) -> str | None:
 def request_rollout(model: str, version: str | int, plan: dict[str, Any] | None = None) -> None:
     """Ask the serving app to roll `version` out as a canary (serve/rollout.py): it becomes the challenger
     and its ROLLOUT_TAG says "requested" (with the plan, default steps when None). The ingress starts the
-    rollout when it loads the challenger and marks the tag "started", so it starts once.
+    rollout when it loads the challenger and marks the tag "started"; the request's "id" goes into the
+    rollout it starts, so that no ingress replica starts it twice (`RolloutStore.start`).
 
     Refused (`RolloutBusy`), the alias untouched, while a rollout holds the challenger slot: the canary's
     share is scored by whatever the alias points to, so moving it would hand a running rollout's traffic to
@@ -328,12 +330,13 @@ def request_rollout(model: str, version: str | int, plan: dict[str, Any] | None 
     if running is not None:
         raise RolloutBusy(f"{model_name(model)}: a rollout of version {running} holds the challenger slot")
     set_alias(model, CHALLENGER, version)
-    request = json.dumps({"status": "requested", "plan": plan or {}})
+    request = json.dumps({"status": "requested", "plan": plan or {}, "id": uuid.uuid4().hex[:12]})
     setup().set_model_version_tag(model_name(model), str(version), ROLLOUT_TAG, request)
 
 
 def rollout_request(model: str, version: str | int) -> dict[str, Any] | None:
-    """The version's rollout request ({"status", "plan"}), or None when none was made."""
+    """The version's rollout request ({"status", "plan", "id"}; no "id" in a tag written before
+    2026-12-07), or None when none was made."""
     mv = _lookup(lambda: setup().get_model_version(model_name(model), str(version)))
     raw = (mv.tags or {}).get(ROLLOUT_TAG) if mv is not None else None
     return json.loads(raw) if raw else None
