@@ -276,19 +276,25 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    """Each model's versions with their aliases, and what became of the rollouts the retraining loop asked
+    for (the version's rollout tag: requested, started, or refused with the serving app's reason)."""
     from train.registry import MODEL_NAMES, tracking_uri, versions
 
     print(f"MLflow: {tracking_uri()}")
     for model in MODEL_NAMES:
         rows = versions(model)
-        print(
-            f"{MODEL_NAMES[model]}: "
-            + (
-                ", ".join(f"v{r['version']}" + (f" [{','.join(r['aliases'])}]" if r["aliases"] else "") for r in rows)
-                or "no versions"
-            )
-        )
+        print(f"{MODEL_NAMES[model]}: " + (", ".join(_describe_version(r) for r in rows) or "no versions"))
     return 0
+
+
+def _describe_version(row: dict) -> str:
+    from train.registry import ROLLOUT_TAG
+
+    line = f"v{row['version']}" + (f" [{','.join(row['aliases'])}]" if row["aliases"] else "")
+    request = json.loads(row["tags"][ROLLOUT_TAG]) if ROLLOUT_TAG in row["tags"] else None
+    if request:
+        line += f" (rollout {request.get('status')}" + (f": {request['reason']}" if request.get("reason") else "") + ")"
+    return line
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:

@@ -146,18 +146,20 @@ def test_with_trusted_labels_a_canary_whose_alerts_are_false_is_rolled_back_on_p
 
 
 def test_an_ingress_refuses_a_rollout_request_it_cannot_start_but_not_one_another_replica_started(
-    mlflow_store, tmp_path
+    mlflow_store, tmp_path, capsys
 ):
     """The ingress's start of a requested rollout (serve/app.py `_start_requested_rollout`) with the real
     registry and store, as two ingress replicas meet it: a request that cannot start is marked refused, with
     the reason, and holds no slot. The challenger slot goes back to the rollout under way that the tags had
     missed (the request had taken it), or is emptied after a bad plan. The second replica to read a request
-    the first has just started leaves it alone, even once that rollout has ended."""
+    the first has just started leaves it alone, even once that rollout has ended. `raywatch models` shows
+    each request's status and reason."""
     import asyncio
     from types import MethodType, SimpleNamespace
 
     from mlflow import MlflowClient
 
+    from cli.main import main
     from serve.app import RaywatchAPI
     from train import registry
 
@@ -202,6 +204,10 @@ def test_an_ingress_refuses_a_rollout_request_it_cannot_start_but_not_one_anothe
     assert status("2")["status"] == "refused" and "version 1 is in progress" in status("2")["reason"], status("2")
     assert challenger() == "1" and status("1")["status"] == "started"
     assert registry.rollout_in_progress("autoencoder") == "1"  # the rollout holds its slot again
+    assert main(["models"]) == 0  # what an operator reads of it
+    assert "v1 [challenger] (rollout started), v2 (rollout refused: a rollout of version 1 is in progress" in (
+        capsys.readouterr().out
+    )
 
     store.finish("autoencoder", "aborted", "test")
     registry.clear_alias("autoencoder", registry.CHALLENGER, "1")  # what the ingress does when a rollout ends

@@ -426,7 +426,10 @@ def promote(model: str, version: str, promote_via: str) -> str:
             registry.request_rollout(model, version)
         except registry.RolloutBusy as busy:  # a running canary keeps its traffic; an operator decides
             return f"; not rolled out: {busy}; once it ends: raywatch rollout {model} {version}"
-        return "; rolling out as a canary (raywatch rollout)"
+        return (
+            "; canary rollout requested (the serving app starts it, or refuses it with the reason: raywatch models;"
+            f" its steps: raywatch rollout {model})"
+        )
     registry.promote(model, version)
     return ""
 
