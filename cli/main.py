@@ -583,7 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--url", help="the Serve API (default: the one `raywatch up` started here, else :8000)")
     ro.set_defaults(func=cmd_rollout)
 
-    md = sub.add_parser("models", help="list registered versions and aliases")
+    md = sub.add_parser(
+        "models", help="list registered versions, their aliases and the rollout requests of the retraining loop"
+    )
     md.set_defaults(func=cmd_models)
 
     li = sub.add_parser(
