@@ -26,6 +26,7 @@ from detect.actors import named_actor
 from detect.config import config_from_dict
 from detect.drift import DriftConfig, EntityDriftDetectors, as_drift_reference
 from detect.kinds import DETECTOR_KINDS
+from detect.logs import process_logging
 from detect.state import ServingStore, state_dir
 from monitoring.events import DriftEventStore
 from monitoring.served import ServedColumns
@@ -110,6 +111,7 @@ class DriftMonitor:
         state_dir_path: str | None = None,
         tracking_uri: str | None = None,
     ) -> None:
+        process_logging()
         if tracking_uri:
             _registry().use_store(tracking_uri)
         self.state_root = Path(state_dir_path) if state_dir_path else state_dir()

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
@@ -40,6 +41,7 @@ from ray.serve.handle import DeploymentHandle
 
 from detect.fleet import MAX_WINDOW, EntityStats, as_deviations, fleet_key, is_fleet_key
 from detect.kinds import FORECASTER
+from detect.logs import process_logging
 from detect.state import ServingStore
 from detect.state import state_dir as current_state_dir
 from monitoring.events import DriftEventStore
@@ -302,6 +304,59 @@ class BodyLimit:
 api.add_middleware(BodyLimit)
 
 
+class RefusedRequests:
+    """Pure ASGI middleware, outermost: every answer of status 400 or more, from a route, a handler or
+    `BodyLimit`, is counted in `raywatch_requests_total` with its status and logged with its reason (the
+    answer's `detail`; not for 401 and 403). Serve's access log, a line per request, is off in the ingress
+    by default (`ServeSettings.ingress_access_log`), so this is where refused requests show."""
+
+    # set by the ingress constructor (a class attribute, as `BodyLimit.timeout_s`): (route, status, detail)
+    observe: Callable[[str, int, str | None], None] | None = None
+    MAX_DETAIL = 300  # characters of the answer's detail that go into the log line
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or RefusedRequests.observe is None:
+            return await self.app(scope, receive, send)
+        status = 0
+
+        async def watch(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif status >= 400 and message["type"] == "http.response.body" and not message.get("more_body"):
+                self._refused(scope, status, message.get("body", b""))
+            await send(message)
+
+        try:
+            return await self.app(scope, receive, watch)
+        except Exception:  # answered 500 by Starlette's outermost layer, which logs the traceback
+            if status == 0:
+                self._refused(scope, 500, b"")
+            raise
+
+    @classmethod
+    def _refused(cls, scope, status: int, body: bytes) -> None:
+        detail = None
+        if status not in (401, 403):  # an auth failure's reason is the client's to know, not the log's
+            try:
+                detail = str(json.loads(body).get("detail"))[: cls.MAX_DETAIL]
+            except (ValueError, AttributeError):
+                detail = None
+        route = scope.get("path", "")
+        if route not in api.openapi()["paths"]:  # the API's routes (the schema is built once): a scanner's
+            route = "unmatched"  # paths must not become metric tags
+        try:
+            cls.observe(route, status, detail)
+        except Exception as exc:  # counting must never fail the answer
+            log.warning("refused request not recorded", extra={"error": f"{type(exc).__name__}: {exc}"})
+
+
+api.add_middleware(RefusedRequests)
+
+
 @serve.deployment(
     ray_actor_options={"num_cpus": 0.25},
     max_ongoing_requests=256,
@@ -327,6 +382,7 @@ class RaywatchAPI:
         settings: ServeSettings | None = None,
         detector_args: dict[str, Any] | None = None,
     ) -> None:
+        process_logging()
         self.settings = settings or ServeSettings()
         if body_timeout_s:
             BodyLimit.timeout_s = float(body_timeout_s)
@@ -385,6 +441,7 @@ class RaywatchAPI:
         self.m_requests = metrics.Counter(
             "raywatch_requests_total", description="HTTP requests", tag_keys=("route", "status")
         )
+        RefusedRequests.observe = self._observe_refused
         self.m_latency = metrics.Histogram(
             "raywatch_request_latency_ms",
             description="request latency",
@@ -839,7 +896,7 @@ class RaywatchAPI:
         self.m_shadow_rows.inc(len(flagged), tags={"detector": name})
         if disagree:
             self.m_shadow.inc(disagree, tags={"detector": name})
-        log.info(
+        log.debug(  # a line per shadowed request: the metrics above count them
             "shadow",
             extra={"detector": name, "entity": item["entity"], "rows": len(flagged), "disagree": disagree},
         )
@@ -897,6 +954,11 @@ class RaywatchAPI:
     def _observe(self, route: str, status: int, started: float) -> None:
         self.m_requests.inc(tags={"route": route, "status": str(status)})
         self.m_latency.observe((time.perf_counter() - started) * 1000, tags={"route": route})
+
+    def _observe_refused(self, route: str, status: int, detail: str | None) -> None:
+        """A request answered with an error (`RefusedRequests`): counted with its status, and logged."""
+        self.m_requests.inc(tags={"route": route, "status": str(status)})
+        log.warning("request refused", extra={"route": route, "status": status, "detail": detail})
 
     async def _scoring_request(
         self, model: type[BaseModel], body: bytes, client: str
@@ -1712,7 +1774,10 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
     }
     keys_file = args.get("admin_keys_file") or os.environ.get(KEYS_FILE_ENV)
     rate_limit = RateLimit.from_config(args.get("rate_limit"))  # a bad setting fails here, not in every replica
-    return RaywatchAPI.options(num_replicas=settings.ingress_replicas).bind(
+    ingress = RaywatchAPI.options(
+        num_replicas=settings.ingress_replicas, logging_config={"enable_access_log": settings.ingress_access_log}
+    )
+    return ingress.bind(
         handles,
         tracking_uri=tracking_uri,
         state_dir=state_dir,

@@ -26,6 +26,7 @@ from ray import serve
 from detect.features import entity_windows
 from detect.fleet import EntityStats
 from detect.kinds import DETECTOR_KINDS, traits_of
+from detect.logs import process_logging
 from detect.runtime import GROWN_AT_ONCE
 from detect.state import file_stamp, settled
 from serve.history import HISTORY_ROWS
@@ -244,6 +245,7 @@ class DetectorServer:
         batch_wait_timeout_s: float = 0.002,
         settings: ServeSettings | None = None,
     ) -> None:
+        process_logging()
         self.settings = settings or ServeSettings()
         if tracking_uri:
             registry.use_store(tracking_uri)

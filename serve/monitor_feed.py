@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from monitoring.served import ServedColumns
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("raywatch.serve")
 
 MONITOR_BATCH_ROWS = 5_000  # rows per call to a monitor
 

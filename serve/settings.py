@@ -18,6 +18,13 @@ class ServeSettings(BaseSettings):
     min_replicas: int = Field(1, ge=0, description="each detector deployment's autoscaling floor")
     max_replicas: int = Field(2, ge=1, description="each detector deployment's autoscaling ceiling")
     detector_access_log: bool = Field(False, description="a log line per internal model call (costs CPU)")
+    ingress_access_log: bool = Field(
+        False,
+        description=(
+            "Serve's log line per HTTP request in the ingress; off, refused requests are still logged, and every "
+            "request counted (raywatch_requests_total)"
+        ),
+    )
     models_per_replica: int = Field(
         128,
         ge=1,

@@ -199,6 +199,42 @@ def test_admin_auth_two_keys(served):
     assert missing.status_code == 404 and "no version 99" in missing.json()["detail"]
 
 
+def test_refused_requests_are_logged_with_their_fields_and_a_bad_key_is_not(served):
+    """Serve's line per request is off in the ingress (`ServeSettings.ingress_access_log`); a refused request
+    still shows in the replica's log, as raywatch logs it (serve/app.py `RefusedRequests`, detect/logs.py): its
+    route, status and the answer's detail as fields. An auth failure's line has no detail, and the key sent
+    is in no log."""
+    import uuid
+    from pathlib import Path
+
+    from ray._private import worker
+
+    client, series = served
+    secret = f"not-a-key-{uuid.uuid4().hex}"
+    body = {"model": "autoencoder", "challenger_percent": 0, "shadow": False}
+    denied = client.post("/v1/admin/traffic", json=body, headers={"Authorization": f"Bearer {secret}"})
+    assert denied.status_code == 403, denied.text
+    unknown = f"asd/unknown-{uuid.uuid4().hex[:8]}"
+    refused = client.post("/v1/score", json={"rows": [{**row(series), "entity": unknown}]})
+    assert refused.status_code == 422 and unknown in refused.json()["detail"], refused.text
+    logs = Path(worker.global_worker.node.get_logs_dir_path())
+
+    def logged() -> str:
+        return "\n".join(
+            line
+            for path in logs.glob("worker-*.err")
+            for line in path.read_text(errors="replace").splitlines()
+            if "raywatch.serve: request refused" in line
+        )
+
+    wait_for(lambda: unknown in logged(), 30, "the refused request's line in the ingress's log")
+    lines = logged()
+    line = next(line for line in lines.splitlines() if unknown in line)
+    assert line.startswith("WARNING ") and 'route="/v1/score" status=422 detail="rows[0].entity: ' in line, line
+    assert 'route="/v1/admin/traffic" status=403 detail=None' in lines, lines[-2000:]
+    assert not any(secret in path.read_text(errors="replace") for path in logs.rglob("*.err")), "a key was logged"
+
+
 def test_ab_split_by_stable_entity_hash():
     policy = TrafficPolicy(challenger_percent=30)
     ids = [f"host-{i:05d}.example" for i in range(2000)]
