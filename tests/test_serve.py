@@ -201,7 +201,7 @@ def test_admin_auth_two_keys(served):
 
 def test_refused_requests_are_logged_with_their_fields_and_a_bad_key_is_not(served):
     """Serve's line per request is off in the ingress (`ServeSettings.ingress_access_log`); a refused request
-    still shows in the replica's log, as raywatch logs it (serve/app.py `RefusedRequests`, detect/logs.py): its
+    still shows in the replica's log, as raywatch logs it (serve/app.py `Refusals`, detect/logs.py): its
     route, status and the answer's detail as fields. An auth failure's line has no detail, and the key sent
     is in no log."""
     import uuid
@@ -214,6 +214,7 @@ def test_refused_requests_are_logged_with_their_fields_and_a_bad_key_is_not(serv
     body = {"model": "autoencoder", "challenger_percent": 0, "shadow": False}
     denied = client.post("/v1/admin/traffic", json=body, headers={"Authorization": f"Bearer {secret}"})
     assert denied.status_code == 403, denied.text
+    assert client.get(f"/v1/{secret}").status_code == 404  # no route: its path is no metric tag
     unknown = f"asd/unknown-{uuid.uuid4().hex[:8]}"
     refused = client.post("/v1/score", json={"rows": [{**row(series), "entity": unknown}]})
     assert refused.status_code == 422 and unknown in refused.json()["detail"], refused.text
@@ -232,6 +233,7 @@ def test_refused_requests_are_logged_with_their_fields_and_a_bad_key_is_not(serv
     line = next(line for line in lines.splitlines() if unknown in line)
     assert line.startswith("WARNING ") and 'route="/v1/score" status=422 detail="rows[0].entity: ' in line, line
     assert 'route="/v1/admin/traffic" status=403 detail=None' in lines, lines[-2000:]
+    assert 'route="unmatched" status=404 detail="Not Found"' in lines, lines[-2000:]
     assert not any(secret in path.read_text(errors="replace") for path in logs.rglob("*.err")), "a key was logged"
 
 
