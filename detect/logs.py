@@ -40,14 +40,35 @@ class FieldsFormatter(logging.Formatter):
         return " ".join([line, *fields])
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a line is written, as Python's last-resort handler does (a
+    test's captured stream is closed after it; the handler outlives it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def process_logging() -> None:
     """Give the `raywatch` loggers of this process their handler (once; later calls do nothing), at
     RAYWATCH_LOG_LEVEL or INFO."""
     logger = logging.getLogger(LOGGER)
     if any(handler.get_name() == HANDLER_NAME for handler in logger.handlers):
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.set_name(HANDLER_NAME)
     handler.setFormatter(FieldsFormatter(FORMAT))
     logger.addHandler(handler)
-    logger.setLevel(os.environ.get(LEVEL_ENV, "INFO").upper())
+    level = os.environ.get(LEVEL_ENV, "INFO").upper()
+    try:
+        logger.setLevel(level)
+    except ValueError:  # a typo must not keep a replica from starting
+        logger.setLevel(logging.INFO)
+        logger.warning(f"{LEVEL_ENV}={level!r} is no log level (DEBUG, INFO, WARNING, ERROR); logging at INFO")

@@ -561,11 +561,13 @@ def test_an_unexpected_error_in_the_app_answers_json_naming_its_type_not_its_tex
     import json
 
     import ray  # noqa: F401  (serve.app's imports want Ray loaded first)
+    from starlette.requests import Request
 
     from serve.app import _internal_error, api
 
     assert api.exception_handlers.get(Exception) is _internal_error
-    answer = asyncio.run(_internal_error(None, KeyError("a row of secret-ish data")))
+    request = Request({"type": "http", "method": "POST", "path": "/v1/score", "headers": []})
+    answer = asyncio.run(_internal_error(request, KeyError("a row of secret-ish data")))
     body = json.loads(answer.body)
     assert answer.status_code == 500 and "KeyError" in body["detail"] and "secret" not in body["detail"]
 
@@ -645,3 +647,28 @@ def test_a_valid_snapshot_is_parsed_in_one_pass_and_a_bad_row_is_named_by_its_in
     assert where == [0, 3] and [r["field"] for r in rejected] == ["rows[1].metrics.x", "rows[2].entity"]
     with pytest.raises(RequestValidationError):  # what is wrong with the snapshot itself still answers 422
         _parse(S.FleetSnapshotRequest, json.dumps({"rows": rows, "detectors": ["nope"]}).encode())
+
+
+def test_raywatch_log_lines_carry_their_fields_and_a_bad_level_falls_back_to_info(monkeypatch, capsys):
+    """detect/logs.py: what a Serve replica or monitor actor writes for `log.warning(msg, extra=...)` (before,
+    the bare message); a RAYWATCH_LOG_LEVEL that is no level logs at INFO instead of failing the replica."""
+    import logging
+
+    from detect.logs import HANDLER_NAME, LEVEL_ENV, FieldsFormatter, process_logging
+
+    record = logging.LogRecord("raywatch.serve", logging.WARNING, __file__, 1, "request refused", None, None)
+    record.__dict__.update(route="/v1/score", status=422, detail='rows[0].entity: "x" unknown')
+    line = FieldsFormatter("%(levelname)s %(name)s: %(message)s").format(record)
+    assert (
+        line
+        == 'WARNING raywatch.serve: request refused route="/v1/score" status=422 detail="rows[0].entity: \\"x\\" unknown"'
+    )
+
+    logger = logging.getLogger("raywatch")
+    monkeypatch.setattr(logger, "handlers", [h for h in logger.handlers if h.get_name() != HANDLER_NAME])
+    monkeypatch.setattr(logger, "level", logger.level)
+    monkeypatch.setenv(LEVEL_ENV, "loud")
+    process_logging()
+    process_logging()  # once per process
+    assert [h.get_name() for h in logger.handlers].count(HANDLER_NAME) == 1 and logger.level == logging.INFO
+    assert "RAYWATCH_LOG_LEVEL='LOUD' is no log level" in capsys.readouterr().err
