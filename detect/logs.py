@@ -17,6 +17,8 @@ import json
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
 
 LOGGER = "raywatch"
 LEVEL_ENV = "RAYWATCH_LOG_LEVEL"  # INFO unless set (DEBUG, WARNING, ...)
@@ -72,3 +74,24 @@ def process_logging() -> None:
     except ValueError:  # a typo must not keep a replica from starting
         logger.setLevel(logging.INFO)
         logger.warning(f"{LEVEL_ENV}={level!r} is no log level (DEBUG, INFO, WARNING, ERROR); logging at INFO")
+
+
+class LineBudget:
+    """At most `per_s` lines in each second for a line that may come in floods (a refused request per
+    request of an abusive client): `take()` says whether to write one now, and how many were held back
+    since the last one written, for that line to say so."""
+
+    def __init__(self, per_s: int = 10, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_s, self.clock = per_s, clock
+        self.window_start, self.used, self.held = float("-inf"), 0, 0
+
+    def take(self) -> tuple[bool, int]:
+        now = self.clock()
+        if now - self.window_start >= 1.0:
+            self.window_start, self.used = now, 0
+        if self.used >= self.per_s:
+            self.held += 1
+            return False, 0
+        self.used += 1
+        held, self.held = self.held, 0
+        return True, held

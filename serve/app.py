@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from detect.fleet import MAX_WINDOW, EntityStats, as_deviations, fleet_key, is_fleet_key
 from detect.kinds import FORECASTER
-from detect.logs import process_logging
+from detect.logs import LineBudget, process_logging
 from detect.state import ServingStore
 from detect.state import state_dir as current_state_dir
 from monitoring.events import DriftEventStore
@@ -63,6 +63,7 @@ from serve.traffic import TrafficStore
 from serve.wire import PACK_FROM, full_column, is_packed, nested_items, pack, packed, shared_items, unpack
 
 log = logging.getLogger("raywatch.serve")
+REFUSALS_LOGGED_PER_S = 10  # lines about refused requests an ingress replica writes in a second, at most
 
 META_TTL_S = 2.0
 CALL_ITEMS = 2048  # items of a many-entity request sent to a detector in one call (chunks go side by side)
@@ -429,6 +430,7 @@ class RaywatchAPI:
         self.m_requests = metrics.Counter(
             "raywatch_requests_total", description="HTTP requests", tag_keys=("route", "status")
         )
+        self.refusal_lines = LineBudget(REFUSALS_LOGGED_PER_S)
         Refusals.observe = self._observe_refused
         self.m_latency = metrics.Histogram(
             "raywatch_request_latency_ms",
@@ -944,9 +946,14 @@ class RaywatchAPI:
         self.m_latency.observe((time.perf_counter() - started) * 1000, tags={"route": route})
 
     def _observe_refused(self, route: str, status: int, detail: str | None) -> None:
-        """A request answered with an error (`Refusals`): counted with its status, and logged."""
+        """A request answered with an error (`Refusals`): counted with its status, and logged, at most
+        `REFUSALS_LOGGED_PER_S` lines a second (a flood of refusals is counted, and the next line written
+        says how many were not logged)."""
         self.m_requests.inc(tags={"route": route, "status": str(status)})
-        log.warning("request refused", extra={"route": route, "status": status, "detail": detail})
+        write, held = self.refusal_lines.take()
+        if write:
+            fields = {"route": route, "status": status, "detail": detail} | ({"not_logged": held} if held else {})
+            log.warning("request refused", extra=fields)
 
     async def _scoring_request(
         self, model: type[BaseModel], body: bytes, client: str

@@ -203,21 +203,17 @@ def test_refused_requests_are_logged_with_their_fields_and_a_bad_key_is_not(serv
     """Serve's line per request is off in the ingress (`ServeSettings.ingress_access_log`); a refused request
     still shows in the replica's log, as raywatch logs it (serve/app.py `Refusals`, detect/logs.py): its
     route, status and the answer's detail as fields. An auth failure's line has no detail, and the key sent
-    is in no log."""
+    is in no log. A flood of refusals writes at most REFUSALS_LOGGED_PER_S lines a second, and the next line
+    says how many were not logged. Each request is sent again until its line shows: a line that fell in a
+    second whose budget other refusals had spent is counted, not written."""
     import uuid
     from pathlib import Path
 
     from ray._private import worker
 
+    from serve.app import REFUSALS_LOGGED_PER_S
+
     client, series = served
-    secret = f"not-a-key-{uuid.uuid4().hex}"
-    body = {"model": "autoencoder", "challenger_percent": 0, "shadow": False}
-    denied = client.post("/v1/admin/traffic", json=body, headers={"Authorization": f"Bearer {secret}"})
-    assert denied.status_code == 403, denied.text
-    assert client.get(f"/v1/{secret}").status_code == 404  # no route: its path is no metric tag
-    unknown = f"asd/unknown-{uuid.uuid4().hex[:8]}"
-    refused = client.post("/v1/score", json={"rows": [{**row(series), "entity": unknown}]})
-    assert refused.status_code == 422 and unknown in refused.json()["detail"], refused.text
     logs = Path(worker.global_worker.node.get_logs_dir_path())
 
     def logged() -> str:
@@ -228,13 +224,39 @@ def test_refused_requests_are_logged_with_their_fields_and_a_bad_key_is_not(serv
             if "raywatch.serve: request refused" in line
         )
 
-    wait_for(lambda: unknown in logged(), 30, "the refused request's line in the ingress's log")
-    lines = logged()
-    line = next(line for line in lines.splitlines() if unknown in line)
+    def logged_after(send, expected: str, what: str) -> str:
+        """Send a refused request until a line holding `expected` is in the logs; that line."""
+
+        def sent_and_seen():
+            send()
+            return next((line for line in logged().splitlines() if expected in line), None)
+
+        return wait_for(sent_and_seen, 30, what)
+
+    secret = f"not-a-key-{uuid.uuid4().hex}"
+    body = {"model": "autoencoder", "challenger_percent": 0, "shadow": False}
+
+    def deny():
+        answer = client.post("/v1/admin/traffic", json=body, headers={"Authorization": f"Bearer {secret}"})
+        assert answer.status_code == 403, answer.text
+
+    unknown = f"asd/unknown-{uuid.uuid4().hex[:8]}"
+
+    def refuse():
+        answer = client.post("/v1/score", json={"rows": [{**row(series), "entity": unknown}]})
+        assert answer.status_code == 422 and unknown in answer.json()["detail"], answer.text
+
+    line = logged_after(refuse, unknown, "the refused request's line in the ingress's log")
     assert line.startswith("WARNING ") and 'route="/v1/score" status=422 detail="rows[0].entity: ' in line, line
-    assert 'route="/v1/admin/traffic" status=403 detail=None' in lines, lines[-2000:]
-    assert 'route="unmatched" status=404 detail="Not Found"' in lines, lines[-2000:]
+    logged_after(deny, 'route="/v1/admin/traffic" status=403 detail=None', "a 403's line")
+    logged_after(lambda: client.get(f"/v1/{secret}"), 'route="unmatched" status=404 detail="Not Found"', "a 404's")
     assert not any(secret in path.read_text(errors="replace") for path in logs.rglob("*.err")), "a key was logged"
+
+    flood = 3 * REFUSALS_LOGGED_PER_S
+    for _ in range(flood):
+        refuse()
+    line = logged_after(refuse, "not_logged=", "a line saying how many refusals were not logged")
+    assert int(line.rsplit("not_logged=", 1)[1].split()[0]) > 0, line  # each refusal is still counted
 
 
 def test_ab_split_by_stable_entity_hash():

@@ -672,3 +672,15 @@ def test_raywatch_log_lines_carry_their_fields_and_a_bad_level_falls_back_to_inf
     process_logging()  # once per process
     assert [h.get_name() for h in logger.handlers].count(HANDLER_NAME) == 1 and logger.level == logging.INFO
     assert "RAYWATCH_LOG_LEVEL='LOUD' is no log level" in capsys.readouterr().err
+
+
+def test_a_line_budget_writes_at_most_its_lines_a_second_and_says_how_many_it_held_back():
+    from detect.logs import LineBudget
+
+    now = [100.0]
+    budget = LineBudget(per_s=3, clock=lambda: now[0])
+    assert [budget.take() for _ in range(5)] == [(True, 0)] * 3 + [(False, 0)] * 2
+    now[0] += 0.5
+    assert budget.take() == (False, 0)  # the same second
+    now[0] += 0.6
+    assert budget.take() == (True, 3) and budget.take() == (True, 0)  # a new second: 3 were held back
