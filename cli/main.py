@@ -288,10 +288,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _describe_version(row: dict) -> str:
-    from train.registry import ROLLOUT_TAG
+    from train.registry import rollout_request_in
 
     line = f"v{row['version']}" + (f" [{','.join(row['aliases'])}]" if row["aliases"] else "")
-    request = json.loads(row["tags"][ROLLOUT_TAG]) if ROLLOUT_TAG in row["tags"] else None
+    request = rollout_request_in(row["tags"])
     if request:
         line += f" (rollout {request.get('status')}" + (f": {request['reason']}" if request.get("reason") else "") + ")"
     return line

@@ -555,7 +555,7 @@ class RaywatchAPI:
             if not request or request.get("status") != "requested":
                 return
             plan = RolloutPlan(**request.get("plan", {}))
-            state = await asyncio.to_thread(self.rollouts.start, name, version, plan, None, request.get("id"))
+            state = await asyncio.to_thread(self.rollouts.start, name, version, plan, request=request.get("id"))
             await asyncio.to_thread(registry.mark_rollout, name, version, "started")
         except RolloutAlreadyStarted:  # another replica started it after this one read the tag; it marks it
             return

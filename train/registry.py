@@ -338,7 +338,12 @@ def rollout_request(model: str, version: str | int) -> dict[str, Any] | None:
     """The version's rollout request ({"status", "plan", "id"}; no "id" in a tag written before
     2026-12-07), or None when none was made."""
     mv = _lookup(lambda: setup().get_model_version(model_name(model), str(version)))
-    raw = (mv.tags or {}).get(ROLLOUT_TAG) if mv is not None else None
+    return rollout_request_in(mv.tags or {}) if mv is not None else None
+
+
+def rollout_request_in(tags: dict[str, str]) -> dict[str, Any] | None:
+    """The rollout request a version's tags hold (as `versions` lists them), or None."""
+    raw = tags.get(ROLLOUT_TAG)
     return json.loads(raw) if raw else None
 
 
