@@ -433,10 +433,8 @@ def fit_champion(model: str, series: Any, epochs: int, hidden: int) -> tuple[Any
 def replay_entity(platform_: Platform, dataset: str, name: str, args: argparse.Namespace, log: Callable) -> list[dict]:
     """Both variants and modes of one entity: fitted once, registered afresh before every replay."""
     from detect.data import load_series, rows_per_day
-    from detect.drift import DriftConfig
     from detect.synthetic import inject_mean_shift
     from train.pipeline import register_fitted
-    from train.promotion import drift_window_rows
 
     series = load_series(dataset, name, args.data)
     entity, day_rows = series.name, args.rows_per_day or rows_per_day(dataset)
@@ -447,7 +445,8 @@ def replay_entity(platform_: Platform, dataset: str, name: str, args: argparse.N
     t0 = time.perf_counter()
     det, train = fit_champion(args.model, series, args.epochs, args.hidden)
     log(f"  {entity}: fitted on {len(train)} train rows in {time.perf_counter() - t0:.0f} s")
-    drift = DriftConfig.for_period(drift_window_rows(day_rows), mmd_permutations=args.mmd_permutations).to_dict()
+    # test windows: the entity's sampling rate (detect.drift.entity_drift_config), as its training calibrated
+    drift = {"mmd_permutations": args.mmd_permutations}
     out = []
     for variant in args.variants:
         shift_row = len(values) // 2 if variant == "shift" else None
@@ -505,7 +504,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3, help="initial fit and every retraining job")
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--days", type=int, help="replay only the first N days of each test split")
-    parser.add_argument("--rows-per-day", type=int, help="override the per-dataset day length")
+    parser.add_argument(
+        "--rows-per-day",
+        type=int,
+        help="override the per-dataset day length the tables count days in (the drift windows keep the dataset's)",
+    )
     parser.add_argument("--cooldown-s", type=float, default=0.0, help="the trigger's cooldown, wall seconds")
     gate = "the retraining gate's %s (default: the platform's, %d)"
     persist, between = MonitorConfig.retrain_persist_windows, MonitorConfig.retrain_min_windows_between
@@ -569,7 +572,7 @@ def settings(args: argparse.Namespace, chosen: list, started: float) -> dict[str
         "entities": ", ".join(f"{d}/{e}" for d, e in chosen),
         "model": f"{args.model}, hidden {args.hidden}, {args.epochs} epochs (initial fit and retraining jobs)",
         "days": f"first {args.days} days of each test split" if args.days else "the whole test split",
-        "drift monitors": f"DriftConfig.for_period(train.promotion.drift_window_rows(rows per day)), MMD permutations {args.mmd_permutations}; "
+        "drift monitors": f"detect.drift.entity_drift_config(entity): windows of whole days, at least 300 rows, as training calibrated; MMD permutations {args.mmd_permutations}; "
         f"trigger cooldown {args.cooldown_s} wall s; retraining gate: drift in {args.persist_windows} consecutive "
         f"windows, one training per {args.min_windows_between} windows (the platform's defaults: "
         f"{persist} and {between}); concept test "

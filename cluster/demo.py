@@ -36,11 +36,10 @@ from cluster.lifecycle import read_state, up, urls
 from cluster.local import RAY_DASHBOARD_PORT, RAY_GCS_PORT
 from detect import metrics as M
 from detect.data import default_data_dir, load_series, rows_per_day
-from detect.drift import DriftConfig
+from detect.drift import entity_drift_config
 from detect.kinds import DETECTOR_KINDS
 from detect.synthetic import inject_mean_shift
 from serve.auth import KEYS_FILE_ENV
-from train.promotion import drift_window_rows
 
 DEMO_ENTITY = "asd/omi-3"  # 19 metrics, 5-minute samples; its replayed as-recorded window holds an incident
 BATCH = 48  # four hours of 5-minute samples per request
@@ -237,8 +236,9 @@ def run_demo(
 
     progress("== 2/4 raywatch up: local Ray head, training, Serve app, drift monitors")
     entity, metrics, rows, labels = real_entity_data(workdir / "data", shipped)
-    window = drift_window_rows(rows_per_day(entity.split("/")[0]))
-    progress(f"  real machine {entity}: {len(metrics)} metrics, drift windows of {window} rows (two days)")
+    window = entity_drift_config(entity).span
+    days = window / rows_per_day(entity.split("/")[0])
+    progress(f"  real machine {entity}: {len(metrics)} metrics, drift windows of {window} rows ({days:g} days)")
     progress(
         "  retraining gate relaxed for the demo's two one-window rounds: one drifted window earns a job "
         "(the default waits for 2 consecutive ones and allows one training per 7 windows)"
@@ -251,7 +251,7 @@ def run_demo(
         epochs=EPOCHS,
         monitor={
             "config": {
-                "drift": DriftConfig.for_period(window, mmd_permutations=100).to_dict(),
+                "drift": {"mmd_permutations": 100},  # windows: the entity's sampling rate, as training calibrated
                 "cooldown_s": 0,  # the demo's rounds are minutes apart: one job per model per drifted window
                 # its two rounds are one window each: a drifted one earns its job without waiting for the
                 # next window, and the shifted round's job is not held back by the first round's

@@ -13,7 +13,7 @@ The choices that keep false drift rare (measured in benchmarks/drift.py):
   evenly spaced too, so every time of day is represented.
 - A test window spans one seasonal period and is thinned: the monitor hands in `config.span`
   (= window x thin) consecutive served rows and every `thin`-th is kept (default 240 rows kept of
-  1,440, one day of 1-minute samples; `DriftConfig.for_period` sets it for other sampling rates).
+  1,440, one day of 1-minute samples; `entity_drift_config` sets it from an entity's sampling rate).
   Covering the whole period makes the window's marginal distribution comparable with the reference's;
   thinning removes most short-range autocorrelation and keeps each test cheap. The price is latency:
   one test per period, so "within 2 windows" means within two days at the default.
@@ -51,6 +51,7 @@ from typing import Any, Literal
 import numpy as np
 
 from detect.config import config_from_dict
+from detect.data import rows_per_day
 from detect.drift_calibration import DriftCalibration, critical_distance, fit_scale
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,31 @@ class DriftConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DriftConfig:
         return config_from_dict(cls, data)
+
+
+RETRAIN_MIN_ROWS = 300  # fewest recent rows of an entity worth retraining on (train/retrain.py refuses fewer)
+WINDOW_FIELDS = ("window", "thin")  # the DriftConfig fields that set a test window's rows
+
+
+def drift_window_rows(day_rows: int) -> int:
+    """Served rows per drift-test window for an entity sampled `day_rows` times a day: whole days (a day
+    is the seasonal period), and at least RETRAIN_MIN_ROWS, because a drift-triggered job learns from the
+    drifted window on (a day of 5-minute samples, 288 rows, is too few: its windows span two days)."""
+    return day_rows * -(-RETRAIN_MIN_ROWS // day_rows)
+
+
+def entity_drift_config(entity: str, fields: dict[str, Any] | None = None) -> DriftConfig:
+    """The drift config of one entity, the same where its model is trained (the calibration is fitted for
+    these windows) and where its monitor tests it: `fields` (DriftConfig fields, e.g. a monitor's
+    `MonitorConfig.drift`) with test windows of whole days at the entity's sampling rate
+    (`detect.data.rows_per_day` of its dataset, the part of its name before "/": 1-minute samples for
+    any other name). Fields that set the window themselves (`window`, `thin`) are kept as given."""
+    config = DriftConfig.from_dict(dict(fields or {}))  # validates the fields, naming a bad one
+    if any(name in (fields or {}) for name in WINDOW_FIELDS):
+        return config
+    dataset = entity.partition("/")[0] if "/" in entity else ""
+    others = {k: v for k, v in config.to_dict().items() if k not in WINDOW_FIELDS}
+    return DriftConfig.for_period(drift_window_rows(rows_per_day(dataset)), **others)
 
 
 @dataclass

@@ -24,7 +24,7 @@ import numpy as np
 
 from detect.actors import named_actor
 from detect.config import config_from_dict
-from detect.drift import DriftConfig, EntityDriftDetectors, as_drift_reference
+from detect.drift import DriftConfig, EntityDriftDetectors, as_drift_reference, entity_drift_config
 from detect.kinds import DETECTOR_KINDS
 from detect.logs import process_logging
 from detect.state import ServingStore, state_dir
@@ -47,7 +47,9 @@ PRUNE_SHARE = 0.1  # a new entity's rows are pruned once per this share of `keep
 
 @dataclass
 class MonitorConfig:
-    """How a monitor tests and when it retrains. `drift` holds `DriftConfig` fields."""
+    """How a monitor tests and when it retrains. `drift` holds `DriftConfig` fields; each entity is tested
+    with them and windows of whole days at its sampling rate (`detect.drift.entity_drift_config`, which
+    training fits the calibration for), unless they set `window` or `thin` themselves."""
 
     drift: dict[str, Any] = field(default_factory=dict)
     retrain: bool = True  # submit a retraining job on drift
@@ -117,7 +119,7 @@ class DriftMonitor:
         self.state_root = Path(state_dir_path) if state_dir_path else state_dir()
         self.model = model
         self.config = MonitorConfig.from_dict(config)
-        self.drift_config = DriftConfig.from_dict(self.config.drift)
+        self.drift_config = DriftConfig.from_dict(self.config.drift)  # the fields every entity shares
         self.store = ServingStore(self.state_root / "serving.db")
         self.events = DriftEventStore(self.state_root / "drift.db")
         self.started = time.time()
@@ -174,10 +176,13 @@ class DriftMonitor:
             rows = np.asarray(reset if reset is not None else ref, dtype=np.float64)
             scores = None if reset is not None else bundle.reference_scores.get(entity)
             # a reset reference has no training history to calibrate on: it is tested with the iid decision
-            calibration = None if reset is not None else self._calibration(entity, ref, len(bundle.metrics[entity]))
+            config = entity_drift_config(entity, self.config.drift)
+            calibration = (
+                None if reset is not None else self._calibration(entity, ref, config, len(bundle.metrics[entity]))
+            )
             try:
                 detectors[entity] = EntityDriftDetectors(
-                    self.model, entity, rows, bundle.metrics[entity], scores, self.drift_config, calibration
+                    self.model, entity, rows, bundle.metrics[entity], scores, config, calibration
                 )
             except ValueError as exc:
                 log.warning("no drift detectors for entity", extra={"entity": entity, "error": str(exc)})
@@ -190,14 +195,14 @@ class DriftMonitor:
             self.events.set_state(self._key(f"version_since/{version}"), since or time.time())
         self.detectors, self.metrics, self.version, self.load_error = detectors, bundle.metrics, version, None
 
-    def _calibration(self, entity: str, reference: Any, features: int) -> Any:
-        """The entity's calibration stored with the champion's reference, when it was fitted for this
-        monitor's windows; otherwise None (the iid decision), with the reason logged."""
+    def _calibration(self, entity: str, reference: Any, config: DriftConfig, features: int) -> Any:
+        """The entity's calibration stored with the champion's reference, when it was fitted for the
+        windows `config` tests; otherwise None (the iid decision), with the reason logged."""
         calibration = as_drift_reference(reference).calibration
         if calibration is None:
             log.warning("drift tests of entity uncalibrated", extra={"entity": entity, "reason": "none stored"})
             return None
-        unfit = calibration.fits(self.drift_config.window, self.drift_config.thin, features)
+        unfit = calibration.fits(config.window, config.thin, features)
         if unfit:
             log.warning("drift tests of entity uncalibrated", extra={"entity": entity, "reason": unfit})
             return None
@@ -215,8 +220,9 @@ class DriftMonitor:
         names = self.metrics.get(entity)
         if names is None:
             raise ValueError(f"{self.model} champion has no entity {entity!r}")
+        config = entity_drift_config(entity, self.config.drift)
         self.detectors[entity] = EntityDriftDetectors(
-            self.model, entity, np.asarray(rows, dtype=np.float64), names, None, self.drift_config
+            self.model, entity, np.asarray(rows, dtype=np.float64), names, None, config
         )
         cursors = self.events.get_state(self._key("cursors"), {})
         cursors[entity] = self._last_id(entity)
@@ -278,7 +284,7 @@ class DriftMonitor:
         if det is None:
             self._graduate(entity)
             return []
-        span = self.drift_config.span
+        span = det.config.span
         if self._pending.get(entity, span) < span:
             return []  # no full window yet: known without reading the cursors (a SQLite read per entity and batch)
         cursors = self.events.get_state(self._key("cursors"), {})
@@ -427,7 +433,7 @@ class DriftMonitor:
             "calibrated": sorted(e for e, det in self.detectors.items() if det.calibration is not None),
             "starts": self.starts,
             "pid": os.getpid(),
-            "window_rows": self.drift_config.span,
+            "window_rows": {e: det.config.span for e, det in sorted(self.detectors.items())},
             "cursors": self.events.get_state(self._key("cursors"), {}),
             "events": self.events.count(self.model),
             "drift_events": self.events.count(self.model, only_drift=True),

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from cluster.demo import DEMO_ENTITY, decision_lines, real_entity_data, replay_windows
-from detect.data import default_data_dir, rows_per_day
-from train.promotion import drift_window_rows
+from detect.data import default_data_dir
+from detect.drift import entity_drift_config
 
 
 def test_the_demo_replays_two_unseen_windows_of_a_real_entity_the_second_shifted(tmp_path):
     entity, metrics, rows, labels = real_entity_data(tmp_path, default_data_dir())
     assert entity == DEMO_ENTITY and (tmp_path / DEMO_ENTITY / "test.csv.gz").exists()
-    window = drift_window_rows(rows_per_day(entity.split("/")[0]))
+    window = entity_drift_config(entity).span
     out = replay_windows(rows, labels, window, metrics)
     first = len(rows) // 2  # after the ensemble's training half
     np.testing.assert_array_equal(out["as_recorded"], rows[first : first + window])

@@ -181,3 +181,36 @@ def test_a_bundle_saves_and_loads_the_calibration_with_its_reference(tmp_path, o
     # a bundle whose reference is a plain array (saved before calibration existed) loads uncalibrated
     bundle.references["asd/omi-3"] = np.asarray(reference)
     assert ModelBundle.load(bundle.save(tmp_path / "old")).references["asd/omi-3"].calibration is None
+
+
+def test_each_entity_is_tested_with_the_windows_its_training_calibrated(mlflow_store, omi3):
+    """Training fits each entity's calibration for windows of whole days at its sampling rate, and a
+    monitor with the default config tests it with those windows, so it uses the calibration: an ASD
+    (5-minute) machine gets two-day windows of 576 rows, a machine of unknown rate one day of 1-minute
+    rows. A monitor whose config sets the window itself tests with that, uncalibrated, and says so."""
+    from detect.sequence import AutoencoderDetector
+    from monitoring.monitor import DriftMonitor
+    from train.pipeline import register_fitted
+
+    values, names = omi3
+    det = AutoencoderDetector(epochs=1, hidden=8).fit(values, names)
+    entities = {"asd/omi-3": values, "web-01": values}  # web-01: 8,640 rows are six days at 1 minute
+    register_fitted("autoencoder", {e: det for e in entities}, {e: names for e in entities}, entities)
+
+    status = DriftMonitor("autoencoder", {}, str(mlflow_store / "state")).status()
+    assert status["window_rows"] == {"asd/omi-3": 576, "web-01": 1440}
+    assert status["calibrated"] == ["asd/omi-3", "web-01"]
+
+    explicit = DriftMonitor("autoencoder", {"drift": {"window": 288, "thin": 1}}, str(mlflow_store / "s2")).status()
+    assert explicit["window_rows"] == {"asd/omi-3": 288, "web-01": 288} and explicit["calibrated"] == []
+
+
+def test_an_entitys_drift_config_follows_its_sampling_rate():
+    from detect.drift import entity_drift_config
+
+    assert (entity_drift_config("asd/omi-1").window, entity_drift_config("asd/omi-1").thin) == (288, 2)
+    assert entity_drift_config("smd/machine-1-6") == DriftConfig() == entity_drift_config("web-01")
+    assert entity_drift_config("asd/omi-1", {"mmd_permutations": 7}).mmd_permutations == 7
+    assert entity_drift_config("asd/omi-1", {"window": 100, "thin": 3}).span == 300
+    with pytest.raises(ValueError, match="unknown DriftConfig field"):
+        entity_drift_config("asd/omi-1", {"windows": 2})

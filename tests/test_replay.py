@@ -11,8 +11,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import replay  # noqa: E402
 
+from detect.drift import drift_window_rows
 from detect.synthetic import inject_mean_shift, shifted_metrics
-from train.promotion import drift_window_rows
 
 
 def test_shift_moves_ten_percent_of_metrics_by_two_sigma_from_the_start_row_on():

@@ -2,7 +2,8 @@
 elsewhere, and retraining all build what they register here, so every version carries the same parts.
 
 A bundle holds, per entity, the fitted detector, its metrics, its FP32 ONNX graphs (what serving runs)
-and its drift reference (a sample of the rows it learnt from and its scores on them).
+and its drift reference (a sample of the rows it learnt from, its scores on them, and the drift
+calibration fitted for the test windows of the entity's sampling rate, `detect.drift.entity_drift_config`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from detect.bundle import ModelBundle
-from detect.drift import drift_reference
+from detect.drift import drift_reference, entity_drift_config
 from train.kinds import export_graphs
 
 
@@ -32,7 +33,8 @@ def fitted_bundle(
     references, reference_scores = {}, {}
     for entity, det in detectors.items():
         if entity in fitted_on:
-            references[entity], reference_scores[entity] = drift_reference(det, fitted_on[entity])
+            config = entity_drift_config(entity)  # the windows its monitor will test
+            references[entity], reference_scores[entity] = drift_reference(det, fitted_on[entity], config=config)
     data = {entity: data_sha256(rows) for entity, rows in fitted_on.items() if entity in detectors}
     return ModelBundle(
         kind,

@@ -106,16 +106,6 @@ def suspected_anomalies(
     return flagged | (np.asarray(labels) == 1)
 
 
-MIN_ROWS = 300  # fewest recent rows of an entity worth retraining on
-
-
-def drift_window_rows(day_rows: int) -> int:
-    """Served rows per drift-test window for an entity sampled `day_rows` times a day: whole days (a day
-    is the seasonal period), and at least MIN_ROWS, because a drift-triggered job learns from the drifted
-    window on (a day of 5-minute samples, 288 rows, is too few: its windows span two days)."""
-    return day_rows * -(-MIN_ROWS // day_rows)
-
-
 def training_rows(
     rows: np.ndarray, labels: np.ndarray, suspected: np.ndarray, learns_from_labels: bool
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -70,6 +70,7 @@ from typing import Any
 import mlflow
 import numpy as np
 
+from detect.drift import RETRAIN_MIN_ROWS
 from detect.fleet import is_fleet_key
 from detect.kinds import DETECTOR_KINDS
 from detect.state import ServingStore
@@ -79,7 +80,6 @@ from train.assemble import fitted_bundle, with_recalibrated, with_unchanged_enti
 from train.jobs import init_ray
 from train.kinds import kind_named
 from train.promotion import (
-    MIN_ROWS,
     TEST,
     PromotionRule,
     compare_entity,
@@ -250,8 +250,8 @@ def recent_data(
     after_id = max((window.since_id or 0) - 1, 0)
     obs = store.observations(model, entity, after_id=after_id, limit=window.recent_rows)
     n = len(obs["ids"])
-    if n < MIN_ROWS:
-        return f"{n} recent rows (< {MIN_ROWS})"
+    if n < RETRAIN_MIN_ROWS:
+        return f"{n} recent rows (< {RETRAIN_MIN_ROWS})"
     # only authenticated feedback steers what is learnt and what is promoted
     rows, labels = obs["values"], store.labels(entity, obs["timestamps"], trusted_only=True)
     cut = int(n * window.fit_fraction)

@@ -35,10 +35,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import detect.metrics as M  # noqa: E402
 from detect.alerting import group_alerts, online_alerts  # noqa: E402
 from detect.data import list_entities, load_series, rows_per_day  # noqa: E402
+from detect.drift import drift_window_rows  # noqa: E402
 from detect.sequence import AutoencoderDetector  # noqa: E402
 from detect.synthetic import generate_fleet, inject_mean_shift  # noqa: E402
 from detect.thresholds import DSPOT, threshold_from_state  # noqa: E402
-from train.promotion import PromotionRule, drift_window_rows, suspected_anomalies  # noqa: E402
+from train.promotion import PromotionRule, suspected_anomalies  # noqa: E402
 
 DAY = 1440
 RULES = ("static", "believed normal", "top 1% trimmed", "every row")

@@ -13,10 +13,11 @@ import importlib.util  # noqa: E402
 
 import detect.metrics as M  # noqa: E402
 from detect.alerting import online_alerts  # noqa: E402
+from detect.drift import drift_window_rows  # noqa: E402
 from detect.sequence import AutoencoderDetector  # noqa: E402
 from detect.synthetic import inject_mean_shift  # noqa: E402
 from detect.thresholds import threshold_from_state  # noqa: E402
-from train.promotion import PromotionRule, compare_entity, decide, drift_window_rows, suspected_anomalies  # noqa: E402
+from train.promotion import PromotionRule, compare_entity, decide, suspected_anomalies  # noqa: E402
 
 spec = importlib.util.spec_from_file_location("rd", ROOT / "docs/experiments/recalibration-dspot.py")
 rd = importlib.util.module_from_spec(spec)
