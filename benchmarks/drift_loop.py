@@ -33,7 +33,7 @@ MONITOR = {
         "drift": {"window": 240, "thin": 6, "mmd_permutations": 100},
         "cooldown_s": 3600,
         "retrain_persist_windows": 1,  # the one drifted day measured here earns its job at once,
-        "retrain_min_windows_between": 0,  # the day after the champion's training
+        "retrain_min_days_between": 0,  # the day after the champion's training
         "concept_every_s": 3600,
         "retrain_args": ["--epochs", "3", "--cpus-per-worker", "0.25"],
     }

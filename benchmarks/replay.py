@@ -460,7 +460,7 @@ def replay_entity(platform_: Platform, dataset: str, name: str, args: argparse.N
                 "retrain": mode == "loop",
                 "cooldown_s": args.cooldown_s,
                 "retrain_persist_windows": args.persist_windows,
-                "retrain_min_windows_between": args.min_windows_between,
+                "retrain_min_days_between": args.min_days_between,
                 "concept_every_s": 10**9,  # no /v1/feedback labels are sent: the operator's view, unlabelled
                 # direct: days pass in minutes here, so a canary's wall-clock hold times would judge nothing
                 # (and wait_for_champion would time out while the canary waited for traffic)
@@ -510,10 +510,10 @@ def main(argv: list[str] | None = None) -> int:
         help="override the per-dataset day length the tables count days in (the drift windows keep the dataset's)",
     )
     parser.add_argument("--cooldown-s", type=float, default=0.0, help="the trigger's cooldown, wall seconds")
-    gate = "the retraining gate's %s (default: the platform's, %d)"
-    persist, between = MonitorConfig.retrain_persist_windows, MonitorConfig.retrain_min_windows_between
+    gate = "the retraining gate's %s (default: the platform's, %g)"
+    persist, between = MonitorConfig.retrain_persist_windows, MonitorConfig.retrain_min_days_between
     parser.add_argument("--persist-windows", type=int, default=persist, help=gate % ("persistence", persist))
-    parser.add_argument("--min-windows-between", type=int, default=between, help=gate % ("budget", between))
+    parser.add_argument("--min-days-between", type=float, default=between, help=gate % ("budget, days", between))
     parser.add_argument("--mmd-permutations", type=int, default=100)
     parser.add_argument(
         "--recalibrate",
@@ -574,8 +574,8 @@ def settings(args: argparse.Namespace, chosen: list, started: float) -> dict[str
         "days": f"first {args.days} days of each test split" if args.days else "the whole test split",
         "drift monitors": f"detect.drift.entity_drift_config(entity): windows of whole days, at least 300 rows, as training calibrated; MMD permutations {args.mmd_permutations}; "
         f"trigger cooldown {args.cooldown_s} wall s; retraining gate: drift in {args.persist_windows} consecutive "
-        f"windows, one training per {args.min_windows_between} windows (the platform's defaults: "
-        f"{persist} and {between}); concept test "
+        f"windows, one training per {args.min_days_between:g} days of data (the platform's defaults: "
+        f"{persist} and {between:g}); concept test "
         "off (no feedback labels sent)",
         "retraining jobs": "recalibrate a kept champion (--recalibrate)" if args.recalibrate else "the defaults",
     }

@@ -256,7 +256,7 @@ def run_demo(
                 # its two rounds are one window each: a drifted one earns its job without waiting for the
                 # next window, and the shifted round's job is not held back by the first round's
                 "retrain_persist_windows": 1,
-                "retrain_min_windows_between": 0,
+                "retrain_min_days_between": 0,
                 "retrain_args": ["--epochs", str(RETRAIN_EPOCHS), "--cpus-per-worker", "0.25"],
             }
         },

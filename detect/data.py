@@ -71,6 +71,12 @@ def rows_per_day(dataset: str) -> int:
     return ROWS_PER_DAY.get(dataset, DEFAULT_ROWS_PER_DAY)
 
 
+def entity_rows_per_day(entity: str) -> int:
+    """Samples in one day of an entity's series, from its dataset: the part of its name before "/"
+    ("asd/omi-1"); 1-minute samples for any other name."""
+    return rows_per_day(entity.partition("/")[0] if "/" in entity else "")
+
+
 def list_entities(data_dir: str | Path | None = None) -> list[tuple[str, str]]:
     """All (dataset, entity) pairs under a benchmark directory, sorted."""
     root = Path(data_dir) if data_dir else default_data_dir()

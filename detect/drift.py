@@ -51,7 +51,7 @@ from typing import Any, Literal
 import numpy as np
 
 from detect.config import config_from_dict
-from detect.data import rows_per_day
+from detect.data import entity_rows_per_day
 from detect.drift_calibration import DriftCalibration, critical_distance, fit_scale
 
 log = logging.getLogger(__name__)
@@ -186,14 +186,12 @@ def entity_drift_config(entity: str, fields: dict[str, Any] | None = None) -> Dr
     """The drift config of one entity, the same where its model is trained (the calibration is fitted for
     these windows) and where its monitor tests it: `fields` (DriftConfig fields, e.g. a monitor's
     `MonitorConfig.drift`) with test windows of whole days at the entity's sampling rate
-    (`detect.data.rows_per_day` of its dataset, the part of its name before "/": 1-minute samples for
-    any other name). Fields that set the window themselves (`window`, `thin`) are kept as given."""
+    (`detect.data.entity_rows_per_day`). Fields that set the window themselves (`window`, `thin`) are kept as given."""
     config = DriftConfig.from_dict(dict(fields or {}))  # validates the fields, naming a bad one
     if any(name in (fields or {}) for name in WINDOW_FIELDS):
         return config
-    dataset = entity.partition("/")[0] if "/" in entity else ""
     others = {k: v for k, v in config.to_dict().items() if k not in WINDOW_FIELDS}
-    return DriftConfig.for_period(drift_window_rows(rows_per_day(dataset)), **others)
+    return DriftConfig.for_period(drift_window_rows(entity_rows_per_day(entity)), **others)
 
 
 @dataclass

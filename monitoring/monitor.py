@@ -24,6 +24,7 @@ import numpy as np
 
 from detect.actors import named_actor
 from detect.config import config_from_dict
+from detect.data import entity_rows_per_day
 from detect.drift import DriftConfig, EntityDriftDetectors, as_drift_reference, entity_drift_config
 from detect.kinds import DETECTOR_KINDS
 from detect.logs import process_logging
@@ -54,10 +55,11 @@ class MonitorConfig:
     drift: dict[str, Any] = field(default_factory=dict)
     retrain: bool = True  # submit a retraining job on drift
     cooldown_s: float = 900.0  # at most one submission per model in this time
-    # per entity, in test windows (a day each by default; monitoring/trigger.py RetrainGate): drift must
-    # persist this many consecutive windows to earn a job, and a job is at most one in so many windows
+    # per entity (monitoring/trigger.py RetrainGate): drift must persist this many consecutive test windows
+    # (whole days: one of 1-minute samples, two of 5-minute ones) to earn a job, and a job is at most one in
+    # so many days of the entity's served data
     retrain_persist_windows: int = 2
-    retrain_min_windows_between: int = 7
+    retrain_min_days_between: float = 7.0
     retrain_on: tuple[str, ...] = ("ks", "mmd", "prediction_ks", "concept")  # which detectors trigger it
     retrain_args: list[str] = field(default_factory=list)  # extra `train.pipeline` flags, e.g. ["--epochs", "3"]
     concept_every_s: float = 30.0
@@ -81,14 +83,13 @@ class MonitorConfig:
         if unknown:
             raise ValueError(f"MonitorConfig.retrain_on: unknown detector(s) {sorted(unknown)}")
         self.retrain_on = tuple(self.retrain_on)
-        for name, least in (
-            ("retrain_persist_windows", 1),
-            ("retrain_min_windows_between", 0),
-            ("graduates_per_job", 1),
-        ):
+        for name, least in (("retrain_persist_windows", 1), ("graduates_per_job", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"MonitorConfig.{name} must be an integer >= {least}, got {value!r}")
+        days = self.retrain_min_days_between
+        if isinstance(days, bool) or not isinstance(days, int | float) or not 0 <= days < float("inf"):
+            raise ValueError(f"MonitorConfig.retrain_min_days_between must be a number >= 0, got {days!r}")
         if self.keep_new_observations < self.own_model_rows:  # else a new entity never holds enough for its job
             raise ValueError(
                 f"MonitorConfig.keep_new_observations ({self.keep_new_observations}) must be at least "
@@ -151,7 +152,7 @@ class DriftMonitor:
             state_root=self.state_root,
         )
         self.gate = RetrainGate(
-            model, self.events, self.config.retrain_persist_windows, self.config.retrain_min_windows_between
+            model, self.events, self.config.retrain_persist_windows, self.config.retrain_min_days_between
         )
         self._load_champion()
         log.info("monitor started", extra={"model": model, "starts": self.starts, "version": self.version})
@@ -394,11 +395,17 @@ class DriftMonitor:
     def _drifted(self, results: list[Any], ids: list[int]) -> list[tuple[Any, int]]:
         return [(r, i) for r, i in zip(results, ids) if r.is_drift and r.detector in self.config.retrain_on]
 
+    def _window_days(self, entity: str) -> float:
+        """Days of the entity's served data in one of its test windows."""
+        det = self.detectors.get(entity)
+        config = det.config if det is not None else entity_drift_config(entity, self.config.drift)
+        return config.span / entity_rows_per_day(entity)
+
     def _after_window(self, entity: str, results: list[Any], ids: list[int], first_id: int) -> None:
         """A tested window of served rows: a job only when the gate says the drift earned one. The gate counts
         every window, with retraining on or off, so that turning it on later finds the counts current."""
         drifted = self._drifted(results, ids)
-        verdict = self.gate.observe(entity, self.version, bool(drifted), first_id)
+        verdict = self.gate.observe(entity, self.version, bool(drifted), first_id, self._window_days(entity))
         if not drifted or not self.config.retrain:
             return
         if not verdict.ready:

@@ -141,13 +141,15 @@ class GateVerdict:
 
 class RetrainGate:
     """Whether an entity's drift has earned it a retraining job, counted in test windows of its served
-    rows (the data's own clock: a replay at any speed and a live fleet decide alike).
+    rows and the days they span (the data's own clock: a replay at any speed and a live fleet decide alike).
 
     - **Persistence**: `persist_windows` consecutive drifted windows. An incident is a distribution change
       too; it drifts the window it falls in and is gone from the next, and a challenger fitted on it learns
       little. A machine that changed stays changed.
-    - **Budget**: at most one training per entity in `min_windows_between` windows, counting the champion's
-      own: its first windows after it started serving, and those after a drift-triggered job. A job whose
+    - **Budget**: at most one training per entity in `min_days_between` days of its served data, counting
+      the champion's own: its first windows after it started serving, and those after a drift-triggered job.
+      Days, not windows: a window is a day of 1-minute samples but two days of 5-minute ones
+      (`detect.drift.entity_drift_config`), and the budget means the same time on both. A job whose
       challenger lost leaves the champion serving the changed machine; asking again the next day, on one
       more day of data, mostly buys another loss and another job.
 
@@ -155,27 +157,33 @@ class RetrainGate:
     trained by hand) starts them afresh. `observe` takes every tested window of an entity, drifted or not,
     in order; `submitted` records a job. Concept drift and a new machine's own model do not pass here."""
 
-    def __init__(self, model: str, events: DriftEventStore, persist_windows: int, min_windows_between: int) -> None:
+    def __init__(self, model: str, events: DriftEventStore, persist_windows: int, min_days_between: float) -> None:
         self.model = model
         self.events = events
         self.persist_windows = persist_windows
-        self.min_windows_between = min_windows_between
+        self.min_days_between = min_days_between
 
     def _key(self, entity: str) -> str:
         return gate_key(self.model, entity)
 
     def state(self, entity: str, version: str | None = None) -> dict[str, Any]:
         """{version, streak: consecutive drifted windows, since_id: the first row of the streak,
-        windows_since_training: windows tested since the champion started or the last job}. Fresh when it
-        was counted against another version than `version` (None: whichever it was)."""
+        days_since_training: days of served data tested since the champion started or the last job}. Fresh
+        when it was counted against another version than `version` (None: whichever it was)."""
         state = self.events.get_state(self._key(entity))
         if state is None or (version is not None and state["version"] != version):
-            return {"version": version, "streak": 0, "since_id": None, "windows_since_training": 0}
+            return {"version": version, "streak": 0, "since_id": None, "days_since_training": 0.0}
+        if "days_since_training" not in state:  # counted before the budget was in days: a window was a day
+            state = dict(state)
+            state["days_since_training"] = float(state.pop("windows_since_training", 0))
         return state
 
-    def observe(self, entity: str, version: str | None, drifted: bool, first_id: int) -> GateVerdict:
+    def observe(
+        self, entity: str, version: str | None, drifted: bool, first_id: int, window_days: float = 1.0
+    ) -> GateVerdict:
+        """One tested window of `window_days` days of the entity's served data."""
         state = self.state(entity, version)
-        state["windows_since_training"] += 1
+        state["days_since_training"] = round(state["days_since_training"] + window_days, 9)
         if drifted:
             state["since_id"] = state["since_id"] if state["streak"] else first_id
             state["streak"] += 1
@@ -185,7 +193,7 @@ class RetrainGate:
         return self._verdict(state)
 
     def _verdict(self, state: dict[str, Any]) -> GateVerdict:
-        streak, since_training = state["streak"], state["windows_since_training"]
+        streak, since_training = state["streak"], state["days_since_training"]
         if not streak:
             return GateVerdict(False, "no drift in the latest window")
         if streak < self.persist_windows:
@@ -195,11 +203,11 @@ class RetrainGate:
                 "(an incident drifts one window; a changed machine stays changed)",
                 held_by="persistence",
             )
-        if since_training < self.min_windows_between:
+        if since_training < self.min_days_between:
             return GateVerdict(
                 False,
-                f"retraining budget: {since_training} window(s) since the champion started serving or the "
-                f"entity's last retraining job (at most one in {self.min_windows_between})",
+                f"retraining budget: {since_training:g} day(s) of data since the champion started serving or "
+                f"the entity's last retraining job (at most one in {self.min_days_between:g} days)",
                 held_by="budget",
             )
         return GateVerdict(True, f"drift in {streak} consecutive windows", state["since_id"])
@@ -212,4 +220,4 @@ class RetrainGate:
 
     def submitted(self, entity: str) -> None:
         state = self.state(entity)
-        self.events.set_state(self._key(entity), {**state, "streak": 0, "since_id": None, "windows_since_training": 0})
+        self.events.set_state(self._key(entity), {**state, "streak": 0, "since_id": None, "days_since_training": 0.0})

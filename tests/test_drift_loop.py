@@ -21,7 +21,7 @@ MONITOR = {
         "cooldown_s": 3600,
         # one drifted day is this story: it earns the job at once (tests/test_retrain_gate.py has the gate)
         "retrain_persist_windows": 1,
-        "retrain_min_windows_between": 0,
+        "retrain_min_days_between": 0,
         "concept_every_s": 3600,
         "retrain_args": ["--epochs", "3", "--cpus-per-worker", "0.25"],
     }
@@ -110,7 +110,7 @@ def test_drift_triggers_retraining_job_and_a_recorded_decision(loop):
     # the gate's counts for the entity, as /v1/drift shows them: the job restarted them
     drift_state = client.get("/v1/drift", params={"model": "autoencoder", "entity": entity}).json()
     gate = drift_state["retraining"]["autoencoder"]["gate"]
-    assert gate == {"version": "1", "streak": 0, "since_id": None, "windows_since_training": 0}, gate
+    assert gate == {"version": "1", "streak": 0, "since_id": None, "days_since_training": 0.0}, gate
     assert job["job_id"].startswith("raywatch-retrain-autoencoder-") and job["trigger"]
     final = jobs.wait(job["job_id"], timeout_s=300)
     assert final == "SUCCEEDED", jobs.logs(job["job_id"])[-3000:]
