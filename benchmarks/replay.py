@@ -572,7 +572,8 @@ def settings(args: argparse.Namespace, chosen: list, started: float) -> dict[str
         "entities": ", ".join(f"{d}/{e}" for d, e in chosen),
         "model": f"{args.model}, hidden {args.hidden}, {args.epochs} epochs (initial fit and retraining jobs)",
         "days": f"first {args.days} days of each test split" if args.days else "the whole test split",
-        "drift monitors": f"detect.drift.entity_drift_config(entity): windows of whole days, at least 300 rows, as training calibrated; MMD permutations {args.mmd_permutations}; "
+        "drift monitors": "detect.drift.entity_drift_config(entity): windows of whole days, at least 300 rows, "
+        f"as training calibrated; MMD permutations {args.mmd_permutations}; "
         f"trigger cooldown {args.cooldown_s} wall s; retraining gate: drift in {args.persist_windows} consecutive "
         f"windows, one training per {args.min_days_between:g} days of data (the platform's defaults: "
         f"{persist} and {between:g}); concept test "

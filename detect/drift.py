@@ -186,7 +186,8 @@ def entity_drift_config(entity: str, fields: dict[str, Any] | None = None) -> Dr
     """The drift config of one entity, the same where its model is trained (the calibration is fitted for
     these windows) and where its monitor tests it: `fields` (DriftConfig fields, e.g. a monitor's
     `MonitorConfig.drift`) with test windows of whole days at the entity's sampling rate
-    (`detect.data.entity_rows_per_day`). Fields that set the window themselves (`window`, `thin`) are kept as given."""
+    (`detect.data.entity_rows_per_day`). Fields that set the window themselves (`window`, `thin`) are
+    kept as given."""
     config = DriftConfig.from_dict(dict(fields or {}))  # validates the fields, naming a bad one
     if any(name in (fields or {}) for name in WINDOW_FIELDS):
         return config
