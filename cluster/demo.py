@@ -35,7 +35,7 @@ import numpy as np
 from cluster.lifecycle import read_state, up, urls
 from cluster.local import RAY_DASHBOARD_PORT, RAY_GCS_PORT
 from detect import metrics as M
-from detect.data import default_data_dir, load_series, rows_per_day
+from detect.data import default_data_dir, entity_rows_per_day, load_series
 from detect.drift import entity_drift_config
 from detect.kinds import DETECTOR_KINDS
 from detect.synthetic import inject_mean_shift
@@ -237,11 +237,11 @@ def run_demo(
     progress("== 2/4 raywatch up: local Ray head, training, Serve app, drift monitors")
     entity, metrics, rows, labels = real_entity_data(workdir / "data", shipped)
     window = entity_drift_config(entity).span
-    days = window / rows_per_day(entity.split("/")[0])
+    days = window / entity_rows_per_day(entity)
     progress(f"  real machine {entity}: {len(metrics)} metrics, drift windows of {window} rows ({days:g} days)")
     progress(
         "  retraining gate relaxed for the demo's two one-window rounds: one drifted window earns a job "
-        "(the default waits for 2 consecutive ones and allows one training per 7 windows)"
+        "(the default waits for 2 consecutive ones and allows one training per 7 days of data)"
     )
     state = up(
         data_dir=str(workdir / "data"),

@@ -18,6 +18,7 @@ from detect.drift import (
     as_drift_reference,
     calibrate_drift,
     drift_reference,
+    entity_drift_config,
     reference_sample,
 )
 from detect.drift_calibration import DriftCalibration, fit_scale, max_quantile, tail_p_values
@@ -206,8 +207,6 @@ def test_each_entity_is_tested_with_the_windows_its_training_calibrated(mlflow_s
 
 
 def test_an_entitys_drift_config_follows_its_sampling_rate():
-    from detect.drift import entity_drift_config
-
     assert (entity_drift_config("asd/omi-1").window, entity_drift_config("asd/omi-1").thin) == (288, 2)
     assert entity_drift_config("smd/machine-1-6") == DriftConfig() == entity_drift_config("web-01")
     assert entity_drift_config("asd/omi-1", {"mmd_permutations": 7}).mmd_permutations == 7
