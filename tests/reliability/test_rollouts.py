@@ -31,20 +31,29 @@ TEST_PLAN = {
 }
 
 
-def _policies_by_replica(served, model: str, answers: int = 40) -> dict[str, set[float]]:
-    """The challenger share each ingress replica reports for `model`, over `answers` calls of /v1/models."""
-    seen: dict[str, set[float]] = {}
-    for asked in range(answers):
+def _policies_by_replica(served, model: str, timeout: float = 60.0) -> dict[str, set[float]]:
+    """The challenger share each ingress replica reports for `model` on /v1/models, asked until every
+    replica has answered at least five times (or `timeout` passes: the caller's assertion then names who
+    answered). Waits on who answered, not on a count of calls: a replica that has just started may get
+    no request for a while, and 40 calls once all went to the other one (CI of stop 62)."""
+    seen: dict[str, list[float]] = {}
+
+    def every_replica_answered() -> bool:
         body = served.client.get("/v1/models").json()
-        seen.setdefault(body["replica"], set()).add(body["models"][model]["traffic"]["challenger_percent"])
-        if len(seen) >= REPLICAS and asked >= 10:
-            break
-    return seen
+        seen.setdefault(body["replica"], []).append(body["models"][model]["traffic"]["challenger_percent"])
+        return len(seen) >= REPLICAS and all(len(shares) >= 5 for shares in seen.values())
+
+    try:
+        wait_for(every_replica_answered, timeout, f"every {INGRESS} replica answering /v1/models", poll=0.05)
+    except AssertionError:  # the caller's assertion names who answered
+        pass
+    return {replica: set(shares) for replica, shares in seen.items()}
 
 
 def test_traffic_change_applies_to_every_ingress_replica_and_survives_their_kill(served, figures):
     model = "autoencoder"
     change = {"model": model, "challenger_version": "1", "challenger_percent": 40, "shadow": False}
+    served.wait_ready()  # a full set of ingress replicas, whatever the test before this one killed
     try:
         assert served.client.post("/v1/admin/traffic", json=change, headers=served.admin()).status_code == 200
         after_change = _policies_by_replica(served, model)
