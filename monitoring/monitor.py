@@ -46,6 +46,13 @@ GRADUATION_RETRY_S = 30.0  # after the trigger turned down new entities' job, th
 PRUNE_SHARE = 0.1  # a new entity's rows are pruned once per this share of `keep_new_observations` new ones
 
 
+# fields an earlier raywatch read, with what replaced them (a config naming one is refused with this text)
+RENAMED_FIELDS = {
+    "retrain_min_windows_between": "retrain_min_days_between: one job per so many days of an entity's served "
+    "data, not test windows (a window is one day of 1-minute samples, two days of 5-minute ones)",
+}
+
+
 @dataclass
 class MonitorConfig:
     """How a monitor tests and when it retrains. `drift` holds `DriftConfig` fields; each entity is tested
@@ -98,6 +105,9 @@ class MonitorConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> MonitorConfig:
+        renamed = sorted(set(data or {}) & set(RENAMED_FIELDS))
+        if renamed:  # a config written for an earlier raywatch: say what the field is now, not just "unknown"
+            raise ValueError("; ".join(f"MonitorConfig.{name} is now {RENAMED_FIELDS[name]}" for name in renamed))
         return config_from_dict(cls, data)
 
     def to_dict(self) -> dict[str, Any]:

@@ -110,6 +110,12 @@ def test_bad_gate_settings_are_refused_by_name(field, value):
         MonitorConfig.from_dict({field: value})
 
 
+def test_a_renamed_gate_setting_is_refused_with_its_new_name():
+    """A config written for the windows-based budget says what replaced it, not only "unknown field"."""
+    with pytest.raises(ValueError, match="retrain_min_windows_between is now retrain_min_days_between"):
+        MonitorConfig.from_dict({"retrain_min_windows_between": 7})
+
+
 def drift(detector: str, is_drift: bool) -> DriftResult:
     return DriftResult(0.0, "autoencoder", ENTITY, detector, is_drift, 0.5, 0.0001, 0.005)
 
