@@ -72,6 +72,12 @@ class ModelBundle:
     def variant(self) -> str:
         return self.info.get("variant", "fp32")
 
+    def rows_per_day(self, entity: str) -> int | None:
+        """Samples per day of the series `entity`'s model learnt from, as its training recorded it with
+        the drift reference; None where there is no reference or the version predates the record."""
+        reference = self.references.get(entity)
+        return None if reference is None else as_drift_reference(reference).rows_per_day
+
     def detector_for(self, entity: str) -> Detector:
         try:
             return self.detectors[entity]

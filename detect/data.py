@@ -38,6 +38,12 @@ class Series:
     metrics: list[str]
     # (start_row, end_row_inclusive, [0-based metric indices]) per interpreted anomaly segment
     interpretation: list[tuple[int, int, list[int]]] = field(default_factory=list)
+    # samples in one day of this series: the source's step where it has one (a Prometheus source), else
+    # the dataset's (`rows_per_day`); training records it with the entity's drift reference
+    rows_per_day: int = 0
+
+    def __post_init__(self) -> None:
+        self.rows_per_day = int(self.rows_per_day or rows_per_day(self.dataset))
 
     @property
     def name(self) -> str:

@@ -182,17 +182,21 @@ def drift_window_rows(day_rows: int) -> int:
     return day_rows * -(-RETRAIN_MIN_ROWS // day_rows)
 
 
-def entity_drift_config(entity: str, fields: dict[str, Any] | None = None) -> DriftConfig:
+def entity_drift_config(
+    entity: str, fields: dict[str, Any] | None = None, rows_per_day: int | None = None
+) -> DriftConfig:
     """The drift config of one entity, the same where its model is trained (the calibration is fitted for
     these windows) and where its monitor tests it: `fields` (DriftConfig fields, e.g. a monitor's
-    `MonitorConfig.drift`) with test windows of whole days at the entity's sampling rate
-    (`detect.data.entity_rows_per_day`). Fields that set the window themselves (`window`, `thin`) are
-    kept as given."""
+    `MonitorConfig.drift`) with test windows of whole days at the entity's sampling rate: `rows_per_day`
+    (what its training series had, recorded with its drift reference, `DriftReference.rows_per_day`), or
+    where not known, from its name (`detect.data.entity_rows_per_day`). Fields that set the window
+    themselves (`window`, `thin`) are kept as given."""
     config = DriftConfig.from_dict(dict(fields or {}))  # validates the fields, naming a bad one
     if any(name in (fields or {}) for name in WINDOW_FIELDS):
         return config
     others = {k: v for k, v in config.to_dict().items() if k not in WINDOW_FIELDS}
-    return DriftConfig.for_period(drift_window_rows(entity_rows_per_day(entity)), **others)
+    day_rows = rows_per_day or entity_rows_per_day(entity)
+    return DriftConfig.for_period(drift_window_rows(day_rows), **others)
 
 
 @dataclass
@@ -242,6 +246,9 @@ class DriftReference:
 
     rows: np.ndarray
     calibration: DriftCalibration | None = None
+    # samples per day of the series it was drawn from (`detect.data.Series.rows_per_day`): the monitor
+    # tests windows of whole days at this rate; None in bundles from before 2026-12-08 (then the name's)
+    rows_per_day: int | None = None
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         return self.rows if dtype is None else self.rows.astype(dtype)
@@ -254,12 +261,22 @@ class DriftReference:
         return len(self.rows)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """The NPZ arrays of a bundle's reference file: `reference` plus the calibration's, if any."""
-        return {"reference": self.rows, **(self.calibration.to_arrays() if self.calibration else {})}
+        """The NPZ arrays of a bundle's reference file: `reference` plus the calibration's and the
+        sampling rate, where known."""
+        return {
+            "reference": self.rows,
+            **(self.calibration.to_arrays() if self.calibration else {}),
+            **({} if self.rows_per_day is None else {"reference_rows_per_day": np.asarray(self.rows_per_day)}),
+        }
 
     @classmethod
     def from_arrays(cls, arrays: Any) -> DriftReference:
-        return cls(np.asarray(arrays["reference"]), DriftCalibration.from_arrays(arrays))
+        rate = (
+            int(arrays["reference_rows_per_day"])
+            if "reference_rows_per_day" in getattr(arrays, "files", arrays)
+            else None
+        )
+        return cls(np.asarray(arrays["reference"]), DriftCalibration.from_arrays(arrays), rate)
 
 
 def as_drift_reference(reference: DriftReference | np.ndarray) -> DriftReference:
@@ -271,16 +288,21 @@ def as_drift_reference(reference: DriftReference | np.ndarray) -> DriftReference
 
 
 def drift_reference(
-    det: Any, rows: np.ndarray, n: int = REFERENCE_ROWS, config: DriftConfig | None = None
+    det: Any,
+    rows: np.ndarray,
+    n: int = REFERENCE_ROWS,
+    config: DriftConfig | None = None,
+    rows_per_day: int | None = None,
 ) -> tuple[DriftReference, np.ndarray]:
     """What a model version keeps for its drift monitors: the reference rows of the series it learned
-    from (with the entity's calibration, fitted on that whole series for windows of `config`) and the
-    model's own scores on them (scored over the whole series, so windows have context)."""
+    from (with the entity's calibration, fitted on that whole series for windows of `config`, and the
+    series' samples per day) and the model's own scores on them (scored over the whole series, so
+    windows have context)."""
     rows = np.asarray(rows, dtype=np.float64)
     scores = np.asarray(det.score(rows), dtype=np.float64)
     idx = reference_rows(len(rows), n)
     calibration = calibrate_drift(rows, scores, config or DriftConfig(), n)
-    return DriftReference(rows[idx], calibration), scores[idx]
+    return DriftReference(rows[idx], calibration, rows_per_day), scores[idx]
 
 
 def calibrate_drift(

@@ -580,6 +580,7 @@ def prometheus_series(
                 test=train.iloc[:0],
                 labels=np.zeros(0, dtype=np.int8),
                 metrics=source.metric_names,
+                rows_per_day=max(1, round(_UNITS["d"] / source.step)),  # a day at its step: its drift windows
             )
         )
     if not out:

@@ -138,6 +138,8 @@ class DriftMonitor:
         self.events.set_state(self._key("starts"), self.starts)
         self.detectors: dict[str, EntityDriftDetectors] = {}
         self.metrics: dict[str, list[str]] = {}
+        # per entity: samples per day of its series, as the champion's training recorded them
+        self.rows_per_day: dict[str, int] = {}
         self.version: str | None = None
         self.load_error: str | None = None
         self._checked_version = 0.0
@@ -181,13 +183,14 @@ class DriftMonitor:
             log.warning("monitor could not load the champion", extra={"model": self.model, "error": self.load_error})
             return
         since = float(self.events.get_state(self._key(f"version_since/{version}"), 0.0) or 0.0)
-        detectors = {}
+        detectors, rows_per_day = {}, {}
         for entity, ref in bundle.references.items():
             reset = self.store.reference(self.model, entity, since=since) if since else None
             rows = np.asarray(reset if reset is not None else ref, dtype=np.float64)
             scores = None if reset is not None else bundle.reference_scores.get(entity)
             # a reset reference has no training history to calibrate on: it is tested with the iid decision
-            config = entity_drift_config(entity, self.config.drift)
+            rows_per_day[entity] = bundle.rows_per_day(entity) or entity_rows_per_day(entity)
+            config = entity_drift_config(entity, self.config.drift, rows_per_day[entity])
             calibration = (
                 None if reset is not None else self._calibration(entity, ref, config, len(bundle.metrics[entity]))
             )
@@ -205,6 +208,7 @@ class DriftMonitor:
                 self._pruned_at.clear()
             self.events.set_state(self._key(f"version_since/{version}"), since or time.time())
         self.detectors, self.metrics, self.version, self.load_error = detectors, bundle.metrics, version, None
+        self.rows_per_day = rows_per_day
 
     def _calibration(self, entity: str, reference: Any, config: DriftConfig, features: int) -> Any:
         """The entity's calibration stored with the champion's reference, when it was fitted for the
@@ -231,7 +235,7 @@ class DriftMonitor:
         names = self.metrics.get(entity)
         if names is None:
             raise ValueError(f"{self.model} champion has no entity {entity!r}")
-        config = entity_drift_config(entity, self.config.drift)
+        config = entity_drift_config(entity, self.config.drift, self._rows_per_day(entity))
         self.detectors[entity] = EntityDriftDetectors(
             self.model, entity, np.asarray(rows, dtype=np.float64), names, None, config
         )
@@ -405,11 +409,17 @@ class DriftMonitor:
     def _drifted(self, results: list[Any], ids: list[int]) -> list[tuple[Any, int]]:
         return [(r, i) for r, i in zip(results, ids) if r.is_drift and r.detector in self.config.retrain_on]
 
+    def _rows_per_day(self, entity: str) -> int:
+        """Samples per day of the entity's series: as its champion's training recorded them, else (an
+        entity without a reference, a version from before the record) from its name."""
+        return self.rows_per_day.get(entity) or entity_rows_per_day(entity)
+
     def _window_days(self, entity: str) -> float:
         """Days of the entity's served data in one of its test windows."""
         det = self.detectors.get(entity)
-        config = det.config if det is not None else entity_drift_config(entity, self.config.drift)
-        return config.span / entity_rows_per_day(entity)
+        day_rows = self._rows_per_day(entity)
+        config = det.config if det is not None else entity_drift_config(entity, self.config.drift, day_rows)
+        return config.span / day_rows
 
     def _after_window(self, entity: str, results: list[Any], ids: list[int], first_id: int) -> None:
         """A tested window of served rows: a job only when the gate says the drift earned one. The gate counts
@@ -451,6 +461,7 @@ class DriftMonitor:
             "starts": self.starts,
             "pid": os.getpid(),
             "window_rows": {e: det.config.span for e, det in sorted(self.detectors.items())},
+            "rows_per_day": dict(sorted(self.rows_per_day.items())),
             "cursors": self.events.get_state(self._key("cursors"), {}),
             "events": self.events.count(self.model),
             "drift_events": self.events.count(self.model, only_drift=True),

@@ -185,25 +185,38 @@ def test_a_bundle_saves_and_loads_the_calibration_with_its_reference(tmp_path, o
 
 
 def test_each_entity_is_tested_with_the_windows_its_training_calibrated(mlflow_store, omi3):
-    """Training fits each entity's calibration for windows of whole days at its sampling rate, and a
-    monitor with the default config tests it with those windows, so it uses the calibration: an ASD
-    (5-minute) machine gets two-day windows of 576 rows, a machine of unknown rate one day of 1-minute
-    rows. A monitor whose config sets the window itself tests with that, uncalibrated, and says so."""
+    """Training fits each entity's calibration for windows of whole days at its sampling rate and records
+    that rate with its drift reference; a monitor with the default config tests it with those windows, so
+    it uses the calibration: an ASD (5-minute) machine gets two-day windows of 576 rows, a machine of
+    unknown rate one day of 1-minute rows, one whose series said it is sampled every 15 minutes (96 a
+    day, as a Prometheus source with that step says) four-day windows of 384 rows. A monitor whose config
+    sets the window itself tests with that, uncalibrated, and says so."""
     from detect.sequence import AutoencoderDetector
     from monitoring.monitor import DriftMonitor
     from train.pipeline import register_fitted
 
     values, names = omi3
     det = AutoencoderDetector(epochs=1, hidden=8).fit(values, names)
-    entities = {"asd/omi-3": values, "web-01": values}  # web-01: 8,640 rows are six days at 1 minute
-    register_fitted("autoencoder", {e: det for e in entities}, {e: names for e in entities}, entities)
+    # web-01: 8,640 rows are six days at 1 minute; node/db-02, 90 days at 15 minutes
+    entities = {"asd/omi-3": values, "web-01": values, "node/db-02": values}
+    register_fitted(
+        "autoencoder",
+        {e: det for e in entities},
+        {e: names for e in entities},
+        entities,
+        rows_per_day={"node/db-02": 96},
+    )
 
-    status = DriftMonitor("autoencoder", {}, str(mlflow_store / "state")).status()
-    assert status["window_rows"] == {"asd/omi-3": 576, "web-01": 1440}
-    assert status["calibrated"] == ["asd/omi-3", "web-01"]
+    monitor = DriftMonitor("autoencoder", {}, str(mlflow_store / "state"))
+    status = monitor.status()
+    assert status["window_rows"] == {"asd/omi-3": 576, "node/db-02": 384, "web-01": 1440}
+    assert status["rows_per_day"] == {"asd/omi-3": 288, "node/db-02": 96, "web-01": 1440}
+    assert status["calibrated"] == ["asd/omi-3", "node/db-02", "web-01"]
+    assert monitor._window_days("node/db-02") == 4.0  # what the retraining budget counts
 
     explicit = DriftMonitor("autoencoder", {"drift": {"window": 288, "thin": 1}}, str(mlflow_store / "s2")).status()
-    assert explicit["window_rows"] == {"asd/omi-3": 288, "web-01": 288} and explicit["calibrated"] == []
+    assert explicit["window_rows"] == {"asd/omi-3": 288, "node/db-02": 288, "web-01": 288}
+    assert explicit["calibrated"] == []
 
 
 def test_an_entitys_drift_config_follows_its_sampling_rate():

@@ -197,6 +197,25 @@ class FakeBackend(BaseHTTPRequestHandler):
         pass
 
 
+def test_a_prometheus_series_has_a_day_of_samples_at_the_sources_step():
+    """What training records with each entity's drift reference, so that its monitor tests windows of
+    whole days: from a Prometheus source, a day at the source's step (5,760 samples at 15 s), not the
+    day of 1-minute samples an entity name with no known dataset implies."""
+    from ingest.prometheus import prometheus_series
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeBackend)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    FakeBackend.state = {}
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for step, day in (("15s", 5760), ("5m", 288)):
+            source = load_source({"name": "fake", "url": url, "step": step, "metrics": {"m": "up"}, "retries": 2})
+            (series,) = prometheus_series(source, "1d", until=1_000_000.0, progress=False)
+            assert (series.name, series.rows_per_day, len(series.train)) == ("fake/host-a:9100", day, day + 1)
+    finally:
+        server.shutdown()
+
+
 def test_watcher_resumes_without_gaps_or_repeats_and_records_real_gaps(tmp_path):
     from ingest.watch import Watcher, WatchStore
 

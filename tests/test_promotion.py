@@ -226,7 +226,9 @@ def test_the_retraining_job_learns_only_rows_believed_normal_and_records_the_tes
     monkeypatch.setenv("RAYWATCH_STATE_DIR", str(mlflow_store / "state"))
     entity, metrics, values = machine_days(2, seed=3)
     champion = AutoencoderDetector(epochs=2, hidden=16).fit(values[:1440], metrics)
-    register_fitted("autoencoder", {entity: champion}, {entity: metrics}, {entity: values[:1440]})
+    # sampled every 2 minutes, as its training series said: the challenger's reference records it too
+    rate = {entity: 720}
+    register_fitted("autoencoder", {entity: champion}, {entity: metrics}, {entity: values[:1440]}, rows_per_day=rate)
 
     served = values[1440:2440].copy()
     served[100:130, metrics.index("cpu")] += 40.0  # an unlabelled incident the champion flags
@@ -269,6 +271,9 @@ def test_the_retraining_job_learns_only_rows_believed_normal_and_records_the_tes
     assert decision["budget"] == 0.01 and decision["challenger"] == "2"
     recorded = store.decisions("autoencoder", 1)[0]
     assert recorded["details"]["p_value"] == decision["p_value"] and recorded["reason"] == decision["reason"]
+    from train import registry
+
+    assert registry.load_bundle("autoencoder", "2")[0].rows_per_day(entity) == 720
 
 
 def test_a_flooding_champion_is_kept_and_named_and_with_recalibrate_kept_its_threshold_is_refitted(

@@ -3,7 +3,8 @@ elsewhere, and retraining all build what they register here, so every version ca
 
 A bundle holds, per entity, the fitted detector, its metrics, its FP32 ONNX graphs (what serving runs)
 and its drift reference (a sample of the rows it learnt from, its scores on them, and the drift
-calibration fitted for the test windows of the entity's sampling rate, `detect.drift.entity_drift_config`).
+calibration fitted for the test windows of the entity's sampling rate, `detect.drift.entity_drift_config`,
+and that rate).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from detect.bundle import ModelBundle
+from detect.data import entity_rows_per_day
 from detect.drift import drift_reference, entity_drift_config
 from train.kinds import export_graphs
 
@@ -26,15 +28,20 @@ def fitted_bundle(
     fitted_on: dict[str, np.ndarray],
     evaluation: dict[str, Any] | None = None,
     info: dict[str, Any] | None = None,
+    rows_per_day: dict[str, int | None] | None = None,
 ) -> ModelBundle:
-    """A bundle of `detectors` (entity -> fitted detector), each fitted on `fitted_on[entity]`. A fleet
-    model (detect/fleet.py), fitted on many entities, has no `fitted_on` rows and no drift reference:
-    the drift monitors watch entities with a model of their own."""
+    """A bundle of `detectors` (entity -> fitted detector), each fitted on `fitted_on[entity]`, sampled
+    `rows_per_day[entity]` times a day (`detect.data.Series.rows_per_day`; from the entity's name where
+    not given). A fleet model (detect/fleet.py), fitted on many entities, has no `fitted_on` rows and no
+    drift reference: the drift monitors watch entities with a model of their own."""
     references, reference_scores = {}, {}
     for entity, det in detectors.items():
         if entity in fitted_on:
-            config = entity_drift_config(entity)  # the windows its monitor will test
-            references[entity], reference_scores[entity] = drift_reference(det, fitted_on[entity], config=config)
+            day_rows = (rows_per_day or {}).get(entity) or entity_rows_per_day(entity)
+            config = entity_drift_config(entity, rows_per_day=day_rows)  # the windows its monitor will test
+            references[entity], reference_scores[entity] = drift_reference(
+                det, fitted_on[entity], config=config, rows_per_day=day_rows
+            )
     data = {entity: data_sha256(rows) for entity, rows in fitted_on.items() if entity in detectors}
     return ModelBundle(
         kind,

@@ -79,10 +79,12 @@ def register_fitted(
     fitted_on: dict[str, np.ndarray],
     promote: bool = True,
     run_name: str | None = None,
+    rows_per_day: dict[str, int | None] | None = None,
 ) -> str:
     """Register detectors fitted elsewhere (in-process, small) as one version, with the drift references
-    and ONNX graphs a trained version has; the first version (or `promote`) becomes champion."""
-    bundle = fitted_bundle(kind, detectors, metrics, fitted_on)
+    and ONNX graphs a trained version has (`rows_per_day`: each entity's samples per day, where its name
+    does not say); the first version (or `promote`) becomes champion."""
+    bundle = fitted_bundle(kind, detectors, metrics, fitted_on, rows_per_day=rows_per_day)
     registry.setup()
     with mlflow.start_run(run_name=run_name or f"register-{kind}") as run:
         version = registry.register_bundle(bundle, run.info.run_id)
@@ -179,7 +181,8 @@ def train_model(
         mlflow.log_metrics({f"mean/{k}": v for k, v in summary.items()})
         mlflow.log_dict(evaluation, "evaluation.json")
         info = {"run_id": run_id, "config": config, "config_source": config_source}
-        bundle = fitted_bundle(model, detectors, metrics_by_entity, fitted_on, evaluation, info)
+        rows_per_day = {series.name: series.rows_per_day for series in series_list}
+        bundle = fitted_bundle(model, detectors, metrics_by_entity, fitted_on, evaluation, info, rows_per_day)
         with tempfile.TemporaryDirectory() as folder:  # FeatureSpec, scaler, threshold per entity, browsable
             bundle.save(folder)
             mlflow.log_artifacts(folder, "model")
