@@ -74,9 +74,15 @@ class ModelBundle:
 
     def rows_per_day(self, entity: str) -> int | None:
         """Samples per day of the series `entity`'s model learnt from, as its training recorded it with
-        the drift reference; None where there is no reference or the version predates the record."""
-        reference = self.references.get(entity)
-        return None if reference is None else as_drift_reference(reference).rows_per_day
+        the drift reference. For an entity without a reference of its own (a new machine a fleet model
+        serves, whose own model a job is about to fit), what another entity of its dataset (the name
+        before "/", e.g. a Prometheus source's) recorded. None where neither is known, or the version
+        predates the record."""
+        if entity in self.references:
+            return as_drift_reference(self.references[entity]).rows_per_day
+        dataset, slash, _ = entity.partition("/")
+        siblings = (ref for name, ref in self.references.items() if slash and name.startswith(f"{dataset}/"))
+        return next((rate for ref in siblings if (rate := as_drift_reference(ref).rows_per_day)), None)
 
     def detector_for(self, entity: str) -> Detector:
         try:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from detect.bundle import ModelBundle
 from detect.data import load_series
 from detect.drift import (
     DriftConfig,
@@ -226,3 +227,14 @@ def test_an_entitys_drift_config_follows_its_sampling_rate():
     assert entity_drift_config("asd/omi-1", {"window": 100, "thin": 3}).span == 300
     with pytest.raises(ValueError, match="unknown DriftConfig field"):
         entity_drift_config("asd/omi-1", {"windows": 2})
+
+
+def test_a_new_machine_takes_the_sampling_rate_its_dataset_recorded():
+    """A new machine served by a fleet model has no reference of its own: the job that fits its own model
+    takes the samples per day another machine of its source recorded (`ModelBundle.rows_per_day`)."""
+    rows = np.zeros((10, 2))
+    references = {"node/a:9100": DriftReference(rows, None, 5760), "old/b": rows, "asd/omi-1": DriftReference(rows)}
+    bundle = ModelBundle("autoencoder", {}, {}, references)
+    assert bundle.rows_per_day("node/a:9100") == bundle.rows_per_day("node/new:9100") == 5760
+    assert bundle.rows_per_day("old/b") is bundle.rows_per_day("old/c") is bundle.rows_per_day("web-01") is None
+    assert bundle.rows_per_day("asd/omi-1") is None  # a reference from before the record

@@ -338,7 +338,7 @@ def decide_and_register(
     detectors = {entity: det for entity, (det, _) in fitted.items()}
     metrics = {entity: champion.metrics[current[entity]] for entity in fitted}
     fitted_on = {entity: rows for entity, (_, rows) in fitted.items()}
-    rows_per_day = {entity: champion.rows_per_day(current[entity]) for entity in fitted}  # the series' rate
+    rows_per_day = {entity: champion.rows_per_day(entity) for entity in fitted}  # the series' rate, as recorded
     bundle = with_unchanged_entities(
         fitted_bundle(model, detectors, metrics, fitted_on, {"retrain": figures}, info, rows_per_day), champion
     )
