@@ -432,12 +432,12 @@ def fit_champion(model: str, series: Any, epochs: int, hidden: int) -> tuple[Any
 
 def replay_entity(platform_: Platform, dataset: str, name: str, args: argparse.Namespace, log: Callable) -> list[dict]:
     """Both variants and modes of one entity: fitted once, registered afresh before every replay."""
-    from detect.data import load_series, rows_per_day
+    from detect.data import load_series
     from detect.synthetic import inject_mean_shift
     from train.pipeline import register_fitted
 
     series = load_series(dataset, name, args.data)
-    entity, day_rows = series.name, args.rows_per_day or rows_per_day(dataset)
+    entity, day_rows = series.name, args.rows_per_day or series.rows_per_day
     values = series.test[series.metrics].to_numpy(dtype=np.float64)
     labels = series.labels.astype(int)
     if args.days:
@@ -445,8 +445,10 @@ def replay_entity(platform_: Platform, dataset: str, name: str, args: argparse.N
     t0 = time.perf_counter()
     det, train = fit_champion(args.model, series, args.epochs, args.hidden)
     log(f"  {entity}: fitted on {len(train)} train rows in {time.perf_counter() - t0:.0f} s")
-    # test windows: the entity's sampling rate (detect.drift.entity_drift_config), as its training calibrated
+    # test windows: whole days at the series' sampling rate (detect.drift.entity_drift_config), recorded with
+    # its reference as its training calibrated
     drift = {"mmd_permutations": args.mmd_permutations}
+    rate = {entity: series.rows_per_day}
     out = []
     for variant in args.variants:
         shift_row = len(values) // 2 if variant == "shift" else None
@@ -454,7 +456,9 @@ def replay_entity(platform_: Platform, dataset: str, name: str, args: argparse.N
         for mode in args.modes:
             started = time.perf_counter()
             log(f"  {entity} {variant} {mode}: {len(rows)} rows ({len(rows) / day_rows:.1f} days)")
-            version = register_fitted(args.model, {entity: det}, {entity: series.metrics}, {entity: train})
+            version = register_fitted(
+                args.model, {entity: det}, {entity: series.metrics}, {entity: train}, rows_per_day=rate
+            )
             config = {
                 "drift": drift,
                 "retrain": mode == "loop",
@@ -507,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rows-per-day",
         type=int,
-        help="override the per-dataset day length the tables count days in (the drift windows keep the dataset's)",
+        help="override the day length the tables count days in (default and drift windows: the series' rate)",
     )
     parser.add_argument("--cooldown-s", type=float, default=0.0, help="the trigger's cooldown, wall seconds")
     gate = "the retraining gate's %s (default: the platform's, %g)"

@@ -38,8 +38,9 @@ class Series:
     metrics: list[str]
     # (start_row, end_row_inclusive, [0-based metric indices]) per interpreted anomaly segment
     interpretation: list[tuple[int, int, list[int]]] = field(default_factory=list)
-    # samples in one day of this series: the source's step where it has one (a Prometheus source), else
-    # the dataset's (`rows_per_day`); training records it with the entity's drift reference
+    # samples in one day of this series: the source's step (a Prometheus source), or the step of its `t`
+    # column where that is a time (`sampled_rows_per_day`), else the dataset's (`rows_per_day`); training
+    # records it with the entity's drift reference
     rows_per_day: int = 0
 
     def __post_init__(self) -> None:
@@ -75,6 +76,29 @@ DEFAULT_ROWS_PER_DAY = 1440
 def rows_per_day(dataset: str) -> int:
     """Samples in one day of a dataset's series (1-minute samples where the dataset is not known)."""
     return ROWS_PER_DAY.get(dataset, DEFAULT_ROWS_PER_DAY)
+
+
+SECONDS_PER_DAY = 86_400
+# a numeric `t` column at least this large is a time in epoch seconds (2001-09-09 on), not a row index
+EPOCH_SECONDS_FROM = 1e9
+
+
+def sampled_rows_per_day(t: pd.Series) -> int:
+    """Samples per day of a series whose `t` column is a time (ISO 8601 text or epoch seconds), from its
+    median step; 0 when `t` is a row index (as in the shipped sets) or its step is not positive."""
+    if len(t) < 2:
+        return 0
+    if pd.api.types.is_numeric_dtype(t):
+        if t.min() < EPOCH_SECONDS_FROM:
+            return 0
+        seconds = t.to_numpy(dtype=np.float64)
+    else:
+        times = pd.to_datetime(t, errors="coerce", utc=True)
+        if times.isna().any():
+            return 0
+        seconds = (times - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy()
+    step = float(np.median(np.diff(seconds)))
+    return max(1, round(SECONDS_PER_DAY / step)) if step > 0 else 0
 
 
 def entity_rows_per_day(entity: str) -> int:
@@ -209,6 +233,7 @@ def load_series(
         labels=labels.astype(np.int8),
         metrics=metrics,
         interpretation=_parse_interpretation(folder / "interpretation.txt", len(metrics)),
+        rows_per_day=sampled_rows_per_day(train["t"]) if "t" in train.columns else 0,  # 0: the dataset's
     )
 
 

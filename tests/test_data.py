@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from detect.data import TelemetryError, list_entities, load_benchmark, load_series, load_telemetry
+from detect.data import TelemetryError, list_entities, load_benchmark, load_series, load_telemetry, rows_per_day
 
 
 def test_shipped_entities_load(data_dir):
@@ -37,6 +37,28 @@ def _copy_entity(data_dir, tmp_path, dataset="asd", entity="omi-1"):
 def _rewrite(path, frame):
     with gzip.open(path, "wt") as fh:
         frame.to_csv(fh, index=False)
+
+
+@pytest.mark.parametrize(
+    "t, expected",
+    [
+        (None, 1440),  # the shipped layout's row index, in a dataset raywatch does not know: 1-minute samples
+        (pd.date_range("2026-03-01", periods=8640, freq="5min").strftime("%Y-%m-%dT%H:%M:%SZ"), 288),
+        (1.7e9 + 900.0 * np.arange(8640), 96),  # epoch seconds, every 15 minutes
+    ],
+    ids=["row index", "ISO 8601, 5 minutes", "epoch seconds, 15 minutes"],
+)
+def test_a_series_samples_per_day_come_from_its_time_column(data_dir, tmp_path, t, expected):
+    """What training records with the entity's drift reference (its monitor's windows are whole days at
+    this rate): from `t` where it is a time, else the dataset's (the shipped sets' `t` is a row index)."""
+    assert load_series("asd", "omi-1", data_dir).rows_per_day == rows_per_day("asd") == 288
+    dest = _copy_entity(data_dir, tmp_path, entity="omi-1")
+    (tmp_path / "mydc").mkdir()
+    dest = dest.rename(tmp_path / "mydc" / "web-01")
+    if t is not None:
+        train = pd.read_csv(dest / "train.csv.gz")
+        _rewrite(dest / "train.csv.gz", train.assign(t=t))
+    assert load_series("mydc", "web-01", tmp_path).rows_per_day == expected
 
 
 def test_missing_file_names_the_file(data_dir, tmp_path):
