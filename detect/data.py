@@ -79,19 +79,21 @@ def rows_per_day(dataset: str) -> int:
 
 
 SECONDS_PER_DAY = 86_400
-# a numeric `t` column at least this large is a time in epoch seconds (2001-09-09 on), not a row index
-EPOCH_SECONDS_FROM = 1e9
+# a numeric `t` column at least this large is a time in epoch seconds (2001-09-09 on), not a row index;
+# from the second bound on, in epoch milliseconds
+EPOCH_SECONDS_FROM, EPOCH_MILLISECONDS_FROM = 1e9, 1e12
 
 
 def sampled_rows_per_day(t: pd.Series) -> int:
-    """Samples per day of a series whose `t` column is a time (ISO 8601 text or epoch seconds), from its
-    median step; 0 when `t` is a row index (as in the shipped sets) or its step is not positive."""
+    """Samples per day of a series whose `t` column is a time (ISO 8601 text, epoch seconds or epoch
+    milliseconds), from its median step; 0 when `t` is a row index (as in the shipped sets) or its step
+    is not positive."""
     if len(t) < 2:
         return 0
     if pd.api.types.is_numeric_dtype(t):
-        if t.min() < EPOCH_SECONDS_FROM:
+        if not t.min() >= EPOCH_SECONDS_FROM:  # also NaN
             return 0
-        seconds = t.to_numpy(dtype=np.float64)
+        seconds = t.to_numpy(dtype=np.float64) / (1000.0 if t.min() >= EPOCH_MILLISECONDS_FROM else 1.0)
     else:
         times = pd.to_datetime(t, errors="coerce", utc=True)
         if times.isna().any():

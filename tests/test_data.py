@@ -45,8 +45,9 @@ def _rewrite(path, frame):
         (None, 1440),  # the shipped layout's row index, in a dataset raywatch does not know: 1-minute samples
         (pd.date_range("2026-03-01", periods=8640, freq="5min").strftime("%Y-%m-%dT%H:%M:%SZ"), 288),
         (1.7e9 + 900.0 * np.arange(8640), 96),  # epoch seconds, every 15 minutes
+        (1.7e12 + 60_000 * np.arange(8640), 1440),  # epoch milliseconds, every minute
     ],
-    ids=["row index", "ISO 8601, 5 minutes", "epoch seconds, 15 minutes"],
+    ids=["row index", "ISO 8601, 5 minutes", "epoch seconds, 15 minutes", "epoch milliseconds, 1 minute"],
 )
 def test_a_series_samples_per_day_come_from_its_time_column(data_dir, tmp_path, t, expected):
     """What training records with the entity's drift reference (its monitor's windows are whole days at
