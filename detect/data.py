@@ -84,6 +84,11 @@ SECONDS_PER_DAY = 86_400
 EPOCH_SECONDS_FROM, EPOCH_MILLISECONDS_FROM = 1e9, 1e12
 
 
+def rows_per_day_at(step_s: float) -> int:
+    """Samples in one day of a series sampled every `step_s` seconds (at least 1)."""
+    return max(1, round(SECONDS_PER_DAY / step_s))
+
+
 def sampled_rows_per_day(t: pd.Series) -> int:
     """Samples per day of a series whose `t` column is a time (ISO 8601 text, epoch seconds or epoch
     milliseconds), from its median step; 0 when `t` is a row index (as in the shipped sets) or its step
@@ -100,7 +105,7 @@ def sampled_rows_per_day(t: pd.Series) -> int:
             return 0
         seconds = (times - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy()
     step = float(np.median(np.diff(seconds)))
-    return max(1, round(SECONDS_PER_DAY / step)) if step > 0 else 0
+    return rows_per_day_at(step) if step > 0 else 0
 
 
 def entity_rows_per_day(entity: str) -> int:

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from detect.data import SECONDS_PER_DAY, Series, TelemetryError, validate_values
+from detect.data import Series, TelemetryError, rows_per_day_at, validate_values
 
 log = logging.getLogger(__name__)
 
@@ -580,7 +580,7 @@ def prometheus_series(
                 test=train.iloc[:0],
                 labels=np.zeros(0, dtype=np.int8),
                 metrics=source.metric_names,
-                rows_per_day=max(1, round(SECONDS_PER_DAY / source.step)),  # a day at its step: its drift windows
+                rows_per_day=rows_per_day_at(source.step),  # a day at its step: its drift windows
             )
         )
     if not out:
